@@ -1,0 +1,223 @@
+"""Collect paired activation stores of N models: ``out_dir/<name>/layer<L>/`` (resumable)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain_probe.activations.capture import capture_batch
+from posttrain_probe.activations.paired import COLLECT_INDEX
+from posttrain_probe.activations.store import ActivationStoreWriter, _write_atomic, dtype_name, merge_rank_manifests
+from posttrain_probe.data import load_dataset_spec, token_batches
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint
+
+
+@dataclass
+class CollectConfig:
+    """Settings of an activation collection run (Python API and `posttrain-probe collect`)."""
+
+    seq_len: int = field(default=512, metadata={"help": "Tokens per document; longer documents are truncated."})
+    batch_size: int = field(default=8, metadata={"help": "Documents per forward pass."})
+    max_tokens: int | None = field(default=1_000_000, metadata={"help": "Stop after this many kept tokens per model (0 or None: the whole dataset)."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Storage dtype of activations: bf16, fp16 or fp32."})
+    model_dtype: str = field(default="auto", metadata={"help": "Compute dtype of models loaded from paths: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."})
+    device: str | None = field(default=None, metadata={"help": "Device for models loaded from paths (default: cuda if available)."})
+    shard_tokens: int = field(default=65536, metadata={"help": "Tokens per shard file (shards are cut at batch boundaries)."})
+    outlier_factor: float | None = field(default=None, metadata={"help": "Drop tokens whose norm exceeds this many times the median norm (any model)."})
+    split: str = field(default="train", metadata={"help": "Dataset split (hub datasets and folders)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (hub datasets)."})
+    column: str | None = field(default=None, metadata={"help": "Text or chat-messages column (default: text, messages, content, prompt, question)."})
+    n_docs: int | None = field(default=None, metadata={"help": "Use only the first n documents of the dataset."})
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)
+        for name in ("seq_len", "batch_size", "shard_tokens"):
+            if getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens == 0:
+            self.max_tokens = None
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ProbeError(f"max_tokens must be >= 0 (0 or None: whole dataset), got {self.max_tokens}")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def collect_activations(
+    models: Mapping[str, str | os.PathLike | nn.Module],
+    dataset: Any,
+    layers: Sequence[int] | int | None,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    config: CollectConfig | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, dict[int, Path]]:
+    """Run paired truncated forwards of ``models`` over ``dataset`` and write one store per model and layer.
+
+    ``layers`` are sites (residual stream entering block L; None: n_layers // 2). ``models`` maps names to model paths/hub names or loaded models (then pass ``tokenizer`` or
+    models whose ``name_or_path`` holds one). ``dataset`` is anything
+    :func:`~posttrain_probe.data.load_dataset_spec` takes. Writes ``out_dir/<name>/layer<L>/``
+    and ``out_dir/collect.json``; an interrupted run resumes when called again with the same
+    arguments. Under torch.distributed each rank takes every world_size-th batch and writes its
+    own shards. Returns ``{name: {layer: store_path}}``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = replace(config or CollectConfig(), **overrides)
+    if isinstance(layers, int):
+        layers = [layers]
+    if not models:
+        raise ProbeError("collect needs at least one model: models={name: path_or_model}")
+    bad = [name for name in models if not name or "/" in name or name.startswith(".")]
+    if bad:
+        raise ProbeError(f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl")
+    out_dir = Path(out_dir)
+    rank, world = _dist_rank_world()
+
+    # Tokenizers first (cheap), so mismatches fail before any model is loaded.
+    tokenizers = {name: load_tokenizer(m) for name, m in models.items() if not isinstance(m, nn.Module)}
+    if tokenizer is None:
+        if tokenizers:
+            tokenizer = next(iter(tokenizers.values()))
+        else:
+            source = getattr(unwrap_model(next(iter(models.values()))), "name_or_path", "")
+            if not source:
+                raise ProbeError("models were given as objects: pass tokenizer= as well")
+            tokenizer = load_tokenizer(source)
+    if tokenizers:
+        check_same_tokenizer(tokenizers if len(tokenizers) == len(models) else {"tokenizer=": tokenizer, **tokenizers})
+
+    wanted_layers = sorted(set(layers or []))
+    keep = max(wanted_layers) if wanted_layers else None
+    loaded: dict[str, nn.Module] = {}
+    for name, model in models.items():
+        if isinstance(model, nn.Module):
+            loaded[name] = model
+        else:
+            loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=resolve_device(cfg.device), keep_layers=keep)
+        check_same_hidden_size({n: hidden_size(m) for n, m in loaded.items()})  # fail before loading the rest
+    first = next(iter(loaded.values()))
+    if not wanted_layers:
+        wanted_layers = [default_layer(first)]
+    for name, model in loaded.items():
+        for layer in wanted_layers:
+            try:
+                validate_layer(model, layer)
+            except ProbeError as err:
+                raise ProbeError(f"model {name!r}: {err}") from None
+    was_training = {name: unwrap_model(m).training for name, m in loaded.items()}
+    for model in loaded.values():
+        model.eval()
+
+    data = load_dataset_spec(dataset, split=cfg.split, config_name=cfg.dataset_config, n_docs=cfg.n_docs)
+    dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
+    source = {
+        "dataset": str(dataset_name),
+        "split": cfg.split,
+        "dataset_config": cfg.dataset_config,
+        "column": cfg.column,
+        "n_docs": len(data),
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "max_tokens": cfg.max_tokens,
+        "outlier_factor": cfg.outlier_factor,
+        "excluded": ["padding", "first position", "bos"],
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "paired_models": list(loaded),
+        "world_size": world,
+    }
+    d_model = hidden_size(first)
+    writers = {
+        (name, layer): ActivationStoreWriter(
+            out_dir / name / f"layer{layer}",
+            layer=layer,
+            d_model=d_model,
+            model=_model_info(name, models[name], loaded[name]),
+            dtype=cfg.dtype,
+            source=source,
+            shard_tokens=cfg.shard_tokens,
+            rank=rank,
+            world_size=world,
+        )
+        for name in loaded
+        for layer in wanted_layers
+    }
+    paths = {name: {layer: out_dir / name / f"layer{layer}" for layer in wanted_layers} for name in loaded}
+    if rank == 0:
+        index = {"models": {n: str(models[n]) if not isinstance(models[n], nn.Module) else None for n in loaded}, "layers": wanted_layers, "source": source, "config": asdict(cfg)}
+        _write_atomic(out_dir / COLLECT_INDEX, json.dumps(index, indent=2).encode(), fsync=True, what="collect index")
+
+    if all(w.complete for w in writers.values()):
+        return paths
+    # Resume: every store restarts from the smallest cursor any of them reached.
+    cursor = min(w.cursor for w in writers.values())
+    for writer in writers.values():
+        writer.truncate(cursor)
+    budget = None if cfg.max_tokens is None else cfg.max_tokens // world + (rank < cfg.max_tokens % world)
+    written = next(iter(writers.values())).n_tokens
+    bar = tqdm(total=budget, initial=written, unit="tok", desc=f"collect {','.join(loaded)} @ layer {','.join(map(str, wanted_layers))}", disable=not progress or rank != 0)
+    try:
+        for index, batch in enumerate(token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=cursor), start=cursor):
+            if budget is not None and written >= budget:
+                break
+            if index % world != rank:
+                continue
+            captured = capture_batch(
+                list(loaded.values()),
+                batch,
+                wanted_layers,
+                bos_token_id=tokenizer.bos_token_id,
+                outlier_factor=cfg.outlier_factor,
+                max_tokens=None if budget is None else budget - written,
+            )
+            for (name, layer), writer in writers.items():
+                writer.write(
+                    captured.acts[layer][:, list(loaded).index(name)],
+                    captured.token_ids,
+                    captured.doc_ids,
+                    captured.positions,
+                    cursor=index + 1,
+                )
+            written += captured.token_ids.numel()
+            bar.update(captured.token_ids.numel())
+    finally:
+        bar.close()
+        for name, model in loaded.items():
+            if was_training[name]:
+                model.train()
+    if written == 0:
+        raise ProbeError(f"dataset {dataset_name} gave no tokens to keep (after dropping the first position, BOS and padding)")
+    for writer in writers.values():
+        writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+        if rank == 0:
+            for store in {w.path for w in writers.values()}:
+                merge_rank_manifests(store)
+        torch.distributed.barrier()
+    return paths
+
+
+def _model_info(name: str, spec: Any, model: nn.Module) -> dict[str, Any]:
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    return {
+        "name": name,
+        "path": None if isinstance(spec, nn.Module) else str(spec),
+        "architecture": type(inner).__name__,
+        "n_layers": getattr(config, "num_hidden_layers", None) or len(decoder_blocks(inner)),
+    }

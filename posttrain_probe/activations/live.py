@@ -1,0 +1,125 @@
+"""Serve paired activations straight from forwards of N models, without writing to disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain_probe.activations.capture import capture_batch
+from posttrain_probe.activations.shuffle import shuffled_batches
+from posttrain_probe.data import load_dataset_spec, token_batches
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.layers import default_layer, hidden_size, validate_layer
+from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer
+
+
+class LiveActivations:
+    """Paired truncated forwards of N models over a dataset, served as shuffled [batch, n_models, d].
+
+    Same token selection as the stores (no padding, first position or BOS; optional norm-outlier
+    filter), same units (raw model activations). Models given as paths are loaded with
+    ``model_dtype`` onto ``device`` with the blocks after ``layer`` dropped.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, str | os.PathLike | nn.Module],
+        dataset: Any,
+        *,
+        layer: int | None = None,
+        tokenizer=None,
+        seq_len: int = 512,
+        forward_batch_size: int = 8,
+        max_tokens: int | None = None,
+        outlier_factor: float | None = None,
+        column: str | None = None,
+        split: str = "train",
+        dataset_config: str | None = None,
+        model_dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not models:
+            raise ProbeError("LiveActivations needs at least one model")
+        path_models = {n: m for n, m in models.items() if not isinstance(m, nn.Module)}
+        tokenizers = {n: load_tokenizer(m) for n, m in path_models.items()}
+        if tokenizers:
+            check_same_tokenizer(tokenizers if tokenizer is None else {"tokenizer=": tokenizer, **tokenizers})
+        self.tokenizer = tokenizer if tokenizer is not None else next(iter(tokenizers.values()), None)
+        if self.tokenizer is None:
+            raise ProbeError("models were given as objects: pass tokenizer= as well")
+        self.models: dict[str, nn.Module] = {}
+        for name, model in models.items():
+            self.models[name] = model if isinstance(model, nn.Module) else load_causal_lm(model, dtype=model_dtype, device=device, keep_layers=layer)
+            check_same_hidden_size({n: hidden_size(m) for n, m in self.models.items()})
+        first = next(iter(self.models.values()))
+        self.layer = default_layer(first) if layer is None else layer
+        for name, model in self.models.items():
+            try:
+                validate_layer(model, self.layer)
+            except ProbeError as err:
+                raise ProbeError(f"model {name!r}: {err}") from None
+        self.dataset = load_dataset_spec(dataset, split=split, config_name=dataset_config)
+        self.seq_len, self.forward_batch_size, self.column = seq_len, forward_batch_size, column
+        self.max_tokens, self.outlier_factor = max_tokens, outlier_factor
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def d_model(self) -> int:
+        return hidden_size(next(iter(self.models.values())))
+
+    def __repr__(self) -> str:
+        return f"LiveActivations(models={self.model_names}, layer={self.layer}, n_docs={len(self.dataset)}, d_model={self.d_model})"
+
+    def chunks(self, epochs: int | None = 1) -> Iterator[tuple[torch.Tensor]]:
+        """Unshuffled per-forward chunks ([n, n_models, d],), ``epochs`` passes (None: forever)."""
+        models = list(self.models.values())
+        training = [m.training for m in models]
+        for model in models:
+            model.eval()
+        try:
+            epoch = 0
+            while epochs is None or epoch < epochs:
+                produced = 0
+                for batch in token_batches(self.dataset, self.tokenizer, column=self.column, seq_len=self.seq_len, batch_size=self.forward_batch_size):
+                    remaining = None if self.max_tokens is None else self.max_tokens - produced
+                    if remaining is not None and remaining <= 0:
+                        break
+                    captured = capture_batch(
+                        models, batch, [self.layer], bos_token_id=self.tokenizer.bos_token_id,
+                        outlier_factor=self.outlier_factor, max_tokens=remaining,
+                    )
+                    produced += captured.token_ids.numel()
+                    yield (captured.acts[self.layer],)
+                if produced == 0:
+                    raise ProbeError("the dataset gave no tokens to keep (after dropping the first position, BOS and padding)")
+                epoch += 1
+        finally:
+            for model, was_training in zip(models, training):
+                model.train(was_training)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = 1,
+        buffer_tokens: int = 65536,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Batches [batch_size, n_models, d] in raw model units, shuffled through ``buffer_tokens`` tokens."""
+        for (acts,) in shuffled_batches(self.chunks(epochs), batch_size, buffer_tokens=buffer_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last):
+            yield acts.to(device=device, dtype=dtype, non_blocking=True)

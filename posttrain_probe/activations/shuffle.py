@@ -1,0 +1,58 @@
+"""Shuffle a stream of token chunks through a buffer and cut it into fixed-size batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from posttrain_probe.errors import ProbeError
+
+
+def shuffled_batches(
+    chunks: Iterable[tuple[torch.Tensor, ...]],
+    batch_size: int,
+    *,
+    buffer_tokens: int = 262144,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Re-batch aligned chunks (each a tuple of tensors sharing dim 0 = tokens) into batches.
+
+    Chunks are gathered until at least ``buffer_tokens`` tokens are held, the held tokens are
+    permuted together (all tensors of a tuple with the same permutation), and full batches of
+    ``batch_size`` tokens are yielded; the remainder stays in the buffer. Every token of the
+    stream is yielded exactly once; the final partial batch is yielded unless ``drop_last``.
+    """
+    if batch_size < 1:
+        raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    held: list[tuple[torch.Tensor, ...]] = []
+    n_held = 0
+
+    def drain(final: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+        nonlocal held, n_held
+        if not held:
+            return
+        parts = tuple(torch.cat(column) if len(held) > 1 else column[0] for column in zip(*held))
+        if shuffle:
+            order = torch.randperm(n_held, generator=generator)
+            parts = tuple(part[order] for part in parts)
+        n_full = n_held // batch_size * batch_size
+        for start in range(0, n_full, batch_size):
+            yield tuple(part[start : start + batch_size] for part in parts)
+        rest = tuple(part[n_full:] for part in parts)
+        held, n_held = ([rest], n_held - n_full) if n_held > n_full else ([], 0)
+        if final and held and not drop_last:
+            yield rest
+            held, n_held = [], 0
+
+    for chunk in chunks:
+        if chunk[0].shape[0] == 0:
+            continue
+        held.append(chunk)
+        n_held += chunk[0].shape[0]
+        if n_held >= max(buffer_tokens, batch_size):
+            yield from drain(final=False)
+    yield from drain(final=True)

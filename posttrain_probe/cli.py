@@ -1,0 +1,179 @@
+"""The ``posttrain-probe`` command line (typer). Heavy imports sit inside the commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from posttrain_probe.activations.collect import CollectConfig
+from posttrain_probe.cli_config import config_options
+from posttrain_probe.errors import ProbeError
+
+app = typer.Typer(
+    help="posttrain-probe: observe and steer LLM post-training at the level of sparse features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+store_app = typer.Typer(help="Inspect activation stores.", no_args_is_help=True)
+testing_app = typer.Typer(help="Offline tiny models and data (demo, tests).", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+app.add_typer(testing_app, name="testing")
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print ProbeError as one line on stderr and exit 2, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ProbeError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from posttrain_probe import __version__
+
+        typer.echo(f"posttrain-probe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """posttrain-probe: observe and steer LLM post-training at the level of sparse features."""
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """``["base=PATH", "sft=PATH"]`` -> ``{"base": "PATH", "sft": "PATH"}`` (names unique)."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ProbeError(f"--model {spec!r}: expected NAME=PATH, e.g. --model base=Qwen/Qwen3-4B-Base")
+        if name in models:
+            raise ProbeError(f"--model name {name!r} is given twice")
+        models[name] = path
+    return models
+
+
+@app.command()
+@user_errors
+@config_options(CollectConfig)
+def collect(
+    model: list[str] = typer.Option(..., "--model", help="NAME=PATH (local dir or hub name); repeat for every model."),
+    dataset: str = typer.Option(..., "--dataset", help="Local .txt/.jsonl/.json/.parquet/.csv, a datasets name, or synthetic:<name>."),
+    out: Path = typer.Option(..., "--out", help="Output directory: OUT/<name>/layer<L>/ per model and layer."),
+    layer: list[int] = typer.Option([], "--layer", help="Site L (residual stream entering block L); repeat for several. Default n_layers // 2."),
+    config: CollectConfig = None,  # type: ignore[assignment]
+) -> None:
+    """Capture residual-stream activations of several models on identical tokens into activation stores."""
+    from posttrain_probe.activations.collect import collect_activations
+
+    paths = collect_activations(parse_models(model), dataset, layer or None, out, config=config)
+    for name, per_layer in paths.items():
+        for site, path in per_layer.items():
+            typer.echo(f"{name} layer {site}: {path}")
+
+
+def _find_stores(path: Path) -> list[Path]:
+    if (path / "manifest.json").exists() or any(path.glob("manifest.rank*.json")):
+        return [path]
+    found = sorted({p.parent for p in path.rglob("manifest.json")} | {p.parent for p in path.rglob("manifest.rank*.json")})
+    if not found:
+        raise ProbeError(f"no activation store under {path}: expected a directory with manifest.json")
+    return found
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@store_app.command("info")
+@user_errors
+def store_info(
+    path: Path = typer.Argument(..., help="A store directory, or a directory holding stores (e.g. a collect output)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Models, layer, tokens, size and checksum status of activation stores. Exits 1 if a shard is bad."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from posttrain_probe.activations.store import ActivationStore
+
+    if not path.exists():
+        raise ProbeError(f"{path} does not exist")
+    rows = []
+    for store_path in _find_stores(path):
+        store = ActivationStore(store_path)
+        problems = store.verify_all() if verify else []
+        rows.append(
+            {
+                "path": str(store_path),
+                "model": store.model_name,
+                "model_path": store.manifest.model.get("path"),
+                "layer": store.layer,
+                "n_tokens": store.n_tokens,
+                "d_model": store.d_model,
+                "dtype": store.manifest.dtype,
+                "n_shards": store.n_shards,
+                "bytes": store.nbytes,
+                "complete": store.complete,
+                "token_fingerprint": store.token_fingerprint,
+                "checksums": ("ok" if not problems else "BAD") if verify else "not checked",
+                "problems": problems,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        table = Table(title=f"activation stores under {path}")
+        for column in ("model", "layer", "tokens", "d_model", "dtype", "shards", "size", "complete", "checksums", "fingerprint", "path"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(
+                row["model"], str(row["layer"]), f"{row['n_tokens']:,}", str(row["d_model"]), row["dtype"],
+                str(row["n_shards"]), _human_bytes(row["bytes"]), "yes" if row["complete"] else "no (resumable)",
+                row["checksums"], row["token_fingerprint"][:12], row["path"],
+            )
+        Console(width=200).print(table)
+        for row in rows:
+            for problem in row["problems"]:
+                typer.secho(f"{row['path']}: {problem}", fg=typer.colors.RED, err=True)
+    if any(row["problems"] for row in rows):
+        raise typer.Exit(1)
+
+
+@testing_app.command("make-models")
+@user_errors
+def make_models(
+    out: Path = typer.Argument(..., help="Directory for OUT/base and OUT/tuned."),
+    arch: str = typer.Option("qwen3", help="Architecture: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2."),
+    steps: int = typer.Option(20, help="Optimizer steps that turn the base model into the tuned one."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write a tiny base model and a tuned copy of it (HF save_pretrained layout, offline)."""
+    from posttrain_probe.testing import save_tiny_pair
+
+    for name, path in save_tiny_pair(out, arch, seed=seed, steps=steps).items():
+        typer.echo(f"{name}: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

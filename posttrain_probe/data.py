@@ -1,0 +1,161 @@
+"""Datasets as token batches: local files, `datasets` names or `synthetic:<name>`, tokenised lazily.
+
+A document is one row of the dataset: its text column, or its chat ``messages`` rendered with the
+tokenizer's chat template. Each document becomes one sequence, truncated at ``seq_len`` tokens
+and right-padded within its batch; ``doc_ids`` are dataset row indices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from posttrain_probe.errors import ProbeError
+
+TEXT_COLUMNS = ("text", "messages", "content", "prompt", "question")
+_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class TokenBatch(NamedTuple):
+    """One batch of documents as model inputs."""
+
+    input_ids: torch.Tensor
+    """[B, T] int64 token ids, right-padded."""
+    attention_mask: torch.Tensor
+    """[B, T] int64, 1 on real tokens, 0 on padding."""
+    doc_ids: torch.Tensor
+    """[B] int64 row index of each document in the dataset."""
+
+
+def load_dataset_spec(
+    spec: Any,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    n_docs: int | None = None,
+):
+    """A `datasets.Dataset` from a spec: a Dataset, a list of strings, a local file/folder
+    (.txt one document per line, .jsonl/.json/.parquet/.csv), ``synthetic:<name>`` from
+    :mod:`posttrain_probe.testing`, or a `datasets` hub name with ``config_name``/``split``.
+    ``n_docs`` keeps the first n rows. Raises ProbeError for unknown or empty datasets.
+    """
+    import datasets
+
+    if isinstance(spec, datasets.Dataset):
+        dataset = spec
+    elif isinstance(spec, Sequence) and not isinstance(spec, str):
+        if not all(isinstance(text, str) for text in spec):
+            raise ProbeError("a list dataset must hold strings (one document each)")
+        dataset = datasets.Dataset.from_dict({"text": list(spec)})
+    elif isinstance(spec, (str, os.PathLike)):
+        dataset = _load_named(str(spec), split=split, config_name=config_name, n_docs=n_docs)
+    else:
+        raise ProbeError(f"unsupported dataset {spec!r}: expected a datasets.Dataset, a list of str or a spec string")
+    if n_docs is not None:
+        if n_docs < 1:
+            raise ProbeError(f"n_docs must be >= 1, got {n_docs}")
+        dataset = dataset.select(range(min(n_docs, len(dataset))))
+    if len(dataset) == 0:
+        raise ProbeError(f"dataset {spec if isinstance(spec, (str, os.PathLike)) else type(spec).__name__} is empty")
+    return dataset
+
+
+def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int | None):
+    import datasets
+
+    if spec.startswith("synthetic:"):
+        from posttrain_probe.testing import synthetic_dataset
+
+        return synthetic_dataset(spec.split(":", 1)[1], n=n_docs or 512)
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ProbeError(f"unsupported dataset file {path}: expected one of {', '.join(_FILE_BUILDERS)}")
+            if builder == "text":
+                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                return datasets.Dataset.from_dict({"text": lines})
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), config_name, split=split)
+        if spec.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS:
+            raise ProbeError(f"dataset file {spec} does not exist")
+        return datasets.load_dataset(spec, config_name, split=split)
+    except ProbeError:
+        raise
+    except Exception as err:  # datasets raises many types (hub, network, schema)
+        raise ProbeError(
+            f"cannot load dataset {spec!r} (config {config_name!r}, split {split!r}): {type(err).__name__}: {err}. "
+            "Expected a local .txt/.jsonl/.json/.parquet/.csv file, a `datasets` name, or synthetic:<name>"
+        ) from err
+
+
+def text_column(dataset, column: str | None = None) -> str:
+    """The column holding documents: ``column`` if given, else the first of TEXT_COLUMNS present."""
+    names = list(dataset.column_names)
+    if column is not None:
+        if column not in names:
+            raise ProbeError(f"column {column!r} is not in the dataset: expected one of {names}")
+        return column
+    for candidate in TEXT_COLUMNS:
+        if candidate in names:
+            return candidate
+    raise ProbeError(f"no text column found among {names}: pass column= (expected one of {list(TEXT_COLUMNS)})")
+
+
+def render_document(value: Any, tokenizer) -> str:
+    """A document as text: strings as they are, chat message lists through the chat template."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(value, tokenize=False)
+        return "\n".join(str(m["content"]) for m in value)
+    raise ProbeError(f"cannot turn a {type(value).__name__} into a document: expected str or a list of chat messages")
+
+
+def n_batches(dataset, batch_size: int) -> int:
+    """Number of batches :func:`token_batches` yields for ``dataset``."""
+    return math.ceil(len(dataset) / batch_size)
+
+
+def token_batches(
+    dataset,
+    tokenizer,
+    *,
+    column: str | None = None,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    start_batch: int = 0,
+) -> Iterator[TokenBatch]:
+    """Tokenise ``dataset`` lazily into :class:`TokenBatch` es of ``batch_size`` documents.
+
+    Plain text gets the tokenizer's special tokens (e.g. BOS); chat messages are rendered with
+    the chat template, which carries its own. ``start_batch`` skips batches without tokenising
+    them (resume).
+    """
+    if seq_len < 2:
+        raise ProbeError(f"seq_len must be >= 2, got {seq_len}")
+    if batch_size < 1:
+        raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
+    column = text_column(dataset, column)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    for index in range(start_batch, n_batches(dataset, batch_size)):
+        start = index * batch_size
+        values = dataset[start : start + batch_size][column]
+        chat = bool(values) and not isinstance(values[0], str)
+        texts = [render_document(value, tokenizer) for value in values]
+        encoded = tokenizer(texts, truncation=True, max_length=seq_len, add_special_tokens=not chat)["input_ids"]
+        width = max(1, max(len(ids) for ids in encoded))
+        input_ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        yield TokenBatch(input_ids, attention_mask, torch.arange(start, start + len(texts), dtype=torch.long))

@@ -1,0 +1,102 @@
+"""Load HF causal LMs and tokenizers by path or hub name, with errors a user can act on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.layers import decoder_blocks
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None picks cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Model compute dtype: 'auto'/None is bfloat16 on GPU, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    from posttrain_probe.activations.store import DTYPES, dtype_name
+
+    return DTYPES[dtype_name(dtype)]
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    keep_layers: int | None = None,
+) -> nn.Module:
+    """Load a causal LM (eval mode) from a local directory or hub name onto ``device``.
+
+    ``keep_layers=k`` drops decoder blocks k+1.. after loading to save memory when only sites
+    <= k are captured (block k stays: the capture hook sits on it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "local directory" if Path(path).exists() else "local directory or hub model"
+        raise ProbeError(f"cannot load model {str(path)!r}: not a {where} with a HF causal LM ({err})") from err
+    if keep_layers is not None:
+        blocks = decoder_blocks(model)
+        del blocks[keep_layers + 1 :]
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with a model (local directory or hub name)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ProbeError(f"cannot load the tokenizer of {str(path)!r}: {err}") from err
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the token -> id map (added tokens included): equal iff ids mean the same strings.
+
+    The chat template is not part of it: fine-tuned models often change it without changing ids.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_same_hidden_size(hidden_sizes: Mapping[str, int]) -> None:
+    """Refuse models of different residual widths; ``hidden_sizes`` maps model name -> d."""
+    (first, size), *others = hidden_sizes.items()
+    for name, other in others:
+        if other != size:
+            raise ProbeError(
+                f"models {first!r} (hidden size {size}) and {name!r} (hidden size {other}) have different "
+                "hidden sizes; expected tuned versions of one base model"
+            )
+
+
+def check_same_tokenizer(tokenizers: Mapping[str, object]) -> None:
+    """Refuse tokenizers that map ids to different strings; ``tokenizers`` maps model name -> tokenizer."""
+    prints = {name: tokenizer_fingerprint(tok) for name, tok in tokenizers.items()}
+    (first, fingerprint), *others = prints.items()
+    for name, other in others:
+        if other != fingerprint:
+            a, b = tokenizers[first], tokenizers[name]
+            raise ProbeError(
+                f"models {first!r} and {name!r} have different tokenizers ({len(a)} vs {len(b)} tokens, "
+                f"vocab fingerprint {fingerprint[:12]} vs {other[:12]}); paired capture needs identical token ids"
+            )
