@@ -81,7 +81,11 @@ def collect(
     """Capture residual-stream activations of several models on identical tokens into activation stores."""
     from posttrain_probe.activations.collect import collect_activations
 
+    from accelerate import PartialState
+
     paths = collect_activations(parse_models(model), dataset, layer or None, out, config=config)
+    if not PartialState().is_main_process:
+        return
     for name, per_layer in paths.items():
         for site, path in per_layer.items():
             typer.echo(f"{name} layer {site}: {path}")

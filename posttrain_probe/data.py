@@ -133,12 +133,13 @@ def token_batches(
     seq_len: int = 512,
     batch_size: int = 8,
     start_batch: int = 0,
+    step: int = 1,
 ) -> Iterator[TokenBatch]:
     """Tokenise ``dataset`` lazily into :class:`TokenBatch` es of ``batch_size`` documents.
 
     Plain text gets the tokenizer's special tokens (e.g. BOS); chat messages are rendered with
-    the chat template, which carries its own. ``start_batch`` skips batches without tokenising
-    them (resume).
+    the chat template, which carries its own. Yields batches ``start_batch, start_batch + step,
+    ...`` (resume; one rank's share), tokenising only those.
     """
     if seq_len < 2:
         raise ProbeError(f"seq_len must be >= 2, got {seq_len}")
@@ -146,7 +147,7 @@ def token_batches(
         raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
     column = text_column(dataset, column)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    for index in range(start_batch, n_batches(dataset, batch_size)):
+    for index in range(start_batch, n_batches(dataset, batch_size), step):
         start = index * batch_size
         values = dataset[start : start + batch_size][column]
         chat = bool(values) and not isinstance(values[0], str)

@@ -247,3 +247,35 @@ def test_killed_collect_resumes_to_the_same_stores(tiny_pair, tmp_path):
             torch.cat(list(reference.iter_batches(10_000, shuffle=False))),
             rtol=0, atol=0,
         )
+
+
+@pytest.mark.slow
+def test_two_process_collect_writes_per_rank_shards(tiny_pair, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank writes its own shards, rank 0 merges."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["--model", f"base={tiny_pair['base']}", "--model", f"tuned={tiny_pair['tuned']}", "--dataset", "synthetic:arithmetic",
+              "--n-docs", "24", "--batch-size", "4", "--layer", "2", "--seq-len", "32", "--max-tokens", "0", "--dtype", "fp32", "--shard-tokens", "50"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    subprocess.run([*launcher, "-m", "posttrain_probe", "collect", *common, "--out", str(tmp_path / "ddp")], check=True)
+    assert runner.invoke(app, ["collect", *common, "--out", str(tmp_path / "one")]).exit_code == 0
+    store_dir = tmp_path / "ddp" / "base" / "layer2"
+    names = {p.name for p in store_dir.iterdir()}
+    assert {"manifest.json", "manifest.rank000.json", "manifest.rank001.json"} <= names
+    assert any(n.startswith("shard-r001-") for n in names) and any(n.startswith("shard-r000-") for n in names)
+    pairs = PairedActivations.from_directory(tmp_path / "ddp")
+    single = ActivationStore(tmp_path / "one" / "base" / "layer2")
+    assert pairs.n_tokens == single.n_tokens
+
+    def by_token(store):
+        shards = [store.load_shard(i) for i in range(store.n_shards)]
+        keys = torch.cat([s["doc_ids"] * 1000 + s["positions"] for s in shards])
+        return torch.cat([s["acts"] for s in shards])[keys.argsort()], keys.sort().values
+
+    got, got_keys = by_token(pairs.stores["base"])
+    want, want_keys = by_token(single)
+    assert torch.equal(got_keys, want_keys)
+    torch.testing.assert_close(got, want)

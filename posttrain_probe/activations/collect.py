@@ -49,12 +49,6 @@ class CollectConfig:
             raise ProbeError(f"max_tokens must be >= 0 (0 or None: whole dataset), got {self.max_tokens}")
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def collect_activations(
     models: Mapping[str, str | os.PathLike | nn.Module],
     dataset: Any,
@@ -72,8 +66,9 @@ def collect_activations(
     models whose ``name_or_path`` holds one). ``dataset`` is anything
     :func:`~posttrain_probe.data.load_dataset_spec` takes. Writes ``out_dir/<name>/layer<L>/``
     and ``out_dir/collect.json``; an interrupted run resumes when called again with the same
-    arguments. Under torch.distributed each rank takes every world_size-th batch and writes its
-    own shards. Returns ``{name: {layer: store_path}}``.
+    arguments. Launched with several processes (``torchrun`` / ``accelerate launch``; accelerate's
+    ``PartialState`` reads the launch environment) each rank takes every world_size-th batch on
+    its own device and writes its own shards; rank 0 merges the manifests at the end. Returns ``{name: {layer: store_path}}``.
     """
     from tqdm.auto import tqdm
 
@@ -86,7 +81,12 @@ def collect_activations(
     if bad:
         raise ProbeError(f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl")
     out_dir = Path(out_dir)
-    rank, world = _dist_rank_world()
+    from accelerate import PartialState
+
+    # cpu=True lets accelerate set up gloo for multi-process runs on machines without a GPU.
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    device = resolve_device(cfg.device) if cfg.device is not None else state.device
 
     # Tokenizers first (cheap), so mismatches fail before any model is loaded.
     tokenizers = {name: load_tokenizer(m) for name, m in models.items() if not isinstance(m, nn.Module)}
@@ -108,7 +108,7 @@ def collect_activations(
         if isinstance(model, nn.Module):
             loaded[name] = model
         else:
-            loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=resolve_device(cfg.device), keep_layers=keep)
+            loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=device, keep_layers=keep)
         check_same_hidden_size({n: hidden_size(m) for n, m in loaded.items()})  # fail before loading the rest
     first = next(iter(loaded.values()))
     if not wanted_layers:
@@ -171,11 +171,12 @@ def collect_activations(
     written = next(iter(writers.values())).n_tokens
     bar = tqdm(total=budget, initial=written, unit="tok", desc=f"collect {','.join(loaded)} @ layer {','.join(map(str, wanted_layers))}", disable=not progress or rank != 0)
     try:
-        for index, batch in enumerate(token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=cursor), start=cursor):
+        # This rank's batches: rank, rank + world, ... from the first one at or after the cursor.
+        first_batch = cursor + (rank - cursor) % world
+        batches = token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=first_batch, step=world)
+        for index, batch in zip(range(first_batch, 1 << 62, world), batches):
             if budget is not None and written >= budget:
                 break
-            if index % world != rank:
-                continue
             captured = capture_batch(
                 list(loaded.values()),
                 batch,
@@ -204,11 +205,11 @@ def collect_activations(
     for writer in writers.values():
         writer.close()
     if world > 1:
-        torch.distributed.barrier()
+        state.wait_for_everyone()
         if rank == 0:
-            for store in {w.path for w in writers.values()}:
+            for store in sorted({w.path for w in writers.values()}):
                 merge_rank_manifests(store)
-        torch.distributed.barrier()
+        state.wait_for_everyone()
     return paths
 
 

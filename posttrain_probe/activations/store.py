@@ -210,6 +210,7 @@ class ActivationStoreWriter:
         if self.path.exists() and not self.path.is_dir():
             raise ProbeError(f"output path {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        self._check_world_size()
         if self._manifest_path.exists():
             have = StoreManifest.read(self._manifest_path)
             for key in _IDENTITY_KEYS:
@@ -231,6 +232,20 @@ class ActivationStoreWriter:
             manifest = wanted
         self._remove_orphans(manifest)
         return manifest
+
+    def _check_world_size(self) -> None:
+        """Refuse to mix a single-process store with a distributed one (or other world sizes)."""
+        merged = self.path / MANIFEST
+        written_by = None
+        if merged.exists():
+            written_by = StoreManifest.read(merged).world_size
+        elif any(self.path.glob("manifest.rank*.json")):
+            written_by = StoreManifest.read(next(iter(sorted(self.path.glob("manifest.rank*.json"))))).world_size
+        if written_by is not None and written_by != self.world_size:
+            raise ProbeError(
+                f"{self.path} holds a store written by {written_by} process(es), this run has {self.world_size}: "
+                "resume with the same number of processes or choose another output directory"
+            )
 
     def _remove_orphans(self, manifest: StoreManifest) -> None:
         """Delete this rank's temp files and shards that the manifest does not list (killed writes)."""
