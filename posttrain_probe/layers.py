@@ -8,6 +8,7 @@ of ``hidden_states`` is the final-norm output in HF, not a residual stream.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -121,8 +122,18 @@ def default_layer(model: nn.Module) -> int:
 def validate_layer(model: nn.Module, layer: int) -> int:
     """Check that ``layer`` is a site of the model (``0 <= layer < n_layers``) and return it."""
     n = num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ProbeError(f"layer must be an integer, got {layer!r}")
+    # Integral types (int, numpy/torch integer scalars) are accepted and returned as a plain int;
+    # bool, float and anything else are rejected rather than silently rounded.
+    try:
+        index = None if isinstance(layer, bool) else operator.index(layer)
+    except TypeError:
+        index = None
+    if index is None:
+        raise ProbeError(
+            f"layer must be an integer, got {layer!r}: expected 0 <= layer <= {n - 1} for "
+            f"{type(unwrap_model(model)).__name__} with {n} decoder blocks"
+        )
+    layer = index
     if not 0 <= layer < n:
         raise ProbeError(
             f"layer {layer} is out of range for {type(unwrap_model(model)).__name__} with {n} decoder "
@@ -147,7 +158,7 @@ def residual_hooks(
     rather than calling the model yourself in that case.
     """
     blocks = decoder_blocks(model)
-    sites = sorted({validate_layer(model, int(layer)) for layer in layers})
+    sites = sorted({validate_layer(model, layer) for layer in layers})  # no int(): 2.5 must not become 2
     if not sites:
         raise ProbeError("no layers given: expected at least one layer index")
     captured: dict[int, torch.Tensor] = {}

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from posttrain_probe.errors import ProbeError
 
@@ -201,8 +201,10 @@ class ActivationStoreWriter:
         )
         self._manifest_path = self.path / _manifest_name(rank, world_size)
         self.manifest = self._open(wanted)
-        self._buffer: list[tuple[torch.Tensor, ...]] = []
+        # Activations of the shard being filled go straight into one reusable buffer (no cat).
+        self._acts = torch.empty(0, int(d_model), dtype=self._torch_dtype)
         self._buffered = 0
+        self._token_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffer_cursor: int | None = None
 
     # -- opening / resuming -------------------------------------------------------------------
@@ -296,15 +298,19 @@ class ActivationStoreWriter:
         for name, tensor in (("token_ids", token_ids), ("doc_ids", doc_ids), ("positions", positions)):
             if tensor.shape != (n,):
                 raise ProbeError(f"{name} must have shape [{n}], got {tuple(tensor.shape)}")
-        if n and not torch.isfinite(acts).all():
-            raise ProbeError(f"activations written to {self.path} contain NaN or inf")
-        self._buffer.append(
-            (
-                acts.detach().to(self._torch_dtype).cpu(),
-                token_ids.detach().to("cpu", torch.int32),
-                doc_ids.detach().to("cpu", torch.int64),
-                positions.detach().to("cpu", torch.int32),
-            )
+        if n == 0:
+            return
+        if self._buffered + n > self._acts.shape[0]:
+            grown = torch.empty(max(self._buffered + n, self.shard_tokens + n), self._acts.shape[1], dtype=self._torch_dtype)
+            grown[: self._buffered] = self._acts[: self._buffered]
+            self._acts = grown
+        target = self._acts[self._buffered : self._buffered + n]
+        target.copy_(acts.detach())  # dtype conversion and device -> host copy in one step
+        low, high = torch.aminmax(target)  # NaN propagates; far cheaper than isfinite().all()
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise ProbeError(f"activations written to {self.path} contain NaN or inf; nothing of this write was kept")
+        self._token_parts.append(
+            (token_ids.detach().to("cpu", torch.int32), doc_ids.detach().to("cpu", torch.int64), positions.detach().to("cpu", torch.int32))
         )
         self._buffered += n
         self._buffer_cursor = cursor if cursor is not None else (self._buffer_cursor or self.cursor)
@@ -313,27 +319,31 @@ class ActivationStoreWriter:
 
     def flush(self) -> None:
         """Write everything buffered as one shard and update the manifest (no-op when empty)."""
-        if not self._buffer:
+        if not self._buffered:
             return
-        acts, token_ids, doc_ids, positions = (torch.cat(parts) for parts in zip(*self._buffer))
+        token_ids, doc_ids, positions = (torch.cat(parts) for parts in zip(*self._token_parts))
         index = len(self.manifest.shards)
         name = _shard_name(index, self.rank, self.world_size)
-        data = save_safetensors_bytes(
-            {"acts": acts, "token_ids": token_ids, "doc_ids": doc_ids, "positions": positions},
-            metadata={"format": FORMAT, "layer": str(self.manifest.layer)},
-        )
-        # Hash on a second thread while the bytes go to disk (both release the GIL).
-        digest: dict[str, str] = {}
-        hasher = threading.Thread(target=lambda: digest.setdefault("sha", hashlib.sha256(data).hexdigest()))
-        hasher.start()
+        final = self.path / name
+        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+        tensors = {"acts": self._acts[: self._buffered], "token_ids": token_ids, "doc_ids": doc_ids, "positions": positions}
         try:
-            _write_atomic(self.path / name, data, fsync=self.fsync, what="shard")
-        finally:
-            hasher.join()
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "layer": str(self.manifest.layer)})
+            if self.fsync:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            sha = _sha256_file(tmp)  # hashed from the page cache the write just filled
+            os.replace(tmp, final)
+        except (OSError, SafetensorError) as err:
+            tmp.unlink(missing_ok=True)
+            raise ProbeError(
+                f"disk error while writing shard {final}: {err}; the store keeps its {len(self.manifest.shards)} "
+                "complete shards and resumes from there"
+            ) from err
         shard = {
             "file": name,
-            "n_tokens": int(acts.shape[0]),
-            "sha256": digest["sha"],
+            "n_tokens": int(self._buffered),
+            "sha256": sha,
             "tokens_sha256": _tokens_digest(token_ids, doc_ids, positions),
             "cursor": int(self._buffer_cursor if self._buffer_cursor is not None else index + 1),
             "rank": self.rank,
@@ -343,16 +353,16 @@ class ActivationStoreWriter:
             self._write_manifest()
         except ProbeError:
             self.manifest.shards.pop()
-            (self.path / name).unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
-        self._buffer, self._buffered, self._buffer_cursor = [], 0, None
+        self._buffered, self._token_parts, self._buffer_cursor = 0, [], None
 
     def _write_manifest(self) -> None:
         _write_atomic(self._manifest_path, self.manifest.to_json().encode(), fsync=True, what="manifest")
 
     def truncate(self, cursor: int) -> None:
         """Drop flushed shards whose cursor is beyond ``cursor`` (to re-align paired stores on resume)."""
-        if self._buffer:
+        if self._buffered:
             raise ProbeError("truncate() needs an empty write buffer; call it right after opening the store")
         keep = [s for s in self.manifest.shards if int(s["cursor"]) <= cursor]
         dropped = self.manifest.shards[len(keep):]
@@ -512,19 +522,18 @@ class ActivationStore:
         shard = self.manifest.shards[index]
         file = self.path / shard["file"]
         try:
-            data = file.read_bytes()
-        except OSError as err:
+            if self.verify and index not in self._verified:
+                actual = _sha256_file(file)
+                if actual != shard["sha256"]:
+                    raise ProbeError(
+                        f"shard {file} is corrupted: its sha256 is {actual}, the manifest says {shard['sha256']}; "
+                        "re-collect this store"
+                    )
+                with self._lock:
+                    self._verified.add(index)
+            tensors = load_file(file)
+        except (OSError, SafetensorError) as err:
             raise ProbeError(f"cannot read shard {file}: {err}") from err
-        if self.verify and index not in self._verified:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != shard["sha256"]:
-                raise ProbeError(
-                    f"shard {file} is corrupted: its sha256 is {actual}, the manifest says {shard['sha256']}; "
-                    "re-collect this store (or resume after deleting the shard and truncating the manifest)"
-                )
-            with self._lock:
-                self._verified.add(index)
-        tensors = load_safetensors_bytes(data)
         if tensors["acts"].shape != (shard["n_tokens"], self.d_model):
             raise ProbeError(f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]")
         return tensors
