@@ -120,6 +120,21 @@ def render_document(value: Any, tokenizer) -> str:
     raise ProbeError(f"cannot turn a {type(value).__name__} into a document: expected str or a list of chat messages")
 
 
+def dataset_fingerprint(dataset, column: str | None = None, *, n_rows: int = 256) -> str:
+    """sha256 of the row count and the first ``n_rows`` documents: tells datasets apart cheaply.
+
+    Used to refuse resuming a store with other data (in-memory datasets have no stable
+    fingerprint of their own).
+    """
+    import hashlib
+    import json
+
+    column = text_column(dataset, column)
+    digest = hashlib.sha256(f"{len(dataset)}\n".encode())
+    digest.update(json.dumps(dataset[:n_rows][column], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def n_batches(dataset, batch_size: int) -> int:
     """Number of batches :func:`token_batches` yields for ``dataset``."""
     return math.ceil(len(dataset) / batch_size)

@@ -279,3 +279,10 @@ def test_two_process_collect_writes_per_rank_shards(tiny_pair, tmp_path):
     want, want_keys = by_token(single)
     assert torch.equal(got_keys, want_keys)
     torch.testing.assert_close(got, want)
+
+
+def test_resuming_with_other_data_is_refused(tiny_pair, tmp_path):
+    models = {"base": tiny_pair["base"]}
+    collect_activations(models, arithmetic_dataset(8, seed=0), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)
+    with pytest.raises(ProbeError, match="already holds a different activation store: source"):
+        collect_activations(models, arithmetic_dataset(8, seed=1), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)

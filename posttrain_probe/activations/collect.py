@@ -15,7 +15,7 @@ from torch import nn
 from posttrain_probe.activations.capture import capture_batch
 from posttrain_probe.activations.paired import COLLECT_INDEX
 from posttrain_probe.activations.store import ActivationStoreWriter, _write_atomic, dtype_name, merge_rank_manifests
-from posttrain_probe.data import load_dataset_spec, token_batches
+from posttrain_probe.data import dataset_fingerprint, load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint
@@ -127,6 +127,7 @@ def collect_activations(
     dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
     source = {
         "dataset": str(dataset_name),
+        "dataset_sample_sha256": dataset_fingerprint(data, cfg.column),
         "split": cfg.split,
         "dataset_config": cfg.dataset_config,
         "column": cfg.column,
