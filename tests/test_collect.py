@@ -122,7 +122,7 @@ def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     stored = torch.cat(list(PairedActivations.from_directory(tmp_path / "o").iter_batches(4096, shuffle=False)))
     live = LiveActivations(models, data, layer=LAYER, seq_len=40, forward_batch_size=4)
     assert live.model_names == ["base", "tuned"] and live.d_model == 64
-    unshuffled = torch.cat([chunk for (chunk,) in live.chunks()])
+    unshuffled = torch.cat(list(live.chunks()))
     torch.testing.assert_close(unshuffled, stored)
     shuffled = list(live.iter_batches(64, shuffle=True, seed=0, buffer_tokens=200))
     assert all(b.shape == (64, 2, 64) for b in shuffled[:-1])

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from posttrain_probe.activations.capture import capture_batch
-from posttrain_probe.activations.shuffle import shuffled_batches
+from posttrain_probe.activations.shuffle import ActivationSource
 from posttrain_probe.data import load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import default_layer, hidden_size, validate_layer
 from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer
 
 
-class LiveActivations:
+class LiveActivations(ActivationSource):
     """Paired truncated forwards of N models over a dataset, served as shuffled [batch, n_models, d].
 
     Same token selection as the stores (no padding, first position or BOS; optional norm-outlier
@@ -81,8 +81,10 @@ class LiveActivations:
     def __repr__(self) -> str:
         return f"LiveActivations(models={self.model_names}, layer={self.layer}, n_docs={len(self.dataset)}, d_model={self.d_model})"
 
-    def chunks(self, epochs: int | None = 1) -> Iterator[tuple[torch.Tensor]]:
-        """Unshuffled per-forward chunks ([n, n_models, d],), ``epochs`` passes (None: forever)."""
+    default_buffer_tokens = 65536  # held on the models' device
+
+    def chunks(self, *, shuffle: bool = False, seed: int = 0, epochs: int | None = 1) -> Iterator[torch.Tensor]:
+        """Per-forward chunks [n, n_models, d] in dataset order (shuffling happens in iter_batches)."""
         models = list(self.models.values())
         training = [m.training for m in models]
         for model in models:
@@ -100,26 +102,10 @@ class LiveActivations:
                         outlier_factor=self.outlier_factor, max_tokens=remaining,
                     )
                     produced += captured.token_ids.numel()
-                    yield (captured.acts[self.layer],)
+                    yield captured.acts[self.layer]
                 if produced == 0:
                     raise ProbeError("the dataset gave no tokens to keep (after dropping the first position, BOS and padding)")
                 epoch += 1
         finally:
             for model, was_training in zip(models, training):
                 model.train(was_training)
-
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        epochs: int | None = 1,
-        buffer_tokens: int = 65536,
-        drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Batches [batch_size, n_models, d] in raw model units, shuffled through ``buffer_tokens`` tokens."""
-        for (acts,) in shuffled_batches(self.chunks(epochs), batch_size, buffer_tokens=buffer_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last):
-            yield acts.to(device=device, dtype=dtype, non_blocking=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain_probe.activations.shuffle import shuffled_batches
-from posttrain_probe.activations.store import ActivationStore, _shard_chunks
+from posttrain_probe.activations.shuffle import ActivationSource
+from posttrain_probe.activations.store import ActivationStore, shard_chunks
 from posttrain_probe.errors import ProbeError
 
 logger = logging.getLogger(__name__)
@@ -19,11 +19,12 @@ logger = logging.getLogger(__name__)
 COLLECT_INDEX = "collect.json"
 
 
-class PairedActivations:
+class PairedActivations(ActivationSource):
     """Zip activation stores of N models collected on identical tokens.
 
     ``stores`` maps model names (in the order wanted for the model axis) to store directories or
-    :class:`ActivationStore` objects. Stores whose token fingerprints differ (other tokens, other
+    :class:`ActivationStore` objects; :meth:`iter_batches` serves [batch, n_models, d] where token
+    i of every model is the same token. Stores whose token fingerprints differ (other tokens, other
     order or other shard boundaries) or whose widths differ are refused, naming both.
     """
 
@@ -106,22 +107,6 @@ class PairedActivations:
         """Shard ``index`` of every store stacked as [n, n_models, d] (store dtype)."""
         return torch.stack([store.load_shard(index)["acts"] for store in self.stores.values()], dim=1)
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        epochs: int | None = 1,
-        buffer_tokens: int = 262144,
-        drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Batches [batch_size, n_models, d] in raw model units; token i of every model is the same token.
-
-        Shuffling and epochs as :meth:`ActivationStore.iter_batches` (one permutation for all models).
-        """
-        chunks = _shard_chunks(lambda i: (self.load_shard(i),), self._first.n_shards, shuffle, seed, epochs)
-        for (acts,) in shuffled_batches(chunks, batch_size, buffer_tokens=buffer_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last):
-            yield acts.to(device=device, dtype=dtype, non_blocking=True)
+    def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:
+        """Shards of all stores [n, n_models, d]; one shard order for all models, new each epoch."""
+        return shard_chunks(self.load_shard, self._first.n_shards, shuffle=shuffle, seed=seed, epochs=epochs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -56,3 +57,42 @@ def shuffled_batches(
         if n_held >= max(buffer_tokens, batch_size):
             yield from drain(final=False)
     yield from drain(final=True)
+
+
+class ActivationSource(ABC):
+    """A source of activation chunks that serves shuffled fixed-size batches.
+
+    Subclasses implement :meth:`chunks`; every source (stores, paired stores, live forwards)
+    shares this :meth:`iter_batches`.
+    """
+
+    default_buffer_tokens: int = 262144
+    """Tokens held for shuffling when ``buffer_tokens`` is not given."""
+
+    @abstractmethod
+    def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:
+        """Activation chunks [n, ...] in raw model units, ``epochs`` passes (None: forever)."""
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = 1,
+        buffer_tokens: int | None = None,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Batches [batch_size, ...] (the chunks' trailing shape) in ``dtype`` on ``device``, raw model units.
+
+        With ``shuffle`` the chunk order (where the source has one) is permuted and tokens are
+        shuffled through a buffer of at least ``buffer_tokens`` tokens; every token comes exactly
+        once per epoch (the last partial batch of the run is kept unless ``drop_last``).
+        ``epochs=None`` repeats forever.
+        """
+        chunks = ((chunk,) for chunk in self.chunks(shuffle=shuffle, seed=seed, epochs=epochs))
+        buffer = self.default_buffer_tokens if buffer_tokens is None else buffer_tokens
+        for (acts,) in shuffled_batches(chunks, batch_size, buffer_tokens=buffer, shuffle=shuffle, seed=seed, drop_last=drop_last):
+            yield acts.to(device=device, dtype=dtype, non_blocking=True)

@@ -23,7 +23,7 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from posttrain_probe.activations.shuffle import ActivationSource
 from posttrain_probe.errors import ProbeError
 
 FORMAT = "posttrain-probe/activation-store"
@@ -440,11 +441,12 @@ def _sha256_file(path: Path) -> str:
             return hashlib.sha256(view).hexdigest()
 
 
-class ActivationStore:
+class ActivationStore(ActivationSource):
     """Read an activation store directory: metadata, verified shards and shuffled batches.
 
     Every shard is checked against the manifest's sha256 the first time this object loads it
-    (``verify=False`` skips that). Activations come back in raw model units.
+    (``verify=False`` skips that). Activations come back in raw model units;
+    :meth:`iter_batches` serves shuffled [batch, d] batches.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
@@ -538,33 +540,15 @@ class ActivationStore:
             raise ProbeError(f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]")
         return tensors
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        epochs: int | None = 1,
-        buffer_tokens: int = 262144,
-        drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Batches of activations [batch_size, d] in ``dtype`` on ``device``, raw model units.
+    def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:
+        """Shards' activations [n, d] (store dtype), in a new random order per epoch with ``shuffle``."""
+        return shard_chunks(lambda i: self.load_shard(i)["acts"], self.n_shards, shuffle=shuffle, seed=seed, epochs=epochs)
 
-        With ``shuffle`` the shard order is permuted and tokens are shuffled through a buffer of
-        at least ``buffer_tokens`` tokens; every token comes exactly once per epoch (the last
-        partial batch of the run is kept unless ``drop_last``). ``epochs=None`` repeats forever.
-        """
-        from posttrain_probe.activations.shuffle import shuffled_batches
-
-        chunks = _shard_chunks(lambda i: (self.load_shard(i)["acts"],), self.n_shards, shuffle, seed, epochs)
-        for (acts,) in shuffled_batches(chunks, batch_size, buffer_tokens=buffer_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last):
-            yield acts.to(device=device, dtype=dtype, non_blocking=True)
-
-
-def _shard_chunks(load, n_shards: int, shuffle: bool, seed: int, epochs: int | None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Shards as chunks, in a new random order per epoch, loading the next one on a thread."""
+def shard_chunks(
+    load: Callable[[int], torch.Tensor], n_shards: int, *, shuffle: bool, seed: int, epochs: int | None
+) -> Iterator[torch.Tensor]:
+    """``load(i)`` for every shard, in a new random order per epoch with ``shuffle``, loading
+    (reading + verifying) the next shard on a thread while the current one is consumed."""
     from concurrent.futures import ThreadPoolExecutor
 
     if n_shards == 0:
