@@ -172,7 +172,9 @@ def residual_hooks(
 
         return hook
 
-    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in sites]
+    # prepend=True: run before hooks that sharding wrappers (DeepSpeed ZeRO-3, FSDP) put on the
+    # block, so stopping at block L never gathers block L's parameters.
+    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True, prepend=True) for layer in sites]
     try:
         yield captured
     finally:

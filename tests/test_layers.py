@@ -134,11 +134,11 @@ def lora_model(arch: str, seed: int = 0) -> peft.PeftModel:
 
 
 class DeepSpeedEngine(nn.Module):
-    """STRUCTURAL STAND-IN for ``deepspeed.DeepSpeedEngine`` (deepspeed is not a test dependency).
+    """Structural stand-in for ``deepspeed.DeepSpeedEngine`` to test wrapper *stacking* cheaply.
 
-    It only mimics the attribute layout unwrap_model relies on: an nn.Module subclass named
-    ``DeepSpeedEngine`` holding the wrapped model as ``.module`` and forwarding calls to it. It
-    says nothing about the real engine's behaviour (ZeRO-3 partitioned parameters are not tested).
+    Mimics the attribute layout unwrap_model relies on (a module named ``DeepSpeedEngine`` holding
+    the model as ``.module``). The real engine, ZeRO-3 included, is tested in
+    tests/test_layers_deepspeed.py.
     """
 
     def __init__(self, module: nn.Module):
@@ -295,13 +295,6 @@ def test_torch_compile_wrapper_unwraps():
     assert num_layers(compiled) == N_LAYERS
     assert hidden_size(compiled) == 64
     assert default_layer(compiled) == 2
-
-
-def test_deepspeed_engine_standin(batch):
-    # Structural stand-in only (see DeepSpeedEngine above): deepspeed is not installed here.
-    inner = tiny_model("gemma3")
-    wrapped = DeepSpeedEngine(inner)
-    check_wrapper(wrapped, inner, batch)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile import
