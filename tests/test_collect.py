@@ -286,3 +286,9 @@ def test_resuming_with_other_data_is_refused(tiny_pair, tmp_path):
     collect_activations(models, arithmetic_dataset(8, seed=0), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)
     with pytest.raises(ProbeError, match="already holds a different activation store: source"):
         collect_activations(models, arithmetic_dataset(8, seed=1), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)
+
+
+def test_bad_layer_values_fail_before_loading(tmp_path):
+    for layers in ([-1], [2.5], [True]):
+        with pytest.raises(ProbeError, match="are not sites"):
+            collect_activations({"base": tmp_path / "nowhere"}, "synthetic:arithmetic", layers, tmp_path / "o", progress=False)

@@ -62,66 +62,46 @@ def collect_activations(
 ) -> dict[str, dict[int, Path]]:
     """Run paired truncated forwards of ``models`` over ``dataset`` and write one store per model and layer.
 
-    ``layers`` are sites (residual stream entering block L; None: n_layers // 2). ``models`` maps names to model paths/hub names or loaded models (then pass ``tokenizer`` or
+    ``models`` maps names to model paths/hub names or loaded models (then pass ``tokenizer`` or
     models whose ``name_or_path`` holds one). ``dataset`` is anything
-    :func:`~posttrain_probe.data.load_dataset_spec` takes. Writes ``out_dir/<name>/layer<L>/``
-    and ``out_dir/collect.json``; an interrupted run resumes when called again with the same
-    arguments. Launched with several processes (``torchrun`` / ``accelerate launch``; accelerate's
-    ``PartialState`` reads the launch environment) each rank takes every world_size-th batch on
-    its own device and writes its own shards; rank 0 merges the manifests at the end. Returns ``{name: {layer: store_path}}``.
-    """
-    from tqdm.auto import tqdm
+    :func:`~posttrain_probe.data.load_dataset_spec` takes. ``layers`` are sites (residual stream
+    entering block L; None: n_layers // 2). ``config``/``overrides``: :class:`CollectConfig`.
 
+    Writes ``out_dir/<name>/layer<L>/`` and ``out_dir/collect.json``; an interrupted run resumes
+    when called again with the same arguments. Launched with several processes (``torchrun`` /
+    ``accelerate launch``; accelerate's ``PartialState`` reads the launch environment) each rank
+    takes every world_size-th batch on its own device and writes its own shards; rank 0 merges the
+    manifests at the end. Returns ``{name: {layer: store_path}}``.
+    """
     cfg = replace(config or CollectConfig(), **overrides)
     if isinstance(layers, int):
         layers = [layers]
     if not models:
         raise ProbeError("collect needs at least one model: models={name: path_or_model}")
+    bad_layers = [layer for layer in layers or [] if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+    if bad_layers:
+        raise ProbeError(f"layers {bad_layers} are not sites: expected integers >= 0 (residual stream entering block L)")
     bad = [name for name in models if not name or "/" in name or name.startswith(".")]
     if bad:
         raise ProbeError(f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl")
-    out_dir = Path(out_dir)
     from accelerate import PartialState
+
+    out_dir = Path(out_dir)
 
     # cpu=True lets accelerate set up gloo for multi-process runs on machines without a GPU.
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     device = resolve_device(cfg.device) if cfg.device is not None else state.device
 
-    # Tokenizers first (cheap), so mismatches fail before any model is loaded.
-    tokenizers = {name: load_tokenizer(m) for name, m in models.items() if not isinstance(m, nn.Module)}
-    if tokenizer is None:
-        if tokenizers:
-            tokenizer = next(iter(tokenizers.values()))
-        else:
-            source = getattr(unwrap_model(next(iter(models.values()))), "name_or_path", "")
-            if not source:
-                raise ProbeError("models were given as objects: pass tokenizer= as well")
-            tokenizer = load_tokenizer(source)
-    if tokenizers:
-        check_same_tokenizer(tokenizers if len(tokenizers) == len(models) else {"tokenizer=": tokenizer, **tokenizers})
-
-    wanted_layers = sorted(set(layers or []))
-    keep = max(wanted_layers) if wanted_layers else None
-    loaded: dict[str, nn.Module] = {}
-    for name, model in models.items():
-        if isinstance(model, nn.Module):
-            loaded[name] = model
-        else:
-            loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=device, keep_layers=keep)
-        check_same_hidden_size({n: hidden_size(m) for n, m in loaded.items()})  # fail before loading the rest
+    tokenizer, loaded = _load_models(models, tokenizer, layers, cfg, device)
     first = next(iter(loaded.values()))
-    if not wanted_layers:
-        wanted_layers = [default_layer(first)]
+    wanted_layers = sorted(set(layers)) if layers else [default_layer(first)]
     for name, model in loaded.items():
         for layer in wanted_layers:
             try:
                 validate_layer(model, layer)
             except ProbeError as err:
                 raise ProbeError(f"model {name!r}: {err}") from None
-    was_training = {name: unwrap_model(m).training for name, m in loaded.items()}
-    for model in loaded.values():
-        model.eval()
 
     data = load_dataset_spec(dataset, split=cfg.split, config_name=cfg.dataset_config, n_docs=cfg.n_docs)
     dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
@@ -162,49 +142,8 @@ def collect_activations(
         index = {"models": {n: str(models[n]) if not isinstance(models[n], nn.Module) else None for n in loaded}, "layers": wanted_layers, "source": source, "config": asdict(cfg)}
         _write_atomic(out_dir / COLLECT_INDEX, json.dumps(index, indent=2).encode(), fsync=True, what="collect index")
 
-    if all(w.complete for w in writers.values()):
-        return paths
-    # Resume: every store restarts from the smallest cursor any of them reached.
-    cursor = min(w.cursor for w in writers.values())
-    for writer in writers.values():
-        writer.truncate(cursor)
-    budget = None if cfg.max_tokens is None else cfg.max_tokens // world + (rank < cfg.max_tokens % world)
-    written = next(iter(writers.values())).n_tokens
-    bar = tqdm(total=budget, initial=written, unit="tok", desc=f"collect {','.join(loaded)} @ layer {','.join(map(str, wanted_layers))}", disable=not progress or rank != 0)
-    try:
-        # This rank's batches: rank, rank + world, ... from the first one at or after the cursor.
-        first_batch = cursor + (rank - cursor) % world
-        batches = token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=first_batch, step=world)
-        for index, batch in zip(range(first_batch, 1 << 62, world), batches):
-            if budget is not None and written >= budget:
-                break
-            captured = capture_batch(
-                list(loaded.values()),
-                batch,
-                wanted_layers,
-                bos_token_id=tokenizer.bos_token_id,
-                outlier_factor=cfg.outlier_factor,
-                max_tokens=None if budget is None else budget - written,
-            )
-            for (name, layer), writer in writers.items():
-                writer.write(
-                    captured.acts[layer][:, list(loaded).index(name)],
-                    captured.token_ids,
-                    captured.doc_ids,
-                    captured.positions,
-                    cursor=index + 1,
-                )
-            written += captured.token_ids.numel()
-            bar.update(captured.token_ids.numel())
-    finally:
-        bar.close()
-        for name, model in loaded.items():
-            if was_training[name]:
-                model.train()
-    if written == 0:
-        raise ProbeError(f"dataset {dataset_name} gave no tokens to keep (after dropping the first position, BOS and padding)")
-    for writer in writers.values():
-        writer.close()
+    if not all(w.complete for w in writers.values()):
+        _capture_into(writers, loaded, data, tokenizer, wanted_layers, cfg, rank, world, progress)
     if world > 1:
         state.wait_for_everyone()
         if rank == 0:
@@ -212,6 +151,86 @@ def collect_activations(
                 merge_rank_manifests(store)
         state.wait_for_everyone()
     return paths
+
+
+def _load_models(
+    models: Mapping[str, str | os.PathLike | nn.Module],
+    tokenizer,
+    layers: Sequence[int] | None,
+    cfg: CollectConfig,
+    device: torch.device,
+) -> tuple[Any, dict[str, nn.Module]]:
+    """Tokenizer and loaded models; tokenizers and hidden sizes are checked before the next model loads."""
+    tokenizers = {name: load_tokenizer(m) for name, m in models.items() if not isinstance(m, nn.Module)}
+    if tokenizer is None:
+        if tokenizers:
+            tokenizer = next(iter(tokenizers.values()))
+        else:
+            source = getattr(unwrap_model(next(iter(models.values()))), "name_or_path", "")
+            if not source:
+                raise ProbeError("models were given as objects: pass tokenizer= as well")
+            tokenizer = load_tokenizer(source)
+    if tokenizers:
+        check_same_tokenizer(tokenizers if len(tokenizers) == len(models) else {"tokenizer=": tokenizer, **tokenizers})
+    keep = max(layers) if layers else None
+    loaded: dict[str, nn.Module] = {}
+    for name, model in models.items():
+        if isinstance(model, nn.Module):
+            loaded[name] = model
+        else:
+            loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=device, keep_layers=keep)
+        check_same_hidden_size({n: hidden_size(m) for n, m in loaded.items()})
+    return tokenizer, loaded
+
+
+def _capture_into(
+    writers: dict[tuple[str, int], ActivationStoreWriter],
+    models: dict[str, nn.Module],
+    data,
+    tokenizer,
+    layers: list[int],
+    cfg: CollectConfig,
+    rank: int,
+    world: int,
+    progress: bool,
+) -> None:
+    """The collect loop of one rank: resume at the stores' common cursor, capture, write, close."""
+    from tqdm.auto import tqdm
+
+    cursor = min(w.cursor for w in writers.values())  # every store restarts where the last one stopped
+    for writer in writers.values():
+        writer.truncate(cursor)
+    budget = None if cfg.max_tokens is None else cfg.max_tokens // world + (rank < cfg.max_tokens % world)
+    written = next(iter(writers.values())).n_tokens
+    slot = {name: i for i, name in enumerate(models)}
+    was_training = {name: unwrap_model(m).training for name, m in models.items()}
+    for model in models.values():
+        model.eval()
+    # This rank's batches: rank, rank + world, ... from the first one at or after the cursor.
+    first_batch = cursor + (rank - cursor) % world
+    batches = token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=first_batch, step=world)
+    desc = f"collect {','.join(models)} @ layer {','.join(map(str, layers))}"
+    bar = tqdm(total=budget, initial=written, unit="tok", desc=desc, disable=not progress or rank != 0)
+    try:
+        for index, batch in zip(range(first_batch, 1 << 62, world), batches):
+            if budget is not None and written >= budget:
+                break
+            captured = capture_batch(
+                list(models.values()), batch, layers, bos_token_id=tokenizer.bos_token_id,
+                outlier_factor=cfg.outlier_factor, max_tokens=None if budget is None else budget - written,
+            )
+            for (name, layer), writer in writers.items():
+                writer.write(captured.acts[layer][:, slot[name]], captured.token_ids, captured.doc_ids, captured.positions, cursor=index + 1)
+            written += captured.token_ids.numel()
+            bar.update(captured.token_ids.numel())
+    finally:
+        bar.close()
+        for name, model in models.items():
+            model.train(was_training[name])
+    if written == 0 and world == 1:
+        raise ProbeError("the dataset gave no tokens to keep (after dropping the first position, BOS and padding)")
+    for writer in writers.values():
+        writer.close()
 
 
 def _model_info(name: str, spec: Any, model: nn.Module) -> dict[str, Any]:
