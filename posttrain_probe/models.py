@@ -16,9 +16,10 @@ from posttrain_probe.layers import decoder_blocks
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; None picks cuda when available, else cpu."""
+    """``device`` as a torch.device; None picks the current CUDA device (per rank under
+    torchrun/accelerate, which set it) when available, else cpu."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
 
 

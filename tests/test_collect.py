@@ -292,3 +292,14 @@ def test_bad_layer_values_fail_before_loading(tmp_path):
     for layers in ([-1], [2.5], [True]):
         with pytest.raises(ProbeError, match="are not sites"):
             collect_activations({"base": tmp_path / "nowhere"}, "synthetic:arithmetic", layers, tmp_path / "o", progress=False)
+
+
+def test_live_activations_split_batches_across_ranks(tiny_pair):
+    models = {"base": tiny_pair["base"]}
+    data = arithmetic_dataset(12)
+    whole = torch.cat(list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2).chunks()))
+    parts = [list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2, rank=r, world_size=2).chunks()) for r in (0, 1)]
+    interleaved = [chunk for pair in zip(*parts) for chunk in pair]
+    torch.testing.assert_close(torch.cat(interleaved), whole)
+    with pytest.raises(ProbeError, match="rank 2 is outside world_size 2"):
+        LiveActivations(models, data, layer=1, rank=2, world_size=2)

@@ -22,7 +22,8 @@ class LiveActivations(ActivationSource):
 
     Same token selection as the stores (no padding, first position or BOS; optional norm-outlier
     filter), same units (raw model activations). Models given as paths are loaded with
-    ``model_dtype`` onto ``device`` with the blocks after ``layer`` dropped.
+    ``model_dtype`` onto ``device`` with the blocks after ``layer`` dropped. For data-parallel
+    training pass ``rank``/``world_size``: each rank reads every world_size-th document batch.
     """
 
     def __init__(
@@ -41,9 +42,13 @@ class LiveActivations(ActivationSource):
         dataset_config: str | None = None,
         model_dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not models:
             raise ProbeError("LiveActivations needs at least one model")
+        if not 0 <= rank < world_size:
+            raise ProbeError(f"rank {rank} is outside world_size {world_size}")
         path_models = {n: m for n, m in models.items() if not isinstance(m, nn.Module)}
         tokenizers = {n: load_tokenizer(m) for n, m in path_models.items()}
         if tokenizers:
@@ -65,6 +70,7 @@ class LiveActivations(ActivationSource):
         self.dataset = load_dataset_spec(dataset, split=split, config_name=dataset_config)
         self.seq_len, self.forward_batch_size, self.column = seq_len, forward_batch_size, column
         self.max_tokens, self.outlier_factor = max_tokens, outlier_factor
+        self.rank, self.world_size = rank, world_size
 
     @property
     def model_names(self) -> list[str]:
@@ -93,7 +99,7 @@ class LiveActivations(ActivationSource):
             epoch = 0
             while epochs is None or epoch < epochs:
                 produced = 0
-                for batch in token_batches(self.dataset, self.tokenizer, column=self.column, seq_len=self.seq_len, batch_size=self.forward_batch_size):
+                for batch in token_batches(self.dataset, self.tokenizer, column=self.column, seq_len=self.seq_len, batch_size=self.forward_batch_size, start_batch=self.rank, step=self.world_size):
                     remaining = None if self.max_tokens is None else self.max_tokens - produced
                     if remaining is not None and remaining <= 0:
                         break
