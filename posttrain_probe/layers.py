@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.fsdp_recovery import finish_aborted_forward, sharded_units_in_forward
 
 # Attribute paths (from the unwrapped model) to the ModuleList of decoder blocks, most common first.
 _BLOCK_PATHS: tuple[str, ...] = (
@@ -195,9 +196,10 @@ def truncated_forward(
     in the model's dtype. Runs under no_grad without KV cache; the model's train/eval mode is left
     as it is (callers choose it).
     """
+    already_in_forward = {id(unit) for unit, _ in sharded_units_in_forward(model)}
     with residual_hooks(model, layers, stop=True) as captured:
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
-            pass
+            finish_aborted_forward(model, skip=already_in_forward)
     return {layer: captured[layer] for layer in sorted(captured)}
