@@ -37,13 +37,17 @@ def shuffled_batches(
         if not held:
             return
         parts = tuple(torch.cat(column) if len(held) > 1 else column[0] for column in zip(*held))
-        if shuffle:
-            order = torch.randperm(n_held, generator=generator)
-            parts = tuple(part[order] for part in parts)
         n_full = n_held // batch_size * batch_size
-        for start in range(0, n_full, batch_size):
-            yield tuple(part[start : start + batch_size] for part in parts)
-        rest = tuple(part[n_full:] for part in parts)
+        if shuffle:  # gather batch by batch: no permuted copy of the whole buffer
+            order = torch.randperm(n_held, generator=generator).to(parts[0].device)
+            for start in range(0, n_full, batch_size):
+                index = order[start : start + batch_size]
+                yield tuple(part[index] for part in parts)
+            rest = tuple(part[order[n_full:]] for part in parts)
+        else:
+            for start in range(0, n_full, batch_size):
+                yield tuple(part[start : start + batch_size] for part in parts)
+            rest = tuple(part[n_full:] for part in parts)
         held, n_held = ([rest], n_held - n_full) if n_held > n_full else ([], 0)
         if final and held and not drop_last:
             yield rest

@@ -23,6 +23,7 @@ import mmap
 import os
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -545,10 +546,10 @@ class ActivationStore(ActivationSource):
         return shard_chunks(lambda i: self.load_shard(i)["acts"], self.n_shards, shuffle=shuffle, seed=seed, epochs=epochs)
 
 def shard_chunks(
-    load: Callable[[int], torch.Tensor], n_shards: int, *, shuffle: bool, seed: int, epochs: int | None
+    load: Callable[[int], torch.Tensor], n_shards: int, *, shuffle: bool, seed: int, epochs: int | None, prefetch: int = 2
 ) -> Iterator[torch.Tensor]:
     """``load(i)`` for every shard, in a new random order per epoch with ``shuffle``, loading
-    (reading + verifying) the next shard on a thread while the current one is consumed."""
+    (reading + verifying) up to ``prefetch`` shards ahead on threads while one is consumed."""
     from concurrent.futures import ThreadPoolExecutor
 
     if n_shards == 0:
@@ -564,10 +565,12 @@ def shard_chunks(
                 yield from range(n_shards)
             epoch += 1
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
-        indices = order()
-        pending = pool.submit(load, next(indices))
-        for index in indices:
-            ready, pending = pending, pool.submit(load, index)
-            yield ready.result()
-        yield pending.result()
+    # Two shards in flight: reading and sha256 release the GIL, so they overlap with the consumer.
+    with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="shard-prefetch") as pool:
+        pending: deque = deque()
+        for index in order():
+            pending.append(pool.submit(load, index))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
