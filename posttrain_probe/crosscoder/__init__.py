@@ -1,0 +1,6 @@
+"""N-model sparse crosscoders (SPEC sec. 3): the model, its config and its training loop."""
+
+from posttrain_probe.crosscoder.config import CrosscoderConfig
+from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
+
+__all__ = ["Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
