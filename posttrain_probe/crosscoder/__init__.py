@@ -2,5 +2,6 @@
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
+from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig, train_crosscoder
 
-__all__ = ["Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
+__all__ = ["Crosscoder", "CrosscoderConfig", "CrosscoderOutput", "CrosscoderTrainingConfig", "train_crosscoder"]

@@ -14,7 +14,7 @@ ACTIVATIONS = ("relu", "batchtopk")
 class CrosscoderConfig:
     """Architecture of a crosscoder over N models at one site (N = 1 is a plain SAE)."""
 
-    model_names: list[str] = field(default_factory=lambda: ["base", "tuned"], metadata={"help": "Names of the N models, in slot order (e.g. base sft rl, or base step-000120 ...)."})
+    model_names: list[str] = field(default_factory=list, metadata={"help": "Names of the N models in slot order (e.g. base sft rl); empty: taken from the training data."})
     d_model: int = field(default=0, metadata={"help": "Residual-stream width d of every model (filled from the data when 0)."})
     n_features: int = field(default=32768, metadata={"help": "Dictionary size F (paper R: 32768)."})
     activation: str = field(default="relu", metadata={"help": "relu (decoder-norm-weighted L1, the papers') or batchtopk."})
@@ -25,7 +25,7 @@ class CrosscoderConfig:
 
     def __post_init__(self) -> None:
         names = list(self.model_names)
-        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ProbeError(f"model_names must be distinct non-empty names, got {self.model_names!r}")
         self.model_names = names
         if self.activation not in ACTIVATIONS:

@@ -53,8 +53,8 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         super().__init__()
         if isinstance(config, dict):  # from_pretrained hands over config.json as a dict
             config = CrosscoderConfig(**config)
-        if config.d_model < 1:
-            raise ProbeError(f"CrosscoderConfig.d_model must be set (>= 1), got {config.d_model}")
+        if config.d_model < 1 or not config.model_names:
+            raise ProbeError(f"a crosscoder needs d_model >= 1 and model names, got {config.d_model} and {config.model_names}")
         self.config = config
         n, d, f = config.n_models, config.d_model, config.n_features
         self.W_enc = nn.Parameter(torch.empty(n, d, f))
