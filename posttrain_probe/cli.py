@@ -12,6 +12,8 @@ import typer
 
 from posttrain_probe.activations.collect import CollectConfig
 from posttrain_probe.cli_config import config_options
+from posttrain_probe.crosscoder.config import CrosscoderConfig
+from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig
 from posttrain_probe.errors import ProbeError
 
 app = typer.Typer(
@@ -21,8 +23,10 @@ app = typer.Typer(
     add_completion=False,
 )
 store_app = typer.Typer(help="Inspect activation stores.", no_args_is_help=True)
+crosscoder_app = typer.Typer(help="Train and inspect N-model sparse crosscoders.", no_args_is_help=True)
 testing_app = typer.Typer(help="Offline tiny models and data (demo, tests).", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(crosscoder_app, name="crosscoder")
 app.add_typer(testing_app, name="testing")
 
 
@@ -70,7 +74,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 
 @app.command()
 @user_errors
-@config_options(CollectConfig)
+@config_options(config=CollectConfig)
 def collect(
     model: list[str] = typer.Option(..., "--model", help="NAME=PATH (local dir or hub name); repeat for every model."),
     dataset: str = typer.Option(..., "--dataset", help="Local .txt/.jsonl/.json/.parquet/.csv, a datasets name, or synthetic:<name>."),
@@ -162,6 +166,52 @@ def store_info(
                 typer.secho(f"{row['path']}: {problem}", fg=typer.colors.RED, err=True)
     if any(row["problems"] for row in rows):
         raise typer.Exit(1)
+
+
+@crosscoder_app.command("train")
+@user_errors
+@config_options(crosscoder=CrosscoderConfig, training=CrosscoderTrainingConfig)
+def crosscoder_train(
+    acts: list[str] = typer.Option([], "--acts", help="A collect output directory, or one store directory per model (repeat)."),
+    model: list[str] = typer.Option([], "--model", help="Live training: NAME=PATH per model (repeat), with --dataset."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Live training: dataset spec as for `collect`."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Live training: tokens per document."),
+    forward_batch_size: int = typer.Option(8, "--forward-batch-size", help="Live training: documents per model forward."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory of the crosscoder run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    crosscoder: CrosscoderConfig = None,  # type: ignore[assignment]
+    training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
+) -> None:
+    """Train a crosscoder on paired activation stores (--acts) or live model forwards (--model ... --dataset)."""
+    from posttrain_probe.crosscoder.sources import open_source
+    from posttrain_probe.crosscoder.train import train_crosscoder
+
+    if out is None:
+        raise ProbeError("--out is required (the directory of the crosscoder run)")
+    source = open_source(
+        acts=acts, models=parse_models(model) if model else None, dataset=dataset, layer=crosscoder.layer,
+        model_names=crosscoder.model_names or None, seq_len=seq_len, forward_batch_size=forward_batch_size,
+    )
+    train_crosscoder(source, crosscoder, training, out, resume=resume, overwrite=overwrite)
+    typer.echo(f"crosscoder: {out}")
+
+
+@crosscoder_app.command("info")
+@user_errors
+def crosscoder_info(
+    path: Path = typer.Argument(..., help="Crosscoder directory (config.json + model.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Models, layer, size, normalisation scales, dead features and last training metrics of a crosscoder."""
+    from posttrain_probe.crosscoder.inspect import crosscoder_summary
+
+    info = crosscoder_summary(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:>18}: {value}")
 
 
 @testing_app.command("make-models")

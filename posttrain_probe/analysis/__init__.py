@@ -1,0 +1,48 @@
+"""Analysis of trained crosscoders: attribution metrics (SPEC sec. 4) and per-feature tables.
+
+Imports torch, numpy and pyarrow only; plotting (matplotlib) and scipy are imported where used.
+"""
+
+from posttrain_probe.analysis.attribution import (
+    BASE_ONLY_ABOVE,
+    CATEGORIES,
+    FINETUNE_ONLY_BELOW,
+    categorize,
+    decoder_cosine,
+    decoder_norms,
+    latent_scaling,
+    mas,
+    mas_dominant,
+    norm_ratio,
+    nrn,
+)
+from posttrain_probe.analysis.features import (
+    NRN_TAILS,
+    FeatureStats,
+    feature_activation_stats,
+    feature_table,
+    model_index,
+    summary,
+    write_table,
+)
+
+__all__ = [
+    "BASE_ONLY_ABOVE",
+    "CATEGORIES",
+    "FINETUNE_ONLY_BELOW",
+    "NRN_TAILS",
+    "FeatureStats",
+    "categorize",
+    "decoder_cosine",
+    "decoder_norms",
+    "feature_activation_stats",
+    "feature_table",
+    "latent_scaling",
+    "mas",
+    "mas_dominant",
+    "model_index",
+    "norm_ratio",
+    "nrn",
+    "summary",
+    "write_table",
+]
