@@ -214,6 +214,54 @@ def crosscoder_info(
         typer.echo(f"{key:>18}: {value}")
 
 
+@app.command()
+@user_errors
+def analyze(
+    crosscoder: Path = typer.Option(..., "--crosscoder", help="Crosscoder directory."),
+    base: str = typer.Option("base", "--base", help="Name of the base model in the crosscoder."),
+    out: Path = typer.Option(..., "--out", help="Output directory for the table, summary.json and figures."),
+    acts: list[str] = typer.Option([], "--acts", help="Activations (as for `crosscoder train --acts`) for activation frequency / max / dead flags."),
+    stats_tokens: int = typer.Option(1_000_000, "--stats-tokens", help="Tokens read from --acts for the activation statistics."),
+    table_format: str = typer.Option("parquet", "--format", help="Feature table format: parquet or csv."),
+    p: float = typer.Option(1.0, "--p", help="Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."),
+) -> None:
+    """Attribute crosscoder features to models: NRN, MAS, NormRatio, decoder cosine, categories, figures."""
+    from posttrain_probe.analysis.report import analyze_crosscoder
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.crosscoder.sources import open_source
+
+    cc = load_crosscoder(crosscoder)
+    source = open_source(acts=acts, layer=cc.config.layer, model_names=cc.model_names) if acts else None
+    result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p)
+    for name, counts in result["models"].items():
+        typer.echo(f"{name} vs {base}: {counts['categories']} NRN tails {counts['nrn_tails']}")
+    typer.echo(f"table: {result['files']['table']}; summary: {out / 'summary.json'}; {len(result['files']['figures'])} figure files")
+
+
+@app.command()
+@user_errors
+def dynamics(
+    crosscoder: list[Path] = typer.Option(..., "--crosscoder", help="One multi-model crosscoder over base + checkpoints, or one two-model crosscoder per checkpoint (repeat, in training order)."),
+    base: str = typer.Option("base", "--base", help="Name of the base model."),
+    checkpoint: list[str] = typer.Option([], "--checkpoint", help="Checkpoint model names in order (multi-model crosscoder; default: all but --base)."),
+    k: int = typer.Option(50, "--k", help="Size of the top-NRN feature sets."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+) -> None:
+    """Checkpoint dynamics: top-k NRN overlap matrix and rank shifts between consecutive checkpoints."""
+    from posttrain_probe.analysis.report import checkpoint_dynamics
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
+
+    models = [load_crosscoder(path) for path in crosscoder]
+    if len(models) == 1:
+        result = checkpoint_dynamics(models[0], base=base, checkpoints=checkpoint or None, k=k, out_dir=out)
+    else:
+        result = checkpoint_dynamics(crosscoders=models, base=base, labels=checkpoint or None, k=k, out_dir=out)
+    typer.echo(f"mean top-{k} overlap of consecutive checkpoints: {result['mean_adjacent_overlap']:.3f}; blanks {result['blanks']}")
+    if result["matching"]:
+        typer.echo(f"feature matching quality: {result['matching']}")
+    typer.echo(f"written to {out}")
+
+
 @testing_app.command("make-models")
 @user_errors
 def make_models(

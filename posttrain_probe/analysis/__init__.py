@@ -16,6 +16,18 @@ from posttrain_probe.analysis.attribution import (
     norm_ratio,
     nrn,
 )
+from posttrain_probe.analysis.dynamics import (
+    DEFAULT_K,
+    FeatureMatching,
+    MatchQuality,
+    RankShifts,
+    align_scores,
+    checkpoint_scores,
+    match_features,
+    rank_shifts,
+    top_k_sets,
+    topk_overlap,
+)
 from posttrain_probe.analysis.features import (
     NRN_TAILS,
     FeatureStats,
@@ -27,6 +39,16 @@ from posttrain_probe.analysis.features import (
 )
 
 __all__ = [
+    "DEFAULT_K",
+    "FeatureMatching",
+    "MatchQuality",
+    "RankShifts",
+    "align_scores",
+    "checkpoint_scores",
+    "match_features",
+    "rank_shifts",
+    "top_k_sets",
+    "topk_overlap",
     "BASE_ONLY_ABOVE",
     "CATEGORIES",
     "FINETUNE_ONLY_BELOW",
