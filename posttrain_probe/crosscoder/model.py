@@ -11,6 +11,7 @@ so that the encoder and the decoder are each ONE matmul over all models:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -66,6 +67,32 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         self.register_buffer("threshold", torch.tensor(-1.0))
         """BatchTopK inference threshold on f_i·sum_m||d_i^m|| (EMA during training; < 0 = unset)."""
         self.reset_parameters()
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir,
+        force_download: bool,
+        local_files_only: bool,
+        token,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs,
+    ) -> Crosscoder:
+        """ModelHubMixin hook: a local directory or a hub repo, loaded strictly (every tensor must match)."""
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, "model.safetensors")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            model_file = hf_hub_download(
+                repo_id=model_id, filename="model.safetensors", revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            )
+        return cls._load_as_safetensor(cls(**model_kwargs), model_file, map_location, strict)
 
     # -- construction ---------------------------------------------------------------------------
     @torch.no_grad()
