@@ -114,3 +114,21 @@ def test_an_existing_run_needs_resume_or_overwrite(checkpoints, tmp_path):
     _ok([*args, "--resume"])  # already finished: resuming is a no-op that keeps the result
     bad = runner.invoke(app, ["analyze", "--crosscoder", str(tmp_path / "cc"), "--base", "sft", "--out", str(tmp_path / "a")])
     assert bad.exit_code == 2 and "'sft'" in bad.output and "base" in bad.output
+
+
+@pytest.mark.slow
+def test_module_entry_point_with_the_tiny_recipe(checkpoints, tmp_path):
+    """`python -m posttrain_probe.crosscoder.train --config recipes/configs/tiny/crosscoder.yaml` (what
+    `accelerate launch -m ...` runs), with the data and output paths overridden on the command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, acts = checkpoints
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny" / "crosscoder.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "posttrain_probe.crosscoder.train", "--config", str(recipe), "--acts", str(acts), "--out", str(tmp_path / "cc"), "--n-tokens", "2048"],
+        check=True, cwd=tmp_path,
+    )
+    cc = Crosscoder.from_pretrained(str(tmp_path / "cc"))
+    assert cc.config.n_features == 512 and cc.model_names == ["base", "ckpt1", "ckpt2"]

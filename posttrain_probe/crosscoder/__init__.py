@@ -2,6 +2,14 @@
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
-from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig, train_crosscoder
 
 __all__ = ["Crosscoder", "CrosscoderConfig", "CrosscoderOutput", "CrosscoderTrainingConfig", "train_crosscoder"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `python -m posttrain_probe.crosscoder.train` runs its module once.
+    if name in ("CrosscoderTrainingConfig", "train_crosscoder"):
+        from posttrain_probe.crosscoder import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
