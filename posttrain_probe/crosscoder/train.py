@@ -201,6 +201,7 @@ def train_crosscoder(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / TRAINING_CONFIG).write_text(json.dumps(saved_configs, indent=2))
+        _truncate_metrics(out_dir / METRICS, start_step)  # drop lines logged after the state we resume from
     if train_cfg.report_to:
         accelerator.init_trackers("posttrain-probe-crosscoder", config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}})
 
@@ -209,10 +210,16 @@ def train_crosscoder(
     stop_step = total_steps if train_cfg.max_steps_per_run is None else min(total_steps, start_step + train_cfg.max_steps_per_run)
     bar = tqdm(total=total_steps, initial=start_step, desc="crosscoder", unit="step", disable=not progress or not accelerator.is_main_process)
     sums = _MetricSums(cc_config.n_models, accelerator.device)
+    # Non-finite inputs are flagged per model on the device every step and read at log steps.
+    bad_inputs = torch.zeros(cc_config.n_models, dtype=torch.bool, device=accelerator.device)
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
     started = time.perf_counter()
     step = start_step
     for step in range(start_step, stop_step):
         x = next(batches)
+        bad_now = ~torch.isfinite(x).all(dim=2).all(dim=0)
+        first_bad_step = torch.where((first_bad_step < 0) & bad_now.any(), step + 1, first_bad_step)
+        bad_inputs |= bad_now
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
         l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
@@ -233,8 +240,10 @@ def train_crosscoder(
         done = step + 1
         if done % log_every == 0 or done == stop_step:
             record = sums.pop(accelerator, step=done, tokens=done * train_cfg.batch_size, lr=optimizer.param_groups[0]["lr"], l1_coefficient=l1)
-            if not math.isfinite(record["loss"]):
-                raise ProbeError(_nonfinite_message(x, cc_config.model_names, done, log_every))
+            if world > 1:
+                bad_inputs = accelerator.reduce(bad_inputs.to(torch.int32), reduction="sum") > 0
+            if bad_inputs.any() or not math.isfinite(record["loss"]):
+                raise ProbeError(_nonfinite_message(bad_inputs, int(first_bad_step), cc_config.model_names, done, log_every))
             record["dead_fraction"] = float((tokens_since_fired >= train_cfg.dead_after_tokens).float().mean() if done * train_cfg.batch_size >= train_cfg.dead_after_tokens else (~fired_ever).float().mean())
             record["tokens_per_s"] = (done - start_step) * train_cfg.batch_size / (time.perf_counter() - started)
             if accelerator.is_main_process:
@@ -282,10 +291,22 @@ def _global_batches(source, cfg: CrosscoderTrainingConfig, local_batch: int, ran
         yield x.to(device, non_blocking=True)
 
 
-def _nonfinite_message(x: torch.Tensor, names: list[str], step: int, log_every: int) -> str:
-    bad = [names[m] for m in range(x.shape[1]) if not torch.isfinite(x[:, m]).all()]
-    where = f"in the activations of {', '.join(bad)}" if bad else "although the current batch is finite (diverged: lower the lr?)"
-    return f"non-finite loss at step {step} (or one of the {log_every - 1} steps before it): NaN/inf {where}"
+def _nonfinite_message(bad_inputs: torch.Tensor, first_bad_step: int, names: list[str], step: int, log_every: int) -> str:
+    bad = [name for name, flag in zip(names, bad_inputs.tolist()) if flag]
+    if bad:
+        where = f"at step {first_bad_step}" if first_bad_step > 0 else f"by step {step}"
+        return f"NaN/inf in the activations of {', '.join(bad)} {where}: training stopped (no checkpoint was written after it)"
+    return f"non-finite loss at step {step} (or one of the {log_every - 1} steps before it) with finite inputs: training diverged, lower the lr"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= ``step`` (all of them are rewritten atomically)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class _MetricSums:
