@@ -170,7 +170,7 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
 
     def _pre_activations(self, xn: torch.Tensor) -> torch.Tensor:
         """[B, N, d] normalised -> [B, F]: one [B, N*d] x [N*d, F] matmul."""
-        return xn.flatten(1) @ self.W_enc.flatten(0, 1) + self.b_enc
+        return torch.addmm(self.b_enc, xn.flatten(1), self.W_enc.flatten(0, 1))
 
     def _inference_codes(self, pre: torch.Tensor) -> torch.Tensor:
         acts = F.relu(pre)
@@ -234,14 +234,14 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         error = xn.float() - recon_n.float()
         mse = error.pow(2).sum(dim=(1, 2)).mean()
         if self.config.activation == "relu":
-            sparsity = (codes.float() * weights.float()).sum(-1).mean()
+            sparsity = (codes @ weights.to(codes.dtype)).float().mean()
             loss = mse + l1_coefficient * sparsity
         else:
             sparsity = self._auxk_loss(pre, error.detach(), dead_mask, aux_k) if self.training else mse.new_zeros(())
             loss = mse + aux_coefficient * sparsity
         xf = xn.float()
         fvu = error.pow(2).sum(dim=(0, 2)) / (xf - xf.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
-        l0 = (codes > 0).float().sum(-1).mean()
+        l0 = torch.count_nonzero(codes) / codes.shape[0]
         return CrosscoderOutput(self.denormalize(recon_n), codes, loss, mse, sparsity, fvu, l0)
 
     def _batchtopk(self, pre: torch.Tensor, weights: torch.Tensor, threshold_decay: float | None) -> tuple[torch.Tensor, torch.Tensor]:

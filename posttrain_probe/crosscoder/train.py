@@ -209,6 +209,7 @@ def train_crosscoder(
         next(batches)
     stop_step = total_steps if train_cfg.max_steps_per_run is None else min(total_steps, start_step + train_cfg.max_steps_per_run)
     bar = tqdm(total=total_steps, initial=start_step, desc="crosscoder", unit="step", disable=not progress or not accelerator.is_main_process)
+    dead_after = min(train_cfg.dead_after_tokens, max(n_tokens // 2, train_cfg.batch_size))
     sums = _MetricSums(cc_config.n_models, accelerator.device)
     # Non-finite inputs are flagged per model on the device every step and read at log steps.
     bad_inputs = torch.zeros(cc_config.n_models, dtype=torch.bool, device=accelerator.device)
@@ -223,7 +224,8 @@ def train_crosscoder(
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
         l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
-        dead_mask = tokens_since_fired >= min(train_cfg.dead_after_tokens, max(n_tokens // 2, train_cfg.batch_size))
+        # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
+        dead_mask = tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
         with accelerator.autocast():
             out = wrapped(x, l1_coefficient=l1, dead_mask=dead_mask, aux_k=train_cfg.aux_k, aux_coefficient=train_cfg.aux_coefficient, threshold_decay=train_cfg.threshold_decay)
         accelerator.backward(out.loss)
