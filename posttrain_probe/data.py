@@ -135,6 +135,10 @@ def dataset_fingerprint(dataset, column: str | None = None, *, n_rows: int = 256
     return digest.hexdigest()
 
 
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], int)
+
+
 def n_batches(dataset, batch_size: int) -> int:
     """Number of batches :func:`token_batches` yields for ``dataset``."""
     return math.ceil(len(dataset) / batch_size)
@@ -153,7 +157,7 @@ def token_batches(
     """Tokenise ``dataset`` lazily into :class:`TokenBatch` es of ``batch_size`` documents.
 
     Plain text gets the tokenizer's special tokens (e.g. BOS); chat messages are rendered with
-    the chat template, which carries its own. Yields batches ``start_batch, start_batch + step,
+    the chat template, which carries its own; a column of token-id lists is used as it is. Yields batches ``start_batch, start_batch + step,
     ...`` (resume; one rank's share), tokenising only those.
     """
     if seq_len < 2:
@@ -165,13 +169,16 @@ def token_batches(
     for index in range(start_batch, n_batches(dataset, batch_size), step):
         start = index * batch_size
         values = dataset[start : start + batch_size][column]
-        chat = bool(values) and not isinstance(values[0], str)
-        texts = [render_document(value, tokenizer) for value in values]
-        encoded = tokenizer(texts, truncation=True, max_length=seq_len, add_special_tokens=not chat)["input_ids"]
+        if values and _is_token_ids(values[0]):  # already tokenised (e.g. a Trainer's processed dataset)
+            encoded = [list(ids)[:seq_len] for ids in values]
+        else:
+            chat = bool(values) and not isinstance(values[0], str)
+            texts = [render_document(value, tokenizer) for value in values]
+            encoded = tokenizer(texts, truncation=True, max_length=seq_len, add_special_tokens=not chat)["input_ids"]
         width = max(1, max(len(ids) for ids in encoded))
-        input_ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        yield TokenBatch(input_ids, attention_mask, torch.arange(start, start + len(texts), dtype=torch.long))
+        yield TokenBatch(input_ids, attention_mask, torch.arange(start, start + len(encoded), dtype=torch.long))

@@ -303,7 +303,9 @@ class ActivationStoreWriter:
         if n == 0:
             return
         if self._buffered + n > self._acts.shape[0]:
-            grown = torch.empty(max(self._buffered + n, self.shard_tokens + n), self._acts.shape[1], dtype=self._torch_dtype)
+            # Grow geometrically up to one shard (+ this write); the buffer is then reused for every shard.
+            capacity = max(self._buffered + n, min(self.shard_tokens + n, 2 * self._acts.shape[0]))
+            grown = torch.empty(capacity, self._acts.shape[1], dtype=self._torch_dtype)
             grown[: self._buffered] = self._acts[: self._buffered]
             self._acts = grown
         target = self._acts[self._buffered : self._buffered + n]

@@ -1,0 +1,99 @@
+"""The probe run directory and its manifest ``<run>/probe.json`` (DESIGN.md "Data on disk").
+
+    <run>/probe.json                        base model, paradigm, sites, probe-set fingerprint, snapshots
+    <run>/snapshots/step-000120/            HF save_pretrained layout (safetensors + tokenizer)
+    <run>/activations/step-000120/layer<L>/ activation store; step-000000 is the base model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain_probe.errors import ProbeError
+
+RUN_FORMAT = "posttrain-probe/run"
+RUN_FORMAT_VERSION = 1
+MANIFEST = "probe.json"
+# What must agree between a run directory on disk and the run that writes into it.
+_IDENTITY = ("base_model", "paradigm", "layers", "probe_fingerprint", "schedule")
+
+
+def step_name(step: int) -> str:
+    """``step-000120`` for step 120."""
+    return f"step-{step:06d}"
+
+
+class RunDirectory:
+    """Reads and atomically rewrites ``probe.json``; only the main process writes."""
+
+    def __init__(self, path: str | os.PathLike, *, is_main: bool) -> None:
+        self.path = Path(path)
+        self.is_main = is_main
+        self.manifest: dict[str, Any] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def snapshot_dir(self, step: int) -> Path:
+        return self.path / "snapshots" / step_name(step)
+
+    def activations_dir(self, step: int, layer: int) -> Path:
+        return self.path / "activations" / step_name(step) / f"layer{layer}"
+
+    def open(self, identity: dict[str, Any], *, resuming: bool) -> None:
+        """Start or continue the run: refuse a directory that holds another run (or this run when
+        not resuming), then write the manifest with ``identity``."""
+        if self.manifest_path.exists():
+            try:
+                existing = json.loads(self.manifest_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ProbeError(f"cannot read the run manifest {self.manifest_path}: {err}") from err
+            differs = [key for key in _IDENTITY if key in identity and existing.get(key) != identity[key]]
+            if differs:
+                raise ProbeError(
+                    f"probe run directory {self.path} holds another run ({', '.join(differs)} differ); "
+                    "choose another probe_run_dir"
+                )
+            if not resuming:
+                raise ProbeError(
+                    f"probe run directory {self.path} already holds this run's snapshots: resume the Trainer "
+                    "from a checkpoint (resume_from_checkpoint) or choose another probe_run_dir"
+                )
+            self.manifest = existing
+            return
+        self.manifest = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **identity, "snapshots": [], "activations": []}
+        if self.is_main:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                probe = self.path / f".write-test-{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                raise ProbeError(f"probe run directory {self.path} is not writable: {err}") from err
+            self._write()
+
+    def steps_done(self, kind: str) -> set[int]:
+        """Steps already recorded under ``kind`` ('snapshots' or 'activations')."""
+        return {int(entry["step"]) for entry in self.manifest.get(kind, [])}
+
+    def record(self, kind: str, entry: dict[str, Any]) -> None:
+        """Add (or replace) the entry of ``entry['step']`` under ``kind`` and rewrite the manifest."""
+        entries = [e for e in self.manifest.setdefault(kind, []) if e["step"] != entry["step"]]
+        entries.append({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.manifest[kind] = sorted(entries, key=lambda e: e["step"])
+        if self.is_main:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(self.manifest, indent=2))
+            os.replace(tmp, self.manifest_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ProbeError(f"cannot write the run manifest {self.manifest_path}: {err}") from err
