@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from posttrain_probe.activations.store import dtype_name
 from posttrain_probe.errors import ProbeError
 
 
@@ -43,6 +44,7 @@ class ProbeArguments:
         for name in ("probe_n_docs", "probe_seq_len", "probe_batch_size"):
             if getattr(self, name) < 1:
                 raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        dtype_name(self.probe_dtype)  # fails now, not after the run directory was written
         if any(step < 1 for step in self.probe_snapshot_at):
             raise ProbeError(f"probe_snapshot_at must hold optimizer steps >= 1, got {self.probe_snapshot_at}")
 
@@ -56,8 +58,9 @@ def snapshot_schedule(args: ProbeArguments, max_steps: int) -> list[int]:
     elif args.probe_snapshot_steps is not None:
         steps = list(range(args.probe_snapshot_steps, max_steps + 1, args.probe_snapshot_steps))
     else:
-        n = round(1 / args.probe_snapshot_fraction)
-        steps = sorted({max(1, round(max_steps * i / n)) for i in range(1, n + 1)})
+        fraction = args.probe_snapshot_fraction
+        count = int(1 / fraction + 1e-9)  # 0.2 -> 5 snapshots (20%, ..., 100%); 0.4 -> 40%, 80%
+        steps = sorted({max(1, round(max_steps * fraction * i)) for i in range(1, count + 1)})
     if not steps:
         raise ProbeError(
             f"the snapshot schedule (fraction {args.probe_snapshot_fraction}, every {args.probe_snapshot_steps}, "

@@ -10,7 +10,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,8 @@ class ProbeRun:
         self.layers: list[int] = []
         self.run: RunDirectory | None = None
         self._batches: list[TokenBatch] | None = None
+        self.probe_rows: list[int] = []
+        """Dataset rows of the probe documents; a store's doc_ids index this list."""
 
     # -- set-up ---------------------------------------------------------------------------------
     @property
@@ -71,12 +73,24 @@ class ProbeRun:
             "layers": self.layers,
             "schedule": self.schedule,
             "probe_fingerprint": self.probe_fingerprint() if args.probe_stream_activations else None,
-            "probe": {"dataset": args.probe_dataset or "training data sample", "n_docs": args.probe_n_docs, "seq_len": args.probe_seq_len, "seed": args.probe_seed},
+            "probe": {"dataset": args.probe_dataset or "training data sample", "rows": self.probe_rows, "seq_len": args.probe_seq_len, "seed": args.probe_seed},
             "world_size": self.accelerator.num_processes,
         }
         self.run = RunDirectory(run_dir, is_main=self.accelerator.is_main_process)
-        self.run.open(identity, resuming=state.global_step > 0)
-        self.accelerator.wait_for_everyone()
+        error = None
+        if self.accelerator.is_main_process:  # one process checks and writes; the others follow
+            try:
+                self.run.open(identity, resume_step=state.global_step)
+            except ProbeError as err:
+                error = str(err)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error], from_process=0)[0]
+        if error is not None:
+            raise ProbeError(error)
+        if not self.accelerator.is_main_process:
+            self.run.load()
         self.started = True
 
     def probe_batches(self) -> list[TokenBatch]:
@@ -84,7 +98,7 @@ class ProbeRun:
         if self._batches is not None:
             return self._batches
         args = self.args
-        tokenizer = tokenizer_of(self.trainer.processing_class)
+        tokenizer = self.tokenizer
         if args.probe_dataset:
             data = load_dataset_spec(args.probe_dataset, split=args.probe_dataset_split)
         else:
@@ -93,10 +107,14 @@ class ProbeRun:
                 raise ProbeError("the training dataset cannot be sampled (streaming?): set probe_dataset to a dataset spec")
         if len(data) == 0:
             raise ProbeError("the probe set is empty: set probe_dataset to a non-empty dataset")
+        rows = list(range(len(data)))
         if len(data) > args.probe_n_docs:
-            rows = sorted(random.Random(args.probe_seed).sample(range(len(data)), args.probe_n_docs))
+            rows = sorted(random.Random(args.probe_seed).sample(rows, args.probe_n_docs))
             data = data.select(rows)
+        self.probe_rows = rows
         column = args.probe_column or ("input_ids" if "input_ids" in data.column_names else text_column(data))
+        if isinstance(tokenizer, _TokenIds) and column != "input_ids":
+            raise ProbeError(f"the Trainer has no processing_class (tokenizer) to tokenise the probe column {column!r}: pass one, or a tokenised probe set")
         context = getattr(getattr(unwrap_model(self.model), "config", None), "max_position_embeddings", None)
         if context is not None and args.probe_seq_len > context:
             raise ProbeError(f"probe_seq_len {args.probe_seq_len} is longer than the model context ({context} positions)")
@@ -104,6 +122,15 @@ class ProbeRun:
         if not any(int(b.attention_mask.sum()) > 1 for b in self._batches):
             raise ProbeError("the probe set holds no token to capture (every document has at most one token)")
         return self._batches
+
+    @property
+    def tokenizer(self):
+        """The Trainer's tokenizer, or the model config's special ids when it has none (tokenised data)."""
+        tokenizer = tokenizer_of(self.trainer.processing_class)
+        if tokenizer is not None:
+            return tokenizer
+        config = getattr(unwrap_model(self.model), "config", None)
+        return _TokenIds(getattr(config, "pad_token_id", None), getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
 
     def probe_fingerprint(self) -> str:
         """sha256 of the probe set's token ids and masks."""
@@ -145,7 +172,8 @@ class ProbeRun:
                 del merged
             else:
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer_of(trainer.processing_class).save_pretrained(tmp)
+            if tokenizer_of(trainer.processing_class) is not None:
+                tokenizer_of(trainer.processing_class).save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         accelerator.wait_for_everyone()
@@ -169,7 +197,7 @@ class ProbeRun:
         mine = batches[rank::world]
         rounds = -(-len(batches) // world)  # every rank runs this many forwards
         d_model = hidden_size(model)
-        tokenizer = tokenizer_of(self.trainer.processing_class)
+        tokenizer = self.tokenizer
         snapshot = self.run.snapshot_dir(step) if step > 0 and args.probe_save_snapshots else None
         if accelerator.is_main_process:  # a capture a killed run left unfinished starts over
             shutil.rmtree(self.run.path / "activations" / step_name(step), ignore_errors=True)
@@ -179,7 +207,7 @@ class ProbeRun:
                 self.run.activations_dir(step, layer),
                 layer=layer,
                 d_model=d_model,
-                model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else self.run.manifest.get("base_model")},
+                model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None)},
                 dtype=args.probe_dtype,
                 source={"probe_fingerprint": self.run.manifest.get("probe_fingerprint"), "seq_len": args.probe_seq_len, "run": str(self.run.path)},
                 shard_tokens=1 << 30,  # one shard per rank: the probe set is small
@@ -216,6 +244,14 @@ class ProbeRun:
         result["seconds"] = time.perf_counter() - started
         self.run.record("activations", {"step": step, "path": str((self.run.path / "activations" / step_name(step)).relative_to(self.run.path)), "layers": self.layers, "seconds": round(result["seconds"], 3)})
         return result
+
+
+class _TokenIds(NamedTuple):
+    """Special token ids from a model config, standing in for a tokenizer on tokenised data."""
+
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
 
 
 def relative_drift(base_store: str | os.PathLike, store: str | os.PathLike) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,13 @@ class RunDirectory:
     def activations_dir(self, step: int, layer: int) -> Path:
         return self.path / "activations" / step_name(step) / f"layer{layer}"
 
-    def open(self, identity: dict[str, Any], *, resuming: bool) -> None:
-        """Start or continue the run: refuse a directory that holds another run (or this run when
-        not resuming), then write the manifest with ``identity``."""
+    def open(self, identity: dict[str, Any], *, resume_step: int) -> None:
+        """Start or continue the run (main process only; other ranks call :meth:`load` after it).
+
+        Refuses a directory that holds another run, or this run when not resuming
+        (``resume_step`` = the Trainer's global step, 0 for a fresh run). On resume, what the
+        interrupted run wrote after ``resume_step`` is dropped: those steps are taken again.
+        """
         if self.manifest_path.exists():
             try:
                 existing = json.loads(self.manifest_path.read_text())
@@ -59,23 +64,34 @@ class RunDirectory:
                     f"probe run directory {self.path} holds another run ({', '.join(differs)} differ); "
                     "choose another probe_run_dir"
                 )
-            if not resuming:
+            if resume_step == 0:
                 raise ProbeError(
                     f"probe run directory {self.path} already holds this run's snapshots: resume the Trainer "
                     "from a checkpoint (resume_from_checkpoint) or choose another probe_run_dir"
                 )
             self.manifest = existing
+            self._drop_after(resume_step)
             return
         self.manifest = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **identity, "snapshots": [], "activations": []}
-        if self.is_main:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                probe = self.path / f".write-test-{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as err:
-                raise ProbeError(f"probe run directory {self.path} is not writable: {err}") from err
-            self._write()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ProbeError(f"probe run directory {self.path} is not writable: {err}") from err
+        self._write()
+
+    def load(self) -> None:
+        """Read the manifest the main process wrote (other ranks, after a barrier)."""
+        self.manifest = json.loads(self.manifest_path.read_text())
+
+    def _drop_after(self, step: int) -> None:
+        for kind, folder in (("snapshots", "snapshots"), ("activations", "activations")):
+            for entry in [e for e in self.manifest.get(kind, []) if e["step"] > step]:
+                shutil.rmtree(self.path / folder / step_name(entry["step"]), ignore_errors=True)
+            self.manifest[kind] = [e for e in self.manifest.get(kind, []) if e["step"] <= step]
+        self._write()
 
     def steps_done(self, kind: str) -> set[int]:
         """Steps already recorded under ``kind`` ('snapshots' or 'activations')."""
