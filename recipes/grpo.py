@@ -1,0 +1,103 @@
+"""GRPO with an outcome reward (math-verify final-answer check), observed by the probe callbacks.
+
+The papers' RL run: 8 rollouts per prompt, clip 0.2 / 0.28 (``epsilon``, ``epsilon_high``), no KL
+(``beta: 0.0``), no entropy bonus (``entropy_coef: 0.0``), 1 epoch. The reward is TRL's
+``trl.rewards.accuracy_reward``: 1 when math-verify finds the completion's \\boxed{} (or LaTeX) answer equal
+to the row's ``solution`` (the gold final answer), 0 otherwise; rows whose gold answer does not parse are
+skipped. The probe callbacks write ``<output_dir>/probe/`` (see ``--probe_*`` in ``--help``).
+
+# Tiny run on a laptop CPU (offline, seconds)
+```bash
+accelerate launch --num_processes 1 --cpu recipes/grpo.py --config recipes/configs/tiny/grpo.yaml
+```
+
+# Paper run: Qwen3-4B-Base on OpenR1-Math-220k, 8 GPUs, DeepSpeed ZeRO-3, vLLM generation (colocated)
+```bash
+accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo.py \
+    --config recipes/configs/qwen3-4b-base/grpo.yaml
+```
+
+# gsm8k through the column mapping (the gold answer is cut from '#### N' at the end of `answer`)
+```bash
+accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo.py \
+    --config recipes/configs/qwen3-4b-base/grpo.yaml \
+    --dataset_name openai/gsm8k --dataset_config main \
+    --question_column question --answer_column answer --final_answer_column "" \
+    --output_dir runs/qwen3-4b-base/grpo-gsm8k
+```
+"""
+
+import argparse
+from dataclasses import dataclass, field
+
+from common import MathScriptArguments
+
+
+@dataclass
+class GRPOScriptArguments(MathScriptArguments):
+    """The math column mapping plus the chat template for base models that ship none."""
+
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer (hub id or local path) or .jinja file whose chat template renders the prompts, for "
+            "base models whose tokenizer has none (e.g. meta-llama/Llama-3.1-8B-Instruct for Llama-3.1-8B). A "
+            "tokenizer also sets the eos token, so generation stops at the end of the assistant turn."
+        },
+    )
+
+
+def main(script_args, training_args, model_args, probe_args):
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer, get_peft_config, get_quantization_config
+    from trl.rewards import accuracy_reward
+
+    from common import grpo_dataset, load_model_and_tokenizer
+    from posttrain_probe.callbacks import add_probe_callbacks
+
+    # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    if script_args.chat_template_path and script_args.chat_template_path.endswith((".jinja", ".j2")):
+        with open(script_args.chat_template_path, encoding="utf-8") as template:
+            tokenizer.chat_template = template.read()
+    elif script_args.chat_template_path:
+        source = AutoTokenizer.from_pretrained(script_args.chat_template_path)
+        tokenizer.chat_template, tokenizer.eos_token = source.get_chat_template(), source.eos_token
+
+    # Dataset: conversational prompts with the gold final answer in `solution`
+    with training_args.main_process_first(desc="map the dataset"):
+        dataset = grpo_dataset(script_args)
+
+    # Trainer (outcome reward only), with the probe callbacks (snapshots + activations)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy_reward],
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    add_probe_callbacks(trainer, probe_args, paradigm="grpo")
+
+    # Train and save
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import GRPOConfig, ModelConfig, TrlParser
+
+    from posttrain_probe.callbacks import ProbeArguments
+
+    dataclass_types = (GRPOScriptArguments, GRPOConfig, ModelConfig, ProbeArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("grpo", help="GRPO with the probe callbacks", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, probe_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args, probe_args)
