@@ -1,0 +1,68 @@
+"""``GradientBlockingCallback``: gradient blocking (SPEC sec. 9) for any transformers / TRL Trainer.
+
+    blocker = GradientBlocker(Crosscoder.from_pretrained("runs/cc"), features, model="base", mode="sae")
+    trainer.add_callback(GradientBlockingCallback(blocker))
+
+or from ``BlockingArguments`` (what ``recipes/sft_blocked.py`` parses): ``blocking_callback(args)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
+
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.interventions.blocking import MODES, GradientBlocker
+
+
+@dataclass
+class BlockingArguments:
+    """Which crosscoder features to protect during fine-tuning, and how."""
+
+    block_crosscoder: str | None = field(default=None, metadata={"help": "Crosscoder (or SAE) directory whose features are protected."})
+    block_features: str | None = field(default=None, metadata={"help": "shared, base-only, finetune-only (NormRatio category), a feature-set JSON, or indices 3,17,42."})
+    block_model: str = field(default="base", metadata={"help": "Crosscoder branch (model name) whose encoder/decoder define the features."})
+    block_finetuned: str | None = field(default=None, metadata={"help": "Fine-tuned model the NormRatio category is computed against (default: the other model of a two-model crosscoder)."})
+    block_mode: str = field(default="sae", metadata={"help": "sae (paper formula), subspace (orthogonal projection) or ablate (forward ablation)."})
+    block_layer: int | None = field(default=None, metadata={"help": "Site L (default: the crosscoder's layer)."})
+
+    def __post_init__(self) -> None:
+        if self.block_mode not in MODES:
+            raise ProbeError(f"block_mode {self.block_mode!r} is not one of {MODES}")
+        if (self.block_crosscoder is None) != (self.block_features is None):
+            raise ProbeError("gradient blocking needs both block_crosscoder and block_features")
+
+
+def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
+    """The GradientBlocker that ``args`` describe (None when blocking is off)."""
+    if args.block_crosscoder is None:
+        return None
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.interventions.feature_sets import resolve_features
+
+    crosscoder = load_crosscoder(args.block_crosscoder)
+    features = resolve_features(crosscoder, args.block_features, base=args.block_model, finetuned=args.block_finetuned)
+    return GradientBlocker(crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode)
+
+
+class GradientBlockingCallback(TrainerCallback):
+    """Attach a :class:`GradientBlocker` to the Trainer's model for the whole of ``train()``."""
+
+    def __init__(self, blocker: GradientBlocker) -> None:
+        self.blocker = blocker
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ProbeError("GradientBlockingCallback got no model from the Trainer")
+        if not self.blocker.is_attached:
+            self.blocker.attach(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.blocker.detach()
+
+
+def blocking_callback(args: BlockingArguments) -> GradientBlockingCallback | None:
+    """``GradientBlockingCallback(build_blocker(args))``, or None when blocking is off."""
+    blocker = build_blocker(args)
+    return None if blocker is None else GradientBlockingCallback(blocker)

@@ -1,0 +1,149 @@
+"""Gradient blocking (SPEC sec. 9, paper S sec. 2 / RQ5): protect chosen features during fine-tuning.
+
+At site L (the residual stream entering block L, SPEC sec. 1), in every forward pass:
+
+    sae:      f_S = f^m(x)[S];  x_S = W_dec^m[S]^T f_S / s_m;  x_new = sg(x_S) + (x - x_S)
+    subspace: x_S = P_S x (orthogonal projection onto span{d_k : k in S});  x_new = sg(x_S) + (x - x_S)
+    ablate:   x_new = x - P_S x   (the subspace is removed from the forward too)
+
+In ``sae`` and ``subspace`` modes the forward value is unchanged and the gradient reaching x is
+(I - J_S)^T g with J_S = dx_S/dx: training cannot move the protected features through this site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
+
+MODES = ("sae", "subspace", "ablate")
+
+
+class GradientBlocker:
+    """Blocks the gradient through features ``features`` of one model branch of a crosscoder/SAE at ``layer``.
+
+    Use ``attach(model)`` / ``detach()`` or ``with blocker.attached(model): ...``. The protected
+    weights are copied to the hidden states' device and dtype at the first forward.
+    """
+
+    def __init__(self, crosscoder, features: Sequence[int], *, model: str | int = 0, layer: int | None = None, mode: str = "sae") -> None:
+        if mode not in MODES:
+            raise ProbeError(f"blocking mode {mode!r} is not one of {MODES}")
+        self.mode = mode
+        self.slot = crosscoder.model_index(model)
+        self.model_name = crosscoder.model_names[self.slot]
+        self.layer = crosscoder.config.layer if layer is None else layer
+        if self.layer is None:
+            raise ProbeError("the crosscoder does not record its layer: pass layer=")
+        if crosscoder.config.layer is not None and layer is not None and layer != crosscoder.config.layer:
+            raise ProbeError(f"the crosscoder was trained at layer {crosscoder.config.layer}, blocking asked for layer {layer}")
+        n_features = crosscoder.config.n_features
+        self.features = sorted({int(f) for f in features})
+        bad = [f for f in self.features if not 0 <= f < n_features]
+        if bad:
+            raise ProbeError(f"feature indices {bad[:10]} are out of range for a crosscoder of {n_features} features")
+        self.d_model = crosscoder.config.d_model
+        index = torch.tensor(self.features, dtype=torch.long)
+        with torch.no_grad():
+            scale = crosscoder.scales[self.slot].detach().float().cpu()
+            # Raw-unit weights of the protected features: pre = x @ enc + b ; x_S = f @ dec.
+            self._enc = (crosscoder.W_enc[self.slot].detach().float().cpu()[:, index] * scale).contiguous()  # [d, |S|]
+            self._b_enc = crosscoder.b_enc.detach().float().cpu()[index].contiguous()  # [|S|]
+            self._dec = (crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale).contiguous()  # [|S|, d]
+            self._threshold = None
+            if crosscoder.config.activation == "batchtopk":
+                self._threshold = float(crosscoder.threshold)
+                self._score = crosscoder.decoder_norm_sum().detach().float().cpu()[index]
+            self._basis = None
+            if mode != "sae" and self.features:
+                u, sigma, _ = torch.linalg.svd(self._dec.T.double(), full_matrices=False)
+                keep = sigma > sigma.max() * max(self._dec.shape) * torch.finfo(torch.float32).eps
+                self._basis = u[:, keep].float().contiguous()  # orthonormal basis of span{d_k : k in S}, [d, rank]
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._handle = None
+        self._model = None
+
+    # -- the operation --------------------------------------------------------------------------
+    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
+            score = getattr(self, "_score", None)
+            self._cache[key] = (move(self._enc), move(self._b_enc), move(self._dec), move(self._basis), move(score))
+        return self._cache[key]
+
+    def protected_component(self, x: torch.Tensor) -> torch.Tensor:
+        """x_S for residual activations x [..., d] (raw units), differentiable in x."""
+        enc, b_enc, dec, basis, score = self._weights(x)
+        if not self.features:
+            return torch.zeros_like(x)
+        if self.mode == "sae":
+            codes = torch.relu(x @ enc + b_enc)
+            if self._threshold is not None:
+                codes = codes * (codes * score > self._threshold)
+            return codes @ dec
+        return (x @ basis) @ basis.T
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocked residual stream for x [..., d]: same value (except ``ablate``), blocked gradient."""
+        if x.shape[-1] != self.d_model:
+            raise ProbeError(f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}")
+        x_s = self.protected_component(x)
+        if self.mode == "ablate":
+            return x - x_s
+        return x_s.detach() + (x - x_s)
+
+    # -- attaching ------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> GradientBlocker:
+        """Hook the blocker in front of decoder block ``layer`` of ``model`` (through any wrapper)."""
+        if self._handle is not None:
+            raise ProbeError(f"this gradient blocker is already attached at layer {self.layer}; detach() it first")
+        inner = unwrap_model(model)
+        if getattr(inner, "_posttrain_probe_blocker", None) is not None:
+            raise ProbeError("the model already has a gradient blocker attached; detach it before attaching another")
+        validate_layer(inner, self.layer)
+        if hidden_size(inner) != self.d_model:
+            raise ProbeError(f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}")
+
+        def hook(module, args, kwargs):
+            if args:
+                return (self.apply(args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = self.apply(kwargs["hidden_states"])
+            return args, kwargs
+
+        self._handle = decoder_blocks(inner)[self.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        inner._posttrain_probe_blocker = self
+        self._model = inner
+        return self
+
+    def detach(self) -> None:
+        """Remove the hook (no-op when not attached)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            self._model._posttrain_probe_blocker = None
+            self._model = None
+
+    @property
+    def is_attached(self) -> bool:
+        return self._handle is not None
+
+    def attached(self, model: nn.Module):
+        """Context manager: attached inside the block, detached after."""
+        blocker = self
+
+        class _Attached:
+            def __enter__(self_inner):
+                return blocker.attach(model)
+
+            def __exit__(self_inner, *exc):
+                blocker.detach()
+
+        return _Attached()
+
+    def __repr__(self) -> str:
+        return f"GradientBlocker(model={self.model_name!r}, layer={self.layer}, mode={self.mode!r}, n_features={len(self.features)})"
