@@ -232,10 +232,10 @@ def analyze(
 
     cc = load_crosscoder(crosscoder)
     source = open_source(acts=acts, layer=cc.config.layer, model_names=cc.model_names) if acts else None
-    result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p)
+    result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p, crosscoder_path=str(crosscoder))
     for name, counts in result["models"].items():
         typer.echo(f"{name} vs {base}: {counts['categories']} NRN tails {counts['nrn_tails']}")
-    typer.echo(f"table: {result['files']['table']}; summary: {out / 'summary.json'}; {len(result['files']['figures'])} figure files")
+    typer.echo(f"table: {result['files']['table']}; summary: {out / 'summary.json'}; {len(result['files']['figures'])} figure files; feature sets in {out / 'feature_sets'}")
 
 
 @app.command()

@@ -54,6 +54,10 @@ def test_train_info_analyze_dynamics(checkpoints, tmp_path):
     assert table.num_rows == 96 and {"nrn_ckpt1", "norm_ratio_ckpt2", "mas_base", "frequency", "max_activation", "dead"} <= set(table.column_names)
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert set(summary["models"]) == {"ckpt1", "ckpt2"} and sum(summary["mas_dominant"].values()) == 96 - summary["n_dead"]
+    from posttrain_probe.interventions import read_feature_set
+
+    shared = read_feature_set(tmp_path / "analysis" / "feature_sets" / "ckpt1_shared.json")
+    assert len(shared) >= summary["models"]["ckpt1"]["categories"]["shared"] > 0  # the summary also drops never-firing features
     for stem in ("nrn_histograms", "mas_distributions", "norm_ratio_vs_cosine_ckpt1", "norm_ratio_vs_cosine_ckpt2"):
         assert (tmp_path / "analysis" / f"{stem}.png").stat().st_size > 1000 and (tmp_path / "analysis" / f"{stem}.svg").exists()
 

@@ -16,6 +16,7 @@ import torch
 from posttrain_probe.analysis.attribution import categorize, decoder_cosine, mas, norm_ratio, nrn
 from posttrain_probe.analysis.features import feature_activation_stats, feature_table, model_index, summary, write_table
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.interventions.feature_sets import CATEGORY_NAMES, write_feature_set
 
 
 def analyze_crosscoder(
@@ -27,13 +28,15 @@ def analyze_crosscoder(
     stats_tokens: int = 1_000_000,
     table_format: str = "parquet",
     p: float = 1,
+    crosscoder_path: str | None = None,
 ) -> dict[str, Any]:
-    """Per-feature table, summary and figures of a crosscoder against its ``base`` model.
+    """Per-feature table, summary, figures and NormRatio feature sets of a crosscoder against ``base``.
 
     ``source`` (optional, a paired activation source over the crosscoder's models) adds
     activation frequency, max activation and dead-by-frequency on up to ``stats_tokens`` tokens.
     Writes ``features.<table_format>``, ``summary.json``, ``nrn_histograms``, ``mas_distributions``
-    and ``norm_ratio_vs_cosine_<model>`` figures. Metrics use the decoder in normalised units.
+    and ``norm_ratio_vs_cosine_<model>`` figures, and ``feature_sets/<model>_<category>.json``
+    (paper S categories, for gradient blocking; ``crosscoder_path`` is recorded as provenance). Metrics use the decoder in normalised units.
     """
     from posttrain_probe.analysis.plots import plot_mas_distributions, plot_nrn_histograms, plot_norm_ratio_vs_cosine
 
@@ -58,12 +61,19 @@ def analyze_crosscoder(
     tuned = [(slot, name) for slot, name in enumerate(names) if slot != base_slot]
     figures = plot_nrn_histograms({name: nrn(W, base_slot, slot, p=p).cpu().numpy() for slot, name in tuned}, out / "nrn_histograms", title=f"NRN against {base}")
     figures += plot_mas_distributions(mas(W).cpu().numpy(), names, out / "mas_distributions")
+    feature_sets = []
     for slot, name in tuned:
         ratio = norm_ratio(W, base_slot, slot).cpu().numpy()
+        labels = categorize(ratio)
         figures += plot_norm_ratio_vs_cosine(
-            ratio, decoder_cosine(W, base_slot, slot).cpu().numpy(), list(categorize(ratio)), out / f"norm_ratio_vs_cosine_{name}"
+            ratio, decoder_cosine(W, base_slot, slot).cpu().numpy(), list(labels), out / f"norm_ratio_vs_cosine_{name}"
         )
-    result["files"] = {"table": str(table_path), "figures": [str(f) for f in figures]}
+        for category in CATEGORY_NAMES:  # inputs for gradient blocking (block_features: <file>)
+            feature_sets.append(write_feature_set(
+                out / "feature_sets" / f"{name}_{category}.json", [i for i, label in enumerate(labels) if label == category],
+                crosscoder=crosscoder_path, category=category, base=base, finetuned=name, metric="norm_ratio",
+            ))
+    result["files"] = {"table": str(table_path), "figures": [str(f) for f in figures], "feature_sets": [str(f) for f in feature_sets]}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     return result
 
