@@ -210,7 +210,7 @@ class ProbeRun:
                 model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None)},
                 dtype=args.probe_dtype,
                 source={"probe_fingerprint": self.run.manifest.get("probe_fingerprint"), "seq_len": args.probe_seq_len, "run": str(self.run.path)},
-                shard_tokens=1 << 30,  # one shard per rank: the probe set is small
+                shard_tokens=max(1, sum(int(b.attention_mask.sum()) for b in mine)),  # one shard per rank
                 rank=rank,
                 world_size=world,
             )

@@ -304,7 +304,7 @@ class ActivationStoreWriter:
             return
         if self._buffered + n > self._acts.shape[0]:
             # Grow geometrically up to one shard (+ this write); the buffer is then reused for every shard.
-            capacity = max(self._buffered + n, min(self.shard_tokens + n, 2 * self._acts.shape[0]))
+            capacity = max(self._buffered + n, min(self.shard_tokens + n, max(2 * self._acts.shape[0], 1 << 17)))
             grown = torch.empty(capacity, self._acts.shape[1], dtype=self._torch_dtype)
             grown[: self._buffered] = self._acts[: self._buffered]
             self._acts = grown
