@@ -92,6 +92,8 @@ class GradientBlocker:
         """The blocked residual stream for x [..., d]: same value (except ``ablate``), blocked gradient."""
         if x.shape[-1] != self.d_model:
             raise ProbeError(f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}")
+        if self.mode == "subspace" and self._basis is not None and self._basis.shape[1] == self.d_model:
+            return x.detach()  # the protected span is the whole space: exactly no gradient (Adam would amplify rounding)
         x_s = self.protected_component(x)
         if self.mode == "ablate":
             return x - x_s
