@@ -23,7 +23,8 @@ class BlockingArguments:
     block_crosscoder: str | None = field(default=None, metadata={"help": "Crosscoder (or SAE) directory whose features are protected."})
     block_features: str | None = field(default=None, metadata={"help": "shared, base-only, finetune-only (NormRatio category), a feature-set JSON, or indices 3,17,42."})
     block_model: str = field(default="base", metadata={"help": "Crosscoder branch (model name) whose encoder/decoder define the features."})
-    block_finetuned: str | None = field(default=None, metadata={"help": "Fine-tuned model the NormRatio category is computed against (default: the other model of a two-model crosscoder)."})
+    block_base: str = field(default="base", metadata={"help": "Base model of the NormRatio categories (categories are always base vs fine-tuned, whichever branch blocks)."})
+    block_finetuned: str | None = field(default=None, metadata={"help": "Fine-tuned model of the NormRatio categories (default: the other model of a two-model crosscoder)."})
     block_mode: str = field(default="sae", metadata={"help": "sae (paper formula), subspace (orthogonal projection) or ablate (forward ablation)."})
     block_layer: int | None = field(default=None, metadata={"help": "Site L (default: the crosscoder's layer)."})
 
@@ -42,7 +43,7 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
     from posttrain_probe.interventions.feature_sets import resolve_features
 
     crosscoder = load_crosscoder(args.block_crosscoder)
-    features = resolve_features(crosscoder, args.block_features, base=args.block_model, finetuned=args.block_finetuned)
+    features = resolve_features(crosscoder, args.block_features, base=args.block_base, finetuned=args.block_finetuned)
     return GradientBlocker(crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode)
 
 

@@ -57,6 +57,8 @@ class GradientBlocker:
             self._threshold = None
             if crosscoder.config.activation == "batchtopk":
                 self._threshold = float(crosscoder.threshold)
+                if self._threshold < 0:
+                    raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
                 self._score = crosscoder.decoder_norm_sum().detach().float().cpu()[index]
             self._basis = None
             if mode != "sae" and self.features:
@@ -93,11 +95,12 @@ class GradientBlocker:
         if x.shape[-1] != self.d_model:
             raise ProbeError(f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}")
         if self.mode == "subspace" and self._basis is not None and self._basis.shape[1] == self.d_model:
-            return x.detach()  # the protected span is the whole space: exactly no gradient (Adam would amplify rounding)
+            return x.detach() + x * 0  # the protected span is the whole space: exactly zero gradient (Adam amplifies rounding)
         x_s = self.protected_component(x)
         if self.mode == "ablate":
             return x - x_s
-        return x_s.detach() + (x - x_s)
+        # = sg(x_S) + (x - x_S), written so that the forward value is x bit for bit (any dtype).
+        return x + (x_s.detach() - x_s)
 
     # -- attaching ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> GradientBlocker:

@@ -39,8 +39,8 @@ def read_feature_set(path: str | os.PathLike) -> list[int]:
         raise ProbeError(f"cannot read feature set {path}: {err}") from err
     if isinstance(data, list):
         return [int(f) for f in data]
-    if not isinstance(data, dict) or data.get("format") != FEATURE_SET_FORMAT:
-        raise ProbeError(f"{path} is not a feature-set JSON (expected format {FEATURE_SET_FORMAT!r})")
+    if not isinstance(data, dict) or data.get("format") != FEATURE_SET_FORMAT or not isinstance(data.get("features"), list):
+        raise ProbeError(f"{path} is not a feature-set JSON (expected format {FEATURE_SET_FORMAT!r} with a 'features' list)")
     return [int(f) for f in data["features"]]
 
 
