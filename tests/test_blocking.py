@@ -658,6 +658,15 @@ def test_category_of_the_finetuned_branch_keeps_its_meaning(tmp_path):
     blocker = build_blocker(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="finetune-only", block_model="sft"))
     assert blocker.model_name == "sft"
     assert blocker.features == FT_ONLY, f"got {blocker.features}: the base-only features {BASE_ONLY}?"
+    # models named otherwise: the NormRatio base is named explicitly (block_base), the branch separately
+    other = categorised_crosscoder(("pre", "post"))
+    other.save_pretrained(tmp_path / "other")
+    args = dict(block_crosscoder=str(tmp_path / "other"), block_model="post")
+    assert build_blocker(BlockingArguments(**args, block_features="finetune-only", block_base="pre")).features == FT_ONLY
+    assert build_blocker(BlockingArguments(**args, block_features="base-only", block_base="pre", block_finetuned="post")).features == BASE_ONLY
+    assert build_blocker(BlockingArguments(**args, block_features="1,2")).features == [1, 2]  # no category: no base needed
+    with pytest.raises(ProbeError, match=r"'base'.*\['pre', 'post'\]"):
+        build_blocker(BlockingArguments(**args, block_features="shared"))
 
 
 def test_callback_needs_a_model_and_detaches_after_training(batch):
