@@ -42,7 +42,10 @@ class GradientBlocker:
         if crosscoder.config.layer is not None and layer is not None and layer != crosscoder.config.layer:
             raise ProbeError(f"the crosscoder was trained at layer {crosscoder.config.layer}, blocking asked for layer {layer}")
         n_features = crosscoder.config.n_features
-        self.features = sorted({int(f) for f in features})
+        try:
+            self.features = sorted({int(f) for f in features})
+        except (TypeError, ValueError) as err:
+            raise ProbeError(f"features must be integer indices, got {features!r}: use resolve_features() for categories, files or '3,17'") from err
         bad = [f for f in self.features if not 0 <= f < n_features]
         if bad:
             raise ProbeError(f"feature indices {bad[:10]} are out of range for a crosscoder of {n_features} features")
@@ -94,8 +97,11 @@ class GradientBlocker:
         """The blocked residual stream for x [..., d]: same value (except ``ablate``), blocked gradient."""
         if x.shape[-1] != self.d_model:
             raise ProbeError(f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}")
+        if not torch.is_grad_enabled() and self.mode != "ablate":
+            return x  # evaluation / generation: the value is x, there is no gradient to block
         if self.mode == "subspace" and self._basis is not None and self._basis.shape[1] == self.d_model:
-            return x.detach() + x * 0  # the protected span is the whole space: exactly zero gradient (Adam amplifies rounding)
+            # The protected span is the whole space: exactly zero gradient (Adam would amplify rounding).
+            return x.detach() + (x * 0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
         x_s = self.protected_component(x)
         if self.mode == "ablate":
             return x - x_s

@@ -58,7 +58,9 @@ def resolve_features(
     """
     n_features = crosscoder.config.n_features
     if isinstance(spec, (str, os.PathLike)):
-        text = str(spec)
+        text = str(spec).strip()
+        if not text:
+            raise ProbeError("the feature set is empty: give a category, a feature-set JSON or indices like 3,17,42")
         if text in CATEGORY_NAMES:
             features = _category(crosscoder, text, base, finetuned)
         elif Path(text).suffix == ".json" or Path(text).exists():
