@@ -12,12 +12,12 @@ hidden size, F = ``--features``; encoder bias set so that about ``--active`` of 
 per token), which is all the timing depends on: the sae mode costs two [tokens, d] x [d, |S|]
 matmuls forward and two backward (input gradient only: the blocker has no trainable weights),
 ~8*d*|S| FLOPs per token; the subspace mode the same with rank(span d_S) <= d columns instead
-of |S|.
+of |S| (and nothing but a zero gradient once the rank is d).
 
 Usage::
 
     python benchmarks/blocking_overhead.py                        # tiny Qwen3 (d 256, 4 layers), F 4096, CPU
-    python benchmarks/blocking_overhead.py --threads 1 --repeats 11
+    python benchmarks/blocking_overhead.py --repeats 11 --fractions 0.05,0.5,0.95
     python benchmarks/blocking_overhead.py --model qwen3-4b --device cuda --dtype bfloat16     # F 32768
     python benchmarks/blocking_overhead.py --model Qwen/Qwen2.5-0.5B --device cuda --dtype bfloat16 --batch 8 --seq-len 1024
 
@@ -35,8 +35,8 @@ of differencing two step times (on a shared CPU that noise is several %). Target
 step, judged on op/step (the measured overhead is printed beside it). On a tiny CPU model the
 blocker is a large part of the work (its cost grows with d*|S| per token, the model's with
 ~layers*d^2), so the target is about models of 0.5B+ parameters. CPU numbers are noisy when other
-processes share the cores; ``--threads 1`` is steadier there. A benchmark, not a test: it reports
-numbers and never fails on timing.
+processes share the cores (the tiny model runs on 1 thread by default, the steadiest setting).
+A benchmark, not a test: it reports numbers and never fails on timing.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 128 on cpu, 1024 on cuda)")
     p.add_argument("--steps", type=int, default=1, help="training steps per timed call")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per configuration; the median is reported")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 for the tiny model, else all cores)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant gradient checkpointing of the model")
     args = p.parse_args()
     gpu = torch.device(args.device).type == "cuda"
@@ -147,7 +147,9 @@ def timed(fns: dict, device: torch.device, repeats: int) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    # The tiny model's ops are too small for several threads: one is faster and much steadier when
+    # other processes share the cores (seen: 250 ms/step on 1 thread vs 700-1600 ms on 2 busy cores).
+    torch.set_num_threads(args.threads or (1 if args.model == "tiny" else os.cpu_count() or 1))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build_model(args, device, dtype)
     layer = default_layer(model) if args.layer is None else args.layer
