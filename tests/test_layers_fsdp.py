@@ -18,12 +18,8 @@ parameter is split between the two ranks. In each rank it checks that
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
+from _distributed import torchrun
 
 SCRIPT = r'''
 import functools, sys
@@ -193,26 +189,12 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
 def test_truncated_forward_through_sharded_fsdp(mode, tmp_path):
     script = tmp_path / "fsdp_script.py"
     script.write_text(SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(script), mode,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # torch.distributed.run sets them for the workers
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = torchrun(script, mode)
     output = result.stdout[-4000:] + result.stderr[-6000:]
     assert result.returncode == 0, output
     for rank in (0, 1):
