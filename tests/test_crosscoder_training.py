@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from _distributed import free_port
 import torch
 
 from posttrain_probe.activations import ActivationStoreWriter, PairedActivations
@@ -301,12 +301,6 @@ train_crosscoder(source, CrosscoderConfig(n_features=64), cfg, out, progress=Fal
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_data_parallel_matches_single_process(tmp_path):
     stores = tmp_path / "stores"
@@ -318,7 +312,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(script), str(stores), str(tmp_path / "ddp"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

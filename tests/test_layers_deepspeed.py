@@ -6,11 +6,11 @@ Each case runs in a subprocess: deepspeed.init_distributed installs a global pro
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from _distributed import free_port
 
 SCRIPT = r"""
 import os, sys
@@ -51,16 +51,11 @@ print("OK", losses)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_truncated_forward_through_deepspeed_engine(stage):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(stage)], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK" in result.stdout
