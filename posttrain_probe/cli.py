@@ -25,7 +25,9 @@ app = typer.Typer(
 store_app = typer.Typer(help="Inspect activation stores.", no_args_is_help=True)
 crosscoder_app = typer.Typer(help="Train and inspect N-model sparse crosscoders.", no_args_is_help=True)
 testing_app = typer.Typer(help="Offline tiny models and data (demo, tests).", no_args_is_help=True)
+features_app = typer.Typer(help="Find the features that matter: generalization-controlling (paper R) and Fisher reasoning features (paper S).", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(features_app, name="features")
 app.add_typer(crosscoder_app, name="crosscoder")
 app.add_typer(testing_app, name="testing")
 
@@ -330,3 +332,7 @@ def make_models(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+# Commands defined in their own modules register themselves on `app` / `features_app` when imported.
+from posttrain_probe import cli_eval, cli_fisher, cli_generalization  # noqa: E402,F401  (registration)
