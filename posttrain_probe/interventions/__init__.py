@@ -1,6 +1,30 @@
-"""Interventions on crosscoder features: gradient blocking during training (SPEC sec. 9)."""
+"""Interventions on crosscoder features: gradient blocking during training (SPEC sec. 9) and
+feature edits in the forward pass (SPEC sec. 7)."""
 
 from posttrain_probe.interventions.blocking import MODES, GradientBlocker
-from posttrain_probe.interventions.feature_sets import CATEGORY_NAMES, read_feature_set, resolve_features, write_feature_set
+from posttrain_probe.interventions.feature_sets import (
+    CATEGORY_NAMES,
+    FeatureSet,
+    crosscoder_fingerprint,
+    load_feature_set,
+    read_feature_set,
+    resolve_features,
+    write_feature_set,
+)
+from posttrain_probe.interventions.features import INTERVENTION_MODES, POSITIONS, FeatureIntervention, max_activations
 
-__all__ = ["CATEGORY_NAMES", "MODES", "GradientBlocker", "read_feature_set", "resolve_features", "write_feature_set"]
+__all__ = [
+    "CATEGORY_NAMES",
+    "INTERVENTION_MODES",
+    "MODES",
+    "POSITIONS",
+    "FeatureIntervention",
+    "FeatureSet",
+    "GradientBlocker",
+    "crosscoder_fingerprint",
+    "load_feature_set",
+    "max_activations",
+    "read_feature_set",
+    "resolve_features",
+    "write_feature_set",
+]
