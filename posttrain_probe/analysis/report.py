@@ -71,7 +71,7 @@ def analyze_crosscoder(
         for category in CATEGORY_NAMES:  # inputs for gradient blocking (block_features: <file>)
             feature_sets.append(write_feature_set(
                 out / "feature_sets" / f"{name}_{category}.json", [i for i, label in enumerate(labels) if label == category],
-                crosscoder=crosscoder_path, category=category, base=base, finetuned=name, metric="norm_ratio",
+                crosscoder=crosscoder, crosscoder_path=crosscoder_path, category=category, base=base, finetuned=name, metric="norm_ratio",
             ))
     result["files"] = {"table": str(table_path), "figures": [str(f) for f in figures], "feature_sets": [str(f) for f in feature_sets]}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
