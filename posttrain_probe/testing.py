@@ -42,6 +42,7 @@ __all__ = [
     "EOS_TOKEN",
     "IM_END_TOKEN",
     "IM_START_TOKEN",
+    "OPENTHOUGHTS_SYSTEM_PROMPT",
     "PAD_TOKEN",
     "SPECIAL_TOKEN_IDS",
     "SYNTHETIC_DATASETS",
@@ -49,6 +50,7 @@ __all__ = [
     "UNK_TOKEN",
     "arithmetic_dataset",
     "multiple_choice_dataset",
+    "openthoughts_dataset",
     "save_tiny_pair",
     "synthetic_dataset",
     "tiny_config",
@@ -643,6 +645,87 @@ def multiple_choice_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
     """
     _check_n_seed(n, seed)
     return _to_dataset(_mcq_rows(n, seed), "mcq")
+
+
+OPENTHOUGHTS_SYSTEM_PROMPT: str = (
+    "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking process "
+    "before providing the final precise and accurate solutions. Please structure your response into two main "
+    "sections: Thought and Solution. In the Thought section, detail your reasoning process using the specified "
+    "format: <|begin_of_thought|> {thought with steps separated with '\\n\\n'} <|end_of_thought|> In the Solution "
+    "section, present the final solution: <|begin_of_solution|> {final formatted, precise, and clear solution} "
+    "<|end_of_solution|> Now, try to solve the following question through the above guidelines:"
+)
+"""A shortened OpenThoughts-114k system prompt; like the real one it contains the segment tags."""
+
+_THOUGHT_OPENERS = ("Okay, let me work out {e}.", "Let me see, I need {e}.", "Hmm, the question asks for {e}.", "Alright, so we want {e}.")
+_THOUGHT_CHECKS = (
+    "Wait, let me check that again.",
+    "Hmm, maybe I should double check.",
+    "But perhaps I made a slip there.",
+    "Alternatively, I could redo it another way.",
+    "However, let me verify the order of operations.",
+)
+
+
+def _openthoughts_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        expr, steps, value = _arithmetic_problem(rng)
+        question = f"Return your final response within \\boxed{{}}. {rng.choice(_ARITH_QUESTIONS).format(e=expr)}"
+        checks = rng.sample(_THOUGHT_CHECKS, rng.randint(1, 3))
+        reasoning = "\n\n".join(
+            [rng.choice(_THOUGHT_OPENERS).format(e=expr), steps[0], *checks, steps[0], f"Therefore {steps[1][0].lower()}{steps[1][1:]}", f"So the result is {value}."]
+        )
+        solution = "\n".join([*steps, f"The answer is \\boxed{{{value}}}."])
+        reply = f"<|begin_of_thought|>\n\n{reasoning}\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n{solution}\n\n<|end_of_solution|>"
+        rows.append(
+            {
+                "system": OPENTHOUGHTS_SYSTEM_PROMPT,
+                "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": reply}],
+                "problem": question,
+                "deepseek_reasoning": reasoning,
+                "deepseek_solution": solution,
+                "final_answer": str(value),
+                "text": f"{question}\n{reply}",
+            }
+        )
+    return rows
+
+
+def openthoughts_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
+    """``n`` synthetic reasoning traces in the layout of ``open-thoughts/OpenThoughts-114k`` (deterministic for
+    ``seed``): arithmetic problems answered with a thought section full of reasoning words ("Wait", "Hmm", "let
+    me", "Therefore", ...) and a short solution.
+
+    Columns (one row per problem):
+
+    * ``system`` (str) -- :data:`OPENTHOUGHTS_SYSTEM_PROMPT` (it mentions the tags, as the real one does).
+    * ``conversations`` (list of ``{"from", "value"}``) -- user: the problem; assistant:
+      ``<|begin_of_thought|>\\n\\n{reasoning}\\n\\n<|end_of_thought|>\\n\\n<|begin_of_solution|>\\n\\n{solution}\\n\\n<|end_of_solution|>``
+      (the default config of OpenThoughts-114k has exactly ``system`` and ``conversations``).
+    * ``problem``, ``deepseek_reasoning``, ``deepseek_solution`` (str) -- the problem and the two segments
+      without tags (as the ``metadata`` config of OpenThoughts-114k has them).
+    * ``final_answer`` (str) -- the integer result.
+    * ``text`` (str) -- ``problem + "\\n" + assistant reply`` (tags included).
+    """
+    import datasets
+
+    _check_n_seed(n, seed)
+    rows = _openthoughts_rows(n, seed)
+    string = datasets.Value("string")
+    features = datasets.Features(
+        {
+            "system": string,
+            "conversations": [{"from": string, "value": string}],
+            "problem": string,
+            "deepseek_reasoning": string,
+            "deepseek_solution": string,
+            "final_answer": string,
+            "text": string,
+        }
+    )
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
 
 
 SYNTHETIC_DATASETS: dict[str, Callable[..., datasets.Dataset]] = {
