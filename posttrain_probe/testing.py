@@ -731,6 +731,7 @@ def openthoughts_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
 SYNTHETIC_DATASETS: dict[str, Callable[..., datasets.Dataset]] = {
     "arithmetic": arithmetic_dataset,
     "mcq": multiple_choice_dataset,
+    "openthoughts": openthoughts_dataset,
 }
 """Synthetic data sets by name: ``name -> f(n=64, seed=0) -> datasets.Dataset``."""
 

@@ -20,6 +20,7 @@ from posttrain_probe.testing import (
     TOKENIZER_VOCAB_SIZE,
     arithmetic_dataset,
     multiple_choice_dataset,
+    openthoughts_dataset,
     save_tiny_pair,
     synthetic_dataset,
     tiny_config,
@@ -335,7 +336,7 @@ def test_datasets_are_deterministic_for_a_seed(name):
 
 
 def test_synthetic_dataset_names():
-    assert SYNTHETIC_DATASETS == {"arithmetic": arithmetic_dataset, "mcq": multiple_choice_dataset}
+    assert SYNTHETIC_DATASETS == {"arithmetic": arithmetic_dataset, "mcq": multiple_choice_dataset, "openthoughts": openthoughts_dataset}
     with pytest.raises(ProbeError, match="'gsm8k'") as info:
         synthetic_dataset("gsm8k")
     assert "arithmetic" in str(info.value) and "mcq" in str(info.value)
