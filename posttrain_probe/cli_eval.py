@@ -1,3 +1,138 @@
-"""CLI commands registered on `posttrain_probe.cli.app` (imported at the end of cli.py)."""
+"""CLI commands registered on `posttrain_probe.cli.app` (imported at the end of cli.py):
+``lm-eval`` (lm-eval's own CLI with the ``probe-hf`` model and the shipped tasks) and
+``critical`` (generalization-critical samples G_t of two runs)."""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from posttrain_probe.cli import app, user_errors
+
+_LM_EVAL_HELP = """Run lm-eval's own command line with the `probe-hf` model registered and posttrain-probe's tasks on the include path.
+
+Every argument goes to lm-eval unchanged (`posttrain-probe lm-eval ARGS` = `lm-eval ARGS`): --tasks, --model_args,
+--include_path, --log_samples, --output_path, --limit, --samples, --apply_chat_template, subcommands `run` / `ls` / `validate`.
+`posttrain-probe lm-eval --help` shows lm-eval's help. The exit code is lm-eval's.
+
+\b
+--model probe-hf takes HFLM's model_args plus:
+  crosscoder=DIR          crosscoder (or SAE) directory; without it probe-hf is plain `hf`
+  features=F              feature-set JSON, category, or indices 3;17;42 (';' since ',' separates model_args)
+  mode=M                  zero (default) | set | scale | add | steer
+  value=V                 set: code value (default 3.0); scale: factor; add: delta; steer: x max activation (default 2.0)
+  model_name=NAME         crosscoder branch whose per-source code is edited
+  positions=P             all (default) | prompt | last_prompt
+  reference=DATASET       steer: corpus of the max activations (dataset spec as for `collect`)
+
+\b
+Offline tasks shipped with posttrain-probe: probe_mcq (multiple choice), probe_math (generate_until, boxed answer).
+
+\b
+Example:
+  posttrain-probe lm-eval --model probe-hf --tasks probe_mcq,arc_challenge --batch_size 8 --log_samples --output_path out/rl-zero \\
+      --model_args pretrained=runs/rl,crosscoder=runs/cc,features=runs/feats.json,mode=zero,model_name=rl
+"""
+
+
+def _with_include_path(args: Any) -> None:
+    """Put the shipped task folder on ``args.include_path`` (a list, which lm-eval's TaskManager
+    takes), keeping the user's ``--include_path`` (or the one of a ``--config`` YAML)."""
+    from posttrain_probe.eval import task_include_paths
+
+    user = getattr(args, "include_path", None)
+    if user is None and getattr(args, "config", None):
+        from lm_eval.config.evaluate_config import EvaluatorConfig
+
+        user = EvaluatorConfig.load_yaml_config(args.config).get("include_path")
+    args.include_path = task_include_paths(user)
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """Run lm-eval's CLI (the ``lm_eval`` console command: ``HarnessCLI`` parse + execute) on
+    ``argv`` with ``probe-hf`` registered and the shipped tasks discoverable; returns lm-eval's
+    exit code (0 on success, argparse's 2 on bad arguments). lm-eval's own exceptions propagate."""
+    from posttrain_probe.eval import PROBE_MODEL_NAME, register
+
+    register()
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]  # HarnessCLI reads sys.argv (it inserts `run` for the legacy form)
+    try:
+        parser = HarnessCLI()
+        try:
+            args = parser.parse_args()
+        except SystemExit as stop:  # --help, or bad arguments (argparse has printed why)
+            return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = saved
+    if hasattr(args, "include_path"):
+        _with_include_path(args)
+    if getattr(args, "model", None) == PROBE_MODEL_NAME and isinstance(getattr(args, "model_args", None), dict):
+        # Fail on bad intervention arguments now, not after indexing tasks and loading the model.
+        from posttrain_probe.eval.lm_eval_model import INTERVENTION_ARGS, check_intervention_args
+
+        check_intervention_args(**{k: v for k, v in args.model_args.items() if k in INTERVENTION_ARGS})
+    try:
+        parser.execute(args)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0
+
+
+@app.command(
+    "lm-eval",
+    help=_LM_EVAL_HELP,
+    short_help="lm-eval's CLI with the probe-hf model (feature interventions) and the offline tasks.",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+@user_errors
+def lm_eval_command(ctx: typer.Context) -> None:
+    argv = list(ctx.args)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        typer.echo(_LM_EVAL_HELP.replace("\b\n", ""))
+        typer.echo("lm-eval's help follows.\n")
+        if not argv:
+            argv = ["--help"]
+    code = run_lm_eval(argv)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def critical(
+    base_samples: Path = typer.Option(..., "--base-samples", help="lm-eval --output_path (or a subfolder / one samples_<task>_*.jsonl) of the base model's run with --log_samples."),
+    rl_samples: Path = typer.Option(..., "--rl-samples", help="The same for the RL (tuned) model's run, over the same tasks, documents and prompts."),
+    out: Path = typer.Option(Path("critical.json"), "--out", help="Output JSON (format posttrain-probe/critical-samples)."),
+    metric: str = typer.Option(None, "--metric", help="Metric deciding correctness (default: each task's primary metric, e.g. acc, exact_match)."),
+    filter_name: str = typer.Option(None, "--filter", help="lm-eval filter whose records are used (default: each task's first, e.g. none, strict-match)."),
+    samples_out: Path = typer.Option(None, "--samples-out", help="Also write {task: G_t doc ids} (tasks with |G_t| > 0) as JSON, for lm-eval's --samples FILE."),
+) -> None:
+    """Generalization-critical samples G_t (paper R): per task, the documents the base model gets wrong and the RL model right."""
+    from posttrain_probe.eval.critical import critical_samples
+
+    result = critical_samples(base_samples, rl_samples, metric=metric, filter_name=filter_name)
+    for task, entry in sorted(result.tasks.items()):
+        typer.echo(
+            f"{task}: |G_t| = {entry.n_critical} of {entry.n_docs} docs ({entry.metric}, filter {entry.filter}; "
+            f"base correct {entry.n_base_correct}, RL correct {entry.n_rl_correct})"
+        )
+        typer.echo(f"  base: {os.path.relpath(entry.base_file)}\n  RL:   {os.path.relpath(entry.rl_file)}")
+    if result.no_critical:
+        typer.echo(f"no critical samples (|G_t| = 0): {', '.join(result.no_critical)}")
+    if not result.doc_ids:
+        typer.echo("warning: no task has critical samples", err=True)
+    typer.echo(f"written to {result.write(out)}")
+    if samples_out is not None:
+        samples_out.parent.mkdir(parents=True, exist_ok=True)
+        samples_out.write_text(json.dumps(result.doc_ids))
+        typer.echo(f"G_t doc ids for lm-eval --samples: {samples_out}")

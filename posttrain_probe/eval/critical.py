@@ -1,0 +1,393 @@
+"""Generalization-critical samples (SPEC sec. 6, paper R sec. 3.2): per task t,
+G_t = the documents the base model answers wrong and the RL model answers right, from the
+per-sample logs of two lm-eval runs over the same documents and prompts.
+
+lm-eval writes one ``samples_<task>_<timestamp>.jsonl`` per task when run with
+``--log_samples --output_path OUT`` (under ``OUT/<model name>/``). Correctness of a document is
+the task's primary metric in its sample record (the first of its ``metrics``: ``acc`` for
+multiple choice, ``exact_match`` for generation, ...), > 0 meaning correct.
+
+File written by ``posttrain-probe critical`` (format ``posttrain-probe/critical-samples``, version 1)::
+
+    {"format": "posttrain-probe/critical-samples", "format_version": 1,
+     "base_samples": "<dir>", "rl_samples": "<dir>",
+     "tasks": {"<task>": {"metric": "acc", "filter": "none", "n_docs": 100, "n_base_correct": 31,
+                          "n_rl_correct": 52, "n_critical": 25, "doc_ids": [3, 7, ...],
+                          "prompts": {"3": "<the exact context string lm-eval fed the model>", ...},
+                          "request_type": "loglikelihood", "base_file": "...jsonl", "rl_file": "...jsonl"}},
+     "no_critical": ["<tasks with |G_t| = 0>"]}
+
+Every task of the runs is in ``tasks`` (with its counts, ``doc_ids`` empty when |G_t| = 0);
+``no_critical`` lists those with no critical sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from posttrain_probe.errors import ProbeError
+
+CRITICAL_FORMAT = "posttrain-probe/critical-samples"
+CRITICAL_FORMAT_VERSION = 1
+
+__all__ = [
+    "CRITICAL_FORMAT",
+    "CriticalSamples",
+    "TaskCritical",
+    "critical_from_records",
+    "critical_samples",
+    "find_sample_files",
+    "read_critical",
+    "read_sample_records",
+]
+
+
+@dataclasses.dataclass
+class TaskCritical:
+    """G_t of one task, with the counts behind it."""
+
+    metric: str
+    """Metric that decides correctness (value > 0 = correct)."""
+    filter: str
+    """lm-eval filter whose records were used (``none`` for tasks without a filter list)."""
+    n_docs: int
+    """Documents in both runs."""
+    n_base_correct: int
+    """Documents the base model answers right."""
+    n_rl_correct: int
+    """Documents the RL (tuned) model answers right."""
+    doc_ids: list[int]
+    """G_t: lm-eval doc ids (ascending) the base model gets wrong and the RL model right."""
+    prompts: dict[int, str]
+    """doc id -> the exact context string lm-eval fed the models (for the docs of G_t)."""
+    request_type: str = "loglikelihood"
+    """lm-eval request type of the task's documents: ``loglikelihood`` (multiple choice; lm-eval
+    moves trailing whitespace of the context to the continuation before tokenising),
+    ``generate_until`` (the context is the whole model input) or ``loglikelihood_rolling``."""
+    base_file: str | None = None
+    """Sample log of the base run this was read from (None for in-memory records)."""
+    rl_file: str | None = None
+    """Sample log of the RL run this was read from."""
+
+    @property
+    def n_critical(self) -> int:
+        """|G_t|."""
+        return len(self.doc_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The task's entry in the critical-samples JSON."""
+        return {
+            "metric": self.metric,
+            "filter": self.filter,
+            "n_docs": self.n_docs,
+            "n_base_correct": self.n_base_correct,
+            "n_rl_correct": self.n_rl_correct,
+            "n_critical": self.n_critical,
+            "doc_ids": list(self.doc_ids),
+            "prompts": {str(d): self.prompts[d] for d in self.doc_ids},
+            "request_type": self.request_type,
+            "base_file": self.base_file,
+            "rl_file": self.rl_file,
+        }
+
+
+@dataclasses.dataclass
+class CriticalSamples:
+    """G_t for every task of two runs (see the module docstring for the JSON form)."""
+
+    base_samples: str
+    """Where the base run's sample logs came from."""
+    rl_samples: str
+    """Where the RL run's sample logs came from."""
+    tasks: dict[str, TaskCritical]
+    """task -> its G_t (every task of the runs, also those with |G_t| = 0)."""
+
+    @property
+    def no_critical(self) -> list[str]:
+        """Tasks with no critical sample (|G_t| = 0), sorted."""
+        return sorted(t for t, c in self.tasks.items() if c.n_critical == 0)
+
+    @property
+    def doc_ids(self) -> dict[str, list[int]]:
+        """task -> G_t doc ids, for tasks with |G_t| > 0 (the ``samples=`` of
+        :func:`posttrain_probe.eval.runner.evaluate` and of lm-eval's ``--samples``)."""
+        return {t: list(c.doc_ids) for t, c in sorted(self.tasks.items()) if c.n_critical}
+
+    def to_json(self) -> dict[str, Any]:
+        """The critical-samples JSON object."""
+        return {
+            "format": CRITICAL_FORMAT,
+            "format_version": CRITICAL_FORMAT_VERSION,
+            "base_samples": self.base_samples,
+            "rl_samples": self.rl_samples,
+            "tasks": {t: c.to_json() for t, c in sorted(self.tasks.items())},
+            "no_critical": self.no_critical,
+        }
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the JSON to ``path`` (parent folders created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False))
+        tmp.replace(path)
+        return path
+
+
+def read_critical(path: str | os.PathLike) -> CriticalSamples:
+    """Load a critical-samples JSON written by :meth:`CriticalSamples.write` (format and version checked)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProbeError(f"cannot read critical samples {path}: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT:
+        raise ProbeError(f"{path} is not a critical-samples file (expected format {CRITICAL_FORMAT!r}, written by `posttrain-probe critical`)")
+    if data.get("format_version") != CRITICAL_FORMAT_VERSION:
+        raise ProbeError(f"{path}: critical-samples format_version {data.get('format_version')!r}, expected {CRITICAL_FORMAT_VERSION}")
+    tasks = {}
+    for task, entry in data["tasks"].items():
+        doc_ids = [int(d) for d in entry["doc_ids"]]
+        tasks[task] = TaskCritical(
+            metric=entry["metric"], filter=entry.get("filter", "none"), n_docs=int(entry["n_docs"]),
+            n_base_correct=int(entry["n_base_correct"]), n_rl_correct=int(entry["n_rl_correct"]), doc_ids=doc_ids,
+            prompts={int(d): p for d, p in entry["prompts"].items()}, request_type=entry.get("request_type", "loglikelihood"), base_file=entry.get("base_file"), rl_file=entry.get("rl_file"),
+        )
+        if tasks[task].n_critical != int(entry.get("n_critical", len(doc_ids))):
+            raise ProbeError(f"{path}: task {task!r} has n_critical {entry['n_critical']} but {len(doc_ids)} doc_ids")
+    return CriticalSamples(base_samples=data["base_samples"], rl_samples=data["rl_samples"], tasks=tasks)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading lm-eval sample logs
+# --------------------------------------------------------------------------------------------
+
+
+def _task_and_stamp(name: str) -> tuple[str, str] | None:
+    """``samples_<task>_<timestamp>.jsonl`` -> (task, timestamp); task names may contain '_'."""
+    if not (name.startswith("samples_") and name.endswith(".jsonl")):
+        return None
+    stem = name[len("samples_") : -len(".jsonl")]
+    task, sep, stamp = stem.rpartition("_")
+    if not sep or not task:
+        return None
+    return task, stamp
+
+
+def find_sample_files(path: str | os.PathLike) -> dict[str, Path]:
+    """task -> newest ``samples_<task>_<timestamp>.jsonl`` under ``path`` (searched recursively,
+    so lm-eval's ``--output_path`` or its model-named subfolder both work; a single sample file
+    is accepted too). Newest = latest timestamp in the name, then latest modification time."""
+    root = Path(path)
+    if not root.exists():
+        raise ProbeError(f"{path}: no such directory (expected lm-eval's --output_path of a run with --log_samples)")
+    files = [root] if root.is_file() else sorted(root.rglob("samples_*.jsonl"))
+    newest: dict[str, tuple[tuple[str, float], Path]] = {}
+    for file in files:
+        parsed = _task_and_stamp(file.name)
+        if parsed is None:
+            continue
+        task, stamp = parsed
+        key = (stamp, file.stat().st_mtime)
+        if task not in newest or key > newest[task][0]:
+            newest[task] = (key, file)
+    if not newest:
+        raise ProbeError(f"{path}: no lm-eval sample logs (samples_<task>_<timestamp>.jsonl); run lm-eval with --log_samples --output_path")
+    return {task: file for task, (_, file) in sorted(newest.items())}
+
+
+def read_sample_records(file: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-sample records of one lm-eval sample log (one JSON object per line)."""
+    records = []
+    with open(file, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ProbeError(f"{file}:{line_no}: not a JSON line ({err.msg})") from None
+    return records
+
+
+def _arguments(record: Mapping[str, Any]) -> list[list[Any]]:
+    """Request arguments of a record as ``[[context, continuation-or-gen_kwargs], ...]``: lm-eval
+    keeps tuples in memory and ``{"gen_args_i": {"arg_j": ...}}`` in the written logs."""
+    args = record.get("arguments")
+    if isinstance(args, Mapping):
+        ordered = sorted(args.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[-1]))
+        return [[a[k] for k in sorted(a, key=lambda k: int(k.rsplit("_", 1)[-1]))] for _, a in ordered]
+    if isinstance(args, (list, tuple)):
+        return [list(a) for a in args]
+    raise ProbeError(f"sample record of doc {record.get('doc_id')!r} has no request arguments")
+
+
+def _request_type(record: Mapping[str, Any]) -> str:
+    args = _arguments(record)[0]
+    if len(args) == 1:
+        return "loglikelihood_rolling"
+    return "generate_until" if isinstance(args[1], Mapping) else "loglikelihood"
+
+
+def _context(record: Mapping[str, Any]) -> str:
+    args = _arguments(record)
+    if not args or not isinstance(args[0][0], str):
+        raise ProbeError(f"sample record of doc {record.get('doc_id')!r}: expected a context string as its first argument")
+    return args[0][0]
+
+
+def _by_doc(task: str, records: Iterable[Mapping[str, Any]], filter_name: str | None, source: str) -> tuple[str, dict[int, Mapping[str, Any]]]:
+    """(filter used, doc id -> record) for one task of one run."""
+    records = list(records)
+    if not records:
+        raise ProbeError(f"{source}: task {task!r} has no sample records")
+    filters = list(dict.fromkeys(str(r.get("filter", "none")) for r in records))
+    chosen = filters[0] if filter_name is None else filter_name
+    if chosen not in filters:
+        raise ProbeError(f"{source}: task {task!r} has no records of filter {chosen!r} (filters: {', '.join(filters)})")
+    docs: dict[int, Mapping[str, Any]] = {}
+    for record in records:
+        if str(record.get("filter", "none")) != chosen:
+            continue
+        if "doc_id" not in record:
+            raise ProbeError(f"{source}: a sample record of task {task!r} has no doc_id (not an lm-eval sample log?)")
+        doc_id = int(record["doc_id"])
+        if doc_id in docs:
+            raise ProbeError(f"{source}: task {task!r} doc {doc_id} appears twice (two runs appended to one log?)")
+        docs[doc_id] = record
+    return chosen, docs
+
+
+def _metric(task: str, record: Mapping[str, Any], metric: str | None, source: str) -> str:
+    names = record.get("metrics") or []
+    name = metric if metric is not None else (names[0] if names else None)
+    if name is None or name not in record:
+        raise ProbeError(f"{source}: task {task!r} records have no metric {name!r} (metrics: {', '.join(map(str, names)) or 'none'})")
+    return name
+
+
+def _correct(record: Mapping[str, Any], metric: str) -> bool:
+    value = record[metric]
+    if isinstance(value, (list, tuple)):  # some metrics log per-request values
+        value = max(value) if value else 0
+    return float(value) > 0
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return repr(text if len(text) <= n else "..." + text[-n:])
+
+
+def _task_critical(
+    task: str,
+    base_records: Iterable[Mapping[str, Any]],
+    rl_records: Iterable[Mapping[str, Any]],
+    *,
+    metric: str | None,
+    filter_name: str | None,
+    base_source: str,
+    rl_source: str,
+) -> TaskCritical:
+    base_filter, base = _by_doc(task, base_records, filter_name, base_source)
+    rl_filter, rl = _by_doc(task, rl_records, filter_name, rl_source)
+    if base_filter != rl_filter:
+        raise ProbeError(f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter")
+    if set(base) != set(rl):
+        only_base = sorted(set(base) - set(rl))
+        only_rl = sorted(set(rl) - set(base))
+        raise ProbeError(
+            f"task {task!r}: the runs evaluated different documents (doc ids only in the base run: {only_base[:10]}, "
+            f"only in the RL run: {only_rl[:10]}); run both with the same --limit/--samples"
+        )
+    first = base[min(base)]
+    name = _metric(task, first, metric, base_source)
+    _metric(task, rl[min(rl)], name, rl_source)
+    doc_ids, prompts, n_base, n_rl = [], {}, 0, 0
+    for doc_id in sorted(base):
+        b, r = base[doc_id], rl[doc_id]
+        if b.get("doc_hash") is not None and r.get("doc_hash") is not None and b["doc_hash"] != r["doc_hash"]:
+            raise ProbeError(f"task {task!r} doc {doc_id}: the runs evaluated different documents under this id (doc_hash differs)")
+        b_args, r_args = _arguments(b), _arguments(r)
+        if b_args != r_args:
+            pair = next(((x, y) for x, y in zip(b_args, r_args) if x != y), (b_args, r_args))
+            raise ProbeError(
+                f"task {task!r} doc {doc_id}: the prompts differ between the runs (base: {_clip(str(pair[0]))}, "
+                f"RL: {_clip(str(pair[1]))}); run both with the same few-shot, chat-template and generation settings"
+            )
+        base_ok, rl_ok = _correct(b, name), _correct(r, name)
+        n_base += base_ok
+        n_rl += rl_ok
+        if rl_ok and not base_ok:
+            doc_ids.append(doc_id)
+            prompts[doc_id] = _context(b)
+    return TaskCritical(
+        metric=name, filter=base_filter, n_docs=len(base), n_base_correct=n_base, n_rl_correct=n_rl, doc_ids=doc_ids, prompts=prompts,
+        request_type=_request_type(first),
+    )
+
+
+def _check_same_tasks(base_tasks: Iterable[str], rl_tasks: Iterable[str], base_source: str, rl_source: str) -> list[str]:
+    base_tasks, rl_tasks = set(base_tasks), set(rl_tasks)
+    if base_tasks != rl_tasks:
+        raise ProbeError(
+            f"the runs have different tasks: only in {base_source}: {sorted(base_tasks - rl_tasks)}, "
+            f"only in {rl_source}: {sorted(rl_tasks - base_tasks)}"
+        )
+    return sorted(base_tasks)
+
+
+def critical_from_records(
+    base: Mapping[str, Iterable[Mapping[str, Any]]],
+    rl: Mapping[str, Iterable[Mapping[str, Any]]],
+    *,
+    metric: str | None = None,
+    filter_name: str | None = None,
+    base_source: str = "base run",
+    rl_source: str = "RL run",
+) -> CriticalSamples:
+    """G_t from per-sample records held in memory: ``{task: [record, ...]}`` for each run (the
+    ``"samples"`` of an lm-eval result, e.g. of :func:`posttrain_probe.eval.runner.evaluate`, or
+    records read from the logs). ``metric`` / ``filter_name`` override the task's primary metric /
+    first filter. Refuses runs whose tasks, doc ids or prompts differ (names the task and doc)."""
+    tasks = _check_same_tasks(base, rl, base_source, rl_source)
+    result = {
+        task: _task_critical(task, base[task], rl[task], metric=metric, filter_name=filter_name, base_source=base_source, rl_source=rl_source)
+        for task in tasks
+    }
+    return CriticalSamples(base_samples=base_source, rl_samples=rl_source, tasks=result)
+
+
+def critical_samples(
+    base_dir: str | os.PathLike,
+    rl_dir: str | os.PathLike,
+    *,
+    metric: str | None = None,
+    filter_name: str | None = None,
+) -> CriticalSamples:
+    """G_t per task from the lm-eval sample logs of a base run (``base_dir``) and an RL run
+    (``rl_dir``): each is lm-eval's ``--output_path`` (or a subfolder, or one sample file); the
+    newest ``samples_<task>_*.jsonl`` per task is used and recorded (``base_file``/``rl_file``).
+
+    Correct = the task's primary metric (first of the record's ``metrics``, or ``metric``) > 0, on
+    the records of the first filter (or ``filter_name``). Refuses runs whose tasks, doc ids or
+    prompts differ, naming the task and the doc. Tasks with |G_t| = 0 are kept and listed in
+    :attr:`CriticalSamples.no_critical`.
+    """
+    base_files = find_sample_files(base_dir)
+    rl_files = find_sample_files(rl_dir)
+    tasks = _check_same_tasks(base_files, rl_files, str(base_dir), str(rl_dir))
+    result = {}
+    for task in tasks:
+        b_file, r_file = base_files[task], rl_files[task]
+        if b_file.resolve() == r_file.resolve():
+            raise ProbeError(f"task {task!r}: --base-samples and --rl-samples resolve to the same file {b_file}")
+        entry = _task_critical(
+            task, read_sample_records(b_file), read_sample_records(r_file), metric=metric, filter_name=filter_name,
+            base_source=str(b_file), rl_source=str(r_file),
+        )
+        entry.base_file, entry.rl_file = str(b_file), str(r_file)
+        result[task] = entry
+    return CriticalSamples(base_samples=str(base_dir), rl_samples=str(rl_dir), tasks=result)
