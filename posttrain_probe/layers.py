@@ -189,17 +189,21 @@ def truncated_forward(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     layers: Sequence[int],
+    position_ids: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """Residual streams ``hidden_states[L]`` for every L in ``layers``, computing no block >= max(L).
 
-    ``input_ids``/``attention_mask`` are [B, T] on the model's device. Returns ``{L: [B, T, d]}``
-    in the model's dtype. Runs under no_grad without KV cache; the model's train/eval mode is left
-    as it is (callers choose it).
+    ``input_ids``/``attention_mask`` are [B, T] on the model's device. ``position_ids`` [B, T]
+    (optional) is passed to the model: give it for left-padded batches (HF models otherwise number
+    positions from the first column, pads included). Returns ``{L: [B, T, d]}`` in the model's
+    dtype. Runs under no_grad without KV cache; the model's train/eval mode is left as it is
+    (callers choose it).
     """
     already_in_forward = {id(unit) for unit, _ in sharded_units_in_forward(model)}
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     with residual_hooks(model, layers, stop=True) as captured:
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         except _StopForward:
             finish_aborted_forward(model, skip=already_in_forward)
     return {layer: captured[layer] for layer in sorted(captured)}

@@ -1,0 +1,189 @@
+"""Intervention effects on generalization-critical samples (SPEC sec. 7, paper R tables 2-5): deltas end to end
+on tiny models through real lm-eval runs (`posttrain-probe intervene` and the Python API), held-out flags,
+full-task accuracy, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from _critical_runs import critical_runs
+from typer.testing import CliRunner
+
+from posttrain_probe.analysis.generalization import generalization_features
+from posttrain_probe.analysis.intervention_effects import (
+    InterventionEffects,
+    format_effects_table,
+    intervention_delta,
+    intervention_effects,
+    paper_table,
+    resolve_role,
+)
+from posttrain_probe.cli import app
+from posttrain_probe.errors import ProbeError
+
+
+def test_intervention_delta_worked_values():
+    assert intervention_delta(3, 8, "rl") == -62.5  # 100 (3/8 - 1)
+    assert intervention_delta(8, 8, "rl") == 0.0
+    assert intervention_delta(2, 8, "base") == 25.0  # 100 (2/8 - 0)
+    assert intervention_delta(0, 3, "base") == 0.0
+    with pytest.raises(ProbeError, match="outside"):
+        intervention_delta(9, 8, "rl")
+    with pytest.raises(ProbeError, match="at least one critical sample"):
+        intervention_delta(0, 0, "rl")
+    with pytest.raises(ProbeError, match="role 'sft'"):
+        intervention_delta(1, 2, "sft")
+
+
+def test_role_from_provenance_or_option():
+    prov = {"base": "base", "rl": "rl"}
+    assert resolve_role("rl", None, prov) == "rl" and resolve_role("base", None, prov) == "base"
+    assert resolve_role("rl", "rl", prov) == "rl"
+    assert resolve_role("other", "base", {}) == "base"
+    with pytest.raises(ProbeError, match="contradicts"):
+        resolve_role("rl", "base", prov)
+    with pytest.raises(ProbeError, match="--role"):
+        resolve_role("sft", None, prov)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return critical_runs()
+
+
+@pytest.fixture(scope="module")
+def feature_set(runs, tmp_path_factory):
+    """S selected on probe_mcq only: probe_mcq_qa is then a held-out task."""
+    out = tmp_path_factory.mktemp("features")
+    result = generalization_features(str(runs.crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical,
+                                     base="base", rl="rl", tasks=["probe_mcq"])
+    assert result.intersection, "the feature set should not be empty"
+    return result.write(out)["feature_set"]
+
+
+def _check_multiples(effects: dict, critical: dict) -> None:
+    for row in effects["rows"]:
+        n = row["n_critical"]
+        if not n:
+            continue
+        assert n == critical["tasks"][row["task"]]["n_critical"]
+        steps = row["delta_pp"] * n / 100  # delta is a multiple of 100 / |G_t|
+        assert abs(steps - round(steps)) < 1e-9
+        assert row["delta_pp"] == 100 * (row["n_correct_after"] - (n if row["acc_before_nominal"] == 100 else 0)) / n
+
+
+def _loglikelihoods(result: dict, task: str) -> dict[int, list[float]]:
+    return {int(r["doc_id"]): [float(x[0]) for x in r["filtered_resps"]] for r in result["samples"][task]}
+
+
+@pytest.mark.slow
+def test_set_in_rl_model_cli(runs, feature_set, tmp_path):
+    """A strong set (17.5; the random crosscoder's features are weak) breaks the RL model on part of G_t."""
+    out = tmp_path / "set-rl"
+    result = CliRunner().invoke(app, [
+        "intervene", "--features", feature_set, "--crosscoder", str(runs.crosscoder), "--model", f"rl={runs.rl}",
+        "--mode", "set", "--value", "17.5", "--critical", str(runs.critical), "--include-path", str(runs.include_path),
+        "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    effects = json.loads((out / "effects.json").read_text())
+    critical = json.loads(runs.critical.read_text())
+    rows = {row["task"]: row for row in effects["rows"]}
+    assert list(rows) == ["probe_math", "probe_mcq", "probe_mcq_qa"]  # every task of critical.json
+    assert effects["settings"]["role"] == "rl"  # from the feature set's provenance: branch rl is its RL model
+    assert rows["probe_math"]["n_critical"] == 0 and rows["probe_math"]["delta_pp"] is None
+    assert effects["no_critical"] == ["probe_math"]
+    assert (rows["probe_mcq"]["held_out"], rows["probe_mcq_qa"]["held_out"]) == (False, True)
+    for task in ("probe_mcq", "probe_mcq_qa"):
+        row = rows[task]
+        assert row["acc_before_nominal"] == 100.0
+        assert row["n_correct_before"] == row["n_critical"]  # the un-intervened RL model is right on all of G_t
+        assert row["prompt_mismatches"] == 0
+        assert -100.0 <= row["delta_pp"] <= 0.0 and row["delta_measured_pp"] == row["delta_pp"]
+        assert len(row["flipped_docs"]) == row["n_critical"] - row["n_correct_after"]
+    _check_multiples(effects, critical)
+    assert any(rows[t]["delta_pp"] < 0 for t in ("probe_mcq", "probe_mcq_qa"))
+    with open(out / "effects.csv") as handle:
+        table = {r["task"]: r for r in csv.DictReader(handle)}
+    assert float(table["probe_mcq"]["delta_pp"]) == rows["probe_mcq"]["delta_pp"] and table["probe_mcq_qa"]["held_out"] == "True"
+    assert "probe_mcq_qa*" in result.output and "no critical samples" in result.output
+    assert (out / "lm_eval" / "before").is_dir() and (out / "lm_eval" / "after").is_dir()
+
+
+@pytest.mark.slow
+def test_set_in_base_model_full_task(runs, feature_set):
+    effects = intervention_effects(
+        feature_set, runs.crosscoder, {"base": str(runs.base)}, runs.critical, mode="set", value=3.0,
+        tasks=["probe_mcq_qa"], full_task=True, include_path=str(runs.include_path),
+    )
+    assert isinstance(effects, InterventionEffects)
+    critical = json.loads(runs.critical.read_text())
+    entry = critical["tasks"]["probe_mcq_qa"]
+    (row,) = effects.rows
+    assert row.task == "probe_mcq_qa" and row.held_out and effects.settings["role"] == "base"
+    assert row.acc_before_nominal == 0.0 and row.n_correct_before == 0  # the base model is wrong on all of G_t
+    assert 0.0 <= row.delta_pp <= 100.0
+    _check_multiples(effects.to_dict(), critical)
+    # full task: the same documents as the critical runs, so the un-intervened accuracy is the base run's
+    assert row.n_docs == entry["n_docs"]
+    assert row.full_acc_before == pytest.approx(100.0 * entry["n_base_correct"] / entry["n_docs"])
+    assert row.full_delta_pp == pytest.approx(row.full_acc_after - row.full_acc_before)
+    # set changes the model's log-likelihoods (no intervention = identity in the "before" run)
+    before, after = (_loglikelihoods(effects.runs[k], "probe_mcq_qa") for k in ("before", "after"))
+    assert before.keys() == after.keys() and any(before[d] != after[d] for d in before)
+    text = format_effects_table(effects)
+    assert "full before (%)" in text and "probe_mcq_qa" in text
+    assert paper_table(effects).splitlines()[2].startswith("| base (set) |")
+
+
+@pytest.mark.slow
+def test_bad_input(runs, feature_set, tmp_path):
+    from posttrain_probe.analysis.generalization import generalization_features as gf
+
+    other = gf(str(runs.other_crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical, base="base", rl="rl", tasks=["probe_mcq"])
+    other_set = other.write(tmp_path / "other")["feature_set"]
+    args = ["intervene", "--crosscoder", str(runs.crosscoder), "--critical", str(runs.critical), "--out", str(tmp_path / "x"), "--mode", "zero"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--features", other_set, "--model", f"rl={runs.rl}"])
+    assert result.exit_code == 2 and "was made for" in result.output  # a feature set of another crosscoder
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"grpo={runs.rl}"])
+    assert result.exit_code == 2 and "'grpo' is not in this crosscoder" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--role", "base"])
+    assert result.exit_code == 2 and "contradicts" in result.output
+    result = runner.invoke(app, [*args, "--features", "1,2,3", "--model", f"rl={runs.rl}"])
+    assert result.exit_code == 2 and "--role rl" in result.output  # indices carry no provenance
+    result = runner.invoke(app, [*args, "--features", "1,2,999", "--model", f"rl={runs.rl}", "--role", "rl"])
+    assert result.exit_code == 2 and "out of range" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--tasks", "probe_math"])
+    assert result.exit_code == 2 and "no task has generalization-critical samples" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--model", f"base={runs.base}"])
+    assert result.exit_code == 2 and "one model" in result.output
+    bad = [a if a != "zero" else "ablate" for a in args]
+    result = runner.invoke(app, [*bad, "--features", feature_set, "--model", f"rl={runs.rl}"])
+    assert result.exit_code == 2 and "'ablate' is not one of" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--positions", "last"])
+    assert result.exit_code == 2 and "'last' is not one of" in result.output
+    result = runner.invoke(app, [*args[:-1], "steer", "--features", feature_set, "--model", f"rl={runs.rl}"])
+    assert result.exit_code == 2 and "--reference" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--model-args", "dtype=float32,oops"])
+    assert result.exit_code == 2 and "'oops' is not key=value" in result.output
+    assert not (tmp_path / "x").exists()  # every refusal came before any lm-eval run
+
+
+@pytest.mark.slow
+def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
+    """Features given as indices (no provenance: the role is given)."""
+    from posttrain_probe.interventions.feature_sets import read_feature_set
+
+    indices = ",".join(str(i) for i in read_feature_set(feature_set))
+    effects = intervention_effects(indices, runs.crosscoder, ("rl", str(runs.rl)), runs.critical, mode="zero", role="rl",
+                                   tasks=["probe_mcq"], include_path=str(runs.include_path))
+    (row,) = effects.rows
+    assert not row.held_out and effects.settings["selection_tasks"] is None
+    assert row.acc_before_nominal == 100.0 and row.n_correct_before == row.n_critical
+    _check_multiples(effects.to_dict(), json.loads(runs.critical.read_text()))
+    before, after = (_loglikelihoods(effects.runs[k], "probe_mcq") for k in ("before", "after"))
+    assert sorted(before) == json.loads(runs.critical.read_text())["tasks"]["probe_mcq"]["doc_ids"]  # only G_t was evaluated
+    assert any(before[d] != after[d] for d in before)
