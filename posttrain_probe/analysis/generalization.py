@@ -310,7 +310,8 @@ def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
     """Read a critical-samples JSON (``posttrain-probe critical``; path or the parsed dict).
 
     Returns ``(tasks with |G_t| >= 1, tasks with |G_t| = 0, the raw dict)``. The lm-eval output
-    type of a task (which decides how its prompts are tokenised) is the entry's ``output_type`` if
+    type of a task (which decides how its prompts are tokenised) is the entry's ``request_type`` (written by
+    ``posttrain-probe critical``) or ``output_type`` if
     present, else read off the first record of the run's sample log (``base_file``: a request whose
     second argument is a dict of generation kwargs is ``generate_until``), else loglikelihood.
     """
@@ -327,7 +328,7 @@ def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         missing = [d for d in doc_ids if str(d) not in prompts]
         if missing:
             raise ProbeError(f"critical samples of task {name!r} lack the prompts of doc ids {missing[:10]}; expected a 'prompts' entry per doc id")
-        tasks[name] = CriticalTask(name, doc_ids, [prompts[str(d)] for d in doc_ids], entry.get("output_type") or _logged_output_type(entry.get("base_file")))
+        tasks[name] = CriticalTask(name, doc_ids, [prompts[str(d)] for d in doc_ids], entry.get("output_type") or entry.get("request_type") or _logged_output_type(entry.get("base_file")))
     return tasks, sorted(set(empty)), data
 
 

@@ -444,13 +444,13 @@ def _records(results: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
 def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str, doc_ids: Sequence[int] | None) -> dict[int, bool]:
     """doc id -> correct, scored exactly as ``posttrain-probe critical`` scores (the task's metric in
     critical.json > 0, on the records of its filter), for ``doc_ids`` (all documents if None)."""
-    from posttrain_probe.eval.critical import _by_doc, _correct
+    from posttrain_probe.eval.critical import is_correct, records_by_doc
 
-    _, docs = _by_doc(task, records, entry.get("filter"), "the lm-eval run")
+    _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     metric = entry.get("metric")
     if docs and metric not in next(iter(docs.values())):
         raise ProbeError(f"sample records of task {task!r} have no metric {metric!r} (the metric critical.json scored with)")
-    out = {doc: _correct(record, metric) for doc, record in docs.items()}
+    out = {doc: is_correct(record, metric) for doc, record in docs.items()}
     if doc_ids is None:
         return out
     missing = [d for d in doc_ids if d not in out]
@@ -461,7 +461,7 @@ def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, An
 
 def _prompts_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str) -> dict[int, str]:
     """doc id -> the context lm-eval fed the model (first request of the record)."""
-    from posttrain_probe.eval.critical import _by_doc, _context
+    from posttrain_probe.eval.critical import records_by_doc, record_context
 
-    _, docs = _by_doc(task, records, entry.get("filter"), "the lm-eval run")
-    return {doc: _context(record) for doc, record in docs.items()}
+    _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
+    return {doc: record_context(record) for doc, record in docs.items()}

@@ -233,14 +233,15 @@ def _request_type(record: Mapping[str, Any]) -> str:
     return "generate_until" if isinstance(args[1], Mapping) else "loglikelihood"
 
 
-def _context(record: Mapping[str, Any]) -> str:
+def record_context(record: Mapping[str, Any]) -> str:
+    """The context string lm-eval fed the model for this sample record (its first request's first argument)."""
     args = _arguments(record)
     if not args or not isinstance(args[0][0], str):
         raise ProbeError(f"sample record of doc {record.get('doc_id')!r}: expected a context string as its first argument")
     return args[0][0]
 
 
-def _by_doc(task: str, records: Iterable[Mapping[str, Any]], filter_name: str | None, source: str) -> tuple[str, dict[int, Mapping[str, Any]]]:
+def records_by_doc(task: str, records: Iterable[Mapping[str, Any]], filter_name: str | None, source: str) -> tuple[str, dict[int, Mapping[str, Any]]]:
     """(filter used, doc id -> record) for one task of one run."""
     records = list(records)
     if not records:
@@ -270,7 +271,8 @@ def _metric(task: str, record: Mapping[str, Any], metric: str | None, source: st
     return name
 
 
-def _correct(record: Mapping[str, Any], metric: str) -> bool:
+def is_correct(record: Mapping[str, Any], metric: str) -> bool:
+    """Whether a sample record counts as answered correctly: its ``metric`` value > 0 (max over per-request values)."""
     value = record[metric]
     if isinstance(value, (list, tuple)):  # some metrics log per-request values
         value = max(value) if value else 0
@@ -291,8 +293,8 @@ def _task_critical(
     base_source: str,
     rl_source: str,
 ) -> TaskCritical:
-    base_filter, base = _by_doc(task, base_records, filter_name, base_source)
-    rl_filter, rl = _by_doc(task, rl_records, filter_name, rl_source)
+    base_filter, base = records_by_doc(task, base_records, filter_name, base_source)
+    rl_filter, rl = records_by_doc(task, rl_records, filter_name, rl_source)
     if base_filter != rl_filter:
         raise ProbeError(f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter")
     if set(base) != set(rl):
@@ -317,12 +319,12 @@ def _task_critical(
                 f"task {task!r} doc {doc_id}: the prompts differ between the runs (base: {_clip(str(pair[0]))}, "
                 f"RL: {_clip(str(pair[1]))}); run both with the same few-shot, chat-template and generation settings"
             )
-        base_ok, rl_ok = _correct(b, name), _correct(r, name)
+        base_ok, rl_ok = is_correct(b, name), is_correct(r, name)
         n_base += base_ok
         n_rl += rl_ok
         if rl_ok and not base_ok:
             doc_ids.append(doc_id)
-            prompts[doc_id] = _context(b)
+            prompts[doc_id] = record_context(b)
     return TaskCritical(
         metric=name, filter=base_filter, n_docs=len(base), n_base_correct=n_base, n_rl_correct=n_rl, doc_ids=doc_ids, prompts=prompts,
         request_type=_request_type(first),
