@@ -1,5 +1,12 @@
 """The state the probe callbacks share during one ``trainer.train()``: schedule, run directory,
-probe-set token batches, and the two actions (HF snapshot, activation capture)."""
+probe-set token batches, and the two actions (HF snapshot, activation capture).
+
+:class:`ProbeRun` reaches its training loop only through a few members -- ``accelerator``
+(``process_index``, ``num_processes``, ``is_main_process``, ``wait_for_everyone()``), ``model``,
+``tokenizer``, ``train_dataset``, ``trainer_name``, ``base_model``, :meth:`ProbeRun.share` and
+:meth:`ProbeRun.save_snapshot` -- so the verl worker (``posttrain_probe.callbacks.verl.worker``)
+reuses everything else by overriding those.
+"""
 
 from __future__ import annotations
 
@@ -55,21 +62,57 @@ class ProbeRun:
         """The module to run probe forwards through: unwrapped for DDP, the sharded module under ZeRO-3/FSDP."""
         return self.trainer.model
 
+    @property
+    def train_dataset(self):
+        """The training data, sampled for the probe set when ``probe_dataset`` is not set."""
+        return self.trainer.train_dataset
+
+    @property
+    def trainer_name(self) -> str:
+        """Name of the training loop recorded in ``probe.json``."""
+        return type(self.trainer).__name__
+
+    @property
+    def base_model(self) -> str:
+        """Name or path of the model being trained, recorded in ``probe.json`` and the step-0 store."""
+        inner = unwrap_model(self.model)
+        return str(getattr(getattr(inner, "config", None), "_name_or_path", "") or type(inner).__name__)
+
+    def share(self, value):
+        """``value`` of the main process, returned on every process (a collective call)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
     def begin(self, state) -> None:
         """Resolve schedule, layers and probe set, and open (or continue) the run directory. Idempotent."""
         if self.started:
             return
         args = self.args
-        self.schedule = snapshot_schedule(args, state.max_steps)
+        run_dir = Path(args.probe_run_dir or os.path.join(self.trainer.args.output_dir, "probe"))
+        self.open(run_dir, snapshot_schedule(args, state.max_steps), resume_step=state.global_step)
+
+    def open(self, run_dir: str | os.PathLike, schedule: list[int], *, resume_step: int) -> None:
+        """Resolve layers and probe set, and open (or continue) ``run_dir`` for ``schedule``.
+
+        Collective: every process calls it; the main process checks and writes probe.json
+        (``resume_step`` as in :meth:`RunDirectory.open`), the others read it. Idempotent.
+        """
+        if self.started:
+            return
+        args = self.args
+        self.schedule = list(schedule)
         inner = unwrap_model(self.model)
         self.layers = sorted(set(args.probe_layers)) or [default_layer(inner)]
         for layer in self.layers:
             validate_layer(inner, layer)
-        run_dir = Path(args.probe_run_dir or os.path.join(self.trainer.args.output_dir, "probe"))
+        run_dir = Path(run_dir)
         identity = {
-            "base_model": str(getattr(getattr(inner, "config", None), "_name_or_path", "") or type(inner).__name__),
+            "base_model": self.base_model,
             "paradigm": self.paradigm,
-            "trainer": type(self.trainer).__name__,
+            "trainer": self.trainer_name,
             "layers": self.layers,
             "schedule": self.schedule,
             "probe_fingerprint": self.probe_fingerprint() if args.probe_stream_activations else None,
@@ -80,13 +123,10 @@ class ProbeRun:
         error = None
         if self.accelerator.is_main_process:  # one process checks and writes; the others follow
             try:
-                self.run.open(identity, resume_step=state.global_step)
+                self.run.open(identity, resume_step=resume_step)
             except ProbeError as err:
                 error = str(err)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            error = broadcast_object_list([error], from_process=0)[0]
+        error = self.share(error)
         if error is not None:
             raise ProbeError(error)
         if not self.accelerator.is_main_process:
@@ -102,7 +142,7 @@ class ProbeRun:
         if args.probe_dataset:
             data = load_dataset_spec(args.probe_dataset, split=args.probe_dataset_split)
         else:
-            data = self.trainer.train_dataset
+            data = self.train_dataset
             if data is None or not hasattr(data, "select") or not hasattr(data, "__len__"):
                 raise ProbeError("the training dataset cannot be sampled (streaming?): set probe_dataset to a dataset spec")
         if len(data) == 0:
