@@ -33,11 +33,7 @@ def features_generalization(
     """Generalization-controlling features (paper R sec. 3.2): Score_k^t at the last prompt token of G_t, S_t, their intersection and overlap."""
     from posttrain_probe.analysis.generalization import generalization_features, split_names
 
-    if not crosscoder.exists():
-        raise ProbeError(f"--crosscoder {crosscoder} does not exist")
-    if not critical.exists():
-        raise ProbeError(f"--critical {critical} does not exist")
-    models = parse_models(model)
+    models = _inputs(crosscoder, critical, model)
     result = generalization_features(
         str(crosscoder), models, critical, base=base, rl=rl, threshold=threshold, tasks=split_names(tasks) or None,
         normalize=overlap, add_bos_token=add_bos_token, batch_size=batch_size, padding_side=padding_side,
@@ -82,11 +78,7 @@ def intervene(
     from posttrain_probe.analysis.generalization import split_names
     from posttrain_probe.analysis.intervention_effects import format_effects_table, intervention_effects, paper_table
 
-    if not crosscoder.exists():
-        raise ProbeError(f"--crosscoder {crosscoder} does not exist")
-    if not critical.exists():
-        raise ProbeError(f"--critical {critical} does not exist")
-    models = parse_models(model)
+    models = _inputs(crosscoder, critical, model)
     if len(models) != 1:
         raise ProbeError(f"--model: intervene evaluates one model, got {len(models)} ({', '.join(models)})")
     extra = _parse_model_args(model_args)
@@ -103,6 +95,16 @@ def intervene(
     for note in effects.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"written: {files['json']}, {files['csv']}, {files['table']}")
+
+
+def _inputs(crosscoder: Path, critical: Path, model: list[str]) -> dict[str, str]:
+    """The inputs both commands share: ``--crosscoder`` and ``--critical`` must exist; returns the
+    ``--model NAME=PATH`` pairs as {name: path}."""
+    if not crosscoder.exists():
+        raise ProbeError(f"--crosscoder {crosscoder} does not exist")
+    if not critical.exists():
+        raise ProbeError(f"--critical {critical} does not exist")
+    return parse_models(model)
 
 
 def _parse_model_args(text: Optional[str]) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
+from posttrain_probe.interventions.feature_sets import write_feature_set
 
 LAYER = 2
 FEATURES = [1, 4, 9, 17, 30]
@@ -28,13 +29,22 @@ def save_random_crosscoder(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def model_dir(tiny_pair) -> Path:
+    """The tiny base Qwen3 of the session's ``tiny_pair`` (conftest.py)."""
+    return tiny_pair["base"]
+
+
+@pytest.fixture(scope="module")
+def cc_dir(tmp_path_factory) -> Path:
+    """A :func:`save_random_crosscoder` for the module."""
+    return save_random_crosscoder(tmp_path_factory.mktemp("cc"))
+
+
+@pytest.fixture(scope="module")
+def feature_file(cc_dir, tmp_path_factory) -> Path:
+    """A feature-set file of :data:`FEATURES` on ``cc_dir``, selected on probe_mcq."""
+    return write_feature_set(tmp_path_factory.mktemp("features") / "set.json", FEATURES, crosscoder=str(cc_dir), tasks=["probe_mcq"])
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -26,12 +26,13 @@ from transformers import (
 )
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from posttrain_probe.activations.store import ActivationStore
 from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks, snapshot_schedule
 from posttrain_probe.callbacks.probe_run import relative_drift
 from posttrain_probe.callbacks.run_dir import step_name
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
+
+from _probe_helpers import fresh_forward, read_store
 
 BOS, EOS = 1, 2
 LAYERS = [1, 2]
@@ -39,13 +40,7 @@ N_DOCS, SEQ_LEN = 8, 48
 SCHEDULE = [2, 4, 6, 8, 10]  # default fraction 0.2 of max_steps 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run several times faster on one thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,35 +99,6 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def manifest(run: Path) -> dict:
     return json.loads((run / "probe.json").read_text())
-
-
-def read_store(path: Path) -> tuple[ActivationStore, dict[str, torch.Tensor]]:
-    store = ActivationStore(path)
-    assert store.verify_all() == []
-    shards = [store.load_shard(i) for i in range(store.n_shards)]
-    return store, {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
-
-
-@torch.no_grad()
-def fresh_forward(model, batches, layers, *, autocast: bool = False) -> dict:
-    """Independent reference: full forwards with output_hidden_states, kept tokens selected by hand
-    (real tokens, not the first of the document, not BOS), in batch order."""
-    model.eval()
-    acts = {layer: [] for layer in layers}
-    token_ids, doc_ids, positions = [], [], []
-    for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
-        position = batch.attention_mask.cumsum(1) - 1
-        keep = batch.attention_mask.bool() & (position > 0) & (batch.input_ids != BOS)
-        for layer in layers:
-            acts[layer].append(hidden[layer][keep].float())
-        rows, _ = keep.nonzero(as_tuple=True)
-        token_ids.append(batch.input_ids[keep])
-        doc_ids.append(batch.doc_ids[rows])
-        positions.append(position[keep])
-    return {"acts": {layer: torch.cat(v) for layer, v in acts.items()}, "token_ids": torch.cat(token_ids),
-            "doc_ids": torch.cat(doc_ids), "positions": torch.cat(positions)}
 
 
 def load_snapshot(run: Path, step: int):

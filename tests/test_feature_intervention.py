@@ -39,13 +39,7 @@ S = [1, 4, 9, 17, 30, 47]
 PROMPTS = ["The quick brown fox jumps over", "Let us think", "A small model learns to add numbers"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run several times faster on one thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_crosscoder(*, seed=0, activation="relu", names=("base", "rl"), layer=LAYER, d=D, n_features=N_FEATURES) -> Crosscoder:

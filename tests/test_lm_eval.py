@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _eval_helpers import FEATURES, lm_eval_logging, one_thread, save_random_crosscoder  # noqa: F401  (fixtures)
+from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir, save_random_crosscoder  # noqa: F401  (fixtures)
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
@@ -24,20 +24,7 @@ from posttrain_probe.interventions.feature_sets import write_feature_set
 from posttrain_probe.interventions.features import FeatureIntervention
 from posttrain_probe.testing import arithmetic_dataset, multiple_choice_dataset
 
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_pair):
-    return tiny_pair["base"]
-
-
-@pytest.fixture(scope="module")
-def cc_dir(tmp_path_factory):
-    return save_random_crosscoder(tmp_path_factory.mktemp("cc"))
-
-
-@pytest.fixture(scope="module")
-def feature_file(cc_dir, tmp_path_factory):
-    return write_feature_set(tmp_path_factory.mktemp("features") / "set.json", FEATURES, crosscoder=str(cc_dir), tasks=["probe_mcq"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

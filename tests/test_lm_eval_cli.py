@@ -12,27 +12,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from _eval_helpers import FEATURES, lm_eval_logging, one_thread, save_random_crosscoder  # noqa: F401  (fixtures)
+from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir  # noqa: F401  (fixtures)
 from posttrain_probe.cli import app
 from posttrain_probe.eval.critical import find_sample_files, read_sample_records
-from posttrain_probe.interventions.feature_sets import write_feature_set
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_pair):
-    return tiny_pair["base"]
-
-
-@pytest.fixture(scope="module")
-def cc_dir(tmp_path_factory):
-    return save_random_crosscoder(tmp_path_factory.mktemp("cc"))
-
-
-@pytest.fixture(scope="module")
-def feature_file(cc_dir, tmp_path_factory):
-    return write_feature_set(tmp_path_factory.mktemp("features") / "set.json", FEATURES, crosscoder=str(cc_dir), tasks=["probe_mcq"])
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _lm_eval(args: list[str]):

@@ -33,13 +33,7 @@ ARITH_COLUMNS = {"question", "answer", "final_answer", "messages", "prompt", "te
 MCQ_COLUMNS = {"question", "choices", "label", "answer", "messages", "prompt", "text"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not collapse when test processes share cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

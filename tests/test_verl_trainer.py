@@ -31,14 +31,16 @@ import torch
 
 pytest.importorskip("verl")
 
-from posttrain_probe.activations.store import ActivationStore  # noqa: E402
 from posttrain_probe.data import load_dataset_spec, token_batches  # noqa: E402
 from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.slow
+from _probe_helpers import fresh_forward, read_store, trl_probe_run  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TESTS = Path(__file__).resolve().parent
 LAYERS = [1, 2]
-PROBE_OVERRIDES = ["probe.layers=[1,2]", "probe.n_docs=6", "probe.seq_len=48", "probe.batch_size=3", "probe.dtype=float32"]
+N_DOCS = 6
+PROBE_OVERRIDES = ["probe.layers=[1,2]", f"probe.n_docs={N_DOCS}", "probe.seq_len=48", "probe.batch_size=3", "probe.dtype=float32"]
 
 SCRIPT = r'''
 import json, os, sys
@@ -225,14 +227,6 @@ Path(out, "result.json").write_text(json.dumps(result, indent=1, default=str))
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny Qwen3 + tokenizer and a verl-style GRPO parquet (chat 'prompt', data_source, reward_model), 12 rows."""
@@ -263,13 +257,6 @@ def ran(setup) -> tuple[Path, dict]:
 
 def steps(manifest: dict, kind: str) -> list[int]:
     return [entry["step"] for entry in manifest[kind]]
-
-
-def read_store(path: Path) -> tuple[ActivationStore, dict[str, torch.Tensor]]:
-    store = ActivationStore(path)
-    assert store.complete and store.verify_all() == []
-    shards = [store.load_shard(i) for i in range(store.n_shards)]
-    return store, {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -349,29 +336,7 @@ def test_resume_continues_the_same_probe_directory(ran):
 @pytest.fixture(scope="module")
 def trl_store(setup) -> Path:
     """The TRL path (SFTTrainer + add_probe_callbacks) on the same model, probe set and layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks
-
-    out = setup["root"] / "trl"
-    config = SFTConfig(
-        output_dir=str(out), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=64, seed=0, disable_tqdm=True, bf16=False, dataloader_num_workers=0,
-    )  # fmt: skip
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32),
-        args=config,
-        train_dataset=arithmetic_dataset(8, seed=1).select_columns(["messages"]),
-        processing_class=AutoTokenizer.from_pretrained(setup["model"]),
-    )
-    args = ProbeArguments(
-        probe_dataset=str(setup["train"]), probe_column="prompt", probe_n_docs=6, probe_seq_len=48, probe_batch_size=3,
-        probe_layers=LAYERS, probe_dtype="float32", probe_save_snapshots=False,
-    )  # fmt: skip
-    add_probe_callbacks(trainer, args)
-    trainer.train()
-    return out / "probe"
+    return trl_probe_run(setup["model"], setup["train"], setup["root"] / "trl", layers=LAYERS, n_docs=N_DOCS)
 
 
 def test_on_ckpt_snapshots_every_verl_save_out_of_rotation(ran):
@@ -403,7 +368,6 @@ def test_on_ckpt_store_equals_the_trl_store(ran, trl_store):
             assert torch.equal(ours[key], theirs[key]), key
 
 
-@torch.no_grad()
 def test_on_ckpt_snapshot_reloads_and_reproduces_its_store(ran, setup):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -414,12 +378,7 @@ def test_on_ckpt_snapshot_reloads_and_reproduces_its_store(ran, setup):
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
     rows = json.loads((run / "probe.json").read_text())["probe"]["rows"]
     data = load_dataset_spec(str(setup["train"])).select(rows)
+    want = fresh_forward(model, token_batches(data, tokenizer, column="prompt", seq_len=48, batch_size=3), LAYERS)
     for layer in LAYERS:
         _, stored = read_store(run / "activations" / "step-000006" / f"layer{layer}")
-        expected = []
-        for batch in token_batches(data, tokenizer, column="prompt", seq_len=48, batch_size=3):
-            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[layer]
-            position = batch.attention_mask.cumsum(1) - 1
-            keep = batch.attention_mask.bool() & (position > 0) & (batch.input_ids != tokenizer.bos_token_id)
-            expected.append(hidden[keep])
-        torch.testing.assert_close(stored["acts"].float(), torch.cat(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stored["acts"].float(), want["acts"][layer], rtol=1e-5, atol=1e-5)

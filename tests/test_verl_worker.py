@@ -35,7 +35,9 @@ from posttrain_probe.data import load_dataset_spec, token_batches
 from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
 
 from _distributed import torchrun
+from _probe_helpers import fresh_forward, read_store, trl_probe_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS = Path(__file__).resolve().parent
 LAYERS = [1, 2]
 # What the probe trainer hands to probe_init: the probe.* config (dataset None: the training-data
@@ -155,14 +157,6 @@ with open(os.path.join(out, "result.json"), "w") as handle:
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny Qwen3 + tokenizer on disk and a verl-style parquet training file (chat 'prompt' column)."""
@@ -206,29 +200,7 @@ def ray_two(setup):
 @pytest.fixture(scope="module")
 def trl_run(setup):
     """The TRL path: SFTTrainer + add_probe_callbacks with the same model, probe set and layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks
-
-    out = setup["root"] / "trl"
-    config = SFTConfig(
-        output_dir=str(out), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=64, seed=0, disable_tqdm=True, bf16=False, dataloader_num_workers=0,
-    )  # fmt: skip
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32),
-        args=config,
-        train_dataset=arithmetic_dataset(8, seed=1).select_columns(["messages"]),
-        processing_class=AutoTokenizer.from_pretrained(setup["model"]),
-    )
-    args = ProbeArguments(
-        probe_dataset=str(setup["train"]), probe_column="prompt", probe_n_docs=8, probe_seq_len=48, probe_batch_size=3,
-        probe_layers=LAYERS, probe_dtype="float32", probe_save_snapshots=False,
-    )  # fmt: skip
-    add_probe_callbacks(trainer, args)
-    trainer.train()
-    return out / "probe"
+    return trl_probe_run(setup["model"], setup["train"], setup["root"] / "trl", layers=LAYERS, n_docs=PROBE["n_docs"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,38 +208,11 @@ def trl_run(setup):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_store(path: Path) -> tuple[ActivationStore, dict[str, torch.Tensor]]:
-    store = ActivationStore(path)
-    assert store.complete and store.verify_all() == []
-    shards = [store.load_shard(i) for i in range(store.n_shards)]
-    return store, {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
-
-
 def by_token(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The store's rows ordered by (document, position): stores written by different numbers of
     ranks hold the same tokens in another order (each rank's slice of the probe set in turn)."""
     order = torch.argsort(data["doc_ids"].long() * 100_000 + data["positions"].long())
     return {key: value[order] for key, value in data.items()}
-
-
-@torch.no_grad()
-def fresh_forward(model, batches, layers) -> dict:
-    """Independent reference: full forwards with output_hidden_states; kept tokens selected by hand
-    (real, not the first of the document, not BOS), in batch order."""
-    acts = {layer: [] for layer in layers}
-    token_ids, doc_ids, positions = [], [], []
-    for batch in batches:
-        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
-        position = batch.attention_mask.cumsum(1) - 1
-        keep = batch.attention_mask.bool() & (position > 0) & (batch.input_ids != 1)
-        for layer in layers:
-            acts[layer].append(hidden[layer][keep].float())
-        rows, _ = keep.nonzero(as_tuple=True)
-        token_ids.append(batch.input_ids[keep])
-        doc_ids.append(batch.doc_ids[rows])
-        positions.append(position[keep])
-    return {"acts": {layer: torch.cat(v) for layer, v in acts.items()}, "token_ids": torch.cat(token_ids),
-            "doc_ids": torch.cat(doc_ids), "positions": torch.cat(positions)}  # fmt: skip
 
 
 def reload_and_check(run: Path, step: int, train_file: Path) -> None:

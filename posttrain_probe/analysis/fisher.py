@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.analysis.reasonscore import ALPHA, REASON_TOKENS, WINDOW, ReasonScoreAccumulator, ReasonScoreResult, reasoning_token_groups
 from posttrain_probe.errors import ProbeError
 
@@ -627,16 +628,6 @@ def _auc(a: np.ndarray, b: np.ndarray) -> float:
     return float((ranks[: a.size].sum() - a.size * (a.size + 1) / 2) / (a.size * b.size))
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 @dataclass
 class FisherReport:
     """Everything :func:`fisher_features` found; :meth:`write` puts it on disk."""
@@ -773,7 +764,7 @@ class FisherReport:
             part = self.reasonscore.summary(k)
             overlap = len(set(part["top_features"]) & set(sel.features))
             out["reasonscore"] = {**part, "model": self.select_model, "overlap_with_fisher": overlap, "overlap_fraction": overlap / k if k else math.nan}
-        return _json_safe(out)
+        return json_safe(out)
 
     def write(self, out_dir: str | os.PathLike, *, table_format: str = "csv") -> dict[str, Any]:
         """Write the feature sets, tables, summary and figure into ``out_dir``; returns the file paths.

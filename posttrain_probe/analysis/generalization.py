@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
 
 DEFAULT_THRESHOLD = 0.2
@@ -445,7 +446,7 @@ class GeneralizationResult:
             }
             for t in self.tasks
         }
-        return _json_safe({
+        return json_safe({
             "format": RESULT_FORMAT,
             "format_version": 1,
             "settings": self.settings,
@@ -459,7 +460,7 @@ class GeneralizationResult:
 
     def provenance(self) -> dict[str, Any]:
         """Provenance written into the feature-set JSON of S."""
-        return _json_safe({
+        return json_safe({
             "method": "generalization features, paper R sec. 3.2 eq. 11 / SPEC sec. 6 (last prompt token, per-source codes)",
             **{k: v for k, v in self.settings.items() if k != "crosscoder"},
             "tasks": self.tasks,
@@ -520,18 +521,6 @@ class GeneralizationResult:
 
 def _safe_name(task: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in task) or "task"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
 
 
 def generalization_features(

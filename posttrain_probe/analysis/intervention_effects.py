@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
 
 ROLES = ("rl", "base")
@@ -153,7 +153,7 @@ class InterventionEffects:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: format, settings, one dict per row (with ``full_delta_pp``), notes."""
         rows = [{**asdict(row), "full_delta_pp": row.full_delta_pp} for row in self.rows]
-        return _json_safe({"format": RESULT_FORMAT, "format_version": 1, "settings": self.settings, "rows": rows,
+        return json_safe({"format": RESULT_FORMAT, "format_version": 1, "settings": self.settings, "rows": rows,
                            "no_critical": self.no_critical, "notes": self.notes})
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, str]:
@@ -173,16 +173,6 @@ class InterventionEffects:
                 writer.writerow(["" if row[c] is None else row[c] for c in columns])
         (out / "effects.md").write_text(format_effects_table(self) + "\n\n" + paper_table(self) + "\n")
         return files
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _pp(value: float | None, signed: bool = True) -> str:

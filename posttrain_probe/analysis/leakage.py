@@ -28,7 +28,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from torch import nn
 from posttrain_probe.activations.shuffle import ActivationSource
 from posttrain_probe.analysis.attribution import CATEGORIES, categorize, norm_ratio
 from posttrain_probe.analysis.dynamics import FeatureMatching, MatchQuality, match_features
+from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
 
 MATCHINGS = ("hungarian", "argmax")
@@ -376,18 +377,6 @@ class _TensorSource(ActivationSource):
 # -- the report ----------------------------------------------------------------------------------------
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
-
-
 @dataclass
 class LeakageReport:
     """Result of :func:`feature_leakage`: the activation shift of every feature, and optionally part 2."""
@@ -433,7 +422,7 @@ class LeakageReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, summary and the protected feature list, JSON-ready (NaN -> null)."""
-        return _json_safe({"format": "posttrain-probe/leakage", "format_version": 1, "settings": self.settings, **self.summary(), "protected_features": self.features})
+        return json_safe({"format": "posttrain-probe/leakage", "format_version": 1, "settings": self.settings, **self.summary(), "protected_features": self.features})
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Any]:
         """Write ``leakage.json``, ``features.csv`` (one row per feature) and ``leakage.png``/``.svg``; returns the paths."""
