@@ -17,18 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.fisher import (
-    SegmentFormat,
-    find_delimited,
-    fisher_importance_ratio,
-    magnitude_floor,
-    rho_statistic,
-    segment_batches,
-    select_fisher_features,
-    split_document,
-    token_segments,
-)
+from posttrain_probe.analysis.fisher import fisher_importance_ratio, magnitude_floor, rho_statistic, select_fisher_features
 from posttrain_probe.analysis.reasonscore import REASON_TOKENS, REASONING_WORDS, ReasonScoreAccumulator, reason_score, reasoning_token_groups
+from posttrain_probe.analysis.segments import SegmentFormat, find_delimited, segment_batches, split_document, token_segments
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
 from posttrain_probe.errors import ProbeError

@@ -40,6 +40,7 @@ from torch import nn
 
 from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.eval.critical import critical_json
 
 DEFAULT_THRESHOLD = 0.2
 """Paper R sec. 7: per task, features scoring at least 20% of the task's maximum score."""
@@ -308,7 +309,8 @@ class CriticalTask:
 
 
 def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, CriticalTask], list[str], dict[str, Any]]:
-    """Read a critical-samples JSON (``posttrain-probe critical``; path or the parsed dict).
+    """Read a critical-samples JSON (``posttrain-probe critical``; path or the parsed dict; header checked by
+    :func:`posttrain_probe.eval.critical.critical_json`).
 
     Returns ``(tasks with |G_t| >= 1, tasks with |G_t| = 0, the raw dict)``. The lm-eval output
     type of a task (which decides how its prompts are tokenised) is the entry's ``request_type`` (written by
@@ -316,7 +318,7 @@ def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
     present, else read off the first record of the run's sample log (``base_file``: a request whose
     second argument is a dict of generation kwargs is ``generate_until``), else loglikelihood.
     """
-    data = _read_critical(critical)
+    data = critical_json(critical)
     tasks: dict[str, CriticalTask] = {}
     empty: list[str] = [str(t) for t in data.get("no_critical", [])]
     for name, entry in data["tasks"].items():
@@ -345,21 +347,6 @@ def _logged_output_type(sample_file: str | None) -> str:
         return "generate_until" if isinstance(first.get("arg_1"), dict) else "loglikelihood"
     except (OSError, ValueError, KeyError, AttributeError, StopIteration, TypeError):
         return "loglikelihood"
-
-
-def _read_critical(critical) -> dict[str, Any]:
-    if isinstance(critical, Mapping):
-        data = dict(critical)
-    else:
-        try:
-            data = json.loads(Path(critical).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ProbeError(f"cannot read critical samples {critical}: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != "posttrain-probe/critical-samples" or not isinstance(data.get("tasks"), dict):
-        raise ProbeError(f"{critical if not isinstance(critical, Mapping) else 'the critical data'} is not a critical-samples JSON (expected format 'posttrain-probe/critical-samples' with a 'tasks' object; write it with `posttrain-probe critical`)")
-    if int(data.get("format_version", 1)) > 1:
-        raise ProbeError(f"critical-samples format_version {data['format_version']} is newer than this posttrain-probe reads (1); upgrade posttrain-probe")
-    return data
 
 
 def split_names(values: Sequence[str]) -> list[str]:

@@ -40,6 +40,7 @@ __all__ = [
     "CriticalSamples",
     "TaskCritical",
     "critical_from_records",
+    "critical_json",
     "critical_samples",
     "find_sample_files",
     "read_critical",
@@ -139,16 +140,31 @@ class CriticalSamples:
         return path
 
 
+def critical_json(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The critical-samples JSON object of a file (or of an already parsed dict), its header checked.
+
+    Checked: ``format`` is :data:`CRITICAL_FORMAT`, ``tasks`` is an object, ``format_version`` (1 when absent) is
+    :data:`CRITICAL_FORMAT_VERSION`. The task entries are returned as stored (:func:`read_critical` parses them).
+    """
+    if isinstance(source, Mapping):
+        data, name = dict(source), "the critical data"
+    else:
+        try:
+            data = json.loads(Path(source).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ProbeError(f"cannot read critical samples {source}: {err}") from err
+        name = str(source)
+    if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT or not isinstance(data.get("tasks"), dict):
+        raise ProbeError(f"{name} is not a critical-samples JSON (expected format {CRITICAL_FORMAT!r} with a 'tasks' object; write it with `posttrain-probe critical`)")
+    version = data.get("format_version", CRITICAL_FORMAT_VERSION)
+    if version != CRITICAL_FORMAT_VERSION:
+        raise ProbeError(f"{name}: critical-samples format_version {version!r}, this posttrain-probe reads {CRITICAL_FORMAT_VERSION} (write it again with `posttrain-probe critical`, or upgrade posttrain-probe)")
+    return data
+
+
 def read_critical(path: str | os.PathLike) -> CriticalSamples:
-    """Load a critical-samples JSON written by :meth:`CriticalSamples.write` (format and version checked)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ProbeError(f"cannot read critical samples {path}: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT:
-        raise ProbeError(f"{path} is not a critical-samples file (expected format {CRITICAL_FORMAT!r}, written by `posttrain-probe critical`)")
-    if data.get("format_version") != CRITICAL_FORMAT_VERSION:
-        raise ProbeError(f"{path}: critical-samples format_version {data.get('format_version')!r}, expected {CRITICAL_FORMAT_VERSION}")
+    """Load a critical-samples JSON written by :meth:`CriticalSamples.write` (header checked by :func:`critical_json`)."""
+    data = critical_json(path)
     tasks = {}
     for task, entry in data["tasks"].items():
         doc_ids = [int(d) for d in entry["doc_ids"]]
