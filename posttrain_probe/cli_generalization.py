@@ -55,7 +55,7 @@ def features_generalization(
 @user_errors
 def intervene(
     features: str = typer.Option(..., "--features", help="Feature set: a feature-set JSON (e.g. generalization_features.json) or indices 3,17,42."),
-    crosscoder: Path = typer.Option(..., "--crosscoder", help="Crosscoder directory the features belong to."),
+    crosscoder: Optional[Path] = typer.Option(None, "--crosscoder", help="Crosscoder directory the features belong to (default: the one the feature-set JSON records)."),
     model: list[str] = typer.Option(..., "--model", help="NAME=PATH: the evaluated model; NAME is its crosscoder branch (the intervention's model_name)."),
     mode: str = typer.Option(..., "--mode", help="zero | set | scale | add | steer (paper R: zero in the RL model, set 3.0 in the base model)."),
     critical: Path = typer.Option(..., "--critical", help="critical.json from `posttrain-probe critical` (G_t per task)."),
@@ -78,6 +78,8 @@ def intervene(
     from posttrain_probe.analysis.generalization import split_names
     from posttrain_probe.analysis.intervention_effects import format_effects_table, intervention_effects, paper_table
 
+    if crosscoder is None:
+        crosscoder = _recorded_crosscoder(features)
     models = _inputs(crosscoder, critical, model)
     if len(models) != 1:
         raise ProbeError(f"--model: intervene evaluates one model, got {len(models)} ({', '.join(models)})")
@@ -105,6 +107,20 @@ def _inputs(crosscoder: Path, critical: Path, model: list[str]) -> dict[str, str
     if not critical.exists():
         raise ProbeError(f"--critical {critical} does not exist")
     return parse_models(model)
+
+
+def _recorded_crosscoder(features: str) -> Path:
+    """The crosscoder directory a feature-set JSON records (``--crosscoder`` left out)."""
+    from posttrain_probe.interventions.feature_sets import load_feature_set
+
+    if not Path(features).is_file():
+        raise ProbeError(f"--features {features!r} is not a feature-set file: give --crosscoder DIR with feature indices")
+    recorded = load_feature_set(features).crosscoder
+    if not recorded:
+        raise ProbeError(f"the feature set {features} records no crosscoder: give --crosscoder DIR")
+    if not Path(recorded).exists():
+        raise ProbeError(f"the crosscoder {recorded} that {features} records does not exist here: give --crosscoder DIR")
+    return Path(recorded)
 
 
 def _parse_model_args(text: Optional[str]) -> dict:

@@ -80,10 +80,11 @@ def _loglikelihoods(result: dict, task: str) -> dict[int, list[float]]:
 
 @pytest.mark.slow
 def test_set_in_rl_model_cli(runs, feature_set, tmp_path):
-    """A strong set (17.5; the random crosscoder's features are weak) breaks the RL model on part of G_t."""
+    """A strong set (17.5; the random crosscoder's features are weak) breaks the RL model on part of G_t.
+    No --crosscoder: the one the feature set records is used."""
     out = tmp_path / "set-rl"
     result = CliRunner().invoke(app, [
-        "intervene", "--features", feature_set, "--crosscoder", str(runs.crosscoder), "--model", f"rl={runs.rl}",
+        "intervene", "--features", feature_set, "--model", f"rl={runs.rl}",
         "--mode", "set", "--value", "17.5", "--critical", str(runs.critical), "--include-path", str(runs.include_path),
         "--out", str(out),
     ])
@@ -169,6 +170,9 @@ def test_bad_input(runs, feature_set, tmp_path):
     assert result.exit_code == 2 and "--reference" in result.output
     result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--model-args", "dtype=float32,oops"])
     assert result.exit_code == 2 and "'oops' is not key=value" in result.output
+    no_cc = [a for a in args if a not in ("--crosscoder", str(runs.crosscoder))]
+    result = runner.invoke(app, [*no_cc, "--features", "1,2,3", "--model", f"rl={runs.rl}", "--role", "rl"])
+    assert result.exit_code == 2 and "give --crosscoder DIR" in result.output  # indices name no crosscoder
     assert not (tmp_path / "x").exists()  # every refusal came before any lm-eval run
 
 
