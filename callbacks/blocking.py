@@ -27,10 +27,18 @@ class BlockingArguments:
     block_finetuned: str | None = field(default=None, metadata={"help": "Fine-tuned model of the NormRatio categories (default: the other model of a two-model crosscoder)."})
     block_mode: str = field(default="sae", metadata={"help": "sae (paper formula), subspace (orthogonal projection) or ablate (forward ablation)."})
     block_layer: int | None = field(default=None, metadata={"help": "Site L (default: the crosscoder's layer)."})
+    block_encoder_bias: bool = field(default=True, metadata={"help": "sae mode: protect the per-source code with the encoder bias b_enc (SPEC default); false: paper S's ReLU(W_enc^T x) without it."})
+    block_norm_ratio_scale: str = field(default="all", metadata={"help": "NormRatio denominator of a category: all (max decoder norm over every model slot, SPEC default) or pair (over the two compared models, paper S); differs for crosscoders of more than 2 models."})
 
     def __post_init__(self) -> None:
+        from posttrain_probe.analysis.attribution import NORM_RATIO_SCALES
+
         if self.block_mode not in MODES:
             raise ProbeError(f"block_mode {self.block_mode!r} is not one of {MODES}")
+        if self.block_norm_ratio_scale not in NORM_RATIO_SCALES:
+            raise ProbeError(f"block_norm_ratio_scale {self.block_norm_ratio_scale!r} is not one of {NORM_RATIO_SCALES}")
+        if not self.block_encoder_bias and self.block_mode != "sae":
+            raise ProbeError(f"block_encoder_bias=false changes the code of block_mode 'sae' only, not {self.block_mode!r}")
         if (self.block_crosscoder is None) != (self.block_features is None):
             raise ProbeError("gradient blocking needs both block_crosscoder and block_features")
 
@@ -43,8 +51,12 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
     from posttrain_probe.interventions.feature_sets import resolve_features
 
     crosscoder = load_crosscoder(args.block_crosscoder)
-    features = resolve_features(crosscoder, args.block_features, base=args.block_base, finetuned=args.block_finetuned)
-    return GradientBlocker(crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode)
+    features = resolve_features(
+        crosscoder, args.block_features, base=args.block_base, finetuned=args.block_finetuned, norm_ratio_scale=args.block_norm_ratio_scale
+    )
+    return GradientBlocker(
+        crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode, encoder_bias=args.block_encoder_bias
+    )
 
 
 class GradientBlockingCallback(TrainerCallback):

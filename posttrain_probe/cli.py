@@ -226,6 +226,8 @@ def analyze(
     stats_tokens: int = typer.Option(1_000_000, "--stats-tokens", help="Tokens read from --acts for the activation statistics."),
     table_format: str = typer.Option("parquet", "--format", help="Feature table format: parquet or csv."),
     p: float = typer.Option(1.0, "--p", help="Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."),
+    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator: all (max decoder norm over every model slot, SPEC) or pair (over the two compared models, paper S)."),
+    duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="Latents whose whole decoders have at least this cosine are duplicates: grouped, counted once in the *_dedup counts."),
 ) -> None:
     """Attribute crosscoder features to models: NRN, MAS, NormRatio, decoder cosine, categories, figures."""
     from posttrain_probe.analysis.report import analyze_crosscoder
@@ -234,9 +236,14 @@ def analyze(
 
     cc = load_crosscoder(crosscoder)
     source = open_source(acts=acts, layer=cc.config.layer, model_names=cc.model_names) if acts else None
-    result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p, crosscoder_path=str(crosscoder))
+    result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p,
+                                crosscoder_path=str(crosscoder), duplicate_cosine=duplicate_cosine, norm_ratio_scale=norm_ratio_scale)
     for name, counts in result["models"].items():
-        typer.echo(f"{name} vs {base}: {counts['categories']} NRN tails {counts['nrn_tails']}")
+        typer.echo(f"{name} vs {base}: {counts['categories']} NRN tails {counts['nrn_tails']}; deduplicated {counts['categories_dedup']}")
+    if result["liveness"] == "unknown":
+        typer.secho("note: liveness unknown (no --acts, no training state): latents that never fire are counted as live; pass --acts", fg=typer.colors.YELLOW, err=True)
+    else:
+        typer.echo(f"liveness from {result['liveness']}: {result['n_dead']} of {result['n_features']} latents dead; {result['n_duplicate_groups']} distinct after grouping duplicates")
     typer.echo(f"table: {result['files']['table']}; summary: {out / 'summary.json'}; {len(result['files']['figures'])} figure files; feature sets in {out / 'feature_sets'}")
 
 
@@ -248,19 +255,29 @@ def dynamics(
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="Checkpoint model names in order (multi-model crosscoder; default: all but --base)."),
     k: int = typer.Option(50, "--k", help="Size of the top-NRN feature sets."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
+    norm_floor: float = typer.Option(0.01, "--norm-floor", help="A score is undefined where both compared decoder norms are below this fraction of the crosscoder's largest one."),
+    min_cosine: float = typer.Option(0.7, "--min-cosine", help="Per-checkpoint crosscoders: whole-decoder cosine below which a latent stays unmatched."),
+    tie_atol: float = typer.Option(1e-6, "--tie-atol", help="Scores within this distance of the k-th score tie with it (reported; an undetermined top-k is flagged)."),
 ) -> None:
     """Checkpoint dynamics: top-k NRN overlap matrix and rank shifts between consecutive checkpoints."""
     from posttrain_probe.analysis.report import checkpoint_dynamics
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.crosscoder.inspect import load_crosscoder, training_liveness
 
     models = [load_crosscoder(path) for path in crosscoder]
+    lives = [training_liveness(path) for path in crosscoder]
+    options = dict(base=base, k=k, out_dir=out, norm_floor=norm_floor, min_cosine=min_cosine, tie_atol=tie_atol)
     if len(models) == 1:
-        result = checkpoint_dynamics(models[0], base=base, checkpoints=checkpoint or None, k=k, out_dir=out)
+        result = checkpoint_dynamics(models[0], checkpoints=checkpoint or None, live=lives[0], **options)
     else:
-        result = checkpoint_dynamics(crosscoders=models, base=base, labels=checkpoint or None, k=k, out_dir=out)
+        result = checkpoint_dynamics(crosscoders=models, labels=checkpoint or None, live=lives, **options)
     typer.echo(f"mean top-{k} overlap of consecutive checkpoints: {result['mean_adjacent_overlap']:.3f}; blanks {result['blanks']}")
     if result["matching"]:
-        typer.echo(f"feature matching quality: {result['matching']}")
+        for label, quality in result["matching"].items():
+            if quality is not None:
+                typer.echo(f"matching {label}: {quality['n_matched']} matched (median cosine {quality['median']:.3f}), {quality['n_unmatched']} unmatched below {min_cosine}")
+    for label in result["undetermined_top_k"]:
+        tie = result["ties"][label]
+        typer.secho(f"warning: top-{k} of {label} is not determined by the scores: {tie['n_tied']} latents tie at {tie['kth_score']:.6g}, {tie['n_tied_in_top']} of them inside", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"written to {out}")
 
 
@@ -287,6 +304,7 @@ def leakage(
     blocked_crosscoder: Optional[Path] = typer.Option(None, "--blocked-crosscoder", help="Instead of --train-crosscoder: an already trained base-vs-blocked crosscoder."),
     n_features: Optional[int] = typer.Option(None, "--n-features", help="--train-crosscoder: dictionary size (default: the blocking crosscoder's)."),
     matching: str = typer.Option("hungarian", "--matching", help="Protected -> new crosscoder features by base-decoder cosine: hungarian (one-to-one) or argmax (large sets)."),
+    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator of a category --features and of the base-vs-blocked bands: all (max over every model slot, SPEC) or pair (the two compared models, paper S)."),
     training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
 ) -> None:
     """After blocked training: how much the protected features still moved (relative activation change vs unprotected features; optionally NormRatio of a base-vs-blocked crosscoder)."""
@@ -300,7 +318,7 @@ def leakage(
         crosscoder, base, blocked, dataset, features, model_name=model_name, finetuned=finetuned, layer=layer,
         max_tokens=max_tokens or None, seq_len=seq_len, forward_batch_size=forward_batch_size, split=split, column=column,
         device=device, train_crosscoder=train_crosscoder, crosscoder_out=out / "crosscoder", n_features=n_features,
-        training_config=training, blocked_crosscoder=blocked_crosscoder, matching=matching, progress=True,
+        training_config=training, blocked_crosscoder=blocked_crosscoder, matching=matching, norm_ratio_scale=norm_ratio_scale, progress=True,
     )
     files = report.write(out)
     summary = report.summary()
@@ -335,4 +353,4 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 # Commands defined in their own modules register themselves on `app` / `features_app` when imported.
-from posttrain_probe import cli_eval, cli_fisher, cli_generalization  # noqa: E402,F401  (registration)
+from posttrain_probe import cli_crosscoder_calibrate, cli_eval, cli_fisher, cli_generalization  # noqa: E402,F401  (registration)

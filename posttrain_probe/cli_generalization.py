@@ -29,6 +29,7 @@ def features_generalization(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per truncated forward."),
     device: Optional[str] = typer.Option(None, "--device", help="Device of the models (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    split_half: Optional[int] = typer.Option(None, "--split-half", metavar="SEED", help="Select on one half of each task's G_t (seeded split); the held-out half's doc ids go into the feature set, and intervene evaluates on them only."),
 ) -> None:
     """Generalization-controlling features (paper R sec. 3.2): Score_k^t at the last prompt token of G_t, S_t, their intersection and overlap."""
     from posttrain_probe.analysis.generalization import generalization_features, split_names
@@ -37,12 +38,14 @@ def features_generalization(
     result = generalization_features(
         str(crosscoder), models, critical, base=base, rl=rl, threshold=threshold, tasks=split_names(tasks) or None,
         normalize=overlap, add_bos_token=add_bos_token, batch_size=batch_size, padding_side=padding_side,
-        model_dtype=dtype, device=device, progress=True,
+        model_dtype=dtype, device=device, progress=True, split_half=split_half,
     )
     files = result.write(out)
     tops = result.max_scores
+    split = result.settings.get("split_half")
     for task in result.tasks:
-        typer.echo(f"{task}: |G_t| = {result.n_critical[task]}, max score {tops[task]:.4g}, |S_t| = {len(result.sets[task])}")
+        size = f"{result.n_critical[task]} (selection half; {len(split['held_out_doc_ids'][task])} held out)" if split else result.n_critical[task]
+        typer.echo(f"{task}: |G_t| = {size}, max score {tops[task]:.4g}, |S_t| = {len(result.sets[task])}")
     for task in result.skipped:
         typer.echo(f"{task}: no generalization-critical samples, skipped")
     typer.echo(f"|S| = {len(result.intersection)} (intersection over {', '.join(result.tasks)})")
@@ -68,15 +71,19 @@ def intervene(
     full_task: bool = typer.Option(False, "--full-task", help="Also evaluate the whole tasks before and after (accuracy in %)."),
     include_path: list[str] = typer.Option([], "--include-path", help="lm-eval task folder(s) besides the shipped ones (as lm-eval's --include_path)."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra lm-eval HF model_args for both runs, k=v,k=v (use those of the critical runs, e.g. dtype=bfloat16)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="steer: reference corpus for the max activations (dataset spec)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference corpus (dataset spec): steer's max activations and the controls' firing rates (controls default: the G_t prompts)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="As lm-eval's --apply_chat_template (if the critical runs used it)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="As lm-eval's --num_fewshot (if the critical runs set it)."),
     batch_size: str = typer.Option("8", "--batch-size", help="lm-eval batch size (an int or auto)."),
     device: str = typer.Option("cpu", "--device", help="lm-eval device (cpu, cuda, cuda:0)."),
+    controls: int = typer.Option(5, "--controls", metavar="N", help="Frequency-matched random feature sets of the same size, one per seed, each evaluated like the selected set (0: none)."),
+    control_seed: int = typer.Option(0, "--control-seed", help="First control seed (seeds SEED .. SEED+N-1): the same seed draws the same sets."),
+    control_bins: int = typer.Option(10, "--control-bins", help="Equal-count firing-rate bins of the live features for the matching (fewer are used, with a note, if a bin runs short)."),
+    per_feature: bool = typer.Option(False, "--per-feature", help="Also intervene on each feature alone: one row per task and feature (one lm-eval run per feature)."),
 ) -> None:
-    """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5)."""
+    """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
     from posttrain_probe.analysis.generalization import split_names
-    from posttrain_probe.analysis.intervention_effects import format_effects_table, intervention_effects, paper_table
+    from posttrain_probe.analysis.intervention_effects import control_summary_lines, format_effects_table, intervention_effects, paper_table
 
     if crosscoder is None:
         crosscoder = _recorded_crosscoder(features)
@@ -89,11 +96,14 @@ def intervene(
         tasks=split_names(tasks) or None, held_out_tasks=split_names(held_out_tasks), full_task=full_task,
         include_path=include_path or None, model_args=extra, reference=reference, apply_chat_template=apply_chat_template,
         num_fewshot=num_fewshot, batch_size=int(batch_size) if batch_size.isdigit() else batch_size, device=device, output_path=out / "lm_eval",
+        control_seeds=controls, control_seed=control_seed, control_bins=control_bins, per_feature=per_feature,
     )
     files = effects.write(out)
     typer.echo(format_effects_table(effects))
     typer.echo("")
     typer.echo(paper_table(effects))
+    for line in control_summary_lines(effects):
+        typer.echo(line)
     for note in effects.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"written: {files['json']}, {files['csv']}, {files['table']}")

@@ -243,6 +243,7 @@ def test_feature_table_columns_and_values():
         *[f"{kind}_{m}" for m in NAMES for kind in ("norm", "mas")],
         "mas_dominant",
         "dead",
+        "duplicate_group",
     ]
     assert table.num_rows == 7 and table.column("feature").to_pylist() == list(range(7))
     np.testing.assert_allclose(table.column("nrn_sft").to_numpy(), nrn(W, 0, 1).numpy(), equal_nan=True)
@@ -303,7 +304,9 @@ def test_summary_counts_exclude_dead():
     table = feature_table(stand_in_crosscoder(W, NAMES), base="base")
     result = summary(table, base="base", model_names=NAMES)
     json.dumps(result)  # JSON-ready
-    assert result["n_features"] == 7 and result["n_dead"] == 1 and result["base"] == "base"
+    # Without activations liveness is unknown: only the zero decoder is known dead, n_dead is not claimed.
+    assert result["n_features"] == 7 and result["liveness"] == "unknown" and result["base"] == "base"
+    assert result["n_dead"] is None and result["n_zero_decoder"] == 1
 
     sft = result["models"]["sft"]
     scores = [0.5, 0.0, 1.0, 0.6 / 1.1, 0.9 / 1.1]  # features 0, 1, 2, 3, 5 (4 dead, 6 undefined)
@@ -319,7 +322,7 @@ def test_summary_counts_exclude_dead():
     assert rl["nrn_tails"] == {"nrn>0.7": 2, "nrn<0.3": 0, "nrn>0.9": 2, "nrn<0.1": 0}
     assert rl["nrn_median"] == pytest.approx(0.5)
     assert result["mas_dominant"] == {"base": 2, "sft": 3, "rl": 1}
-    assert sum(result["mas_dominant"].values()) == 7 - result["n_dead"]
+    assert sum(result["mas_dominant"].values()) == 7 - result["n_zero_decoder"]
 
     # A feature dead by frequency only drops out of the counts too.
     stats = FeatureStats(
@@ -327,14 +330,14 @@ def test_summary_counts_exclude_dead():
         max_activation=torch.ones(7),
         n_tokens=2,
     )
-    result = summary(feature_table(stand_in_crosscoder(W, NAMES), base="base", stats=stats), base="base", model_names=NAMES)
-    assert result["n_dead"] == 2
+    result = summary(feature_table(stand_in_crosscoder(W, NAMES), base="base", stats=stats), base="base", model_names=NAMES, liveness="activations")
+    assert result["n_dead"] == 2 and result["n_zero_decoder"] is None
     assert result["models"]["sft"]["categories"]["base-only"] == 0 and result["models"]["sft"]["n"] == 4
     assert result["mas_dominant"] == {"base": 1, "sft": 3, "rl": 1}
 
     # All dead: no counts, null statistics.
     empty = summary(feature_table(stand_in_crosscoder(torch.zeros(3, 3, 2), NAMES), base="base"), base="base", model_names=NAMES)
-    assert empty["n_dead"] == 3 and empty["models"]["sft"]["n"] == 0 and empty["models"]["sft"]["nrn_mean"] is None
+    assert empty["n_zero_decoder"] == 3 and empty["models"]["sft"]["n"] == 0 and empty["models"]["sft"]["nrn_mean"] is None
 
 
 # ---------------------------------------------------------------- bad inputs

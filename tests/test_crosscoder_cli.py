@@ -54,6 +54,12 @@ def test_train_info_analyze_dynamics(checkpoints, tmp_path):
     assert table.num_rows == 96 and {"nrn_ckpt1", "norm_ratio_ckpt2", "mas_base", "frequency", "max_activation", "dead"} <= set(table.column_names)
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert set(summary["models"]) == {"ckpt1", "ckpt2"} and sum(summary["mas_dominant"].values()) == 96 - summary["n_dead"]
+    assert summary["liveness"] == "activations" and summary["settings"]["n_features"] == 96 and summary["settings"]["l1_coefficient"] == 2.0
+    assert summary["n_duplicate_groups"] <= 96 - summary["n_dead"]
+    # Without --acts, liveness comes from the run's training counters, never silently "all live".
+    _ok(["analyze", "--crosscoder", tmp_path / "cc", "--base", "base", "--out", tmp_path / "analysis_noacts"])
+    no_acts = json.loads((tmp_path / "analysis_noacts" / "summary.json").read_text())
+    assert no_acts["liveness"] == "training" and no_acts["n_dead"] is not None
     from posttrain_probe.interventions import read_feature_set
 
     shared = read_feature_set(tmp_path / "analysis" / "feature_sets" / "ckpt1_shared.json")
@@ -75,7 +81,12 @@ def test_dynamics_over_separate_two_model_crosscoders(checkpoints, tmp_path):
     _ok(["dynamics", "--crosscoder", tmp_path / "ckpt1", "--crosscoder", tmp_path / "ckpt2", "--k", "10", "--out", tmp_path / "dyn"])
     result = json.loads((tmp_path / "dyn" / "dynamics.json").read_text())
     assert result["checkpoints"] == ["ckpt1", "ckpt2"]
-    assert len(result["matching"]) == 1 and 0 <= result["matching"][0]["mean"] <= 1
+    assert result["matching"]["ckpt1"] is None  # the first crosscoder starts the shared index
+    quality = result["matching"]["ckpt2"]
+    assert 0.7 <= quality["mean"] <= 1 and quality["min_cosine"] == 0.7
+    # every defined latent of ckpt2 is either matched or a new index entry; the rest of the index is undefined for it
+    assert quality["n_matched"] + quality["n_unmatched"] + result["n_undefined"]["ckpt2"] == result["n_index_features"]
+    assert result["n_index_features"] - result["n_undefined"]["ckpt1"] + quality["n_unmatched"] == result["n_index_features"]
 
 
 def test_live_training_from_models(tmp_path):

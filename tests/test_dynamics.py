@@ -11,11 +11,14 @@ import torch
 from posttrain_probe.analysis.dynamics import (
     FeatureMatching,
     RankShifts,
-    align_scores,
     checkpoint_scores,
+    indexed_scores,
     match_features,
+    negligible_features,
     rank_shifts,
+    shared_index,
     top_k_sets,
+    top_k_ties,
     topk_overlap,
 )
 from posttrain_probe.errors import ProbeError
@@ -168,7 +171,7 @@ def test_checkpoint_scores_feed_dynamics():
     assert topk_overlap(scores, k=50).shape == (2, 2)
 
 
-# ---------------------------------------------------------------- match_features / align_scores
+# ---------------------------------------------------------------- match_features / shared_index
 
 
 def _noisy_permuted_copy(a: torch.Tensor, seed: int, noise: float = 0.01):
@@ -188,7 +191,7 @@ def test_match_features_recovers_permutation():
     assert m.quality.n_matched == 200
     assert m.quality.mean > 0.99 and m.quality.median > 0.99
     assert m.quality.frac_above_0_9 == 1.0 and m.quality.frac_above_0_7 == 1.0
-    assert set(m.quality._asdict()) == {"mean", "median", "frac_above_0_9", "frac_above_0_7", "n_matched"}
+    assert set(m.quality._asdict()) == {"mean", "median", "frac_above_0_9", "frac_above_0_7", "n_matched", "n_unmatched", "min_cosine"}
 
 
 def test_match_features_rectangular_smaller_a():
@@ -230,27 +233,94 @@ def test_match_features_zero_rows_have_cosine_zero():
     assert all_zero.quality.mean == 0.0
 
 
-def test_align_scores_round_trip_and_dynamics_across_crosscoders():
-    a = torch.randn(150, 24, generator=torch.Generator().manual_seed(11))
-    b, _ = _noisy_permuted_copy(a, seed=12)
-    m_ab, m_ba = match_features(a, b), match_features(b, a)
-    scores_a = torch.rand(2, 150, generator=torch.Generator().manual_seed(13))
-    in_b = align_scores(scores_a, m_ba)  # a's scores written in b's index
-    back = align_scores(in_b, m_ab)
-    assert torch.equal(back, scores_a)
-    # scores of b, aligned to a, give the same top-k and zero rank shift as a's own scores
-    stacked = torch.stack([scores_a[0], align_scores(in_b[0], m_ab)])
-    assert topk_overlap(stacked, k=30)[0, 1].item() == 1.0
-    assert rank_shifts(stacked, k=30).shift.abs().sum().item() == 0.0
+def test_negligible_latents_never_enter_top_k():
+    """Latents at ~1e-4 decoder norm in both compared models would get NRN 0.8 and fill the top-k."""
+    g = torch.Generator().manual_seed(20)
+    n_shared, n_new, n_junk, d = 40, 5, 10, 16
+    w = torch.zeros(n_shared + n_new + n_junk, 3, d)  # slots: base, ckpt1, ckpt2
+    w[:n_shared] = torch.randn(n_shared, 1, d, generator=g) * 0.3  # shared: NRN 0.5
+    w[n_shared : n_shared + n_new, 1:] = torch.randn(n_new, 1, d, generator=g)
+    w[n_shared : n_shared + n_new, 0] = 0.6 * w[n_shared : n_shared + n_new, 1]  # new: NRN 1/1.6 = 0.625
+    junk = slice(n_shared + n_new, None)
+    w[junk, 0] = 1e-4 * torch.randn(n_junk, d, generator=g).abs()
+    w[junk, 1] = 4 * w[junk, 0]  # NRN 0.8 against ckpt1, from two negligible norms
+    w[junk, 2] = w[junk, 1]
+    new = set(range(n_shared, n_shared + n_new))
+    loose = checkpoint_scores(w, 0, [1, 2], norm_floor=0.0)
+    assert set(top_k_sets(loose, k=n_new)[0].tolist()) & new == set()  # the failure the floor prevents
+    scores = checkpoint_scores(w, 0, [1, 2])
+    assert torch.isnan(scores[:, junk]).all()
+    assert [set(row) for row in top_k_sets(scores, k=n_new).tolist()] == [new, new]
+    assert negligible_features(w, [0, 1]).tolist() == [False] * (n_shared + n_new) + [True] * n_junk
+    # dead by activations: undefined too
+    live = torch.ones(w.shape[0], dtype=torch.bool)
+    live[n_shared] = False
+    assert torch.isnan(checkpoint_scores(w, 0, [1, 2], live=live)[:, n_shared]).all()
 
 
-def test_align_scores_unmatched_is_nan():
-    a = torch.randn(12, 6, generator=torch.Generator().manual_seed(14))
-    m = match_features(a, a[:8].clone())
-    out = align_scores(torch.arange(8, dtype=torch.float32), m)
-    assert out.shape == (12,)
-    assert out[:8].tolist() == list(range(8))
-    assert torch.isnan(out[8:]).all()
+def test_top_k_ties_counts_and_flags_undetermined_sets():
+    scores = torch.tensor([
+        [0.9, 1.0, 1.0, 1.0, 0.2],  # three tie at the cut of k=2: undetermined
+        [0.9, 1.0, 0.8, 0.1, 0.2],  # clean cut
+        [1.0, 1.0, 0.5, 0.4, float("nan")],  # two tie but both inside
+    ])
+    ties = top_k_ties(scores, k=2)
+    assert ties.n_tied.tolist() == [3, 1, 2]
+    assert ties.n_tied_in_top.tolist() == [2, 1, 2]
+    assert ties.determined.tolist() == [False, True, True]
+    assert ties.kth_score.tolist() == pytest.approx([1.0, 0.9, 1.0])
+    near = top_k_ties(torch.tensor([[1.0, 1.0 - 3e-7, 1.0 - 6e-7, 0.5]]), k=2)
+    assert near.n_tied.tolist() == [3] and not near.determined.item()  # within atol counts as a tie
+    assert top_k_ties(torch.tensor([[1.0, 1.0 - 3e-7, 1.0 - 6e-7, 0.5]]), k=2, atol=0.0).determined.item()
+
+
+def test_match_features_floor_leaves_unrelated_latents_unmatched():
+    g = torch.Generator().manual_seed(21)
+    a = torch.nn.functional.normalize(torch.randn(20, 64, generator=g), dim=1)
+    b = a.clone()
+    b[15:] = torch.nn.functional.normalize(torch.randn(5, 64, generator=g), dim=1)  # unrelated
+    forced = match_features(a, b)
+    assert (forced.perm >= 0).all()  # without a floor every latent is paired, related or not
+    m = match_features(a, b, min_cosine=0.7)
+    assert m.perm[:15].tolist() == list(range(15))
+    assert (m.perm[15:] == -1).all() and torch.isnan(m.cosine[15:]).all()
+    assert m.quality.n_matched == 15 and m.quality.n_unmatched == 5 and m.quality.min_cosine == 0.7
+
+
+def test_shared_index_keeps_persistent_features_and_separates_new_ones():
+    """Three crosscoders: 10 persistent features (permuted each time), each with 3 features of its own;
+    feature 0 of the first is absent from the second and back in the third."""
+    g = torch.Generator().manual_seed(22)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 48, generator=g), dim=1)  # noqa: E731
+    persistent = unit(10)
+    own = [unit(3) for _ in range(3)]
+    crosscoders, perms = [], []
+    for c in range(3):
+        keep = persistent if c != 1 else persistent[1:]
+        vectors = torch.cat([keep + 0.01 * torch.randn(keep.shape, generator=g), own[c]])
+        perm = torch.randperm(vectors.shape[0], generator=g)
+        crosscoders.append(vectors[perm])
+        perms.append(perm)
+    index = shared_index(crosscoders, min_cosine=0.7)
+    assert index.n_features == 10 + 3 * 3
+
+    def ids_of(c: int, rows: range) -> list[int]:
+        position = torch.argsort(perms[c])  # where each planted row sits in crosscoder c
+        return index.ids[c][position[list(rows)]].tolist()
+
+    assert ids_of(0, range(10)) == ids_of(2, range(10))  # persistent features keep one id, across the gap
+    assert ids_of(1, range(9)) == ids_of(0, range(1, 10))
+    own_ids = [set(ids_of(c, range(10 if c != 1 else 9, 13 if c != 1 else 12))) for c in range(3)]
+    assert not (own_ids[0] & own_ids[1]) and not (own_ids[1] & own_ids[2]) and not (own_ids[0] & own_ids[2])
+    assert index.quality[0] is None and index.quality[1].n_unmatched == 3 and index.quality[2].n_unmatched == 3
+    # scores laid out over the index: a persistent top-k overlaps fully, the own features not at all
+    scores = [torch.zeros(v.shape[0]) for v in crosscoders]
+    for c in range(3):
+        first_own = 10 if c != 1 else 9
+        scores[c][torch.argsort(perms[c])[first_own:]] = 1.0
+    laid = indexed_scores(scores, index)
+    assert laid.shape == (3, 19) and torch.isnan(laid[1]).sum() == 19 - 12
+    assert topk_overlap(laid, k=3)[0, 1].item() == 0.0 and topk_overlap(laid, k=3)[0, 2].item() == 0.0
 
 
 # ---------------------------------------------------------------- bad input
@@ -274,7 +344,12 @@ def test_align_scores_unmatched_is_nan():
         (lambda: match_features(torch.rand(4, 8), torch.rand(4, 9)), "width"),
         (lambda: match_features(torch.rand(4), torch.rand(4, 9)), "vectors_a"),
         (lambda: match_features(torch.rand(4, 8), torch.full((4, 8), float("nan"))), "vectors_b"),
-        (lambda: align_scores(torch.rand(3), match_features(torch.rand(5, 4), torch.rand(5, 4))), "F_b=3"),
+        (lambda: match_features(torch.rand(4, 8), torch.rand(4, 8), min_cosine=1.5), "min_cosine=1.5"),
+        (lambda: checkpoint_scores(torch.rand(4, 2, 8), 0, [1], norm_floor=1.0), "norm_floor=1.0"),
+        (lambda: checkpoint_scores(torch.rand(4, 2, 8), 0, [1], live=torch.ones(3, dtype=torch.bool)), "live"),
+        (lambda: top_k_ties(torch.rand(2, 10), k=3, atol=-1), "atol=-1"),
+        (lambda: shared_index([torch.rand(4, 8), torch.rand(4, 9)]), r"vectors\[1\]"),
+        (lambda: indexed_scores([torch.rand(4)], shared_index([torch.rand(5, 8)])), r"scores\[0\]"),
     ],
 )
 def test_bad_input_raises_probe_error(call, message):

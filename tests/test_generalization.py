@@ -18,6 +18,7 @@ from posttrain_probe.analysis.generalization import (
     GeneralizationResult,
     generalization_features,
     generalization_scores,
+    half_split,
     intersect_feature_sets,
     last_prompt_activations,
     last_token_positions,
@@ -237,3 +238,61 @@ def test_bad_input(runs, tmp_path):
         load_critical(tmp_path / "x.json")
     with pytest.raises(ProbeError, match="threshold"):
         generalization_features(str(runs.crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical, base="base", rl="rl", threshold=2.0)
+
+
+# -- split-half selection ------------------------------------------------------------------------------
+
+
+def test_half_split_is_seeded_disjoint_and_complete():
+    ids = [40, 3, 17, 8, 25, 11, 2]
+    selection, held = half_split(ids, 0, "probe_mcq")
+    assert sorted(selection + held) == sorted(ids) and not set(selection) & set(held)
+    assert (len(selection), len(held)) == (4, 3) and selection == sorted(selection) and held == sorted(held)
+    assert half_split(list(reversed(ids)), 0, "probe_mcq") == (selection, held)  # the order given does not matter
+    assert len({tuple(half_split(ids, seed, "probe_mcq")[1]) for seed in range(8)}) > 1  # the seed matters
+    assert len({tuple(half_split(ids, 0, task)[1]) for task in ("a", "b", "c", "d", "e")}) > 1  # tasks split independently
+    assert half_split([5, 9], 1, "t")[0] != half_split([5, 9], 1, "t")[1]
+    with pytest.raises(ProbeError, match="needs at least 2"):
+        half_split([5], 0, "t")
+    with pytest.raises(ProbeError, match="split seed -1"):
+        half_split([5, 6], -1, "t")
+
+
+@pytest.mark.slow
+def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypatch):
+    """S_t are selected on the selection half only: the held-out prompts are never tokenised, and the scores
+    equal those of a critical file that holds only the selection half. The halves go into the feature set."""
+    import posttrain_probe.analysis.generalization as generalization
+
+    critical = json.loads(runs.critical.read_text())
+    seen: list[str] = []
+    tokenise = generalization.lm_eval_context_ids
+    monkeypatch.setattr(generalization, "lm_eval_context_ids", lambda tok, context, **kw: seen.append(context) or tokenise(tok, context, **kw))
+    models = {"base": str(runs.base), "rl": str(runs.rl)}
+    split = generalization_features(str(runs.crosscoder), models, runs.critical, base="base", rl="rl", split_half=3)
+    monkeypatch.undo()
+    halves = split.settings["split_half"]
+    assert halves["seed"] == 3 and split.tasks == ["probe_mcq", "probe_mcq_qa"]
+    for task in split.tasks:
+        g = critical["tasks"][task]["doc_ids"]
+        selection, held = halves["selection_doc_ids"][task], halves["held_out_doc_ids"][task]
+        assert (selection, held) == half_split(g, 3, task)
+        assert sorted(selection + held) == sorted(g) and not set(selection) & set(held) and held
+        assert split.n_critical[task] == len(selection)
+        prompts = critical["tasks"][task]["prompts"]
+        held_prompts = {prompts[str(d)] for d in held} - {prompts[str(d)] for d in selection}
+        assert held_prompts and not held_prompts & set(seen)  # the held-out prompts were never tokenised
+    # the same scores as a critical file that holds only the selection half
+    restricted = json.loads(runs.critical.read_text())
+    for task in split.tasks:
+        restricted["tasks"][task]["doc_ids"] = halves["selection_doc_ids"][task]
+    alone = generalization_features(str(runs.crosscoder), models, restricted, base="base", rl="rl")
+    assert torch.equal(alone.scores, split.scores) and alone.sets == split.sets
+    # written: the halves in the feature set's provenance, |held-out half| per task in the summary
+    files = split.write(tmp_path)
+    prov = load_feature_set(files["feature_set"]).provenance
+    assert prov["split_half"]["held_out_doc_ids"] == halves["held_out_doc_ids"]
+    assert load_feature_set(files["task_feature_sets"]["probe_mcq"]).provenance["split_half"]["seed"] == 3
+    summary = json.loads((tmp_path / "generalization.json").read_text())
+    assert summary["tasks"]["probe_mcq"]["n_held_out"] == len(halves["held_out_doc_ids"]["probe_mcq"])
+    assert any("held-out half" in note for note in summary["notes"])

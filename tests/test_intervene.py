@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from _critical_runs import critical_runs
 from typer.testing import CliRunner
@@ -74,6 +75,18 @@ def _check_multiples(effects: dict, critical: dict) -> None:
         assert row["delta_pp"] == 100 * (row["n_correct_after"] - (n if row["acc_before_nominal"] == 100 else 0)) / n
 
 
+def _check_controls(row: dict, controls: list[dict]) -> None:
+    """The task's control summary against its control rows: mean, sample std, range, outside flag."""
+    deltas = [c["delta_pp"] for c in controls]
+    assert row["n_controls"] == len(deltas) > 0
+    assert row["controls_mean_pp"] == pytest.approx(sum(deltas) / len(deltas))
+    assert (row["controls_min_pp"], row["controls_max_pp"]) == (min(deltas), max(deltas))
+    if len(deltas) > 1:
+        assert row["controls_std_pp"] == pytest.approx(float(np.std(deltas, ddof=1)))
+    assert row["outside_controls"] == (row["delta_pp"] < min(deltas) or row["delta_pp"] > max(deltas))
+    assert all(c["n_critical"] == row["n_critical"] for c in controls)
+
+
 def _loglikelihoods(result: dict, task: str) -> dict[int, list[float]]:
     return {int(r["doc_id"]): [float(x[0]) for x in r["filtered_resps"]] for r in result["samples"][task]}
 
@@ -107,17 +120,26 @@ def test_set_in_rl_model_cli(runs, feature_set, tmp_path):
     _check_multiples(effects, critical)
     assert any(rows[t]["delta_pp"] < 0 for t in ("probe_mcq", "probe_mcq_qa"))
     with open(out / "effects.csv") as handle:
-        table = {r["task"]: r for r in csv.DictReader(handle)}
+        lines = list(csv.DictReader(handle))
+    table = {r["task"]: r for r in lines if r["row"] == "set"}
     assert float(table["probe_mcq"]["delta_pp"]) == rows["probe_mcq"]["delta_pp"] and table["probe_mcq_qa"]["held_out"] == "True"
     assert "probe_mcq_qa*" in result.output and "no critical samples" in result.output
     assert (out / "lm_eval" / "before").is_dir() and (out / "lm_eval" / "after").is_dir()
+    # default: 5 frequency-matched controls (seeds 0-4) per task with G_t, a summary line per task
+    assert effects["format_version"] == 2 and effects["settings"]["controls"]["seeds"] == [0, 1, 2, 3, 4]
+    assert [(c["task"], c["seed"]) for c in effects["controls"]] == [(t, s) for t in ("probe_mcq", "probe_mcq_qa") for s in range(5)]
+    assert sum(r["row"] == "control" for r in lines) == 10 and (out / "lm_eval" / "control-seed4").is_dir()
+    for task in ("probe_mcq", "probe_mcq_qa"):
+        _check_controls(rows[task], [c for c in effects["controls"] if c["task"] == task])
+        assert f"controls {task}: delta {rows[task]['delta_pp']:+.1f} pp vs 5 frequency-matched random sets" in result.output
+    assert "Frequency-matched random control sets" in (out / "effects.md").read_text()
 
 
 @pytest.mark.slow
 def test_set_in_base_model_full_task(runs, feature_set):
     effects = intervention_effects(
         feature_set, runs.crosscoder, {"base": str(runs.base)}, runs.critical, mode="set", value=3.0,
-        tasks=["probe_mcq_qa"], full_task=True, include_path=str(runs.include_path),
+        tasks=["probe_mcq_qa"], full_task=True, include_path=str(runs.include_path), control_seeds=0,
     )
     assert isinstance(effects, InterventionEffects)
     critical = json.loads(runs.critical.read_text())
@@ -173,6 +195,12 @@ def test_bad_input(runs, feature_set, tmp_path):
     no_cc = [a for a in args if a not in ("--crosscoder", str(runs.crosscoder))]
     result = runner.invoke(app, [*no_cc, "--features", "1,2,3", "--model", f"rl={runs.rl}", "--role", "rl"])
     assert result.exit_code == 2 and "give --crosscoder DIR" in result.output  # indices name no crosscoder
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--controls", "-1"])
+    assert result.exit_code == 2 and "control_seeds=-1" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--control-bins", "0"])
+    assert result.exit_code == 2 and "control_bins=0" in result.output
+    result = runner.invoke(app, [*args, "--features", feature_set, "--model", f"rl={runs.rl}", "--controls", "0", "--reference", "x.txt"])
+    assert result.exit_code == 2 and "controls are off" in result.output
     assert not (tmp_path / "x").exists()  # every refusal came before any lm-eval run
 
 
@@ -183,7 +211,7 @@ def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
 
     indices = ",".join(str(i) for i in read_feature_set(feature_set))
     effects = intervention_effects(indices, runs.crosscoder, ("rl", str(runs.rl)), runs.critical, mode="zero", role="rl",
-                                   tasks=["probe_mcq"], include_path=str(runs.include_path))
+                                   tasks=["probe_mcq"], include_path=str(runs.include_path), control_seeds=0)
     (row,) = effects.rows
     assert not row.held_out and effects.settings["selection_tasks"] is None
     assert row.acc_before_nominal == 100.0 and row.n_correct_before == row.n_critical
@@ -191,3 +219,114 @@ def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
     before, after = (_loglikelihoods(effects.runs[k], "probe_mcq") for k in ("before", "after"))
     assert sorted(before) == json.loads(runs.critical.read_text())["tasks"]["probe_mcq"]["doc_ids"]  # only G_t was evaluated
     assert any(before[d] != after[d] for d in before)
+
+
+# -- controls (SPEC sec. 11), per-feature rows, split-half selection ---------------------------------------
+
+
+@pytest.mark.slow
+def test_controls_reproducible_and_frequency_matched(runs, feature_set):
+    """Seeds 0 and 1, then seed 1 alone: seed 1's set and deltas are identical in both calls, seed 0's set
+    differs; every control set matches S bin by bin in firing rate (on the G_t prompts) and avoids S."""
+    from posttrain_probe.analysis.controls import frequency_bins
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.interventions import read_feature_set, source_activation_stats
+    from posttrain_probe.models import load_causal_lm, load_tokenizer
+
+    kwargs = dict(mode="set", value=17.5, tasks=["probe_mcq"], include_path=str(runs.include_path), control_bins=4)
+    first = intervention_effects(feature_set, runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, control_seeds=2, **kwargs)
+    again = intervention_effects(feature_set, runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, control_seeds=[1], **kwargs)
+    info, info_again = first.settings["controls"], again.settings["controls"]
+    assert info["seeds"] == [0, 1] and info_again["seeds"] == [1]
+    assert info["sets"][1] == info_again["sets"][0]  # same seed: the same control set ...
+    (c0, c1), (c1_again,) = first.controls, again.controls
+    assert (c0.seed, c1.seed, c1_again.seed) == (0, 1, 1)
+    assert c1 == c1_again  # ... and the same deltas, counts and flipped documents
+    assert c0.features != c1.features  # another seed, another set
+    (row,) = first.rows
+    _check_controls(first.to_dict()["rows"][0], first.to_dict()["controls"])
+    assert row.n_controls == 2 and row.outside_controls == (row.delta_pp < min(c0.delta_pp, c1.delta_pp) or row.delta_pp > max(c0.delta_pp, c1.delta_pp))
+    # frequency-matched: the bins recorded, and recomputed from the firing rates on the G_t prompts
+    selected = read_feature_set(feature_set)
+    critical = json.loads(runs.critical.read_text())
+    entry = critical["tasks"]["probe_mcq"]
+    stats = source_activation_stats(load_crosscoder(runs.crosscoder), "rl", load_causal_lm(runs.rl, device="cpu", keep_layers=2),
+                                    [entry["prompts"][str(d)] for d in entry["doc_ids"]], tokenizer=load_tokenizer(runs.rl), cache=False)
+    assert stats.n_tokens == info["n_reference_tokens"]
+    bins = frequency_bins(stats.frequency, info["n_bins"])
+    assert info["selected"]["features"] == selected and info["selected"]["bins"] == [int(bins[k]) for k in selected]
+    for drawn, effect in zip(info["sets"], first.controls):
+        assert [int(bins[k]) for k in drawn["features"]] == info["selected"]["bins"]
+        assert len(set(drawn["features"])) == len(selected) and not set(drawn["features"]) & set(selected)
+        assert sorted(drawn["features"]) == effect.features
+    assert first.runs.keys() == {"before", "after", "control-seed0", "control-seed1"}
+
+
+@pytest.mark.slow
+def test_per_feature_rows(runs, tmp_path):
+    """Two features with per_feature: a row per (task, feature); a one-feature set's per-feature row equals its
+    whole-set row and the two-feature run's row of that feature."""
+    kwargs = dict(mode="set", value=17.5, role="rl", tasks=["probe_mcq"], include_path=str(runs.include_path), control_seeds=0, per_feature=True)
+    pair = intervention_effects("1,6", runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, **kwargs)
+    assert [(f.kind, f.task, f.features) for f in pair.per_feature] == [("feature", "probe_mcq", [1]), ("feature", "probe_mcq", [6])]
+    (row,) = pair.rows
+    for f in pair.per_feature:
+        assert f.n_critical == row.n_critical and f.delta_pp == 100.0 * (f.n_correct_after - row.n_critical) / row.n_critical
+        assert f.delta_measured_pp == 100.0 * (f.n_correct_after - row.n_correct_before) / row.n_critical
+    single = intervention_effects("1", runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, **kwargs)
+    (one,), (alone,) = single.rows, single.per_feature
+    assert (alone.n_correct_after, alone.acc_after, alone.delta_pp, alone.delta_measured_pp, alone.flipped_docs) == (
+        one.n_correct_after, one.acc_after, one.delta_pp, one.delta_measured_pp, one.flipped_docs)
+    assert pair.per_feature[0] == alone
+    assert single.runs["feature-1"]["samples"]["probe_mcq"] and not single.controls
+    files = pair.write(tmp_path)
+    with open(files["csv"]) as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(r["row"], r["features"]) for r in lines] == [("set", ""), ("feature", "1"), ("feature", "6")]
+    assert float(lines[1]["delta_pp"]) == pair.per_feature[0].delta_pp
+    assert json.loads((tmp_path / "effects.json").read_text())["per_feature"][1]["features"] == [6]
+    assert "Each feature of S alone" in (tmp_path / "effects.md").read_text()
+
+
+@pytest.mark.slow
+def test_split_half_intervene_evaluates_the_held_out_half_only(runs, tmp_path):
+    """`features generalization --split-half` on probe_mcq, then `intervene` (2 controls): probe_mcq is evaluated
+    on its held-out half only (every run), probe_mcq_qa (not selected on) on all of its G_t."""
+    out = tmp_path / "genfeat"
+    runner = CliRunner()
+    result = runner.invoke(app, [
+        "features", "generalization", "--crosscoder", str(runs.crosscoder), "--base", "base", "--rl", "rl", "--critical", str(runs.critical),
+        "--model", f"base={runs.base}", "--model", f"rl={runs.rl}", "--tasks", "probe_mcq", "--split-half", "5", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "(selection half;" in result.output
+    features = out / "generalization_features.json"
+    from posttrain_probe.interventions import load_feature_set
+
+    halves = load_feature_set(features).provenance["split_half"]
+    held = halves["held_out_doc_ids"]["probe_mcq"]
+    effects = intervention_effects(str(features), runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, mode="set", value=17.5,
+                                   tasks=["probe_mcq", "probe_mcq_qa"], include_path=str(runs.include_path), control_seeds=2, control_bins=4)
+    rows = {row.task: row for row in effects.rows}
+    critical = json.loads(runs.critical.read_text())
+    assert rows["probe_mcq"].held_out_half and rows["probe_mcq"].n_critical == len(held) and not rows["probe_mcq"].held_out
+    assert not rows["probe_mcq_qa"].held_out_half and rows["probe_mcq_qa"].held_out
+    assert rows["probe_mcq_qa"].n_critical == critical["tasks"]["probe_mcq_qa"]["n_critical"]
+    for label, run in effects.runs.items():  # before, after and both controls: the held-out half only
+        assert sorted(int(r["doc_id"]) for r in run["samples"]["probe_mcq"]) == held, label
+    assert effects.settings["split_half"] == {"seed": 5, "held_out_doc_ids": {"probe_mcq": held}}
+    assert {c.n_critical for c in effects.controls if c.task == "probe_mcq"} == {len(held)}
+    assert any("held-out half of G_t only" in note for note in effects.notes)
+    assert "held-out half of G_t (split seed 5)" in format_effects_table(effects)
+    # the feature set and another critical file (one document less in G_t) do not go together
+    other = json.loads(runs.critical.read_text())
+    other["tasks"]["probe_mcq"]["doc_ids"] = other["tasks"]["probe_mcq"]["doc_ids"][1:]
+    with pytest.raises(ProbeError, match="selected on half of another G_t"):
+        intervention_effects(str(features), runs.crosscoder, {"rl": str(runs.rl)}, other, mode="zero", tasks=["probe_mcq"],
+                             include_path=str(runs.include_path), control_seeds=0)
+    # the CLI says so
+    result = runner.invoke(app, ["intervene", "--features", str(features), "--model", f"rl={runs.rl}", "--mode", "set", "--value", "17.5",
+                                 "--critical", str(runs.critical), "--include-path", str(runs.include_path), "--tasks", "probe_mcq",
+                                 "--controls", "0", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "held-out half of G_t (split seed 5)" in result.output and "controls probe_mcq" not in result.output

@@ -29,6 +29,8 @@ FINETUNE_ONLY_BELOW = 0.4
 """NormRatio below which a feature is "finetune-only" (paper S, sec. 2); [0.4, 0.6] is "shared"."""
 CATEGORIES = ("base-only", "shared", "finetune-only", "dead")
 """The labels :func:`categorize` returns."""
+NORM_RATIO_SCALES = ("all", "pair")
+"""Denominators of :func:`norm_ratio`: max decoder norm over all model slots (default) or over the compared pair."""
 
 
 def _decoder(W_dec: torch.Tensor, what: str = "W_dec") -> torch.Tensor:
@@ -144,25 +146,35 @@ def mas_dominant(mas: torch.Tensor) -> torch.Tensor:
     return torch.where(dead, torch.full_like(winner, -1), winner)
 
 
-def norm_ratio(W_dec: torch.Tensor, base: int, finetuned: int) -> torch.Tensor:
-    """NormRatio, paper S eq. 2: ((||d_i^base||_2 - ||d_i^ft||_2) / max_{j,m} ||d_j^m||_2 + 1) / 2.
+def norm_ratio(W_dec: torch.Tensor, base: int, finetuned: int, scale: str = "all") -> torch.Tensor:
+    """NormRatio, paper S eq. 2: ((||d_i^base||_2 - ||d_i^ft||_2) / max ||d_j^m||_2 + 1) / 2.
 
-    The maximum runs over all features j and all model slots m of the crosscoder. **The direction
-    is opposite to NRN**: near 1 = base-only, near 0 = fine-tune-only, 0.5 = equal norms. Exactly 1
-    for a feature whose fine-tuned decoder is zero and whose base norm is the global maximum.
+    ``scale`` chooses the maximum in the denominator (SPEC sec. 4, **choice**):
+
+    - ``"all"`` (default): max over all features j and **all** model slots m of the crosscoder;
+    - ``"pair"``: max over all features j and the **two compared** slots (``base``, ``finetuned``)
+      only, paper S's form read literally for its two-model crosscoders.
+
+    The two agree for a two-model crosscoder; with more models, ``"all"`` keeps one scale for every
+    pair of one crosscoder, ``"pair"`` rescales each pair to fill [0, 1]. **The direction is
+    opposite to NRN**: near 1 = base-only, near 0 = fine-tune-only, 0.5 = equal norms. Exactly 1 for a
+    feature whose fine-tuned decoder is zero and whose base norm is the maximum.
 
     Args:
         W_dec: decoder ``[F, N, d]``, crosscoder-normalised units.
         base, finetuned: model slot indices (distinct).
+        scale: one of :data:`NORM_RATIO_SCALES`.
 
     Returns:
         ``[F]`` dimensionless scores in [0, 1]; NaN where both norms are 0 (dead feature).
     """
+    if scale not in NORM_RATIO_SCALES:
+        raise ProbeError(f"NormRatio scale {scale!r} is not one of {NORM_RATIO_SCALES} (all: max over every model slot; pair: over the two compared)")
     W_dec, base, finetuned = _pair(W_dec, base, finetuned, ("base", "finetuned"))
     norms = decoder_norms(W_dec, 2)
     n_base, n_ft = norms[:, base], norms[:, finetuned]
-    scale = norms.max()
-    ratio = ((n_base - n_ft) / scale.clamp_min(torch.finfo(norms.dtype).tiny) + 1) / 2
+    top = norms.max() if scale == "all" else torch.maximum(n_base.max(), n_ft.max())
+    ratio = ((n_base - n_ft) / top.clamp_min(torch.finfo(norms.dtype).tiny) + 1) / 2
     return torch.where((n_base + n_ft) > 0, ratio, torch.full_like(ratio, math.nan))
 
 

@@ -10,11 +10,21 @@ vector s_c over one shared feature index (NRN of checkpoint c against the base);
 
 The shared index comes by default from one multi-model crosscoder over the base and all
 checkpoints (:func:`checkpoint_scores`). The alternative of the paper, one two-model crosscoder
-per checkpoint, needs its features matched across crosscoders first: :func:`match_features`
-(Hungarian assignment on decoder cosine, with a quality summary) and :func:`align_scores`.
+per checkpoint, needs its features matched across crosscoders first: :func:`shared_index` matches
+every crosscoder's whole decoders (all model rows) to the features seen so far (Hungarian
+assignment on decoder cosine with a cosine floor; below it a feature stays unmatched and gets an
+index of its own, never a forced partner) and :func:`indexed_scores` lays the scores out over that
+index. :func:`match_features` is the pairwise matching underneath.
+
+A score is undefined (NaN) where the feature's decoder norms in both compared models are below
+``norm_floor`` times the largest decoder norm of the crosscoder (:func:`negligible_features`;
+such latents carry nothing, but their NRN can be anything in [0, 1]) or where the feature is dead
+by its activations. Undefined scores take no part in top-k sets, ranks (they come last) or counts.
+When several features tie at the k-th score, :func:`top_k_ties` says how many, and whether the
+top-k set is decided by the scores at all or only by the index order used to break the tie.
 
 Everything is vectorised over features. Scores are unitless; ranks are 1-based among all F
-features by descending score, ties broken by the lower feature index, NaN (dead) scores last.
+features by descending score, ties broken by the lower feature index, NaN (undefined) scores last.
 """
 
 from __future__ import annotations
@@ -28,6 +38,12 @@ from posttrain_probe.analysis.attribution import nrn
 from posttrain_probe.errors import ProbeError
 
 DEFAULT_K = 50
+DEFAULT_NORM_FLOOR = 0.01
+"""A score is undefined where both compared decoder norms are below this fraction of the largest one."""
+DEFAULT_MIN_COSINE = 0.7
+"""Per-checkpoint crosscoders: matched pairs need at least this whole-decoder cosine."""
+DEFAULT_TIE_ATOL = 1e-6
+"""Scores within this absolute distance of the k-th score tie with it."""
 
 
 class RankShifts(NamedTuple):
@@ -42,19 +58,37 @@ class RankShifts(NamedTuple):
     """[C-1, k] bool: features[c, j] is in T_c but not in T_{c+1}."""
 
 
+class TopKTies(NamedTuple):
+    """How the k-th score of every checkpoint's top-k set is tied (SPEC.md sec. 5)."""
+
+    kth_score: torch.Tensor
+    """[C] float32: the k-th best score of each row."""
+    n_tied: torch.Tensor
+    """[C] int64: features whose score lies within ``atol`` of the k-th score (1 = no tie)."""
+    n_tied_in_top: torch.Tensor
+    """[C] int64: how many of those tied features are in T_c."""
+    determined: torch.Tensor
+    """[C] bool: every tied feature is in T_c, i.e. the scores alone decide the set (False: the
+    set was completed by lowest index among ``n_tied`` equal scores)."""
+
+
 class MatchQuality(NamedTuple):
     """Summary of a feature matching's decoder cosines over the matched pairs (SPEC.md sec. 5)."""
 
     mean: float
-    """Mean cosine of the matched pairs."""
+    """Mean cosine of the matched pairs (NaN when nothing matched)."""
     median: float
-    """Median cosine of the matched pairs."""
+    """Median cosine of the matched pairs (NaN when nothing matched)."""
     frac_above_0_9: float
     """Fraction of matched pairs with cosine > 0.9."""
     frac_above_0_7: float
     """Fraction of matched pairs with cosine > 0.7."""
     n_matched: int
-    """Number of matched pairs, min(F_a, F_b)."""
+    """Number of matched pairs (min(F_a, F_b) without a cosine floor)."""
+    n_unmatched: int = 0
+    """Features of a left without a partner (beyond F_b, or below the cosine floor)."""
+    min_cosine: float | None = None
+    """The cosine floor of the matching (None: forced one-to-one)."""
 
 
 class FeatureMatching(NamedTuple):
@@ -164,7 +198,34 @@ def rank_shifts(scores, k: int = DEFAULT_K) -> RankShifts:
     return RankShifts(features=features, shift=shift, blank=blank)
 
 
-def checkpoint_scores(W_dec, base: int, checkpoints: list[int], p: float = 1) -> torch.Tensor:
+def negligible_features(W_dec, slots: list[int], norm_floor: float = DEFAULT_NORM_FLOOR) -> torch.Tensor:
+    """Features whose decoder norms in every one of ``slots`` are negligible (SPEC.md sec. 5).
+
+    ``W_dec`` [F, M, d] a crosscoder's decoder (normalised units), ``slots`` the compared model
+    slots, ``norm_floor`` a fraction in [0, 1): a feature is negligible when ||d_i^m||_2 <
+    ``norm_floor`` * max_{j, m'} ||d_j^m'||_2 for every m in ``slots`` (the max runs over all
+    features and all slots of the crosscoder). Such a latent writes nothing to the compared models,
+    yet its NRN (a ratio of two tiny norms) can be anywhere in [0, 1]; its score is undefined.
+    ``norm_floor = 0`` flags only exactly-zero decoders. Returns [F] bool on W_dec's device.
+    """
+    w = torch.as_tensor(W_dec).detach()
+    if isinstance(norm_floor, bool) or not isinstance(norm_floor, (int, float)) or not 0 <= norm_floor < 1:
+        raise ProbeError(f"norm_floor={norm_floor!r} is invalid; expected a fraction of the largest decoder norm in [0, 1)")
+    norms = torch.linalg.vector_norm(w.float(), dim=-1)  # [F, M]
+    cut = norm_floor * norms.max()
+    selected = norms[:, list(slots)]
+    return (selected < cut).all(dim=1) | (selected == 0).all(dim=1)
+
+
+def checkpoint_scores(
+    W_dec,
+    base: int,
+    checkpoints: list[int],
+    p: float = 1,
+    *,
+    norm_floor: float = DEFAULT_NORM_FLOOR,
+    live=None,
+) -> torch.Tensor:
     """NRN of every checkpoint against the base over one shared multi-model crosscoder.
 
     SPEC.md sec. 5 default: one crosscoder over base + all checkpoints of a run, so all
@@ -173,8 +234,10 @@ def checkpoint_scores(W_dec, base: int, checkpoints: list[int], p: float = 1) ->
     :func:`~posttrain_probe.analysis.attribution.nrn`), ``base`` the base model's slot,
     ``checkpoints`` the C checkpoint slots in training order, ``p`` the norm order (1 as in R eq. 4;
     2 gives the relative decoder norm). Returns [C, F] float32 on CPU, row c =
-    ``nrn(W_dec, base, checkpoints[c], p)``: ||d_i^c||_p / (||d_i^base||_p + ||d_i^c||_p), NaN where
-    both norms are 0 (dead), unitless.
+    ``nrn(W_dec, base, checkpoints[c], p)``: ||d_i^c||_p / (||d_i^base||_p + ||d_i^c||_p), unitless,
+    and NaN (undefined) where feature i is negligible in both the base and checkpoint c
+    (:func:`negligible_features` with ``norm_floor``) or, with ``live`` ([F] bool, from
+    activations), dead.
     """
     w = torch.as_tensor(W_dec).detach()
     if w.ndim != 3 or min(w.shape) == 0:
@@ -188,10 +251,126 @@ def checkpoint_scores(W_dec, base: int, checkpoints: list[int], p: float = 1) ->
             raise ProbeError(f"model slot {slot!r} is invalid; expected an integer in [0, M={n_models})")
     if base in checkpoints:
         raise ProbeError(f"base slot {base} is also listed in checkpoints {checkpoints}; expected distinct slots")
-    return torch.stack([nrn(w, int(base), int(c), p=p) for c in checkpoints]).to(torch.float32).cpu()
+    dead = _dead_mask(live, w.shape[0])
+    rows = []
+    for c in checkpoints:
+        undefined = negligible_features(w, [int(base), int(c)], norm_floor).cpu() | dead
+        rows.append(nrn(w, int(base), int(c), p=p).float().cpu().masked_fill(undefined, float("nan")))
+    return torch.stack(rows)
 
 
-def match_features(vectors_a, vectors_b) -> FeatureMatching:
+def _dead_mask(live, n_features: int) -> torch.Tensor:
+    """[F] bool dead mask from an optional [F] bool liveness vector."""
+    if live is None:
+        return torch.zeros(n_features, dtype=torch.bool)
+    alive = torch.as_tensor(live).detach().cpu()
+    if alive.dtype != torch.bool or tuple(alive.shape) != (n_features,):
+        raise ProbeError(f"live has dtype {alive.dtype} and shape {tuple(alive.shape)}; expected [F={n_features}] bool")
+    return ~alive
+
+
+def top_k_ties(scores, k: int = DEFAULT_K, atol: float = DEFAULT_TIE_ATOL) -> TopKTies:
+    """Ties at the cut of every top-k set T_c (SPEC.md sec. 5).
+
+    ``scores`` [C, F] as for :func:`top_k_sets`; ``atol`` >= 0 the absolute distance (score units)
+    within which two scores count as equal. A top-k set is *determined* when no feature outside it
+    ties with its k-th member: otherwise the set depends on the lowest-index tie break, not on the
+    scores, and dynamics built on it must be read with that in mind. Returns :class:`TopKTies`.
+    """
+    s = _as_scores(scores)
+    _check_k(k, s)
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ProbeError(f"atol={atol!r} is invalid; expected a score distance >= 0")
+    order = _descending_order(s)
+    kth = s.gather(1, order[:, k - 1 : k])  # [C, 1]
+    tied = (s - kth).abs() <= atol  # NaN compares False
+    in_top = _membership(order[:, :k], s.shape[1])
+    n_tied = tied.sum(dim=1)
+    n_in = (tied & in_top).sum(dim=1)
+    return TopKTies(kth_score=kth[:, 0].float(), n_tied=n_tied, n_tied_in_top=n_in, determined=n_tied == n_in)
+
+
+class SharedIndex(NamedTuple):
+    """One feature index over several crosscoders, from their matched decoders (SPEC.md sec. 5)."""
+
+    ids: list[torch.Tensor]
+    """Per crosscoder c, [F_c] int64: the shared index of each of its features; -1 for features left
+    out of the matching (excluded: undefined scores)."""
+    n_features: int
+    """U, the size of the shared index (features of the first crosscoder plus every later feature
+    that matched nothing seen before)."""
+    quality: list[MatchQuality | None]
+    """Per crosscoder: the quality of its matching to the index built from the crosscoders before it
+    (None for the first)."""
+
+
+def shared_index(vectors, min_cosine: float | None = DEFAULT_MIN_COSINE, include=None) -> SharedIndex:
+    """Match the features of C crosscoders into one shared index (SPEC.md sec. 5, per-checkpoint alternative).
+
+    ``vectors`` a list of C [F_c, D] per-feature vectors, one per crosscoder in training order: the
+    whole decoder of each feature, all model rows concatenated (``W_dec.reshape(F, -1)`` of a
+    (base, checkpoint) crosscoder; the base rows anchor shared features, the tuned rows carry the
+    tuned-specific ones). ``include`` optional list of C [F_c] bool: features to match (default
+    all; leave out those whose scores are undefined). The first crosscoder's included features
+    start the index; each later crosscoder is matched (:func:`match_features`, Hungarian with the
+    cosine floor ``min_cosine``) against every index entry seen so far, represented by its most
+    recent vector; a feature below the floor gets a new entry of its own instead of a forced
+    partner, so features that appear and disappear from checkpoint to checkpoint stay distinct.
+    Memory and time: one dense F_c x U cosine matrix per crosscoder.
+    """
+    if not isinstance(vectors, (list, tuple)) or not vectors:
+        raise ProbeError("vectors must be a non-empty list of [F_c, D] matrices, one per crosscoder")
+    mats = [torch.as_tensor(v).detach().cpu().float() for v in vectors]
+    width = mats[0].shape[-1] if mats[0].ndim == 2 else None
+    for c, m in enumerate(mats):
+        if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] != width:
+            raise ProbeError(f"vectors[{c}] has shape {tuple(m.shape)}; expected [F_c, D={width}] like vectors[0]")
+    masks = [torch.ones(m.shape[0], dtype=torch.bool) for m in mats] if include is None else [torch.as_tensor(x).cpu() for x in include]
+    if len(masks) != len(mats) or any(x.dtype != torch.bool or x.shape != (m.shape[0],) for x, m in zip(masks, mats)):
+        raise ProbeError("include must hold one [F_c] bool mask per crosscoder")
+    ids: list[torch.Tensor] = []
+    quality: list[MatchQuality | None] = []
+    index_vectors = torch.empty(0, width)
+    for c, (m, mask) in enumerate(zip(mats, masks)):
+        own = torch.full((m.shape[0],), -1, dtype=torch.int64)
+        rows = torch.nonzero(mask).flatten()
+        if c == 0 or index_vectors.shape[0] == 0 or rows.numel() == 0:
+            new = rows
+            quality.append(None if c == 0 else _quality(torch.empty(0), int(rows.numel()), min_cosine))
+        else:
+            matching = match_features(m[rows], index_vectors, min_cosine=min_cosine)
+            hit = matching.perm >= 0
+            own[rows[hit]] = matching.perm[hit]
+            index_vectors[matching.perm[hit]] = m[rows[hit]]
+            new = rows[~hit]
+            quality.append(matching.quality)
+        own[new] = torch.arange(index_vectors.shape[0], index_vectors.shape[0] + new.numel())
+        index_vectors = torch.cat([index_vectors, m[new]])
+        ids.append(own)
+    return SharedIndex(ids=ids, n_features=int(index_vectors.shape[0]), quality=quality)
+
+
+def indexed_scores(scores, index: SharedIndex) -> torch.Tensor:
+    """Lay per-crosscoder scores out over a :class:`SharedIndex` (SPEC.md sec. 5).
+
+    ``scores`` a list of C [F_c] score vectors (e.g. NRN of each (base, checkpoint) crosscoder),
+    in the order of :func:`shared_index`'s ``vectors``. Returns [C, U] float32 with
+    ``out[c, index.ids[c][i]] = scores[c][i]`` and NaN wherever crosscoder c has no feature for an
+    index entry, ready for :func:`topk_overlap` and :func:`rank_shifts`.
+    """
+    if len(scores) != len(index.ids):
+        raise ProbeError(f"{len(scores)} score vectors for a shared index over {len(index.ids)} crosscoders")
+    out = torch.full((len(scores), index.n_features), float("nan"), dtype=torch.float32)
+    for c, (score, ids) in enumerate(zip(scores, index.ids)):
+        score = torch.as_tensor(score).detach().cpu().float()
+        if score.shape != ids.shape:
+            raise ProbeError(f"scores[{c}] has shape {tuple(score.shape)}; expected [{ids.numel()}] (features of crosscoder {c})")
+        keep = ids >= 0
+        out[c, ids[keep]] = score[keep]
+    return out
+
+
+def match_features(vectors_a, vectors_b, min_cosine: float | None = None) -> FeatureMatching:
     """Match the features of crosscoder a to those of crosscoder b by decoder cosine (SPEC.md sec. 5).
 
     For the alternative shared index of SPEC.md sec. 5 (one two-model crosscoder per checkpoint, as in
@@ -207,8 +386,11 @@ def match_features(vectors_a, vectors_b) -> FeatureMatching:
     valid choice too; the function only sees vectors.
 
     F_a and F_b may differ: with F_a > F_b, F_a - F_b features of a stay unmatched (perm -1, cosine
-    NaN). Zero vectors have cosine 0 with everything. Memory and time: a dense F_a x F_b float64
-    cost matrix and an O(F^3) assignment (minutes for F = 16k).
+    NaN). Zero vectors have cosine 0 with everything. ``min_cosine`` (a cosine floor in [-1, 1],
+    SPEC.md sec. 5): pairs below it are worth nothing to the assignment and are never reported
+    as matched - their feature of a stays unmatched (perm -1) instead of being forced onto an
+    unrelated latent; None keeps the forced one-to-one assignment. Memory and time: a dense
+    F_a x F_b float64 cost matrix and an O(F^3) assignment (minutes for F = 16k).
     Returns :class:`FeatureMatching` with ``perm`` [F_a], ``cosine`` [F_a] and a quality summary.
     """
     from scipy.optimize import linear_sum_assignment
@@ -224,45 +406,36 @@ def match_features(vectors_a, vectors_b) -> FeatureMatching:
         raise ProbeError(
             f"vectors_a has width {a.shape[1]} but vectors_b has width {b.shape[1]}; expected the same D"
         )
+    if min_cosine is not None and not (isinstance(min_cosine, (int, float)) and -1 <= min_cosine <= 1):
+        raise ProbeError(f"min_cosine={min_cosine!r} is invalid; expected a cosine in [-1, 1] or None")
     a_unit = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     b_unit = b / b.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     cos = (a_unit @ b_unit.T).clamp_(-1.0, 1.0)  # zero rows stay exactly 0
-    rows, cols = linear_sum_assignment(cos.numpy(), maximize=True)
+    # With a floor, a pair below it is worth exactly as much as no pair: the assignment maximises the
+    # summed cosine of the pairs that count, and those below the floor are dropped afterwards.
+    gain = cos if min_cosine is None else torch.where(cos >= min_cosine, cos - min_cosine + 1e-9, torch.zeros_like(cos))
+    rows, cols = linear_sum_assignment(gain.numpy(), maximize=True)
     rows_t, cols_t = torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
+    if min_cosine is not None:
+        keep = cos[rows_t, cols_t] >= min_cosine
+        rows_t, cols_t = rows_t[keep], cols_t[keep]
     perm = torch.full((a.shape[0],), -1, dtype=torch.int64)
     perm[rows_t] = cols_t
     cosine = torch.full((a.shape[0],), float("nan"), dtype=torch.float32)
     matched = cos[rows_t, cols_t]
     cosine[rows_t] = matched.to(torch.float32)
-    quality = MatchQuality(
-        mean=float(matched.mean()),
-        median=float(np.median(matched.numpy())),
-        frac_above_0_9=float((matched > 0.9).double().mean()),
-        frac_above_0_7=float((matched > 0.7).double().mean()),
-        n_matched=int(matched.numel()),
+    return FeatureMatching(perm=perm, cosine=cosine, quality=_quality(matched, a.shape[0], min_cosine))
+
+
+def _quality(matched: torch.Tensor, n_a: int, min_cosine: float | None) -> MatchQuality:
+    """MatchQuality of the cosines of the matched pairs out of ``n_a`` features of a."""
+    n = int(matched.numel())
+    return MatchQuality(
+        mean=float(matched.mean()) if n else float("nan"),
+        median=float(np.median(matched.numpy())) if n else float("nan"),
+        frac_above_0_9=float((matched > 0.9).double().mean()) if n else 0.0,
+        frac_above_0_7=float((matched > 0.7).double().mean()) if n else 0.0,
+        n_matched=n,
+        n_unmatched=n_a - n,
+        min_cosine=None if min_cosine is None else float(min_cosine),
     )
-    return FeatureMatching(perm=perm, cosine=cosine, quality=quality)
-
-
-def align_scores(scores_b, matching: FeatureMatching) -> torch.Tensor:
-    """Carry per-feature scores of crosscoder b into crosscoder a's feature index (SPEC.md sec. 5).
-
-    ``scores_b`` [..., F_b] (e.g. NRN of checkpoint c+1 from its own two-model crosscoder),
-    ``matching`` from ``match_features(vectors_a, vectors_b)``. Returns [..., F_a] float32 with
-    ``out[..., i] = scores_b[..., matching.perm[i]]`` and NaN for unmatched features of a, so rows
-    from several crosscoders matched to one reference can be stacked into the [C, F] matrix that
-    :func:`topk_overlap` and :func:`rank_shifts` take.
-    """
-    s = torch.as_tensor(scores_b).detach().cpu()
-    if s.ndim == 0 or s.shape[-1] == 0:
-        raise ProbeError(f"scores_b has shape {tuple(s.shape)}; expected [..., F_b] with F_b > 0")
-    perm = matching.perm
-    n_b = s.shape[-1]
-    if perm.numel() and int(perm.max()) >= n_b:
-        raise ProbeError(
-            f"matching refers to feature {int(perm.max())} of b but scores_b has F_b={n_b}; "
-            "expected the scores of the crosscoder the matching was computed against"
-        )
-    s = s.to(torch.float32)
-    out = s[..., perm.clamp_min(0)]
-    return out.masked_fill(perm < 0, float("nan"))

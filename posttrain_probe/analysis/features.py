@@ -29,8 +29,12 @@ from posttrain_probe.analysis.attribution import (
     nrn,
     norm_ratio,
 )
+from posttrain_probe.analysis.duplicates import DEFAULT_DUPLICATE_COSINE, duplicate_groups
 from posttrain_probe.errors import ProbeError
 
+LIVENESS_SOURCES = ("activations", "training", "unknown")
+"""Where a feature table's liveness comes from: a pass over activations, the training run's firing
+counters, or nowhere (then only all-zero decoders count as dead)."""
 NRN_TAILS = (0.7, 0.9)
 """Default tail thresholds t of :func:`summary`: NRN > t (tuned-specific) and NRN < 1 - t (base-specific)."""
 
@@ -111,19 +115,33 @@ def feature_activation_stats(cc: Any, batches: Iterable[torch.Tensor]) -> Featur
     )
 
 
-def feature_table(cc: Any, *, base: str, stats: FeatureStats | None = None, p: float = 1) -> pa.Table:
+def feature_table(
+    cc: Any,
+    *,
+    base: str,
+    stats: FeatureStats | None = None,
+    live: torch.Tensor | None = None,
+    p: float = 1,
+    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
+    norm_ratio_scale: str = "all",
+) -> pa.Table:
     """One row per feature with its attribution metrics against ``base`` (SPEC sec. 4).
 
     Columns, in order:
 
     - ``feature``: index i.
     - for every tuned model m (every model but ``base``): ``nrn_<m>`` (:func:`nrn`, norm order
-      ``p``), ``norm_ratio_<m>`` (:func:`norm_ratio`), ``category_<m>`` (:func:`categorize` of the
+      ``p``), ``norm_ratio_<m>`` (:func:`norm_ratio` with ``scale=norm_ratio_scale``), ``category_<m>`` (:func:`categorize` of the
       NormRatio), ``cosine_<m>`` (:func:`decoder_cosine` of base and m).
     - for every model m: ``norm_<m>`` (L2 decoder norm, crosscoder-normalised units), ``mas_<m>``
       (:func:`mas`, norm order ``p``).
     - ``mas_dominant``: name of the model with the largest MAS (null for dead features).
-    - ``dead``: every decoder norm is 0, or (with ``stats``) the feature never fired.
+    - ``dead``: every decoder norm is 0, or the feature is dead by its activations: it never fired
+      in ``stats`` or, without ``stats``, ``live`` ([F] bool, e.g. from the training run's firing
+      counters) says so. With neither, liveness is unknown and only zero decoders are dead.
+    - ``duplicate_group``: representative of the feature's group of near-identical decoders
+      (:func:`~posttrain_probe.analysis.duplicates.duplicate_groups` at ``duplicate_cosine``,
+      live features only; -1 for dead ones).
     - with ``stats``: ``frequency``, ``max_activation`` (:class:`FeatureStats`).
 
     Metric columns are the decoder's numbers (NaN only where the formula is undefined); the labels
@@ -141,12 +159,18 @@ def feature_table(cc: Any, *, base: str, stats: FeatureStats | None = None, p: f
                 f"(max_activation); expected [{n_features}], one entry per feature of the crosscoder ({n_features} features)"
             )
         dead = dead | (stats.frequency.cpu().numpy() == 0)
+    elif live is not None:
+        alive = torch.as_tensor(live).detach().cpu()
+        if alive.dtype != torch.bool or tuple(alive.shape) != (n_features,):
+            raise ProbeError(f"live has dtype {alive.dtype} and shape {tuple(alive.shape)}; expected [F={n_features}] bool")
+        dead = dead | ~alive.numpy()
+    groups = duplicate_groups(W_dec, duplicate_cosine, include=torch.from_numpy(~dead))
 
     columns: dict[str, Any] = {"feature": pa.array(np.arange(n_features, dtype=np.int64))}
     for m, name in enumerate(names):
         if m == b:
             continue
-        ratio = norm_ratio(W_dec, b, m)
+        ratio = norm_ratio(W_dec, b, m, scale=norm_ratio_scale)
         category = categorize(ratio).astype(object)
         category[dead] = "dead"
         columns[f"nrn_{name}"] = _floats(nrn(W_dec, b, m, p))
@@ -163,6 +187,7 @@ def feature_table(cc: Any, *, base: str, stats: FeatureStats | None = None, p: f
         pa.string(),
     )
     columns["dead"] = pa.array(dead, pa.bool_())
+    columns["duplicate_group"] = pa.array(groups.group.numpy(), pa.int64())
     if stats is not None:
         columns["frequency"] = _floats(stats.frequency)
         columns["max_activation"] = _floats(stats.max_activation)
@@ -197,20 +222,32 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
 
 
 def summary(
-    table: pa.Table, *, base: str, model_names: Sequence[str], nrn_tails: Sequence[float] = NRN_TAILS
+    table: pa.Table,
+    *,
+    base: str,
+    model_names: Sequence[str],
+    nrn_tails: Sequence[float] = NRN_TAILS,
+    liveness: str = "unknown",
 ) -> dict[str, Any]:
     """JSON-ready counts of a :func:`feature_table` (paper R fig. 1/3 tails, paper S categories).
 
-    Dead features (``dead`` column) are left out of every count and reported as ``n_dead``. Per
-    tuned model: ``categories`` (NormRatio category counts; ``undefined`` counts live features with
-    both decoders of the pair zero), ``nrn_tails`` (counts of NRN > t and NRN < 1 - t for each t in
-    ``nrn_tails``), ``nrn_mean`` and ``nrn_median`` (null when no feature counts). ``mas_dominant``
-    counts live features per model.
+    Dead features (``dead`` column) are left out of every count. ``liveness`` says where the table's
+    ``dead`` flags come from (:data:`LIVENESS_SOURCES`): with ``"unknown"`` only all-zero decoders
+    are known dead, ``n_dead`` is null and ``n_zero_decoder`` is given instead, because a latent
+    that never fires looks live from its decoder alone. Per tuned model: ``categories`` (NormRatio
+    category counts; ``undefined`` counts live features with both decoders of the pair zero),
+    ``nrn_tails`` (counts of NRN > t and NRN < 1 - t for each t in ``nrn_tails``), ``nrn_mean`` and
+    ``nrn_median`` (null when no feature counts), and the same counts deduplicated
+    (``categories_dedup``, ``nrn_tails_dedup``: each group of near-identical latents counted once,
+    by its representative; needs the ``duplicate_group`` column). ``mas_dominant`` counts live
+    features per model (``mas_dominant_dedup`` per group).
     """
     names = list(model_names)
     model_index(names, base, "base")
+    if liveness not in LIVENESS_SOURCES:
+        raise ProbeError(f"liveness {liveness!r} is not one of {LIVENESS_SOURCES}")
     tuned = [name for name in names if name != base]
-    needed = ["dead", "mas_dominant"] + [f"{kind}_{name}" for name in tuned for kind in ("nrn", "category")]
+    needed = ["dead", "mas_dominant", "duplicate_group"] + [f"{kind}_{name}" for name in tuned for kind in ("nrn", "category")]
     missing = [column for column in needed if column not in table.column_names]
     if missing:
         raise ProbeError(
@@ -222,31 +259,46 @@ def summary(
             raise ProbeError(f"nrn_tails must be thresholds in [0.5, 1), got {t!r}")
     dead = np.asarray(table.column("dead").to_pylist(), dtype=bool)
     live = ~dead
+    group = np.asarray(table.column("duplicate_group").to_numpy(zero_copy_only=False), dtype=np.int64)
+    representative = live & (group == np.arange(group.size))
     out: dict[str, Any] = {
         "base": base,
         "n_features": int(table.num_rows),
-        "n_dead": int(dead.sum()),
+        "liveness": liveness,
+        "n_dead": None if liveness == "unknown" else int(dead.sum()),
+        "n_zero_decoder": int(dead.sum()) if liveness == "unknown" else None,
+        "n_duplicate_groups": int(representative.sum()),
+        "n_features_in_duplicate_groups": int((live & (np.bincount(group[live], minlength=group.size)[np.maximum(group, 0)] > 1)).sum()),
         "models": {},
     }
     for name in tuned:
         score = np.asarray(table.column(f"nrn_{name}").to_numpy(zero_copy_only=False), dtype=float)
         category = np.asarray(table.column(f"category_{name}").to_pylist(), dtype=object)
         counted = score[live & np.isfinite(score)]
-        labels = category[live]
-        tails: dict[str, int] = {}
-        for t in nrn_tails:
-            tails[f"nrn>{t:g}"] = int((counted > t).sum())
-            tails[f"nrn<{1 - t:g}"] = int((counted < 1 - t).sum())
         out["models"][name] = {
             "n": int(counted.size),
-            "categories": {
-                **{c: int((labels == c).sum()) for c in CATEGORIES if c != "dead"},
-                "undefined": int((labels == "dead").sum()),
-            },
-            "nrn_tails": tails,
+            "categories": _category_counts(category[live]),
+            "categories_dedup": _category_counts(category[representative]),
+            "nrn_tails": _tail_counts(counted, nrn_tails),
+            "nrn_tails_dedup": _tail_counts(score[representative & np.isfinite(score)], nrn_tails),
             "nrn_mean": float(counted.mean()) if counted.size else None,
             "nrn_median": float(np.median(counted)) if counted.size else None,
         }
-    dominant = np.asarray(table.column("mas_dominant").to_pylist(), dtype=object)[live]
-    out["mas_dominant"] = {name: int((dominant == name).sum()) for name in names}
+    dominant = np.asarray(table.column("mas_dominant").to_pylist(), dtype=object)
+    out["mas_dominant"] = {name: int((dominant[live] == name).sum()) for name in names}
+    out["mas_dominant_dedup"] = {name: int((dominant[representative] == name).sum()) for name in names}
     return out
+
+
+def _category_counts(labels: np.ndarray) -> dict[str, int]:
+    """NormRatio category counts of live features; "dead" labels there mean an undefined pair."""
+    return {**{c: int((labels == c).sum()) for c in CATEGORIES if c != "dead"}, "undefined": int((labels == "dead").sum())}
+
+
+def _tail_counts(scores: np.ndarray, tails: Sequence[float]) -> dict[str, int]:
+    """Counts of NRN > t and NRN < 1 - t for every t."""
+    counts: dict[str, int] = {}
+    for t in tails:
+        counts[f"nrn>{t:g}"] = int((scores > t).sum())
+        counts[f"nrn<{1 - t:g}"] = int((scores < 1 - t).sum())
+    return counts

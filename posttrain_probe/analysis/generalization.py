@@ -18,6 +18,11 @@ For every task t with generalization-critical samples G_t (base model wrong, RL 
    too; it reduces to SPEC sec. 5's |T_c ∩ T_c'| / k for sets of equal size). ``normalize="jaccard"``
    (|S_a ∩ S_b| / |S_a ∪ S_b|) and ``"min"`` (|S_a ∩ S_b| / min(|S_a|, |S_b|)) are offered.
 
+With ``split_half=SEED`` (``--split-half SEED``) each task's G_t is first cut in two by
+:func:`half_split`: S_t and S are selected on the selection half only, and the held-out half's doc
+ids go into the feature set's provenance (``split_half``), so that ``posttrain-probe intervene``
+measures the effect on documents the selection never saw.
+
 Entry points: :func:`generalization_features` (all of it, from a crosscoder, two models and a
 critical-samples file), :meth:`GeneralizationResult.write` (``generalization.json``, ``scores.csv``,
 ``overlap.png``/``.svg``, the feature-set JSON of S with its provenance and one per S_t) and
@@ -26,6 +31,7 @@ critical-samples file), :meth:`GeneralizationResult.write` (``generalization.jso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -294,6 +300,35 @@ def last_prompt_activations(
     return out
 
 
+# -- split-half selection -------------------------------------------------------------------------------
+
+
+def half_split(doc_ids: Sequence[int], seed: int, task: str) -> tuple[list[int], list[int]]:
+    """Split one task's G_t into a selection half and a held-out half, reproducibly.
+
+    Args:
+        doc_ids: the task's critical doc ids (>= 2, distinct).
+        seed: split seed (int >= 0).
+        task: the task name; mixed into the seed so that tasks are split independently.
+
+    Returns:
+        ``(selection, held_out)``, each sorted: a random permutation (``numpy`` generator seeded by
+        ``seed`` and a sha256 of ``task``) of the sorted doc ids, its first ceil(n/2) ids selecting and
+        the other floor(n/2) held out. The same (doc ids, seed, task) always give the same halves.
+    """
+    ids = sorted(int(d) for d in doc_ids)
+    if len(set(ids)) != len(ids):
+        raise ProbeError(f"task {task!r}: repeated critical doc ids; expected distinct ids")
+    if len(ids) < 2:
+        raise ProbeError(f"task {task!r} has |G_t| = {len(ids)}; a split into a selection and a held-out half needs at least 2 critical samples")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ProbeError(f"split seed {seed!r}: expected an int >= 0")
+    salt = int.from_bytes(hashlib.sha256(task.encode()).digest()[:8], "little")
+    order = np.random.default_rng([int(seed), salt]).permutation(len(ids))
+    n_select = (len(ids) + 1) // 2
+    return sorted(ids[i] for i in order[:n_select]), sorted(ids[i] for i in order[n_select:])
+
+
 # -- critical samples --------------------------------------------------------------------------------------
 
 
@@ -306,6 +341,14 @@ class CriticalTask:
     prompts: list[str]
     """The exact contexts lm-eval fed the models, in the order of ``doc_ids``."""
     output_type: str = "loglikelihood"
+
+    def subset(self, doc_ids: Sequence[int]) -> CriticalTask:
+        """This task restricted to ``doc_ids`` (a subset of its doc ids, in the given order; prompts kept in step)."""
+        prompts = dict(zip(self.doc_ids, self.prompts))
+        missing = [d for d in doc_ids if d not in prompts]
+        if missing:
+            raise ProbeError(f"task {self.name!r}: doc ids {missing[:10]} are not among its critical samples")
+        return CriticalTask(self.name, list(doc_ids), [prompts[d] for d in doc_ids], self.output_type)
 
 
 def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, CriticalTask], list[str], dict[str, Any]]:
@@ -381,7 +424,7 @@ class GeneralizationResult:
     skipped: list[str]
     """Tasks left out because they have no generalization-critical sample."""
     n_critical: dict[str, int]
-    """|G_t| per scored task."""
+    """|G_t| per scored task (of its selection half with ``split_half``: the samples scored)."""
     scores: torch.Tensor
     """[T, F] float64 Score_k^t (code units)."""
     sets: dict[str, list[int]]
@@ -418,6 +461,9 @@ class GeneralizationResult:
                 notes.append(f"task {task}: the maximum score is {top:.4g} <= 0 (no feature is more active in the RL model on G_t), so S_t is empty")
         if not self.intersection:
             notes.append("the intersection S is empty")
+        split = self.settings.get("split_half")
+        if split:
+            notes.append(f"features selected on one half of each G_t (split seed {split['seed']}); intervene evaluates them on the held-out half")
         return notes
 
     def summary(self) -> dict[str, Any]:
@@ -433,6 +479,10 @@ class GeneralizationResult:
             }
             for t in self.tasks
         }
+        split = self.settings.get("split_half")
+        if split:
+            for t in self.tasks:
+                per_task[t]["n_held_out"] = len(split["held_out_doc_ids"][t])
         return json_safe({
             "format": RESULT_FORMAT,
             "format_version": 1,
@@ -527,6 +577,7 @@ def generalization_features(
     model_dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     progress: bool = False,
+    split_half: int | None = None,
 ) -> GeneralizationResult:
     """Generalization-controlling features of a base-vs-RL crosscoder (SPEC sec. 6, paper R sec. 3.2/7).
 
@@ -544,6 +595,10 @@ def generalization_features(
         batch_size, padding_side: prompts per truncated forward and where padding goes.
         model_dtype, device: how models given by path are loaded (``auto``: bf16 on GPU, fp32 on CPU).
         progress: progress bars over the prompt batches.
+        split_half: a seed: select on one half of each task's G_t only (:func:`half_split`; scores,
+            S_t, S and ``n_critical`` are those of the selection half); both halves' doc ids go into
+            ``settings["split_half"]`` and so into the feature sets' provenance, and ``intervene``
+            then evaluates on the held-out half. None (default): all of G_t.
 
     Returns:
         A :class:`GeneralizationResult` (``.write(out_dir)`` writes the files).
@@ -573,6 +628,16 @@ def generalization_features(
     used, skipped = choose_tasks(list(available), empty, tasks)
     if not used:
         raise ProbeError(f"no task has generalization-critical samples (tasks without any: {skipped or empty}); nothing to score")
+    split = None
+    if split_half is not None:
+        halves = {task: half_split(available[task].doc_ids, split_half, task) for task in used}
+        available = {**available, **{task: available[task].subset(halves[task][0]) for task in used}}
+        split = {
+            "seed": int(split_half),
+            "rule": "per task, a seeded permutation of the sorted G_t doc ids: first ceil(n/2) select, the rest are held out (analysis.generalization.half_split)",
+            "selection_doc_ids": {task: halves[task][0] for task in used},
+            "held_out_doc_ids": {task: halves[task][1] for task in used},
+        }
     device = resolve_device(device)
 
     contexts = [(task, prompt, available[task].output_type) for task in used for prompt in available[task].prompts]
@@ -626,6 +691,8 @@ def generalization_features(
         "position": "last prompt token",
         "tokenization": {"as": "lm-eval HFLM context (tok_encode / tok_batch_encode)", "add_bos_token": add_bos_token, "padding_side": padding_side, **tokenization},
     }
+    if split is not None:
+        settings["split_half"] = split
     return GeneralizationResult(used, skipped, counts, torch.stack(scores), sets, intersect_feature_sets(sets), threshold, normalize, settings, cc)
 
 

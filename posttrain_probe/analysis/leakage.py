@@ -309,13 +309,15 @@ def crosscoder_leakage(
     new_blocked: str | int | None = None,
     matching: str = "hungarian",
     path: str | None = None,
+    norm_ratio_scale: str = "all",
 ) -> CrosscoderLeakage:
     """Part 2 of the leakage analysis: NormRatio bands of the protected features in a base-vs-blocked crosscoder.
 
     ``crosscoder``: the blocking crosscoder (branch ``model`` defined the protected ``features``);
     ``new_crosscoder``: a two-model crosscoder trained on base vs blocked activations at the same site.
     ``new_base``/``new_blocked``: its slots (default: the model named ``base``, else slot 0; the other one).
-    Features are matched by :func:`match_protected`.
+    Features are matched by :func:`match_protected`. ``norm_ratio_scale``: the NormRatio denominator
+    (``all`` or ``pair``, :func:`~posttrain_probe.analysis.attribution.norm_ratio`; equal for a two-model crosscoder).
     """
     if crosscoder.config.layer is not None and new_crosscoder.config.layer is not None and crosscoder.config.layer != new_crosscoder.config.layer:
         raise ProbeError(f"the blocking crosscoder is at layer {crosscoder.config.layer}, the base-vs-blocked one at layer {new_crosscoder.config.layer}")
@@ -331,7 +333,7 @@ def crosscoder_leakage(
         features=features,
         matching=result,
         method=matching,
-        norm_ratio=norm_ratio(new_crosscoder.W_dec.detach().float().cpu(), base_slot, blocked_slot),
+        norm_ratio=norm_ratio(new_crosscoder.W_dec.detach().float().cpu(), base_slot, blocked_slot, scale=norm_ratio_scale),
         model_names=list(new_crosscoder.model_names),
         base=new_crosscoder.model_names[base_slot],
         blocked=new_crosscoder.model_names[blocked_slot],
@@ -554,6 +556,7 @@ def feature_leakage(
     blocked_crosscoder=None,
     matching: str = "hungarian",
     progress: bool = False,
+    norm_ratio_scale: str = "all",
 ) -> LeakageReport:
     """How much the protected features still moved after blocked training (SPEC sec. 9, paper S E.1).
 
@@ -573,6 +576,9 @@ def feature_leakage(
             ``n_tokens`` > max_tokens makes several passes), then run :func:`crosscoder_leakage`.
         blocked_crosscoder: instead, an already trained base-vs-blocked crosscoder (object or directory).
         matching: ``hungarian`` or ``argmax`` (:func:`match_protected`).
+        norm_ratio_scale: NormRatio denominator of a category ``features`` and of the new crosscoder's bands:
+            ``all`` (max decoder norm over every model slot, SPEC default) or ``pair`` (the two compared models,
+            paper S); see :func:`~posttrain_probe.analysis.attribution.norm_ratio`.
 
     Returns:
         A :class:`LeakageReport`; ``report.write(out_dir)`` writes the JSON, CSV and figure.
@@ -594,7 +600,7 @@ def feature_leakage(
             raise ProbeError("the crosscoder does not record its layer: pass layer= (--layer)")
     elif cc.config.layer is not None and layer != cc.config.layer:
         raise ProbeError(f"the crosscoder was trained at layer {cc.config.layer}, leakage asked for layer {layer}")
-    protected = resolve_features(cc, features, base=model_name, finetuned=finetuned)
+    protected = resolve_features(cc, features, base=model_name, finetuned=finetuned, norm_ratio_scale=norm_ratio_scale)
     new_cc, new_path = (None, None)
     if blocked_crosscoder is not None:
         new_cc, new_path = _load(blocked_crosscoder)
@@ -642,6 +648,7 @@ def feature_leakage(
         "max_tokens": max_tokens,
         "seq_len": seq_len,
         "code_units": "per-source codes f^m of the crosscoder (normalised-input units)",
+        "norm_ratio_scale": norm_ratio_scale,
     }
     report = LeakageReport(protected, shift, settings)
     if train_crosscoder:
@@ -658,5 +665,5 @@ def feature_leakage(
         new_cc, new_path = new_cc.cpu().eval(), str(crosscoder_out)
         del acts
     if new_cc is not None:
-        report.crosscoder = crosscoder_leakage(cc, new_cc, protected, model=slot, matching=matching, path=new_path)
+        report.crosscoder = crosscoder_leakage(cc, new_cc, protected, model=slot, matching=matching, path=new_path, norm_ratio_scale=norm_ratio_scale)
     return report

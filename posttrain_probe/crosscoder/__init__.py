@@ -1,9 +1,18 @@
 """N-model sparse crosscoders (SPEC sec. 3): the model, its config and its training loop."""
 
+from posttrain_probe.crosscoder.calibrate import SourceCalibration, calibrate_source_thresholds
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
 
-__all__ = ["Crosscoder", "CrosscoderConfig", "CrosscoderOutput", "CrosscoderTrainingConfig", "train_crosscoder"]
+__all__ = [
+    "Crosscoder",
+    "CrosscoderConfig",
+    "CrosscoderOutput",
+    "CrosscoderTrainingConfig",
+    "SourceCalibration",
+    "calibrate_source_thresholds",
+    "train_crosscoder",
+]
 
 
 def __getattr__(name: str):

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 
@@ -48,3 +50,48 @@ def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
                 l0=round(last["l0"], 2), dead_fraction=round(last["dead_fraction"], 4),
             )
     return info
+
+
+def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
+    """[F] bool: which features fired late in the crosscoder's own training run (None without a run).
+
+    Read from the firing counters of the newest state in ``path/trainer_state/``: a feature is live
+    when it fired within the last ``min(dead_after_tokens, max(tokens // 2, batch_size))`` training
+    tokens - the window the trainer itself uses to call a feature dead (SPEC sec. 3). A latent that
+    fired only early in training and then died counts as dead. Liveness measured on held-out
+    activations (``analyze --acts``) is the stronger evidence and takes precedence.
+    """
+    from posttrain_probe.crosscoder.state import load_training_state
+    from posttrain_probe.crosscoder.train import STATE_DIR
+
+    state_dir = Path(path) / STATE_DIR
+    if not (state_dir / "latest.json").exists():
+        return None
+    state = load_training_state(state_dir)
+    counters = state["counters"]
+    training = state["meta"]["configs"]["training"]
+    tokens = int(state["step"]) * int(training["batch_size"])
+    window = min(int(training["dead_after_tokens"]), max(tokens // 2, int(training["batch_size"])))
+    return (counters["tokens_since_fired"] < window) & counters["fired_ever"]
+
+
+def crosscoder_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings that counts of model-specific latents depend on: F, activation, λ or k, tokens.
+
+    From ``config.json`` and, when the run directory has them, ``training_config.json`` and the
+    last line of ``metrics.jsonl``. Two analyses are comparable only at equal settings.
+    """
+    cc_config = json.loads((Path(path) / "config.json").read_text())
+    settings: dict[str, Any] = {"n_features": cc_config.get("n_features"), "activation": cc_config.get("activation")}
+    if cc_config.get("activation") == "batchtopk":
+        settings["k"] = cc_config.get("k")
+    training_file = Path(path) / "training_config.json"
+    if training_file.exists():
+        training = json.loads(training_file.read_text()).get("training", {})
+        if cc_config.get("activation") != "batchtopk":
+            settings["l1_coefficient"] = training.get("l1_coefficient")
+        settings["batch_size"] = training.get("batch_size")
+    metrics = Path(path) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    settings["tokens_trained"] = json.loads(lines[-1])["tokens"] if lines else None
+    return settings

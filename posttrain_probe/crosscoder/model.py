@@ -57,6 +57,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         if config.d_model < 1 or not config.model_names:
             raise ProbeError(f"a crosscoder needs d_model >= 1 and model names, got {config.d_model} and {config.model_names}")
         self.config = config
+        # save_pretrained writes this object's fields: changes to self.config (calibrated
+        # source_thresholds) are saved, also for a crosscoder that from_pretrained built from a dict
+        self._hub_mixin_config = config
         n, d, f = config.n_models, config.d_model, config.n_features
         self.W_enc = nn.Parameter(torch.empty(n, d, f))
         self.b_enc = nn.Parameter(torch.zeros(f))
@@ -172,12 +175,15 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         """[B, N, d] normalised -> [B, F]: one [B, N*d] x [N*d, F] matmul."""
         return torch.addmm(self.b_enc, xn.flatten(1), self.W_enc.flatten(0, 1))
 
-    def _inference_codes(self, pre: torch.Tensor) -> torch.Tensor:
+    def _inference_codes(self, pre: torch.Tensor, threshold: torch.Tensor | float | None = None) -> torch.Tensor:
+        """ReLU, and for BatchTopK the inference threshold on f_i·sum_m||d_i^m|| (``threshold``; None: the joint one)."""
         acts = F.relu(pre)
         if self.config.activation == "batchtopk":
-            if self.threshold < 0:
-                raise ProbeError("this BatchTopK crosscoder has no inference threshold yet: train it first")
-            acts = acts * (acts * self.decoder_norm_sum() > self.threshold)
+            if threshold is None:
+                if self.threshold < 0:
+                    raise ProbeError("this BatchTopK crosscoder has no inference threshold yet: train it first")
+                threshold = self.threshold
+            acts = acts * (acts * self.decoder_norm_sum() > threshold)
         return acts
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,16 +191,44 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         self._check_input(x)
         return self._inference_codes(self._pre_activations(self.normalize(x)))
 
-    def encode_source(self, x: torch.Tensor, model: str | int) -> torch.Tensor:
-        """Per-source code f^m [B, F] of one model's raw activations x [B, d] (SPEC sec. 3).
-
-        The encoder with every other model's slot set to zero: act(W_enc^m ã^m + b_enc).
-        """
+    def source_pre_activations(self, x: torch.Tensor, model: str | int) -> torch.Tensor:
+        """Per-source pre-activations W_enc^m ã^m + b_enc [B, F] of one model's raw activations x [B, d]
+        (every other model's slot zero; normalised-input code units)."""
         m = self.model_index(model)
         if x.ndim != 2 or x.shape[1] != self.config.d_model:
             raise ProbeError(f"encode_source expects [batch, {self.config.d_model}] activations of one model, got {tuple(x.shape)}")
-        pre = (x * self.scales[m].to(x.dtype)) @ self.W_enc[m] + self.b_enc
-        return self._inference_codes(pre)
+        return (x * self.scales[m].to(x.dtype)) @ self.W_enc[m] + self.b_enc
+
+    def source_threshold(self, model: str | int, *, joint_threshold: bool = False) -> float:
+        """The BatchTopK inference threshold :meth:`encode_source` applies to model ``model``'s codes.
+
+        theta_m of ``config.source_thresholds`` when the crosscoder was calibrated per source
+        (:func:`~posttrain_probe.crosscoder.calibrate.calibrate_source_thresholds`), else - or with
+        ``joint_threshold`` - the joint threshold learned in training. Units: the score
+        f_i·sum_m||d_i^m|| (normalised units). ProbeError for ReLU crosscoders and when no threshold is set.
+        """
+        m = self.model_index(model)
+        if self.config.activation != "batchtopk":
+            raise ProbeError(f"this crosscoder's activation is {self.config.activation!r}: only BatchTopK crosscoders have an inference threshold")
+        if self.config.source_thresholds is not None and not joint_threshold:
+            return float(self.config.source_thresholds[m])
+        if self.threshold < 0:
+            raise ProbeError("this BatchTopK crosscoder has no inference threshold yet: train it first")
+        return float(self.threshold)
+
+    def encode_source(self, x: torch.Tensor, model: str | int, *, joint_threshold: bool = False) -> torch.Tensor:
+        """Per-source code f^m [B, F] of one model's raw activations x [B, d] (SPEC sec. 3).
+
+        The encoder with every other model's slot set to zero: act(W_enc^m ã^m + b_enc). For a
+        BatchTopK crosscoder calibrated per source (``config.source_thresholds``), act thresholds
+        at theta_m, so that the per-source codes are as sparse as training's (mean L0 = k on the
+        calibration tokens); otherwise, or with ``joint_threshold=True``, at the joint inference
+        threshold learned on joint codes.
+        """
+        pre = self.source_pre_activations(x, model)
+        if self.config.source_thresholds is None or joint_threshold or self.config.activation != "batchtopk":
+            return self._inference_codes(pre)
+        return self._inference_codes(pre, self.config.source_thresholds[self.model_index(model)])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Reconstruction [B, N, d] in raw units from feature activations [B, F]: one [B, F] x [F, N*d] matmul."""

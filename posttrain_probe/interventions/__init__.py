@@ -11,7 +11,13 @@ from posttrain_probe.interventions.feature_sets import (
     resolve_features,
     write_feature_set,
 )
-from posttrain_probe.interventions.features import INTERVENTION_MODES, POSITIONS, FeatureIntervention, max_activations
+from posttrain_probe.interventions.features import (
+    INTERVENTION_MODES,
+    POSITIONS,
+    FeatureIntervention,
+    max_activations,
+    source_activation_stats,
+)
 
 __all__ = [
     "CATEGORY_NAMES",
@@ -26,5 +32,6 @@ __all__ = [
     "max_activations",
     "read_feature_set",
     "resolve_features",
+    "source_activation_stats",
     "write_feature_set",
 ]

@@ -3,6 +3,8 @@
 At site L (the residual stream entering block L, SPEC sec. 1), in every forward pass:
 
     sae:      f_S = f^m(x)[S];  x_S = W_dec^m[S]^T f_S / s_m;  x_new = sg(x_S) + (x - x_S)
+              (f^m with b_enc, SPEC's default; encoder_bias=False: f_S = act(W_enc^m[S]^T s_m x), paper S's
+              ReLU(W_enc^T x) without the encoder bias)
     subspace: x_S = P_S x (orthogonal projection onto span{d_k : k in S});  x_new = sg(x_S) + (x - x_S)
     ablate:   x_new = x - P_S x   (the subspace is removed from the forward too)
 
@@ -26,14 +28,33 @@ MODES = ("sae", "subspace", "ablate")
 class GradientBlocker:
     """Blocks the gradient through features ``features`` of one model branch of a crosscoder/SAE at ``layer``.
 
+    ``encoder_bias`` (``sae`` mode only): True (SPEC sec. 9 default) protects the per-source code
+    f^m(x) = act(W_enc^m ã^m + b_enc) exactly as :meth:`Crosscoder.encode_source` computes it;
+    False drops b_enc, paper S's f = ReLU(W_enc^T x). A BatchTopK crosscoder's inference threshold
+    (per source when calibrated, as ``encode_source``) applies either way.
+
     Use ``attach(model)`` / ``detach()`` or ``with blocker.attached(model): ...``. The protected
     weights are copied to the hidden states' device and dtype at the first forward.
     """
 
-    def __init__(self, crosscoder, features: Sequence[int], *, model: str | int = 0, layer: int | None = None, mode: str = "sae") -> None:
+    def __init__(
+        self,
+        crosscoder,
+        features: Sequence[int],
+        *,
+        model: str | int = 0,
+        layer: int | None = None,
+        mode: str = "sae",
+        encoder_bias: bool = True,
+    ) -> None:
         if mode not in MODES:
             raise ProbeError(f"blocking mode {mode!r} is not one of {MODES}")
+        if not isinstance(encoder_bias, bool):
+            raise ProbeError(f"encoder_bias must be True or False, got {encoder_bias!r}")
+        if not encoder_bias and mode != "sae":
+            raise ProbeError(f"encoder_bias=False changes the code of mode 'sae' only; mode {mode!r} uses no encoder")
         self.mode = mode
+        self.encoder_bias = encoder_bias
         self.slot = crosscoder.model_index(model)
         self.model_name = crosscoder.model_names[self.slot]
         self.layer = crosscoder.config.layer if layer is None else layer
@@ -59,9 +80,10 @@ class GradientBlocker:
             self._dec = (crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale).contiguous()  # [|S|, d]
             self._threshold = None
             if crosscoder.config.activation == "batchtopk":
-                self._threshold = float(crosscoder.threshold)
-                if self._threshold < 0:
+                # the threshold encode_source applies: theta_m when calibrated per source, else the joint one
+                if crosscoder.config.source_thresholds is None and float(crosscoder.threshold) < 0:
                     raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
+                self._threshold = crosscoder.source_threshold(self.slot)
                 self._score = crosscoder.decoder_norm_sum().detach().float().cpu()[index]
             self._basis = None
             if mode != "sae" and self.features:
@@ -87,7 +109,7 @@ class GradientBlocker:
         if not self.features:
             return torch.zeros_like(x)
         if self.mode == "sae":
-            codes = torch.relu(x @ enc + b_enc)
+            codes = torch.relu(x @ enc + b_enc) if self.encoder_bias else torch.relu(x @ enc)
             if self._threshold is not None:
                 codes = codes * (codes * score > self._threshold)
             return codes @ dec
@@ -157,4 +179,5 @@ class GradientBlocker:
         return _Attached()
 
     def __repr__(self) -> str:
-        return f"GradientBlocker(model={self.model_name!r}, layer={self.layer}, mode={self.mode!r}, n_features={len(self.features)})"
+        bias = "" if self.encoder_bias else ", encoder_bias=False"
+        return f"GradientBlocker(model={self.model_name!r}, layer={self.layer}, mode={self.mode!r}, n_features={len(self.features)}{bias})"

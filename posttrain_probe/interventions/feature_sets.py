@@ -47,12 +47,19 @@ def crosscoder_fingerprint(crosscoder) -> str:
     """sha256 (hex) identifying a crosscoder's weights: config, scales, threshold, biases and the
     full decoder ``W_dec``, hashed as float32 bytes on the CPU.
 
+    Calibrated per-source BatchTopK thresholds (``config.source_thresholds``) are part of the
+    config, so calibrating a crosscoder changes its fingerprint (its per-source codes change); a
+    crosscoder without them hashes exactly as before the field existed.
+
     Stable across save/load, devices and processes; any change of the decoder changes it (a cast
     to a lower precision does too). Costs one pass over W_dec (about 0.35 s for 32768 features x
     2 models x 2304 dims on one CPU core) and is cached on the object until its tensors change.
     """
     tensors = (crosscoder.W_dec, crosscoder.b_dec, crosscoder.b_enc, crosscoder.scales, crosscoder.threshold)
-    config = json.dumps(asdict(crosscoder.config), sort_keys=True)
+    fields = asdict(crosscoder.config)
+    if fields.get("source_thresholds", 0) is None:
+        del fields["source_thresholds"]  # uncalibrated: the fingerprint of crosscoders saved before the field
+    config = json.dumps(fields, sort_keys=True)
     key = (config, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
     cached = getattr(crosscoder, "_posttrain_probe_fingerprint", None)
     if cached is not None and cached[0] == key:
@@ -68,7 +75,7 @@ def crosscoder_fingerprint(crosscoder) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _directory_fingerprint(path: str, mtime_ns: int, size: int) -> str:
+def _directory_fingerprint(path: str, mtime_ns: int, size: int, config_mtime_ns: int) -> str:
     from posttrain_probe.crosscoder.inspect import load_crosscoder
 
     return crosscoder_fingerprint(load_crosscoder(path))
@@ -83,7 +90,8 @@ def _fingerprint_of(crosscoder) -> tuple[str | None, str | None]:
         if not (Path(crosscoder) / "config.json").exists() or not weights.exists():
             return str(crosscoder), None  # a label only (e.g. a path on another machine)
         stat = weights.stat()
-        return str(crosscoder), _directory_fingerprint(str(Path(crosscoder).resolve()), stat.st_mtime_ns, stat.st_size)
+        config_stat = (Path(crosscoder) / "config.json").stat()  # calibration rewrites only the config's content
+        return str(crosscoder), _directory_fingerprint(str(Path(crosscoder).resolve()), stat.st_mtime_ns, stat.st_size, config_stat.st_mtime_ns)
     return None, crosscoder_fingerprint(crosscoder)
 
 
@@ -149,20 +157,30 @@ def resolve_features(
     *,
     base: str | int = 0,
     finetuned: str | int | None = None,
+    norm_ratio_scale: str = "all",
 ) -> list[int]:
     """Feature indices from ``spec``: a list of ints, a NormRatio category of the crosscoder
     (``shared``, ``base-only``, ``finetune-only``; paper S bands, ``base`` vs ``finetuned`` slot,
     default the other model of a two-model crosscoder), a feature-set JSON path, or a
     comma-separated list of ints. Refuses empty sets, out-of-range indices and feature-set JSONs
     whose recorded crosscoder fingerprint is not ``crosscoder``'s.
+
+    ``norm_ratio_scale``: the NormRatio denominator of a category, ``"all"`` (max decoder norm over
+    every model slot, SPEC sec. 4 default) or ``"pair"`` (over ``base`` and ``finetuned`` only,
+    paper S); see :func:`~posttrain_probe.analysis.attribution.norm_ratio`. Checked for every
+    ``spec``; it only matters for categories of crosscoders with more than two models.
     """
+    from posttrain_probe.analysis.attribution import NORM_RATIO_SCALES
+
+    if norm_ratio_scale not in NORM_RATIO_SCALES:
+        raise ProbeError(f"norm_ratio_scale {norm_ratio_scale!r} is not one of {NORM_RATIO_SCALES}")
     n_features = crosscoder.config.n_features
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec).strip()
         if not text:
             raise ProbeError("the feature set is empty: give a category, a feature-set JSON or indices like 3,17,42")
         if text in CATEGORY_NAMES:
-            features = _category(crosscoder, text, base, finetuned)
+            features = _category(crosscoder, text, base, finetuned, norm_ratio_scale)
         elif Path(text).suffix == ".json" or Path(text).exists():
             features = _checked_set(crosscoder, text)
         elif all(part.strip().lstrip("-").isdigit() for part in text.split(",") if part.strip()):
@@ -194,7 +212,7 @@ def _checked_set(crosscoder, path: str) -> list[int]:
     return loaded.features
 
 
-def _category(crosscoder, category: str, base: str | int, finetuned: str | int | None) -> list[int]:
+def _category(crosscoder, category: str, base: str | int, finetuned: str | int | None, scale: str = "all") -> list[int]:
     from posttrain_probe.analysis.attribution import categorize, norm_ratio
 
     base_slot = crosscoder.model_index(base)
@@ -203,5 +221,5 @@ def _category(crosscoder, category: str, base: str | int, finetuned: str | int |
             raise ProbeError(f"the crosscoder has models {crosscoder.model_names}: name the fine-tuned one for category {category!r}")
         finetuned = 1 - base_slot
     ft_slot = crosscoder.model_index(finetuned)
-    labels = categorize(norm_ratio(crosscoder.W_dec.detach(), base_slot, ft_slot))
+    labels = categorize(norm_ratio(crosscoder.W_dec.detach(), base_slot, ft_slot, scale=scale))
     return [int(i) for i in torch.nonzero(torch.as_tensor(labels == category)).flatten().tolist()]

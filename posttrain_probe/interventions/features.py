@@ -134,10 +134,11 @@ class FeatureIntervention:
             self._threshold: float | None = None
             self._score = None
             if cc.config.activation == "batchtopk":
-                # The inference threshold is per feature on f_i * sum over ALL models of ||d_i^m||.
-                self._threshold = float(cc.threshold)
-                if self._threshold < 0:
+                # The inference threshold is per feature on f_i * sum over ALL models of ||d_i^m||:
+                # encode_source's (theta_m when calibrated per source, else the joint one).
+                if cc.config.source_thresholds is None and float(cc.threshold) < 0:
                     raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
+                self._threshold = cc.source_threshold(self.slot)
                 self._score = cc.decoder_norm_sum().detach()[index].clone()
             self._target = None
             if mode == "steer":
@@ -409,14 +410,23 @@ class _ModelHooks:
 
 
 # ---------------------------------------------------------------------------------------------
-# max activations (steer)
+# activation statistics: max (steer) and firing rate (controls)
 # ---------------------------------------------------------------------------------------------
 
-_MAX_ACTS_VERSION = 1
+_MAX_ACTS_VERSION = 2  # 2: the cache file holds the firing frequency beside the max
+
+
+def max_activations(crosscoder, model_name: str | int, model: nn.Module | str | os.PathLike, data, **kwargs: Any) -> torch.Tensor:
+    """``[F]`` float32 (CPU): max over a reference corpus of each feature's per-source code f^m
+    (code units), the quantity ``steer`` multiplies (SPEC sec. 7, paper S B.3).
+
+    The ``max_activation`` of :func:`source_activation_stats` (same arguments, same cache).
+    """
+    return source_activation_stats(crosscoder, model_name, model, data, **kwargs).max_activation
 
 
 @torch.no_grad()
-def max_activations(
+def source_activation_stats(
     crosscoder,
     model_name: str | int,
     model: nn.Module | str | os.PathLike,
@@ -433,9 +443,9 @@ def max_activations(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     chunk_tokens: int = 2048,
-) -> torch.Tensor:
-    """``[F]`` float32 (CPU): max over a reference corpus of each feature's per-source code f^m
-    (code units), the quantity ``steer`` multiplies (SPEC sec. 7, paper S B.3).
+):
+    """Firing frequency and max of each feature's per-source code f^m over a reference corpus, in one pass
+    (SPEC sec. 7 steer, sec. 11 frequency-matched controls).
 
     ``crosscoder``: a ``Crosscoder`` or its directory; ``model_name``: its branch m; ``model``: the
     HF causal LM of that branch (or a path). ``data``: a dataset spec as
@@ -445,11 +455,17 @@ def max_activations(
     Tokens counted are those the crosscoder was trained on: real tokens, not the first position,
     not BOS (SPEC sec. 1). Truncated forwards stop at block ``layer``.
 
+    Returns:
+        :class:`~posttrain_probe.analysis.features.FeatureStats` (CPU): ``frequency`` ``[F]`` float64,
+        the fraction of counted tokens with f_i^m > 0; ``max_activation`` ``[F]`` float32, the largest
+        f_i^m (code units, 0 for a feature that never fired); ``n_tokens``.
+
     Cached on disk in ``cache_dir`` (default: ``<crosscoder dir>/max_activations/``; an in-memory
     crosscoder without ``cache_dir`` is not cached), keyed by the crosscoder fingerprint, branch,
     model fingerprint (config + a strided sample of every weight), data fingerprint and layer.
     """
     from posttrain_probe.activations.capture import capture_batch
+    from posttrain_probe.analysis.features import FeatureStats
     from posttrain_probe.data import TokenBatch
 
     cc, path = _load(crosscoder)
@@ -458,7 +474,7 @@ def max_activations(
     if layer is None:
         raise ProbeError("the crosscoder does not record its layer: pass layer=")
     if cc.config.layer is not None and layer != cc.config.layer:
-        raise ProbeError(f"the crosscoder was trained at layer {cc.config.layer}, max_activations asked for layer {layer}")
+        raise ProbeError(f"the crosscoder was trained at layer {cc.config.layer}, the activation statistics asked for layer {layer}")
     if chunk_tokens < 1:
         raise ProbeError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if isinstance(model, (str, os.PathLike)):
@@ -483,14 +499,16 @@ def max_activations(
         from safetensors import safe_open
 
         with safe_open(str(cache_file), framework="pt") as handle:
-            if (handle.metadata() or {}).get("key") == json.dumps(key, sort_keys=True):
-                return handle.get_tensor("max_activations")
+            metadata = handle.metadata() or {}
+            if metadata.get("key") == json.dumps(key, sort_keys=True):
+                return FeatureStats(handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"]))
 
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
     encoder = cc if cc.W_enc.device == device else copy.deepcopy(cc).to(device)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else getattr(inner.config, "bos_token_id", None)
     best = torch.zeros(cc.config.n_features, dtype=torch.float32, device=device)
+    fired = torch.zeros(cc.config.n_features, dtype=torch.int64, device=device)
     n_tokens = 0
     was_training = inner.training
     inner.eval()
@@ -503,19 +521,21 @@ def max_activations(
             for chunk in acts.split(chunk_tokens) if acts.shape[0] else ():
                 codes = encoder.encode_source(chunk.to(encoder.W_enc.dtype), slot)
                 best = torch.maximum(best, codes.max(dim=0).values.float())
+                fired += (codes > 0).sum(dim=0)
     finally:
         inner.train(was_training)
     if n_tokens == 0:
         raise ProbeError("the reference data gave no tokens (after dropping padding, the first position and BOS)")
-    best = best.cpu()
+    stats = FeatureStats(fired.cpu().double() / n_tokens, best.cpu(), n_tokens)
     if cache_file is not None:
         from safetensors.torch import save_file
 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(".tmp")
-        save_file({"max_activations": best}, str(partial), metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)})
+        save_file({"max_activations": stats.max_activation, "frequency": stats.frequency}, str(partial),
+                  metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)})
         os.replace(partial, cache_file)
-    return best
+    return stats
 
 
 class _Batch:

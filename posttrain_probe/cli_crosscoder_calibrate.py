@@ -1,0 +1,89 @@
+"""``posttrain-probe crosscoder calibrate``: per-source BatchTopK inference thresholds (beyond the papers).
+
+Registered on ``crosscoder_app`` of :mod:`posttrain_probe.cli` (imported at the end of cli.py)::
+
+    posttrain-probe crosscoder calibrate runs/cc --acts runs/acts --max-tokens 100000
+    posttrain-probe crosscoder calibrate runs/cc --acts runs/acts/base/layer18 --acts runs/acts/sft/layer18 --out runs/cc-calibrated
+    posttrain-probe crosscoder calibrate runs/cc --clear
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from posttrain_probe.cli import crosscoder_app, user_errors
+from posttrain_probe.errors import ProbeError
+
+
+@crosscoder_app.command("calibrate")
+@user_errors
+def crosscoder_calibrate(
+    path: Path = typer.Argument(..., help="BatchTopK crosscoder directory (config.json + model.safetensors)."),
+    acts: list[str] = typer.Option([], "--acts", help="Calibration activations: a collect output directory, or one store directory per model in the crosscoder's model order (repeat)."),
+    max_tokens: int = typer.Option(100_000, "--max-tokens", help="Calibration tokens (the first ones of the stores). Memory: about 2 x k x max_tokens floats per model."),
+    k: Optional[int] = typer.Option(None, "--k", help="Target mean L0 per token of the per-source codes (default: the crosscoder's training k)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Tokens scored at once (memory only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the calibrated crosscoder here (default: in place, into PATH)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device (default: cuda if available)."),
+    clear: bool = typer.Option(False, "--clear", help="Remove calibrated thresholds instead (encode_source uses the joint threshold again); no --acts."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Calibrate one BatchTopK inference threshold per model so per-source codes f^m have mean L0 = k (their fingerprint changes)."""
+    import torch
+
+    from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.crosscoder.sources import open_source
+    from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
+
+    cc = load_crosscoder(path)
+    before = crosscoder_fingerprint(cc)
+    target = out if out is not None else path
+    if clear:
+        if acts:
+            raise ProbeError("--clear removes the calibrated thresholds and reads no activations: drop --acts")
+        cc.config.source_thresholds = None
+        cc.save_pretrained(target)
+        typer.echo(f"{target}: per-source thresholds removed (fingerprint {before[:12]} -> {crosscoder_fingerprint(cc)[:12]})")
+        return
+    if cc.config.activation != "batchtopk":
+        raise ProbeError(f"{path} is a {cc.config.activation} crosscoder: only BatchTopK crosscoders have inference thresholds to calibrate")
+    if not acts:
+        raise ProbeError("give the calibration activations: --acts DIR (a collect output) or one --acts store directory per model")
+    source = open_source(acts=acts, layer=cc.config.layer, model_names=cc.model_names)
+    if list(source.model_names) != cc.model_names or source.d_model != cc.config.d_model:
+        raise ProbeError(
+            f"the activations hold models {source.model_names} of width {source.d_model}; the crosscoder expects {cc.model_names} of width {cc.config.d_model}"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cc.to(device).eval()
+    batches = source.iter_batches(batch_size, shuffle=False, device=device, dtype=cc.W_enc.dtype)
+    result = calibrate_source_thresholds(cc, batches, max_tokens=max_tokens, k=k, batch_size=batch_size)
+    cc.cpu().save_pretrained(target)
+    after = crosscoder_fingerprint(cc)
+    report = {
+        "crosscoder": str(target),
+        "k": result.k,
+        "n_tokens": result.n_tokens,
+        "joint_threshold": float(cc.threshold),
+        "models": {
+            name: {"threshold": theta, "l0_joint_threshold": before_l0, "l0_calibrated": after_l0}
+            for name, theta, before_l0, after_l0 in zip(cc.model_names, result.thresholds, result.l0_joint_threshold, result.l0_calibrated)
+        },
+        "fingerprint_before": before,
+        "fingerprint_after": after,
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"per-source thresholds on {result.n_tokens:,} tokens (target mean L0 k = {result.k}; joint threshold {report['joint_threshold']:.4g}):")
+    for name, row in report["models"].items():
+        typer.echo(f"  {name}: theta {row['threshold']:.4g}; per-source L0 {row['l0_joint_threshold']:.2f} with the joint threshold -> {row['l0_calibrated']:.2f}")
+    typer.echo(
+        f"written to {target}; fingerprint {before[:12]} -> {after[:12]}: feature sets made for the uncalibrated crosscoder are refused "
+        "for it (remake them, or keep the uncalibrated copy with --out)"
+    )

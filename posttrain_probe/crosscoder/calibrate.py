@@ -1,0 +1,153 @@
+"""Per-source BatchTopK inference thresholds, calibrated on data (beyond the papers; SPEC sec. 3).
+
+A BatchTopK crosscoder learns one inference threshold theta on the joint scores
+f_i(x)·sum_m ||d_i^m|| (all model slots filled). Per-source codes f^m (SPEC sec. 3: every other
+slot zero) have pre-activations of another scale - for a feature shared by two models, roughly
+half the joint one - so theta makes them far sparser (or denser) than training's k per token.
+:func:`calibrate_source_thresholds` gives every source m its own theta_m: the batch-top-k rule of
+training (keep the k·B largest scores of a batch of B tokens) applied to the per-source scores
+f^m_i·sum_m ||d_i^m|| with all T calibration tokens as one batch, so that the per-source codes'
+mean L0 over those tokens is k.
+
+    cc = Crosscoder.from_pretrained("runs/cc")
+    result = calibrate_source_thresholds(cc, source.iter_batches(4096, shuffle=False), max_tokens=100_000)
+    cc.save_pretrained("runs/cc")          # config.json now holds source_thresholds
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from posttrain_probe.crosscoder.model import Crosscoder
+from posttrain_probe.errors import ProbeError
+
+
+class SourceCalibration(NamedTuple):
+    """Result of :func:`calibrate_source_thresholds` (one entry per model, in slot order)."""
+
+    thresholds: list[float]
+    """theta_m, in score units f^m_i·sum_m ||d_i^m|| (normalised units); stored in ``config.source_thresholds``."""
+    l0_joint_threshold: list[float]
+    """Mean per-source L0 on the calibration tokens with the joint threshold (before calibration)."""
+    l0_calibrated: list[float]
+    """Mean per-source L0 on the calibration tokens with theta_m: k, unless fewer codes are positive."""
+    k: int
+    """The target mean L0 per token."""
+    n_tokens: int
+    """Calibration tokens used."""
+
+
+class _TopScores:
+    """The ``capacity`` largest positive values of a stream, kept in O(capacity) memory."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.parts: list[torch.Tensor] = []
+        self.held = 0
+        self.floor: torch.Tensor | None = None  # values <= floor can never be among the largest `capacity`
+
+    def add(self, scores: torch.Tensor) -> None:
+        keep = scores[scores > 0] if self.floor is None else scores[scores > self.floor]
+        if keep.numel():
+            self.parts.append(keep)
+            self.held += keep.numel()
+        if self.held > 2 * self.capacity:
+            self._compact()
+
+    def _compact(self) -> None:
+        values = torch.cat(self.parts)
+        if values.numel() > self.capacity:
+            values = values.topk(self.capacity, sorted=False).values
+            # `capacity` values >= floor are held: a later value <= floor ranks below them (or ties)
+            self.floor = values.min()
+        self.parts, self.held = [values], values.numel()
+
+    def largest(self, n: int) -> torch.Tensor:
+        """The n + 1 largest values seen (fewer if fewer positive values came), descending."""
+        values = torch.cat(self.parts) if self.parts else torch.zeros(0)
+        return values.topk(min(n + 1, values.numel()), sorted=True).values
+
+
+@torch.no_grad()
+def calibrate_source_thresholds(
+    crosscoder: Crosscoder,
+    batches: Iterable[torch.Tensor],
+    *,
+    max_tokens: int = 100_000,
+    k: int | None = None,
+    batch_size: int = 1024,
+) -> SourceCalibration:
+    """Set per-source BatchTopK inference thresholds theta_m so that per-source codes have mean L0 = k.
+
+    For every model slot m, the per-source scores s^m_i(x) = f^m_i(x)·sum_m' ||d_i^m'|| (f^m: the
+    ReLU of the per-source pre-activation, SPEC sec. 3; the same score training ranks) of the T
+    calibration tokens are ranked as one batch, as training's batch-top-k ranks a batch of B
+    tokens; theta_m lies halfway between the (k·T)-th and the (k·T+1)-th largest score, so that
+    exactly k·T codes exceed it (mean L0 = k per token) when no scores tie there. Fewer than k·T
+    positive scores give theta_m = 0 (every positive code kept; ``l0_calibrated`` says how many).
+    The thresholds are written into ``crosscoder.config.source_thresholds`` (save with
+    ``save_pretrained``); :meth:`Crosscoder.encode_source` then uses them.
+
+    Args:
+        crosscoder: a trained BatchTopK crosscoder (it must have its joint threshold).
+        batches: raw paired activations ``[B, N, d]`` in model units (e.g.
+            ``source.iter_batches(4096, shuffle=False)``); read until ``max_tokens`` tokens.
+        max_tokens: calibration tokens T at most (>= 1). Memory: about 2·k·max_tokens floats per model.
+        k: the target mean L0 per token (default: the crosscoder's training k).
+        batch_size: tokens scored at once (memory only: the result does not depend on it).
+
+    Returns:
+        A :class:`SourceCalibration` with theta_m and the per-source mean L0 before and after.
+    """
+    config = crosscoder.config
+    if config.activation != "batchtopk":
+        raise ProbeError(
+            f"per-source thresholds calibrate BatchTopK crosscoders; this one's activation is {config.activation!r} "
+            "(ReLU codes have no threshold to calibrate)"
+        )
+    if crosscoder.threshold < 0:
+        raise ProbeError("this BatchTopK crosscoder has no inference threshold yet: train it before calibrating it")
+    k = config.k if k is None else k
+    for name, value in (("k", k), ("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProbeError(f"{name} must be an integer >= 1, got {value!r}")
+    n_models = crosscoder.n_models
+    device, dtype = crosscoder.W_enc.device, crosscoder.W_enc.dtype
+    weights = crosscoder.decoder_norm_sum()
+    joint = crosscoder.threshold
+    tops = [_TopScores(k * max_tokens + 1) for _ in range(n_models)]  # + 1: the midpoint needs the (k·T+1)-th
+    above_joint = [0] * n_models
+    count = 0
+    for batch in batches:
+        crosscoder._check_input(batch)
+        batch = batch[: max_tokens - count].to(device, dtype)
+        for start in range(0, batch.shape[0], batch_size):
+            part = batch[start : start + batch_size]
+            for m in range(n_models):
+                acts = torch.relu(crosscoder.source_pre_activations(part[:, m], m))
+                scores = acts * weights  # the expression of Crosscoder._inference_codes
+                above_joint[m] += int((scores > joint).sum())
+                tops[m].add(scores.flatten())
+        count += batch.shape[0]
+        if count >= max_tokens:
+            break
+    if count == 0:
+        raise ProbeError("cannot calibrate per-source thresholds on an empty activation source")
+    target = k * count
+    thresholds, l0_after = [], []
+    for top in tops:
+        largest = top.largest(target)
+        if largest.numel() <= target:  # at most k·T positive scores: keep them all
+            theta = largest.new_zeros(())
+            kept = largest.numel()
+        else:
+            theta = (largest[target - 1] + largest[target]) / 2
+            kept = int((largest > theta).sum())
+        thresholds.append(float(theta))
+        l0_after.append(kept / count)
+    crosscoder.config.source_thresholds = thresholds
+    crosscoder.config._check_source_thresholds()
+    return SourceCalibration(thresholds, [n / count for n in above_joint], l0_after, k, count)
