@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain_probe.activations import ActivationStoreWriter, PairedActivations
+from _planted import write_planted_stores
+
+from posttrain_probe.activations import PairedActivations
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
 
 NAMES = ["base", "sft", "rl"]
@@ -43,15 +45,7 @@ def planted_dictionary(seed: int = 0, n_tokens: int = N_TOKENS, p: float = 0.05,
 
 
 def write_paired(root, x: torch.Tensor) -> PairedActivations:
-    paths = {}
-    for m, name in enumerate(NAMES):
-        paths[name] = root / name
-        writer = ActivationStoreWriter(paths[name], layer=6, d_model=D, model=name, dtype="float32", shard_tokens=8192)
-        for start in range(0, x.shape[0], 4096):
-            ids = torch.arange(start, min(start + 4096, x.shape[0]))
-            writer.write(x[ids, m], ids % 1000, ids // 128, ids % 128 + 1, cursor=start // 4096 + 1)
-        writer.close()
-    return PairedActivations(paths)
+    return PairedActivations(write_planted_stores(root, x, NAMES, layer=6))
 
 
 def l1_norms(W_dec: torch.Tensor) -> torch.Tensor:

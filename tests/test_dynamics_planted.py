@@ -18,7 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain_probe.activations import ActivationStoreWriter, PairedActivations
+from _planted import write_planted_stores
+
+from posttrain_probe.activations import PairedActivations
 from posttrain_probe.analysis.report import checkpoint_dynamics
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
 
@@ -55,15 +57,7 @@ def planted_checkpoints(kind: str, seed: int = 0, p: float = 0.05) -> torch.Tens
 
 def write_stores(root, x: torch.Tensor) -> dict[str, object]:
     """One activation store per model over the same tokens; returns {name: path}."""
-    paths = {}
-    for m, name in enumerate(NAMES):
-        paths[name] = root / name
-        writer = ActivationStoreWriter(paths[name], layer=4, d_model=D, model=name, dtype="float32", shard_tokens=8192)
-        for start in range(0, x.shape[0], 4096):
-            ids = torch.arange(start, min(start + 4096, x.shape[0]))
-            writer.write(x[ids, m], ids % 1000, ids // 128, ids % 128 + 1, cursor=start // 4096 + 1)
-        writer.close()
-    return paths
+    return write_planted_stores(root, x, NAMES, layer=4)
 
 
 def train(paths: dict, names: list[str], out, n_features: int):
