@@ -28,6 +28,7 @@ class BlockingArguments:
     block_mode: str = field(default="sae", metadata={"help": "sae (paper formula), subspace (orthogonal projection) or ablate (forward ablation)."})
     block_layer: int | None = field(default=None, metadata={"help": "Site L (default: the crosscoder's layer)."})
     block_encoder_bias: bool = field(default=True, metadata={"help": "sae mode: protect the per-source code with the encoder bias b_enc (SPEC default); false: paper S's ReLU(W_enc^T x) without it."})
+    block_allow_model_mismatch: bool = field(default=False, metadata={"help": "Attach even when the model being trained is not the one the crosscoder branch was trained on (nor tuned from it)."})
     block_norm_ratio_scale: str = field(default="all", metadata={"help": "NormRatio denominator of a category: all (max decoder norm over every model slot, SPEC default) or pair (over the two compared models, paper S); differs for crosscoders of more than 2 models."})
 
     def __post_init__(self) -> None:
@@ -55,7 +56,8 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
         crosscoder, args.block_features, base=args.block_base, finetuned=args.block_finetuned, norm_ratio_scale=args.block_norm_ratio_scale
     )
     return GradientBlocker(
-        crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode, encoder_bias=args.block_encoder_bias
+        crosscoder, features, model=args.block_model, layer=args.block_layer, mode=args.block_mode, encoder_bias=args.block_encoder_bias,
+        allow_model_mismatch=args.block_allow_model_mismatch,
     )
 
 

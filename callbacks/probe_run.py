@@ -28,6 +28,7 @@ from posttrain_probe.activations.store import ActivationStore, ActivationStoreWr
 from posttrain_probe.data import TokenBatch, load_dataset_spec, text_column, token_batches
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.model_identity import model_fingerprint
 
 _PARADIGMS = {"SFTTrainer": "sft", "GRPOTrainer": "grpo", "DPOTrainer": "dpo", "RLOOTrainer": "rloo"}
 
@@ -239,6 +240,7 @@ class ProbeRun:
         d_model = hidden_size(model)
         tokenizer = self.tokenizer
         snapshot = self.run.snapshot_dir(step) if step > 0 and args.probe_save_snapshots else None
+        fingerprint = self.share(model_fingerprint(model))  # rank 0's: ranks of a sharded model see different pieces
         if accelerator.is_main_process:  # a capture a killed run left unfinished starts over
             shutil.rmtree(self.run.path / "activations" / step_name(step), ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -247,7 +249,7 @@ class ProbeRun:
                 self.run.activations_dir(step, layer),
                 layer=layer,
                 d_model=d_model,
-                model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None)},
+                model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None), "fingerprint": fingerprint},
                 dtype=args.probe_dtype,
                 source={"probe_fingerprint": self.run.manifest.get("probe_fingerprint"), "seq_len": args.probe_seq_len, "run": str(self.run.path)},
                 shard_tokens=max(1, sum(int(b.attention_mask.sum()) for b in mine)),  # one shard per rank

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.locks import DirectoryLock
 
 RUN_FORMAT = "posttrain-probe/run"
 RUN_FORMAT_VERSION = 1
@@ -29,12 +30,14 @@ def step_name(step: int) -> str:
 
 
 class RunDirectory:
-    """Reads and atomically rewrites ``probe.json``; only the main process writes."""
+    """Reads and atomically rewrites ``probe.json``; only the main process writes, holding the
+    directory's lock (:mod:`posttrain_probe.locks`) from :meth:`open` to :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike, *, is_main: bool) -> None:
         self.path = Path(path)
         self.is_main = is_main
         self.manifest: dict[str, Any] = {}
+        self._lock = DirectoryLock(self.path, what="probe run directory")
 
     @property
     def manifest_path(self) -> Path:
@@ -52,7 +55,25 @@ class RunDirectory:
         Refuses a directory that holds another run, or this run when not resuming
         (``resume_step`` = the Trainer's global step, 0 for a fresh run). On resume, what the
         interrupted run wrote after ``resume_step`` is dropped: those steps are taken again.
+        Takes the directory's lock first: a second run writing into it fails at once.
         """
+        self.lock()
+        try:
+            self._open(identity, resume_step=resume_step)
+        except BaseException:
+            self.close()
+            raise
+
+    def lock(self) -> None:
+        """Take (or keep) the directory's lock; ProbeError naming the holder if another process has it."""
+        if self.is_main:
+            self._lock.acquire()
+
+    def close(self) -> None:
+        """Release the directory's lock (the end of training; idempotent)."""
+        self._lock.release()
+
+    def _open(self, identity: dict[str, Any], *, resume_step: int) -> None:
         if self.manifest_path.exists():
             try:
                 existing = json.loads(self.manifest_path.read_text())

@@ -24,6 +24,11 @@ class _ProbeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.probe.begin(state)
+        self.probe.run.lock()  # again, when the same trainer trains a second time
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.probe.run is not None:
+            self.probe.run.close()  # another run may now write into the run directory
 
     def _report(self, args, state, control, metrics: dict[str, float]) -> None:
         """Send probe metrics to the Trainer's log history and report_to integrations without

@@ -10,10 +10,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from posttrain_probe.activations.collect import CollectConfig
+from posttrain_probe.activations.config import CollectConfig
 from posttrain_probe.cli_config import config_options
-from posttrain_probe.crosscoder.config import CrosscoderConfig
-from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig
+from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
 from posttrain_probe.errors import ProbeError
 
 app = typer.Typer(
@@ -119,48 +118,56 @@ def _human_bytes(n: int) -> str:
 def store_info(
     path: Path = typer.Argument(..., help="A store directory, or a directory holding stores (e.g. a collect output)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
+    check_values: bool = typer.Option(False, "--check-values", help="Also read every shard and look for NaN/inf activations."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Models, layer, tokens, size and checksum status of activation stores. Exits 1 if a shard is bad."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from posttrain_probe.activations.store import ActivationStore
+    from posttrain_probe.activations.manifest import read_manifest, shard_bytes, shard_problems
 
     if not path.exists():
         raise ProbeError(f"{path} does not exist")
     rows = []
     for store_path in _find_stores(path):
-        store = ActivationStore(store_path)
-        problems = store.verify_all() if verify else []
+        manifest = read_manifest(store_path)
+        problems = shard_problems(store_path, manifest) if verify else []
+        value_problems = []
+        if check_values and not problems:
+            from posttrain_probe.activations.store import ActivationStore  # torch, only to read the values
+
+            value_problems = ActivationStore(store_path, verify=False).check_values()
+        problems += value_problems
         rows.append(
             {
                 "path": str(store_path),
-                "model": store.model_name,
-                "model_path": store.manifest.model.get("path"),
-                "layer": store.layer,
-                "n_tokens": store.n_tokens,
-                "d_model": store.d_model,
-                "dtype": store.manifest.dtype,
-                "n_shards": store.n_shards,
-                "bytes": store.nbytes,
-                "complete": store.complete,
-                "token_fingerprint": store.token_fingerprint,
+                "model": str(manifest.model["name"]),
+                "model_path": manifest.model.get("path"),
+                "layer": manifest.layer,
+                "n_tokens": manifest.n_tokens,
+                "d_model": manifest.d_model,
+                "dtype": manifest.dtype,
+                "n_shards": len(manifest.shards),
+                "bytes": shard_bytes(store_path, manifest),
+                "complete": manifest.complete,
+                "token_fingerprint": manifest.token_fingerprint,
                 "checksums": ("ok" if not problems else "BAD") if verify else "not checked",
+                "values": ("ok" if not value_problems else "NaN/inf") if check_values else "not checked",
                 "problems": problems,
             }
         )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
+        from rich.console import Console
+        from rich.table import Table
+
         table = Table(title=f"activation stores under {path}")
-        for column in ("model", "layer", "tokens", "d_model", "dtype", "shards", "size", "complete", "checksums", "fingerprint", "path"):
+        for column in ("model", "layer", "tokens", "d_model", "dtype", "shards", "size", "complete", "checksums", "values", "fingerprint", "path"):
             table.add_column(column)
         for row in rows:
             table.add_row(
                 row["model"], str(row["layer"]), f"{row['n_tokens']:,}", str(row["d_model"]), row["dtype"],
                 str(row["n_shards"]), _human_bytes(row["bytes"]), "yes" if row["complete"] else "no (resumable)",
-                row["checksums"], row["token_fingerprint"][:12], row["path"],
+                row["checksums"], row["values"], row["token_fingerprint"][:12], row["path"],
             )
         Console(width=200).print(table)
         for row in rows:
@@ -195,7 +202,13 @@ def crosscoder_train(
         acts=acts, models=parse_models(model) if model else None, dataset=dataset, layer=crosscoder.layer,
         model_names=crosscoder.model_names or None, seq_len=seq_len, forward_batch_size=forward_batch_size,
     )
-    train_crosscoder(source, crosscoder, training, out, resume=resume, overwrite=overwrite)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_crosscoder(source, crosscoder, training, out, resume=resume, overwrite=overwrite)
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"crosscoder: {out}")
 
 
@@ -227,6 +240,7 @@ def analyze(
     table_format: str = typer.Option("parquet", "--format", help="Feature table format: parquet or csv."),
     p: float = typer.Option(1.0, "--p", help="Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."),
     norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator: all (max decoder norm over every model slot, SPEC) or pair (over the two compared models, paper S)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="Latents whose whole decoders have at least this cosine are duplicates: grouped, counted once in the *_dedup counts."),
 ) -> None:
     """Attribute crosscoder features to models: NRN, MAS, NormRatio, decoder cosine, categories, figures."""
@@ -234,7 +248,7 @@ def analyze(
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.crosscoder.sources import open_source
 
-    cc = load_crosscoder(crosscoder)
+    cc = load_crosscoder(crosscoder, allow_incomplete=allow_incomplete)
     source = open_source(acts=acts, layer=cc.config.layer, model_names=cc.model_names) if acts else None
     result = analyze_crosscoder(cc, base=base, out_dir=out, source=source, stats_tokens=stats_tokens, table_format=table_format, p=p,
                                 crosscoder_path=str(crosscoder), duplicate_cosine=duplicate_cosine, norm_ratio_scale=norm_ratio_scale)
@@ -257,13 +271,14 @@ def dynamics(
     out: Path = typer.Option(..., "--out", help="Output directory."),
     norm_floor: float = typer.Option(0.01, "--norm-floor", help="A score is undefined where both compared decoder norms are below this fraction of the crosscoder's largest one."),
     min_cosine: float = typer.Option(0.7, "--min-cosine", help="Per-checkpoint crosscoders: whole-decoder cosine below which a latent stays unmatched."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of unfinished crosscoder training runs."),
     tie_atol: float = typer.Option(1e-6, "--tie-atol", help="Scores within this distance of the k-th score tie with it (reported; an undetermined top-k is flagged)."),
 ) -> None:
     """Checkpoint dynamics: top-k NRN overlap matrix and rank shifts between consecutive checkpoints."""
     from posttrain_probe.analysis.report import checkpoint_dynamics
     from posttrain_probe.crosscoder.inspect import load_crosscoder, training_liveness
 
-    models = [load_crosscoder(path) for path in crosscoder]
+    models = [load_crosscoder(path, allow_incomplete=allow_incomplete) for path in crosscoder]
     lives = [training_liveness(path) for path in crosscoder]
     options = dict(base=base, k=k, out_dir=out, norm_floor=norm_floor, min_cosine=min_cosine, tie_atol=tie_atol)
     if len(models) == 1:
@@ -305,6 +320,7 @@ def leakage(
     n_features: Optional[int] = typer.Option(None, "--n-features", help="--train-crosscoder: dictionary size (default: the blocking crosscoder's)."),
     matching: str = typer.Option("hungarian", "--matching", help="Protected -> new crosscoder features by base-decoder cosine: hungarian (one-to-one) or argmax (large sets)."),
     norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator of a category --features and of the base-vs-blocked bands: all (max over every model slot, SPEC) or pair (the two compared models, paper S)."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Compare even when --base/--blocked is not the model --model-name was trained on (nor tuned from it); recorded in leakage.json."),
     training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
 ) -> None:
     """After blocked training: how much the protected features still moved (relative activation change vs unprotected features; optionally NormRatio of a base-vs-blocked crosscoder)."""
@@ -319,6 +335,7 @@ def leakage(
         max_tokens=max_tokens or None, seq_len=seq_len, forward_batch_size=forward_batch_size, split=split, column=column,
         device=device, train_crosscoder=train_crosscoder, crosscoder_out=out / "crosscoder", n_features=n_features,
         training_config=training, blocked_crosscoder=blocked_crosscoder, matching=matching, norm_ratio_scale=norm_ratio_scale, progress=True,
+        allow_model_mismatch=allow_model_mismatch,
     )
     files = report.write(out)
     summary = report.summary()

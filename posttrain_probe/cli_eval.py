@@ -13,6 +13,8 @@ from typing import Any
 import typer
 
 from posttrain_probe.cli import app, user_errors
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.eval import PROBE_MODEL_NAME, register
 
 _LM_EVAL_HELP = """Run lm-eval's own command line with the `probe-hf` model registered and posttrain-probe's tasks on the include path.
 
@@ -57,8 +59,6 @@ def run_lm_eval(argv: list[str]) -> int:
     """Run lm-eval's CLI (the ``lm_eval`` console command: ``HarnessCLI`` parse + execute) on
     ``argv`` with ``probe-hf`` registered and the shipped tasks discoverable; returns lm-eval's
     exit code (0 on success, argparse's 2 on bad arguments). lm-eval's own exceptions propagate."""
-    from posttrain_probe.eval import PROBE_MODEL_NAME, register
-
     register()
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
@@ -81,11 +81,48 @@ def run_lm_eval(argv: list[str]) -> int:
         from posttrain_probe.eval.lm_eval_model import INTERVENTION_ARGS, check_intervention_args
 
         check_intervention_args(**{k: v for k, v in args.model_args.items() if k in INTERVENTION_ARGS})
+    if getattr(args, "model", None) in (PROBE_MODEL_NAME, "hf") and isinstance(getattr(args, "model_args", None), dict):
+        _check_hf_model_args(args.model_args, args.model)
     try:
         parser.execute(args)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except ValueError as err:
+        if "Tasks not found" in str(err):
+            raise ProbeError(f"{err}: expected lm-eval task or group names (list them with `posttrain-probe lm-eval ls tasks`)") from None
+        raise
+    except OSError as err:  # a hub name that cannot be fetched (offline, or no such repository)
+        raise ProbeError(f"lm-eval could not load a model or file: {str(err).splitlines()[0]}") from None
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise ProbeError(f"--model_args: {err} (HF from_pretrained refused a key; check its spelling)") from None
+        raise
     return 0
+
+
+def _check_hf_model_args(model_args: dict[str, Any], model: str) -> None:
+    """Fail before any task indexing or model loading: ``pretrained`` missing or a local path that does
+    not exist, or a key that is a misspelling of one of probe-hf's / HFLM's own arguments."""
+    import difflib
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+
+    from posttrain_probe.eval.lm_eval_model import INTERVENTION_ARGS
+    from posttrain_probe.models import check_model_path
+
+    if "pretrained" not in model_args:
+        raise ProbeError(f"--model_args for {model} needs pretrained=PATH_OR_HUB_NAME, got keys {sorted(model_args)}")
+    check_model_path(model_args["pretrained"], "pretrained")
+    known = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+    if model == PROBE_MODEL_NAME:
+        known |= set(INTERVENTION_ARGS)
+    for key in model_args:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ProbeError(f"--model_args key {key!r} is not an argument of {model}; did you mean {close[0]!r}?")
 
 
 @app.command(

@@ -53,6 +53,7 @@ def fisher(
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype (auto: bfloat16 on GPU, float32 on CPU)."),
     device: Optional[str] = typer.Option(None, "--device", help="Device of the models (default: cuda if available)."),
     table_format: str = typer.Option("csv", "--table-format", help="Tables: csv or parquet."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Encode even a --model that is not the model its branch was trained on (nor tuned from it); recorded in summary.json."),
 ) -> None:
     """Fisher reasoning features (paper S eq. 1): E_r[f^2] / max(E_s[f^2], 1e-8) with a magnitude floor, top-k; rho distributions per model; ReasonScore baseline."""
     from posttrain_probe.analysis.fisher import SegmentFormat, fisher_features
@@ -83,7 +84,7 @@ def fisher(
         path, parse_models(model), dataset, sae=sae is not None, select_model=select_model, segment_format=fmt,
         top_k=top_k, floor_quantile=floor_quantile, floor=floor, layer=layer, max_docs=max_docs or None, seq_len=seq_len,
         forward_batch_size=forward_batch_size, split=split, dataset_config=dataset_config, model_dtype=dtype,
-        device=device, reasonscore=reasonscore, alpha=alpha, reason_tokens=words, progress=True,
+        device=device, reasonscore=reasonscore, alpha=alpha, reason_tokens=words, progress=True, allow_model_mismatch=allow_model_mismatch,
     )
     files = report.write(out, table_format=table_format)
     summary = report.summary()

@@ -30,6 +30,7 @@ def features_generalization(
     device: Optional[str] = typer.Option(None, "--device", help="Device of the models (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     split_half: Optional[int] = typer.Option(None, "--split-half", metavar="SEED", help="Select on one half of each task's G_t (seeded split); the held-out half's doc ids go into the feature set, and intervene evaluates on them only."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Score even when a --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in generalization.json."),
 ) -> None:
     """Generalization-controlling features (paper R sec. 3.2): Score_k^t at the last prompt token of G_t, S_t, their intersection and overlap."""
     from posttrain_probe.analysis.generalization import generalization_features, split_names
@@ -38,7 +39,7 @@ def features_generalization(
     result = generalization_features(
         str(crosscoder), models, critical, base=base, rl=rl, threshold=threshold, tasks=split_names(tasks) or None,
         normalize=overlap, add_bos_token=add_bos_token, batch_size=batch_size, padding_side=padding_side,
-        model_dtype=dtype, device=device, progress=True, split_half=split_half,
+        model_dtype=dtype, device=device, progress=True, split_half=split_half, allow_model_mismatch=allow_model_mismatch,
     )
     files = result.write(out)
     tops = result.max_scores
@@ -80,6 +81,7 @@ def intervene(
     control_seed: int = typer.Option(0, "--control-seed", help="First control seed (seeds SEED .. SEED+N-1): the same seed draws the same sets."),
     control_bins: int = typer.Option(10, "--control-bins", help="Equal-count firing-rate bins of the live features for the matching (fewer are used, with a note, if a bin runs short)."),
     per_feature: bool = typer.Option(False, "--per-feature", help="Also intervene on each feature alone: one row per task and feature (one lm-eval run per feature)."),
+    allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Evaluate even when --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in effects.json."),
 ) -> None:
     """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
     from posttrain_probe.analysis.generalization import split_names
@@ -97,6 +99,7 @@ def intervene(
         include_path=include_path or None, model_args=extra, reference=reference, apply_chat_template=apply_chat_template,
         num_fewshot=num_fewshot, batch_size=int(batch_size) if batch_size.isdigit() else batch_size, device=device, output_path=out / "lm_eval",
         control_seeds=controls, control_seed=control_seed, control_bins=control_bins, per_feature=per_feature,
+        allow_model_mismatch=allow_model_mismatch,
     )
     files = effects.write(out)
     typer.echo(format_effects_table(effects))

@@ -78,6 +78,9 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise ProbeError(f"unsupported dataset file {path}: expected one of {', '.join(_FILE_BUILDERS)}")
+            size = path.stat().st_size
+            if size == 0 or (size < 4096 and not path.read_bytes().strip()):
+                raise ProbeError(f"dataset file {path} is empty: expected at least one document")
             if builder == "text":
                 lines = [line for line in path.read_text().splitlines() if line.strip()]
                 return datasets.Dataset.from_dict({"text": lines})

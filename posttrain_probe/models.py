@@ -34,6 +34,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype_name(dtype)]
 
 
+def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
+    """Refuse a model spec that names a local path which does not exist (before any hub lookup).
+
+    A spec is local when it exists, starts with ``/``, ``./``, ``../`` or ``~``, has more than one
+    ``/`` (a hub name is ``name`` or ``org/name``), or its parent is an existing local directory. A local spec that does not exist gets a one-line
+    ProbeError naming it, instead of the hub client's "Repo id must be in the form ..." message.
+    """
+    spec = str(path)
+    if Path(spec).expanduser().exists():
+        return
+    parent = Path(spec).expanduser().parent
+    local_parent = str(parent) not in ("", ".") and parent.is_dir()
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or local_parent or (os.sep != "/" and os.sep in spec):
+        raise ProbeError(f"{what} path {spec!r} does not exist: expected a local directory with config.json, or a hub name such as Qwen/Qwen3-4B-Base")
+
+
 def load_causal_lm(
     path: str | os.PathLike,
     *,
@@ -48,6 +64,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path)
     device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
@@ -64,6 +81,7 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved with a model (local directory or hub name)."""
     from transformers import AutoTokenizer
 
+    check_model_path(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:

@@ -23,6 +23,23 @@ from trl import ScriptArguments
 TINY_PREFIX = "tiny:"
 
 
+def parse_recipe_args(parser) -> tuple:
+    """``parser.parse_args_and_config()`` with a one-line error (exit 2) for unknown YAML keys and bad values.
+
+    TrlParser raises ValueError("Unknown arguments from config file: [...]") for a misspelled YAML key;
+    printed as a traceback it hides the one thing to fix.
+    """
+    import sys
+
+    from posttrain_probe.errors import ProbeError
+
+    try:
+        return parser.parse_args_and_config()
+    except (ValueError, ProbeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 @dataclass
 class MathScriptArguments(ScriptArguments):
     """TRL's ScriptArguments (dataset_name, dataset_config, dataset_train_split, ...) plus the column mapping.

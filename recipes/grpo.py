@@ -30,7 +30,7 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo.py \
 import argparse
 from dataclasses import dataclass, field
 
-from common import MathScriptArguments
+from common import MathScriptArguments, parse_recipe_args
 
 
 @dataclass
@@ -99,5 +99,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, probe_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
     main(script_args, training_args, model_args, probe_args)

@@ -26,7 +26,7 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sft.py
 
 import argparse
 
-from common import MathScriptArguments
+from common import MathScriptArguments, parse_recipe_args
 
 
 def main(script_args, training_args, model_args, probe_args):
@@ -72,5 +72,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, probe_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
     main(script_args, training_args, model_args, probe_args)

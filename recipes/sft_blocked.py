@@ -26,7 +26,7 @@ posttrain-probe leakage --crosscoder runs/qwen3-4b-base/crosscoder-base-sft --fe
 
 import argparse
 
-from common import MathScriptArguments
+from common import MathScriptArguments, parse_recipe_args
 
 
 def main(script_args, training_args, model_args, probe_args, blocking_args):
@@ -84,5 +84,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, probe_args, blocking_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, probe_args, blocking_args = parse_recipe_args(parser)
     main(script_args, training_args, model_args, probe_args, blocking_args)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from common import MathScriptArguments
+from common import MathScriptArguments, parse_recipe_args
 
 
 @dataclass
@@ -222,5 +222,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, probe_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
     main(script_args, training_args, model_args, probe_args)

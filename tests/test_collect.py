@@ -148,7 +148,7 @@ def test_refuses_models_with_other_hidden_size_or_tokenizer(tiny_pair, tmp_path)
         collect_activations({"base": tiny_pair["base"], "odd": tmp_path / "other_tok"}, "synthetic:arithmetic", [1], tmp_path / "o", progress=False)
     with pytest.raises(ProbeError, match="model 'base': layer 4 is out of range.*0 <= layer <= 3"):
         collect_activations({"base": tiny_pair["base"]}, "synthetic:arithmetic", [4], tmp_path / "o", progress=False)
-    with pytest.raises(ProbeError, match="cannot load the tokenizer of"):
+    with pytest.raises(ProbeError, match="model path .*nowhere. does not exist"):
         collect_activations({"base": tmp_path / "nowhere"}, "synthetic:arithmetic", [1], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # nothing written before the inputs were checked
 
@@ -183,7 +183,7 @@ def test_cli_collect_and_store_info_end_to_end(tiny_pair, tmp_path):
     ("extra", "message"),
     [
         (["--model", "base"], "expected NAME=PATH"),
-        (["--model", "base=/no/such/model"], "cannot load the tokenizer of '/no/such/model'"),
+        (["--model", "base=/no/such/model"], "model path '/no/such/model' does not exist"),
         (["--model", "base={base}", "--layer", "9"], "layer 9 is out of range"),
         (["--model", "base={base}", "--dataset", "{empty}"], "is empty"),
         (["--model", "base={base}", "--dataset", "missing.jsonl"], "dataset file missing.jsonl does not exist"),

@@ -11,6 +11,7 @@ import torch
 from posttrain_probe import ProbeError
 from posttrain_probe.activations import ActivationStore, ActivationStoreWriter, PairedActivations, merge_rank_manifests
 from posttrain_probe.activations.shuffle import shuffled_batches
+from posttrain_probe.locks import is_lock_file
 
 D = 8
 
@@ -182,9 +183,11 @@ def test_orphans_of_a_killed_writer_are_removed(tmp_path):
     (path / ".shard-00003.safetensors.tmp-1234").write_bytes(b"partial")
     (path / ".manifest.json.tmp-1234").write_text("{")
     writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    names = ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [".probe.lock", ".probe.lock.holder", *names]  # the open writer's lock
     writer.write(*_tokens(70), cursor=5)
     writer.close()
+    assert not list(path.glob(".probe.lock*"))  # released and removed on close
     assert ActivationStore(path).verify_all() == []
 
 
@@ -203,7 +206,7 @@ def test_disk_error_leaves_no_half_written_manifest(tmp_path, monkeypatch):
         writer.write(*_tokens(70, start=70), cursor=2)
     monkeypatch.setattr(os, "replace", real_replace)
     assert (path / "manifest.json").read_text() == before
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in path.iterdir() if not is_lock_file(p.name)) == ["manifest.json", "shard-00000.safetensors"]
     store = ActivationStore(path)
     assert store.n_tokens == 70 and store.verify_all() == []
 

@@ -157,13 +157,17 @@ class ProbeCheckpointCallback(CheckpointCallback):
             )
         run = self._start(trainer)
         args, metrics = run.args, {}
-        if args.probe_save_snapshots and global_step not in run.run.steps_done("snapshots"):
-            metrics["probe/snapshot_seconds"] = run.copy_snapshot(global_step, hf_dir)
-        if args.probe_stream_activations and global_step not in run.run.steps_done("activations"):
-            run.load_model(run.run.snapshot_dir(global_step) if args.probe_save_snapshots else hf_dir)
-            result = run.capture(global_step)
-            metrics.update({f"probe/{key}": value for key, value in result.items() if key != "seconds"})
-            metrics["probe/activation_seconds"] = result["seconds"]
+        run.run.lock()  # verl has no end-of-training hook: the directory is held while writing only
+        try:
+            if args.probe_save_snapshots and global_step not in run.run.steps_done("snapshots"):
+                metrics["probe/snapshot_seconds"] = run.copy_snapshot(global_step, hf_dir)
+            if args.probe_stream_activations and global_step not in run.run.steps_done("activations"):
+                run.load_model(run.run.snapshot_dir(global_step) if args.probe_save_snapshots else hf_dir)
+                result = run.capture(global_step)
+                metrics.update({f"probe/{key}": value for key, value in result.items() if key != "seconds"})
+                metrics["probe/activation_seconds"] = result["seconds"]
+        finally:
+            run.run.close()
         run.release_model()
         tracking = getattr(trainer, "logger", None)
         if metrics and tracking is not None:
@@ -192,8 +196,11 @@ class ProbeCheckpointCallback(CheckpointCallback):
         run.load_model(base)
         save_freq = int(OmegaConf.select(config, "trainer.save_freq"))
         run.open(self.run_dir, save_steps(save_freq, int(trainer.total_training_steps)), resume_step=self.resume_step)
-        if args.probe_stream_activations and 0 not in run.run.steps_done("activations"):
-            run.capture(0)
+        try:
+            if args.probe_stream_activations and 0 not in run.run.steps_done("activations"):
+                run.capture(0)
+        finally:
+            run.run.close()  # taken again for every write (on_save)
         run.release_model()
         self.probe_run = run
         return run

@@ -292,6 +292,7 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
                     "the probe documents, or use a probe set of shorter documents"
                 )
         run.open(run_dir, list(probe.get("schedule") or []), resume_step=int(probe.get("resume_step") or 0))
+        run.run.close()  # verl has no end-of-training hook: the directory is held while probe_step writes only
         self._probe = run
         n_tokens = sum(int(select_tokens(b.input_ids, b.attention_mask, bos_token_id=run.tokenizer.bos_token_id).sum()) for b in batches)
         return {
@@ -320,12 +321,16 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ProbeError(f"probe_step needs an optimizer step >= 0, got {step!r}")
         metrics: dict[str, float] = {}
-        if snapshot and run.args.probe_save_snapshots and step > 0 and step not in run.run.steps_done("snapshots"):
-            metrics["probe/snapshot_seconds"] = run.save_snapshot(step)
-        if activations and run.args.probe_stream_activations and step not in run.run.steps_done("activations"):
-            result = run.capture_live(step)
-            metrics.update({f"probe/{key}": value for key, value in result.items() if key != "seconds"})
-            metrics["probe/activation_seconds"] = result["seconds"]
+        run.run.lock()
+        try:
+            if snapshot and run.args.probe_save_snapshots and step > 0 and step not in run.run.steps_done("snapshots"):
+                metrics["probe/snapshot_seconds"] = run.save_snapshot(step)
+            if activations and run.args.probe_stream_activations and step not in run.run.steps_done("activations"):
+                result = run.capture_live(step)
+                metrics.update({f"probe/{key}": value for key, value in result.items() if key != "seconds"})
+                metrics["probe/activation_seconds"] = result["seconds"]
+        finally:
+            run.run.close()
         return metrics
 
 

@@ -2,14 +2,12 @@
 
 Public API: :class:`ActivationStoreWriter`, :class:`ActivationStore`, :class:`PairedActivations`,
 :class:`LiveActivations`, :func:`collect_activations` (+ :class:`CollectConfig`) and
-:func:`capture_batch`.
+:func:`capture_batch`. Imported on first use (the config eagerly: it is torch-free), so the command
+line starts without importing torch.
 """
 
-from posttrain_probe.activations.capture import CapturedTokens, capture_batch, select_tokens
-from posttrain_probe.activations.collect import CollectConfig, collect_activations
-from posttrain_probe.activations.live import LiveActivations
-from posttrain_probe.activations.paired import PairedActivations
-from posttrain_probe.activations.store import ActivationStore, ActivationStoreWriter, merge_rank_manifests
+from posttrain_probe.activations.config import CollectConfig
+from posttrain_probe.lazy import lazy_attributes
 
 __all__ = [
     "ActivationStore",
@@ -23,3 +21,17 @@ __all__ = [
     "merge_rank_manifests",
     "select_tokens",
 ]
+
+_LAZY = {
+    "ActivationStore": "store",
+    "ActivationStoreWriter": "store",
+    "merge_rank_manifests": "store",
+    "CapturedTokens": "capture",
+    "capture_batch": "capture",
+    "select_tokens": "capture",
+    "collect_activations": "collect",
+    "LiveActivations": "live",
+    "PairedActivations": "paired",
+}
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,40 +16,16 @@ import torch
 from torch import nn
 
 from posttrain_probe.activations.capture import capture_batch
+from posttrain_probe.activations.config import CollectConfig
 from posttrain_probe.activations.paired import COLLECT_INDEX
-from posttrain_probe.activations.store import ActivationStoreWriter, _write_atomic, dtype_name, merge_rank_manifests
+from posttrain_probe.activations.manifest import write_atomic
+from posttrain_probe.activations.store import ActivationStoreWriter, merge_rank_manifests
 from posttrain_probe.data import dataset_fingerprint, load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.locks import DirectoryLock
 from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.model_identity import model_fingerprint
 from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint
-
-
-@dataclass
-class CollectConfig:
-    """Settings of an activation collection run (Python API and `posttrain-probe collect`)."""
-
-    seq_len: int = field(default=512, metadata={"help": "Tokens per document; longer documents are truncated."})
-    batch_size: int = field(default=8, metadata={"help": "Documents per forward pass."})
-    max_tokens: int | None = field(default=1_000_000, metadata={"help": "Stop after this many kept tokens per model (0 or None: the whole dataset)."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Storage dtype of activations: bf16, fp16 or fp32."})
-    model_dtype: str = field(default="auto", metadata={"help": "Compute dtype of models loaded from paths: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."})
-    device: str | None = field(default=None, metadata={"help": "Device for models loaded from paths (default: cuda if available)."})
-    shard_tokens: int = field(default=65536, metadata={"help": "Tokens per shard file (shards are cut at batch boundaries)."})
-    outlier_factor: float | None = field(default=None, metadata={"help": "Drop tokens whose norm exceeds this many times the median norm (any model)."})
-    split: str = field(default="train", metadata={"help": "Dataset split (hub datasets and folders)."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (hub datasets)."})
-    column: str | None = field(default=None, metadata={"help": "Text or chat-messages column (default: text, messages, content, prompt, question)."})
-    n_docs: int | None = field(default=None, metadata={"help": "Use only the first n documents of the dataset."})
-
-    def __post_init__(self) -> None:
-        self.dtype = dtype_name(self.dtype)
-        for name in ("seq_len", "batch_size", "shard_tokens"):
-            if getattr(self, name) < 1:
-                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_tokens == 0:
-            self.max_tokens = None
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise ProbeError(f"max_tokens must be >= 0 (0 or None: whole dataset), got {self.max_tokens}")
 
 
 def collect_activations(
@@ -93,64 +72,99 @@ def collect_activations(
     rank, world = state.process_index, state.num_processes
     device = resolve_device(cfg.device) if cfg.device is not None else state.device
 
-    tokenizer, loaded = _load_models(models, tokenizer, layers, cfg, device)
-    first = next(iter(loaded.values()))
-    wanted_layers = sorted(set(layers)) if layers else [default_layer(first)]
-    for name, model in loaded.items():
-        for layer in wanted_layers:
-            try:
-                validate_layer(model, layer)
-            except ProbeError as err:
-                raise ProbeError(f"model {name!r}: {err}") from None
-
-    data = load_dataset_spec(dataset, split=cfg.split, config_name=cfg.dataset_config, n_docs=cfg.n_docs)
-    dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
-    source = {
-        "dataset": str(dataset_name),
-        "dataset_sample_sha256": dataset_fingerprint(data, cfg.column),
-        "split": cfg.split,
-        "dataset_config": cfg.dataset_config,
-        "column": cfg.column,
-        "n_docs": len(data),
-        "seq_len": cfg.seq_len,
-        "batch_size": cfg.batch_size,
-        "max_tokens": cfg.max_tokens,
-        "outlier_factor": cfg.outlier_factor,
-        "excluded": ["padding", "first position", "bos"],
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "paired_models": list(loaded),
-        "world_size": world,
-    }
-    d_model = hidden_size(first)
-    writers = {
-        (name, layer): ActivationStoreWriter(
-            out_dir / name / f"layer{layer}",
-            layer=layer,
-            d_model=d_model,
-            model=_model_info(name, models[name], loaded[name]),
-            dtype=cfg.dtype,
-            source=source,
-            shard_tokens=cfg.shard_tokens,
-            rank=rank,
-            world_size=world,
-        )
-        for name in loaded
-        for layer in wanted_layers
-    }
-    paths = {name: {layer: out_dir / name / f"layer{layer}" for layer in wanted_layers} for name in loaded}
-    if rank == 0:
-        index = {"models": {n: str(models[n]) if not isinstance(models[n], nn.Module) else None for n in loaded}, "layers": wanted_layers, "source": source, "config": asdict(cfg)}
-        _write_atomic(out_dir / COLLECT_INDEX, json.dumps(index, indent=2).encode(), fsync=True, what="collect index")
-
-    if not all(w.complete for w in writers.values()):
-        _capture_into(writers, loaded, data, tokenizer, wanted_layers, cfg, rank, world, progress)
-    if world > 1:
-        state.wait_for_everyone()
+    # The main process holds the output directory (collect.json, merges) for the whole run.
+    with contextlib.ExitStack() as held:
         if rank == 0:
-            for store in sorted({w.path for w in writers.values()}):
-                merge_rank_manifests(store)
-        state.wait_for_everyone()
-    return paths
+            held.enter_context(DirectoryLock(out_dir, what="collect output"))
+        tokenizer, loaded = _load_models(models, tokenizer, layers, cfg, device)
+        first = next(iter(loaded.values()))
+        wanted_layers = sorted(set(layers)) if layers else [default_layer(first)]
+        for name, model in loaded.items():
+            for layer in wanted_layers:
+                try:
+                    validate_layer(model, layer)
+                except ProbeError as err:
+                    raise ProbeError(f"model {name!r}: {err}") from None
+
+        data = load_dataset_spec(dataset, split=cfg.split, config_name=cfg.dataset_config, n_docs=cfg.n_docs)
+        dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
+        source = {
+            "dataset": str(dataset_name),
+            "dataset_sample_sha256": dataset_fingerprint(data, cfg.column),
+            "split": cfg.split,
+            "dataset_config": cfg.dataset_config,
+            "column": cfg.column,
+            "n_docs": len(data),
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            "max_tokens": cfg.max_tokens,
+            "outlier_factor": cfg.outlier_factor,
+            "excluded": ["padding", "first position", "bos"],
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "paired_models": list(loaded),
+            "world_size": world,
+        }
+        d_model = hidden_size(first)
+        writers: dict[tuple[str, int], ActivationStoreWriter] = {}
+        for name in loaded:
+            for layer in wanted_layers:
+                writers[name, layer] = ActivationStoreWriter(  # locks the store (this rank's files) until closed
+                    out_dir / name / f"layer{layer}",
+                    layer=layer,
+                    d_model=d_model,
+                    model=_model_info(name, models[name], loaded[name]),
+                    dtype=cfg.dtype,
+                    source=source,
+                    shard_tokens=cfg.shard_tokens,
+                    rank=rank,
+                    world_size=world,
+                )
+                held.callback(writers[name, layer].release)
+        _refuse_corrupt(writers, world)
+        paths = {name: {layer: out_dir / name / f"layer{layer}" for layer in wanted_layers} for name in loaded}
+        if rank == 0:
+            index = {"models": {n: str(models[n]) if not isinstance(models[n], nn.Module) else None for n in loaded}, "layers": wanted_layers, "source": source, "config": asdict(cfg)}
+            write_atomic(out_dir / COLLECT_INDEX, json.dumps(index, indent=2).encode(), fsync=True, what="collect index")
+
+        if not all(w.complete for w in writers.values()):
+            _capture_into(writers, loaded, data, tokenizer, wanted_layers, cfg, rank, world, progress)
+        if world > 1:
+            state.wait_for_everyone()
+            if rank == 0:
+                for store in sorted({w.path for w in writers.values()}):
+                    merge_rank_manifests(store)
+            state.wait_for_everyone()
+        return paths
+
+
+def _refuse_corrupt(writers: dict[tuple[str, int], ActivationStoreWriter], world: int) -> None:
+    """Raise ProbeError (on every rank) if a shard already on disk fails its sha256: a collect run
+    never keeps, nor resumes from, a store whose data cannot be trusted."""
+    problems = [(str(writer.path), problem) for writer in writers.values() for problem in writer.verify()]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        problems = gather_object(problems)
+    if not problems:
+        return
+    bad = sorted({path for path, _ in problems})
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    remove = f"rm -rf {' '.join(shlex.quote(path) for path in bad)}"
+    rerun = _rerun_command()
+    raise ProbeError(
+        f"activation store {problems[0][0]} is corrupt ({problems[0][1]}{more}); remove the bad store and collect again: "
+        + (f"{remove} && {rerun}" if rerun else f"{remove}, then run the same collect_activations call again")
+    )
+
+
+def _rerun_command() -> str | None:
+    """This process's command line when it is ``posttrain-probe collect``, else None."""
+    argv = list(sys.argv)
+    if "collect" not in argv[1:2]:
+        return None
+    program = Path(argv[0]).name
+    prefix = ["python", "-m", "posttrain_probe"] if program == "__main__.py" else [program]
+    return shlex.join(prefix + argv[1:])
 
 
 def _load_models(
@@ -173,6 +187,13 @@ def _load_models(
     if tokenizers:
         check_same_tokenizer(tokenizers if len(tokenizers) == len(models) else {"tokenizer=": tokenizer, **tokenizers})
     keep = max(layers) if layers else None
+    for name, model in models.items():  # a layer out of range is refused before any weights load
+        if layers and not isinstance(model, nn.Module):
+            n_layers = _config_num_layers(model)
+            bad = [layer for layer in layers if n_layers is not None and layer >= n_layers]
+            if bad:
+                raise ProbeError(f"model {name!r}: layer {bad[0]} is out of range for {model} with {n_layers} decoder blocks: "
+                                 f"expected 0 <= layer <= {n_layers - 1} (layer L = residual stream entering block L)")
     loaded: dict[str, nn.Module] = {}
     for name, model in models.items():
         if isinstance(model, nn.Module):
@@ -181,6 +202,18 @@ def _load_models(
             loaded[name] = load_causal_lm(model, dtype=cfg.model_dtype, device=device, keep_layers=keep)
         check_same_hidden_size({n: hidden_size(m) for n, m in loaded.items()})
     return tokenizer, loaded
+
+
+def _config_num_layers(path: str | os.PathLike) -> int | None:
+    """Decoder blocks of the model at ``path`` from its config alone (None when the config does not say)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None  # load_causal_lm reports it
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
 
 
 def _capture_into(
@@ -241,4 +274,5 @@ def _model_info(name: str, spec: Any, model: nn.Module) -> dict[str, Any]:
         "path": None if isinstance(spec, nn.Module) else str(spec),
         "architecture": type(inner).__name__,
         "n_layers": getattr(config, "num_hidden_layers", None) or len(decoder_blocks(inner)),
+        "fingerprint": model_fingerprint(inner),
     }

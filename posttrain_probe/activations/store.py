@@ -8,7 +8,9 @@ Layout of a store directory::
                                doc_ids [n] int64, positions [n] int32
 
 Shards are written to a temporary name and renamed; the manifest is rewritten atomically after
-each shard, so a killed writer loses at most the shard in flight and resumes from there. In a
+each shard, so a killed writer loses at most the shard in flight and resumes from there. A
+writer holds the store's lock (:mod:`posttrain_probe.locks`; ``.probe.lock``, per rank in a
+distributed write) from opening to :meth:`ActivationStoreWriter.close`. In a
 distributed run rank r writes ``shard-rNNN-XXXXX.safetensors`` and ``manifest.rankNNN.json``;
 :func:`merge_rank_manifests` (rank 0, after a barrier) joins them into ``manifest.json``.
 
@@ -19,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,128 +33,38 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from posttrain_probe.activations.manifest import (
+    FORMAT,
+    IDENTITY_KEYS,
+    MANIFEST,
+    StoreManifest,
+    difference,
+    dtype_name,
+    manifest_name,
+    merged_rank_manifest,
+    read_manifest,
+    sha256_file,
+    shard_name,
+    shard_bytes,
+    shard_problem,
+    shard_problems,
+    write_atomic,
+)
 from posttrain_probe.activations.shuffle import ActivationSource
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.locks import DirectoryLock, is_lock_file
 
-FORMAT = "posttrain-probe/activation-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
 }
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-# Keys that must agree between a store on disk and a writer that wants to append to it.
-_IDENTITY_KEYS = ("layer", "d_model", "dtype", "model", "source")
-
-
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """Canonical store dtype name ('bfloat16', 'float16', 'float32') for a string or torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        for name, value in DTYPES.items():
-            if value == dtype:
-                return name
-    else:
-        name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-        if name in DTYPES:
-            return name
-    raise ProbeError(f"unsupported activation dtype {dtype!r}: expected one of bf16, fp16, fp32")
-
-
-def _shard_name(index: int, rank: int, world_size: int) -> str:
-    if world_size == 1:
-        return f"shard-{index:05d}.safetensors"
-    return f"shard-r{rank:03d}-{index:05d}.safetensors"
-
-
-def _manifest_name(rank: int, world_size: int) -> str:
-    return MANIFEST if world_size == 1 else f"manifest.rank{rank:03d}.json"
-
 
 def _tokens_digest(token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in (token_ids, doc_ids, positions):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def token_fingerprint(shards: list[dict[str, Any]]) -> str:
-    """sha256 over the token digests of the shards, in order (token ids, doc ids, positions, boundaries)."""
-    digest = hashlib.sha256()
-    for shard in shards:
-        digest.update(f"{shard['n_tokens']}:{shard['tokens_sha256']}\n".encode())
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes, *, fsync: bool, what: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ProbeError(f"disk error while writing {what} {path}: {err}") from err
-
-
-@dataclass
-class StoreManifest:
-    """The content of ``manifest.json`` (see the module docstring); JSON-serialisable."""
-
-    layer: int
-    """Site: residual stream entering decoder block `layer` (SPEC sec. 1)."""
-    d_model: int
-    """Width of the stored activations."""
-    dtype: str
-    """Storage dtype of `acts`: bfloat16, float16 or float32."""
-    model: dict[str, Any]
-    """Model identity: at least `name`; `path` and `architecture` when known."""
-    source: dict[str, Any] = field(default_factory=dict)
-    """How the tokens were produced (dataset, seq_len, exclusions, tokenizer fingerprint, ...)."""
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    """Per shard: file, n_tokens, sha256 (file bytes), tokens_sha256, cursor, rank."""
-    complete: bool = False
-    """True once the writer closed normally; an incomplete store can be resumed."""
-    rank: int = 0
-    """Writing rank (rank manifests) or 0 (merged/single-process)."""
-    world_size: int = 1
-    """Number of ranks that wrote shards into this directory."""
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(int(s["n_tokens"]) for s in self.shards)
-
-    @property
-    def token_fingerprint(self) -> str:
-        return token_fingerprint(self.shards)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["n_tokens"] = self.n_tokens
-        data["token_fingerprint"] = self.token_fingerprint
-        return json.dumps(data, indent=2, sort_keys=True)
-
-    @classmethod
-    def read(cls, path: Path) -> StoreManifest:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ProbeError(f"cannot read activation-store manifest {path}: {err}") from err
-        if data.get("format") != FORMAT:
-            raise ProbeError(f"{path} is not an activation-store manifest (format {data.get('format')!r}, expected {FORMAT!r})")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ProbeError(
-                f"{path} has store format version {data.get('format_version')}, this posttrain-probe reads version {FORMAT_VERSION}"
-            )
-        data.pop("n_tokens", None)
-        data.pop("token_fingerprint", None)
-        return cls(**data)
 
 
 class ActivationStoreWriter:
@@ -201,7 +111,9 @@ class ActivationStoreWriter:
             rank=rank,
             world_size=world_size,
         )
-        self._manifest_path = self.path / _manifest_name(rank, world_size)
+        self._manifest_path = self.path / manifest_name(rank, world_size)
+        # One writer per store (per rank's files in a distributed write), held until close().
+        self._dir_lock = DirectoryLock(self.path, what="activation store", rank=rank)
         self.manifest = self._open(wanted)
         # Activations of the shard being filled go straight into one reusable buffer (no cat).
         self._acts = torch.empty(0, int(d_model), dtype=self._torch_dtype)
@@ -213,21 +125,27 @@ class ActivationStoreWriter:
     def _open(self, wanted: StoreManifest) -> StoreManifest:
         if self.path.exists() and not self.path.is_dir():
             raise ProbeError(f"output path {self.path} exists and is not a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._dir_lock.acquire()
+        try:
+            return self._open_locked(wanted)
+        except BaseException:
+            self._dir_lock.release()
+            raise
+
+    def _open_locked(self, wanted: StoreManifest) -> StoreManifest:
         self._check_world_size()
         if self._manifest_path.exists():
             have = StoreManifest.read(self._manifest_path)
-            for key in _IDENTITY_KEYS:
+            for key in IDENTITY_KEYS:
                 if getattr(have, key) != getattr(wanted, key):
                     raise ProbeError(
-                        f"{self.path} already holds a different activation store: {key} is "
-                        f"{getattr(have, key)!r} there, {getattr(wanted, key)!r} here; "
+                        f"{self.path} already holds a different activation store: {difference(key, getattr(have, key), getattr(wanted, key))}; "
                         "choose another output directory or delete that one"
                     )
             manifest = have
         else:
             ours = re.compile(r"^(\.)?(shard-.*\.safetensors|manifest.*\.json)(\.tmp-\d+)?$")
-            foreign = [p.name for p in self.path.iterdir() if not ours.match(p.name)]
+            foreign = [p.name for p in self.path.iterdir() if not ours.match(p.name) and not is_lock_file(p.name)]
             if foreign:
                 raise ProbeError(
                     f"output directory {self.path} is not empty and holds no activation store "
@@ -236,6 +154,10 @@ class ActivationStoreWriter:
             manifest = wanted
         self._remove_orphans(manifest)
         return manifest
+
+    def verify(self) -> list[str]:
+        """Check the flushed shards of this writer (this rank's) against their sha256; returns the problems."""
+        return [problem for shard in self.manifest.shards if (problem := shard_problem(self.path, shard)) is not None]
 
     def _check_world_size(self) -> None:
         """Refuse to mix a single-process store with a distributed one (or other world sizes)."""
@@ -327,7 +249,7 @@ class ActivationStoreWriter:
             return
         token_ids, doc_ids, positions = (torch.cat(parts) for parts in zip(*self._token_parts))
         index = len(self.manifest.shards)
-        name = _shard_name(index, self.rank, self.world_size)
+        name = shard_name(index, self.rank, self.world_size)
         final = self.path / name
         tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
         tensors = {"acts": self._acts[: self._buffered], "token_ids": token_ids, "doc_ids": doc_ids, "positions": positions}
@@ -336,7 +258,7 @@ class ActivationStoreWriter:
             if self.fsync:
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
-            sha = _sha256_file(tmp)  # hashed from the page cache the write just filled
+            sha = sha256_file(tmp)  # hashed from the page cache the write just filled
             os.replace(tmp, final)
         except (OSError, SafetensorError) as err:
             tmp.unlink(missing_ok=True)
@@ -362,7 +284,7 @@ class ActivationStoreWriter:
         self._buffered, self._token_parts, self._buffer_cursor = 0, [], None
 
     def _write_manifest(self) -> None:
-        _write_atomic(self._manifest_path, self.manifest.to_json().encode(), fsync=True, what="manifest")
+        write_atomic(self._manifest_path, self.manifest.to_json().encode(), fsync=True, what="manifest")
 
     def truncate(self, cursor: int) -> None:
         """Drop flushed shards whose cursor is beyond ``cursor`` (to re-align paired stores on resume)."""
@@ -379,11 +301,19 @@ class ActivationStoreWriter:
             (self.path / shard["file"]).unlink(missing_ok=True)
 
     def close(self, *, complete: bool = True) -> None:
-        """Flush the buffer; with ``complete=True`` mark the store finished (no further writes)."""
-        self.flush()
-        if complete and not self.manifest.complete:
-            self.manifest.complete = True
-            self._write_manifest()
+        """Flush the buffer; with ``complete=True`` mark the store finished (no further writes).
+        Releases the store's lock either way."""
+        try:
+            self.flush()
+            if complete and not self.manifest.complete:
+                self.manifest.complete = True
+                self._write_manifest()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give up the store's lock without flushing (after an error; :meth:`close` does it too)."""
+        self._dir_lock.release()
 
     def __enter__(self) -> ActivationStoreWriter:
         return self
@@ -391,6 +321,8 @@ class ActivationStoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.release()
 
 
 def merge_rank_manifests(path: str | os.PathLike) -> StoreManifest:
@@ -400,48 +332,9 @@ def merge_rank_manifests(path: str | os.PathLike) -> StoreManifest:
     index. Returns the merged manifest.
     """
     path = Path(path)
-    merged = _merged_rank_manifest(path)
-    _write_atomic(path / MANIFEST, merged.to_json().encode(), fsync=True, what="manifest")
+    merged = merged_rank_manifest(path)
+    write_atomic(path / MANIFEST, merged.to_json().encode(), fsync=True, what="manifest")
     return merged
-
-
-def _merged_rank_manifest(path: Path) -> StoreManifest:
-    ranks = sorted(path.glob("manifest.rank*.json"))
-    if not ranks:
-        raise ProbeError(f"{path} holds no activation store: no {MANIFEST} and no rank manifests")
-    parts = [StoreManifest.read(p) for p in ranks]
-    world = parts[0].world_size
-    present = sorted(p.rank for p in parts)
-    if present != list(range(world)):
-        raise ProbeError(f"{path}: rank manifests for ranks {present} found, expected ranks 0..{world - 1}")
-    unfinished = [p.rank for p in parts if not p.complete]
-    if unfinished:
-        raise ProbeError(f"{path}: ranks {unfinished} have not finished writing (their manifests are incomplete)")
-    first = parts[0]
-    for part in parts[1:]:
-        for key in _IDENTITY_KEYS:
-            if getattr(part, key) != getattr(first, key):
-                raise ProbeError(f"{path}: rank {part.rank} wrote a different {key} than rank 0")
-    return StoreManifest(
-        layer=first.layer,
-        d_model=first.d_model,
-        dtype=first.dtype,
-        model=first.model,
-        source=first.source,
-        shards=[s for part in sorted(parts, key=lambda p: p.rank) for s in part.shards],
-        complete=True,
-        rank=0,
-        world_size=world,
-    )
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return hashlib.sha256(view).hexdigest()
 
 
 class ActivationStore(ActivationSource):
@@ -454,12 +347,10 @@ class ActivationStore(ActivationSource):
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise ProbeError(f"activation store {self.path} does not exist (expected a directory with {MANIFEST})")
-        manifest_path = self.path / MANIFEST
-        self.manifest = StoreManifest.read(manifest_path) if manifest_path.exists() else _merged_rank_manifest(self.path)
+        self.manifest = read_manifest(self.path)
         self.verify = verify
         self._verified: set[int] = set()
+        self._values_checked: set[int] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -503,22 +394,15 @@ class ActivationStore(ActivationSource):
     @property
     def nbytes(self) -> int:
         """Bytes of shard files on disk."""
-        return sum((self.path / s["file"]).stat().st_size for s in self.manifest.shards if (self.path / s["file"]).exists())
+        return shard_bytes(self.path, self.manifest)
 
     def check_shard(self, index: int) -> str | None:
         """None if shard ``index`` exists and matches its sha256, else a description of the problem."""
-        shard = self.manifest.shards[index]
-        file = self.path / shard["file"]
-        if not file.exists():
-            return f"{shard['file']} is missing"
-        actual = _sha256_file(file)
-        if actual != shard["sha256"]:
-            return f"{shard['file']} is corrupted: sha256 {actual[:12]}..., manifest says {shard['sha256'][:12]}..."
-        return None
+        return shard_problem(self.path, self.manifest.shards[index])
 
     def verify_all(self) -> list[str]:
         """Check every shard; returns the list of problems (empty when the store is intact)."""
-        return [problem for i in range(self.n_shards) if (problem := self.check_shard(i)) is not None]
+        return shard_problems(self.path, self.manifest)
 
     def load_shard(self, index: int) -> dict[str, torch.Tensor]:
         """Shard ``index`` as ``{"acts": [n, d] store dtype, "token_ids", "doc_ids", "positions": [n]}``."""
@@ -528,7 +412,7 @@ class ActivationStore(ActivationSource):
         file = self.path / shard["file"]
         try:
             if self.verify and index not in self._verified:
-                actual = _sha256_file(file)
+                actual = sha256_file(file)
                 if actual != shard["sha256"]:
                     raise ProbeError(
                         f"shard {file} is corrupted: its sha256 is {actual}, the manifest says {shard['sha256']}; "
@@ -541,11 +425,44 @@ class ActivationStore(ActivationSource):
             raise ProbeError(f"cannot read shard {file}: {err}") from err
         if tensors["acts"].shape != (shard["n_tokens"], self.d_model):
             raise ProbeError(f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]")
+        if index not in self._values_checked:
+            problem = _nonfinite_problem(tensors["acts"], file)
+            if problem is not None:
+                raise ProbeError(f"{problem}: the activations are unusable; re-collect this store (delete {self.path} and run the same collect command again)")
+            with self._lock:
+                self._values_checked.add(index)
         return tensors
+
+    def check_values(self) -> list[str]:
+        """Read every shard and find non-finite activations (NaN/inf); returns the problems (empty when clean).
+
+        Consumers check each shard once, when they first read it (:meth:`load_shard` raises); this
+        reads the whole store at once (``posttrain-probe store info --check-values``).
+        """
+        problems = []
+        for index, shard in enumerate(self.manifest.shards):
+            file = self.path / shard["file"]
+            try:
+                problem = _nonfinite_problem(load_file(file)["acts"], file)
+            except (OSError, SafetensorError, KeyError) as err:
+                problem = f"cannot read shard {file}: {err}"
+            if problem is not None:
+                problems.append(problem)
+        return problems
 
     def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:
         """Shards' activations [n, d] (store dtype), in a new random order per epoch with ``shuffle``."""
         return shard_chunks(lambda i: self.load_shard(i)["acts"], self.n_shards, shuffle=shuffle, seed=seed, epochs=epochs)
+
+def _nonfinite_problem(acts: torch.Tensor, file: Path) -> str | None:
+    """None when every activation of a shard is finite, else a one-line description (count, first token row)."""
+    finite = torch.isfinite(acts)
+    if bool(finite.all()):
+        return None
+    bad_rows = (~finite).any(dim=1)
+    first = int(bad_rows.nonzero()[0, 0])
+    return f"shard {file} holds {int((~finite).sum())} non-finite activations (NaN/inf) in {int(bad_rows.sum())} of {acts.shape[0]} tokens, first at row {first}"
+
 
 def shard_chunks(
     load: Callable[[int], torch.Tensor], n_shards: int, *, shuffle: bool, seed: int, epochs: int | None, prefetch: int = 2

@@ -108,6 +108,12 @@ def feature_activation_stats(cc: Any, batches: Iterable[torch.Tensor]) -> Featur
             n_tokens += x.shape[0]
     if n_tokens == 0:
         raise ProbeError("feature_activation_stats got no tokens: batches was empty")
+    if not bool(torch.isfinite(peak).all()):  # one sync, at the end: NaN codes come from NaN activations or weights
+        bad = int((~torch.isfinite(peak)).sum())
+        raise ProbeError(
+            f"{bad} of {n_features} features have NaN/inf activations over {n_tokens} tokens: the activations or the "
+            "crosscoder hold non-finite values (check the stores with `posttrain-probe store info --check-values`)"
+        )
     return FeatureStats(
         frequency=count.cpu().double() / n_tokens,
         max_activation=peak.cpu(),

@@ -274,7 +274,9 @@ def segment_statistics(
     training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        bar = tqdm(total=n_docs, desc=desc, unit="doc", disable=not progress)
+        for batch in batches:
+            bar.update(batch.input_ids.shape[0])
             n_cut += batch.n_cut
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = mask.bool() & (mask.cumsum(dim=1) > 1) & ~torch.isin(ids, special)
@@ -306,6 +308,7 @@ def segment_statistics(
                     hits.index_put_(where, fired.double(), accumulate=True)
                 if reasonscore is not None:
                     reasonscore.update(codes, words[part])
+        bar.close()
     finally:
         model.train(training)
     return SegmentStats(n_tokens.cpu(), sq_sum.cpu(), active.cpu(), doc_tokens.cpu(), hits.cpu() if hits is not None else None, n_cut)
@@ -591,6 +594,7 @@ def fisher_features(
     reason_tokens: Sequence[str] | None = None,
     decoder_norm_weighted: bool = True,
     progress: bool = False,
+    allow_model_mismatch: bool = False,
 ) -> FisherReport:
     """Fisher reasoning features of one model's codes, rho for every model, and the ReasonScore baseline.
 
@@ -609,6 +613,9 @@ def fisher_features(
             rows; each truncated at ``seq_len`` tokens; documents whose segments are cut are counted).
         reasonscore, alpha, window, reason_tokens, decoder_norm_weighted: the ReasonScore baseline on the select
             model (:mod:`~posttrain_probe.analysis.reasonscore`; defaults: the official settings and word list).
+        allow_model_mismatch: encode even a model that is not the one its branch (the SAE's model) was trained on
+            nor tuned from it, which is refused otherwise (:mod:`posttrain_probe.model_identity`); the mismatches are
+            recorded in ``settings["model_mismatch"]``.
 
     Returns:
         :class:`FisherReport`. Raises ProbeError when no document has a reasoning (or a solution) segment.
@@ -616,6 +623,7 @@ def fisher_features(
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.data import load_dataset_spec
     from posttrain_probe.layers import hidden_size, validate_layer
+    from posttrain_probe.model_identity import check_model, slot_fingerprint
     from posttrain_probe.models import check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
 
     if isinstance(crosscoder, (str, os.PathLike)):
@@ -682,6 +690,7 @@ def fisher_features(
     selection: FisherSelection | None = None
     reason_result: ReasonScoreResult | None = None
     order = [select_model] + [n for n in models if n != select_model]
+    mismatches: dict[str, str] = {}
     try:
         for name in order:
             given = models[name]
@@ -692,6 +701,10 @@ def fisher_features(
                 raise ProbeError(f"model {name!r}: {err}") from None
             if hidden_size(model) != cc.config.d_model:
                 raise ProbeError(f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the crosscoder trained on this model family")
+            what = f"model {name!r}" + (f" ({given})" if not isinstance(given, nn.Module) else "")
+            mismatch = check_model(model, slot_fingerprint(cc, branches[name]), cc.model_names[branches[name]], what=what, allow_mismatch=allow_model_mismatch)
+            if mismatch:
+                mismatches[name] = mismatch
             param = next(model.parameters(), None)
             cc.to(param.device if param is not None else run_device)
             common = dict(layer=layer, n_docs=len(docs), special_ids=special_ids, progress=progress)
@@ -735,4 +748,6 @@ def fisher_features(
         "seq_len": seq_len,
         "code_units": "per-source codes f^m of the crosscoder branch (normalised-input units)",
     }
+    if mismatches:
+        settings["model_mismatch"] = mismatches
     return FisherReport(settings, select_model, selection, stats, documents, reason_result, cc)

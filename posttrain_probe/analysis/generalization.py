@@ -578,6 +578,7 @@ def generalization_features(
     device: str | torch.device | None = None,
     progress: bool = False,
     split_half: int | None = None,
+    allow_model_mismatch: bool = False,
 ) -> GeneralizationResult:
     """Generalization-controlling features of a base-vs-RL crosscoder (SPEC sec. 6, paper R sec. 3.2/7).
 
@@ -599,12 +600,16 @@ def generalization_features(
             S_t, S and ``n_critical`` are those of the selection half); both halves' doc ids go into
             ``settings["split_half"]`` and so into the feature sets' provenance, and ``intervene``
             then evaluates on the held-out half. None (default): all of G_t.
+        allow_model_mismatch: score even when a model is not the one its branch was trained on (nor
+            tuned from it), which is refused otherwise (:mod:`posttrain_probe.model_identity`); the
+            mismatches are recorded in ``settings["model_mismatch"]``.
 
     Returns:
         A :class:`GeneralizationResult` (``.write(out_dir)`` writes the files).
     """
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.layers import hidden_size, validate_layer
+    from posttrain_probe.model_identity import check_model, slot_fingerprint
     from posttrain_probe.models import load_causal_lm, load_tokenizer, resolve_device
 
     cc_path = str(crosscoder) if isinstance(crosscoder, (str, os.PathLike)) else None
@@ -643,6 +648,7 @@ def generalization_features(
     contexts = [(task, prompt, available[task].output_type) for task in used for prompt in available[task].prompts]
     acts: dict[str, torch.Tensor] = {}
     tokenization: dict[str, Any] = {}
+    mismatches: dict[str, str] = {}
     for name in (base, rl):
         source = models[name]
         if isinstance(source, nn.Module):
@@ -655,6 +661,10 @@ def generalization_features(
         validate_layer(model, layer)
         if hidden_size(model) != cc.config.d_model:
             raise ProbeError(f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the models the crosscoder was trained on")
+        what = f"model {name!r}" + (f" ({source})" if not isinstance(source, nn.Module) else "")
+        mismatch = check_model(model, slot_fingerprint(cc, slots[name]), name, what=what, allow_mismatch=allow_model_mismatch)
+        if mismatch:
+            mismatches[name] = mismatch
         ids = [lm_eval_context_ids(tokenizer, prompt, output_type=kind, add_bos_token=add_bos_token) for _, prompt, kind in contexts]
         pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         acts[name] = last_prompt_activations(model, ids, layer, batch_size=batch_size, padding_side=padding_side, pad_id=pad_id,
@@ -693,6 +703,8 @@ def generalization_features(
     }
     if split is not None:
         settings["split_half"] = split
+    if mismatches:
+        settings["model_mismatch"] = mismatches
     return GeneralizationResult(used, skipped, counts, torch.stack(scores), sets, intersect_feature_sets(sets), threshold, normalize, settings, cc)
 
 

@@ -54,6 +54,7 @@ from typing import Any
 from posttrain_probe.analysis.controls import DEFAULT_CONTROL_SEEDS, DEFAULT_FREQUENCY_BINS, control_spread
 from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.model_identity import check_model_path, slot_fingerprint
 
 ROLES = ("rl", "base")
 """Roles of the evaluated model on G_t: ``rl`` (acc_before = 100%) or ``base`` (acc_before = 0%)."""
@@ -439,6 +440,7 @@ def intervention_effects(
     control_seed: int = 0,
     control_bins: int = DEFAULT_FREQUENCY_BINS,
     per_feature: bool = False,
+    allow_model_mismatch: bool = False,
 ) -> InterventionEffects:
     """Run a feature intervention on G_t of every task and measure the change (SPEC sec. 7, paper R tables 2-5),
     beside frequency-matched random control sets (SPEC sec. 11) and, optionally, each feature alone.
@@ -472,6 +474,9 @@ def intervention_effects(
             (:func:`~posttrain_probe.analysis.controls.control_feature_sets`; fewer are used, with a
             note, when a bin has too few candidates).
         per_feature: also intervene on every feature of S alone (one lm-eval run per feature).
+        allow_model_mismatch: evaluate even when ``model`` is not the model its crosscoder branch was
+            trained on (nor tuned from it), which is refused otherwise (:mod:`posttrain_probe.model_identity`);
+            the mismatch is recorded in the settings (``model_mismatch``).
 
     Returns:
         :class:`InterventionEffects` (deltas in percentage points; counts behind them; one
@@ -496,6 +501,7 @@ def intervention_effects(
     if isinstance(control_bins, bool) or not isinstance(control_bins, int) or control_bins < 1:
         raise ProbeError(f"control_bins={control_bins!r}: expected a positive int (frequency bins of the controls)")
     _check_intervention(cc, indices, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference, controls=bool(seeds))
+    model_mismatch = check_model_path(model_path, slot_fingerprint(cc, cc.model_index(model_name)), model_name, allow_mismatch=allow_model_mismatch)
 
     available, empty, data = load_critical(critical)
     held = split_names(held_out_tasks or [])
@@ -521,12 +527,14 @@ def intervention_effects(
         after_args["value"] = value
     if mode == "steer":
         after_args["reference"] = reference
+    if allow_model_mismatch:
+        after_args["allow_model_mismatch"] = True
 
     controls_info: dict[str, Any] | None = None
     drawn = None
     if seeds and used:
         drawn, controls_info = _draw_controls(cc, cc_dir, model_name, model_path, indices, seeds, control_bins, reference,
-                                              [p for t in used for p in available[t].prompts], used, base_args, device)
+                                              [p for t in used for p in available[t].prompts], used, base_args, device, allow_model_mismatch)
     elif seeds:
         controls_info = {"seeds": seeds, "skipped": "no task has generalization-critical samples: no controls (their deltas are on G_t)"}
 
@@ -595,6 +603,7 @@ def intervention_effects(
         "held_out_tasks": sorted(held_set),
         "full_task": full_task,
         "model_args": {k: v for k, v in base_args.items()},
+        "model_mismatch": model_mismatch,
         "apply_chat_template": apply_chat_template,
         "num_fewshot": num_fewshot,
         "per_feature": per_feature,
@@ -622,7 +631,7 @@ def _control_seed_list(control_seeds, control_seed) -> list[int]:
     return list(range(control_seed, control_seed + control_seeds))
 
 
-def _draw_controls(cc, cc_dir, model_name, model_path, indices, seeds, n_bins, reference, prompts, used, base_args, device):
+def _draw_controls(cc, cc_dir, model_name, model_path, indices, seeds, n_bins, reference, prompts, used, base_args, device, allow_model_mismatch=False):
     """(ControlSets, settings["controls"]): firing rates of branch ``model_name``'s per-source codes on
     the reference corpus (``reference`` or the G_t ``prompts``; cached next to the crosscoder) and one
     frequency-matched set per seed."""
@@ -634,7 +643,8 @@ def _draw_controls(cc, cc_dir, model_name, model_path, indices, seeds, n_bins, r
     tokenizer = load_tokenizer(model_path)
     lm = load_causal_lm(model_path, dtype=base_args.get("dtype", "auto"), device=device, keep_layers=layer)
     data = reference if reference is not None else prompts
-    stats = source_activation_stats(cc, model_name, lm, data, tokenizer=tokenizer, cache_dir=cc_dir / "max_activations")
+    stats = source_activation_stats(cc, model_name, lm, data, tokenizer=tokenizer, cache_dir=cc_dir / "max_activations",
+                                    allow_model_mismatch=allow_model_mismatch)
     del lm
     drawn = control_feature_sets(stats.frequency, indices, seeds, n_bins=n_bins)
     frequency = stats.frequency.tolist()

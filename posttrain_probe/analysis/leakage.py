@@ -557,6 +557,7 @@ def feature_leakage(
     matching: str = "hungarian",
     progress: bool = False,
     norm_ratio_scale: str = "all",
+    allow_model_mismatch: bool = False,
 ) -> LeakageReport:
     """How much the protected features still moved after blocked training (SPEC sec. 9, paper S E.1).
 
@@ -579,12 +580,16 @@ def feature_leakage(
         norm_ratio_scale: NormRatio denominator of a category ``features`` and of the new crosscoder's bands:
             ``all`` (max decoder norm over every model slot, SPEC default) or ``pair`` (the two compared models,
             paper S); see :func:`~posttrain_probe.analysis.attribution.norm_ratio`.
+        allow_model_mismatch: compare even when the base or blocked model is not the model branch ``model_name``
+            was trained on (nor tuned from it), which is refused otherwise (:mod:`posttrain_probe.model_identity`);
+            the mismatches are recorded in ``settings["model_mismatch"]``.
 
     Returns:
         A :class:`LeakageReport`; ``report.write(out_dir)`` writes the JSON, CSV and figure.
     """
     from posttrain_probe.activations.live import LiveActivations
     from posttrain_probe.interventions.feature_sets import resolve_features
+    from posttrain_probe.model_identity import check_model, slot_fingerprint, source_fingerprints
 
     cc, cc_path = _load(crosscoder)
     slot = cc.model_index(model_name)
@@ -621,15 +626,24 @@ def feature_leakage(
             f"the crosscoder {cc_path or ''} has d_model {cc.config.d_model} but the models' hidden size is {source.d_model}: "
             "expected the crosscoder trained on (a model of the family of) the base model"
         )
+    mismatches = {}
+    for role, given in (("base", base_model), ("blocked", blocked_model)):
+        what = f"the {role} model" + (f" {given}" if not isinstance(given, nn.Module) else "")
+        mismatch = check_model(source.models[role], slot_fingerprint(cc, slot), cc.model_names[slot], what=what, allow_mismatch=allow_model_mismatch)
+        if mismatch:
+            mismatches[role] = mismatch
     kept: list[torch.Tensor] = []
 
     def chunks() -> Iterator[torch.Tensor]:
         from tqdm.auto import tqdm
 
-        for chunk in tqdm(source.chunks(), desc="leakage", unit="batch", disable=not progress):
+        bar = tqdm(total=max_tokens, desc="leakage", unit="tok", disable=not progress)  # no total: the whole dataset
+        for chunk in source.chunks():
+            bar.update(chunk.shape[0])
             if train_crosscoder:
                 kept.append(chunk.cpu())
             yield chunk
+        bar.close()
 
     home = cc.W_enc.device
     shift = feature_shift(cc, chunks(), slot)
@@ -650,6 +664,8 @@ def feature_leakage(
         "code_units": "per-source codes f^m of the crosscoder (normalised-input units)",
         "norm_ratio_scale": norm_ratio_scale,
     }
+    if mismatches:
+        settings["model_mismatch"] = mismatches
     report = LeakageReport(protected, shift, settings)
     if train_crosscoder:
         from posttrain_probe.crosscoder.config import CrosscoderConfig
@@ -659,7 +675,7 @@ def feature_leakage(
         kept.clear()
         config = CrosscoderConfig(
             model_names=["base", "blocked"], n_features=n_features or cc.config.n_features, activation=cc.config.activation,
-            k=cc.config.k, layer=layer, dec_init_norm=cc.config.dec_init_norm,
+            k=cc.config.k, layer=layer, dec_init_norm=cc.config.dec_init_norm, model_fingerprints=source_fingerprints(source),
         )
         new_cc = train(_TensorSource(acts, ["base", "blocked"], layer), config, training_config or CrosscoderTrainingConfig(), crosscoder_out, overwrite=True, progress=progress)
         new_cc, new_path = new_cc.cpu().eval(), str(crosscoder_out)

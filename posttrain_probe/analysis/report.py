@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from posttrain_probe.analysis.attribution import categorize, decoder_cosine, mas, norm_ratio, nrn
+from posttrain_probe.analysis.attribution import NORM_RATIO_SCALES, categorize, decoder_cosine, mas, norm_ratio, nrn
 from posttrain_probe.analysis.duplicates import DEFAULT_DUPLICATE_COSINE
 from posttrain_probe.analysis.dynamics import DEFAULT_MIN_COSINE, DEFAULT_NORM_FLOOR, DEFAULT_TIE_ATOL
 from posttrain_probe.analysis.jsonable import json_safe
@@ -55,6 +55,10 @@ def analyze_crosscoder(
 
     if table_format not in ("parquet", "csv"):
         raise ProbeError(f"table format {table_format!r}: expected parquet or csv")
+    if norm_ratio_scale not in NORM_RATIO_SCALES:
+        raise ProbeError(f"norm_ratio_scale {norm_ratio_scale!r} is not one of {NORM_RATIO_SCALES}")
+    if isinstance(duplicate_cosine, bool) or not isinstance(duplicate_cosine, (int, float)) or not 0 < duplicate_cosine <= 1:
+        raise ProbeError(f"duplicate_cosine={duplicate_cosine!r} is invalid; expected a cosine in (0, 1]")
     names = list(crosscoder.config.model_names)
     base_slot = model_index(names, base, "base model")
     if len(names) < 2:
@@ -146,7 +150,6 @@ def checkpoint_dynamics(
     from posttrain_probe.analysis.plots import plot_rank_shifts, plot_topk_overlap
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     matching_quality = None
     if (crosscoder is None) == (not crosscoders):
         raise ProbeError("give one multi-model crosscoder or a list of two-model crosscoders (one per checkpoint)")
@@ -187,6 +190,7 @@ def checkpoint_dynamics(
     overlap = topk_overlap(scores, k=k)
     shifts = rank_shifts(scores, k=k)
     ties = top_k_ties(scores, k=k, atol=tie_atol)
+    out.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
     lines = ["," + ",".join(labels)] + [label + "," + ",".join(f"{v:.4f}" for v in row) for label, row in zip(labels, overlap.tolist())]
     (out / "overlap.csv").write_text("\n".join(lines) + "\n")
     shift_record = {

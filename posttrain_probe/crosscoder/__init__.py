@@ -1,8 +1,12 @@
-"""N-model sparse crosscoders (SPEC sec. 3): the model, its config and its training loop."""
+"""N-model sparse crosscoders (SPEC sec. 3): the model, its config and its training loop.
 
-from posttrain_probe.crosscoder.calibrate import SourceCalibration, calibrate_source_thresholds
-from posttrain_probe.crosscoder.config import CrosscoderConfig
-from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
+The configs are imported eagerly (torch-free); the model, calibration and training are imported on
+first use, so the command line starts without importing torch, and
+`python -m posttrain_probe.crosscoder.train` runs its module once.
+"""
+
+from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
+from posttrain_probe.lazy import lazy_attributes
 
 __all__ = [
     "Crosscoder",
@@ -14,11 +18,12 @@ __all__ = [
     "train_crosscoder",
 ]
 
+_LAZY = {
+    "Crosscoder": "model",
+    "CrosscoderOutput": "model",
+    "SourceCalibration": "calibrate",
+    "calibrate_source_thresholds": "calibrate",
+    "train_crosscoder": "train",
+}
 
-def __getattr__(name: str):
-    # Imported on first use, so `python -m posttrain_probe.crosscoder.train` runs its module once.
-    if name in ("CrosscoderTrainingConfig", "train_crosscoder"):
-        from posttrain_probe.crosscoder import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

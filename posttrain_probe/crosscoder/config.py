@@ -1,4 +1,6 @@
-"""Configuration of an N-model sparse crosscoder (SPEC sec. 3): saved as the crosscoder's config.json."""
+"""Configuration of an N-model sparse crosscoder (SPEC sec. 3, saved as its config.json) and of its training run.
+
+Torch-free, so the CLI builds its options from these dataclasses without importing torch."""
 
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ class CrosscoderConfig:
             "uses the joint threshold.",
         },
     )
+    model_fingerprints: list[dict | str | None] | None = field(
+        default=None,
+        metadata={
+            "cli": False,
+            "help": "Per model in slot order, the fingerprint (posttrain_probe.model_identity) of the model its activations came "
+            "from, recorded by training from stores or live models; steps that apply the crosscoder to a model check it. "
+            "None (older crosscoders, raw tensors) or a None entry: not checked.",
+        },
+    )
 
     def __post_init__(self) -> None:
         names = list(self.model_names)
@@ -44,6 +55,11 @@ class CrosscoderConfig:
             raise ProbeError(f"need n_features >= 1, d_model >= 0, k >= 1; got {self.n_features}, {self.d_model}, {self.k}")
         if self.source_thresholds is not None:
             self._check_source_thresholds()
+        if self.model_fingerprints is not None:
+            prints = list(self.model_fingerprints)
+            if self.model_names and len(prints) != len(self.model_names):
+                raise ProbeError(f"model_fingerprints must hold one entry per model {self.model_names}, got {len(prints)}")
+            self.model_fingerprints = prints
         if self.format_version > FORMAT_VERSION:
             raise ProbeError(
                 f"crosscoder format version {self.format_version} is newer than this posttrain-probe reads "
@@ -69,3 +85,53 @@ class CrosscoderConfig:
     @property
     def n_models(self) -> int:
         return len(self.model_names)
+
+
+@dataclass
+class CrosscoderTrainingConfig:
+    """Optimisation settings of a crosscoder run (Python API, CLI and YAML)."""
+
+    n_tokens: int | None = field(default=None, metadata={"help": "Training tokens in all (default: one pass over the store; required for live sources)."})
+    batch_size: int = field(default=1024, metadata={"help": "Global batch in tokens (split over data-parallel ranks)."})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (constant, then linear decay)."})
+    lr_decay_fraction: float = field(default=0.2, metadata={"help": "Final fraction of steps over which lr decays linearly to 0."})
+    l1_coefficient: float = field(default=2.0, metadata={"help": "λ of the decoder-norm-weighted L1 penalty (relu crosscoders)."})
+    l1_warmup_fraction: float = field(default=0.05, metadata={"help": "Initial fraction of steps over which λ rises linearly from 0."})
+    beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
+    beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
+    scale_tokens: int = field(default=100_000, metadata={"help": "Tokens used to estimate the normalisation scales s_m."})
+    dead_after_tokens: int = field(default=10_000_000, metadata={"help": "A feature is dead after this many tokens without firing (or the whole run, if shorter)."})
+    aux_k: int = field(default=512, metadata={"help": "BatchTopK: dead features used by the AuxK loss per token."})
+    aux_coefficient: float = field(default=1 / 32, metadata={"help": "BatchTopK: weight of the AuxK loss."})
+    threshold_decay: float = field(default=0.99, metadata={"help": "BatchTopK: EMA decay of the inference threshold."})
+    buffer_tokens: int | None = field(default=None, metadata={"help": "Tokens held for shuffling (default: the source's)."})
+    log_every: int = field(default=25, metadata={"help": "Steps between metric logs (the only host-device syncs)."})
+    checkpoint_every: int = field(default=1000, metadata={"help": "Steps between resumable checkpoints (rounded to a multiple of log_every)."})
+    max_steps_per_run: int | None = field(default=None, metadata={"help": "Stop with a checkpoint after this many steps in this invocation (time-limited jobs); resume later."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or no. Master weights stay fp32."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Extra trackers via accelerate: wandb, tensorboard."})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "checkpoint_every", "scale_tokens"):
+            if getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_decay_fraction", "l1_warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ProbeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ProbeError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("l1_coefficient", "grad_clip", "aux_coefficient"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ProbeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "threshold_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("dead_after_tokens", "aux_k"):
+            if getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_tokens is not None and self.n_tokens < self.batch_size:
+            raise ProbeError(f"n_tokens ({self.n_tokens}) must be at least one batch ({self.batch_size})")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise ProbeError(f"mixed_precision {self.mixed_precision!r}: expected auto, bf16, fp16 or no")

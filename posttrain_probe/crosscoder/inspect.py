@@ -13,11 +13,34 @@ from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 
 
-def load_crosscoder(path: str | os.PathLike, *, device: str | None = None) -> Crosscoder:
-    """``Crosscoder.from_pretrained(path)`` with a ProbeError when ``path`` holds no crosscoder."""
+def training_status(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``training_status.json`` (``complete``, ``step`` of the weights, ``total_steps``,
+    ``tokens``, ``warnings``), or None for a crosscoder saved outside a training run."""
+    from posttrain_probe.crosscoder.train import STATUS
+
+    file = Path(path) / STATUS
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def load_crosscoder(path: str | os.PathLike, *, device: str | None = None, allow_incomplete: bool = True) -> Crosscoder:
+    """``Crosscoder.from_pretrained(path)`` with a ProbeError when ``path`` holds no crosscoder.
+
+    The weights of an interrupted training run (``training_status.json`` says not complete) load
+    with a warning naming the step they are from, or, with ``allow_incomplete=False`` (the CLI's
+    default), raise a ProbeError that says how to finish or accept the run.
+    """
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise ProbeError(f"{path} holds no crosscoder: expected config.json and model.safetensors")
+    status = training_status(path)
+    if status is not None and not status.get("complete", True):
+        message = (f"the crosscoder in {path} is from an unfinished training run (weights of step {status['step']} of "
+                   f"{status['total_steps']})")
+        if not allow_incomplete:
+            raise ProbeError(f"{message}: finish it with `posttrain-probe crosscoder train ... --out {path} --resume`, or pass --allow-incomplete")
+        import warnings
+
+        warnings.warn(message, stacklevel=2)
     try:
         model = Crosscoder.from_pretrained(str(path))
     except (OSError, ValueError, TypeError, RuntimeError) as err:
@@ -26,8 +49,17 @@ def load_crosscoder(path: str | os.PathLike, *, device: str | None = None) -> Cr
 
 
 def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """JSON-ready facts about the crosscoder in ``path`` and, if present, its training run."""
-    cc = load_crosscoder(path)
+    """JSON-ready facts about the crosscoder in ``path`` and, if present, its training run.
+
+    ``weights_step`` is the optimizer step the saved weights are from and ``complete`` whether the
+    run finished (None outside a training run); ``steps`` is the last logged step, which can
+    be later than the weights when a run was killed between checkpoints.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unfinished run is shown as such below
+        cc = load_crosscoder(path)
     norms = cc.W_dec.detach().norm(dim=-1)  # [F, N]
     info: dict[str, Any] = {
         "path": str(path),
@@ -39,6 +71,12 @@ def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
         "scales": [round(v, 6) for v in cc.scales.tolist()],
         "zero_decoder_features": int((norms.sum(-1) == 0).sum()),
     }
+    status = training_status(path)
+    if status is not None:
+        info.update(weights_step=status["step"], total_steps=status["total_steps"], complete=status["complete"],
+                    warnings=status.get("warnings", []))
+    else:
+        info.update(weights_step=None, complete=None)
     metrics = Path(path) / "metrics.jsonl"
     if metrics.exists():
         lines = metrics.read_text().splitlines()

@@ -18,60 +18,24 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain_probe.crosscoder.config import CrosscoderConfig
+from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.crosscoder.state import load_optimizer_tensors, load_training_state, restore_rng, save_training_state
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.locks import is_lock_file, main_process_holds
 
 STATE_DIR = "trainer_state"
 METRICS = "metrics.jsonl"
 TRAINING_CONFIG = "training_config.json"
-_RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR)
-
-
-@dataclass
-class CrosscoderTrainingConfig:
-    """Optimisation settings of a crosscoder run (Python API, CLI and YAML)."""
-
-    n_tokens: int | None = field(default=None, metadata={"help": "Training tokens in all (default: one pass over the store; required for live sources)."})
-    batch_size: int = field(default=1024, metadata={"help": "Global batch in tokens (split over data-parallel ranks)."})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (constant, then linear decay)."})
-    lr_decay_fraction: float = field(default=0.2, metadata={"help": "Final fraction of steps over which lr decays linearly to 0."})
-    l1_coefficient: float = field(default=2.0, metadata={"help": "λ of the decoder-norm-weighted L1 penalty (relu crosscoders)."})
-    l1_warmup_fraction: float = field(default=0.05, metadata={"help": "Initial fraction of steps over which λ rises linearly from 0."})
-    beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
-    beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
-    scale_tokens: int = field(default=100_000, metadata={"help": "Tokens used to estimate the normalisation scales s_m."})
-    dead_after_tokens: int = field(default=10_000_000, metadata={"help": "A feature is dead after this many tokens without firing (or the whole run, if shorter)."})
-    aux_k: int = field(default=512, metadata={"help": "BatchTopK: dead features used by the AuxK loss per token."})
-    aux_coefficient: float = field(default=1 / 32, metadata={"help": "BatchTopK: weight of the AuxK loss."})
-    threshold_decay: float = field(default=0.99, metadata={"help": "BatchTopK: EMA decay of the inference threshold."})
-    buffer_tokens: int | None = field(default=None, metadata={"help": "Tokens held for shuffling (default: the source's)."})
-    log_every: int = field(default=25, metadata={"help": "Steps between metric logs (the only host-device syncs)."})
-    checkpoint_every: int = field(default=1000, metadata={"help": "Steps between resumable checkpoints (rounded to a multiple of log_every)."})
-    max_steps_per_run: int | None = field(default=None, metadata={"help": "Stop with a checkpoint after this many steps in this invocation (time-limited jobs); resume later."})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or no. Master weights stay fp32."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Extra trackers via accelerate: wandb, tensorboard."})
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "log_every", "checkpoint_every", "scale_tokens"):
-            if getattr(self, name) < 1:
-                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_decay_fraction", "l1_warmup_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ProbeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.n_tokens is not None and self.n_tokens < self.batch_size:
-            raise ProbeError(f"n_tokens ({self.n_tokens}) must be at least one batch ({self.batch_size})")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise ProbeError(f"mixed_precision {self.mixed_precision!r}: expected auto, bf16, fp16 or no")
+STATUS = "training_status.json"
+"""Which step the weights at the run root are from, and whether training completed."""
+_RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR, STATUS)
 
 
 def lr_factor(step: int, total: int, decay_fraction: float) -> float:
@@ -89,9 +53,9 @@ def l1_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def _prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    entries = {p.name for p in out_dir.iterdir() if not is_lock_file(p.name)} if out_dir.exists() else set()
+    if not entries:
         return
-    entries = {p.name for p in out_dir.iterdir()}
     ours = (out_dir / TRAINING_CONFIG).exists() or (out_dir / STATE_DIR).exists()
     if not ours:
         raise ProbeError(f"output directory {out_dir} is not empty and holds no crosscoder run ({', '.join(sorted(entries)[:5])}); choose another")
@@ -117,9 +81,13 @@ def _resolve_config(config: CrosscoderConfig, source) -> CrosscoderConfig:
     layer = getattr(source, "layer", None)
     if config.layer is not None and layer is not None and config.layer != layer:
         raise ProbeError(f"the crosscoder is configured for layer {config.layer}, the data comes from layer {layer}")
-    return replace(config, model_names=names, d_model=source.d_model, layer=config.layer if config.layer is not None else layer)
+    from posttrain_probe.model_identity import source_fingerprints
+
+    prints = config.model_fingerprints if config.model_fingerprints is not None else source_fingerprints(source)
+    return replace(config, model_names=names, d_model=source.d_model, layer=config.layer if config.layer is not None else layer, model_fingerprints=prints)
 
 
+@main_process_holds("out_dir", what="crosscoder run")  # a second training into out_dir fails at once
 def train_crosscoder(
     source,
     crosscoder_config: CrosscoderConfig | None = None,
@@ -169,6 +137,8 @@ def train_crosscoder(
     _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     state = load_training_state(out_dir / STATE_DIR) if resume else None
+    if resume and state is None:
+        raise ProbeError(f"resume: {out_dir} holds no interrupted crosscoder run to continue (no {STATE_DIR}/); run without --resume to start one")
     saved_configs = {"crosscoder": asdict(cc_config), "training": asdict(train_cfg)}
     if state is not None:
         before = state["meta"]["configs"]
@@ -256,21 +226,25 @@ def train_crosscoder(
                 accelerator.log({k: v for k, v in record.items() if not isinstance(v, list)} | {f"fvu/{n}": v for n, v in zip(cc_config.model_names, record["fvu"])}, step=done)
         bar.update(1)
         if done % checkpoint_every == 0 and done != stop_step:
-            _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs)
+            _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs, total_steps)
     bar.close()
     done = max(step + 1, start_step) if stop_step > start_step else start_step
-    _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs)
+    _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs, total_steps)
+    if accelerator.is_main_process and done >= total_steps:
+        _report_quality(out_dir, cc_config, total_steps)
     accelerator.wait_for_everyone()
     if train_cfg.report_to:
         accelerator.end_training()
     return model
 
 
-def _checkpoint(accelerator, model: Crosscoder, optimizer, tokens_since_fired, fired_ever, step: int, out_dir: Path, configs: dict) -> None:
-    """Crosscoder weights at the run root and the resumable state under trainer_state/ (rank 0 writes)."""
+def _checkpoint(accelerator, model: Crosscoder, optimizer, tokens_since_fired, fired_ever, step: int, out_dir: Path, configs: dict, total_steps: int) -> None:
+    """Crosscoder weights at the run root, their status, and the resumable state under trainer_state/ (rank 0 writes)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.save_pretrained(out_dir)
+        batch = configs["training"]["batch_size"]
+        write_status(out_dir, {"complete": step >= total_steps, "step": step, "total_steps": total_steps, "tokens": step * batch})
         inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         save_training_state(
             out_dir / STATE_DIR,
@@ -299,6 +273,53 @@ def _nonfinite_message(bad_inputs: torch.Tensor, first_bad_step: int, names: lis
         where = f"at step {first_bad_step}" if first_bad_step > 0 else f"by step {step}"
         return f"NaN/inf in the activations of {', '.join(bad)} {where}: training stopped (no checkpoint was written after it)"
     return f"non-finite loss at step {step} (or one of the {log_every - 1} steps before it) with finite inputs: training diverged, lower the lr"
+
+
+def write_status(out_dir: Path, status: dict[str, Any]) -> None:
+    """Replace ``out_dir/training_status.json`` atomically."""
+    tmp = out_dir / f".{STATUS}.tmp"
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, out_dir / STATUS)
+
+
+QUALITY_LIMITS = {"min_steps": 1000, "max_fvu": 0.2, "max_l0_fraction": 0.1, "max_dead_fraction": 0.5}
+"""When a finished run is reported as poor (:func:`quality_warnings`)."""
+
+
+def quality_warnings(record: dict[str, Any], cc_config: CrosscoderConfig, total_steps: int) -> list[str]:
+    """What looks poor about a finished run, each with what to change (from its last metrics ``record``).
+
+    Checks: fewer than 1000 optimizer steps; a model's FVU above 0.2; L0 above 10% of F; more than
+    half of the latents dead. Thresholds in :data:`QUALITY_LIMITS`; these are hints, not errors.
+    """
+    limits, out = QUALITY_LIMITS, []
+    if total_steps < limits["min_steps"]:
+        out.append(f"only {total_steps} optimizer steps: the dictionary is far from converged; train on more tokens (n_tokens) or use a smaller batch_size")
+    for name, fvu in zip(cc_config.model_names, record.get("fvu", [])):
+        if fvu > limits["max_fvu"]:
+            hint = "raise k" if cc_config.activation == "batchtopk" else "lower l1_coefficient"
+            out.append(f"FVU of {name} is {fvu:.3f} (> {limits['max_fvu']}): the reconstruction is poor; train longer, raise n_features or {hint}")
+    l0 = record.get("l0", 0.0)
+    if cc_config.activation == "relu" and l0 > limits["max_l0_fraction"] * cc_config.n_features:
+        out.append(f"L0 is {l0:.1f} of F={cc_config.n_features} (> {limits['max_l0_fraction']:.0%}): the codes are not sparse; raise l1_coefficient or train longer")
+    dead = record.get("dead_fraction", 0.0)
+    if dead > limits["max_dead_fraction"]:
+        out.append(f"{dead:.0%} of latents are dead: lower n_features or lr, or use activation=batchtopk (AuxK revives dead latents)")
+    return out
+
+
+def _report_quality(out_dir: Path, cc_config: CrosscoderConfig, total_steps: int) -> None:
+    """Record (in training_status.json) and print the quality warnings of a finished run."""
+    import warnings
+
+    lines = (out_dir / METRICS).read_text().splitlines() if (out_dir / METRICS).exists() else []
+    if not lines:
+        return
+    problems = quality_warnings(json.loads(lines[-1]), cc_config, total_steps)
+    status = json.loads((out_dir / STATUS).read_text())
+    write_status(out_dir, {**status, "warnings": problems})
+    for problem in problems:
+        warnings.warn(f"crosscoder {out_dir}: {problem}", stacklevel=4)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

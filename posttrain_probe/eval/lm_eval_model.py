@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 
 from posttrain_probe.errors import ProbeError
 
-INTERVENTION_ARGS = ("crosscoder", "features", "mode", "value", "model_name", "positions", "reference")
+INTERVENTION_ARGS = ("crosscoder", "features", "mode", "value", "model_name", "positions", "reference", "allow_model_mismatch")
 """model_args that ``probe-hf`` adds to HFLM's."""
 
 _PAD = 0  # lm-eval right-pads loglikelihood batches with zeros (pad_and_concat)
@@ -45,7 +45,7 @@ def _features_spec(features: Any) -> Any:
             raise ProbeError(f"features={features!r}: expected integer feature indices like 3;17;42")
         return [int(features)]
     if isinstance(features, str):
-        if features.endswith(".json") or Path(features).exists():
+        if features.endswith(".json") or (len(features) < 256 and Path(features).exists()):  # longer: no file name (ENAMETOOLONG)
             return features  # a feature-set file
         return features.replace(";", ",")
     if isinstance(features, (list, tuple)):
@@ -79,6 +79,19 @@ class InterventionSpec:
     model_name: str | None
     positions: str
     reference: str | None
+    allow_model_mismatch: bool = False
+    """Attach even to a model other than the branch's (:mod:`posttrain_probe.model_identity`)."""
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean model_arg: lm-eval's parser gives True/False, or the string as typed."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ProbeError(f"{name}={value!r}: expected True or False")
 
 
 def check_intervention_args(
@@ -90,6 +103,7 @@ def check_intervention_args(
     model_name: Any = None,
     positions: Any = None,
     reference: Any = None,
+    allow_model_mismatch: Any = None,
 ) -> InterventionSpec | None:
     """Check the intervention model_args of ``probe-hf`` (values as lm-eval's parser gives them:
     ``features=3`` arrives as an int, ``3;17;42`` as a string) without loading the language model:
@@ -98,7 +112,8 @@ def check_intervention_args(
     raises :class:`ProbeError` naming the bad value."""
     from posttrain_probe.interventions.features import INTERVENTION_MODES, POSITIONS
 
-    given = {k: v for k, v in dict(features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference).items() if v is not None}
+    given = {k: v for k, v in dict(features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference,
+                                   allow_model_mismatch=allow_model_mismatch).items() if v is not None}
     if crosscoder is None:
         if given:
             raise ProbeError(f"model_args {', '.join(f'{k}=' for k in given)} need crosscoder=DIR (the crosscoder whose features are edited)")
@@ -126,6 +141,7 @@ def check_intervention_args(
     spec = InterventionSpec(
         crosscoder=cc, crosscoder_dir=str(crosscoder), features=resolve_features(cc, _features_spec(features)), mode=mode, value=value,
         model_name=None if model_name is None else str(model_name), positions=positions, reference=None if reference is None else str(reference),
+        allow_model_mismatch=_flag("allow_model_mismatch", allow_model_mismatch),
     )
     if spec.model_name is None and cc.n_models != 1:
         raise ProbeError(f"the crosscoder has models {cc.model_names}: add model_name=NAME (the branch to intervene on)")
@@ -152,6 +168,9 @@ class ProbeHFLM(HFLM):
     * ``positions`` -- ``all`` (default), ``prompt`` or ``last_prompt``.
     * ``reference`` -- ``steer`` only: dataset spec (as for ``posttrain-probe collect``) of the
       corpus the max activations are computed on (cached next to the crosscoder).
+    * ``allow_model_mismatch`` -- ``True``: intervene even when ``pretrained`` is not the model the
+      branch was trained on (nor tuned from it), which is refused otherwise
+      (:mod:`posttrain_probe.model_identity`); the mismatch is kept in ``intervention.model_mismatch``.
 
     The attached intervention is :attr:`intervention` (``None`` without ``crosscoder``);
     :meth:`detach_intervention` removes it from the model.
@@ -167,12 +186,14 @@ class ProbeHFLM(HFLM):
         model_name: str | None = None,
         positions: str | None = None,
         reference: str | None = None,
+        allow_model_mismatch: Any = None,
         **kwargs: Any,
     ) -> None:
         self.intervention = None
         self._prompt_table: dict[tuple[int, ...], collections.deque] | None = None
         spec = check_intervention_args(
-            crosscoder=crosscoder, features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference
+            crosscoder=crosscoder, features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference,
+            allow_model_mismatch=allow_model_mismatch,
         )
         if spec is None:
             super().__init__(pretrained, **kwargs)
@@ -193,7 +214,8 @@ class ProbeHFLM(HFLM):
         from posttrain_probe.interventions.features import FeatureIntervention
 
         return FeatureIntervention(
-            spec.crosscoder, spec.features, mode=spec.mode, value=spec.value, model_name=spec.model_name, positions=spec.positions, max_acts=max_acts
+            spec.crosscoder, spec.features, mode=spec.mode, value=spec.value, model_name=spec.model_name, positions=spec.positions, max_acts=max_acts,
+            allow_model_mismatch=spec.allow_model_mismatch,
         )
 
     def _max_activations(self, spec: InterventionSpec) -> torch.Tensor:
@@ -203,7 +225,8 @@ class ProbeHFLM(HFLM):
 
         branch = 0 if spec.model_name is None else spec.model_name
         return max_activations(
-            spec.crosscoder, branch, self.model, spec.reference, tokenizer=self.tokenizer, cache_dir=Path(spec.crosscoder_dir) / "max_activations"
+            spec.crosscoder, branch, self.model, spec.reference, tokenizer=self.tokenizer, cache_dir=Path(spec.crosscoder_dir) / "max_activations",
+            allow_model_mismatch=spec.allow_model_mismatch,
         )
 
     def detach_intervention(self) -> None:

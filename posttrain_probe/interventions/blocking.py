@@ -21,6 +21,7 @@ from torch import nn
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.model_identity import check_model, slot_fingerprint
 
 MODES = ("sae", "subspace", "ablate")
 
@@ -34,7 +35,10 @@ class GradientBlocker:
     (per source when calibrated, as ``encode_source``) applies either way.
 
     Use ``attach(model)`` / ``detach()`` or ``with blocker.attached(model): ...``. The protected
-    weights are copied to the hidden states' device and dtype at the first forward.
+    weights are copied to the hidden states' device and dtype at the first forward. ``attach``
+    refuses a model other than the one the branch was trained on (or a tuned copy of it;
+    :mod:`posttrain_probe.model_identity`) unless ``allow_model_mismatch``, which records the
+    mismatch in ``model_mismatch``.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class GradientBlocker:
         layer: int | None = None,
         mode: str = "sae",
         encoder_bias: bool = True,
+        allow_model_mismatch: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ProbeError(f"blocking mode {mode!r} is not one of {MODES}")
@@ -57,6 +62,10 @@ class GradientBlocker:
         self.encoder_bias = encoder_bias
         self.slot = crosscoder.model_index(model)
         self.model_name = crosscoder.model_names[self.slot]
+        self.model_fingerprint = slot_fingerprint(crosscoder, self.slot)
+        self.allow_model_mismatch = bool(allow_model_mismatch)
+        self.model_mismatch: str | None = None
+        """The mismatch ``attach`` let through with ``allow_model_mismatch`` (None: the model matched or was not checked)."""
         self.layer = crosscoder.config.layer if layer is None else layer
         if self.layer is None:
             raise ProbeError("the crosscoder does not record its layer: pass layer=")
@@ -141,6 +150,7 @@ class GradientBlocker:
         validate_layer(inner, self.layer)
         if hidden_size(inner) != self.d_model:
             raise ProbeError(f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}")
+        self.model_mismatch = check_model(inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch)
 
         def hook(module, args, kwargs):
             if args:

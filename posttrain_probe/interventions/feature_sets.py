@@ -49,7 +49,8 @@ def crosscoder_fingerprint(crosscoder) -> str:
 
     Calibrated per-source BatchTopK thresholds (``config.source_thresholds``) are part of the
     config, so calibrating a crosscoder changes its fingerprint (its per-source codes change); a
-    crosscoder without them hashes exactly as before the field existed.
+    crosscoder without them hashes exactly as before the field existed. The recorded model
+    fingerprints (``config.model_fingerprints``) are provenance and take no part.
 
     Stable across save/load, devices and processes; any change of the decoder changes it (a cast
     to a lower precision does too). Costs one pass over W_dec (about 0.35 s for 32768 features x
@@ -59,6 +60,7 @@ def crosscoder_fingerprint(crosscoder) -> str:
     fields = asdict(crosscoder.config)
     if fields.get("source_thresholds", 0) is None:
         del fields["source_thresholds"]  # uncalibrated: the fingerprint of crosscoders saved before the field
+    fields.pop("model_fingerprints", None)  # which models it was trained on: provenance, not the weights
     config = json.dumps(fields, sort_keys=True)
     key = (config, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
     cached = getattr(crosscoder, "_posttrain_probe_fingerprint", None)

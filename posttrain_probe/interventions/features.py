@@ -44,6 +44,7 @@ from torch import nn
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint, resolve_features
 from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.model_identity import check_model, slot_fingerprint
 
 INTERVENTION_MODES = ("zero", "set", "scale", "add", "steer")
 """zero: f'_S = 0; set: f'_S = v; scale: f'_S = c f_S; add: f'_S = f_S + delta; steer: f'_S = c max_S."""
@@ -83,6 +84,9 @@ class FeatureIntervention:
         max_acts: ``[F]`` per-feature max activation f^m (code units) over a reference corpus,
             needed by ``steer`` (:func:`max_activations`).
         layer: the site; default (and must equal) the crosscoder's recorded layer.
+        allow_model_mismatch: attach to a model other than the one branch ``model_name`` was trained
+            on (nor tuned from it; :mod:`posttrain_probe.model_identity`), which ``attach`` refuses
+            otherwise; the mismatch is kept in ``model_mismatch``.
 
     Use ``iv.attach(model)`` / ``iv.detach()`` or ``with iv.attach(model): ...``. Several
     interventions may be attached to one model; at one layer they apply in attach order. The
@@ -100,6 +104,7 @@ class FeatureIntervention:
         positions: str = "all",
         max_acts: torch.Tensor | None = None,
         layer: int | None = None,
+        allow_model_mismatch: bool = False,
     ) -> None:
         if mode not in INTERVENTION_MODES:
             raise ProbeError(f"intervention mode {mode!r} is not one of {', '.join(INTERVENTION_MODES)}")
@@ -115,6 +120,9 @@ class FeatureIntervention:
             model_name = 0
         self.slot = cc.model_index(model_name)
         self.model_name = cc.model_names[self.slot]
+        self.model_fingerprint = slot_fingerprint(cc, self.slot)
+        self.allow_model_mismatch = bool(allow_model_mismatch)
+        self.model_mismatch: str | None = None
         self.layer = cc.config.layer if layer is None else layer
         if self.layer is None:
             raise ProbeError("the crosscoder does not record its layer: pass layer=")
@@ -273,6 +281,7 @@ class FeatureIntervention:
         validate_layer(inner, self.layer)
         if hidden_size(inner) != self.d_model:
             raise ProbeError(f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}")
+        self.model_mismatch = check_model(inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch)
         hooks = getattr(inner, _HOOKS_ATTR, None)
         if hooks is None:
             hooks = _ModelHooks(inner)
@@ -443,6 +452,7 @@ def source_activation_stats(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     chunk_tokens: int = 2048,
+    allow_model_mismatch: bool = False,
 ):
     """Firing frequency and max of each feature's per-source code f^m over a reference corpus, in one pass
     (SPEC sec. 7 steer, sec. 11 frequency-matched controls).
@@ -459,6 +469,9 @@ def source_activation_stats(
         :class:`~posttrain_probe.analysis.features.FeatureStats` (CPU): ``frequency`` ``[F]`` float64,
         the fraction of counted tokens with f_i^m > 0; ``max_activation`` ``[F]`` float32, the largest
         f_i^m (code units, 0 for a feature that never fired); ``n_tokens``.
+
+    A model other than the branch's (nor tuned from it) is refused unless ``allow_model_mismatch``
+    (:mod:`posttrain_probe.model_identity`).
 
     Cached on disk in ``cache_dir`` (default: ``<crosscoder dir>/max_activations/``; an in-memory
     crosscoder without ``cache_dir`` is not cached), keyed by the crosscoder fingerprint, branch,
@@ -485,6 +498,7 @@ def source_activation_stats(
     validate_layer(model, layer)
     if hidden_size(model) != cc.config.d_model:
         raise ProbeError(f"the crosscoder has d_model {cc.config.d_model}, the model's hidden size is {hidden_size(model)}")
+    check_model(model, slot_fingerprint(cc, slot), cc.model_names[slot], allow_mismatch=allow_model_mismatch)
     batches, data_key = _reference_batches(data, tokenizer, model, seq_len=seq_len, batch_size=batch_size, n_docs=n_docs, column=column, split=split, dataset_config=dataset_config)
 
     key = {
