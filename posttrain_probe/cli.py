@@ -319,6 +319,7 @@ def leakage(
     blocked_crosscoder: Optional[Path] = typer.Option(None, "--blocked-crosscoder", help="Instead of --train-crosscoder: an already trained base-vs-blocked crosscoder."),
     n_features: Optional[int] = typer.Option(None, "--n-features", help="--train-crosscoder: dictionary size (default: the blocking crosscoder's)."),
     matching: str = typer.Option("hungarian", "--matching", help="Protected -> new crosscoder features by base-decoder cosine: hungarian (one-to-one) or argmax (large sets)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator of a category --features and of the base-vs-blocked bands: all (max over every model slot, SPEC) or pair (the two compared models, paper S)."),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Compare even when --base/--blocked is not the model --model-name was trained on (nor tuned from it); recorded in leakage.json."),
     training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
@@ -328,6 +329,9 @@ def leakage(
 
     if not crosscoder.exists():
         raise ProbeError(f"--crosscoder {crosscoder} does not exist")
+    from posttrain_probe.crosscoder.inspect import require_complete
+
+    require_complete(crosscoder, allow_incomplete)
     if max_tokens < 0:
         raise ProbeError(f"--max-tokens must be >= 0 (0: the whole dataset), got {max_tokens}")
     report = feature_leakage(

@@ -31,6 +31,7 @@ def crosscoder_calibrate(
     device: Optional[str] = typer.Option(None, "--device", help="Device (default: cuda if available)."),
     clear: bool = typer.Option(False, "--clear", help="Remove calibrated thresholds instead (encode_source uses the joint threshold again); no --acts."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
 ) -> None:
     """Calibrate one BatchTopK inference threshold per model so per-source codes f^m have mean L0 = k (their fingerprint changes)."""
     import torch
@@ -40,7 +41,7 @@ def crosscoder_calibrate(
     from posttrain_probe.crosscoder.sources import open_source
     from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
 
-    cc = load_crosscoder(path)
+    cc = load_crosscoder(path, allow_incomplete=allow_incomplete)
     before = crosscoder_fingerprint(cc)
     target = out if out is not None else path
     if clear:

@@ -53,6 +53,7 @@ def fisher(
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype (auto: bfloat16 on GPU, float32 on CPU)."),
     device: Optional[str] = typer.Option(None, "--device", help="Device of the models (default: cuda if available)."),
     table_format: str = typer.Option("csv", "--table-format", help="Tables: csv or parquet."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Encode even a --model that is not the model its branch was trained on (nor tuned from it); recorded in summary.json."),
 ) -> None:
     """Fisher reasoning features (paper S eq. 1): E_r[f^2] / max(E_s[f^2], 1e-8) with a magnitude floor, top-k; rho distributions per model; ReasonScore baseline."""
@@ -80,6 +81,11 @@ def fisher(
         reasoning_column=reasoning_column, solution_column=solution_column, prompt_column=prompt_column,
         separator=separator, column=column,
     )
+    from posttrain_probe.crosscoder.inspect import require_complete
+
+    for given in (crosscoder, sae):
+        if given is not None and Path(given).exists():
+            require_complete(given, allow_incomplete)
     report = fisher_features(
         path, parse_models(model), dataset, sae=sae is not None, select_model=select_model, segment_format=fmt,
         top_k=top_k, floor_quantile=floor_quantile, floor=floor, layer=layer, max_docs=max_docs or None, seq_len=seq_len,
@@ -101,6 +107,8 @@ def fisher(
     for name, rho in summary["rho"]["models"].items():
         r, s = rho["reasoning"], rho["solution"]
         typer.echo(f"rho {name}: reasoning mean {r.get('mean', float('nan')):.3f}, solution mean {s.get('mean', float('nan')):.3f}, AUC {rho['separation']['auc_reasoning_above_solution'] or float('nan'):.3f}")
+        if "warning" in rho:
+            typer.secho(f"warning: {name}: {rho['warning']}", fg=typer.colors.YELLOW, err=True)
     if "reasonscore" in summary:
         rs = summary["reasonscore"]
         typer.echo(f"ReasonScore top-{rs['top_k']} overlaps the Fisher set in {rs['overlap_with_fisher']} features")

@@ -30,12 +30,13 @@ def features_generalization(
     device: Optional[str] = typer.Option(None, "--device", help="Device of the models (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     split_half: Optional[int] = typer.Option(None, "--split-half", metavar="SEED", help="Select on one half of each task's G_t (seeded split); the held-out half's doc ids go into the feature set, and intervene evaluates on them only."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Score even when a --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in generalization.json."),
 ) -> None:
     """Generalization-controlling features (paper R sec. 3.2): Score_k^t at the last prompt token of G_t, S_t, their intersection and overlap."""
     from posttrain_probe.analysis.generalization import generalization_features, split_names
 
-    models = _inputs(crosscoder, critical, model)
+    models = _inputs(crosscoder, critical, model, allow_incomplete)
     result = generalization_features(
         str(crosscoder), models, critical, base=base, rl=rl, threshold=threshold, tasks=split_names(tasks) or None,
         normalize=overlap, add_bos_token=add_bos_token, batch_size=batch_size, padding_side=padding_side,
@@ -81,6 +82,7 @@ def intervene(
     control_seed: int = typer.Option(0, "--control-seed", help="First control seed (seeds SEED .. SEED+N-1): the same seed draws the same sets."),
     control_bins: int = typer.Option(10, "--control-bins", help="Equal-count firing-rate bins of the live features for the matching (fewer are used, with a note, if a bin runs short)."),
     per_feature: bool = typer.Option(False, "--per-feature", help="Also intervene on each feature alone: one row per task and feature (one lm-eval run per feature)."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Evaluate even when --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in effects.json."),
 ) -> None:
     """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
@@ -89,7 +91,7 @@ def intervene(
 
     if crosscoder is None:
         crosscoder = _recorded_crosscoder(features)
-    models = _inputs(crosscoder, critical, model)
+    models = _inputs(crosscoder, critical, model, allow_incomplete)
     if len(models) != 1:
         raise ProbeError(f"--model: intervene evaluates one model, got {len(models)} ({', '.join(models)})")
     extra = _parse_model_args(model_args)
@@ -112,13 +114,16 @@ def intervene(
     typer.echo(f"written: {files['json']}, {files['csv']}, {files['table']}")
 
 
-def _inputs(crosscoder: Path, critical: Path, model: list[str]) -> dict[str, str]:
+def _inputs(crosscoder: Path, critical: Path, model: list[str], allow_incomplete: bool = False) -> dict[str, str]:
     """The inputs both commands share: ``--crosscoder`` and ``--critical`` must exist; returns the
     ``--model NAME=PATH`` pairs as {name: path}."""
     if not crosscoder.exists():
         raise ProbeError(f"--crosscoder {crosscoder} does not exist")
     if not critical.exists():
         raise ProbeError(f"--critical {critical} does not exist")
+    from posttrain_probe.crosscoder.inspect import require_complete
+
+    require_complete(crosscoder, allow_incomplete)
     return parse_models(model)
 
 

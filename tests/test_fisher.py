@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.fisher import fisher_importance_ratio, magnitude_floor, rho_statistic, select_fisher_features
+from posttrain_probe.analysis.fisher import FisherReport, SegmentStats, fisher_importance_ratio, magnitude_floor, rho_statistic, select_fisher_features
 from posttrain_probe.analysis.reasonscore import REASON_TOKENS, REASONING_WORDS, ReasonScoreAccumulator, reason_score, reasoning_token_groups
 from posttrain_probe.analysis.segments import SegmentFormat, find_delimited, segment_batches, split_document, token_segments
 from posttrain_probe.cli import app
@@ -434,3 +434,18 @@ def test_neither_crosscoder_nor_sae_and_sae_of_two_models(fisher_run, tiny_pair,
     assert result.exit_code == 2 and "exactly one of --crosscoder DIR and --sae DIR" in result.output
     result = runner.invoke(app, base + ["--sae", str(fisher_run["out"].parent / "cc")])
     assert result.exit_code == 2 and "has models ['base', 'tuned']: pass it as --crosscoder" in result.output
+
+
+def test_rho_summary_warns_when_the_selection_fires_everywhere():
+    """A selection active on every token (an undertrained, non-sparse crosscoder) gives rho = 1 in both
+    segments: the summary says so instead of reporting an uninformative AUC of 0.5 silently."""
+    def report(hits):
+        stats = SegmentStats(n_tokens=torch.tensor([20, 10]), sq_sum=torch.ones(2, 4, dtype=torch.float64),
+                             active=torch.ones(2, 4, dtype=torch.int64), doc_tokens=torch.tensor([[10, 5], [10, 5]]), hits=hits)
+        return FisherReport(settings={}, select_model="m", selection=None, stats={"m": stats}, documents={}).rho_summary()["m"]
+
+    everywhere = report(torch.tensor([[10, 5], [10, 5]], dtype=torch.float64))
+    assert everywhere["separation"]["auc_reasoning_above_solution"] == 0.5
+    assert "fire on almost every token" in everywhere["warning"]
+    informative = report(torch.tensor([[9, 1], [8, 0]], dtype=torch.float64))
+    assert "warning" not in informative and informative["separation"]["auc_reasoning_above_solution"] == 1.0

@@ -333,6 +333,10 @@ def _distribution(values: np.ndarray) -> dict[str, Any]:
     }  # fmt: skip
 
 
+DEGENERATE_RHO = 0.99
+"""rho at or above this on every document of both segments means the selection fires everywhere."""
+
+
 def _auc(a: np.ndarray, b: np.ndarray) -> float:
     """P(rho_reasoning > rho_solution) + 0.5 P(equal) over document pairs (Mann-Whitney AUC)."""
     a, b = _finite(a), _finite(b)
@@ -441,6 +445,12 @@ class FisherReport:
                     "auc_reasoning_above_solution": _auc(r, s),
                 },
             }
+            if fr.size and fs.size and min(fr.min(), fs.min()) >= DEGENERATE_RHO:
+                out[name]["warning"] = (
+                    f"rho >= {DEGENERATE_RHO} on every document of both segments: the selected features fire on almost every "
+                    "token, so rho cannot separate reasoning from solution; the crosscoder is probably undertrained or not "
+                    "sparse (see the warnings in its training_status.json)"
+                )
         return out
 
     def summary(self) -> dict[str, Any]:

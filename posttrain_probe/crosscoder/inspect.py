@@ -22,6 +22,23 @@ def training_status(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
+def _unfinished(path: str | os.PathLike) -> str | None:
+    """None for a finished run (or a crosscoder saved outside one), else what to do about it."""
+    status = training_status(path)
+    if status is None or status.get("complete", True):
+        return None
+    return (f"the crosscoder in {path} is from an unfinished training run (weights of step {status['step']} of "
+            f"{status['total_steps']}): finish it with `posttrain-probe crosscoder train ... --out {path} --resume`, or pass --allow-incomplete")
+
+
+def require_complete(path: str | os.PathLike, allow_incomplete: bool = False) -> None:
+    """The CLI's check before a command uses the crosscoder in ``path``: ProbeError for the weights of
+    an unfinished training run unless ``allow_incomplete`` (then a warning, as :func:`load_crosscoder`)."""
+    message = _unfinished(path)
+    if message is not None and not allow_incomplete:
+        raise ProbeError(message)
+
+
 def load_crosscoder(path: str | os.PathLike, *, device: str | None = None, allow_incomplete: bool = True) -> Crosscoder:
     """``Crosscoder.from_pretrained(path)`` with a ProbeError when ``path`` holds no crosscoder.
 
@@ -32,15 +49,13 @@ def load_crosscoder(path: str | os.PathLike, *, device: str | None = None, allow
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise ProbeError(f"{path} holds no crosscoder: expected config.json and model.safetensors")
-    status = training_status(path)
-    if status is not None and not status.get("complete", True):
-        message = (f"the crosscoder in {path} is from an unfinished training run (weights of step {status['step']} of "
-                   f"{status['total_steps']})")
+    message = _unfinished(path)
+    if message is not None:
         if not allow_incomplete:
-            raise ProbeError(f"{message}: finish it with `posttrain-probe crosscoder train ... --out {path} --resume`, or pass --allow-incomplete")
+            raise ProbeError(message)
         import warnings
 
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message.split(":")[0], stacklevel=2)
     try:
         model = Crosscoder.from_pretrained(str(path))
     except (OSError, ValueError, TypeError, RuntimeError) as err:
