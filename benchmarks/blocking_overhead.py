@@ -1,4 +1,4 @@
-"""Step-time overhead of gradient blocking (SPEC sec. 9): a training step with vs without the blocker.
+"""Step-time overhead of gradient blocking (docs/methods.md sec. 9): a training step with vs without the blocker.
 
 One step = forward + backward (causal-LM loss on a fixed random batch) + ``AdamW.step`` +
 ``zero_grad(set_to_none=True)`` of the whole model. Measured without a blocker (baseline) and with

@@ -6,7 +6,7 @@ One optimisation step = forward + backward + ``clip_grad_norm_(1.0)`` + ``Adam.s
 ``--activation`` and every N of ``--models``:
 
 * reference: ``PerModelCrosscoder`` below, the straightforward per-model implementation of the SAME
-            loss (SPEC sec. 3): per-model parameter tensors W_enc^m [d, F], W_dec^m [F, d],
+            loss (docs/methods.md sec. 3): per-model parameter tensors W_enc^m [d, F], W_dec^m [F, d],
             b_dec^m [d] and a shared b_enc; encoder = b_enc + sum over models of
             ``einsum('bd,df->bf', ã^m, W_enc^m)`` in a Python loop; one decoder einsum per model;
             loss = mean_x sum_m ||ã^m - â^m||² + λ mean_x sum_i f_i sum_m ||d_i^m||, the L1 term
@@ -109,7 +109,7 @@ def parse_args() -> argparse.Namespace:
 
 
 class PerModelCrosscoder(nn.Module):
-    """The straightforward per-model implementation of the crosscoder loss (SPEC sec. 3).
+    """The straightforward per-model implementation of the crosscoder loss (docs/methods.md sec. 3).
 
     W_enc^m [d, F], W_dec^m [F, d], b_dec^m [d] per model m, one shared b_enc [F]; the models are
     visited in Python loops. Inputs are raw [B, N, d], normalised by the same scales s_m.

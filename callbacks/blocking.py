@@ -1,4 +1,4 @@
-"""``GradientBlockingCallback``: gradient blocking (SPEC sec. 9) for any transformers / TRL Trainer.
+"""``GradientBlockingCallback``: gradient blocking (docs/methods.md sec. 9) for any transformers / TRL Trainer.
 
     blocker = GradientBlocker(Crosscoder.from_pretrained("runs/cc"), features, model="base", mode="sae")
     trainer.add_callback(GradientBlockingCallback(blocker))
@@ -27,9 +27,9 @@ class BlockingArguments:
     block_finetuned: str | None = field(default=None, metadata={"help": "Fine-tuned model of the NormRatio categories (default: the other model of a two-model crosscoder)."})
     block_mode: str = field(default="sae", metadata={"help": "sae (paper formula), subspace (orthogonal projection) or ablate (forward ablation)."})
     block_layer: int | None = field(default=None, metadata={"help": "Site L (default: the crosscoder's layer)."})
-    block_encoder_bias: bool = field(default=True, metadata={"help": "sae mode: protect the per-source code with the encoder bias b_enc (SPEC default); false: paper S's ReLU(W_enc^T x) without it."})
+    block_encoder_bias: bool = field(default=True, metadata={"help": "sae mode: protect the per-source code with the encoder bias b_enc (docs/methods.md default); false: paper S's ReLU(W_enc^T x) without it."})
     block_allow_model_mismatch: bool = field(default=False, metadata={"help": "Attach even when the model being trained is not the one the crosscoder branch was trained on (nor tuned from it)."})
-    block_norm_ratio_scale: str = field(default="all", metadata={"help": "NormRatio denominator of a category: all (max decoder norm over every model slot, SPEC default) or pair (over the two compared models, paper S); differs for crosscoders of more than 2 models."})
+    block_norm_ratio_scale: str = field(default="all", metadata={"help": "NormRatio denominator of a category: all (max decoder norm over every model slot, docs/methods.md default) or pair (over the two compared models, paper S); differs for crosscoders of more than 2 models."})
 
     def __post_init__(self) -> None:
         from posttrain_probe.analysis.attribution import NORM_RATIO_SCALES

@@ -1,4 +1,4 @@
-"""The probe run directory and its manifest ``<run>/probe.json`` (DESIGN.md "Data on disk").
+"""The probe run directory and its manifest ``<run>/probe.json`` (docs/design.md "Data on disk").
 
     <run>/probe.json                        base model, paradigm, sites, probe-set fingerprint, snapshots
     <run>/snapshots/step-000120/            HF save_pretrained layout (safetensors + tokenizer)

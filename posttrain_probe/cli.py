@@ -239,7 +239,7 @@ def analyze(
     stats_tokens: int = typer.Option(1_000_000, "--stats-tokens", help="Tokens read from --acts for the activation statistics."),
     table_format: str = typer.Option("parquet", "--format", help="Feature table format: parquet or csv."),
     p: float = typer.Option(1.0, "--p", help="Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."),
-    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator: all (max decoder norm over every model slot, SPEC) or pair (over the two compared models, paper S)."),
+    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator: all (max decoder norm over every model slot, docs/methods.md) or pair (over the two compared models, paper S)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
     duplicate_cosine: float = typer.Option(0.95, "--duplicate-cosine", help="Latents whose whole decoders have at least this cosine are duplicates: grouped, counted once in the *_dedup counts."),
 ) -> None:
@@ -320,7 +320,7 @@ def leakage(
     n_features: Optional[int] = typer.Option(None, "--n-features", help="--train-crosscoder: dictionary size (default: the blocking crosscoder's)."),
     matching: str = typer.Option("hungarian", "--matching", help="Protected -> new crosscoder features by base-decoder cosine: hungarian (one-to-one) or argmax (large sets)."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
-    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator of a category --features and of the base-vs-blocked bands: all (max over every model slot, SPEC) or pair (the two compared models, paper S)."),
+    norm_ratio_scale: str = typer.Option("all", "--norm-ratio-scale", help="NormRatio denominator of a category --features and of the base-vs-blocked bands: all (max over every model slot, docs/methods.md) or pair (the two compared models, paper S)."),
     allow_model_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Compare even when --base/--blocked is not the model --model-name was trained on (nor tuned from it); recorded in leakage.json."),
     training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
 ) -> None:

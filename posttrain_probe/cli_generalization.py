@@ -1,5 +1,5 @@
 """CLI commands registered on `posttrain_probe.cli.app` (imported at the end of cli.py):
-``posttrain-probe features generalization`` (SPEC sec. 6) and ``posttrain-probe intervene`` (SPEC sec. 7)."""
+``posttrain-probe features generalization`` (docs/methods.md sec. 6) and ``posttrain-probe intervene`` (docs/methods.md sec. 7)."""
 
 from __future__ import annotations
 

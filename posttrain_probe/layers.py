@@ -1,6 +1,6 @@
 """Find the decoder blocks of HF causal LMs, through training wrappers, and run truncated forwards.
 
-Site convention (SPEC sec. 1): ``layer=L`` is the residual stream *entering* decoder block ``L``,
+Site convention (docs/methods.md sec. 1): ``layer=L`` is the residual stream *entering* decoder block ``L``,
 i.e. ``hidden_states[L]`` of a forward with ``output_hidden_states=True`` (the output of block
 ``L-1``; ``L=0`` is the embedding output). Valid sites are ``0 <= L < n_layers``: the last entry
 of ``hidden_states`` is the final-norm output in HF, not a residual stream.
@@ -116,7 +116,7 @@ def num_layers(model: nn.Module) -> int:
 
 
 def default_layer(model: nn.Module) -> int:
-    """The default site, ``n_layers // 2`` (SPEC sec. 1)."""
+    """The default site, ``n_layers // 2`` (docs/methods.md sec. 1)."""
     return num_layers(model) // 2
 
 

@@ -1,4 +1,4 @@
-"""SFT with gradient blocking (SPEC sec. 9, paper S sec. 2 / RQ5): protected crosscoder features cannot be trained directly.
+"""SFT with gradient blocking (docs/methods.md sec. 9, paper S sec. 2 / RQ5): protected crosscoder features cannot be trained directly.
 
 The run of recipes/sft.py (full CoT traces, correct only, 1 epoch, probe callbacks under ``<output_dir>/probe/``) plus a
 ``GradientBlockingCallback``: at the crosscoder's site, in every training forward, the protected features' part x_S of

@@ -1,4 +1,4 @@
-"""Tests of the attribution metrics (SPEC sec. 4) and the per-feature tables built on them."""
+"""Tests of the attribution metrics (docs/methods.md sec. 4) and the per-feature tables built on them."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ KNOWN_NORMS = [
 NAMES = ["base", "sft", "rl"]
 
 
-# ---------------------------------------------------------------- worked values (SPEC sec. 4)
+# ---------------------------------------------------------------- worked values (docs/methods.md sec. 4)
 
 
 def test_nrn_worked_values():

@@ -1,4 +1,4 @@
-"""Gradient blocking (SPEC sec. 9): GradientBlocker, feature sets, BlockingArguments and the Trainer callback.
+"""Gradient blocking (docs/methods.md sec. 9): GradientBlocker, feature sets, BlockingArguments and the Trainer callback.
 
 The references here are computed independently of ``posttrain_probe.interventions.blocking``:
 x_S comes from the crosscoder's own public ``encode_source`` / ``decode`` (codes outside S zeroed,
@@ -44,7 +44,7 @@ def random_crosscoder(names=("base",), d=16, n_features=24, *, layer=2, seed=0, 
         cc.W_enc.copy_(torch.randn(n, d, n_features, generator=gen) / d**0.5)
         cc.W_dec.copy_(torch.randn(n_features, n, d, generator=gen) * 0.3)
         cc.b_enc.copy_(torch.randn(n_features, generator=gen) * 0.3)
-        cc.b_dec.copy_(torch.randn(n, d, generator=gen))  # must NOT enter x_S (SPEC: no decoder bias)
+        cc.b_dec.copy_(torch.randn(n, d, generator=gen))  # must NOT enter x_S (docs/methods.md: no decoder bias)
         # powers of two by default: W_enc * s and W_dec / s are then exact in the blocker's float32
         # copies, so float64 references can be compared to ~1e-12
         cc.scales.copy_(torch.tensor(scales if scales is not None else [0.5, 2.0, 4.0][:n]))
@@ -53,7 +53,7 @@ def random_crosscoder(names=("base",), d=16, n_features=24, *, layer=2, seed=0, 
 
 def reference_xs(cc: Crosscoder, model, features, x: torch.Tensor) -> torch.Tensor:
     """x_S in raw units from the crosscoder's public API: f^m(x) with codes outside S zeroed,
-    decoded for model m, minus the decoder bias (SPEC sec. 9). ``x`` is [..., d]."""
+    decoded for model m, minus the decoder bias (docs/methods.md sec. 9). ``x`` is [..., d]."""
     slot = cc.model_index(model)
     flat = x.reshape(-1, x.shape[-1])
     codes = cc.encode_source(flat, model)
@@ -86,7 +86,7 @@ def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def tied_orthonormal_sae() -> Crosscoder:
-    """SPEC sec. 9 worked value: N=1, d=4, F=2, decoder rows e0, e1, W_enc = W_dec^T, scales 1."""
+    """docs/methods.md sec. 9 worked value: N=1, d=4, F=2, decoder rows e0, e1, W_enc = W_dec^T, scales 1."""
     cc = Crosscoder(CrosscoderConfig(model_names=["base"], d_model=4, n_features=2, layer=1))
     with torch.no_grad():
         cc.W_dec.zero_()
@@ -240,7 +240,7 @@ def test_batchtopk_without_a_threshold_is_refused():
 
 
 def test_forward_value_is_exactly_unchanged_in_bfloat16():
-    """SPEC sec. 9: 'Forward values are unchanged'. sg(x_S) + (x - x_S) rounds twice in bf16
+    """docs/methods.md sec. 9: 'Forward values are unchanged'. sg(x_S) + (x - x_S) rounds twice in bf16
     (x - x_S, then + x_S); x + (sg(x_S) - x_S) is the same gradient and adds an exact 0."""
     cc = random_crosscoder(("base",), d=64, n_features=128, seed=11, dtype=torch.float32)
     x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
@@ -645,7 +645,7 @@ def test_blocking_arguments_and_build_blocker(tmp_path):
 
 def test_category_of_the_finetuned_branch_keeps_its_meaning(tmp_path):
     """Protecting the fine-tuned branch's fine-tune-only features: "finetune-only" must still mean
-    the features whose decoder lives in the fine-tuned model (SPEC sec. 4 NormRatio, base = the
+    the features whose decoder lives in the fine-tuned model (docs/methods.md sec. 4 NormRatio, base = the
     base model), not be recomputed with the protected branch as NormRatio's "base"."""
     cc = categorised_crosscoder(("base", "sft"))
     cc.save_pretrained(tmp_path / "cc")

@@ -1,4 +1,4 @@
-"""Controls for causal claims (SPEC sec. 11): frequency bins, the frequency-matched sampler on planted firing
+"""Controls for causal claims (docs/methods.md sec. 11): frequency bins, the frequency-matched sampler on planted firing
 rates, the fallback to fewer bins, the controls' spread and the outside flag on hand examples, and the
 firing rates of source_activation_stats against an independent computation."""
 

@@ -1,4 +1,4 @@
-"""Generalization-critical samples G_t (SPEC sec. 6) from real lm-eval sample logs: a tiny base model
+"""Generalization-critical samples G_t (docs/methods.md sec. 6) from real lm-eval sample logs: a tiny base model
 and its tuned copy evaluated on the shipped tasks by lm-eval (``--log_samples --output_path``
 layout, written by lm-eval's own EvaluationTracker); expectations come from the records lm-eval
 returns in memory, not from the files the code under test reads."""

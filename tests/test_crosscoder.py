@@ -1,4 +1,4 @@
-"""The crosscoder model (SPEC sec. 2-3): loss by hand, normalisation folding, per-source codes,
+"""The crosscoder model (docs/methods.md sec. 2-3): loss by hand, normalisation folding, per-source codes,
 BatchTopK, metrics, save/load, bad input, and the lr / λ schedules."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_two_model_loss_by_hand():
     assert cc(x, l1_coefficient=1.0).loss.item() == 27.0
 
 
-# -- normalisation (SPEC sec. 2) -----------------------------------------------------------------
+# -- normalisation (docs/methods.md sec. 2) -----------------------------------------------------------------
 def test_scales_are_sqrt_d_over_mean_norm():
     cc = _random_crosscoder()
     x = _raw_batch(batch=300)
@@ -139,7 +139,7 @@ def test_encode_source_is_the_encoder_with_other_slots_zeroed():
         assert (expected > 0).any()
         torch.testing.assert_close(cc.encode_source(x[:, m], name), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cc.encode_source(x[:, m], m), expected, rtol=1e-5, atol=1e-5)
-        # and by the SPEC formula: ReLU(W_enc^m s_m a^m + b_enc)
+        # and by the docs/methods.md formula: ReLU(W_enc^m s_m a^m + b_enc)
         by_hand = torch.relu((x[:, m] * cc.scales[m]) @ cc.W_enc[m] + cc.b_enc)
         torch.testing.assert_close(cc.encode_source(x[:, m], name), by_hand, rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Ground truth for the crosscoder (SPEC sec. 3-4): train on paired activations built from a known
+"""Ground truth for the crosscoder (docs/methods.md sec. 3-4): train on paired activations built from a known
 dictionary and check that the planted directions come back and that NRN / MAS attribute the
 model-exclusive ones to the right model.
 
@@ -54,13 +54,13 @@ def l1_norms(W_dec: torch.Tensor) -> torch.Tensor:
 
 
 def nrn(W_dec: torch.Tensor, base: int, tuned: int) -> torch.Tensor:
-    """SPEC sec. 4: NRN_i = ||d_i^T||_1 / (||d_i^O||_1 + ||d_i^T||_1)."""
+    """docs/methods.md sec. 4: NRN_i = ||d_i^T||_1 / (||d_i^O||_1 + ||d_i^T||_1)."""
     norms = l1_norms(W_dec)
     return norms[:, tuned] / (norms[:, base] + norms[:, tuned])
 
 
 def mas(W_dec: torch.Tensor) -> torch.Tensor:
-    """SPEC sec. 4: MAS_m(i) = ||d_i^m||_1 / sum_m' ||d_i^m'||_1, [F, N]."""
+    """docs/methods.md sec. 4: MAS_m(i) = ||d_i^m||_1 / sum_m' ||d_i^m'||_1, [F, N]."""
     norms = l1_norms(W_dec)
     return norms / norms.sum(-1, keepdim=True)
 

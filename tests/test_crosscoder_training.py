@@ -1,4 +1,4 @@
-"""train_crosscoder (SPEC sec. 3): outputs, exact resume, output-directory policy, bad data and
+"""train_crosscoder (docs/methods.md sec. 3): outputs, exact resume, output-directory policy, bad data and
 two-process data parallelism, on small fp32 activation stores written to tmp_path."""
 
 from __future__ import annotations

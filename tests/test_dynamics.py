@@ -1,4 +1,4 @@
-"""Checkpoint dynamics (SPEC.md sec. 5): top-k sets, overlap, rank shifts, shared index, matching."""
+"""Checkpoint dynamics (docs/methods.md sec. 5): top-k sets, overlap, rank shifts, shared index, matching."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoint dynamics on planted checkpoints whose true answer is known (SPEC sec. 5, issue 11).
+"""Checkpoint dynamics on planted checkpoints whose true answer is known (docs/methods.md sec. 5, issue 11).
 
 A base model and five checkpoints share 40 features (same coefficient on the same token in every
 model, each model's direction slightly rotated). On top, each checkpoint has 8 features the base

@@ -1,4 +1,4 @@
-"""Feature interventions (SPEC sec. 7): FeatureIntervention, max_activations, crosscoder fingerprints.
+"""Feature interventions (docs/methods.md sec. 7): FeatureIntervention, max_activations, crosscoder fingerprints.
 
 References are computed independently of ``posttrain_probe.interventions.features``: codes come
 from the crosscoder's public ``encode_source`` over all F features, the decoded change from the
@@ -79,7 +79,7 @@ def encode(tokenizer, texts, side):
 
 
 def reference_edit(cc, model_name, features, a, mode, value=None, max_acts=None):
-    """a + W_dec^m (f' - f) / s_m from the full crosscoder (SPEC sec. 7); a is [n, d]."""
+    """a + W_dec^m (f' - f) / s_m from the full crosscoder (docs/methods.md sec. 7); a is [n, d]."""
     slot = cc.model_index(model_name)
     with torch.no_grad():
         f = cc.encode_source(a, model_name)
@@ -148,7 +148,7 @@ def hook_counts(model):
 
 
 def worked_example(scale: float) -> Crosscoder:
-    """SPEC sec. 7 worked value: d = 2, feature 0 with decoder d_0 = [1, 2] (raw units), encoder
+    """docs/methods.md sec. 7 worked value: d = 2, feature 0 with decoder d_0 = [1, 2] (raw units), encoder
     reading f_0 = 1 at a = [2, 4]; feature 1 is active too but not chosen.
 
     In normalised units W_dec[0] = s * [1, 2] and W_enc[:, 0] = [0.25, 0.125] / s, so raw
@@ -258,7 +258,7 @@ def test_edit_in_half_precision(cc, tokenizer):
 
 
 def expected_positions(mask, positions, lengths=None):
-    """[B, T] bool: the positions SPEC sec. 7 edits, by hand from the attention mask."""
+    """[B, T] bool: the positions docs/methods.md sec. 7 edits, by hand from the attention mask."""
     rank = mask.cumsum(-1) - 1
     real = mask.bool()
     if positions == "all":

@@ -1,6 +1,6 @@
-"""Fisher reasoning features (paper S eq. 1, B.1; SPEC sec. 8) and the ReasonScore baseline (Galichin et al. 2025).
+"""Fisher reasoning features (paper S eq. 1, B.1; docs/methods.md sec. 8) and the ReasonScore baseline (Galichin et al. 2025).
 
-SPEC sec. 8 gives no worked value for the Fisher ratio, so the formula is checked on a hand example (exact
+docs/methods.md sec. 8 gives no worked value for the Fisher ratio, so the formula is checked on a hand example (exact
 ratio, the 1e-8 denominator floor, a tiny high-ratio feature removed by the magnitude floor). Segment splitting
 runs on the real tiny BPE tokenizer (offset mapping), ReasonScore against a straightforward loop implementation,
 and the command end to end on a tiny base/tuned pair with a random crosscoder, checked against an independent

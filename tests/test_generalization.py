@@ -1,4 +1,4 @@
-"""Generalization-controlling features (SPEC sec. 6): scores, thresholds, intersection, overlap, last-prompt-token
+"""Generalization-controlling features (docs/methods.md sec. 6): scores, thresholds, intersection, overlap, last-prompt-token
 activations, and `posttrain-probe features generalization` end to end on tiny models with a critical.json from
 real lm-eval runs."""
 

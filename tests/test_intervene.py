@@ -1,4 +1,4 @@
-"""Intervention effects on generalization-critical samples (SPEC sec. 7, paper R tables 2-5): deltas end to end
+"""Intervention effects on generalization-critical samples (docs/methods.md sec. 7, paper R tables 2-5): deltas end to end
 on tiny models through real lm-eval runs (`posttrain-probe intervene` and the Python API), held-out flags,
 full-task accuracy, and bad input."""
 
@@ -221,7 +221,7 @@ def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
     assert any(before[d] != after[d] for d in before)
 
 
-# -- controls (SPEC sec. 11), per-feature rows, split-half selection ---------------------------------------
+# -- controls (docs/methods.md sec. 11), per-feature rows, split-half selection ---------------------------------------
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Leakage of gradient blocking (SPEC sec. 9, paper S E.1): the formula, the report files, `posttrain-probe leakage`
+"""Leakage of gradient blocking (docs/methods.md sec. 9, paper S E.1): the formula, the report files, `posttrain-probe leakage`
 on a tiny base model fine-tuned with and without blocking (same data and seed), and clear errors for bad input.
 
 The blocking crosscoder here is built by hand: tied, orthonormal, unit-gain features (f_2k = relu(q_k . x),

@@ -74,7 +74,7 @@ def test_console_script_runs():
 
 
 def test_core_never_imports_integrations():
-    """posttrain_probe must not import callbacks/, TRL or verl (DESIGN.md: one-way dependencies)."""
+    """posttrain_probe must not import callbacks/, TRL or verl (docs/design.md: one-way dependencies)."""
     code = (
         "import sys, posttrain_probe, posttrain_probe.activations, posttrain_probe.cli, posttrain_probe.testing\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in {'trl', 'verl', 'lm_eval', 'matplotlib'} or m.startswith('posttrain_probe.callbacks')]\n"

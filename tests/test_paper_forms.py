@@ -1,4 +1,4 @@
-"""The papers' exact forms as options (SPEC sec. 4, 9): NormRatio's denominator over all model slots
+"""The papers' exact forms as options (docs/methods.md sec. 4, 9): NormRatio's denominator over all model slots
 or over the compared pair, and gradient blocking's protected code with or without the encoder bias.
 
 Expected values are computed by hand in the comments, not by the code under test.
@@ -21,7 +21,7 @@ from posttrain_probe.interventions.feature_sets import resolve_features
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------
-# (a) NormRatio: max over all slots ("all", SPEC default) or over the compared pair ("pair", paper S)
+# (a) NormRatio: max over all slots ("all", docs/methods.md default) or over the compared pair ("pair", paper S)
 # ---------------------------------------------------------------------------------------------
 
 # decoder L2 norms per feature (base, sft, rl); the largest norm of all is rl's 5, of base/sft 3
@@ -91,7 +91,7 @@ def test_categories_with_either_scale_in_feature_sets_blocking_and_leakage(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) gradient blocking: protected code with b_enc (SPEC default) or without it (paper S)
+# (b) gradient blocking: protected code with b_enc (docs/methods.md default) or without it (paper S)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -120,7 +120,7 @@ def test_encoder_bias_hand_computed():
     # x = [2, 4] raw -> ã = s x = [1, 2]; pre with b_enc = [1 - 1.5, 2 + 0.5] = [-0.5, 2.5], without = [1, 2]
     cc = biased_sae()
     x, g = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 1.0])
-    torch.testing.assert_close(cc.encode_source(x[None], "base")[0], torch.tensor([0.0, 2.5]))  # SPEC's f^base
+    torch.testing.assert_close(cc.encode_source(x[None], "base")[0], torch.tensor([0.0, 2.5]))  # docs/methods.md's f^base
 
     # S = {0, 1}. With b_enc: f = [0, 2.5], x_S = W_dec f / s = [0, 5]; without: f = [1, 2], x_S = [2, 4]
     with_bias = GradientBlocker(cc, [0, 1], model="base")

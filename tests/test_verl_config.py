@@ -227,7 +227,7 @@ def test_main_ppo_stops_before_ray_on_a_bad_config(main_ppo):
 
 @pytest.mark.slow
 def test_verl_recipe_has_the_paper_grpo_hyperparameters(main_ppo):
-    """recipes/verl/grpo_qwen3_4b.sh: SPEC sec. 10 in verl's own keys, plus +probe=on."""
+    """recipes/verl/grpo_qwen3_4b.sh: docs/methods.md sec. 10 in verl's own keys, plus +probe=on."""
     proc = main_ppo["recipe"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = OmegaConf.create(proc.stdout)

@@ -1,6 +1,6 @@
 """Capture residual streams of one or several models on identical token batches.
 
-Tokens kept (SPEC sec. 1): real tokens only, without the first position of every sequence and
+Tokens kept (docs/methods.md sec. 1): real tokens only, without the first position of every sequence and
 without BOS tokens; optionally without norm outliers (norm > k x median, jointly over models, so
 paired activations stay aligned).
 """

@@ -83,7 +83,7 @@ class StoreManifest:
     """The content of ``manifest.json`` (see the module docstring); JSON-serialisable."""
 
     layer: int
-    """Site: residual stream entering decoder block `layer` (SPEC sec. 1)."""
+    """Site: residual stream entering decoder block `layer` (docs/methods.md sec. 1)."""
     d_model: int
     """Width of the stored activations."""
     dtype: str

@@ -1,4 +1,4 @@
-"""The on-disk activation store: one model, one site, a fixed token sequence (DESIGN.md).
+"""The on-disk activation store: one model, one site, a fixed token sequence (docs/design.md).
 
 Layout of a store directory::
 

@@ -1,4 +1,4 @@
-"""Analysis of trained crosscoders: attribution metrics (SPEC sec. 4) and per-feature tables.
+"""Analysis of trained crosscoders: attribution metrics (docs/methods.md sec. 4) and per-feature tables.
 
 Imports torch, numpy and pyarrow only; plotting (matplotlib) and scipy are imported where used.
 """

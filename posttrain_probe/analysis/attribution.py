@@ -1,9 +1,9 @@
-"""Per-feature attribution metrics of a crosscoder's decoder (SPEC sec. 4).
+"""Per-feature attribution metrics of a crosscoder's decoder (docs/methods.md sec. 4).
 
 Every function here is a pure function of decoder tensors, vectorised over features:
 
 - ``W_dec`` has shape ``[F, N, d]``: ``W_dec[i, m]`` is the decoder vector d_i^m of feature i for
-  model slot m, in the crosscoder's **normalised units** (inputs scaled by s_m, SPEC sec. 2). The
+  model slot m, in the crosscoder's **normalised units** (inputs scaled by s_m, docs/methods.md sec. 2). The
   papers' metrics are defined on these vectors; norms and ratios below are in those units.
 - Models are given by slot index (``0 <= m < N``); resolving names to slots is the caller's job
   (:mod:`posttrain_probe.analysis.features` does it from ``cc.config.model_names``).
@@ -76,7 +76,7 @@ def _order(p: float) -> float:
 
 
 def decoder_norms(W_dec: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """Norms ||d_i^m||_p of every decoder vector (SPEC sec. 4; the building block of NRN, MAS, NormRatio).
+    """Norms ||d_i^m||_p of every decoder vector (docs/methods.md sec. 4; the building block of NRN, MAS, NormRatio).
 
     Args:
         W_dec: decoder ``[F, N, d]``, crosscoder-normalised units.
@@ -149,7 +149,7 @@ def mas_dominant(mas: torch.Tensor) -> torch.Tensor:
 def norm_ratio(W_dec: torch.Tensor, base: int, finetuned: int, scale: str = "all") -> torch.Tensor:
     """NormRatio, paper S eq. 2: ((||d_i^base||_2 - ||d_i^ft||_2) / max ||d_j^m||_2 + 1) / 2.
 
-    ``scale`` chooses the maximum in the denominator (SPEC sec. 4, **choice**):
+    ``scale`` chooses the maximum in the denominator (docs/methods.md sec. 4, **choice**):
 
     - ``"all"`` (default): max over all features j and **all** model slots m of the crosscoder;
     - ``"pair"``: max over all features j and the **two compared** slots (``base``, ``finetuned``)
@@ -239,7 +239,7 @@ def categorize(
 
 
 def latent_scaling(f: torch.Tensor, Y: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Latent scaling of Minder et al. (2025), SPEC sec. 4: beta_j^m = <Y^m, f_j d_j^m> / (||f_j||^2 ||d_j^m||^2).
+    """Latent scaling of Minder et al. (2025), docs/methods.md sec. 4: beta_j^m = <Y^m, f_j d_j^m> / (||f_j||^2 ||d_j^m||^2).
 
     beta_j^m is the least-squares coefficient of the rank-one fit Y^m ~ beta f_j (d_j^m)^T, i.e. how
     much of the target Y^m of model m is explained by feature j's activations along its own decoder

@@ -1,4 +1,4 @@
-"""Controls for causal claims (SPEC sec. 11): frequency-matched random feature sets and their spread.
+"""Controls for causal claims (docs/methods.md sec. 11): frequency-matched random feature sets and their spread.
 
 An intervention on a selected feature set S is compared with the same intervention on random sets of
 |S| features whose **activation frequencies** match S's, one set per seed:
@@ -28,7 +28,7 @@ import numpy as np
 from posttrain_probe.errors import ProbeError
 
 DEFAULT_CONTROL_SEEDS = 5
-"""SPEC sec. 11: number of random control sets (seeds) per intervention."""
+"""docs/methods.md sec. 11: number of random control sets (seeds) per intervention."""
 DEFAULT_FREQUENCY_BINS = 10
 """Equal-count frequency bins of the live features (:func:`frequency_bins`)."""
 
@@ -73,7 +73,7 @@ def frequency_bins(frequency, n_bins: int = DEFAULT_FREQUENCY_BINS) -> np.ndarra
 
 
 def frequency_matched_controls(frequency, selected: Sequence[int], seed: int, *, n_bins: int = DEFAULT_FREQUENCY_BINS) -> list[int]:
-    """A random feature set matching ``selected`` bin by bin in activation frequency (SPEC sec. 11).
+    """A random feature set matching ``selected`` bin by bin in activation frequency (docs/methods.md sec. 11).
 
     Args:
         frequency: ``[F]`` firing rates in [0, 1] (:func:`frequency_bins`).
@@ -179,7 +179,7 @@ class ControlSpread(NamedTuple):
 
 
 def control_spread(selected_delta: float, control_deltas: Sequence[float]) -> ControlSpread:
-    """Mean and spread of the controls' deltas and whether the selected set lies outside them (SPEC sec. 11).
+    """Mean and spread of the controls' deltas and whether the selected set lies outside them (docs/methods.md sec. 11).
 
     Args:
         selected_delta: the selected set's delta (percentage points).

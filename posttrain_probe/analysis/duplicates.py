@@ -1,6 +1,6 @@
 """Duplicate latents: features of one crosscoder whose whole decoders point the same way.
 
-The decoder-norm-weighted L1 loss of the papers' recipe (SPEC sec. 3) costs the same whether a
+The decoder-norm-weighted L1 loss of the papers' recipe (docs/methods.md sec. 3) costs the same whether a
 feature is written by one latent or split over several latents with the same decoder direction,
 so ReLU+L1 crosscoders learn duplicates, and counts of model-specific latents grow with F and
 fall with λ although the models did not change. Grouping latents whose concatenated decoders

@@ -1,6 +1,6 @@
 """Checkpoint dynamics: how the most tuned-specific features form and move during training.
 
-SPEC.md sec. 5, after paper R sec. 5.2 and appendix B.1. Every checkpoint c of a run gets a score
+docs/methods.md sec. 5, after paper R sec. 5.2 and appendix B.1. Every checkpoint c of a run gets a score
 vector s_c over one shared feature index (NRN of checkpoint c against the base); T_c is the top-k
 (k = 50) of s_c. From the score matrix ``scores [C, F]`` this module computes
 
@@ -59,7 +59,7 @@ class RankShifts(NamedTuple):
 
 
 class TopKTies(NamedTuple):
-    """How the k-th score of every checkpoint's top-k set is tied (SPEC.md sec. 5)."""
+    """How the k-th score of every checkpoint's top-k set is tied (docs/methods.md sec. 5)."""
 
     kth_score: torch.Tensor
     """[C] float32: the k-th best score of each row."""
@@ -73,7 +73,7 @@ class TopKTies(NamedTuple):
 
 
 class MatchQuality(NamedTuple):
-    """Summary of a feature matching's decoder cosines over the matched pairs (SPEC.md sec. 5)."""
+    """Summary of a feature matching's decoder cosines over the matched pairs (docs/methods.md sec. 5)."""
 
     mean: float
     """Mean cosine of the matched pairs (NaN when nothing matched)."""
@@ -150,7 +150,7 @@ def _membership(top: torch.Tensor, n_features: int) -> torch.Tensor:
 
 
 def top_k_sets(scores, k: int = DEFAULT_K) -> torch.Tensor:
-    """T_c: the k highest-scoring features of every checkpoint (SPEC.md sec. 5, R sec. 5.2).
+    """T_c: the k highest-scoring features of every checkpoint (docs/methods.md sec. 5, R sec. 5.2).
 
     ``scores`` [C, F] (tensor or array, unitless, e.g. NRN of checkpoint c against the base over a
     shared feature index). Returns [C, k] int64 feature indices, best first. NaN scores are never
@@ -163,7 +163,7 @@ def top_k_sets(scores, k: int = DEFAULT_K) -> torch.Tensor:
 
 
 def topk_overlap(scores, k: int = DEFAULT_K) -> torch.Tensor:
-    """Top-k overlap matrix overlap(c, c') = |T_c ∩ T_c'| / k (SPEC.md sec. 5, R sec. 5.2, fig. 2).
+    """Top-k overlap matrix overlap(c, c') = |T_c ∩ T_c'| / k (docs/methods.md sec. 5, R sec. 5.2, fig. 2).
 
     ``scores`` [C, F] as for :func:`top_k_sets`. Returns [C, C] float32, symmetric, in [0, 1], with
     ones on the diagonal.
@@ -174,7 +174,7 @@ def topk_overlap(scores, k: int = DEFAULT_K) -> torch.Tensor:
 
 
 def rank_shifts(scores, k: int = DEFAULT_K) -> RankShifts:
-    """Rank shifts of each checkpoint's top-k at the next checkpoint (SPEC.md sec. 5, R B.1).
+    """Rank shifts of each checkpoint's top-k at the next checkpoint (docs/methods.md sec. 5, R B.1).
 
     ``scores`` [C, F] with C >= 2 checkpoints in training order. For every consecutive pair (c, c+1)
     and every f in T_c: shift = |rank_{c+1}(f) - rank_c(f)|, with 1-based ranks among all F
@@ -199,7 +199,7 @@ def rank_shifts(scores, k: int = DEFAULT_K) -> RankShifts:
 
 
 def negligible_features(W_dec, slots: list[int], norm_floor: float = DEFAULT_NORM_FLOOR) -> torch.Tensor:
-    """Features whose decoder norms in every one of ``slots`` are negligible (SPEC.md sec. 5).
+    """Features whose decoder norms in every one of ``slots`` are negligible (docs/methods.md sec. 5).
 
     ``W_dec`` [F, M, d] a crosscoder's decoder (normalised units), ``slots`` the compared model
     slots, ``norm_floor`` a fraction in [0, 1): a feature is negligible when ||d_i^m||_2 <
@@ -228,7 +228,7 @@ def checkpoint_scores(
 ) -> torch.Tensor:
     """NRN of every checkpoint against the base over one shared multi-model crosscoder.
 
-    SPEC.md sec. 5 default: one crosscoder over base + all checkpoints of a run, so all
+    docs/methods.md sec. 5 default: one crosscoder over base + all checkpoints of a run, so all
     checkpoints share one feature index. ``W_dec`` [F, M, d] the crosscoder's decoder (row
     ``W_dec[i, m]`` is feature i's decoder vector for model slot m, in the units of
     :func:`~posttrain_probe.analysis.attribution.nrn`), ``base`` the base model's slot,
@@ -270,7 +270,7 @@ def _dead_mask(live, n_features: int) -> torch.Tensor:
 
 
 def top_k_ties(scores, k: int = DEFAULT_K, atol: float = DEFAULT_TIE_ATOL) -> TopKTies:
-    """Ties at the cut of every top-k set T_c (SPEC.md sec. 5).
+    """Ties at the cut of every top-k set T_c (docs/methods.md sec. 5).
 
     ``scores`` [C, F] as for :func:`top_k_sets`; ``atol`` >= 0 the absolute distance (score units)
     within which two scores count as equal. A top-k set is *determined* when no feature outside it
@@ -291,7 +291,7 @@ def top_k_ties(scores, k: int = DEFAULT_K, atol: float = DEFAULT_TIE_ATOL) -> To
 
 
 class SharedIndex(NamedTuple):
-    """One feature index over several crosscoders, from their matched decoders (SPEC.md sec. 5)."""
+    """One feature index over several crosscoders, from their matched decoders (docs/methods.md sec. 5)."""
 
     ids: list[torch.Tensor]
     """Per crosscoder c, [F_c] int64: the shared index of each of its features; -1 for features left
@@ -305,7 +305,7 @@ class SharedIndex(NamedTuple):
 
 
 def shared_index(vectors, min_cosine: float | None = DEFAULT_MIN_COSINE, include=None) -> SharedIndex:
-    """Match the features of C crosscoders into one shared index (SPEC.md sec. 5, per-checkpoint alternative).
+    """Match the features of C crosscoders into one shared index (docs/methods.md sec. 5, per-checkpoint alternative).
 
     ``vectors`` a list of C [F_c, D] per-feature vectors, one per crosscoder in training order: the
     whole decoder of each feature, all model rows concatenated (``W_dec.reshape(F, -1)`` of a
@@ -351,7 +351,7 @@ def shared_index(vectors, min_cosine: float | None = DEFAULT_MIN_COSINE, include
 
 
 def indexed_scores(scores, index: SharedIndex) -> torch.Tensor:
-    """Lay per-crosscoder scores out over a :class:`SharedIndex` (SPEC.md sec. 5).
+    """Lay per-crosscoder scores out over a :class:`SharedIndex` (docs/methods.md sec. 5).
 
     ``scores`` a list of C [F_c] score vectors (e.g. NRN of each (base, checkpoint) crosscoder),
     in the order of :func:`shared_index`'s ``vectors``. Returns [C, U] float32 with
@@ -371,9 +371,9 @@ def indexed_scores(scores, index: SharedIndex) -> torch.Tensor:
 
 
 def match_features(vectors_a, vectors_b, min_cosine: float | None = None) -> FeatureMatching:
-    """Match the features of crosscoder a to those of crosscoder b by decoder cosine (SPEC.md sec. 5).
+    """Match the features of crosscoder a to those of crosscoder b by decoder cosine (docs/methods.md sec. 5).
 
-    For the alternative shared index of SPEC.md sec. 5 (one two-model crosscoder per checkpoint, as in
+    For the alternative shared index of docs/methods.md sec. 5 (one two-model crosscoder per checkpoint, as in
     paper R sec. 5.2): a one-to-one assignment maximising the summed cosine between feature vectors
     (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``).
 
@@ -387,7 +387,7 @@ def match_features(vectors_a, vectors_b, min_cosine: float | None = None) -> Fea
 
     F_a and F_b may differ: with F_a > F_b, F_a - F_b features of a stay unmatched (perm -1, cosine
     NaN). Zero vectors have cosine 0 with everything. ``min_cosine`` (a cosine floor in [-1, 1],
-    SPEC.md sec. 5): pairs below it are worth nothing to the assignment and are never reported
+    docs/methods.md sec. 5): pairs below it are worth nothing to the assignment and are never reported
     as matched - their feature of a stays unmatched (perm -1) instead of being forced onto an
     unrelated latent; None keeps the forced one-to-one assignment. Memory and time: a dense
     F_a x F_b float64 cost matrix and an O(F^3) assignment (minutes for F = 16k).

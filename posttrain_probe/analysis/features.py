@@ -131,7 +131,7 @@ def feature_table(
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
     norm_ratio_scale: str = "all",
 ) -> pa.Table:
-    """One row per feature with its attribution metrics against ``base`` (SPEC sec. 4).
+    """One row per feature with its attribution metrics against ``base`` (docs/methods.md sec. 4).
 
     Columns, in order:
 

@@ -1,4 +1,4 @@
-"""Fisher reasoning features (paper S sec. 2 eq. 1, A.1, B.1; SPEC sec. 8) and the rho statistic.
+"""Fisher reasoning features (paper S sec. 2 eq. 1, A.1, B.1; docs/methods.md sec. 8) and the rho statistic.
 
 On texts with a reasoning and a solution segment, with the per-source codes f^m of one crosscoder branch (or of
 an SAE, a 1-model crosscoder) at site L:
@@ -75,7 +75,7 @@ _ENCODE_TOKENS = 1024
 
 
 def fisher_importance_ratio(e_reasoning: torch.Tensor, e_solution: torch.Tensor, eps: float = EPSILON) -> torch.Tensor:
-    """ImportanceRatio(j) = E_reasoning[f_j^2] / max(E_solution[f_j^2], eps) (paper S eq. 1, SPEC sec. 8).
+    """ImportanceRatio(j) = E_reasoning[f_j^2] / max(E_solution[f_j^2], eps) (paper S eq. 1, docs/methods.md sec. 8).
 
     Args:
         e_reasoning: ``[F]`` mean squared code of every feature over reasoning tokens (code units squared).
@@ -138,7 +138,7 @@ def select_fisher_features(
     floor: float | None = None,
     eps: float = EPSILON,
 ) -> FisherSelection:
-    """Candidate reasoning features: high importance ratio **and** E_r above a magnitude floor (SPEC sec. 8).
+    """Candidate reasoning features: high importance ratio **and** E_r above a magnitude floor (docs/methods.md sec. 8).
 
     Args:
         e_reasoning, e_solution: ``[F]`` E[f_j^2] over reasoning / solution tokens (code units squared).
@@ -175,7 +175,7 @@ def select_fisher_features(
 
 
 def rho_statistic(hits: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """rho(x) = (1/T) sum_t 1[exists j in S_reasoning: f_j(h_t) > 0] (paper S eq. 14, SPEC sec. 8).
+    """rho(x) = (1/T) sum_t 1[exists j in S_reasoning: f_j(h_t) > 0] (paper S eq. 14, docs/methods.md sec. 8).
 
     Args:
         hits: ``[...]`` number of tokens of a segment of a sequence on which some selected feature fires.

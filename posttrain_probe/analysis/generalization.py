@@ -1,4 +1,4 @@
-"""Generalization-controlling features (SPEC sec. 6; paper R sec. 3.2 eq. 11, sec. 7, fig. 4).
+"""Generalization-controlling features (docs/methods.md sec. 6; paper R sec. 3.2 eq. 11, sec. 7, fig. 4).
 
 For every task t with generalization-critical samples G_t (base model wrong, RL model right; from
 ``posttrain-probe critical``), at the **last prompt token** of each sample:
@@ -6,7 +6,7 @@ For every task t with generalization-critical samples G_t (base model wrong, RL 
 1. the residual stream a^m at the crosscoder's site of the base and of the RL model (truncated
    forwards, batched and padded; prompts tokenised as lm-eval's ``HFLM`` tokenises the context:
    :func:`lm_eval_context_ids`);
-2. the per-source codes f^m = act(W_enc^m s_m a^m + b_enc) of each model's own branch (SPEC sec. 3);
+2. the per-source codes f^m = act(W_enc^m s_m a^m + b_enc) of each model's own branch (docs/methods.md sec. 3);
 3. :func:`generalization_scores`: Score_k^t = mean_{x in G_t} [f_k^RL(x) - f_k^base(x)] (code units);
 4. :func:`select_features`: S_t = {k : Score_k^t >= fraction * max_j Score_j^t} (fraction 0.2);
    empty when max_j Score_j^t <= 0 (no feature is more active in the RL model), and reported so;
@@ -15,7 +15,7 @@ For every task t with generalization-critical samples G_t (base model wrong, RL 
 6. :func:`overlap_matrix` (and :func:`plot_feature_overlap`, paper R fig. 4): the pairwise overlap of
    the S_t. Paper R reports overlaps "even over 80%" without its formula; **choice**: by default the
    row-normalised overlap |S_a ∩ S_b| / |S_a| (the share of task a's features that task b selects
-   too; it reduces to SPEC sec. 5's |T_c ∩ T_c'| / k for sets of equal size). ``normalize="jaccard"``
+   too; it reduces to docs/methods.md sec. 5's |T_c ∩ T_c'| / k for sets of equal size). ``normalize="jaccard"``
    (|S_a ∩ S_b| / |S_a ∪ S_b|) and ``"min"`` (|S_a ∩ S_b| / min(|S_a|, |S_b|)) are offered.
 
 With ``split_half=SEED`` (``--split-half SEED``) each task's G_t is first cut in two by
@@ -63,7 +63,7 @@ FEATURE_SET_NAME = "generalization_features.json"
 
 
 def generalization_scores(f_rl: torch.Tensor, f_base: torch.Tensor) -> torch.Tensor:
-    """Generalization score of every feature on one task, paper R eq. 11 (SPEC sec. 6).
+    """Generalization score of every feature on one task, paper R eq. 11 (docs/methods.md sec. 6).
 
     Args:
         f_rl: ``[n, F]`` per-source codes f^RL of the RL model at the last prompt token of the n
@@ -82,7 +82,7 @@ def generalization_scores(f_rl: torch.Tensor, f_base: torch.Tensor) -> torch.Ten
 
 
 def select_features(scores: torch.Tensor, fraction: float = DEFAULT_THRESHOLD) -> list[int]:
-    """S_t = {k : Score_k >= fraction * max_j Score_j} (SPEC sec. 6; paper R: fraction 0.2).
+    """S_t = {k : Score_k >= fraction * max_j Score_j} (docs/methods.md sec. 6; paper R: fraction 0.2).
 
     Args:
         scores: ``[F]`` generalization scores of one task (:func:`generalization_scores`, code units).
@@ -116,7 +116,7 @@ def check_threshold(fraction: float) -> float:
 
 
 def intersect_feature_sets(sets: Mapping[str, Sequence[int]]) -> list[int]:
-    """S = intersection of the per-task sets S_t (SPEC sec. 6); ``sets`` maps task -> feature indices.
+    """S = intersection of the per-task sets S_t (docs/methods.md sec. 6); ``sets`` maps task -> feature indices.
 
     Returns the sorted indices in every set. Needs at least one task (an intersection over no task
     is undefined, not "all features").
@@ -135,7 +135,7 @@ def overlap_matrix(sets: Sequence[Sequence[int]], normalize: str = "row") -> np.
     ``normalize`` picks the denominator of |S_a ∩ S_b|:
 
     - ``row`` (default): |S_a| (row a, column b: the share of S_a that S_b contains too; not
-      symmetric; reduces to SPEC sec. 5's |T_c ∩ T_c'| / k when every set has k features);
+      symmetric; reduces to docs/methods.md sec. 5's |T_c ∩ T_c'| / k when every set has k features);
     - ``jaccard``: |S_a ∪ S_b|;
     - ``min``: min(|S_a|, |S_b|) (the overlap coefficient).
 
@@ -262,7 +262,7 @@ def last_prompt_activations(
     pad_id: int = 0,
     progress: bool | str = False,
 ) -> torch.Tensor:
-    """Residual stream at site ``layer`` (SPEC sec. 1) at the last token of every prompt.
+    """Residual stream at site ``layer`` (docs/methods.md sec. 1) at the last token of every prompt.
 
     Truncated forwards (no block >= ``layer`` runs) over batches of ``batch_size`` prompts, sorted by
     length to keep padding small, padded on ``padding_side`` with explicit ``position_ids``; the last
@@ -498,7 +498,7 @@ class GeneralizationResult:
     def provenance(self) -> dict[str, Any]:
         """Provenance written into the feature-set JSON of S."""
         return json_safe({
-            "method": "generalization features, paper R sec. 3.2 eq. 11 / SPEC sec. 6 (last prompt token, per-source codes)",
+            "method": "generalization features, paper R sec. 3.2 eq. 11 / docs/methods.md sec. 6 (last prompt token, per-source codes)",
             **{k: v for k, v in self.settings.items() if k != "crosscoder"},
             "tasks": self.tasks,
             "skipped_tasks": self.skipped,
@@ -580,7 +580,7 @@ def generalization_features(
     split_half: int | None = None,
     allow_model_mismatch: bool = False,
 ) -> GeneralizationResult:
-    """Generalization-controlling features of a base-vs-RL crosscoder (SPEC sec. 6, paper R sec. 3.2/7).
+    """Generalization-controlling features of a base-vs-RL crosscoder (docs/methods.md sec. 6, paper R sec. 3.2/7).
 
     Args:
         crosscoder: a :class:`~posttrain_probe.crosscoder.Crosscoder` with branches ``base`` and ``rl``,

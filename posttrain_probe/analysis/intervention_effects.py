@@ -1,4 +1,4 @@
-"""Effect of feature interventions on generalization-critical samples (SPEC sec. 7; paper R tables 2-5).
+"""Effect of feature interventions on generalization-critical samples (docs/methods.md sec. 7; paper R tables 2-5).
 
 A feature set (e.g. the generalization features of ``posttrain-probe features generalization``) is
 intervened on in one model - zeroed in the RL model (paper R table 2, held-out tasks table 4) or set
@@ -24,7 +24,7 @@ samples are reported, not evaluated on G_t.
 
 Beyond the papers:
 
-- **Controls** (SPEC sec. 11; :mod:`posttrain_probe.analysis.controls`): ``control_seeds`` random
+- **Controls** (docs/methods.md sec. 11; :mod:`posttrain_probe.analysis.controls`): ``control_seeds`` random
   feature sets of |S| features, frequency-matched to S bin by bin (firing rates of the intervened
   branch's per-source codes on a reference corpus: ``reference`` or, by default, the prompts of the
   evaluated G_t documents), each run exactly like S on the same documents. Per task: mean, sample
@@ -59,7 +59,7 @@ from posttrain_probe.model_identity import check_model_path, slot_fingerprint
 ROLES = ("rl", "base")
 """Roles of the evaluated model on G_t: ``rl`` (acc_before = 100%) or ``base`` (acc_before = 0%)."""
 NOMINAL_ACC_BEFORE = {"rl": 100.0, "base": 0.0}
-"""acc_before on G_t in percent, by role (SPEC sec. 7)."""
+"""acc_before on G_t in percent, by role (docs/methods.md sec. 7)."""
 RESULT_FORMAT = "posttrain-probe/intervention-effects"
 RESULT_FORMAT_VERSION = 2
 """2: control and per-feature rows (``controls``, ``per_feature``), control summaries and ``held_out_half`` per task."""
@@ -69,7 +69,7 @@ RESULT_FORMAT_VERSION = 2
 
 
 def intervention_delta(n_correct_after: int, n_critical: int, role: str) -> float:
-    """Change of accuracy on G_t, in percentage points (SPEC sec. 7; paper R tables 2-5).
+    """Change of accuracy on G_t, in percentage points (docs/methods.md sec. 7; paper R tables 2-5).
 
     Args:
         n_correct_after: samples of G_t answered correctly with the intervention.
@@ -108,7 +108,7 @@ class TaskEffect:
     n_correct_after: int | None = None
     """Samples of G_t right with the intervention."""
     acc_before_nominal: float | None = None
-    """acc_before on G_t by SPEC sec. 7 (100 for the RL model, 0 for the base), percent."""
+    """acc_before on G_t by docs/methods.md sec. 7 (100 for the RL model, 0 for the base), percent."""
     acc_after: float | None = None
     """100 n_correct_after / |G_t|, percent."""
     delta_pp: float | None = None
@@ -128,7 +128,7 @@ class TaskEffect:
     held_out_half: bool = False
     """Only the held-out half of G_t was evaluated (the feature set was selected on the other half)."""
     n_controls: int = 0
-    """Frequency-matched control sets evaluated on this task (SPEC sec. 11)."""
+    """Frequency-matched control sets evaluated on this task (docs/methods.md sec. 11)."""
     controls_mean_pp: float | None = None
     """Mean of the control sets' ``delta_pp``, percentage points."""
     controls_std_pp: float | None = None
@@ -265,7 +265,7 @@ class InterventionEffects:
                 writer.writerow(["" if line.get(c) is None else line[c] for c in columns])
         parts = [format_effects_table(self)]
         if self.controls:
-            parts.append("Frequency-matched random control sets (SPEC sec. 11), delta (pp) per task:\n\n" + format_set_table(self, "control"))
+            parts.append("Frequency-matched random control sets (docs/methods.md sec. 11), delta (pp) per task:\n\n" + format_set_table(self, "control"))
         if self.per_feature:
             parts.append("Each feature of S alone, delta (pp) per task:\n\n" + format_set_table(self, "feature"))
         parts.append(paper_table(self))
@@ -442,8 +442,8 @@ def intervention_effects(
     per_feature: bool = False,
     allow_model_mismatch: bool = False,
 ) -> InterventionEffects:
-    """Run a feature intervention on G_t of every task and measure the change (SPEC sec. 7, paper R tables 2-5),
-    beside frequency-matched random control sets (SPEC sec. 11) and, optionally, each feature alone.
+    """Run a feature intervention on G_t of every task and measure the change (docs/methods.md sec. 7, paper R tables 2-5),
+    beside frequency-matched random control sets (docs/methods.md sec. 11) and, optionally, each feature alone.
 
     Args:
         features: the feature set (feature-set JSON, ``3,17,42`` or indices); a JSON made for another

@@ -1,9 +1,9 @@
-"""Leakage of gradient blocking (SPEC sec. 9, paper S appendix E.1): how much the protected features still moved.
+"""Leakage of gradient blocking (docs/methods.md sec. 9, paper S appendix E.1): how much the protected features still moved.
 
 After a fine-tuning run with gradient blocking (``recipes/sft_blocked.py``), on the same tokens:
 
 1. **Activation shift** (:func:`relative_change`): for every feature i of the blocking crosscoder's branch m
-   (default ``base``), the per-source code f_i^m (SPEC sec. 3) of the base model's and of the blocked model's
+   (default ``base``), the per-source code f_i^m (docs/methods.md sec. 3) of the base model's and of the blocked model's
    activations at the crosscoder's site, and
 
        relative_change_i = sum_x |f_i^m(a^blocked(x)) - f_i^m(a^base(x))| / sum_x f_i^m(a^base(x)).
@@ -57,7 +57,7 @@ _ENCODE_TOKENS = 1024
 
 
 def relative_change(abs_change_sum: torch.Tensor, base_sum: torch.Tensor) -> torch.Tensor:
-    """Relative change of feature activations, SPEC sec. 9 leakage (paper S E.1), per feature:
+    """Relative change of feature activations, docs/methods.md sec. 9 leakage (paper S E.1), per feature:
     sum_x |f_i(blocked, x) - f_i(base, x)| / sum_x |f_i(base, x)|.
 
     Args:
@@ -107,7 +107,7 @@ def feature_shift(crosscoder, chunks, model: str | int = "base") -> FeatureShift
 
     ``chunks`` yields ``[n, 2, d]`` raw activations of the same n tokens: slot 0 from the base model, slot 1
     from the blocked model (e.g. :meth:`LiveActivations.chunks` over ``{"base": ..., "blocked": ...}``).
-    Both are encoded with the same branch's encoder (SPEC sec. 3: act(W_enc^m s_m a + b_enc)). The crosscoder is
+    Both are encoded with the same branch's encoder (docs/methods.md sec. 3: act(W_enc^m s_m a + b_enc)). The crosscoder is
     moved to the activations' device.
     """
     slot = crosscoder.model_index(model)
@@ -185,7 +185,7 @@ def match_protected(
     (up to each crosscoder's scalar normalisation, which the cosine ignores). ``matching``:
 
     - ``hungarian``: one-to-one, maximising the summed cosine (:func:`~posttrain_probe.analysis.dynamics.match_features`,
-      SPEC sec. 5); |S| x F_new memory, cubic time: for sets of up to ~10k features.
+      docs/methods.md sec. 5); |S| x F_new memory, cubic time: for sets of up to ~10k features.
     - ``argmax``: each protected feature takes the new feature of maximum cosine (several may share one).
 
     Returns a :class:`FeatureMatching` over the protected features in the order of ``features``: ``perm[j]`` is
@@ -559,7 +559,7 @@ def feature_leakage(
     norm_ratio_scale: str = "all",
     allow_model_mismatch: bool = False,
 ) -> LeakageReport:
-    """How much the protected features still moved after blocked training (SPEC sec. 9, paper S E.1).
+    """How much the protected features still moved after blocked training (docs/methods.md sec. 9, paper S E.1).
 
     Args:
         crosscoder: the blocking crosscoder/SAE (a :class:`Crosscoder` or its directory: ``block_crosscoder``).
@@ -578,7 +578,7 @@ def feature_leakage(
         blocked_crosscoder: instead, an already trained base-vs-blocked crosscoder (object or directory).
         matching: ``hungarian`` or ``argmax`` (:func:`match_protected`).
         norm_ratio_scale: NormRatio denominator of a category ``features`` and of the new crosscoder's bands:
-            ``all`` (max decoder norm over every model slot, SPEC default) or ``pair`` (the two compared models,
+            ``all`` (max decoder norm over every model slot, docs/methods.md default) or ``pair`` (the two compared models,
             paper S); see :func:`~posttrain_probe.analysis.attribution.norm_ratio`.
         allow_model_mismatch: compare even when the base or blocked model is not the model branch ``model_name``
             was trained on (nor tuned from it), which is refused otherwise (:mod:`posttrain_probe.model_identity`);

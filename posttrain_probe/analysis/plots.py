@@ -4,7 +4,7 @@ One function per figure of the papers; each takes arrays (numpy or torch), an ou
 (``out/nrn`` or ``out/nrn.png``), writes ``<stem>.png`` and ``<stem>.svg`` side by side and
 returns the two paths. Figures are built on ``matplotlib.figure.Figure`` and rendered by the Agg
 (PNG) and SVG backends, so no global backend or pyplot state is touched. matplotlib is imported
-inside the functions (DESIGN.md: imported lazily where used).
+inside the functions (docs/design.md: imported lazily where used).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def plot_nrn_histograms(
     """NRN histograms of several tuned models against one base (paper R sec. 5.1, fig. 1).
 
     ``nrn_by_model`` maps a tuned model's name to its NRN per feature [F] (unitless, in [0, 1];
-    0 = base-only, 0.5 = shared, 1 = tuned-only; SPEC.md sec. 4). NaN (dead) features are excluded
+    0 = base-only, 0.5 = shared, 1 = tuned-only; docs/methods.md sec. 4). NaN (dead) features are excluded
     and the legend gives each model's count of live features. Step histograms with ``bins`` equal
     bins over [0, 1] on one log-count axis. Writes ``<path>.png`` and ``<path>.svg``; returns both.
     """
@@ -158,7 +158,7 @@ def plot_mas_distributions(
 ) -> list[Path]:
     """Distribution of the model attribution score of every model (paper R sec. 6, fig. 3).
 
-    ``mas`` [F, N] (unitless; row i sums to 1 over the N models, SPEC.md sec. 4), ``model_names``
+    ``mas`` [F, N] (unitless; row i sums to 1 over the N models, docs/methods.md sec. 4), ``model_names``
     the N model names in column order. Rows with NaN (dead features) are excluded. Overlaid step
     histograms over [0, 1] on a log-count axis, with the uniform value 1/N marked; the legend gives
     how many features each model wins (argmax MAS). Writes ``<path>.png`` and ``<path>.svg``.
@@ -205,7 +205,7 @@ def plot_norm_ratio_vs_cosine(
     ``cosine`` [F] (cosine of the base and fine-tuned decoder rows, in [-1, 1]), ``categories``
     [F] labels from the NormRatio categorisation ("base-only", "shared", "finetune-only"; "dead"
     and NaN points are left out; other labels get their own colour). Dashed lines mark the category
-    bands at 0.4 and 0.6 (SPEC.md sec. 4). ``highlight``: optional feature indices drawn on top in
+    bands at 0.4 and 0.6 (docs/methods.md sec. 4). ``highlight``: optional feature indices drawn on top in
     red (the paper's top-50 reasoning features), named ``highlight_label`` in the legend.
     Writes ``<path>.png`` and ``<path>.svg`` (points rasterised inside the SVG); returns both.
     """

@@ -1,4 +1,4 @@
-"""ReasonScore (Galichin et al. 2025), the baseline paper S compares its Fisher features against (SPEC sec. 8).
+"""ReasonScore (Galichin et al. 2025), the baseline paper S compares its Fisher features against (docs/methods.md sec. 8).
 
 Source: A. Galichin, A. Dontsov, P. Druzhinina, A. Razzhigaev, O. Y. Rogov, E. Tutubalina, I. Oseledets,
 "I Have Covered All the Bases Here: Interpreting Reasoning Features in Large Language Models via Sparse
@@ -19,7 +19,7 @@ Definition, for every feature i of an SAE (here: one branch m of a crosscoder, p
    space). Variants are grouped by ``variant.lstrip().lower()``; each variant is tokenised on its own
    (no special tokens) and every exact occurrence of that token-id sequence in a document marks its tokens.
 3. Each marked position p marks the window [p - 1, p + 2] (``window=(1, 2)``), clipped to the sequence.
-   Ignored tokens (special tokens, padding, and here also the first position, SPEC sec. 1) are then removed.
+   Ignored tokens (special tokens, padding, and here also the first position, docs/methods.md sec. 1) are then removed.
 4. Per word group r: mu_i(r) = mean of a_i over the tokens in r's windows; mu_i^+ = mean over the tokens in
    any window; mu_i^- = mean over all other (non-ignored) tokens. A word that never occurs has mu_i(r) = 0.
 5. p_i(r) = mu_i(r) / (sum_r' mu_i(r') + eps), H_i = -sum_r p_i(r) log p_i(r) / log |R| (|R| = number of word

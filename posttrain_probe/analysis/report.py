@@ -44,7 +44,7 @@ def analyze_crosscoder(
     says so (``liveness: unknown``, ``n_dead`` null) instead of calling every latent live.
     Duplicate latents (whole-decoder cosine >= ``duplicate_cosine``) are grouped and every count is
     given raw and deduplicated; ``settings`` records F, λ or k and the training tokens, which the
-    counts depend on. ``norm_ratio_scale`` is NormRatio's denominator (``all``: SPEC's max over every
+    counts depend on. ``norm_ratio_scale`` is NormRatio's denominator (``all``: docs/methods.md's max over every
     model slot; ``pair``: paper S's max over the two compared models). Writes ``features.<table_format>``, ``summary.json``, ``nrn_histograms``,
     ``mas_distributions`` and ``norm_ratio_vs_cosine_<model>`` figures, and
     ``feature_sets/<model>_<category>.json`` (paper S categories of live features, for gradient
@@ -128,7 +128,7 @@ def checkpoint_dynamics(
     duplicate_cosine: float | None = DEFAULT_DUPLICATE_COSINE,
     live=None,
 ) -> dict[str, Any]:
-    """Top-k overlap and rank shifts of NRN across checkpoints (SPEC sec. 5, paper R fig. 2, 8-11).
+    """Top-k overlap and rank shifts of NRN across checkpoints (docs/methods.md sec. 5, paper R fig. 2, 8-11).
 
     Default: one multi-model ``crosscoder`` over base + checkpoints, a shared feature index
     (``checkpoints`` selects and orders its checkpoint models; default all but ``base``).

@@ -1,4 +1,4 @@
-"""Splitting texts into reasoning and solution token segments (paper S; SPEC sec. 8).
+"""Splitting texts into reasoning and solution token segments (paper S; docs/methods.md sec. 8).
 
 A document's reasoning and solution segments are marked by OpenThoughts tags (``<|begin_of_thought|>`` ...
 ``<|end_of_thought|>``, ``<|begin_of_solution|>`` ... ``<|end_of_solution|>``), by a user-given delimiter pair per

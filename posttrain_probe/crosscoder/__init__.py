@@ -1,4 +1,4 @@
-"""N-model sparse crosscoders (SPEC sec. 3): the model, its config and its training loop.
+"""N-model sparse crosscoders (docs/methods.md sec. 3): the model, its config and its training loop.
 
 The configs are imported eagerly (torch-free); the model, calibration and training are imported on
 first use, so the command line starts without importing torch, and

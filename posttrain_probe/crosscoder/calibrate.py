@@ -1,7 +1,7 @@
-"""Per-source BatchTopK inference thresholds, calibrated on data (beyond the papers; SPEC sec. 3).
+"""Per-source BatchTopK inference thresholds, calibrated on data (beyond the papers; docs/methods.md sec. 3).
 
 A BatchTopK crosscoder learns one inference threshold theta on the joint scores
-f_i(x)·sum_m ||d_i^m|| (all model slots filled). Per-source codes f^m (SPEC sec. 3: every other
+f_i(x)·sum_m ||d_i^m|| (all model slots filled). Per-source codes f^m (docs/methods.md sec. 3: every other
 slot zero) have pre-activations of another scale - for a feature shared by two models, roughly
 half the joint one - so theta makes them far sparser (or denser) than training's k per token.
 :func:`calibrate_source_thresholds` gives every source m its own theta_m: the batch-top-k rule of
@@ -83,7 +83,7 @@ def calibrate_source_thresholds(
     """Set per-source BatchTopK inference thresholds theta_m so that per-source codes have mean L0 = k.
 
     For every model slot m, the per-source scores s^m_i(x) = f^m_i(x)·sum_m' ||d_i^m'|| (f^m: the
-    ReLU of the per-source pre-activation, SPEC sec. 3; the same score training ranks) of the T
+    ReLU of the per-source pre-activation, docs/methods.md sec. 3; the same score training ranks) of the T
     calibration tokens are ranked as one batch, as training's batch-top-k ranks a batch of B
     tokens; theta_m lies halfway between the (k·T)-th and the (k·T+1)-th largest score, so that
     exactly k·T codes exceed it (mean L0 = k per token) when no scores tie there. Fewer than k·T

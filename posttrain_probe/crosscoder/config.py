@@ -1,4 +1,4 @@
-"""Configuration of an N-model sparse crosscoder (SPEC sec. 3, saved as its config.json) and of its training run.
+"""Configuration of an N-model sparse crosscoder (docs/methods.md sec. 3, saved as its config.json) and of its training run.
 
 Torch-free, so the CLI builds its options from these dataclasses without importing torch."""
 

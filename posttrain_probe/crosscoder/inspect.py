@@ -110,7 +110,7 @@ def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
 
     Read from the firing counters of the newest state in ``path/trainer_state/``: a feature is live
     when it fired within the last ``min(dead_after_tokens, max(tokens // 2, batch_size))`` training
-    tokens - the window the trainer itself uses to call a feature dead (SPEC sec. 3). A latent that
+    tokens - the window the trainer itself uses to call a feature dead (docs/methods.md sec. 3). A latent that
     fired only early in training and then died counts as dead. Liveness measured on held-out
     activations (``analyze --acts``) is the stronger evidence and takes precedence.
     """

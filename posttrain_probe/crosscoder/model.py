@@ -1,6 +1,6 @@
-"""The N-model sparse crosscoder (SPEC sec. 3; paper R eqs. 1-3 / 5-7). N = 1 is a plain SAE.
+"""The N-model sparse crosscoder (docs/methods.md sec. 3; paper R eqs. 1-3 / 5-7). N = 1 is a plain SAE.
 
-Weights live in normalised units (ã^m = s_m a^m, SPEC sec. 2); the scales s_m are a buffer saved
+Weights live in normalised units (ã^m = s_m a^m, docs/methods.md sec. 2); the scales s_m are a buffer saved
 with the weights, and every public method takes and returns raw model activations. Layout, chosen
 so that the encoder and the decoder are each ONE matmul over all models:
 
@@ -66,7 +66,7 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         self.W_dec = nn.Parameter(torch.empty(f, n, d))
         self.b_dec = nn.Parameter(torch.zeros(n, d))
         self.register_buffer("scales", torch.ones(n))
-        """s_m: raw activation x s_m = normalised activation (SPEC sec. 2)."""
+        """s_m: raw activation x s_m = normalised activation (docs/methods.md sec. 2)."""
         self.register_buffer("threshold", torch.tensor(-1.0))
         """BatchTopK inference threshold on f_i·sum_m||d_i^m|| (EMA during training; < 0 = unset)."""
         self.reset_parameters()
@@ -147,7 +147,7 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
     def set_scales_from(self, batches: Iterable[torch.Tensor], max_tokens: int = 100_000) -> torch.Tensor:
         """Estimate s_m = sqrt(d) / E||a^m||_2 on up to ``max_tokens`` raw tokens [B, N, d] and store it.
 
-        Returns the scales [N]. SPEC sec. 2: estimated on >= 1e5 tokens (or all there are).
+        Returns the scales [N]. docs/methods.md sec. 2: estimated on >= 1e5 tokens (or all there are).
         """
         total = torch.zeros(self.n_models, dtype=torch.float64, device=self.scales.device)
         count = 0
@@ -217,7 +217,7 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         return float(self.threshold)
 
     def encode_source(self, x: torch.Tensor, model: str | int, *, joint_threshold: bool = False) -> torch.Tensor:
-        """Per-source code f^m [B, F] of one model's raw activations x [B, d] (SPEC sec. 3).
+        """Per-source code f^m [B, F] of one model's raw activations x [B, d] (docs/methods.md sec. 3).
 
         The encoder with every other model's slot set to zero: act(W_enc^m ã^m + b_enc). For a
         BatchTopK crosscoder calibrated per source (``config.source_thresholds``), act thresholds
@@ -248,7 +248,7 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
     ) -> CrosscoderOutput:
         """Training forward on raw activations x [B, N, d]: reconstruction, codes and loss terms.
 
-        ReLU: loss = mse + λ·mean_x sum_i f_i sum_m ||d_i^m|| (SPEC sec. 3, λ = ``l1_coefficient``).
+        ReLU: loss = mse + λ·mean_x sum_i f_i sum_m ||d_i^m|| (docs/methods.md sec. 3, λ = ``l1_coefficient``).
         BatchTopK (in train mode): keeps the top k·B of f_i·sum_m||d_i^m|| over the batch, decodes
         them by a sparse gather (embedding_bag), updates the inference threshold EMA
         (``threshold_decay``; None leaves it), and adds the AuxK loss of the top ``aux_k`` dead

@@ -3,7 +3,7 @@
     posttrain-probe crosscoder train --acts runs/acts --layer 18 --out runs/cc
     accelerate launch -m posttrain_probe.crosscoder.train --config recipes/configs/tiny/crosscoder.yaml
 
-Paper schedules by default (SPEC sec. 3): Adam(0.9, 0.999), lr 1e-4 constant then linear decay to
+Paper schedules by default (docs/methods.md sec. 3): Adam(0.9, 0.999), lr 1e-4 constant then linear decay to
 0 over the last 20% of steps, λ = 2 warmed up linearly over the first 5%, grad-norm clip 1.0,
 batch 1024 tokens. Data parallel with accelerate: ``batch_size`` is the global batch; with store
 sources every rank reads the same shuffled stream and trains on its slice of each global batch,

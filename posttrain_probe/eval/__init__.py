@@ -1,6 +1,6 @@
 """lm-eval integration: the ``probe-hf`` model (lm-eval's HF model with a crosscoder-feature
 intervention), the shipped offline tasks, a Python API over ``lm_eval.simple_evaluate`` and the
-generalization-critical samples of two runs (SPEC sec. 6).
+generalization-critical samples of two runs (docs/methods.md sec. 6).
 
 * :func:`register` -- make ``probe-hf`` known to lm-eval (idempotent; imports lm-eval).
 * :func:`task_include_paths` -- lm-eval include paths: the shipped task folder plus the user's.

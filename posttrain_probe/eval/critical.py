@@ -1,4 +1,4 @@
-"""Generalization-critical samples (SPEC sec. 6, paper R sec. 3.2): per task t,
+"""Generalization-critical samples (docs/methods.md sec. 6, paper R sec. 3.2): per task t,
 G_t = the documents the base model answers wrong and the RL model answers right, from the
 per-sample logs of two lm-eval runs over the same documents and prompts.
 

@@ -4,7 +4,7 @@
 
 Everything about HFLM stays as it is (model loading, batching, padding, truncation, chat
 templates); the intervention (:class:`~posttrain_probe.interventions.features.FeatureIntervention`,
-SPEC sec. 7) is attached to the loaded model as forward hooks. Without ``crosscoder=`` the model
+docs/methods.md sec. 7) is attached to the loaded model as forward hooks. Without ``crosscoder=`` the model
 is exactly ``hf``.
 
 Positions ``prompt`` / ``last_prompt``: in a loglikelihood request the model input is context +

@@ -1,5 +1,5 @@
-"""Interventions on crosscoder features: gradient blocking during training (SPEC sec. 9) and
-feature edits in the forward pass (SPEC sec. 7)."""
+"""Interventions on crosscoder features: gradient blocking during training (docs/methods.md sec. 9) and
+feature edits in the forward pass (docs/methods.md sec. 7)."""
 
 from posttrain_probe.interventions.blocking import MODES, GradientBlocker
 from posttrain_probe.interventions.feature_sets import (

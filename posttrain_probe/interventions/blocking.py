@@ -1,9 +1,9 @@
-"""Gradient blocking (SPEC sec. 9, paper S sec. 2 / RQ5): protect chosen features during fine-tuning.
+"""Gradient blocking (docs/methods.md sec. 9, paper S sec. 2 / RQ5): protect chosen features during fine-tuning.
 
-At site L (the residual stream entering block L, SPEC sec. 1), in every forward pass:
+At site L (the residual stream entering block L, docs/methods.md sec. 1), in every forward pass:
 
     sae:      f_S = f^m(x)[S];  x_S = W_dec^m[S]^T f_S / s_m;  x_new = sg(x_S) + (x - x_S)
-              (f^m with b_enc, SPEC's default; encoder_bias=False: f_S = act(W_enc^m[S]^T s_m x), paper S's
+              (f^m with b_enc, docs/methods.md's default; encoder_bias=False: f_S = act(W_enc^m[S]^T s_m x), paper S's
               ReLU(W_enc^T x) without the encoder bias)
     subspace: x_S = P_S x (orthogonal projection onto span{d_k : k in S});  x_new = sg(x_S) + (x - x_S)
     ablate:   x_new = x - P_S x   (the subspace is removed from the forward too)
@@ -29,7 +29,7 @@ MODES = ("sae", "subspace", "ablate")
 class GradientBlocker:
     """Blocks the gradient through features ``features`` of one model branch of a crosscoder/SAE at ``layer``.
 
-    ``encoder_bias`` (``sae`` mode only): True (SPEC sec. 9 default) protects the per-source code
+    ``encoder_bias`` (``sae`` mode only): True (docs/methods.md sec. 9 default) protects the per-source code
     f^m(x) = act(W_enc^m ã^m + b_enc) exactly as :meth:`Crosscoder.encode_source` computes it;
     False drops b_enc, paper S's f = ReLU(W_enc^T x). A BatchTopK crosscoder's inference threshold
     (per source when calibrated, as ``encode_source``) applies either way.

@@ -168,7 +168,7 @@ def resolve_features(
     whose recorded crosscoder fingerprint is not ``crosscoder``'s.
 
     ``norm_ratio_scale``: the NormRatio denominator of a category, ``"all"`` (max decoder norm over
-    every model slot, SPEC sec. 4 default) or ``"pair"`` (over ``base`` and ``finetuned`` only,
+    every model slot, docs/methods.md sec. 4 default) or ``"pair"`` (over ``base`` and ``finetuned`` only,
     paper S); see :func:`~posttrain_probe.analysis.attribution.norm_ratio`. Checked for every
     ``spec``; it only matters for categories of crosscoders with more than two models.
     """

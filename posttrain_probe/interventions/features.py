@@ -1,6 +1,6 @@
-"""Feature interventions (SPEC sec. 7; paper R sec. 7.1, paper S B.3): edit chosen crosscoder features in a forward.
+"""Feature interventions (docs/methods.md sec. 7; paper R sec. 7.1, paper S B.3): edit chosen crosscoder features in a forward.
 
-At site L (the residual stream entering decoder block L, SPEC sec. 1) of model branch m, at the
+At site L (the residual stream entering decoder block L, docs/methods.md sec. 1) of model branch m, at the
 chosen positions:
 
     f = f^m(a)[S] ;  f'_S = g(f_S) ;  a' = a + W_dec^m[S]^T (f'_S - f_S) / s_m
@@ -68,7 +68,7 @@ def _load(crosscoder) -> tuple[Any, Path | None]:
 
 class FeatureIntervention:
     """Zero / set / scale / add / steer features ``features`` of branch ``model_name`` of a crosscoder
-    at its layer (SPEC sec. 7), at ``positions``, keeping the reconstruction error.
+    at its layer (docs/methods.md sec. 7), at ``positions``, keeping the reconstruction error.
 
     Args:
         crosscoder: a ``Crosscoder`` or its directory.
@@ -135,7 +135,7 @@ class FeatureIntervention:
         index = torch.tensor(self.features, dtype=torch.long, device=cc.W_dec.device)
         with torch.no_grad():
             scale = cc.scales[self.slot].detach()
-            # Raw-unit slices: pre_S = a @ enc + b_enc ; delta = (f'_S - f_S) @ dec  (SPEC sec. 2-3, 7).
+            # Raw-unit slices: pre_S = a @ enc + b_enc ; delta = (f'_S - f_S) @ dec  (docs/methods.md sec. 2-3, 7).
             self._enc = (cc.W_enc[self.slot].detach()[:, index] * scale).contiguous()  # [d, |S|]
             self._b_enc = cc.b_enc.detach()[index].clone()  # [|S|]
             self._dec = (cc.W_dec.detach()[index, self.slot] / scale).contiguous()  # [|S|, d]
@@ -183,7 +183,7 @@ class FeatureIntervention:
         return codes
 
     def edit(self, a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """a' = a + W_dec^m[S]^T (f'_S - f_S) / s_m (SPEC sec. 7) where ``mask``, a elsewhere.
+        """a' = a + W_dec^m[S]^T (f'_S - f_S) / s_m (docs/methods.md sec. 7) where ``mask``, a elsewhere.
 
         ``a``: ``[..., d]`` raw residual activations (any float dtype/device; computed in it);
         ``mask``: ``[...]`` bool, None = everywhere. Returns a new tensor of a's shape and dtype.
@@ -427,7 +427,7 @@ _MAX_ACTS_VERSION = 2  # 2: the cache file holds the firing frequency beside the
 
 def max_activations(crosscoder, model_name: str | int, model: nn.Module | str | os.PathLike, data, **kwargs: Any) -> torch.Tensor:
     """``[F]`` float32 (CPU): max over a reference corpus of each feature's per-source code f^m
-    (code units), the quantity ``steer`` multiplies (SPEC sec. 7, paper S B.3).
+    (code units), the quantity ``steer`` multiplies (docs/methods.md sec. 7, paper S B.3).
 
     The ``max_activation`` of :func:`source_activation_stats` (same arguments, same cache).
     """
@@ -455,7 +455,7 @@ def source_activation_stats(
     allow_model_mismatch: bool = False,
 ):
     """Firing frequency and max of each feature's per-source code f^m over a reference corpus, in one pass
-    (SPEC sec. 7 steer, sec. 11 frequency-matched controls).
+    (docs/methods.md sec. 7 steer, sec. 11 frequency-matched controls).
 
     ``crosscoder``: a ``Crosscoder`` or its directory; ``model_name``: its branch m; ``model``: the
     HF causal LM of that branch (or a path). ``data``: a dataset spec as
@@ -463,7 +463,7 @@ def source_activation_stats(
     ``seq_len``, ``batch_size``, ``n_docs``, ``column``), or token batches (``TokenBatch``es,
     dicts with ``input_ids`` [B, T] and optional ``attention_mask``, or [B, T] id tensors).
     Tokens counted are those the crosscoder was trained on: real tokens, not the first position,
-    not BOS (SPEC sec. 1). Truncated forwards stop at block ``layer``.
+    not BOS (docs/methods.md sec. 1). Truncated forwards stop at block ``layer``.
 
     Returns:
         :class:`~posttrain_probe.analysis.features.FeatureStats` (CPU): ``frequency`` ``[F]`` float64,
