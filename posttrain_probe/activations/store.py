@@ -416,7 +416,7 @@ class ActivationStore(ActivationSource):
                 if actual != shard["sha256"]:
                     raise ProbeError(
                         f"shard {file} is corrupted: its sha256 is {actual}, the manifest says {shard['sha256']}; "
-                        "re-collect this store"
+                        f"re-collect this store: delete {self.path} and run the same collect command again"
                     )
                 with self._lock:
                     self._verified.add(index)
