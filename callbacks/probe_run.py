@@ -268,6 +268,10 @@ class ProbeRun:
                 if index < len(mine):
                     for layer, writer in writers.items():
                         writer.write(captured.acts[layer][:, 0], captured.token_ids, captured.doc_ids, captured.positions, cursor=index + 1)
+        except BaseException:
+            for writer in writers.values():
+                writer.release()  # the stores' locks go with the error, not with the process
+            raise
         finally:
             model.train(was_training)
             _restore_rng(rng)

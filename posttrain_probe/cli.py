@@ -204,11 +204,17 @@ def crosscoder_train(
     )
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    from posttrain_probe.crosscoder.inspect import training_status
+    from posttrain_probe.crosscoder.train import CrosscoderQualityWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CrosscoderQualityWarning)  # printed below as plain lines
         train_crosscoder(source, crosscoder, training, out, resume=resume, overwrite=overwrite)
-    for warning in caught:
-        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    status = training_status(out) or {}
+    for problem in status.get("warnings", []):
+        typer.secho(f"warning: {problem}", fg=typer.colors.YELLOW, err=True)
+    if not status.get("complete", True):
+        typer.echo(f"stopped at step {status['step']} of {status['total_steps']}: continue with --resume")
     typer.echo(f"crosscoder: {out}")
 
 

@@ -41,14 +41,25 @@ def crosscoder_calibrate(
     from posttrain_probe.crosscoder.sources import open_source
     from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
 
+    import contextlib
+
+    from posttrain_probe.crosscoder.inspect import training_status
+    from posttrain_probe.locks import DirectoryLock
+
     cc = load_crosscoder(path, allow_incomplete=allow_incomplete)
     before = crosscoder_fingerprint(cc)
     target = out if out is not None else path
+    status = training_status(path)
+    if out is None and status is not None and not status.get("complete", True):
+        raise ProbeError(f"{path} is an unfinished training run: calibrating it in place would be overwritten when it resumes; write the calibrated copy elsewhere with --out DIR")
+    # in place: the run directory is a crosscoder run's, hold its lock while config.json is rewritten
+    held = DirectoryLock(Path(target), what="crosscoder run") if out is None else contextlib.nullcontext()
     if clear:
         if acts:
             raise ProbeError("--clear removes the calibrated thresholds and reads no activations: drop --acts")
         cc.config.source_thresholds = None
-        cc.save_pretrained(target)
+        with held:
+            cc.save_pretrained(target)
         typer.echo(f"{target}: per-source thresholds removed (fingerprint {before[:12]} -> {crosscoder_fingerprint(cc)[:12]})")
         return
     if cc.config.activation != "batchtopk":
@@ -64,7 +75,8 @@ def crosscoder_calibrate(
     cc.to(device).eval()
     batches = source.iter_batches(batch_size, shuffle=False, device=device, dtype=cc.W_enc.dtype)
     result = calibrate_source_thresholds(cc, batches, max_tokens=max_tokens, k=k, batch_size=batch_size)
-    cc.cpu().save_pretrained(target)
+    with held:
+        cc.cpu().save_pretrained(target)
     after = crosscoder_fingerprint(cc)
     report = {
         "crosscoder": str(target),

@@ -89,7 +89,7 @@ class DirectoryLock:
             for _ in range(10):
                 created = not self.directory.exists()
                 self.directory.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(self.path, blocking=False, on_acquired=functools.partial(_check_current, self.path))
+                lock = FileLock(self.path, blocking=False, thread_local=False, on_acquired=functools.partial(_check_current, self.path))
                 try:
                     lock.acquire()
                     break
@@ -142,7 +142,10 @@ class DirectoryLock:
     def _describe_holder(self) -> str:
         try:
             info: dict[str, Any] = json.loads(self.holder_path.read_text())
-            return f"pid {info['pid']} on {info['host']} since {info['started']} ({info.get('command') or 'unknown command'})"
+            holder = f"pid {info['pid']} on {info['host']} since {info['started']}"
+            if info["pid"] == os.getpid() and info["host"] == socket.gethostname():
+                return f"{holder} (this process: an earlier writer here did not finish, e.g. a Trainer whose train() raised; release it or restart)"
+            return f"{holder} ({info.get('command') or 'unknown command'})"
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that has not recorded itself yet"
 

@@ -81,6 +81,7 @@ CLI_CASES = [
     (["analyze", "--crosscoder", "{cc}", "--out", "a", "--format", "xlsx"], "expected parquet or csv"),
     (["analyze", "--crosscoder", "{cc_part}", "--out", "a"], "unfinished training run"),
     (["crosscoder", "calibrate", "{cc_part}", "--acts", "{acts}"], "unfinished training run"),
+    (["crosscoder", "calibrate", "{cc_part}", "--acts", "{acts}", "--allow-incomplete"], "calibrating it in place would be overwritten"),
     (["leakage", "--crosscoder", "{cc_part}", "--base", "{base}", "--blocked", "{tuned}", "--features", "0", "--dataset", "synthetic:arithmetic", "--out", "l"], "unfinished training run"),
     (["features", "fisher", "--crosscoder", "{cc_part}", "--model", "base={base}", "--dataset", "synthetic:openthoughts", "--out", "f"], "unfinished training run"),
     (["analyze", "--crosscoder", "{cc}", "--out", "a", "--norm-ratio-scale", "max"], "'max'"),

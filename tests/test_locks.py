@@ -4,6 +4,7 @@ holder; a SIGKILLed holder does not block the next writer; a corrupt store is ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -144,21 +145,29 @@ def _collect_args(tiny_pair, out) -> list[str]:
             "--layer", "1", "--out", str(out), "--seq-len", "16", "--max-tokens", "200", "--shard-tokens", "64"]  # fmt: skip
 
 
-def test_second_collect_into_the_same_out_is_refused(tiny_pair, tmp_path):
-    out, started, go = tmp_path / "acts", tmp_path / "started", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", _HELD_COLLECT, str(tiny_pair["base"]), str(tiny_pair["tuned"]), str(out), str(started), str(go)], env=_ENV)
+@contextlib.contextmanager
+def _held_by(tmp_path, script: str, *args):
+    """Run ``script`` in a subprocess that holds its lock until the block ends; it must then finish cleanly."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", script, *map(str, args), str(started), str(go)], env=_ENV)
     try:
         _wait_for(started, first)
-        second = runner.invoke(app, _collect_args(tiny_pair, out))
-        assert second.exit_code == 2, second.output
-        line = _one_line(second.output)
-        assert f"collect output {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}" in line
+        yield first
         go.touch()
         assert first.wait(timeout=120) == 0
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
+
+
+def test_second_collect_into_the_same_out_is_refused(tiny_pair, tmp_path):
+    out = tmp_path / "acts"
+    with _held_by(tmp_path, _HELD_COLLECT, tiny_pair["base"], tiny_pair["tuned"], out) as first:
+        second = runner.invoke(app, _collect_args(tiny_pair, out))
+        assert second.exit_code == 2, second.output
+        line = _one_line(second.output)
+        assert f"collect output {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}" in line
     for name in ("base", "tuned"):
         store = ActivationStore(out / name / "layer1")
         assert store.complete and store.n_tokens == 200 and store.verify_all() == []
@@ -226,21 +235,13 @@ def test_second_crosscoder_training_into_the_same_out_is_refused(tmp_path):
     for name in ("base", "ft"):
         with ActivationStoreWriter(stores / name, layer=1, d_model=D, model=name, dtype="float32", shard_tokens=128) as writer:
             writer.write(*_tokens(256), cursor=1)
-    out, started, go = tmp_path / "cc", tmp_path / "started", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", _HELD_TRAINING, str(stores), str(out), str(started), str(go)], env=_ENV)
-    try:
-        _wait_for(started, first)
+    out = tmp_path / "cc"
+    with _held_by(tmp_path, _HELD_TRAINING, stores, out) as first:
         source = PairedActivations({"base": stores / "base", "ft": stores / "ft"})
         with pytest.raises(ProbeError) as error:
             train_crosscoder(source, CrosscoderConfig(n_features=16), CrosscoderTrainingConfig(batch_size=64), out, progress=False)
         line = _one_line(str(error.value))
         assert f"crosscoder run {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}" in line
-        go.touch()
-        assert first.wait(timeout=120) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert Crosscoder.from_pretrained(out).config.model_names == ["base", "ft"]
     assert _no_lock_files(out)
 

@@ -137,9 +137,12 @@ class ActivationStoreWriter:
         if self._manifest_path.exists():
             have = StoreManifest.read(self._manifest_path)
             for key in IDENTITY_KEYS:
-                if getattr(have, key) != getattr(wanted, key):
+                there, here = getattr(have, key), getattr(wanted, key)
+                if key == "model" and "fingerprint" not in there:  # a store collected before model fingerprints
+                    here = {k: v for k, v in here.items() if k != "fingerprint"}
+                if there != here:
                     raise ProbeError(
-                        f"{self.path} already holds a different activation store: {difference(key, getattr(have, key), getattr(wanted, key))}; "
+                        f"{self.path} already holds a different activation store: {difference(key, there, here)}; "
                         "choose another output directory or delete that one"
                     )
             manifest = have

@@ -77,7 +77,7 @@ def analyze_crosscoder(
     table = feature_table(crosscoder, base=base, stats=stats, live=live, p=p, duplicate_cosine=duplicate_cosine, norm_ratio_scale=norm_ratio_scale)
     table_path = write_table(table, out / f"features.{table_format}")
     result = summary(table, base=base, model_names=names, liveness=liveness)
-    settings = crosscoder_settings(crosscoder_path) if crosscoder_path is not None else {
+    settings = (crosscoder_settings(crosscoder_path) if crosscoder_path is not None else {}) or {
         "n_features": crosscoder.config.n_features, "activation": crosscoder.config.activation}
     result["settings"] = {**settings, "duplicate_cosine": duplicate_cosine, "p": p, "norm_ratio_scale": norm_ratio_scale,
                           "stats_tokens": stats.n_tokens if stats is not None else None}
@@ -162,6 +162,7 @@ def checkpoint_dynamics(
         scores = _representatives_only(scores, crosscoder.W_dec.detach()[:, [base_slot, *slots]], duplicate_cosine)
         labels = labels or chosen
         index_size = scores.shape[1]
+        own_undefined = torch.isnan(scores).sum(dim=1).tolist()
     else:
         lives = live if isinstance(live, (list, tuple)) else [None] * len(crosscoders)
         if len(lives) != len(crosscoders):
@@ -183,6 +184,7 @@ def checkpoint_dynamics(
         labels = labels or [cc.config.model_names[1 - cc.config.model_names.index(base)] for cc in crosscoders]
         matching_quality = [None if q is None else q._asdict() for q in index.quality]
         index_size = index.n_features
+        own_undefined = [int(torch.isnan(score).sum()) for score in per_checkpoint]  # of each crosscoder's own latents
     if len(labels) != scores.shape[0]:
         raise ProbeError(f"{len(labels)} labels for {scores.shape[0]} checkpoints")
     if scores.shape[0] < 2:
@@ -213,7 +215,7 @@ def checkpoint_dynamics(
         "overlap": overlap.tolist(),
         "mean_adjacent_overlap": float(torch.diagonal(overlap, 1).mean()),
         "blanks": {key: value["n_blank"] for key, value in shift_record.items()},
-        "n_undefined": dict(zip(labels, torch.isnan(scores).sum(dim=1).tolist())),
+        "n_undefined": dict(zip(labels, own_undefined)),
         "ties": {
             label: {"kth_score": float(kth), "n_tied": int(n), "n_tied_in_top": int(n_in), "determined": bool(ok)}
             for label, kth, n, n_in, ok in zip(labels, ties.kth_score.tolist(), ties.n_tied.tolist(), ties.n_tied_in_top.tolist(), ties.determined.tolist())
@@ -221,11 +223,16 @@ def checkpoint_dynamics(
         "undetermined_top_k": undetermined,
         "matching": None if matching_quality is None else dict(zip(labels, matching_quality)),
         "settings": {"p": p, "norm_floor": norm_floor, "duplicate_cosine": duplicate_cosine, "min_cosine": min_cosine if crosscoder is None else None, "tie_atol": tie_atol,
-                     "liveness": "given" if live is not None else "decoder norms only"},
+                     "liveness": "given" if _any_given(live) else "decoder norms only"},
         "files": [str(f) for f in figures] + [str(out / "overlap.csv"), str(out / "rank_shifts.json")],
     }
     (out / "dynamics.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
+
+
+def _any_given(live) -> bool:
+    """Whether any liveness vector was given (one, or a list with at least one not None)."""
+    return any(x is not None for x in live) if isinstance(live, (list, tuple)) else live is not None
 
 
 def _representatives_only(scores: torch.Tensor, W_dec: torch.Tensor, duplicate_cosine: float | None) -> torch.Tensor:

@@ -55,7 +55,7 @@ def load_crosscoder(path: str | os.PathLike, *, device: str | None = None, allow
             raise ProbeError(message)
         import warnings
 
-        warnings.warn(message.split(":")[0], stacklevel=2)
+        warnings.warn(message.split(": finish it")[0], stacklevel=2)
     try:
         model = Crosscoder.from_pretrained(str(path))
     except (OSError, ValueError, TypeError, RuntimeError) as err:
@@ -114,16 +114,22 @@ def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
     fired only early in training and then died counts as dead. Liveness measured on held-out
     activations (``analyze --acts``) is the stronger evidence and takes precedence.
     """
-    from posttrain_probe.crosscoder.state import load_training_state
+    from safetensors.torch import load_file
+
     from posttrain_probe.crosscoder.train import STATE_DIR
 
     state_dir = Path(path) / STATE_DIR
-    if not (state_dir / "latest.json").exists():
+    pointer = state_dir / "latest.json"
+    if not pointer.exists():
         return None
-    state = load_training_state(state_dir)
-    counters = state["counters"]
-    training = state["meta"]["configs"]["training"]
-    tokens = int(state["step"]) * int(training["batch_size"])
+    target = state_dir / json.loads(pointer.read_text())["dir"]
+    try:  # the counters only: the weights and optimizer moments of a large run are tens of GB
+        meta = json.loads((target / "state.json").read_text())
+        counters = load_file(str(target / "counters.safetensors"))
+    except (OSError, ValueError, KeyError) as err:
+        raise ProbeError(f"cannot read the training counters in {target}: {err}") from err
+    training = meta["configs"]["training"]
+    tokens = int(meta["step"]) * int(training["batch_size"])
     window = min(int(training["dead_after_tokens"]), max(tokens // 2, int(training["batch_size"])))
     return (counters["tokens_since_fired"] < window) & counters["fired_ever"]
 
@@ -134,7 +140,10 @@ def crosscoder_settings(path: str | os.PathLike) -> dict[str, Any]:
     From ``config.json`` and, when the run directory has them, ``training_config.json`` and the
     last line of ``metrics.jsonl``. Two analyses are comparable only at equal settings.
     """
-    cc_config = json.loads((Path(path) / "config.json").read_text())
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return {}  # a label, not a run directory: the caller falls back to the crosscoder's own config
+    cc_config = json.loads(config_file.read_text())
     settings: dict[str, Any] = {"n_features": cc_config.get("n_features"), "activation": cc_config.get("activation")}
     if cc_config.get("activation") == "batchtopk":
         settings["k"] = cc_config.get("k")

@@ -282,6 +282,10 @@ def write_status(out_dir: Path, status: dict[str, Any]) -> None:
     os.replace(tmp, out_dir / STATUS)
 
 
+class CrosscoderQualityWarning(UserWarning):
+    """A finished crosscoder run looks poor for its settings (:func:`quality_warnings`)."""
+
+
 QUALITY_LIMITS = {"min_steps": 1000, "max_fvu": 0.2, "max_l0_fraction": 0.1, "max_dead_fraction": 0.5}
 """When a finished run is reported as poor (:func:`quality_warnings`)."""
 
@@ -289,8 +293,8 @@ QUALITY_LIMITS = {"min_steps": 1000, "max_fvu": 0.2, "max_l0_fraction": 0.1, "ma
 def quality_warnings(record: dict[str, Any], cc_config: CrosscoderConfig, total_steps: int) -> list[str]:
     """What looks poor about a finished run, each with what to change (from its last metrics ``record``).
 
-    Checks: fewer than 1000 optimizer steps; a model's FVU above 0.2; L0 above 10% of F; more than
-    half of the latents dead. Thresholds in :data:`QUALITY_LIMITS`; these are hints, not errors.
+    Checks: fewer than 1000 optimizer steps; a model's FVU above 0.2; L0 above 10% of F (ReLU
+    crosscoders: BatchTopK's L0 is k by construction); more than half of the latents dead. Thresholds in :data:`QUALITY_LIMITS`; these are hints, not errors.
     """
     limits, out = QUALITY_LIMITS, []
     if total_steps < limits["min_steps"]:
@@ -319,7 +323,7 @@ def _report_quality(out_dir: Path, cc_config: CrosscoderConfig, total_steps: int
     status = json.loads((out_dir / STATUS).read_text())
     write_status(out_dir, {**status, "warnings": problems})
     for problem in problems:
-        warnings.warn(f"crosscoder {out_dir}: {problem}", stacklevel=4)
+        warnings.warn(f"crosscoder {out_dir}: {problem}", CrosscoderQualityWarning, stacklevel=4)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
