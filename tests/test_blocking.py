@@ -21,7 +21,7 @@ from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.interventions.feature_sets import read_feature_set, resolve_features, write_feature_set
+from posttrain_probe.analysis.feature_sets import read_feature_set, resolve_features, write_feature_set
 from posttrain_probe.layers import decoder_blocks
 from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from _eval_helpers import lm_eval_logging  # noqa: F401  (fixture)
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.eval.critical import critical_from_records, critical_samples, find_sample_files, read_critical
+from posttrain_probe.analysis.critical import critical_from_records, critical_samples, find_sample_files, read_critical
 from posttrain_probe.eval.runner import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

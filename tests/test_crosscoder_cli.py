@@ -133,7 +133,7 @@ def test_an_existing_run_needs_resume_or_overwrite(checkpoints, tmp_path):
 
 @pytest.mark.slow
 def test_module_entry_point_with_the_tiny_recipe(checkpoints, tmp_path):
-    """`python -m posttrain_probe.crosscoder.train --config recipes/configs/tiny/crosscoder.yaml` (what
+    """`python -m posttrain_probe crosscoder train --config recipes/configs/tiny/crosscoder.yaml` (what
     `accelerate launch -m ...` runs), with the data and output paths overridden on the command line."""
     import subprocess
     import sys
@@ -142,7 +142,7 @@ def test_module_entry_point_with_the_tiny_recipe(checkpoints, tmp_path):
     _, acts = checkpoints
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny" / "crosscoder.yaml"
     subprocess.run(
-        [sys.executable, "-m", "posttrain_probe.crosscoder.train", "--config", str(recipe), "--acts", str(acts), "--out", str(tmp_path / "cc"), "--n-tokens", "2048"],
+        [sys.executable, "-m", "posttrain_probe", "crosscoder", "train", "--config", str(recipe), "--acts", str(acts), "--out", str(tmp_path / "cc"), "--n-tokens", "2048"],
         check=True, cwd=tmp_path,
     )
     cc = Crosscoder.from_pretrained(str(tmp_path / "cc"))

@@ -340,7 +340,7 @@ def test_cli_end_to_end_matches_an_independent_computation(fisher_run, tiny_pair
     assert sorted(ranked) == fset["features"] and len(ranked) == K
     # the set is usable by the interventions: it resolves against its crosscoder (fingerprint checked)
     from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.interventions.feature_sets import resolve_features
+    from posttrain_probe.analysis.feature_sets import resolve_features
 
     assert resolve_features(load_crosscoder(out.parent / "cc"), str(out / "fisher_features.json")) == sorted(ranked)
 

@@ -32,7 +32,7 @@ from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint, load_feature_set
+from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint, load_feature_set
 from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 

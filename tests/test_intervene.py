@@ -13,7 +13,7 @@ from _critical_runs import critical_runs
 from typer.testing import CliRunner
 
 from posttrain_probe.analysis.generalization import generalization_features
-from posttrain_probe.analysis.intervention_effects import (
+from posttrain_probe.eval.intervention_effects import (
     InterventionEffects,
     format_effects_table,
     intervention_delta,
@@ -207,7 +207,7 @@ def test_bad_input(runs, feature_set, tmp_path):
 @pytest.mark.slow
 def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
     """Features given as indices (no provenance: the role is given)."""
-    from posttrain_probe.interventions.feature_sets import read_feature_set
+    from posttrain_probe.analysis.feature_sets import read_feature_set
 
     indices = ",".join(str(i) for i in read_feature_set(feature_set))
     effects = intervention_effects(indices, runs.crosscoder, ("rl", str(runs.rl)), runs.critical, mode="zero", role="rl",

@@ -19,8 +19,8 @@ from posttrain_probe.cli import app
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.eval.critical import find_sample_files, read_sample_records
-from posttrain_probe.interventions.feature_sets import write_feature_set
+from posttrain_probe.analysis.critical import find_sample_files, read_sample_records
+from posttrain_probe.analysis.feature_sets import write_feature_set
 from posttrain_probe.interventions.features import FeatureIntervention
 from posttrain_probe.testing import arithmetic_dataset, multiple_choice_dataset
 
@@ -51,7 +51,7 @@ def test_cli_bad_model_args_are_one_line_errors(model_dir, cc_dir, extra, expect
 def test_cli_adds_shipped_tasks_to_the_users_include_path(tmp_path):
     import argparse
 
-    from posttrain_probe.cli_eval import _with_include_path
+    from posttrain_probe.cli.eval import _with_include_path
     from posttrain_probe.eval.tasks import TASKS_DIR
 
     for given, expected in [(None, [str(TASKS_DIR)]), (str(tmp_path), [str(TASKS_DIR), str(tmp_path)])]:

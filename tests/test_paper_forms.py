@@ -16,7 +16,7 @@ from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.interventions.feature_sets import resolve_features
+from posttrain_probe.analysis.feature_sets import resolve_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

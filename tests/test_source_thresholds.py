@@ -21,7 +21,7 @@ from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
 from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
+from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 from posttrain_probe.interventions.features import FeatureIntervention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,7 +235,6 @@ def write_stores(root, x: torch.Tensor, names=("base", "sft")) -> list[str]:
 
 
 def test_cli_calibrate_out_in_place_clear_and_relu(trained, tmp_path):
-    import posttrain_probe.cli_crosscoder_calibrate  # noqa: F401  (registers `crosscoder calibrate`; cli.py imports it too)
     from posttrain_probe.cli import app
 
     runner = CliRunner()

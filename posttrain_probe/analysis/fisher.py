@@ -500,7 +500,7 @@ class FisherReport:
         (:meth:`table`), ``rho.<fmt>`` (:meth:`rho_table`), ``summary.json``, ``rho.png``/``rho.svg``.
         """
         from posttrain_probe.analysis.features import write_table
-        from posttrain_probe.interventions.feature_sets import write_feature_set
+        from posttrain_probe.analysis.feature_sets import write_feature_set
 
         if table_format not in ("csv", "parquet"):
             raise ProbeError(f"table format {table_format!r}: expected csv or parquet")
@@ -540,17 +540,17 @@ def plot_rho_distributions(rho_by_model: Mapping[str, tuple[Any, Any]], path, *,
     [0, 1]; NaN = the document has no such segment, left out). Bars give the fraction of documents per bin
     (``bins`` equal bins over [0, 1]); dotted lines mark the means. Writes ``<path>.png`` and ``<path>.svg``.
     """
-    from posttrain_probe.analysis.plots import _PALETTE, _figure, _save, _style
+    from posttrain_probe.analysis.plots import PALETTE, new_figure, save_figure, plot_style
 
     if not rho_by_model:
         raise ProbeError("rho_by_model is empty: expected model name -> (rho_reasoning, rho_solution)")
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ProbeError(f"bins={bins!r}: expected a positive integer")
     edges = np.linspace(0.0, 1.0, bins + 1)
-    colours = {"reasoning": _PALETTE[1], "solution": _PALETTE[0]}  # paper: reasoning red, solution blue
+    colours = {"reasoning": PALETTE[1], "solution": PALETTE[0]}  # paper: reasoning red, solution blue
     n = len(rho_by_model)
-    with _style():
-        fig = _figure(3.4 * n + 0.4, 3.0)
+    with plot_style():
+        fig = new_figure(3.4 * n + 0.4, 3.0)
         axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
         for ax, (name, (rho_r, rho_s)) in zip(axes, rho_by_model.items()):
             for segment, values in (("reasoning", rho_r), ("solution", rho_s)):
@@ -572,7 +572,7 @@ def plot_rho_distributions(rho_by_model: Mapping[str, tuple[Any, Any]], path, *,
         axes[0].set_ylabel("fraction of documents")
         if title_suffix:
             fig.suptitle(rf"Distribution of $\rho$ per model ({title_suffix})", fontsize=10)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 # -- entry point -----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import nn
 
 from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.eval.critical import critical_json
+from posttrain_probe.analysis.critical import critical_json
 
 DEFAULT_THRESHOLD = 0.2
 """Paper R sec. 7: per task, features scoring at least 20% of the task's maximum score."""
@@ -353,7 +353,7 @@ class CriticalTask:
 
 def load_critical(critical: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, CriticalTask], list[str], dict[str, Any]]:
     """Read a critical-samples JSON (``posttrain-probe critical``; path or the parsed dict; header checked by
-    :func:`posttrain_probe.eval.critical.critical_json`).
+    :func:`posttrain_probe.analysis.critical.critical_json`).
 
     Returns ``(tasks with |G_t| >= 1, tasks with |G_t| = 0, the raw dict)``. The lm-eval output
     type of a task (which decides how its prompts are tokenised) is the entry's ``request_type`` (written by
@@ -518,7 +518,7 @@ class GeneralizationResult:
         - ``scores.csv``: one row per feature: ``score_<task>`` and ``in_<task>`` per task, ``in_intersection``;
         - ``overlap.png`` / ``overlap.svg``: :func:`plot_feature_overlap` (when there are >= 1 tasks).
         """
-        from posttrain_probe.interventions.feature_sets import write_feature_set
+        from posttrain_probe.analysis.feature_sets import write_feature_set
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -709,7 +709,7 @@ def generalization_features(
 
 
 def _fingerprint(cc) -> str:
-    from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
+    from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 
     return crosscoder_fingerprint(cc)
 
@@ -729,24 +729,24 @@ def plot_feature_overlap(
     """
     import matplotlib
 
-    from posttrain_probe.analysis.plots import _BLANK_COLOUR, _figure, _labels, _matrix, _save, _style
+    from posttrain_probe.analysis.plots import BLANK_COLOUR, new_figure, as_labels, as_matrix, save_figure, plot_style
 
-    m = _matrix(matrix, "matrix")
+    m = as_matrix(matrix, "matrix")
     if m.shape[0] != m.shape[1]:
         raise ProbeError(f"matrix has shape {m.shape}; expected a square [T, T] overlap matrix")
-    names = _labels(labels, m.shape[0], "labels", "task")
+    names = as_labels(labels, m.shape[0], "labels", "task")
     finite = m[np.isfinite(m)]
     if finite.size and (finite.min() < 0 or finite.max() > 1 + 1e-12):
         raise ProbeError("matrix has values outside [0, 1]; expected overlap fractions")
     if sizes is not None:
         sizes = [int(s) for s in sizes]
-        names = [f"{n}\n|S_t|={s}" for n, s in zip(names, _labels(sizes, len(names), "sizes", "task"))]
+        names = [f"{n}\n|S_t|={s}" for n, s in zip(names, as_labels(sizes, len(names), "sizes", "task"))]
     t = m.shape[0]
     side = min(max(2.4 + 0.6 * t, 3.2), 9.0)
-    with _style():
-        fig = _figure(side + 1.0, side)
+    with plot_style():
+        fig = new_figure(side + 1.0, side)
         ax = fig.add_subplot()
-        cmap = matplotlib.colormaps["Blues"].with_extremes(bad=_BLANK_COLOUR)
+        cmap = matplotlib.colormaps["Blues"].with_extremes(bad=BLANK_COLOUR)
         im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         fontsize = 8 if t <= 10 else 6 if t <= 16 else 0
         if fontsize:
@@ -767,4 +767,4 @@ def plot_feature_overlap(
         cbar.set_label(overlap_definition(normalize).split("=", 1)[1].split("(")[0].strip() if normalize in OVERLAP_NORMALIZATIONS else "overlap")
         cbar.outline.set_visible(False)
         ax.set_title(title if title is not None else "Overlap of generalization features across tasks")
-        return _save(fig, path)
+        return save_figure(fig, path)

@@ -468,7 +468,7 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
     (features active on base; log axis, floor 1e-4); (b) with part 2, the NormRatio histogram of the new
     base-vs-blocked crosscoder, all live features vs the matches of protected features (paper S figs. 10-12).
     Writes ``<path>.png`` and ``<path>.svg``; returns both."""
-    from posttrain_probe.analysis.plots import _PALETTE, _figure, _save, _style
+    from posttrain_probe.analysis.plots import PALETTE, new_figure, save_figure, plot_style
 
     rel = report.relative_change.numpy()
     mask = report.protected_mask.numpy()
@@ -477,8 +477,8 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
     groups = [(name, np.clip(v[~np.isnan(v)], floor, None)) for name, v in groups]
     present = [g for g in groups if g[1].size]
     panels = 2 if report.crosscoder is not None else 1
-    with _style():
-        fig = _figure(5.0 * panels, 3.4)
+    with plot_style():
+        fig = new_figure(5.0 * panels, 3.4)
         axes = fig.subplots(1, panels, squeeze=False)[0]
         ax = axes[0]
         if present:
@@ -486,7 +486,7 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
             top = max(float(v.max()) for _, v in present)
             edges = np.logspace(math.log10(low), math.log10(max(top * 1.05, low * 10)), 26)
             for j, (name, values) in enumerate(present):
-                colour = _PALETTE[j]
+                colour = PALETTE[j]
                 weights = np.full(values.size, 1.0 / values.size)
                 counts, _ = np.histogram(values, bins=edges, weights=weights)
                 median = float(np.median(values))
@@ -506,7 +506,7 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
             for j, (name, values) in enumerate((("all features", all_nr), ("matched protected", prot_nr))):
                 values = values[~np.isnan(values)]
                 counts, _ = np.histogram(values, bins=edges)
-                ax.stairs(counts, edges, color=_PALETTE[j + 2], linewidth=1.4, label=f"{name} (n={values.size:,})")
+                ax.stairs(counts, edges, color=PALETTE[j + 2], linewidth=1.4, label=f"{name} (n={values.size:,})")
             ax.set_yscale("log")
             ax.set_ylim(bottom=0.7)
             for edge in (0.4, 0.6):
@@ -516,7 +516,7 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
             ax.set_ylabel("features (log scale)")
             ax.set_title("Base-vs-blocked crosscoder")
             ax.legend(frameon=False, loc="upper left")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 # -- entry point -----------------------------------------------------------------------------------------
@@ -588,7 +588,7 @@ def feature_leakage(
         A :class:`LeakageReport`; ``report.write(out_dir)`` writes the JSON, CSV and figure.
     """
     from posttrain_probe.activations.live import LiveActivations
-    from posttrain_probe.interventions.feature_sets import resolve_features
+    from posttrain_probe.analysis.feature_sets import resolve_features
     from posttrain_probe.model_identity import check_model, slot_fingerprint, source_fingerprints
 
     cc, cc_path = _load(crosscoder)

@@ -18,7 +18,7 @@ import numpy as np
 from posttrain_probe.errors import ProbeError
 
 # Okabe-Ito colours: distinguishable with colour-vision deficiencies and in greyscale print.
-_PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 _CATEGORY_COLOURS = {
     "base-only": "#0072B2",
     "shared": "#A0A0A0",
@@ -27,7 +27,7 @@ _CATEGORY_COLOURS = {
 _CATEGORY_ALIASES = {"fine-tune-only": "finetune-only", "ft-only": "finetune-only", "tuned-only": "finetune-only"}
 _DEAD = "dead"
 _HIGHLIGHT_COLOUR = "#D62728"
-_BLANK_COLOUR = "#E4E4E4"
+BLANK_COLOUR = "#E4E4E4"
 _DPI = 200
 
 _RC = {
@@ -47,20 +47,22 @@ _RC = {
 
 
 @contextlib.contextmanager
-def _style():
+def plot_style():
+    """Context manager: the project's matplotlib rc settings (fonts, colours, SVG text) for every figure."""
     import matplotlib
 
     with matplotlib.rc_context(_RC):
         yield
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure of ``width`` x ``height`` inches with constrained layout (no pyplot state)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig, path) -> list[Path]:
+def save_figure(fig, path) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.svg``; a .png/.svg suffix on ``path`` is dropped."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg") else path
@@ -86,7 +88,7 @@ def _vector(values, name: str) -> np.ndarray:
     return arr
 
 
-def _matrix(values, name: str) -> np.ndarray:
+def as_matrix(values, name: str) -> np.ndarray:
     """2-D float array, non-empty."""
     try:
         arr = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
@@ -97,7 +99,8 @@ def _matrix(values, name: str) -> np.ndarray:
     return arr
 
 
-def _labels(labels, n: int, name: str, what: str) -> list[str]:
+def as_labels(labels, n: int, name: str, what: str) -> list[str]:
+    """``labels`` as strings, exactly ``n`` of them (one per ``what``), else ProbeError naming ``name``."""
     labels = [str(x) for x in labels]
     if len(labels) != n:
         raise ProbeError(f"{name} has {len(labels)} entries; expected {n} (one per {what})")
@@ -108,7 +111,7 @@ def _log_step_histograms(ax, series: Sequence[tuple[str, np.ndarray]], edges: np
     """Step histograms of several 1-D samples on one log-count axis."""
     for j, (label, values) in enumerate(series):
         counts, _ = np.histogram(values, bins=edges)
-        ax.stairs(counts, edges, label=label, color=_PALETTE[j % len(_PALETTE)], linewidth=1.4)
+        ax.stairs(counts, edges, label=label, color=PALETTE[j % len(PALETTE)], linewidth=1.4)
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.7)
     ax.set_xlim(edges[0], edges[-1])
@@ -141,8 +144,8 @@ def plot_nrn_histograms(
                 f"nrn_by_model[{name!r}] has values in [{live.min():.3g}, {live.max():.3g}]; expected NRN in [0, 1]"
             )
         series.append((f"{name} (n={live.size:,})", live))
-    with _style():
-        fig = _figure(5.2, 3.4)
+    with plot_style():
+        fig = new_figure(5.2, 3.4)
         ax = fig.add_subplot()
         _log_step_histograms(ax, series, np.linspace(0.0, 1.0, int(bins) + 1))
         ax.axvline(0.5, color="#666666", linestyle=":", linewidth=0.9)
@@ -150,7 +153,7 @@ def plot_nrn_histograms(
         ax.set_ylabel("features (log scale)")
         ax.set_title(title if title is not None else "Relative decoder norm (NRN) per feature")
         ax.legend(frameon=False, loc="upper right")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_mas_distributions(
@@ -163,8 +166,8 @@ def plot_mas_distributions(
     histograms over [0, 1] on a log-count axis, with the uniform value 1/N marked; the legend gives
     how many features each model wins (argmax MAS). Writes ``<path>.png`` and ``<path>.svg``.
     """
-    arr = _matrix(mas, "mas")
-    names = _labels(model_names, arr.shape[1], "model_names", "MAS column")
+    arr = as_matrix(mas, "mas")
+    names = as_labels(model_names, arr.shape[1], "model_names", "MAS column")
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
         raise ProbeError(f"bins={bins!r} is invalid; expected a positive integer")
     live = arr[~np.isnan(arr).any(axis=1)]
@@ -174,8 +177,8 @@ def plot_mas_distributions(
         raise ProbeError(f"mas has values in [{live.min():.3g}, {live.max():.3g}]; expected MAS in [0, 1]")
     wins = np.bincount(live.argmax(axis=1), minlength=len(names))
     series = [(f"{n} (argmax: {w:,})", live[:, m]) for m, (n, w) in enumerate(zip(names, wins))]
-    with _style():
-        fig = _figure(5.2, 3.4)
+    with plot_style():
+        fig = new_figure(5.2, 3.4)
         ax = fig.add_subplot()
         _log_step_histograms(ax, series, np.linspace(0.0, 1.0, int(bins) + 1))
         uniform = 1.0 / len(names)
@@ -186,7 +189,7 @@ def plot_mas_distributions(
         ax.set_ylabel("features (log scale)")
         ax.set_title(title if title is not None else f"MAS distribution per model ({live.shape[0]:,} live features)")
         ax.legend(frameon=False, loc="upper right")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_norm_ratio_vs_cosine(
@@ -213,7 +216,7 @@ def plot_norm_ratio_vs_cosine(
     y = _vector(cosine, "cosine")
     if y.size != x.size:
         raise ProbeError(f"cosine has {y.size} entries but norm_ratio has {x.size}; expected one per feature")
-    cats = _labels(categories, x.size, "categories", "feature")
+    cats = as_labels(categories, x.size, "categories", "feature")
     cats = np.array([_CATEGORY_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in cats])
     keep = (cats != _DEAD) & ~np.isnan(x) & ~np.isnan(y)
     if not keep.any():
@@ -226,10 +229,10 @@ def plot_norm_ratio_vs_cosine(
     present = list(dict.fromkeys(cats[keep]))
     known = [c for c in _CATEGORY_COLOURS if c in present]
     others = sorted(c for c in present if c not in _CATEGORY_COLOURS)
-    with _style():
-        fig = _figure(5.2, 3.8)
+    with plot_style():
+        fig = new_figure(5.2, 3.8)
         ax = fig.add_subplot()
-        spare = [c for c in _PALETTE if c not in _CATEGORY_COLOURS.values()]
+        spare = [c for c in PALETTE if c not in _CATEGORY_COLOURS.values()]
         colours = {**_CATEGORY_COLOURS, **{c: spare[j % len(spare)] for j, c in enumerate(others)}}
         for cat in ["shared", *[c for c in known if c != "shared"], *others]:
             if cat not in present:
@@ -254,7 +257,7 @@ def plot_norm_ratio_vs_cosine(
         if title is not None:
             ax.set_title(title, pad=14)
         ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="lower left", markerscale=2.0)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_topk_overlap(matrix, labels: Sequence[str], path, title: str | None = None) -> list[Path]:
@@ -263,16 +266,16 @@ def plot_topk_overlap(matrix, labels: Sequence[str], path, title: str | None = N
     ``matrix`` [C, C] overlap fractions in [0, 1] (from ``dynamics.topk_overlap``), ``labels`` the C
     checkpoint names in training order. Writes ``<path>.png`` and ``<path>.svg``; returns both.
     """
-    m = _matrix(matrix, "matrix")
+    m = as_matrix(matrix, "matrix")
     if m.shape[0] != m.shape[1]:
         raise ProbeError(f"matrix has shape {m.shape}; expected a square [C, C] overlap matrix")
-    names = _labels(labels, m.shape[0], "labels", "checkpoint")
+    names = as_labels(labels, m.shape[0], "labels", "checkpoint")
     if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
         raise ProbeError("matrix has values outside [0, 1] or non-finite; expected overlap fractions")
     c = m.shape[0]
     side = min(max(2.4 + 0.55 * c, 3.2), 9.0)
-    with _style():
-        fig = _figure(side + 0.9, side)
+    with plot_style():
+        fig = new_figure(side + 0.9, side)
         ax = fig.add_subplot()
         im = ax.imshow(m, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
         fontsize = 8 if c <= 10 else 6 if c <= 16 else 0
@@ -293,7 +296,7 @@ def plot_topk_overlap(matrix, labels: Sequence[str], path, title: str | None = N
         cbar.set_label(r"top-k overlap  $|T_c \cap T_{c'}|\,/\,k$")
         cbar.outline.set_visible(False)
         ax.set_title(title if title is not None else "Overlap of top-k features across checkpoints")
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = None) -> list[Path]:
@@ -311,7 +314,7 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
     from matplotlib.ticker import FuncFormatter
 
     try:
-        shift = _matrix(shifts.shift, "shifts.shift")
+        shift = as_matrix(shifts.shift, "shifts.shift")
         blank = np.asarray(shifts.blank.detach().cpu() if hasattr(shifts.blank, "detach") else shifts.blank)
     except AttributeError:
         raise ProbeError(f"shifts is a {type(shifts).__name__}; expected a RankShifts with .shift and .blank") from None
@@ -319,17 +322,17 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
         raise ProbeError(f"shifts.blank has shape {blank.shape} but shifts.shift has {shift.shape}; expected equal")
     blank = blank.astype(bool)
     n_rows, k = shift.shape
-    names = _labels(labels, n_rows + 1, "labels", "checkpoint (C = rows of shifts.shift + 1)")
+    names = as_labels(labels, n_rows + 1, "labels", "checkpoint (C = rows of shifts.shift + 1)")
     if np.isnan(shift).any() or shift.min() < 0:
         raise ProbeError("shifts.shift has NaN or negative entries; expected absolute rank shifts >= 0")
     rows = [f"{names[c]} → {names[c + 1]}" for c in range(n_rows)]
     data = np.ma.masked_array(shift, mask=blank)
     vmax = max(float(shift[~blank].max()) if (~blank).any() else 1.0, 10.0)
-    cmap = matplotlib.colormaps["YlOrRd"].with_extremes(bad=_BLANK_COLOUR)
+    cmap = matplotlib.colormaps["YlOrRd"].with_extremes(bad=BLANK_COLOUR)
     width = min(max(3.0 + 0.16 * k, 6.5), 16.0)
     height = 1.7 + 0.42 * n_rows
-    with _style():
-        fig = _figure(width, height)
+    with plot_style():
+        fig = new_figure(width, height)
         ax = fig.add_subplot()
         im = ax.imshow(data, cmap=cmap, norm=SymLogNorm(linthresh=1.0, linscale=0.6, vmin=0.0, vmax=vmax, base=10),
                        aspect="auto", interpolation="nearest")
@@ -355,9 +358,9 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
         cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         cbar.set_label("|rank shift| (symlog)")
         cbar.outline.set_visible(False)
-        handle = Line2D([], [], marker="x", linestyle="none", color="#555555", markerfacecolor=_BLANK_COLOUR,
+        handle = Line2D([], [], marker="x", linestyle="none", color="#555555", markerfacecolor=BLANK_COLOUR,
                         markersize=6, label="blank: left the top-k")
         ax.legend(handles=[handle], loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, borderaxespad=0.2)
         ax.set_title(title if title is not None else f"Rank shifts of the top-{k} features between checkpoints",
                      loc="right")
-        return _save(fig, path)
+        return save_figure(fig, path)

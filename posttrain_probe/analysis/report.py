@@ -19,7 +19,7 @@ from posttrain_probe.analysis.dynamics import DEFAULT_MIN_COSINE, DEFAULT_NORM_F
 from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.analysis.features import feature_activation_stats, feature_table, model_index, summary, write_table
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.interventions.feature_sets import CATEGORY_NAMES, write_feature_set
+from posttrain_probe.analysis.feature_sets import CATEGORY_NAMES, write_feature_set
 
 
 def analyze_crosscoder(

@@ -1,7 +1,7 @@
 """Train a crosscoder from paired activation stores or live forwards, on one or many devices.
 
     posttrain-probe crosscoder train --acts runs/acts --layer 18 --out runs/cc
-    accelerate launch -m posttrain_probe.crosscoder.train --config recipes/configs/tiny/crosscoder.yaml
+    accelerate launch -m posttrain_probe crosscoder train --config recipes/configs/tiny/crosscoder.yaml
 
 Paper schedules by default (docs/methods.md sec. 3): Adam(0.9, 0.999), lr 1e-4 constant then linear decay to
 0 over the last 20% of steps, λ = 2 warmed up linearly over the first 5%, grad-norm clip 1.0,
@@ -362,10 +362,3 @@ class _MetricSums:
         self.reset(len(self.fvu))
         return record
 
-
-if __name__ == "__main__":  # accelerate launch -m posttrain_probe.crosscoder.train --config FILE [options]
-    import sys
-
-    from posttrain_probe.cli import app
-
-    app(["crosscoder", "train", *sys.argv[1:]])

@@ -6,7 +6,7 @@ generalization-critical samples of two runs (docs/methods.md sec. 6).
 * :func:`task_include_paths` -- lm-eval include paths: the shipped task folder plus the user's.
 * :func:`posttrain_probe.eval.runner.evaluate` -- run tasks (optionally a subset of documents)
   with or without an intervention, from Python.
-* :func:`posttrain_probe.eval.critical.critical_samples` -- G_t from lm-eval per-sample logs.
+* :func:`posttrain_probe.analysis.critical.critical_samples` -- G_t from lm-eval per-sample logs.
 
 lm-eval (the ``[eval]`` extra) is imported only when one of these runs.
 """

@@ -134,7 +134,7 @@ def check_intervention_args(
     if not Path(str(crosscoder)).is_dir():
         raise ProbeError(f"crosscoder={crosscoder}: no such directory (expected a crosscoder saved with save_pretrained)")
     from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.interventions.feature_sets import resolve_features
+    from posttrain_probe.analysis.feature_sets import resolve_features
     from posttrain_probe.interventions.features import FeatureIntervention
 
     cc = load_crosscoder(str(crosscoder))

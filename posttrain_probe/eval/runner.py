@@ -94,7 +94,7 @@ def evaluate(
     * ``tasks`` -- lm-eval task names (built-in ones, the shipped ``probe_mcq`` / ``probe_math``,
       or tasks under ``include_path``).
     * ``samples`` -- ``{task: [doc ids]}``: evaluate only these documents (e.g. G_t from
-      :attr:`posttrain_probe.eval.critical.CriticalSamples.doc_ids`); excludes ``limit``. Doc ids in
+      :attr:`posttrain_probe.analysis.critical.CriticalSamples.doc_ids`); excludes ``limit``. Doc ids in
       the returned records are the original ones.
     * ``output_path`` -- also write lm-eval's ``results_*.json`` and ``samples_<task>_*.jsonl`` (as
       the ``lm_eval`` command does, under a model-named subfolder).

@@ -2,7 +2,7 @@
 feature edits in the forward pass (docs/methods.md sec. 7)."""
 
 from posttrain_probe.interventions.blocking import MODES, GradientBlocker
-from posttrain_probe.interventions.feature_sets import (
+from posttrain_probe.analysis.feature_sets import (
     CATEGORY_NAMES,
     FeatureSet,
     crosscoder_fingerprint,

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint, resolve_features
+from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint, resolve_features
 from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.model_identity import check_model, slot_fingerprint
 

@@ -1,6 +1,6 @@
 """``posttrain-probe features fisher``: Fisher reasoning features (paper S), rho distributions and ReasonScore.
 
-Registered on ``features_app`` of :mod:`posttrain_probe.cli` (imported at the end of cli.py)::
+Usage::
 
     posttrain-probe features fisher --crosscoder runs/cc --model base=Qwen/Qwen3-4B-Base --model sft=runs/sft \\
         --select-model sft --dataset open-thoughts/OpenThoughts-114k --max-docs 2000 --out runs/fisher
@@ -17,11 +17,10 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli import features_app, parse_models, user_errors
+from posttrain_probe.cli.common import parse_models, user_errors
 from posttrain_probe.errors import ProbeError
 
 
-@features_app.command("fisher")
 @user_errors
 def fisher(
     crosscoder: Optional[Path] = typer.Option(None, "--crosscoder", help="Crosscoder directory: every --model NAME must be one of its branches."),

@@ -1,11 +1,4 @@
-"""``posttrain-probe crosscoder calibrate``: per-source BatchTopK inference thresholds (beyond the papers).
-
-Registered on ``crosscoder_app`` of :mod:`posttrain_probe.cli` (imported at the end of cli.py)::
-
-    posttrain-probe crosscoder calibrate runs/cc --acts runs/acts --max-tokens 100000
-    posttrain-probe crosscoder calibrate runs/cc --acts runs/acts/base/layer18 --acts runs/acts/sft/layer18 --out runs/cc-calibrated
-    posttrain-probe crosscoder calibrate runs/cc --clear
-"""
+"""CLI: ``crosscoder train``, ``crosscoder info`` and ``crosscoder calibrate``."""
 
 from __future__ import annotations
 
@@ -15,11 +8,68 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli import crosscoder_app, user_errors
+from posttrain_probe.cli.common import parse_models, user_errors
+from posttrain_probe.cli.options import config_options
+from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
 from posttrain_probe.errors import ProbeError
 
 
-@crosscoder_app.command("calibrate")
+@user_errors
+@config_options(crosscoder=CrosscoderConfig, training=CrosscoderTrainingConfig)
+def crosscoder_train(
+    acts: list[str] = typer.Option([], "--acts", help="A collect output directory, or one store directory per model (repeat)."),
+    model: list[str] = typer.Option([], "--model", help="Live training: NAME=PATH per model (repeat), with --dataset."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Live training: dataset spec as for `collect`."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Live training: tokens per document."),
+    forward_batch_size: int = typer.Option(8, "--forward-batch-size", help="Live training: documents per model forward."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory of the crosscoder run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    crosscoder: CrosscoderConfig = None,  # type: ignore[assignment]
+    training: CrosscoderTrainingConfig = None,  # type: ignore[assignment]
+) -> None:
+    """Train a crosscoder on paired activation stores (--acts) or live model forwards (--model ... --dataset)."""
+    from posttrain_probe.crosscoder.sources import open_source
+    from posttrain_probe.crosscoder.train import train_crosscoder
+
+    if out is None:
+        raise ProbeError("--out is required (the directory of the crosscoder run)")
+    source = open_source(
+        acts=acts, models=parse_models(model) if model else None, dataset=dataset, layer=crosscoder.layer,
+        model_names=crosscoder.model_names or None, seq_len=seq_len, forward_batch_size=forward_batch_size,
+    )
+    import warnings
+
+    from posttrain_probe.crosscoder.inspect import training_status
+    from posttrain_probe.crosscoder.train import CrosscoderQualityWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CrosscoderQualityWarning)  # printed below as plain lines
+        train_crosscoder(source, crosscoder, training, out, resume=resume, overwrite=overwrite)
+    status = training_status(out) or {}
+    for problem in status.get("warnings", []):
+        typer.secho(f"warning: {problem}", fg=typer.colors.YELLOW, err=True)
+    if not status.get("complete", True):
+        typer.echo(f"stopped at step {status['step']} of {status['total_steps']}: continue with --resume")
+    typer.echo(f"crosscoder: {out}")
+
+
+@user_errors
+def crosscoder_info(
+    path: Path = typer.Argument(..., help="Crosscoder directory (config.json + model.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Models, layer, size, normalisation scales, dead features and last training metrics of a crosscoder."""
+    from posttrain_probe.crosscoder.inspect import crosscoder_summary
+
+    info = crosscoder_summary(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:>18}: {value}")
+
+
 @user_errors
 def crosscoder_calibrate(
     path: Path = typer.Argument(..., help="BatchTopK crosscoder directory (config.json + model.safetensors)."),
@@ -39,7 +89,7 @@ def crosscoder_calibrate(
     from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.crosscoder.sources import open_source
-    from posttrain_probe.interventions.feature_sets import crosscoder_fingerprint
+    from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 
     import contextlib
 

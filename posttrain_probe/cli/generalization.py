@@ -1,5 +1,4 @@
-"""CLI commands registered on `posttrain_probe.cli.app` (imported at the end of cli.py):
-``posttrain-probe features generalization`` (docs/methods.md sec. 6) and ``posttrain-probe intervene`` (docs/methods.md sec. 7)."""
+"""CLI: ``posttrain-probe features generalization`` (docs/methods.md sec. 6) and ``posttrain-probe intervene`` (docs/methods.md sec. 7)."""
 
 from __future__ import annotations
 
@@ -8,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli import app, features_app, parse_models, user_errors
+from posttrain_probe.cli.common import parse_models, user_errors
 from posttrain_probe.errors import ProbeError
 
 
-@features_app.command("generalization")
 @user_errors
 def features_generalization(
     crosscoder: Path = typer.Option(..., "--crosscoder", help="Base-vs-RL crosscoder directory."),
@@ -56,7 +54,6 @@ def features_generalization(
     typer.echo(f"feature set: {files['feature_set']}; summary: {files['summary']}; scores: {files['scores']}; figures: {', '.join(files['figures'])}")
 
 
-@app.command("intervene")
 @user_errors
 def intervene(
     features: str = typer.Option(..., "--features", help="Feature set: a feature-set JSON (e.g. generalization_features.json) or indices 3,17,42."),
@@ -87,7 +84,7 @@ def intervene(
 ) -> None:
     """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
     from posttrain_probe.analysis.generalization import split_names
-    from posttrain_probe.analysis.intervention_effects import control_summary_lines, format_effects_table, intervention_effects, paper_table
+    from posttrain_probe.eval.intervention_effects import control_summary_lines, format_effects_table, intervention_effects, paper_table
 
     if crosscoder is None:
         crosscoder = _recorded_crosscoder(features)
@@ -129,7 +126,7 @@ def _inputs(crosscoder: Path, critical: Path, model: list[str], allow_incomplete
 
 def _recorded_crosscoder(features: str) -> Path:
     """The crosscoder directory a feature-set JSON records (``--crosscoder`` left out)."""
-    from posttrain_probe.interventions.feature_sets import load_feature_set
+    from posttrain_probe.analysis.feature_sets import load_feature_set
 
     if not Path(features).is_file():
         raise ProbeError(f"--features {features!r} is not a feature-set file: give --crosscoder DIR with feature indices")

@@ -380,7 +380,7 @@ def paper_table(effects: InterventionEffects) -> str:
 
 def _feature_spec(cc, features) -> tuple[list[int], str, dict[str, Any]]:
     """(indices, the model_args value for probe-hf, the feature set's provenance or {})."""
-    from posttrain_probe.interventions.feature_sets import load_feature_set, resolve_features
+    from posttrain_probe.analysis.feature_sets import load_feature_set, resolve_features
 
     indices = resolve_features(cc, features if isinstance(features, (str, os.PathLike)) else list(features))
     text = str(features) if isinstance(features, (str, os.PathLike)) else ""
@@ -729,7 +729,7 @@ def _records(results: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
 def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str, doc_ids: Sequence[int] | None) -> dict[int, bool]:
     """doc id -> correct, scored exactly as ``posttrain-probe critical`` scores (the task's metric in
     critical.json > 0, on the records of its filter), for ``doc_ids`` (all documents if None)."""
-    from posttrain_probe.eval.critical import is_correct, records_by_doc
+    from posttrain_probe.analysis.critical import is_correct, records_by_doc
 
     _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     metric = entry.get("metric")
@@ -746,7 +746,7 @@ def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, An
 
 def _prompts_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str) -> dict[int, str]:
     """doc id -> the context lm-eval fed the model (first request of the record)."""
-    from posttrain_probe.eval.critical import records_by_doc, record_context
+    from posttrain_probe.analysis.critical import records_by_doc, record_context
 
     _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     return {doc: record_context(record) for doc, record in docs.items()}

@@ -1,5 +1,4 @@
-"""CLI commands registered on `posttrain_probe.cli.app` (imported at the end of cli.py):
-``lm-eval`` (lm-eval's own CLI with the ``probe-hf`` model and the shipped tasks) and
+"""CLI: ``lm-eval`` (lm-eval's own CLI with the ``probe-hf`` model and the shipped tasks) and
 ``critical`` (generalization-critical samples G_t of two runs)."""
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Any
 
 import typer
 
-from posttrain_probe.cli import app, user_errors
+from posttrain_probe.cli.common import parse_models, user_errors
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval import PROBE_MODEL_NAME, register
 
@@ -125,12 +124,14 @@ def _check_hf_model_args(model_args: dict[str, Any], model: str) -> None:
             raise ProbeError(f"--model_args key {key!r} is not an argument of {model}; did you mean {close[0]!r}?")
 
 
-@app.command(
-    "lm-eval",
+LM_EVAL_COMMAND = dict(
     help=_LM_EVAL_HELP,
     short_help="lm-eval's CLI with the probe-hf model (feature interventions) and the offline tasks.",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
+"""typer settings of the ``lm-eval`` command: every argument is passed through to lm-eval."""
+
+
 @user_errors
 def lm_eval_command(ctx: typer.Context) -> None:
     argv = list(ctx.args)
@@ -144,7 +145,6 @@ def lm_eval_command(ctx: typer.Context) -> None:
         raise typer.Exit(code)
 
 
-@app.command()
 @user_errors
 def critical(
     base_samples: Path = typer.Option(..., "--base-samples", help="lm-eval --output_path (or a subfolder / one samples_<task>_*.jsonl) of the base model's run with --log_samples."),
@@ -155,7 +155,7 @@ def critical(
     samples_out: Path = typer.Option(None, "--samples-out", help="Also write {task: G_t doc ids} (tasks with |G_t| > 0) as JSON, for lm-eval's --samples FILE."),
 ) -> None:
     """Generalization-critical samples G_t (paper R): per task, the documents the base model gets wrong and the RL model right."""
-    from posttrain_probe.eval.critical import critical_samples
+    from posttrain_probe.analysis.critical import critical_samples
 
     result = critical_samples(base_samples, rl_samples, metric=metric, filter_name=filter_name)
     for task, entry in sorted(result.tasks.items()):
