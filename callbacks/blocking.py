@@ -49,7 +49,7 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
     if args.block_crosscoder is None:
         return None
     from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.interventions.feature_sets import resolve_features
+    from posttrain_probe.analysis.feature_sets import resolve_features
 
     crosscoder = load_crosscoder(args.block_crosscoder)
     features = resolve_features(

@@ -119,3 +119,21 @@ def check_same_tokenizer(tokenizers: Mapping[str, object]) -> None:
                 f"models {first!r} and {name!r} have different tokenizers ({len(a)} vs {len(b)} tokens, "
                 f"vocab fingerprint {fingerprint[:12]} vs {other[:12]}); paired capture needs identical token ids"
             )
+
+
+def parse_model_specs(specs: list[str] | dict[str, str]) -> dict[str, str]:
+    """``["base=PATH", "sft=PATH"]`` (the ``--model NAME=PATH`` form of every step config) -> ``{"base": "PATH", "sft": "PATH"}``.
+
+    A mapping is returned as a dict of strings; names must be unique and non-empty.
+    """
+    if isinstance(specs, dict):
+        return {str(name): str(path) for name, path in specs.items()}
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        if not sep or not name or not path:
+            raise ProbeError(f"--model {spec!r}: expected NAME=PATH, e.g. --model base=Qwen/Qwen3-4B-Base")
+        if name in models:
+            raise ProbeError(f"--model name {name!r} is given twice")
+        models[name] = path
+    return models

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
-from posttrain_probe.cli.options import config_options
 from posttrain_probe.activations.config import CollectConfig
+from posttrain_probe.cli.common import user_errors
+from posttrain_probe.cli.options import config_options
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.models import parse_model_specs
 
 
 @user_errors
@@ -24,11 +24,11 @@ def collect(
     config: CollectConfig = None,  # type: ignore[assignment]
 ) -> None:
     """Capture residual-stream activations of several models on identical tokens into activation stores."""
-    from posttrain_probe.activations.collect import collect_activations
-
     from accelerate import PartialState
 
-    paths = collect_activations(parse_models(model), dataset, layer or None, out, config=config)
+    from posttrain_probe.activations.collect import collect_activations
+
+    paths = collect_activations(parse_model_specs(model), dataset, layer or None, out, config=config)
     if not PartialState().is_main_process:
         return
     for name, per_layer in paths.items():

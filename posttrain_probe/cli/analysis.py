@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
-from posttrain_probe.cli.options import config_options
-from posttrain_probe.errors import ProbeError
+from posttrain_probe.cli.common import user_errors
 
 
 @user_errors

@@ -1,4 +1,4 @@
-"""Helpers every command module of the CLI uses: one-line errors and ``NAME=PATH`` model arguments."""
+"""What every command module of the CLI uses: user errors as one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -23,17 +23,4 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def parse_models(specs: list[str]) -> dict[str, str]:
-    """``["base=PATH", "sft=PATH"]`` -> ``{"base": "PATH", "sft": "PATH"}`` (names unique)."""
-    models: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ProbeError(f"--model {spec!r}: expected NAME=PATH, e.g. --model base=Qwen/Qwen3-4B-Base")
-        if name in models:
-            raise ProbeError(f"--model name {name!r} is given twice")
-        models[name] = path
-    return models
 

@@ -8,10 +8,11 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
+from posttrain_probe.cli.common import user_errors
 from posttrain_probe.cli.options import config_options
 from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.models import parse_model_specs
 
 
 @user_errors
@@ -35,7 +36,7 @@ def crosscoder_train(
     if out is None:
         raise ProbeError("--out is required (the directory of the crosscoder run)")
     source = open_source(
-        acts=acts, models=parse_models(model) if model else None, dataset=dataset, layer=crosscoder.layer,
+        acts=acts, models=parse_model_specs(model) if model else None, dataset=dataset, layer=crosscoder.layer,
         model_names=crosscoder.model_names or None, seq_len=seq_len, forward_batch_size=forward_batch_size,
     )
     import warnings
@@ -84,16 +85,14 @@ def crosscoder_calibrate(
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Accept the weights of an unfinished crosscoder training run."),
 ) -> None:
     """Calibrate one BatchTopK inference threshold per model so per-source codes f^m have mean L0 = k (their fingerprint changes)."""
-    import torch
-
-    from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.crosscoder.sources import open_source
-    from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
-
     import contextlib
 
-    from posttrain_probe.crosscoder.inspect import training_status
+    import torch
+
+    from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
+    from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
+    from posttrain_probe.crosscoder.inspect import load_crosscoder, training_status
+    from posttrain_probe.crosscoder.sources import open_source
     from posttrain_probe.locks import DirectoryLock
 
     cc = load_crosscoder(path, allow_incomplete=allow_incomplete)

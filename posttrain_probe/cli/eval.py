@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
+from posttrain_probe.cli.common import user_errors
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval import PROBE_MODEL_NAME, register
 

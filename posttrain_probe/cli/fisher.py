@@ -17,8 +17,9 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
+from posttrain_probe.cli.common import user_errors
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.models import parse_model_specs
 
 
 @user_errors
@@ -86,7 +87,7 @@ def fisher(
         if given is not None and Path(given).exists():
             require_complete(given, allow_incomplete)
     report = fisher_features(
-        path, parse_models(model), dataset, sae=sae is not None, select_model=select_model, segment_format=fmt,
+        path, parse_model_specs(model), dataset, sae=sae is not None, select_model=select_model, segment_format=fmt,
         top_k=top_k, floor_quantile=floor_quantile, floor=floor, layer=layer, max_docs=max_docs or None, seq_len=seq_len,
         forward_batch_size=forward_batch_size, split=split, dataset_config=dataset_config, model_dtype=dtype,
         device=device, reasonscore=reasonscore, alpha=alpha, reason_tokens=words, progress=True, allow_model_mismatch=allow_model_mismatch,

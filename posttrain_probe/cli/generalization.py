@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from posttrain_probe.cli.common import parse_models, user_errors
+from posttrain_probe.cli.common import user_errors
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.models import parse_model_specs
 
 
 @user_errors
@@ -84,7 +85,12 @@ def intervene(
 ) -> None:
     """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
     from posttrain_probe.analysis.generalization import split_names
-    from posttrain_probe.eval.intervention_effects import control_summary_lines, format_effects_table, intervention_effects, paper_table
+    from posttrain_probe.eval.intervention_effects import (
+        control_summary_lines,
+        format_effects_table,
+        intervention_effects,
+        paper_table,
+    )
 
     if crosscoder is None:
         crosscoder = _recorded_crosscoder(features)
@@ -121,7 +127,7 @@ def _inputs(crosscoder: Path, critical: Path, model: list[str], allow_incomplete
     from posttrain_probe.crosscoder.inspect import require_complete
 
     require_complete(crosscoder, allow_incomplete)
-    return parse_models(model)
+    return parse_model_specs(model)
 
 
 def _recorded_crosscoder(features: str) -> Path:

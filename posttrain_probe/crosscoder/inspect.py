@@ -63,6 +63,21 @@ def load_crosscoder(path: str | os.PathLike, *, device: str | None = None, allow
     return model.to(device) if device else model
 
 
+def as_crosscoder(
+    crosscoder: Crosscoder | str | os.PathLike, *, allow_incomplete: bool = True, device: str | None = None
+) -> tuple[Crosscoder, Path | None]:
+    """The one "a crosscoder or its directory" reader: ``(Crosscoder, its directory or None)``.
+
+    A directory is loaded with :func:`load_crosscoder` (``allow_incomplete`` as there); an object must
+    be a :class:`Crosscoder`, else a ProbeError names what was given.
+    """
+    if isinstance(crosscoder, (str, os.PathLike)):
+        return load_crosscoder(crosscoder, device=device, allow_incomplete=allow_incomplete), Path(crosscoder)
+    if not isinstance(crosscoder, Crosscoder):
+        raise ProbeError(f"expected a Crosscoder or its directory, got {type(crosscoder).__name__}")
+    return (crosscoder.to(device) if device else crosscoder), None
+
+
 def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
     """JSON-ready facts about the crosscoder in ``path`` and, if present, its training run.
 

@@ -126,6 +126,19 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
             raise ProbeError(f"model {name!r} is not in this crosscoder: expected one of {self.model_names}")
         return self.model_names.index(name)
 
+    def site(self, layer: int | None = None, *, what: str = "this step") -> int | None:
+        """The layer L a step works at: ``layer`` if given, else the crosscoder's ``config.layer``.
+
+        The one layer check of the project: a ``layer`` other than the one the crosscoder was trained
+        at is a ProbeError naming ``what`` asked for it (a crosscoder only reads its own site).
+        """
+        trained = self.config.layer
+        if layer is None:
+            return trained
+        if trained is not None and layer != trained:
+            raise ProbeError(f"the crosscoder was trained at layer {trained}, {what} asked for layer {layer}")
+        return layer
+
     def _check_input(self, x: torch.Tensor) -> None:
         want = (self.n_models, self.config.d_model)
         if x.ndim != 3 or tuple(x.shape[1:]) != want:
