@@ -199,7 +199,7 @@ def main() -> None:
     with torch.no_grad():
         want = model(**batch).loss
         checks = []
-        for mode, fraction, blocker in configs:
+        for _mode, _fraction, blocker in configs:
             with blocker.attached(model):
                 checks.append(abs(float(model(**batch).loss - want)))
     print(f"check: |loss(blocked) - loss(baseline)| max over sae/subspace configurations: "

@@ -23,7 +23,8 @@ def run(args, with_probe: bool, out_dir: str) -> tuple[float, dict[str, float]]:
     from trl import SFTConfig, SFTTrainer
 
     from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks
-    from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
+    from posttrain_probe.synthetic import arithmetic_dataset
+    from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
     if args.model.startswith("tiny:"):
         model, tokenizer = tiny_model(args.model.split(":", 1)[1], hidden_size=args.hidden_size, num_layers=args.layers), tiny_tokenizer()

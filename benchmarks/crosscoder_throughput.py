@@ -294,8 +294,8 @@ def main() -> None:
                   f"largest grad rel. diff {grad_diff:.1e}: {'ok' if same else 'MISMATCH'}")
             ours.to(dtype)
             ref.to(dtype)
-            run_ours, opt_ours = make_step(ours, lambda: ours(x, **kwargs).loss, device, args.autocast, args.steps)
-            run_ref, opt_ref = make_step(ref, lambda: ref(x, **kwargs), device, args.autocast, args.steps)
+            run_ours, opt_ours = make_step(ours, lambda ours=ours, x=x, kwargs=kwargs: ours(x, **kwargs).loss, device, args.autocast, args.steps)
+            run_ref, opt_ref = make_step(ref, lambda ref=ref, x=x, kwargs=kwargs: ref(x, **kwargs), device, args.autocast, args.steps)
             sec, peak = timed({"ref": run_ref, "ours": run_ours}, device, args.repeats)
             tokens = batch * args.steps
             flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k)

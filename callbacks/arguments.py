@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain_probe.activations.store import dtype_name
+from posttrain_probe.dtypes import dtype_name
 from posttrain_probe.errors import ProbeError
 
 

@@ -48,8 +48,8 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
     """The GradientBlocker that ``args`` describe (None when blocking is off)."""
     if args.block_crosscoder is None:
         return None
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.analysis.feature_sets import resolve_features
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
 
     crosscoder = load_crosscoder(args.block_crosscoder)
     features = resolve_features(

@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from posttrain_probe.callbacks.arguments import ProbeArguments, snapshot_schedule
-from posttrain_probe.callbacks.run_dir import RunDirectory, step_name
 from posttrain_probe.activations.capture import capture_batch
 from posttrain_probe.activations.store import ActivationStore, ActivationStoreWriter, merge_rank_manifests
+from posttrain_probe.callbacks.arguments import ProbeArguments, snapshot_schedule
+from posttrain_probe.callbacks.run_dir import RunDirectory, step_name
 from posttrain_probe.data import TokenBatch, load_dataset_spec, text_column, token_batches
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import default_layer, hidden_size, unwrap_model, validate_layer

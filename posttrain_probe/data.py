@@ -41,7 +41,7 @@ def load_dataset_spec(
 ):
     """A `datasets.Dataset` from a spec: a Dataset, a list of strings, a local file/folder
     (.txt one document per line, .jsonl/.json/.parquet/.csv), ``synthetic:<name>`` from
-    :mod:`posttrain_probe.testing`, or a `datasets` hub name with ``config_name``/``split``.
+    :mod:`posttrain_probe.synthetic`, or a `datasets` hub name with ``config_name``/``split``.
     ``n_docs`` keeps the first n rows. Raises ProbeError for unknown or empty datasets.
     """
     import datasets
@@ -69,7 +69,7 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
     import datasets
 
     if spec.startswith("synthetic:"):
-        from posttrain_probe.testing import synthetic_dataset
+        from posttrain_probe.synthetic import synthetic_dataset
 
         return synthetic_dataset(spec.split(":", 1)[1], n=n_docs or 512)
     path = Path(spec).expanduser()

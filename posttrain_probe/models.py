@@ -1,4 +1,6 @@
-"""Load HF causal LMs and tokenizers by path or hub name, with errors a user can act on."""
+"""Load HF causal LMs and tokenizers by path or hub name, with errors a user can act on.
+
+Torch is imported on first use, so step configs can parse ``NAME=PATH`` model specs at CLI start-up."""
 
 from __future__ import annotations
 
@@ -7,17 +9,21 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
+from posttrain_probe.dtypes import dtype_name
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import decoder_blocks
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch.device; None picks the current CUDA device (per rank under
     torchrun/accelerate, which set it) when available, else cpu."""
+    import torch
+
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
@@ -25,13 +31,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Model compute dtype: 'auto'/None is bfloat16 on GPU, float32 on CPU."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    from posttrain_probe.activations.store import DTYPES, dtype_name
-
-    return DTYPES[dtype_name(dtype)]
+    return getattr(torch, dtype_name(dtype, what="model"))
 
 
 def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
@@ -64,11 +70,13 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    from posttrain_probe.layers import decoder_blocks
+
     check_model_path(path)
     device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         where = "local directory" if Path(path).exists() else "local directory or hub model"
         raise ProbeError(f"cannot load model {str(path)!r}: not a {where} with a HF causal LM ({err})") from err
     if keep_layers is not None:

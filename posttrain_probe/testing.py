@@ -1,4 +1,4 @@
-"""Offline tiny-model kit: a tiny tokenizer, tiny models of real architectures, synthetic data.
+"""Offline tiny-model kit: a tiny tokenizer, tiny models of real architectures, tuned pairs.
 
 Everything here is built locally and deterministically, with no hub or network access, so the
 tests, the demo and the docs can exercise the real code paths (real ``transformers`` model
@@ -6,12 +6,10 @@ classes, a real byte-level BPE tokenizer with a chat template, real optimizer st
 on a CPU.
 
 * :func:`tiny_tokenizer` -- a byte-level BPE tokenizer (vocabulary :data:`TOKENIZER_VOCAB_SIZE`)
-  trained on the synthetic corpus, with fixed special-token ids, a Llama-style BOS
+  trained on the synthetic corpus of :mod:`posttrain_probe.synthetic`, with fixed special-token ids, a Llama-style BOS
   post-processor and a ChatML chat template.
 * :func:`tiny_config` / :func:`tiny_model` -- a small config / randomly initialised model for
   every architecture in :data:`ARCHITECTURES`.
-* :func:`arithmetic_dataset` / :func:`multiple_choice_dataset` / :func:`synthetic_dataset` --
-  deterministic synthetic data sets with ``messages``, ``prompt`` and ``text`` columns.
 * :func:`tuned_copy` -- a copy of a model after a few real AdamW steps (a stand-in for a
   post-trained checkpoint).
 * :func:`save_tiny_pair` -- a base/tuned pair of checkpoints on disk.
@@ -23,14 +21,13 @@ import copy
 import functools
 import os
 import pathlib
-import random
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.synthetic import arithmetic_dataset, arithmetic_rows, multiple_choice_rows
 
 if TYPE_CHECKING:  # ``datasets`` is imported lazily: it costs about a second at import time
     import datasets
@@ -42,17 +39,11 @@ __all__ = [
     "EOS_TOKEN",
     "IM_END_TOKEN",
     "IM_START_TOKEN",
-    "OPENTHOUGHTS_SYSTEM_PROMPT",
     "PAD_TOKEN",
     "SPECIAL_TOKEN_IDS",
-    "SYNTHETIC_DATASETS",
     "TOKENIZER_VOCAB_SIZE",
     "UNK_TOKEN",
-    "arithmetic_dataset",
-    "multiple_choice_dataset",
-    "openthoughts_dataset",
     "save_tiny_pair",
-    "synthetic_dataset",
     "tiny_config",
     "tiny_model",
     "tiny_tokenizer",
@@ -117,7 +108,7 @@ _ENGLISH_TEXT = (
 def _tokenizer_corpus() -> list[str]:
     """Training texts of the tokenizer: synthetic rows, their ChatML renderings, some English."""
     texts: list[str] = [_ENGLISH_TEXT]
-    rows = _arithmetic_rows(400, seed=10_000) + _mcq_rows(400, seed=10_001)
+    rows = arithmetic_rows(400, seed=10_000) + multiple_choice_rows(400, seed=10_001)
     for row in rows:
         texts.append(row["text"])
         texts.append(
@@ -207,6 +198,73 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
+def _rope(theta: float) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _config_kwargs(
+    arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, heads: int
+) -> tuple[type[transformers.PretrainedConfig], dict[str, Any]]:
+    """The config class of ``arch`` and its keyword arguments before the overrides of :func:`tiny_config`."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt2":
+        no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+        kwargs: dict[str, Any] = dict(
+            vocab_size=vocab_size,
+            n_positions=2048,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=heads,
+            n_inner=2 * hidden_size,
+            tie_word_embeddings=False,
+            **no_dropout,
+            **ids,
+        )
+        return transformers.GPT2Config, kwargs
+    head_dim = hidden_size // heads
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=_NUM_KV_HEADS if heads % _NUM_KV_HEADS == 0 else heads,
+        head_dim=head_dim,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        **ids,
+    )
+    if arch in ("qwen2", "phi3"):
+        kwargs.pop("head_dim")  # Qwen2 and Phi3 derive it
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    gemma = dict(query_pre_attn_scalar=head_dim, sliding_window=256, layer_types=alternating)
+    qwen = dict(rope_parameters=_rope(1_000_000.0), rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=num_layers)
+    family: dict[str, tuple[str, dict[str, Any]]] = {  # class names: transformers imports a config module on access
+        "llama": ("LlamaConfig", dict(rope_parameters=_rope(500_000.0), rms_norm_eps=1e-5)),
+        "mistral": (
+            "MistralConfig",
+            dict(rope_parameters=_rope(1_000_000.0), rms_norm_eps=1e-5, sliding_window=None),
+        ),
+        "qwen2": ("Qwen2Config", qwen),
+        "qwen3": ("Qwen3Config", dict(qwen, hidden_act="silu", attention_bias=False)),
+        "gemma2": ("Gemma2Config", dict(gemma, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
+        "gemma3": ("Gemma3TextConfig", gemma),
+        "phi3": (
+            "Phi3Config",
+            dict(
+                original_max_position_embeddings=2048,
+                rope_parameters=_rope(10_000.0),
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                sliding_window=None,
+            ),
+        ),
+    }
+    name, extra = family[arch]
+    return getattr(transformers, name), {**kwargs, **extra}
+
+
 def tiny_config(
     arch: str = "qwen3",
     *,
@@ -248,98 +306,7 @@ def tiny_config(
             f"hidden_size={hidden_size!r}: expected a positive int divisible by the number of "
             f"attention heads ({heads}), e.g. 32, 64 or 128"
         )
-    kv_heads = _NUM_KV_HEADS if heads % _NUM_KV_HEADS == 0 else heads
-    head_dim = hidden_size // heads
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-    if arch == "gpt2":
-        kwargs: dict[str, Any] = dict(
-            vocab_size=vocab_size,
-            n_positions=2048,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=heads,
-            n_inner=2 * hidden_size,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            summary_first_dropout=0.0,
-            tie_word_embeddings=False,
-            **ids,
-        )
-        cls: type[transformers.PretrainedConfig] = transformers.GPT2Config
-    else:
-        kwargs = dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            attention_dropout=0.0,
-            **ids,
-        )
-        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
-        if arch == "llama":
-            cls = transformers.LlamaConfig
-            kwargs.update(rope_parameters={"rope_type": "default", "rope_theta": 500_000.0}, rms_norm_eps=1e-5)
-        elif arch == "mistral":
-            cls = transformers.MistralConfig
-            kwargs.update(
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                rms_norm_eps=1e-5,
-                sliding_window=None,
-            )
-        elif arch == "qwen2":
-            cls = transformers.Qwen2Config
-            kwargs.pop("head_dim")  # Qwen2 derives it
-            kwargs.update(
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                rms_norm_eps=1e-6,
-                use_sliding_window=False,
-                max_window_layers=num_layers,
-            )
-        elif arch == "qwen3":
-            cls = transformers.Qwen3Config
-            kwargs.update(
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                rms_norm_eps=1e-6,
-                hidden_act="silu",
-                attention_bias=False,
-                use_sliding_window=False,
-                max_window_layers=num_layers,
-            )
-        elif arch == "gemma2":
-            cls = transformers.Gemma2Config
-            kwargs.update(
-                query_pre_attn_scalar=head_dim,
-                sliding_window=256,
-                layer_types=alternating,
-                final_logit_softcapping=30.0,
-                attn_logit_softcapping=50.0,
-            )
-        elif arch == "gemma3":
-            cls = transformers.Gemma3TextConfig
-            kwargs.update(
-                query_pre_attn_scalar=head_dim,
-                sliding_window=256,
-                layer_types=alternating,
-            )
-        elif arch == "phi3":
-            cls = transformers.Phi3Config
-            kwargs.pop("head_dim")  # Phi3 derives it
-            kwargs.update(
-                original_max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                sliding_window=None,
-            )
-        else:  # pragma: no cover - _check_arch guards
-            raise AssertionError(arch)
+    cls, kwargs = _config_kwargs(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, heads=heads)
     kwargs.update(overrides)
     try:
         config = cls(**kwargs)
@@ -382,368 +349,6 @@ def tiny_model(
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(gen, name, getattr(model.config, name))
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic data
-# --------------------------------------------------------------------------------------------
-
-_ARITH_QUESTIONS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}.", "What does {e} equal?")
-
-
-def _arithmetic_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """One problem: (expression, worked steps, value). Results are non-negative integers."""
-    form = rng.randrange(7)
-    r = rng.randint
-    if form == 0:  # a + b * c
-        a, b, c = r(2, 50), r(2, 12), r(2, 9)
-        p = b * c
-        return f"{a} + {b} * {c}", [f"First multiply: {b} * {c} = {p}.", f"Then add: {a} + {p} = {a + p}."], a + p
-    if form == 1:  # a * b + c
-        a, b, c = r(2, 12), r(2, 9), r(2, 50)
-        p = a * b
-        return f"{a} * {b} + {c}", [f"First multiply: {a} * {b} = {p}.", f"Then add: {p} + {c} = {p + c}."], p + c
-    if form == 2:  # a * b - c
-        a, b = r(2, 12), r(2, 9)
-        p = a * b
-        c = r(1, p)
-        return (
-            f"{a} * {b} - {c}",
-            [f"First multiply: {a} * {b} = {p}.", f"Then subtract: {p} - {c} = {p - c}."],
-            p - c,
-        )
-    if form == 3:  # (a + b) * c
-        a, b, c = r(2, 30), r(2, 30), r(2, 9)
-        s = a + b
-        return (
-            f"({a} + {b}) * {c}",
-            [f"First add inside the parentheses: {a} + {b} = {s}.", f"Then multiply: {s} * {c} = {s * c}."],
-            s * c,
-        )
-    if form == 4:  # (a - b) * c
-        b = r(2, 30)
-        a, c = r(b + 1, b + 30), r(2, 9)
-        s = a - b
-        return (
-            f"({a} - {b}) * {c}",
-            [f"First subtract inside the parentheses: {a} - {b} = {s}.", f"Then multiply: {s} * {c} = {s * c}."],
-            s * c,
-        )
-    if form == 5:  # a + b - c
-        a, b = r(2, 60), r(2, 60)
-        s = a + b
-        c = r(1, s)
-        return (
-            f"{a} + {b} - {c}",
-            [f"First add: {a} + {b} = {s}.", f"Then subtract: {s} - {c} = {s - c}."],
-            s - c,
-        )
-    # a * b * c
-    a, b, c = r(2, 9), r(2, 9), r(2, 6)
-    p = a * b
-    return (
-        f"{a} * {b} * {c}",
-        [f"First multiply: {a} * {b} = {p}.", f"Then multiply: {p} * {c} = {p * c}."],
-        p * c,
-    )
-
-
-def _arithmetic_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        expr, steps, value = _arithmetic_problem(rng)
-        question = rng.choice(_ARITH_QUESTIONS).format(e=expr)
-        if question in seen and len(seen) < 20_000:
-            continue
-        seen.add(question)
-        answer = "\n".join([*steps, f"The answer is \\boxed{{{value}}}."])
-        user = {"role": "user", "content": question}
-        rows.append(
-            {
-                "question": question,
-                "answer": answer,
-                "final_answer": str(value),
-                "messages": [user, {"role": "assistant", "content": answer}],
-                "prompt": [dict(user)],
-                "text": f"{question}\n{answer}",
-            }
-        )
-    return rows
-
-
-def _check_n_seed(n: Any, seed: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ProbeError(f"n={n!r}: expected a non-negative int (number of rows)")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ProbeError(f"seed={seed!r}: expected an int")
-
-
-def arithmetic_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
-    """``n`` synthetic arithmetic problems (deterministic for ``seed``), e.g.
-    ``"What is 17 + 12 * 3?"`` with two worked steps.
-
-    Columns (one row per problem):
-
-    * ``question`` (str) -- the problem; it contains one integer expression with two of
-      ``+ - *`` and possibly parentheses.
-    * ``answer`` (str) -- worked solution, one step per line, the last line
-      ``"The answer is \\boxed{N}."``.
-    * ``final_answer`` (str) -- ``N`` (a non-negative integer, as text).
-    * ``messages`` (list of ``{"role", "content"}``) -- user: question, assistant: answer.
-    * ``prompt`` (list) -- the user message only (GRPO-style prompts).
-    * ``text`` (str) -- ``question + "\\n" + answer``.
-    """
-    _check_n_seed(n, seed)
-    return _to_dataset(_arithmetic_rows(n, seed), "arithmetic")
-
-
-def _to_dataset(rows: list[dict[str, Any]], kind: str) -> datasets.Dataset:
-    """Rows -> Dataset with fixed features (also for zero rows, which ``from_list`` rejects)."""
-    import datasets
-
-    string = datasets.Value("string")
-    messages = [{"role": string, "content": string}]
-    if kind == "arithmetic":
-        columns: dict[str, Any] = {"question": string, "answer": string, "final_answer": string}
-    else:
-        columns = {"question": string, "choices": [string], "label": datasets.Value("int64"), "answer": string}
-    features = datasets.Features({**columns, "messages": messages, "prompt": messages, "text": string})
-    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
-
-
-_COLOURS = {
-    "a ripe banana": "yellow",
-    "fresh grass": "green",
-    "the clear daytime sky": "blue",
-    "fresh snow": "white",
-    "a lump of coal": "black",
-    "a ripe tomato": "red",
-    "a carrot": "orange",
-    "an eggplant": "purple",
-    "a lemon": "yellow",
-    "a fire truck": "red",
-    "a pine tree's needles": "green",
-    "milk": "white",
-    "a crow": "black",
-    "a pumpkin": "orange",
-    "chocolate": "brown",
-    "a flamingo": "pink",
-}
-_COLOUR_NAMES = sorted(set(_COLOURS.values()))
-
-_CAPITALS = {
-    "Valdoria": "Ostrel",
-    "Brenmark": "Kallivar",
-    "Quenland": "Marrowgate",
-    "Tessaly Reach": "Dunmere",
-    "Orvania": "Piravel",
-    "Zembria": "Holt Arun",
-    "Caldessa": "Vintrel",
-    "Norrin": "Ashbrook",
-    "Elbaria": "Sorrento Vale",
-    "Fenwick Isles": "Tarnhaven",
-    "Moravel": "Quillon",
-    "Isk": "Brightwater",
-}
-
-_LEGS = {
-    "spider": 8,
-    "ant": 6,
-    "beetle": 6,
-    "bee": 6,
-    "dog": 4,
-    "horse": 4,
-    "cat": 4,
-    "chicken": 2,
-    "ostrich": 2,
-    "snake": 0,
-    "goldfish": 0,
-    "crab": 10,
-}
-_LEG_COUNTS = sorted(set(_LEGS.values()))
-_FLYERS = ["eagle", "sparrow", "bat", "owl", "pigeon", "swallow"]
-_NON_FLYERS = ["cow", "horse", "snail", "turtle", "whale", "pig", "sheep", "rabbit", "frog", "goat"]
-_SEA = ["whale", "shark", "octopus", "dolphin", "jellyfish", "starfish"]
-_LAND = ["camel", "lion", "squirrel", "elephant", "fox", "giraffe", "zebra", "badger"]
-
-
-def _mcq_problem(rng: random.Random) -> tuple[str, str, list[str]]:
-    """One question: (question, correct choice, three distinct wrong choices)."""
-    kind = rng.randrange(6)
-    if kind == 0:
-        thing = rng.choice(sorted(_COLOURS))
-        right = _COLOURS[thing]
-        wrong = rng.sample([c for c in _COLOUR_NAMES if c != right], 3)
-        return f"What colour is {thing}?", right, wrong
-    if kind == 1:
-        country = rng.choice(sorted(_CAPITALS))
-        right = _CAPITALS[country]
-        wrong = rng.sample([c for k, c in sorted(_CAPITALS.items()) if k != country], 3)
-        return f"What is the capital of {country}?", right, wrong
-    if kind == 2:
-        animal = rng.choice(sorted(_LEGS))
-        right = _LEGS[animal]
-        wrong = rng.sample([k for k in _LEG_COUNTS if k != right], 3)
-        return f"How many legs does a {animal} have?", str(right), [str(w) for w in wrong]
-    if kind == 3:
-        return "Which of these animals can fly?", rng.choice(_FLYERS), rng.sample(_NON_FLYERS, 3)
-    if kind == 4:
-        return "Which of these animals lives in the sea?", rng.choice(_SEA), rng.sample(_LAND, 3)
-    numbers = rng.sample(range(1, 1000), 4)
-    largest = rng.random() < 0.5
-    right = max(numbers) if largest else min(numbers)
-    wrong = [str(x) for x in numbers if x != right]
-    return f"Which number is the {'largest' if largest else 'smallest'}?", str(right), wrong
-
-
-_LETTERS = "ABCD"
-
-
-def _mcq_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        question, right, wrong = _mcq_problem(rng)
-        label = rng.randrange(4)
-        choices = list(wrong)
-        rng.shuffle(choices)
-        choices.insert(label, right)
-        letter = _LETTERS[label]
-        body = question + "\n" + "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(choices))
-        user = {"role": "user", "content": body}
-        reply = f"Answer: {letter}"
-        rows.append(
-            {
-                "question": question,
-                "choices": choices,
-                "label": label,
-                "answer": letter,
-                "messages": [user, {"role": "assistant", "content": reply}],
-                "prompt": [dict(user)],
-                "text": f"{body}\n{reply}",
-            }
-        )
-    return rows
-
-
-def multiple_choice_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
-    """``n`` synthetic 4-way multiple-choice questions (deterministic for ``seed``): colours of
-    things, capitals of made-up countries (fixed table), animal facts (legs, flying, sea) and
-    the largest/smallest of four numbers.
-
-    Columns (one row per question):
-
-    * ``question`` (str) -- the question alone.
-    * ``choices`` (list of 4 str) -- distinct options.
-    * ``label`` (int in 0..3) -- index of the correct option in ``choices``.
-    * ``answer`` (str) -- its letter, ``"A"``..``"D"``.
-    * ``messages`` -- user: question + lettered choices (``"A. ..."`` one per line),
-      assistant: ``"Answer: X"``.
-    * ``prompt`` -- the user message only.
-    * ``text`` (str) -- question, lettered choices and ``"Answer: X"``, one per line.
-    """
-    _check_n_seed(n, seed)
-    return _to_dataset(_mcq_rows(n, seed), "mcq")
-
-
-OPENTHOUGHTS_SYSTEM_PROMPT: str = (
-    "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking process "
-    "before providing the final precise and accurate solutions. Please structure your response into two main "
-    "sections: Thought and Solution. In the Thought section, detail your reasoning process using the specified "
-    "format: <|begin_of_thought|> {thought with steps separated with '\\n\\n'} <|end_of_thought|> In the Solution "
-    "section, present the final solution: <|begin_of_solution|> {final formatted, precise, and clear solution} "
-    "<|end_of_solution|> Now, try to solve the following question through the above guidelines:"
-)
-"""A shortened OpenThoughts-114k system prompt; like the real one it contains the segment tags."""
-
-_THOUGHT_OPENERS = ("Okay, let me work out {e}.", "Let me see, I need {e}.", "Hmm, the question asks for {e}.", "Alright, so we want {e}.")
-_THOUGHT_CHECKS = (
-    "Wait, let me check that again.",
-    "Hmm, maybe I should double check.",
-    "But perhaps I made a slip there.",
-    "Alternatively, I could redo it another way.",
-    "However, let me verify the order of operations.",
-)
-
-
-def _openthoughts_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        expr, steps, value = _arithmetic_problem(rng)
-        question = f"Return your final response within \\boxed{{}}. {rng.choice(_ARITH_QUESTIONS).format(e=expr)}"
-        checks = rng.sample(_THOUGHT_CHECKS, rng.randint(1, 3))
-        reasoning = "\n\n".join(
-            [rng.choice(_THOUGHT_OPENERS).format(e=expr), steps[0], *checks, steps[0], f"Therefore {steps[1][0].lower()}{steps[1][1:]}", f"So the result is {value}."]
-        )
-        solution = "\n".join([*steps, f"The answer is \\boxed{{{value}}}."])
-        reply = f"<|begin_of_thought|>\n\n{reasoning}\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n{solution}\n\n<|end_of_solution|>"
-        rows.append(
-            {
-                "system": OPENTHOUGHTS_SYSTEM_PROMPT,
-                "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": reply}],
-                "problem": question,
-                "deepseek_reasoning": reasoning,
-                "deepseek_solution": solution,
-                "final_answer": str(value),
-                "text": f"{question}\n{reply}",
-            }
-        )
-    return rows
-
-
-def openthoughts_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
-    """``n`` synthetic reasoning traces in the layout of ``open-thoughts/OpenThoughts-114k`` (deterministic for
-    ``seed``): arithmetic problems answered with a thought section full of reasoning words ("Wait", "Hmm", "let
-    me", "Therefore", ...) and a short solution.
-
-    Columns (one row per problem):
-
-    * ``system`` (str) -- :data:`OPENTHOUGHTS_SYSTEM_PROMPT` (it mentions the tags, as the real one does).
-    * ``conversations`` (list of ``{"from", "value"}``) -- user: the problem; assistant:
-      ``<|begin_of_thought|>\\n\\n{reasoning}\\n\\n<|end_of_thought|>\\n\\n<|begin_of_solution|>\\n\\n{solution}\\n\\n<|end_of_solution|>``
-      (the default config of OpenThoughts-114k has exactly ``system`` and ``conversations``).
-    * ``problem``, ``deepseek_reasoning``, ``deepseek_solution`` (str) -- the problem and the two segments
-      without tags (as the ``metadata`` config of OpenThoughts-114k has them).
-    * ``final_answer`` (str) -- the integer result.
-    * ``text`` (str) -- ``problem + "\\n" + assistant reply`` (tags included).
-    """
-    import datasets
-
-    _check_n_seed(n, seed)
-    rows = _openthoughts_rows(n, seed)
-    string = datasets.Value("string")
-    features = datasets.Features(
-        {
-            "system": string,
-            "conversations": [{"from": string, "value": string}],
-            "problem": string,
-            "deepseek_reasoning": string,
-            "deepseek_solution": string,
-            "final_answer": string,
-            "text": string,
-        }
-    )
-    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
-
-
-SYNTHETIC_DATASETS: dict[str, Callable[..., datasets.Dataset]] = {
-    "arithmetic": arithmetic_dataset,
-    "mcq": multiple_choice_dataset,
-    "openthoughts": openthoughts_dataset,
-}
-"""Synthetic data sets by name: ``name -> f(n=64, seed=0) -> datasets.Dataset``."""
-
-
-def synthetic_dataset(name: str, n: int = 64, seed: int = 0) -> datasets.Dataset:
-    """The synthetic data set ``name`` (a key of :data:`SYNTHETIC_DATASETS`) with ``n`` rows for
-    ``seed``; raises :class:`ProbeError` for an unknown name."""
-    if name not in SYNTHETIC_DATASETS:
-        raise ProbeError(
-            f"unknown synthetic dataset {name!r}: expected one of {', '.join(sorted(SYNTHETIC_DATASETS))}"
-        )
-    return SYNTHETIC_DATASETS[name](n=n, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------

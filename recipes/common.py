@@ -109,7 +109,8 @@ def load_model_and_tokenizer(model_args, training_args):
 
 def tiny_model(name: str):
     """The tiny random model of ``tiny:<arch>`` (the same weights on every call: seed 0)."""
-    from posttrain_probe.testing import ARCHITECTURES, tiny_model as build
+    from posttrain_probe.testing import ARCHITECTURES
+    from posttrain_probe.testing import tiny_model as build
 
     arch = name[len(TINY_PREFIX):] or "qwen3"
     if arch not in ARCHITECTURES:

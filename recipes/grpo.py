@@ -48,11 +48,11 @@ class GRPOScriptArguments(MathScriptArguments):
 
 
 def main(script_args, training_args, model_args, probe_args):
+    from common import grpo_dataset, load_model_and_tokenizer
     from transformers import AutoTokenizer
     from trl import GRPOTrainer, get_peft_config, get_quantization_config
     from trl.rewards import accuracy_reward
 
-    from common import grpo_dataset, load_model_and_tokenizer
     from posttrain_probe.callbacks import add_probe_callbacks
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer

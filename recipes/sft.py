@@ -30,9 +30,9 @@ from common import MathScriptArguments, parse_recipe_args
 
 
 def main(script_args, training_args, model_args, probe_args):
+    from common import load_model_and_tokenizer, sft_dataset
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-    from common import load_model_and_tokenizer, sft_dataset
     from posttrain_probe.callbacks import add_probe_callbacks
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer

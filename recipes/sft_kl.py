@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from trl import SFTConfig, SFTTrainer
-
 from common import MathScriptArguments, parse_recipe_args
+from trl import SFTConfig, SFTTrainer
 
 
 @dataclass
@@ -176,9 +175,9 @@ def _next_token_logits(causal_lm, hidden):
 
 
 def main(script_args, training_args, model_args, probe_args):
+    from common import TINY_PREFIX, load_model_and_tokenizer, sft_dataset, tiny_model
     from trl import get_peft_config, get_quantization_config
 
-    from common import TINY_PREFIX, load_model_and_tokenizer, sft_dataset, tiny_model
     from posttrain_probe.callbacks import add_probe_callbacks
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs), its tokenizer, and the frozen base:

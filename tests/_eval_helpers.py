@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain_probe.analysis.feature_sets import write_feature_set
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
-from posttrain_probe.analysis.feature_sets import write_feature_set
 
 LAYER = 2
 FEATURES = [1, 4, 9, 17, 30]

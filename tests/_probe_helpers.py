@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from posttrain_probe.activations.store import ActivationStore
-from posttrain_probe.testing import BOS_TOKEN, SPECIAL_TOKEN_IDS, arithmetic_dataset
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import BOS_TOKEN, SPECIAL_TOKEN_IDS
 
 BOS = SPECIAL_TOKEN_IDS[BOS_TOKEN]
 

@@ -391,3 +391,42 @@ def test_bad_inputs_raise_probe_error():
     with pytest.raises(ProbeError, match="4 features"):
         feature_table(cc, base="base", stats=FeatureStats(torch.zeros(3), torch.zeros(3), 1))
     assert model_index(NAMES, "rl") == 2
+
+
+def _random_crosscoder(names, n_features=32, d=8, seed=0):
+    from posttrain_probe.crosscoder.config import CrosscoderConfig
+    from posttrain_probe.crosscoder.model import Crosscoder
+
+    torch.manual_seed(seed)
+    return Crosscoder(CrosscoderConfig(model_names=list(names), d_model=d, n_features=n_features, layer=1))
+
+
+def test_analyze_result_reads_back_equal(tmp_path):
+    from posttrain_probe.analysis import AnalysisResult, AnalyzeConfig
+    from posttrain_probe.analysis.report import analyze
+
+    config = AnalyzeConfig(crosscoder=tmp_path / "cc", out=tmp_path / "analysis", table_format="csv", duplicate_cosine=0.9)
+    result = analyze(config, crosscoder=_random_crosscoder(["base", "sft", "rl"]))
+    assert AnalysisResult.read(config.out) == result
+    assert set(result.models) == {"sft", "rl"} and result.liveness == "unknown" and result.n_features == 32
+    assert json.loads((config.out / "summary.json").read_text()) == result.to_json()
+
+
+def test_analyze_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import posttrain_probe.analysis.report as report
+    from posttrain_probe.analysis import AnalyzeConfig
+    from posttrain_probe.cli.main import app
+    from posttrain_probe.config_io import load_config
+
+    yaml_file = tmp_path / "analyze.yaml"
+    yaml_file.write_text("crosscoder: runs/cc\nout: runs/analysis\nacts: [runs/acts]\ntable_format: csv\np: 2.0\nnorm_ratio_scale: pair\n")
+    direct = AnalyzeConfig(crosscoder="runs/cc", out="runs/analysis", acts=["runs/acts"], table_format="csv", p=2.0, norm_ratio_scale="pair")
+    assert load_config(AnalyzeConfig, yaml_file) == direct
+    seen = []
+    monkeypatch.setattr(report, "analyze", lambda config, **kwargs: seen.append(config))
+    flags = ["--crosscoder", "runs/cc", "--out", "runs/analysis", "--acts", "runs/acts", "--table-format", "csv", "--p", "2.0", "--norm-ratio-scale", "pair"]
+    for argv in (flags, ["--config", str(yaml_file)]):
+        CliRunner().invoke(app, ["analyze", *argv])
+    assert seen == [direct, direct]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.activations import CollectConfig, PairedActivations, collect_activations
+from posttrain_probe.activations import CollectConfig, PairedActivations
+from posttrain_probe.activations.collect import collect
 from posttrain_probe.analysis.attribution import norm_ratio, nrn
 from posttrain_probe.analysis.duplicates import duplicate_groups
 from posttrain_probe.analysis.dynamics import match_features, top_k_ties
@@ -37,8 +38,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     models = save_tiny_pair(root / "models", "qwen3", steps=3)
     acts = root / "acts"
-    collect_activations({k: str(v) for k, v in models.items()}, "synthetic:arithmetic", [2], acts,
-                        config=CollectConfig(seq_len=48, max_tokens=3000), progress=False)
+    collect(CollectConfig(model=[f"{k}={v}" for k, v in models.items()], dataset="synthetic:arithmetic", out=acts, layer=[2],
+                          seq_len=48, max_tokens=3000), progress=False)
     source = PairedActivations.from_directory(acts, layer=2)
     cfg = dict(batch_size=256, lr=1e-3, log_every=2, checkpoint_every=2)
     train_crosscoder(source, CrosscoderConfig(n_features=32), CrosscoderTrainingConfig(**cfg), root / "cc", progress=False)
@@ -78,10 +79,10 @@ CLI_CASES = [
     (["crosscoder", "info", "nowhere"], "holds no crosscoder"),
     (["analyze", "--crosscoder", "nowhere", "--out", "a"], "holds no crosscoder"),
     (["analyze", "--crosscoder", "{cc}", "--base", "nope", "--out", "a"], "'nope' is not one of the crosscoder's models"),
-    (["analyze", "--crosscoder", "{cc}", "--out", "a", "--format", "xlsx"], "expected parquet or csv"),
+    (["analyze", "--crosscoder", "{cc}", "--out", "a", "--table-format", "xlsx"], "expected parquet or csv"),
     (["analyze", "--crosscoder", "{cc_part}", "--out", "a"], "unfinished training run"),
-    (["crosscoder", "calibrate", "{cc_part}", "--acts", "{acts}"], "unfinished training run"),
-    (["crosscoder", "calibrate", "{cc_part}", "--acts", "{acts}", "--allow-incomplete"], "calibrating it in place would be overwritten"),
+    (["crosscoder", "calibrate", "--crosscoder", "{cc_part}", "--acts", "{acts}"], "unfinished training run"),
+    (["crosscoder", "calibrate", "--crosscoder", "{cc_part}", "--acts", "{acts}", "--allow-incomplete"], "calibrating it in place would be overwritten"),
     (["leakage", "--crosscoder", "{cc_part}", "--base", "{base}", "--blocked", "{tuned}", "--features", "0", "--dataset", "synthetic:arithmetic", "--out", "l"], "unfinished training run"),
     (["features", "fisher", "--crosscoder", "{cc_part}", "--model", "base={base}", "--dataset", "synthetic:openthoughts", "--out", "f"], "unfinished training run"),
     (["analyze", "--crosscoder", "{cc}", "--out", "a", "--norm-ratio-scale", "max"], "'max'"),
@@ -135,7 +136,7 @@ PYTHON_CASES = [
     (lambda w: top_k_ties(torch.rand(2, 5), k=9), "k=9"),
     (lambda w: CrosscoderTrainingConfig(lr=0.0), "lr must be a finite number > 0"),
     (lambda w: CrosscoderTrainingConfig(threshold_decay=1.0), "threshold_decay must be in [0, 1)"),
-    (lambda w: CollectConfig(seq_len=0), "seq_len must be >= 1"),
+    (lambda w: CollectConfig(model=["base=m"], dataset="synthetic:arithmetic", out=w["root"] / "o", seq_len=0), "seq_len must be >= 1"),
     (lambda w: load_dataset_spec(str(w["empty"])), "is empty"),
     (lambda w: check_model_path("./no/such/model"), "does not exist"),
     (lambda w: load_crosscoder(w["root"] / "nowhere"), "holds no crosscoder"),

@@ -16,15 +16,20 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian, vjp
 
-from posttrain_probe.callbacks.blocking import BlockingArguments, GradientBlockingCallback, blocking_callback, build_blocker
+from posttrain_probe.analysis.feature_sets import read_feature_set, resolve_features, write_feature_set
+from posttrain_probe.callbacks.blocking import (
+    BlockingArguments,
+    GradientBlockingCallback,
+    blocking_callback,
+    build_blocker,
+)
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.analysis.feature_sets import read_feature_set, resolve_features, write_feature_set
 from posttrain_probe.layers import decoder_blocks
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
-
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -563,8 +568,7 @@ def test_resolve_feature_lists_strings_and_json(tmp_path):
     # written from a category, read back the same
     written = write_feature_set(tmp_path / "shared.json", resolve_features(cc, "shared"), category="shared")
     assert resolve_features(cc, written) == SHARED
-    plain = tmp_path / "plain.json"
-    plain.write_text("[4, 1]")
+    plain = write_feature_set(tmp_path / "plain.json", [4, 1])  # no crosscoder recorded: accepted as it is
     assert resolve_features(cc, plain) == [1, 4]
     no_suffix = tmp_path / "features.txt"
     no_suffix.write_text(json.dumps({"format": "posttrain-probe/feature-set", "format_version": 1, "features": [7]}))

@@ -33,7 +33,8 @@ SCRIPT = r'''
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 out, per_device, mode, cc_dir, block_mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 # Built before any DeepSpeed config exists (no zero.Init): the same initial weights in every run.

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _probe_helpers import fresh_forward, read_store
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -30,9 +31,8 @@ from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks, snaps
 from posttrain_probe.callbacks.probe_run import relative_drift
 from posttrain_probe.callbacks.run_dir import step_name
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
-
-from _probe_helpers import fresh_forward, read_store
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 BOS, EOS = 1, 2
 LAYERS = [1, 2]
@@ -224,7 +224,7 @@ def test_sft_manifest_lists_schedule_snapshots_and_activations(sft_run):
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [step_name(s) for s in SCHEDULE]
     assert sorted(p.name for p in (run / "activations").iterdir()) == [step_name(s) for s in [0, *SCHEDULE]]
     for step in [0, *SCHEDULE]:
-        assert sorted(p.name for p in (run / "activations" / step_name(step)).iterdir()) == [f"layer{l}" for l in LAYERS]
+        assert sorted(p.name for p in (run / "activations" / step_name(step)).iterdir()) == [f"layer{layer}" for layer in LAYERS]
     # the fingerprint is the sha256 of the probe batches
     import hashlib
 

@@ -1,4 +1,4 @@
-"""Paired capture, collect_activations, LiveActivations and the `collect` / `store info` CLI."""
+"""Paired capture, the collect step, LiveActivations and the `collect` / `store info` CLI."""
 
 from __future__ import annotations
 
@@ -17,16 +17,19 @@ from typer.testing import CliRunner
 from posttrain_probe import ProbeError
 from posttrain_probe.activations import (
     ActivationStore,
+    CollectConfig,
+    CollectResult,
     LiveActivations,
     PairedActivations,
     capture_batch,
-    collect_activations,
     select_tokens,
 )
 from posttrain_probe.activations.capture import outlier_mask
+from posttrain_probe.activations.collect import collect
 from posttrain_probe.cli import app
 from posttrain_probe.data import load_dataset_spec, token_batches
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 LAYER = 2
 runner = CliRunner()
@@ -85,10 +88,12 @@ def test_paired_capture_of_two_different_models(tiny_pair, tokenizer):
 
 def test_collect_writes_paired_stores_equal_to_full_forwards(tiny_pair, tmp_path, tokenizer):
     out = tmp_path / "acts"
-    paths = collect_activations(
-        {"base": tiny_pair["base"], "tuned": tiny_pair["tuned"]}, arithmetic_dataset(24), [LAYER], out,
-        seq_len=48, batch_size=4, max_tokens=None, dtype="fp32", shard_tokens=100, progress=False,
+    config = CollectConfig(
+        model=[f"base={tiny_pair['base']}", f"tuned={tiny_pair['tuned']}"], dataset="arithmetic", out=out, layer=[LAYER],
+        seq_len=48, batch_size=4, max_tokens=None, dtype="fp32", shard_tokens=100,
     )
+    result = collect(config, dataset=arithmetic_dataset(24), progress=False)
+    paths = result.stores
     assert set(paths) == {"base", "tuned"} and paths["base"][LAYER] == out / "base" / f"layer{LAYER}"
     stores = {name: ActivationStore(p[LAYER]) for name, p in paths.items()}
     assert stores["base"].token_fingerprint == stores["tuned"].token_fingerprint
@@ -104,7 +109,8 @@ def test_collect_writes_paired_stores_equal_to_full_forwards(tiny_pair, tmp_path
 
 def test_collect_max_tokens_bf16_and_models_given_as_objects(tmp_path, tokenizer):
     models = {"a": tiny_model("llama", seed=1), "b": tiny_model("llama", seed=2)}
-    paths = collect_activations(models, "synthetic:mcq", [0, 3], tmp_path / "o", tokenizer=tokenizer, seq_len=32, max_tokens=500, progress=False)
+    config = CollectConfig(model=[], dataset="synthetic:mcq", out=tmp_path / "o", layer=[0, 3], seq_len=32, max_tokens=500)
+    paths = collect(config, models=models, tokenizer=tokenizer, progress=False).stores
     for layer in (0, 3):
         store = ActivationStore(paths["a"][layer])
         assert store.n_tokens == 500 and store.dtype == torch.bfloat16 and store.complete
@@ -118,7 +124,9 @@ def test_collect_max_tokens_bf16_and_models_given_as_objects(tmp_path, tokenizer
 def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     models = {"base": tiny_pair["base"], "tuned": tiny_pair["tuned"]}
     data = arithmetic_dataset(16)
-    collect_activations(models, data, [LAYER], tmp_path / "o", seq_len=40, batch_size=4, max_tokens=None, dtype="fp32", progress=False)
+    config = CollectConfig(model=[f"{n}={p}" for n, p in models.items()], dataset="arithmetic", out=tmp_path / "o", layer=[LAYER],
+                           seq_len=40, batch_size=4, max_tokens=None, dtype="fp32")
+    collect(config, dataset=data, progress=False)
     stored = torch.cat(list(PairedActivations.from_directory(tmp_path / "o").iter_batches(4096, shuffle=False)))
     live = LiveActivations(models, data, layer=LAYER, seq_len=40, forward_batch_size=4)
     assert live.model_names == ["base", "tuned"] and live.d_model == 64
@@ -134,22 +142,26 @@ def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     assert limited.shape == (100, 2, 64)
 
 
+def _collect(model, layer, out):
+    return collect(CollectConfig(model=model, dataset="synthetic:arithmetic", out=out, layer=layer), progress=False)
+
+
 def test_refuses_models_with_other_hidden_size_or_tokenizer(tiny_pair, tmp_path):
     small = tiny_model("qwen3", hidden_size=32)
     small.save_pretrained(tmp_path / "small")
     tiny_tokenizer().save_pretrained(tmp_path / "small")
     with pytest.raises(ProbeError, match=r"'base' \(hidden size 64\) and 'small' \(hidden size 32\)"):
-        collect_activations({"base": tiny_pair["base"], "small": tmp_path / "small"}, "synthetic:arithmetic", [1], tmp_path / "o", progress=False)
+        _collect([f"base={tiny_pair['base']}", f"small={tmp_path / 'small'}"], [1], tmp_path / "o")
     shutil.copytree(tiny_pair["tuned"], tmp_path / "other_tok")
     tok = tiny_tokenizer()
     tok.add_tokens(["<|think|>"])
     tok.save_pretrained(tmp_path / "other_tok")
     with pytest.raises(ProbeError, match="models 'base' and 'odd' have different tokenizers"):
-        collect_activations({"base": tiny_pair["base"], "odd": tmp_path / "other_tok"}, "synthetic:arithmetic", [1], tmp_path / "o", progress=False)
+        _collect([f"base={tiny_pair['base']}", f"odd={tmp_path / 'other_tok'}"], [1], tmp_path / "o")
     with pytest.raises(ProbeError, match="model 'base': layer 4 is out of range.*0 <= layer <= 3"):
-        collect_activations({"base": tiny_pair["base"]}, "synthetic:arithmetic", [4], tmp_path / "o", progress=False)
+        _collect([f"base={tiny_pair['base']}"], [4], tmp_path / "o")
     with pytest.raises(ProbeError, match="model path .*nowhere. does not exist"):
-        collect_activations({"base": tmp_path / "nowhere"}, "synthetic:arithmetic", [1], tmp_path / "o", progress=False)
+        _collect([f"base={tmp_path / 'nowhere'}"], [1], tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing written before the inputs were checked
 
 
@@ -215,9 +227,10 @@ def test_cli_refuses_an_output_directory_with_a_different_store(tiny_pair, tmp_p
 
 _KILLABLE = """
 import sys
-from posttrain_probe.activations import collect_activations
-collect_activations({"base": sys.argv[1], "tuned": sys.argv[2]}, "synthetic:arithmetic", [2], sys.argv[3],
-                    seq_len=64, batch_size=2, max_tokens=3000, shard_tokens=150, n_docs=512, progress=False)
+from posttrain_probe.activations import CollectConfig
+from posttrain_probe.activations.collect import collect
+collect(CollectConfig(model=[f"base={sys.argv[1]}", f"tuned={sys.argv[2]}"], dataset="synthetic:arithmetic", out=sys.argv[3], layer=[2],
+                      seq_len=64, batch_size=2, max_tokens=3000, shard_tokens=150, n_docs=512), progress=False)
 """
 
 
@@ -282,16 +295,16 @@ def test_two_process_collect_writes_per_rank_shards(tiny_pair, tmp_path):
 
 
 def test_resuming_with_other_data_is_refused(tiny_pair, tmp_path):
-    models = {"base": tiny_pair["base"]}
-    collect_activations(models, arithmetic_dataset(8, seed=0), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)
+    config = CollectConfig(model=[f"base={tiny_pair['base']}"], dataset="arithmetic", out=tmp_path / "o", layer=[1], seq_len=16, max_tokens=50)
+    collect(config, dataset=arithmetic_dataset(8, seed=0), progress=False)
     with pytest.raises(ProbeError, match="already holds a different activation store: source"):
-        collect_activations(models, arithmetic_dataset(8, seed=1), [1], tmp_path / "o", seq_len=16, max_tokens=50, progress=False)
+        collect(config, dataset=arithmetic_dataset(8, seed=1), progress=False)
 
 
 def test_bad_layer_values_fail_before_loading(tmp_path):
     for layers in ([-1], [2.5], [True]):
         with pytest.raises(ProbeError, match="are not sites"):
-            collect_activations({"base": tmp_path / "nowhere"}, "synthetic:arithmetic", layers, tmp_path / "o", progress=False)
+            _collect([f"base={tmp_path / 'nowhere'}"], layers, tmp_path / "o")
 
 
 def test_live_activations_split_batches_across_ranks(tiny_pair):
@@ -303,3 +316,26 @@ def test_live_activations_split_batches_across_ranks(tiny_pair):
     torch.testing.assert_close(torch.cat(interleaved), whole)
     with pytest.raises(ProbeError, match="rank 2 is outside world_size 2"):
         LiveActivations(models, data, layer=1, rank=2, world_size=2)
+
+
+def test_collect_result_reads_back_and_config_from_yaml_equals_flags(tiny_pair, tmp_path, monkeypatch):
+    import posttrain_probe.activations.collect as collect_module
+    from posttrain_probe.config_io import load_config
+
+    config = CollectConfig(model=[f"base={tiny_pair['base']}"], dataset="synthetic:arithmetic", out=tmp_path / "o", layer=[1, 2], seq_len=16, max_tokens=40)
+    result = collect(config, progress=False)
+    assert result.layers == [1, 2] and result.n_tokens() == {"base": {1: 40, 2: 40}}
+    assert CollectResult.read(tmp_path / "o") == result
+    assert result.write(tmp_path / "o") == {"collect": tmp_path / "o" / "collect.json"} and CollectResult.read(tmp_path / "o") == result
+
+    seen = []
+    monkeypatch.setattr(collect_module, "collect", lambda config: seen.append(config) or CollectResult(config.out, {}, {}))
+    file = tmp_path / "collect.yaml"
+    file.write_text("model:\n  base: models/base\n  sft: models/sft\ndataset: synthetic:arithmetic\nout: runs/acts\nlayer: [1, 3]\ndtype: fp32\nmax_tokens: 0\n")
+    flags = ["--model", "base=models/base", "--model", "sft=models/sft", "--dataset", "synthetic:arithmetic", "--out", "runs/acts",
+             "--layer", "1", "--layer", "3", "--dtype", "fp32", "--max-tokens", "0"]
+    for args in (["collect", *flags], ["collect", "--config", str(file)]):
+        outcome = runner.invoke(app, args)
+        assert outcome.exit_code == 0, outcome.output
+    assert seen[0] == seen[1] == load_config(CollectConfig, file)
+    assert seen[0].model == ["base=models/base", "sft=models/sft"] and seen[0].max_tokens is None and seen[0].dtype == "float32"

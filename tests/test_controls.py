@@ -104,7 +104,7 @@ def test_source_activation_stats_frequency(tmp_path):
     """Firing rates and maxima in one pass, against encode_source over every kept token; cached together."""
     from posttrain_probe.crosscoder.config import CrosscoderConfig
     from posttrain_probe.crosscoder.model import Crosscoder
-    from posttrain_probe.interventions import max_activations, source_activation_stats
+    from posttrain_probe.interventions import ReferenceReading, max_activations, source_activation_stats
     from posttrain_probe.layers import truncated_forward
     from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
@@ -116,7 +116,7 @@ def test_source_activation_stats_frequency(tmp_path):
         cc.b_enc.copy_(torch.randn(24, generator=gen) * 0.5)
     cc.save_pretrained(tmp_path / "cc")
     texts = ["The quick brown fox jumps over", "Let us think", "A small model learns to add numbers"]
-    stats = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, batch_size=2, seq_len=16)
+    stats = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
     acts = truncated_forward(model, batch["input_ids"], batch["attention_mask"], [2])[2]
@@ -127,8 +127,8 @@ def test_source_activation_stats_frequency(tmp_path):
     torch.testing.assert_close(stats.max_activation, codes.amax(0), rtol=1e-5, atol=1e-6)
     assert (stats.frequency > 0).any() and (stats.frequency < 1).any()
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 1
-    again = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, batch_size=2, seq_len=16)  # same cache entry
+    again = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))  # same cache entry
     assert torch.equal(again, stats.max_activation)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 1
-    cached = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, batch_size=2, seq_len=16)
+    cached = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))
     assert torch.equal(cached.frequency, stats.frequency) and cached.n_tokens == stats.n_tokens

@@ -8,12 +8,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from _eval_helpers import lm_eval_logging  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
-from _eval_helpers import lm_eval_logging  # noqa: F401  (fixture)
+from posttrain_probe.analysis.critical import (
+    CriticalSamples,
+    critical_from_records,
+    critical_samples,
+    find_sample_files,
+)
+from posttrain_probe.analysis.critical_config import CriticalConfig
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.analysis.critical import critical_from_records, critical_samples, find_sample_files, read_critical
 from posttrain_probe.eval.runner import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +84,7 @@ def test_cli_writes_the_critical_file(runs, tmp_path):
     assert data["format"] == "posttrain-probe/critical-samples" and data["format_version"] == 1
     expected = critical_samples(runs["dir"] / "base", runs["dir"] / "rl")
     assert data == expected.to_json()
-    assert read_critical(out).to_json() == data
+    assert CriticalSamples.read(out).to_json() == data
     mcq = data["tasks"]["probe_mcq"]
     assert mcq["n_critical"] == len(mcq["doc_ids"]) and set(mcq["prompts"]) == {str(d) for d in mcq["doc_ids"]}
     assert f"probe_mcq: |G_t| = {mcq['n_critical']} of {N_DOCS} docs" in result.output
@@ -119,3 +125,42 @@ def test_missing_logs_are_reported(tmp_path):
 def test_same_file_for_both_runs_is_refused(runs):
     with pytest.raises(ProbeError, match="same file"):
         critical_samples(runs["dir"] / "rl", runs["dir"] / "rl")
+
+
+def test_read_gives_back_what_critical_wrote(runs, tmp_path):
+    from posttrain_probe.analysis.critical import critical
+
+    config = CriticalConfig(base_samples=runs["dir"] / "base", rl_samples=runs["dir"] / "rl", out=tmp_path / "c.json", samples_out=tmp_path / "s.json")
+    result = critical(config)
+    assert CriticalSamples.read(config.out) == result
+    assert json.loads(config.samples_out.read_text()) == result.doc_ids
+    # one reader, no fallbacks: a file without its format_version or a task field is refused
+    data = json.loads(config.out.read_text())
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in data.items() if k != "format_version"}))
+    with pytest.raises(ProbeError, match="format_version None"):
+        CriticalSamples.read(tmp_path / "old.json")
+    del data["tasks"]["probe_mcq"]["request_type"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ProbeError, match="request_type"):
+        CriticalSamples.read(tmp_path / "old.json")
+
+
+def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    import posttrain_probe.analysis.critical as critical_module
+    from posttrain_probe.config_io import load_config
+
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise ProbeError("captured")
+
+    monkeypatch.setattr(critical_module, "critical", capture)
+    result = CliRunner().invoke(app, ["critical", "--base-samples", "eval/base", "--rl-samples", "eval/rl", "--out", "c.json",
+                                      "--metric", "acc", "--filter-name", "strict-match", "--samples-out", "s.json"])
+    assert "captured" in result.output, result.output
+    (tmp_path / "critical.yaml").write_text("base_samples: eval/base\nrl_samples: eval/rl\nout: c.json\nmetric: acc\nfilter_name: strict-match\nsamples_out: s.json\n")
+    from_yaml = load_config(CriticalConfig, tmp_path / "critical.yaml")
+    assert seen[0] == from_yaml
+    result = CliRunner().invoke(app, ["critical", "--config", str(tmp_path / "critical.yaml"), "--metric", "exact_match"])
+    assert "captured" in result.output and seen[1].metric == "exact_match" and seen[1].base_samples == from_yaml.base_samples

@@ -48,7 +48,7 @@ def test_train_info_analyze_dynamics(checkpoints, tmp_path):
     info = json.loads(_ok(["crosscoder", "info", tmp_path / "cc", "--json"]))
     assert info["models"] == ["base", "ckpt1", "ckpt2"] and info["steps"] == 6000 // 256 and set(info["fvu"]) == {"base", "ckpt1", "ckpt2"}
 
-    out = _ok(["analyze", "--crosscoder", tmp_path / "cc", "--base", "base", "--out", tmp_path / "analysis", "--acts", acts, "--format", "csv", "--stats-tokens", "2000"])
+    out = _ok(["analyze", "--crosscoder", tmp_path / "cc", "--base", "base", "--out", tmp_path / "analysis", "--acts", acts, "--table-format", "csv", "--stats-tokens", "2000"])
     assert "ckpt1 vs base" in out and "ckpt2 vs base" in out
     table = pacsv.read_csv(tmp_path / "analysis" / "features.csv")
     assert table.num_rows == 96 and {"nrn_ckpt1", "norm_ratio_ckpt2", "mas_base", "frequency", "max_activation", "dead"} <= set(table.column_names)
@@ -60,7 +60,7 @@ def test_train_info_analyze_dynamics(checkpoints, tmp_path):
     _ok(["analyze", "--crosscoder", tmp_path / "cc", "--base", "base", "--out", tmp_path / "analysis_noacts"])
     no_acts = json.loads((tmp_path / "analysis_noacts" / "summary.json").read_text())
     assert no_acts["liveness"] == "training" and no_acts["n_dead"] is not None
-    from posttrain_probe.interventions import read_feature_set
+    from posttrain_probe.analysis.feature_sets import read_feature_set
 
     shared = read_feature_set(tmp_path / "analysis" / "feature_sets" / "ckpt1_shared.json")
     assert len(shared) >= summary["models"]["ckpt1"]["categories"]["shared"] > 0  # the summary also drops never-firing features

@@ -16,7 +16,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _planted import write_planted_stores
 
 from posttrain_probe.activations import PairedActivations

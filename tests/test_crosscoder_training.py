@@ -10,8 +10,8 @@ import sys
 import textwrap
 
 import pytest
-from _distributed import free_port
 import torch
+from _distributed import free_port
 
 from posttrain_probe.activations import ActivationStoreWriter, PairedActivations
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
@@ -336,3 +336,48 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     torch.testing.assert_close(ddp_model.scales, single.scales, rtol=1e-6, atol=0)
     torch.testing.assert_close(ddp_model.W_dec, single.W_dec, rtol=1e-3, atol=1e-5)
     assert json.loads((tmp_path / "ddp" / "trainer_state" / "latest.json").read_text())["step"] == 16
+
+
+# -- the step: crosscoder_train(CrosscoderTrainConfig) -> CrosscoderRun ------------------------------
+def test_crosscoder_train_step_returns_the_run_it_reads_back(paired, tmp_path):
+    from posttrain_probe.crosscoder import CrosscoderRun, CrosscoderTrainConfig, crosscoder_train
+
+    stores = [str(store.path) for store in paired.stores.values()]
+    config = CrosscoderTrainConfig(acts=stores, out=tmp_path / "run", crosscoder=CrosscoderConfig(n_features=32), training=small_config(n_tokens=1024))
+    run = crosscoder_train(config, progress=False)
+    assert run.complete and run.step == run.total_steps == 4 and run.tokens == 1024 and run.out == tmp_path / "run"
+    assert run.config.model_names == NAMES and run.config.n_features == 32 and run.warnings  # 4 steps: "only 4 optimizer steps"
+    assert CrosscoderRun.read(tmp_path / "run") == run
+    run.write(tmp_path / "run")
+    assert CrosscoderRun.read(tmp_path / "run") == run
+    with pytest.raises(ProbeError, match="give the training data once"):
+        crosscoder_train(config, source=paired)
+
+
+def test_crosscoder_train_config_from_yaml_sections_equals_flags(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import posttrain_probe.crosscoder.run as run_module
+    from posttrain_probe.cli import app
+    from posttrain_probe.config_io import load_config
+    from posttrain_probe.crosscoder import CrosscoderRun, CrosscoderTrainConfig
+
+    seen = []
+
+    def fake(config):
+        seen.append(config)
+        return CrosscoderRun(config.out, 1, 1, 256, True, None, CrosscoderConfig())
+
+    monkeypatch.setattr(run_module, "crosscoder_train", fake)
+    file = tmp_path / "cc.yaml"
+    file.write_text("acts: [a, b]\nout: runs/cc\nresume: true\ncrosscoder:\n  layer: 3\n  n_features: 64\n  model_names: [base, ft]\n"
+                    "training:\n  batch_size: 128\n  lr: 0.002\n  report_to: [tensorboard]\n")
+    flags = ["--acts", "a", "--acts", "b", "--out", "runs/cc", "--resume", "--layer", "3", "--n-features", "64", "--model-names", "base",
+             "--model-names", "ft", "--batch-size", "128", "--lr", "0.002", "--report-to", "tensorboard"]
+    runner = CliRunner()
+    for args in (["crosscoder", "train", *flags], ["crosscoder", "train", "--config", str(file)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    from_yaml = load_config(CrosscoderTrainConfig, file)
+    assert seen[0] == seen[1] == from_yaml
+    assert from_yaml.crosscoder.n_features == 64 and from_yaml.training.lr == 0.002 and from_yaml.resume

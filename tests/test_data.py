@@ -10,7 +10,7 @@ import torch
 
 from posttrain_probe import ProbeError
 from posttrain_probe.data import load_dataset_spec, n_batches, render_document, text_column, token_batches
-from posttrain_probe.testing import arithmetic_dataset
+from posttrain_probe.synthetic import arithmetic_dataset
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet", ".csv"])

@@ -361,3 +361,38 @@ def test_numpy_float64_scores_accepted():
     scores = np.random.default_rng(15).random((3, 100))
     assert topk_overlap(scores, k=10).shape == (3, 3)
     assert rank_shifts(scores, k=10).features.shape == (2, 10)
+
+
+def test_dynamics_result_reads_back_equal(tmp_path):
+    from posttrain_probe.analysis import DynamicsConfig, DynamicsResult
+    from posttrain_probe.analysis.report import dynamics
+    from posttrain_probe.crosscoder.config import CrosscoderConfig
+    from posttrain_probe.crosscoder.model import Crosscoder
+
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(model_names=["base", "c1", "c2", "c3"], d_model=8, n_features=40, layer=1))
+    config = DynamicsConfig(crosscoder=[str(tmp_path / "cc")], out=tmp_path / "dyn", k=5)
+    result = dynamics(config, crosscoders=[cc])
+    assert DynamicsResult.read(config.out) == result
+    assert result.checkpoints == ["c1", "c2", "c3"] and result.matching is None and len(result.rank_shifts) == 2
+
+
+def test_dynamics_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import posttrain_probe.analysis.report as report
+    from posttrain_probe.analysis import DynamicsConfig
+    from posttrain_probe.cli.main import app
+    from posttrain_probe.config_io import load_config
+
+    yaml_file = tmp_path / "dynamics.yaml"
+    yaml_file.write_text("crosscoder: [runs/cc1, runs/cc2]\nout: runs/dyn\ncheckpoint: [c1, c2]\nk: 5\nnorm_floor: 0.02\nmin_cosine: 0.6\n")
+    direct = DynamicsConfig(crosscoder=["runs/cc1", "runs/cc2"], out="runs/dyn", checkpoint=["c1", "c2"], k=5, norm_floor=0.02, min_cosine=0.6)
+    assert load_config(DynamicsConfig, yaml_file) == direct
+    seen = []
+    monkeypatch.setattr(report, "dynamics", lambda config, **kwargs: seen.append(config))
+    flags = ["--crosscoder", "runs/cc1", "--crosscoder", "runs/cc2", "--out", "runs/dyn", "--checkpoint", "c1", "--checkpoint", "c2",
+             "--k", "5", "--norm-floor", "0.02", "--min-cosine", "0.6"]
+    for argv in (flags, ["--config", str(yaml_file)]):
+        CliRunner().invoke(app, ["dynamics", *argv])
+    assert seen == [direct, direct]

@@ -12,16 +12,17 @@ whole decoders. Each must recover the true overlap within 0.15 at every pair of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _planted import write_planted_stores
 
 from posttrain_probe.activations import PairedActivations
-from posttrain_probe.analysis.report import checkpoint_dynamics
+from posttrain_probe.analysis import DynamicsConfig, DynamicsResult
+from posttrain_probe.analysis.report import dynamics
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
 
 D = 32
@@ -76,8 +77,8 @@ def planted(request, tmp_path_factory):
     return kind, paths, root
 
 
-def _assert_recovers_truth(kind: str, result: dict) -> None:
-    overlap = torch.tensor(result["overlap"])
+def _assert_recovers_truth(kind: str, result: DynamicsResult) -> None:
+    overlap = torch.tensor(result.overlap)
     truth = torch.ones_like(overlap) if kind == "stable" else torch.eye(N_CHECKPOINTS)
     error = (overlap - truth).abs()
     assert error.max().item() <= 0.15, f"{kind}: top-{N_NEW} overlap {overlap.tolist()} is more than 0.15 from the truth"
@@ -87,24 +88,25 @@ def _assert_recovers_truth(kind: str, result: dict) -> None:
 def test_joint_crosscoder_recovers_true_overlap(planted, tmp_path):
     kind, paths, root = planted
     cc = train(paths, NAMES, root / "joint", n_features=128)
-    result = checkpoint_dynamics(cc, base="base", k=N_NEW, out_dir=tmp_path / "dyn")
+    result = dynamics(DynamicsConfig(crosscoder=[root / "joint"], base="base", k=N_NEW, out=tmp_path / "dyn"), crosscoders=[cc])
     _assert_recovers_truth(kind, result)
-    assert json.loads((tmp_path / "dyn" / "dynamics.json").read_text())["overlap"] == result["overlap"]
+    assert json.loads((tmp_path / "dyn" / "dynamics.json").read_text())["overlap"] == result.overlap
 
 
 @pytest.mark.slow
 def test_per_checkpoint_crosscoders_recover_true_overlap(planted, tmp_path):
     kind, paths, root = planted
     models = [train(paths, ["base", name], root / f"pair-{name}", n_features=96) for name in CHECKPOINTS]
-    result = checkpoint_dynamics(crosscoders=models, base="base", k=N_NEW, out_dir=tmp_path / "dyn")
+    config = DynamicsConfig(crosscoder=[root / f"pair-{name}" for name in CHECKPOINTS], base="base", k=N_NEW, out=tmp_path / "dyn")
+    result = dynamics(config, crosscoders=models)
     _assert_recovers_truth(kind, result)
     for label in CHECKPOINTS[1:]:  # every matching is reported; nothing below the floor is forced
-        quality = result["matching"][label]
-        assert quality["n_matched"] > 0 and quality["min_cosine"] == 0.7
-        assert quality["mean"] >= 0.7
+        quality = result.matching[label]
+        assert quality.n_matched > 0 and quality.min_cosine == 0.7
+        assert quality.mean >= 0.7
     if kind == "turnover":
         # The control: forced one-to-one matching without a floor pairs each checkpoint's new latents
         # with unrelated ones and invents persistence that the planting does not have.
-        forced = checkpoint_dynamics(crosscoders=models, base="base", k=N_NEW, out_dir=tmp_path / "forced", min_cosine=-1.0,
-                                     duplicate_cosine=None, norm_floor=0.0)
-        assert torch.diagonal(torch.tensor(forced["overlap"]), 1).mean() > torch.diagonal(torch.tensor(result["overlap"]), 1).mean() + 0.15
+        forced_config = dataclasses.replace(config, out=tmp_path / "forced", min_cosine=-1.0, duplicate_cosine=None, norm_floor=0.0)
+        forced = dynamics(forced_config, crosscoders=models)
+        assert torch.diagonal(torch.tensor(forced.overlap), 1).mean() > torch.diagonal(torch.tensor(result.overlap), 1).mean() + 0.15

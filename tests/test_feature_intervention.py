@@ -14,20 +14,17 @@ import json
 import pytest
 import torch
 
+from posttrain_probe.analysis.feature_sets import (
+    crosscoder_fingerprint,
+    load_feature_set,
+    resolve_features,
+    write_feature_set,
+)
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.data import TokenBatch
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.interventions import (
-    INTERVENTION_MODES,
-    POSITIONS,
-    FeatureIntervention,
-    crosscoder_fingerprint,
-    load_feature_set,
-    max_activations,
-    resolve_features,
-    write_feature_set,
-)
+from posttrain_probe.interventions import POSITIONS, FeatureIntervention, ReferenceReading, max_activations
 from posttrain_probe.layers import decoder_blocks, truncated_forward
 from posttrain_probe.models import load_causal_lm
 from posttrain_probe.testing import tiny_model, tiny_tokenizer
@@ -422,7 +419,7 @@ def test_context_manager_detaches_on_error(model, cc, tokenizer):
 def test_max_activations_and_its_cache(model, cc, tokenizer, tmp_path):
     texts = PROMPTS + ["Which of these is true? Please choose one option"]
     cc.save_pretrained(tmp_path / "cc")
-    got = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, batch_size=3, seq_len=16)
+    got = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
     # reference: every kept token (real, not the first position, not BOS) of every document
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
@@ -434,22 +431,22 @@ def test_max_activations_and_its_cache(model, cc, tokenizer, tmp_path):
     assert (got > 0).sum() > N_FEATURES // 4
     files = sorted((tmp_path / "cc" / "max_activations").glob("*.safetensors"))
     assert len(files) == 1
-    assert torch.equal(max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, batch_size=3, seq_len=16), got)
+    assert torch.equal(max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)), got)
     # other model, other branch, other data: other cache entries
     other = tiny_model("qwen3", seed=7)
-    max_activations(tmp_path / "cc", "rl", other, texts, tokenizer=tokenizer, batch_size=3, seq_len=16)
-    max_activations(tmp_path / "cc", "base", model, texts, tokenizer=tokenizer, batch_size=3, seq_len=16)
+    max_activations(tmp_path / "cc", "rl", other, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
+    max_activations(tmp_path / "cc", "base", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
     as_batches = [TokenBatch(batch["input_ids"], batch["attention_mask"], torch.arange(len(texts)))]
     torch.testing.assert_close(max_activations(tmp_path / "cc", "rl", model, as_batches), expected, rtol=1e-5, atol=1e-6)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 4
     # a model given by path (loaded up to block L) and the same model loaded in full share an entry
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    from_path = max_activations(tmp_path / "cc", "rl", tmp_path / "model", texts, batch_size=3, seq_len=16)
+    from_path = max_activations(tmp_path / "cc", "rl", tmp_path / "model", texts, reading=ReferenceReading(batch_size=3, seq_len=16))
     torch.testing.assert_close(from_path, got, rtol=1e-5, atol=1e-6)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 5
     loaded = load_causal_lm(tmp_path / "model", device="cpu")
-    assert torch.equal(max_activations(tmp_path / "cc", "rl", loaded, texts, tokenizer=tokenizer, batch_size=3, seq_len=16), from_path)
+    assert torch.equal(max_activations(tmp_path / "cc", "rl", loaded, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)), from_path)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 5
     # an in-memory crosscoder is not cached unless cache_dir is given
     torch.testing.assert_close(max_activations(cc, "rl", model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]), expected, rtol=1e-5, atol=1e-6)
@@ -562,3 +559,19 @@ def test_bad_input(model, cc, tokenizer):
             model.model(input_ids=inputs["input_ids"])  # the inner model: no mask recorded
     with pytest.raises(ProbeError, match="width 64"):
         iv.edit(torch.zeros(2, 5))
+
+
+def test_each_mode_is_one_affine_edit():
+    """f' = a f + b with one constructor per mode: the change f' - f equals each mode's formula (docs/methods.md sec. 7)."""
+    from posttrain_probe.interventions.features import FeatureEdit, feature_edit
+
+    f = torch.relu(torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(0)))
+    max_s = torch.tensor([0.5, 2.0, 4.0])
+    assert torch.equal(FeatureEdit.zero().change(f), -f)
+    assert torch.equal(FeatureEdit.set(3.0).change(f), 3.0 - f)
+    assert torch.equal(FeatureEdit.scale(0.25).change(f), f * (0.25 - 1.0))
+    assert torch.equal(FeatureEdit.add(1.5).change(f), torch.full_like(f, 1.5))
+    assert torch.equal(FeatureEdit.steer(2.0, max_s).change(f), 2.0 * max_s - f)
+    assert torch.equal(feature_edit("steer", 2.0, max_s).change(f), FeatureEdit.steer(2.0, max_s).change(f))
+    assert [(e.a, e.b) for e in (feature_edit("zero", None), feature_edit("set", 3.0), feature_edit("scale", 0.5), feature_edit("add", -1.0))] == [
+        (0.0, 0.0), (0.0, 3.0), (0.5, 0.0), (1.0, -1.0)]

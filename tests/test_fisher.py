@@ -17,13 +17,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.fisher import FisherReport, SegmentStats, fisher_importance_ratio, magnitude_floor, rho_statistic, select_fisher_features
-from posttrain_probe.analysis.reasonscore import REASON_TOKENS, REASONING_WORDS, ReasonScoreAccumulator, reason_score, reasoning_token_groups
-from posttrain_probe.analysis.segments import SegmentFormat, find_delimited, segment_batches, split_document, token_segments
+from posttrain_probe.analysis.fisher_config import FisherConfig, SegmentFormat
+from posttrain_probe.analysis.fisher_report import FisherReport
+from posttrain_probe.analysis.fisher_stats import (
+    SegmentStats,
+    fisher_importance_ratio,
+    magnitude_floor,
+    rho_statistic,
+    select_fisher_features,
+)
+from posttrain_probe.analysis.reasonscore import (
+    REASON_TOKENS,
+    REASONING_WORDS,
+    ReasonScoreAccumulator,
+    reason_score,
+    reasoning_token_groups,
+)
+from posttrain_probe.analysis.segments import find_delimited, segment_batches, split_document, token_segments
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.testing import openthoughts_dataset, tiny_tokenizer
+from posttrain_probe.synthetic import openthoughts_dataset
+from posttrain_probe.testing import tiny_tokenizer
 
 runner = CliRunner()
 LAYER = 2
@@ -339,8 +354,8 @@ def test_cli_end_to_end_matches_an_independent_computation(fisher_run, tiny_pair
     ranked = prov["ranked"]
     assert sorted(ranked) == fset["features"] and len(ranked) == K
     # the set is usable by the interventions: it resolves against its crosscoder (fingerprint checked)
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.analysis.feature_sets import resolve_features
+    from posttrain_probe.crosscoder.inspect import load_crosscoder
 
     assert resolve_features(load_crosscoder(out.parent / "cc"), str(out / "fisher_features.json")) == sorted(ranked)
 
@@ -449,3 +464,75 @@ def test_rho_summary_warns_when_the_selection_fires_everywhere():
     assert "fire on almost every token" in everywhere["warning"]
     informative = report(torch.tensor([[9, 1], [8, 0]], dtype=torch.float64))
     assert "warning" not in informative and informative["separation"]["auc_reasoning_above_solution"] == 1.0
+
+
+# -- the step's config and result ----------------------------------------------------------------------
+
+
+def _close(a, b):
+    """Equal JSON values, floats to 1e-12 relative (a table in CSV and a sum rebuilt from a mean round once)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+    return a == b
+
+
+def test_report_read_gives_back_what_write_wrote(fisher_run, tmp_path):
+    out = fisher_run["out"]
+    report = FisherReport.read(out)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert _close(report.summary(), {k: v for k, v in on_disk.items() if k != "files"})
+    assert report.select_model == "base" and list(report.stats) == ["base", "tuned"] and report.table_format == "csv"
+    assert report.features == [r["feature"] for r in on_disk["fisher"]["selected"]]
+    report.write(tmp_path / "again")
+    assert _close(json.loads((tmp_path / "again" / "summary.json").read_text())["rho"], on_disk["rho"])
+    for name in ("features.csv", "rho.csv"):
+        assert _read_csv(tmp_path / "again" / name) == _read_csv(out / name), name
+    assert json.loads((tmp_path / "again" / "reasonscore_features.json").read_text())["features"] == json.loads((out / "reasonscore_features.json").read_text())["features"]
+
+
+def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    import posttrain_probe.analysis.fisher as fisher_module
+
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise ProbeError("captured")
+
+    monkeypatch.setattr(fisher_module, "features_fisher", capture)
+    result = runner.invoke(app, [
+        "features", "fisher", "--sae", "runs/sae", "--model", "base=m0", "--model", "sft=m1", "--select-model", "sft",
+        "--dataset", "traces.jsonl", "--format", "delimiters", "--reasoning-delimiters", "<think>", "</think>",
+        "--solution-delimiters", "</think>", "", "--top-k", "7", "--alpha", "0.5", "--max-docs", "0", "--out", "runs/fisher",
+    ])  # fmt: skip
+    assert "captured" in result.output, result.output
+    (tmp_path / "fisher.yaml").write_text(
+        "sae: runs/sae\nmodel: [base=m0, sft=m1]\nselect_model: sft\ndataset: traces.jsonl\ntop_k: 7\nalpha: 0.5\n"
+        "max_docs: 0\nout: runs/fisher\nsegments:\n  format: delimiters\n  reasoning_delimiters: ['<think>', '</think>']\n"
+        "  solution_delimiters: ['</think>', '']\n"
+    )
+    from posttrain_probe.config_io import load_config
+
+    from_yaml = load_config(FisherConfig, tmp_path / "fisher.yaml")
+    assert seen[0] == from_yaml
+    assert from_yaml.segments == SegmentFormat("delimiters", ("<think>", "</think>"), ("</think>", ""))
+    result = runner.invoke(app, ["features", "fisher", "--config", str(tmp_path / "fisher.yaml"), "--top-k", "9"])
+    assert "captured" in result.output and seen[1].top_k == 9 and seen[1].segments == from_yaml.segments
+
+
+def test_python_step_with_objects_matches_the_cli(fisher_run, tiny_pair, tmp_path):
+    """features_fisher(config, crosscoder=<Crosscoder>) selects what the CLI selected from the crosscoder's directory."""
+    from posttrain_probe.analysis.fisher import features_fisher
+
+    config = FisherConfig(
+        crosscoder=fisher_run["out"].parent / "cc", model=[f"base={tiny_pair['base']}", f"tuned={tiny_pair['tuned']}"],
+        dataset=fisher_run["data"], max_docs=N_DOCS, seq_len=SEQ_LEN, top_k=K, floor_quantile=0.5, device="cpu", out=tmp_path / "py",
+    )  # fmt: skip
+    report = features_fisher(config, crosscoder=fisher_run["cc"])
+    on_disk = json.loads((fisher_run["out"] / "summary.json").read_text())
+    assert report.features == [r["feature"] for r in on_disk["fisher"]["selected"]]
+    assert report.settings["crosscoder"] is None and (tmp_path / "py" / "summary.json").exists()

@@ -5,6 +5,7 @@ real lm-eval runs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -14,27 +15,23 @@ import torch
 from _critical_runs import LAYER, critical_runs
 from typer.testing import CliRunner
 
+from posttrain_probe.analysis.critical import CriticalSamples
+from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint, load_feature_set
 from posttrain_probe.analysis.generalization import (
-    GeneralizationResult,
-    generalization_features,
     generalization_scores,
     half_split,
     intersect_feature_sets,
-    last_prompt_activations,
-    last_token_positions,
-    lm_eval_context_ids,
-    load_critical,
     overlap_matrix,
-    pad_batch,
     select_features,
 )
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint, load_feature_set
+from posttrain_probe.eval.generalization import GeneralizationFeatures, features_generalization
+from posttrain_probe.eval.generalization_config import GeneralizationConfig
+from posttrain_probe.eval.prompts import last_prompt_activations, last_token_positions, lm_eval_context_ids, pad_batch
 from posttrain_probe.testing import tiny_model, tiny_tokenizer
-
 
 # -- the formulas on a hand example ----------------------------------------------------------------------
 
@@ -200,15 +197,17 @@ def test_cli_end_to_end_on_real_critical_samples(runs, cli_out):
 
 
 @pytest.mark.slow
-def test_python_api_task_subset_and_padding_side(runs, cli_out):
+def _config(runs, out, **kwargs) -> GeneralizationConfig:
+    return GeneralizationConfig(crosscoder=runs.crosscoder, base="base", rl="rl", critical=runs.critical,
+                                model=[f"base={runs.base}", f"rl={runs.rl}"], out=out, **kwargs)
+
+
+def test_python_api_task_subset_and_padding_side(runs, cli_out, tmp_path):
     """--tasks restricts; left padding and another batch size give the same scores; the result writes the same files."""
     out, _ = cli_out
     first = json.loads((out / "generalization.json").read_text())
-    result = generalization_features(
-        str(runs.crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical, base="base", rl="rl",
-        tasks=["probe_mcq_qa", "probe_math"], padding_side="left", batch_size=2, normalize="jaccard",
-    )
-    assert isinstance(result, GeneralizationResult)
+    result = features_generalization(_config(runs, tmp_path, tasks=["probe_mcq_qa", "probe_math"], padding_side="left", batch_size=2, overlap="jaccard"))
+    assert isinstance(result, GeneralizationFeatures)
     assert result.tasks == ["probe_mcq_qa"] and result.skipped == ["probe_math"]
     assert result.sets["probe_mcq_qa"] == first["tasks"]["probe_mcq_qa"]["features"]
     assert result.intersection == result.sets["probe_mcq_qa"]
@@ -235,9 +234,9 @@ def test_bad_input(runs, tmp_path):
     # not a critical-samples file
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ProbeError, match="not a critical-samples JSON"):
-        load_critical(tmp_path / "x.json")
+        CriticalSamples.read(tmp_path / "x.json")
     with pytest.raises(ProbeError, match="threshold"):
-        generalization_features(str(runs.crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical, base="base", rl="rl", threshold=2.0)
+        _config(runs, tmp_path, threshold=2.0)
 
 
 # -- split-half selection ------------------------------------------------------------------------------
@@ -262,14 +261,13 @@ def test_half_split_is_seeded_disjoint_and_complete():
 def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypatch):
     """S_t are selected on the selection half only: the held-out prompts are never tokenised, and the scores
     equal those of a critical file that holds only the selection half. The halves go into the feature set."""
-    import posttrain_probe.analysis.generalization as generalization
+    import posttrain_probe.eval.generalization as generalization
 
     critical = json.loads(runs.critical.read_text())
     seen: list[str] = []
     tokenise = generalization.lm_eval_context_ids
     monkeypatch.setattr(generalization, "lm_eval_context_ids", lambda tok, context, **kw: seen.append(context) or tokenise(tok, context, **kw))
-    models = {"base": str(runs.base), "rl": str(runs.rl)}
-    split = generalization_features(str(runs.crosscoder), models, runs.critical, base="base", rl="rl", split_half=3)
+    split = features_generalization(_config(runs, tmp_path / "split", split_half=3))
     monkeypatch.undo()
     halves = split.settings["split_half"]
     assert halves["seed"] == 3 and split.tasks == ["probe_mcq", "probe_mcq_qa"]
@@ -283,10 +281,10 @@ def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypat
         held_prompts = {prompts[str(d)] for d in held} - {prompts[str(d)] for d in selection}
         assert held_prompts and not held_prompts & set(seen)  # the held-out prompts were never tokenised
     # the same scores as a critical file that holds only the selection half
-    restricted = json.loads(runs.critical.read_text())
+    restricted = CriticalSamples.read(runs.critical)
     for task in split.tasks:
-        restricted["tasks"][task]["doc_ids"] = halves["selection_doc_ids"][task]
-    alone = generalization_features(str(runs.crosscoder), models, restricted, base="base", rl="rl")
+        restricted.tasks[task] = restricted.tasks[task].subset(halves["selection_doc_ids"][task])
+    alone = features_generalization(dataclasses.replace(_config(runs, tmp_path / "alone"), critical=restricted.write(tmp_path / "restricted.json")))
     assert torch.equal(alone.scores, split.scores) and alone.sets == split.sets
     # written: the halves in the feature set's provenance, |held-out half| per task in the summary
     files = split.write(tmp_path)
@@ -296,3 +294,47 @@ def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypat
     summary = json.loads((tmp_path / "generalization.json").read_text())
     assert summary["tasks"]["probe_mcq"]["n_held_out"] == len(halves["held_out_doc_ids"]["probe_mcq"])
     assert any("held-out half" in note for note in summary["notes"])
+
+
+@pytest.mark.slow
+def test_read_gives_back_what_write_wrote(cli_out, tmp_path):
+    out, _ = cli_out
+    result = GeneralizationFeatures.read(out)
+    on_disk = json.loads((out / "generalization.json").read_text())
+    assert result.summary() == {k: v for k, v in on_disk.items() if k != "files"}
+    assert result.tasks == ["probe_mcq", "probe_mcq_qa"] and result.skipped == ["probe_math"]
+    assert result.intersection == on_disk["intersection"]["features"] and result.scores.dtype == torch.float64
+    files = result.write(tmp_path)
+    with open(out / "scores.csv") as a, open(tmp_path / "scores.csv") as b:
+        assert list(csv.reader(a)) == list(csv.reader(b))
+    assert load_feature_set(files["feature_set"]).features == load_feature_set(out / "generalization_features.json").features
+    assert GeneralizationFeatures.read(tmp_path).summary() == result.summary()
+
+
+def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    import posttrain_probe.eval.generalization as generalization
+    from posttrain_probe.config_io import load_config
+
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise ProbeError("captured")
+
+    monkeypatch.setattr(generalization, "features_generalization", capture)
+    result = CliRunner().invoke(app, [
+        "features", "generalization", "--crosscoder", "runs/cc", "--base", "base", "--rl", "rl", "--critical", "runs/critical.json",
+        "--model", "base=m0", "--model", "rl=m1", "--out", "runs/genfeat", "--threshold", "0.3", "--tasks", "a,b", "--tasks", "c",
+        "--overlap", "jaccard", "--add-bos-token", "--padding-side", "left", "--batch-size", "4", "--split-half", "7", "--allow-incomplete",
+    ])
+    assert "captured" in result.output, result.output
+    (tmp_path / "genfeat.yaml").write_text(
+        "crosscoder: runs/cc\nbase: base\nrl: rl\ncritical: runs/critical.json\nmodel: [base=m0, rl=m1]\nout: runs/genfeat\n"
+        "threshold: 0.3\ntasks: [a, b, c]\noverlap: jaccard\nadd_bos_token: true\npadding_side: left\nbatch_size: 4\n"
+        "split_half: 7\nallow_incomplete: true\n"
+    )
+    from_yaml = load_config(GeneralizationConfig, tmp_path / "genfeat.yaml")
+    assert seen[0] == from_yaml
+    assert from_yaml.tasks == ["a", "b", "c"] and from_yaml.add_bos_token is True
+    result = CliRunner().invoke(app, ["features", "generalization", "--config", str(tmp_path / "genfeat.yaml"), "--batch-size", "2"])
+    assert "captured" in result.output and seen[1].batch_size == 2 and seen[1].model == from_yaml.model

@@ -12,17 +12,14 @@ import pytest
 from _critical_runs import critical_runs
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.generalization import generalization_features
-from posttrain_probe.eval.intervention_effects import (
-    InterventionEffects,
-    format_effects_table,
-    intervention_delta,
-    intervention_effects,
-    paper_table,
-    resolve_role,
-)
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.eval.effects import InterventionEffects, intervention_delta
+from posttrain_probe.eval.effects_tables import format_effects_table, paper_table
+from posttrain_probe.eval.generalization import features_generalization
+from posttrain_probe.eval.generalization_config import GeneralizationConfig
+from posttrain_probe.eval.intervene_config import InterveneConfig
+from posttrain_probe.eval.intervention_effects import intervene, resolve_role
 
 
 def test_intervention_delta_worked_values():
@@ -58,10 +55,10 @@ def runs():
 def feature_set(runs, tmp_path_factory):
     """S selected on probe_mcq only: probe_mcq_qa is then a held-out task."""
     out = tmp_path_factory.mktemp("features")
-    result = generalization_features(str(runs.crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical,
-                                     base="base", rl="rl", tasks=["probe_mcq"])
+    result = features_generalization(GeneralizationConfig(crosscoder=runs.crosscoder, model=[f"base={runs.base}", f"rl={runs.rl}"],
+                                                          critical=runs.critical, base="base", rl="rl", tasks=["probe_mcq"], out=out))
     assert result.intersection, "the feature set should not be empty"
-    return result.write(out)["feature_set"]
+    return str(out / "generalization_features.json")
 
 
 def _check_multiples(effects: dict, critical: dict) -> None:
@@ -136,11 +133,11 @@ def test_set_in_rl_model_cli(runs, feature_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_set_in_base_model_full_task(runs, feature_set):
-    effects = intervention_effects(
-        feature_set, runs.crosscoder, {"base": str(runs.base)}, runs.critical, mode="set", value=3.0,
-        tasks=["probe_mcq_qa"], full_task=True, include_path=str(runs.include_path), control_seeds=0,
-    )
+def test_set_in_base_model_full_task(runs, feature_set, tmp_path):
+    effects = intervene(InterveneConfig(
+        features=feature_set, crosscoder=runs.crosscoder, model=[f"base={runs.base}"], critical=runs.critical, out=tmp_path, mode="set", value=3.0,
+        tasks=["probe_mcq_qa"], full_task=True, include_path=[str(runs.include_path)], controls=0,
+    ))
     assert isinstance(effects, InterventionEffects)
     critical = json.loads(runs.critical.read_text())
     entry = critical["tasks"]["probe_mcq_qa"]
@@ -163,10 +160,9 @@ def test_set_in_base_model_full_task(runs, feature_set):
 
 @pytest.mark.slow
 def test_bad_input(runs, feature_set, tmp_path):
-    from posttrain_probe.analysis.generalization import generalization_features as gf
-
-    other = gf(str(runs.other_crosscoder), {"base": str(runs.base), "rl": str(runs.rl)}, runs.critical, base="base", rl="rl", tasks=["probe_mcq"])
-    other_set = other.write(tmp_path / "other")["feature_set"]
+    features_generalization(GeneralizationConfig(crosscoder=runs.other_crosscoder, model=[f"base={runs.base}", f"rl={runs.rl}"],
+                                                 critical=runs.critical, base="base", rl="rl", tasks=["probe_mcq"], out=tmp_path / "other"))
+    other_set = str(tmp_path / "other" / "generalization_features.json")
     args = ["intervene", "--crosscoder", str(runs.crosscoder), "--critical", str(runs.critical), "--out", str(tmp_path / "x"), "--mode", "zero"]
     runner = CliRunner()
     result = runner.invoke(app, [*args, "--features", other_set, "--model", f"rl={runs.rl}"])
@@ -205,13 +201,13 @@ def test_bad_input(runs, feature_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
+def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set, tmp_path):
     """Features given as indices (no provenance: the role is given)."""
     from posttrain_probe.analysis.feature_sets import read_feature_set
 
     indices = ",".join(str(i) for i in read_feature_set(feature_set))
-    effects = intervention_effects(indices, runs.crosscoder, ("rl", str(runs.rl)), runs.critical, mode="zero", role="rl",
-                                   tasks=["probe_mcq"], include_path=str(runs.include_path), control_seeds=0)
+    effects = intervene(InterveneConfig(features=indices, crosscoder=runs.crosscoder, model=[f"rl={runs.rl}"], critical=runs.critical, out=tmp_path,
+                                        mode="zero", role="rl", tasks=["probe_mcq"], include_path=[str(runs.include_path)], controls=0))
     (row,) = effects.rows
     assert not row.held_out and effects.settings["selection_tasks"] is None
     assert row.acc_before_nominal == 100.0 and row.n_correct_before == row.n_critical
@@ -225,17 +221,19 @@ def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set):
 
 
 @pytest.mark.slow
-def test_controls_reproducible_and_frequency_matched(runs, feature_set):
+def test_controls_reproducible_and_frequency_matched(runs, feature_set, tmp_path):
     """Seeds 0 and 1, then seed 1 alone: seed 1's set and deltas are identical in both calls, seed 0's set
     differs; every control set matches S bin by bin in firing rate (on the G_t prompts) and avoids S."""
     from posttrain_probe.analysis.controls import frequency_bins
+    from posttrain_probe.analysis.feature_sets import read_feature_set
     from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.interventions import read_feature_set, source_activation_stats
+    from posttrain_probe.interventions import source_activation_stats
     from posttrain_probe.models import load_causal_lm, load_tokenizer
 
-    kwargs = dict(mode="set", value=17.5, tasks=["probe_mcq"], include_path=str(runs.include_path), control_bins=4)
-    first = intervention_effects(feature_set, runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, control_seeds=2, **kwargs)
-    again = intervention_effects(feature_set, runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, control_seeds=[1], **kwargs)
+    kwargs = dict(features=feature_set, crosscoder=runs.crosscoder, model=[f"rl={runs.rl}"], critical=runs.critical, mode="set", value=17.5,
+                  tasks=["probe_mcq"], include_path=[str(runs.include_path)], control_bins=4)
+    first = intervene(InterveneConfig(controls=2, out=tmp_path / "first", **kwargs))
+    again = intervene(InterveneConfig(controls=1, control_seed=1, out=tmp_path / "again", **kwargs))
     info, info_again = first.settings["controls"], again.settings["controls"]
     assert info["seeds"] == [0, 1] and info_again["seeds"] == [1]
     assert info["sets"][1] == info_again["sets"][0]  # same seed: the same control set ...
@@ -266,14 +264,15 @@ def test_controls_reproducible_and_frequency_matched(runs, feature_set):
 def test_per_feature_rows(runs, tmp_path):
     """Two features with per_feature: a row per (task, feature); a one-feature set's per-feature row equals its
     whole-set row and the two-feature run's row of that feature."""
-    kwargs = dict(mode="set", value=17.5, role="rl", tasks=["probe_mcq"], include_path=str(runs.include_path), control_seeds=0, per_feature=True)
-    pair = intervention_effects("1,6", runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, **kwargs)
+    kwargs = dict(crosscoder=runs.crosscoder, model=[f"rl={runs.rl}"], critical=runs.critical, mode="set", value=17.5, role="rl",
+                  tasks=["probe_mcq"], include_path=[str(runs.include_path)], controls=0, per_feature=True)
+    pair = intervene(InterveneConfig(features="1,6", out=tmp_path / "pair", **kwargs))
     assert [(f.kind, f.task, f.features) for f in pair.per_feature] == [("feature", "probe_mcq", [1]), ("feature", "probe_mcq", [6])]
     (row,) = pair.rows
     for f in pair.per_feature:
         assert f.n_critical == row.n_critical and f.delta_pp == 100.0 * (f.n_correct_after - row.n_critical) / row.n_critical
         assert f.delta_measured_pp == 100.0 * (f.n_correct_after - row.n_correct_before) / row.n_critical
-    single = intervention_effects("1", runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, **kwargs)
+    single = intervene(InterveneConfig(features="1", out=tmp_path / "single", **kwargs))
     (one,), (alone,) = single.rows, single.per_feature
     assert (alone.n_correct_after, alone.acc_after, alone.delta_pp, alone.delta_measured_pp, alone.flipped_docs) == (
         one.n_correct_after, one.acc_after, one.delta_pp, one.delta_measured_pp, one.flipped_docs)
@@ -301,12 +300,13 @@ def test_split_half_intervene_evaluates_the_held_out_half_only(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "(selection half;" in result.output
     features = out / "generalization_features.json"
-    from posttrain_probe.interventions import load_feature_set
+    from posttrain_probe.analysis.feature_sets import load_feature_set
 
     halves = load_feature_set(features).provenance["split_half"]
     held = halves["held_out_doc_ids"]["probe_mcq"]
-    effects = intervention_effects(str(features), runs.crosscoder, {"rl": str(runs.rl)}, runs.critical, mode="set", value=17.5,
-                                   tasks=["probe_mcq", "probe_mcq_qa"], include_path=str(runs.include_path), control_seeds=2, control_bins=4)
+    effects = intervene(InterveneConfig(features=str(features), crosscoder=runs.crosscoder, model=[f"rl={runs.rl}"], critical=runs.critical,
+                                        out=tmp_path / "split", mode="set", value=17.5, tasks=["probe_mcq", "probe_mcq_qa"],
+                                        include_path=[str(runs.include_path)], controls=2, control_bins=4))
     rows = {row.task: row for row in effects.rows}
     critical = json.loads(runs.critical.read_text())
     assert rows["probe_mcq"].held_out_half and rows["probe_mcq"].n_critical == len(held) and not rows["probe_mcq"].held_out
@@ -320,13 +320,61 @@ def test_split_half_intervene_evaluates_the_held_out_half_only(runs, tmp_path):
     assert "held-out half of G_t (split seed 5)" in format_effects_table(effects)
     # the feature set and another critical file (one document less in G_t) do not go together
     other = json.loads(runs.critical.read_text())
-    other["tasks"]["probe_mcq"]["doc_ids"] = other["tasks"]["probe_mcq"]["doc_ids"][1:]
+    entry = other["tasks"]["probe_mcq"]
+    dropped, entry["doc_ids"], entry["n_critical"] = entry["doc_ids"][0], entry["doc_ids"][1:], entry["n_critical"] - 1
+    entry["prompts"].pop(str(dropped), None)
+    (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ProbeError, match="selected on half of another G_t"):
-        intervention_effects(str(features), runs.crosscoder, {"rl": str(runs.rl)}, other, mode="zero", tasks=["probe_mcq"],
-                             include_path=str(runs.include_path), control_seeds=0)
+        intervene(InterveneConfig(features=str(features), crosscoder=runs.crosscoder, model=[f"rl={runs.rl}"], critical=tmp_path / "other.json",
+                                  out=tmp_path / "other", mode="zero", tasks=["probe_mcq"], include_path=[str(runs.include_path)], controls=0))
     # the CLI says so
     result = runner.invoke(app, ["intervene", "--features", str(features), "--model", f"rl={runs.rl}", "--mode", "set", "--value", "17.5",
                                  "--critical", str(runs.critical), "--include-path", str(runs.include_path), "--tasks", "probe_mcq",
                                  "--controls", "0", "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "held-out half of G_t (split seed 5)" in result.output and "controls probe_mcq" not in result.output
+
+
+def test_effects_read_back_equal_what_was_written(tmp_path):
+    """InterventionEffects.write then .read: the same rows, control and per-feature rows, settings (effects.json)."""
+    from posttrain_probe.eval.effects import SetEffect, TaskEffect
+
+    rows = [TaskEffect(task="probe_mcq", held_out=False, n_critical=4, n_correct_before=4, n_correct_after=1, acc_before_nominal=100.0,
+                       acc_after=25.0, delta_pp=-75.0, delta_measured_pp=-75.0, flipped_docs=[1, 3, 7], n_controls=2, controls_mean_pp=-12.5,
+                       controls_std_pp=17.7, controls_min_pp=-25.0, controls_max_pp=0.0, outside_controls=True),
+            TaskEffect(task="probe_math", held_out=True, n_critical=0, n_docs=10, full_acc_before=50.0, full_acc_after=40.0)]
+    controls = [SetEffect(kind="control", task="probe_mcq", features=[2, 5], seed=s, n_critical=4, n_correct_after=3 + s, acc_after=25.0 * (3 + s),
+                          delta_pp=-25.0 * (1 - s), delta_measured_pp=-25.0 * (1 - s), flipped_docs=[1] if s == 0 else []) for s in (0, 1)]
+    per_feature = [SetEffect(kind="feature", task="probe_mcq", features=[4], n_critical=4, n_correct_after=2, acc_after=50.0, delta_pp=-50.0)]
+    effects = InterventionEffects(rows, {"mode": "zero", "n_features": 2, "role": "rl", "model_name": "rl", "controls": {"seeds": [0, 1]}},
+                                  controls=controls, per_feature=per_feature)
+    effects.write(tmp_path)
+    back = InterventionEffects.read(tmp_path)
+    assert back.rows == effects.rows and back.controls == effects.controls and back.per_feature == effects.per_feature
+    assert back.settings == effects.settings and back.to_dict() == effects.to_dict()
+
+
+def test_intervene_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    import posttrain_probe.eval.intervention_effects as step
+    from posttrain_probe.config_io import load_config
+
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise ProbeError("captured")
+
+    monkeypatch.setattr(step, "intervene", capture)
+    result = CliRunner().invoke(app, [
+        "intervene", "--features", "3,17", "--crosscoder", "runs/cc", "--model", "rl=runs/rl", "--mode", "set", "--value", "17.5",
+        "--critical", "runs/critical.json", "--out", "runs/iv", "--tasks", "probe_mcq,probe_math", "--held-out-tasks", "arc_easy",
+        "--model-args", "dtype=bfloat16", "--controls", "2", "--control-seed", "3", "--per-feature", "--batch-size", "auto",
+    ])  # fmt: skip
+    assert "captured" in result.output, result.output
+    (tmp_path / "intervene.yaml").write_text(
+        "features: '3,17'\ncrosscoder: runs/cc\nmodel: [rl=runs/rl]\nmode: set\nvalue: 17.5\ncritical: runs/critical.json\nout: runs/iv\n"
+        "tasks: [probe_mcq, probe_math]\nheld_out_tasks: [arc_easy]\nmodel_args: dtype=bfloat16\ncontrols: 2\ncontrol_seed: 3\n"
+        "per_feature: true\nbatch_size: auto\n"
+    )
+    assert seen[0] == load_config(InterveneConfig, tmp_path / "intervene.yaml")
+    assert seen[0].control_seeds == [3, 4] and seen[0].tasks == ["probe_mcq", "probe_math"]

@@ -19,10 +19,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.leakage import crosscoder_leakage, feature_shift, match_protected, relative_change
+from posttrain_probe.analysis.leakage import leakage
+from posttrain_probe.analysis.leakage_config import LeakageConfig
+from posttrain_probe.analysis.leakage_crosscoder import crosscoder_leakage, match_protected
+from posttrain_probe.analysis.leakage_report import LeakageReport
+from posttrain_probe.analysis.leakage_shift import feature_shift, relative_change
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 D_MODEL, N_SHARED = 64, 32  # 2 * 64 features; the first 2 * 32 are "shared"
@@ -157,12 +162,27 @@ def test_blocked_model_moved_its_protected_features_less(runs, tmp_path):
     assert {"relative_change", "base_mean", "blocked_mean", "base_frequency"} <= set(rows[0])
 
 
+def _base_vs_blocked_crosscoder(runs, out_dir):
+    """A base-vs-blocked crosscoder trained on the tokens leakage compares (3000 tokens, several passes)."""
+    from posttrain_probe.activations.live import LiveActivations
+    from posttrain_probe.activations.memory import MemoryActivations
+    from posttrain_probe.crosscoder import CrosscoderTrainingConfig, train_crosscoder
+
+    live = LiveActivations({"base": runs["base"], "blocked": runs["blocked"]}, "synthetic:arithmetic", layer=2, seq_len=64, max_tokens=3000)
+    acts = torch.cat([chunk.cpu() for chunk in live.chunks()])
+    config = CrosscoderConfig(model_names=["base", "blocked"], n_features=128, layer=2)
+    training = CrosscoderTrainingConfig(n_tokens=24000, batch_size=256, lr=0.003, log_every=20)
+    train_crosscoder(MemoryActivations(acts, ["base", "blocked"], 2), config, training, out_dir, progress=False)
+    return out_dir
+
+
 @pytest.mark.slow
 def test_base_vs_blocked_crosscoder(runs, tmp_path):
-    """--train-crosscoder: a new base-vs-blocked crosscoder on the compared activations; every protected feature is
+    """--blocked-crosscoder: a base-vs-blocked crosscoder trained on the compared activations; every protected feature is
     matched (one-to-one) and lands in a NormRatio band; the CSV and figure carry the matches."""
     out = tmp_path / "leak"
-    report, output = _leakage(runs, "blocked", out, "--train-crosscoder", "--n-features", "128", "--n-tokens", "24000", "--batch-size", "256", "--lr", "0.003", "--log-every", "20")
+    trained = _base_vs_blocked_crosscoder(runs, out / "crosscoder")
+    report, output = _leakage(runs, "blocked", out, "--blocked-crosscoder", trained)
     part = report["crosscoder"]
     assert "base-vs-blocked crosscoder" in output
     assert (out / "crosscoder" / "model.safetensors").is_file() and part["path"] == str(out / "crosscoder")
@@ -185,7 +205,7 @@ def test_base_vs_blocked_crosscoder(runs, tmp_path):
         (["--features", "3,999"], "out of range"),
         (["--features", "shared", "--layer", "1"], "trained at layer 2, leakage asked for layer 1"),
         (["--features", "shared", "--matching", "greedy"], "matching 'greedy'"),
-        (["--features", "shared", "--train-crosscoder", "--blocked-crosscoder", "."], "not both"),
+        (["--features", "shared", "--blocked-crosscoder", "."], "holds no crosscoder"),
     ],
 )
 def test_bad_input_exits_2(runs, tmp_path, extra, message):
@@ -207,3 +227,53 @@ def test_width_mismatch_and_missing_crosscoder_exit_2(runs, tmp_path):
     assert result.exit_code == 2 and "d_model 32" in result.output and "hidden size is 64" in result.output, result.output
     result = runner.invoke(app, [str(a) for a in [*base, "--crosscoder", tmp_path / "missing"]])
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
+
+
+def test_report_read_gives_back_what_write_wrote(runs, tmp_path):
+    """LeakageReport.read(out) gives back the report leakage() wrote (the table holds 6 significant digits), part 2 included."""
+    other = exact_crosscoder(seed=1)
+    other.save_pretrained(tmp_path / "base-vs-blocked")
+    config = LeakageConfig(
+        crosscoder=runs["crosscoder"], base=str(runs["base"]), blocked=str(runs["blocked"]), features="shared",
+        dataset="synthetic:arithmetic", seq_len=64, max_tokens=1000, out=tmp_path / "out", blocked_crosscoder=tmp_path / "base-vs-blocked",
+    )  # fmt: skip
+    report = leakage(config)
+    back = LeakageReport.read(tmp_path / "out")
+    assert back.features == report.features and back.crosscoder.features == report.crosscoder.features
+
+    def close(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        if isinstance(a, float) and isinstance(b, (int, float)):
+            return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+        return a == b
+
+    assert close(back.to_dict(), report.to_dict()), (back.to_dict(), report.to_dict())
+    assert torch.equal(back.crosscoder.matching.perm, report.crosscoder.matching.perm)
+
+
+def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
+    import posttrain_probe.analysis.leakage as leakage_module
+    from posttrain_probe.config_io import load_config
+    from posttrain_probe.errors import ProbeError
+
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise ProbeError("captured")
+
+    monkeypatch.setattr(leakage_module, "leakage", capture)
+    result = runner.invoke(app, [
+        "leakage", "--crosscoder", "runs/cc", "--base", "Qwen/Qwen3-4B-Base", "--blocked", "runs/blocked", "--features", "3,17",
+        "--dataset", "synthetic:arithmetic", "--out", "runs/leakage", "--max-tokens", "0", "--blocked-crosscoder", "runs/cc2",
+        "--matching", "argmax", "--allow-model-mismatch",
+    ])  # fmt: skip
+    assert "captured" in result.output, result.output
+    (tmp_path / "leakage.yaml").write_text(
+        "crosscoder: runs/cc\nbase: Qwen/Qwen3-4B-Base\nblocked: runs/blocked\nfeatures: '3,17'\ndataset: synthetic:arithmetic\n"
+        "out: runs/leakage\nmax_tokens: 0\nblocked_crosscoder: runs/cc2\nmatching: argmax\nallow_model_mismatch: true\n"
+    )
+    assert seen[0] == load_config(LeakageConfig, tmp_path / "leakage.yaml")

@@ -12,17 +12,17 @@ import json
 
 import pytest
 import torch
+from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir, save_random_crosscoder  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir, save_random_crosscoder  # noqa: F401  (fixtures)
+from posttrain_probe.analysis.critical import find_sample_files, read_sample_records
+from posttrain_probe.analysis.feature_sets import write_feature_set
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.analysis.critical import find_sample_files, read_sample_records
-from posttrain_probe.analysis.feature_sets import write_feature_set
 from posttrain_probe.interventions.features import FeatureIntervention
-from posttrain_probe.testing import arithmetic_dataset, multiple_choice_dataset
+from posttrain_probe.synthetic import arithmetic_dataset, multiple_choice_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -276,3 +276,43 @@ def test_shipped_tasks_resolve_without_lm_eval_builtin_index():
     tm = make_task_manager(["probe_mcq", "probe_math"])
     assert {"probe_mcq", "probe_math"} <= set(tm.all_subtasks)
     assert "arc_challenge" not in tm.all_tasks  # the ~14k built-in configs were not indexed
+
+
+# ---------------------------------------------------------------------------------------------
+# the study's step: lm_eval(LmEvalConfig) -> LmEvalResult
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lm_eval_step_resolves_the_set_once_and_reads_back(model_dir, cc_dir, feature_file, tmp_path):
+    """A feature-set file goes to probe-hf as its resolved indices; lm_eval.json reads back to the same result; the
+    per-sample log it names holds the evaluated documents."""
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
+    from posttrain_probe.eval.runner import LmEvalResult, lm_eval
+
+    config = LmEvalConfig(model_args=f"pretrained={model_dir}", tasks=["probe_mcq"], samples='{"probe_mcq": [3, 7]}', out=tmp_path / "run",
+                          crosscoder=cc_dir, features=str(feature_file), model_name="rl", mode="set", value=3.0)
+    result = lm_eval(config)
+    assert result.model_args["features"] == ";".join(str(f) for f in FEATURES) and result.model_args["mode"] == "set"
+    assert "acc,none" in result.results["probe_mcq"]
+    assert sorted(r["doc_id"] for r in read_sample_records(result.sample_files["probe_mcq"])) == [3, 7]
+    back = LmEvalResult.read(tmp_path / "run")
+    assert (back.results, back.model_args, back.results_file, back.sample_files) == (
+        json.loads(json.dumps(result.results)), result.model_args, result.results_file, result.sample_files)
+
+
+def test_lm_eval_config_from_yaml_equals_config_from_python(tmp_path):
+    from posttrain_probe.config_io import load_config
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
+
+    (tmp_path / "lm_eval.yaml").write_text(
+        "model_args: pretrained=runs/rl,dtype=bfloat16\ntasks: [probe_mcq, probe_math]\nout: runs/eval\nlimit: 8\n"
+        "crosscoder: runs/cc\nfeatures: '3,17'\nmode: zero\nmodel_name: rl\n"
+    )
+    expected = LmEvalConfig(model_args="pretrained=runs/rl,dtype=bfloat16", tasks=["probe_mcq,probe_math"], out="runs/eval", limit=8,
+                            crosscoder="runs/cc", features=[3, 17], mode="zero", model_name="rl")
+    assert load_config(LmEvalConfig, tmp_path / "lm_eval.yaml") == expected
+    as_mapping = tmp_path / "mapping.yaml"
+    as_mapping.write_text("model_args: {pretrained: runs/rl, dtype: bfloat16}\ntasks: probe_mcq\n")
+    assert load_config(LmEvalConfig, as_mapping).model_args == {"pretrained": "runs/rl", "dtype": "bfloat16"}
+    with pytest.raises(ProbeError, match="need crosscoder"):
+        LmEvalConfig(model_args="pretrained=runs/rl", tasks=["probe_mcq"], features="3")

@@ -18,7 +18,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from posttrain_probe.activations import ActivationStore, ActivationStoreWriter, PairedActivations, collect_activations, merge_rank_manifests
+from posttrain_probe.activations import (
+    ActivationStore,
+    ActivationStoreWriter,
+    CollectConfig,
+    PairedActivations,
+    merge_rank_manifests,
+)
+from posttrain_probe.activations.collect import collect
 from posttrain_probe.callbacks.run_dir import RunDirectory
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
@@ -135,8 +142,8 @@ def held(*args, **kwargs):  # every lock taken, nothing captured yet
         time.sleep(0.02)
     return capture(*args, **kwargs)
 collect_module._capture_into = held
-collect_module.collect_activations({"base": sys.argv[1], "tuned": sys.argv[2]}, "synthetic:arithmetic", [1], sys.argv[3],
-                                   seq_len=16, max_tokens=200, shard_tokens=64, progress=False)
+collect_module.collect(collect_module.CollectConfig(model=[f"base={sys.argv[1]}", f"tuned={sys.argv[2]}"], dataset="synthetic:arithmetic",
+                      out=sys.argv[3], layer=[1], seq_len=16, max_tokens=200, shard_tokens=64), progress=False)
 """
 
 
@@ -188,10 +195,10 @@ def test_a_corrupt_store_is_refused_with_the_command_that_fixes_it(tiny_pair, tm
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     with pytest.raises(ProbeError) as error:  # the Python API
-        collect_activations({"base": tiny_pair["base"], "tuned": tiny_pair["tuned"]}, "synthetic:arithmetic", [1], out,
-                            seq_len=16, max_tokens=200, shard_tokens=64, progress=False)  # fmt: skip
+        collect(CollectConfig(model=[f"base={tiny_pair['base']}", f"tuned={tiny_pair['tuned']}"], dataset="synthetic:arithmetic", out=out,
+                              layer=[1], seq_len=16, max_tokens=200, shard_tokens=64), progress=False)  # fmt: skip
     assert f"activation store {bad} is corrupt (shard-00001.safetensors is corrupted" in _one_line(str(error.value))
-    assert f"rm -rf {bad}, then run the same collect_activations call again" in str(error.value)
+    assert f"rm -rf {bad}, then run the same collect call again" in str(error.value)
 
     monkeypatch.setattr(sys, "argv", ["posttrain-probe", *args])  # the CLI names its own command line
     refused = runner.invoke(app, args)

@@ -10,13 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain_probe import ProbeError
-from posttrain_probe.activations import PairedActivations, collect_activations
+from posttrain_probe.activations import CollectConfig, PairedActivations
+from posttrain_probe.activations.collect import collect
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
 from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig, train_crosscoder
 from posttrain_probe.interventions.blocking import GradientBlocker
 from posttrain_probe.interventions.features import FeatureIntervention
 from posttrain_probe.model_identity import check_model, mismatch, model_fingerprint, slot_fingerprint
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer, tuned_copy
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer, tuned_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER = 2
@@ -48,8 +50,8 @@ def trained(tmp_path_factory):
     """Stores collected from a tiny qwen3 base + seed-1 'other' model, and a crosscoder trained on them."""
     root = tmp_path_factory.mktemp("identity")
     models = {"base": tiny_model("qwen3", seed=0), "other": tiny_model("qwen3", seed=1)}
-    collect_activations(models, arithmetic_dataset(32, seed=3), LAYER, root / "acts", tokenizer=tiny_tokenizer(),
-                        seq_len=32, batch_size=16, max_tokens=None, progress=False)
+    collect(CollectConfig(model=[], dataset="arithmetic", out=root / "acts", layer=[LAYER], seq_len=32, batch_size=16, max_tokens=None),
+            models=models, dataset=arithmetic_dataset(32, seed=3), tokenizer=tiny_tokenizer(), progress=False)
     config = CrosscoderTrainingConfig(n_tokens=512, batch_size=128, log_every=2, checkpoint_every=4, mixed_precision="no", scale_tokens=512)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a few steps: far from converged, on purpose

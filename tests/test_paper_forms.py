@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from posttrain_probe.analysis.attribution import categorize, norm_ratio
-from posttrain_probe.analysis.leakage import crosscoder_leakage
+from posttrain_probe.analysis.feature_sets import resolve_features
+from posttrain_probe.analysis.leakage_crosscoder import crosscoder_leakage
 from posttrain_probe.callbacks.blocking import BlockingArguments, build_blocker
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.analysis.feature_sets import resolve_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

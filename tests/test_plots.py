@@ -12,8 +12,8 @@ import torch
 from posttrain_probe.analysis.dynamics import RankShifts, rank_shifts, topk_overlap
 from posttrain_probe.analysis.plots import (
     plot_mas_distributions,
-    plot_nrn_histograms,
     plot_norm_ratio_vs_cosine,
+    plot_nrn_histograms,
     plot_rank_shifts,
     plot_topk_overlap,
 )

@@ -44,7 +44,8 @@ def _launch(config: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 def _tiny_crosscoder(root: Path) -> dict[str, Path]:
     """The tiny base-vs-SFT crosscoder of the YAML's comment: make-models, collect at layer 2, train (Python API)."""
-    from posttrain_probe.activations import PairedActivations, collect_activations
+    from posttrain_probe.activations import CollectConfig, PairedActivations
+    from posttrain_probe.activations.collect import collect
     from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
     from posttrain_probe.testing import save_tiny_pair
 
@@ -52,7 +53,8 @@ def _tiny_crosscoder(root: Path) -> dict[str, Path]:
     torch.set_num_threads(1)
     try:
         models = save_tiny_pair(root / "models", "qwen3", steps=20)
-        collect_activations({"base": models["base"], "sft": models["tuned"]}, "synthetic:arithmetic", [2], root / "acts", seq_len=64, max_tokens=20000, progress=False)
+        collect(CollectConfig(model=[f"base={models['base']}", f"sft={models['tuned']}"], dataset="synthetic:arithmetic", out=root / "acts",
+                              layer=[2], seq_len=64, max_tokens=20000), progress=False)
         train_crosscoder(
             PairedActivations.from_directory(root / "acts"), CrosscoderConfig(n_features=256),
             CrosscoderTrainingConfig(batch_size=256, lr=1e-3, n_tokens=100_000), root / "crosscoder", progress=False,
@@ -68,7 +70,8 @@ def test_tiny_blocked_run_end_to_end(tmp_path):
     script and settings without blocking, the protected ("shared") features moved clearly less."""
     from transformers import AutoModelForCausalLM
 
-    from posttrain_probe.analysis.leakage import feature_leakage
+    from posttrain_probe.analysis.leakage import leakage
+    from posttrain_probe.analysis.leakage_config import LeakageConfig
 
     started = time.perf_counter()
     made = _tiny_crosscoder(tmp_path)
@@ -93,7 +96,8 @@ def test_tiny_blocked_run_end_to_end(tmp_path):
     assert not (tmp_path / "control" / "probe").exists()
 
     moved = {
-        name: feature_leakage(made["crosscoder"], made["base"], tmp_path / name, "synthetic:arithmetic", "shared", max_tokens=3000, seq_len=64).summary()["relative_change"]["protected"]
+        name: leakage(LeakageConfig(crosscoder=made["crosscoder"], base=str(made["base"]), blocked=str(tmp_path / name), dataset="synthetic:arithmetic",
+                                    features="shared", max_tokens=3000, seq_len=64, out=tmp_path / f"leakage-{name}")).summary()["relative_change"]["protected"]
         for name in runs
     }
     assert moved["blocked"]["n_features"] > 10

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from posttrain_probe.activations import ActivationStoreWriter
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
-from posttrain_probe.crosscoder.calibrate import calibrate_source_thresholds
+from posttrain_probe.crosscoder.calibrate import CalibrationReport, calibrate_source_thresholds
+from posttrain_probe.crosscoder.model import crosscoder_fingerprint
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.blocking import GradientBlocker
-from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 from posttrain_probe.interventions.features import FeatureIntervention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,7 +244,7 @@ def test_cli_calibrate_out_in_place_clear_and_relu(trained, tmp_path):
     acts = sum((["--acts", p] for p in stores), [])
     uncalibrated = crosscoder_fingerprint(cc)
 
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "cc"), *acts, "--max-tokens", "2000", "--out", str(tmp_path / "cal"), "--json", "--device", "cpu"])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), *acts, "--max-tokens", "2000", "--out", str(tmp_path / "cal"), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["n_tokens"] == 2000 and report["k"] == K and set(report["models"]) == {"base", "sft"}
@@ -252,25 +252,26 @@ def test_cli_calibrate_out_in_place_clear_and_relu(trained, tmp_path):
     calibrated = Crosscoder.from_pretrained(str(tmp_path / "cal"))
     assert calibrated.config.source_thresholds == [report["models"][n]["threshold"] for n in ("base", "sft")]
     assert report["fingerprint_before"] == uncalibrated and report["fingerprint_after"] == crosscoder_fingerprint(calibrated) != uncalibrated
+    assert CalibrationReport.read(tmp_path / "cal").to_json() == report
     assert Crosscoder.from_pretrained(str(tmp_path / "cc")).config.source_thresholds is None  # --out: the original is untouched
     want = calibrate_source_thresholds(cc, iter([planted(2500, seed=10)]), max_tokens=2000)
     cc.config.source_thresholds = None
     assert calibrated.config.source_thresholds == pytest.approx(want.thresholds, rel=1e-6)  # the first 2000 tokens of the stores
 
     # in place, then --clear; the text output names both fingerprints
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "cc"), *acts, "--k", "2", "--device", "cpu"])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), *acts, "--k", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "k = 2" in result.output and uncalibrated[:12] in result.output
     assert Crosscoder.from_pretrained(str(tmp_path / "cc")).config.source_thresholds is not None
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "cc"), "--clear"])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), "--clear"])
     assert result.exit_code == 0, result.output
     assert crosscoder_fingerprint(Crosscoder.from_pretrained(str(tmp_path / "cc"))) == uncalibrated
 
     relu = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=D, n_features=8, layer=3))
     relu.save_pretrained(tmp_path / "relu")
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "relu"), *acts])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "relu"), *acts])
     assert result.exit_code == 2 and "relu crosscoder" in result.output and "BatchTopK" in result.output
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "cc")])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc")])
     assert result.exit_code == 2 and "--acts" in result.output
-    result = runner.invoke(app, ["crosscoder", "calibrate", str(tmp_path / "cc"), "--acts", stores[0]])
+    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), "--acts", stores[0]])
     assert result.exit_code == 2 and "['base', 'sft']" in result.output

@@ -1,4 +1,4 @@
-"""Tests of the offline tiny-model kit (posttrain_probe.testing)."""
+"""Tests of the offline tiny-model kit (posttrain_probe.testing) and its synthetic data (posttrain_probe.synthetic)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.testing import (
+from posttrain_probe.synthetic import (
     _CAPITALS,
     _COLOURS,
     _FLYERS,
     _LEGS,
     _SEA,
-    ARCHITECTURES,
     SYNTHETIC_DATASETS,
-    TOKENIZER_VOCAB_SIZE,
     arithmetic_dataset,
     multiple_choice_dataset,
     openthoughts_dataset,
-    save_tiny_pair,
     synthetic_dataset,
+)
+from posttrain_probe.testing import (
+    ARCHITECTURES,
+    TOKENIZER_VOCAB_SIZE,
+    save_tiny_pair,
     tiny_config,
     tiny_model,
     tiny_tokenizer,

@@ -31,10 +31,11 @@ import torch
 
 pytest.importorskip("verl")
 
-from posttrain_probe.data import load_dataset_spec, token_batches  # noqa: E402
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer  # noqa: E402
-
 from _probe_helpers import fresh_forward, read_store, trl_probe_run  # noqa: E402
+
+from posttrain_probe.data import load_dataset_spec, token_batches  # noqa: E402
+from posttrain_probe.synthetic import arithmetic_dataset  # noqa: E402
+from posttrain_probe.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TESTS = Path(__file__).resolve().parent
@@ -103,10 +104,12 @@ import verl
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import get_trainer_cls
-from posttrain_probe.callbacks.verl.setup_hook import register, registered
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+from posttrain_probe.callbacks.verl.setup_hook import setup
+registered = lambda: "probe" in TRAINER_REGISTRY
 
 result["registered_before"] = registered()
-register()  # what the hook / entry point do in verl's TaskRunner; here the test process is the driver
+setup()  # what the hook / entry point do in verl's TaskRunner; here the test process is the driver
 result["registered_after"] = registered()
 
 

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _distributed import torchrun
+from _probe_helpers import fresh_forward, read_store, trl_probe_run
 from safetensors.torch import load_file
 
 from posttrain_probe.activations.store import ActivationStore
 from posttrain_probe.callbacks.verl.config import VerlProbeConfig
 from posttrain_probe.data import load_dataset_spec, token_batches
-from posttrain_probe.testing import arithmetic_dataset, tiny_model, tiny_tokenizer
-
-from _distributed import torchrun
-from _probe_helpers import fresh_forward, read_store, trl_probe_run
+from posttrain_probe.synthetic import arithmetic_dataset
+from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS = Path(__file__).resolve().parent

@@ -15,11 +15,12 @@ import os
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from posttrain_probe.callbacks.arguments import ProbeArguments
 from posttrain_probe.errors import ProbeError
 
 MODES = ("on", "on_ckpt")
@@ -31,27 +32,46 @@ ENTRY_POINT_GROUP = "verl.plugins"
 ENTRY_POINT_NAME = "posttrain_probe"
 
 
+VERL_HELP = {
+    "run_dir": "Run directory for probe.json, snapshots/ and activations/ (default: <trainer.default_local_dir>/probe).",
+    "snapshot_fraction": "Snapshot every this fraction of the run (0.2: five snapshots, as in the papers). mode=on only.",
+    "snapshot_steps": "Snapshot every N training steps instead of by fraction. mode=on only.",
+    "snapshot_at": "Snapshot at exactly these training steps instead. mode=on only.",
+    "dataset": "Probe set: a parquet/JSONL path or any dataset spec of `posttrain-probe collect` (default: a fixed sample of data.train_files).",
+    "column": "Text or chat-messages column of the probe set (default: data.prompt_key for the training data).",
+    "seq_len": "Tokens per probe document (at most data.max_prompt_length).",
+}
+"""Help of the ``probe.*`` keys whose meaning in a verl run differs from the TRL callbacks' (the others keep theirs)."""
+NOT_IN_VERL = ("probe", "probe_peft_snapshot")
+"""ProbeArguments fields without a ``probe.*`` key: ``+probe=...`` switches the probe on; verl snapshots full weights."""
+
+
+def _probe_argument_keys(cls: type) -> type:
+    """Add the fields of :class:`ProbeArguments` (except :data:`NOT_IN_VERL`) to ``cls`` without their ``probe_``
+    prefix, with the same types and defaults, in the same order (before ``@dataclass`` makes them fields)."""
+    for f in fields(ProbeArguments):
+        if f.name in NOT_IN_VERL:
+            continue
+        name = f.name.removeprefix("probe_")
+        cls.__annotations__[name] = f.type
+        metadata = {"help": VERL_HELP.get(name, f.metadata["help"])}
+        default = {"default": f.default} if f.default_factory is MISSING else {"default_factory": f.default_factory}
+        setattr(cls, name, field(**default, metadata=metadata))
+    return cls
+
+
 @dataclass
+@_probe_argument_keys
 class VerlProbeConfig:
-    """Snapshots and probe-set activations of a verl run (the ``probe`` node of its config)."""
+    """Snapshots and probe-set activations of a verl run (the ``probe`` node of its config).
+
+    ``mode``, then the fields of :class:`ProbeArguments` without their ``probe_`` prefix (except
+    :data:`NOT_IN_VERL`): ``run_dir``, ``snapshot_fraction``, ``snapshot_steps``, ``snapshot_at``,
+    ``save_snapshots``, ``stream_activations``, ``layers``, ``dataset``, ``dataset_split``, ``column``,
+    ``n_docs``, ``seq_len``, ``batch_size``, ``dtype``, ``seed``, ``drift``.
+    """
 
     mode: str = field(default="on", metadata={"help": "'on': probe trainer + worker on the live actor; 'on_ckpt': from verl's own checkpoint saves. Set by +probe=on / +probe=on_ckpt."})
-    run_dir: str | None = field(default=None, metadata={"help": "Run directory for probe.json, snapshots/ and activations/ (default: <trainer.default_local_dir>/probe)."})
-    snapshot_fraction: float = field(default=0.2, metadata={"help": "Snapshot every this fraction of the run (0.2: five snapshots, as in the papers). mode=on only."})
-    snapshot_steps: int | None = field(default=None, metadata={"help": "Snapshot every N training steps instead of by fraction. mode=on only."})
-    snapshot_at: list[int] = field(default_factory=list, metadata={"help": "Snapshot at exactly these training steps instead. mode=on only."})
-    save_snapshots: bool = field(default=True, metadata={"help": "Write HF-loadable snapshots (snapshots/step-NNNNNN)."})
-    stream_activations: bool = field(default=True, metadata={"help": "Capture probe-set activations at step 0 (base) and at every snapshot point."})
-    layers: list[int] = field(default_factory=list, metadata={"help": "Sites to capture (residual stream entering block L); empty: n_layers // 2."})
-    dataset: str | None = field(default=None, metadata={"help": "Probe set: a parquet/JSONL path or any dataset spec of `posttrain-probe collect` (default: a fixed sample of data.train_files)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of dataset."})
-    column: str | None = field(default=None, metadata={"help": "Text or chat-messages column of the probe set (default: data.prompt_key for the training data)."})
-    n_docs: int = field(default=64, metadata={"help": "Documents in the probe set."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per probe document (at most data.max_prompt_length)."})
-    batch_size: int = field(default=8, metadata={"help": "Probe documents per forward."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Storage dtype of the activations."})
-    seed: int = field(default=0, metadata={"help": "Seed of the probe-set sample."})
-    drift: bool = field(default=True, metadata={"help": "Log the mean relative change of probe activations vs the base per layer at each snapshot."})
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -65,10 +85,8 @@ class VerlProbeConfig:
         except ProbeError as err:
             raise ProbeError(f"{err}".replace("probe_", "probe.")) from None
 
-    def to_probe_arguments(self):
+    def to_probe_arguments(self) -> ProbeArguments:
         """The equivalent :class:`ProbeArguments` of the TRL callbacks (same names with a ``probe_`` prefix)."""
-        from posttrain_probe.callbacks.arguments import ProbeArguments
-
         return ProbeArguments(probe=True, **{f"probe_{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "mode"})
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Make the probe trainer known to verl in every Ray process, without patching verl.
 
-Two routes, both ending in :func:`register`:
+Two routes, both ending in :func:`setup`:
 
 - ``+probe=on`` sets ``ray_kwargs.ray_init.runtime_env.worker_process_setup_hook`` to :func:`setup`;
   verl passes that runtime_env to ``ray.init``, so Ray runs the hook in every worker process
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import os
 
+from posttrain_probe.callbacks.verl.config import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, SETUP_HOOK
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.callbacks.verl.config import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, PROBE_TRAINER_MODE, SETUP_HOOK
 
 
-def register() -> None:
+def setup() -> None:
     """Register the probe trainer under ``trainer.v1.trainer_mode=probe`` and apply the trl compatibility fix.
 
+    The Ray ``worker_process_setup_hook`` of on.yaml / on_ckpt.yaml (Ray runs it in each worker process
+    before it executes anything) and what :mod:`~posttrain_probe.callbacks.verl.verl_plugin` calls.
     Idempotent. Importing :mod:`posttrain_probe.callbacks.verl.trainer` registers it (verl's
     ``register_trainer`` decorator); the worker module it imports applies
     :func:`posttrain_probe.callbacks.verl.compat.apply`, which verl's own actor worker needs as well
@@ -33,18 +35,6 @@ def register() -> None:
 
     compat.apply()
     import posttrain_probe.callbacks.verl.trainer  # noqa: F401  (registers ProbePPOTrainer)
-
-
-def setup() -> None:
-    """Ray ``worker_process_setup_hook``: runs in each Ray worker process before it executes anything."""
-    register()
-
-
-def registered() -> bool:
-    """Whether this process's verl trainer registry holds the probe trainer."""
-    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
-
-    return PROBE_TRAINER_MODE in TRAINER_REGISTRY
 
 
 def entry_point_enabled() -> bool:

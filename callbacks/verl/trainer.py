@@ -30,7 +30,13 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 
 from posttrain_probe.callbacks.arguments import snapshot_schedule
-from posttrain_probe.callbacks.verl.config import PROBE_TRAINER_MODE, VerlProbeConfig, check_job_config, paradigm_of, resolve_run_dir
+from posttrain_probe.callbacks.verl.config import (
+    PROBE_TRAINER_MODE,
+    VerlProbeConfig,
+    check_job_config,
+    paradigm_of,
+    resolve_run_dir,
+)
 from posttrain_probe.callbacks.verl.worker import ProbeActorRolloutRefWorker
 from posttrain_probe.errors import ProbeError
 

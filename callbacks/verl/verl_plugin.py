@@ -2,7 +2,7 @@
 
 The fallback for Ray sessions started without our ``worker_process_setup_hook`` (Ray initialised
 before verl's ``run_ppo``, so verl never passed on.yaml's runtime_env): in such a Ray process it
-registers the probe trainer (:func:`~posttrain_probe.callbacks.verl.setup_hook.register`).
+registers the probe trainer (:func:`~posttrain_probe.callbacks.verl.setup_hook.setup`).
 
 It does nothing outside Ray (the driver before ``ray.init``, any script importing verl) and nothing
 when the Ray job runs our hook, which registers after ``import verl`` has finished. Registering here
@@ -30,10 +30,10 @@ def _register_in_ray_process() -> None:
     # inside a setup hook, crashes Ray 2.60 workers).
     if os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR) == SETUP_HOOK:
         return  # our hook registers, once verl is fully imported
-    from posttrain_probe.callbacks.verl.setup_hook import register
+    from posttrain_probe.callbacks.verl.setup_hook import setup
 
     try:
-        register()
+        setup()
     except Exception as err:  # noqa: BLE001 - verl swallows plugin errors; make this one visible
         logging.getLogger(__name__).warning("posttrain-probe could not register the probe trainer in this Ray process: %r", err)
 

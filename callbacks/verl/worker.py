@@ -41,40 +41,19 @@ from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 from posttrain_probe.activations.capture import select_tokens  # noqa: E402
 from posttrain_probe.callbacks.arguments import ProbeArguments  # noqa: E402
 from posttrain_probe.callbacks.probe_run import ProbeRun  # noqa: E402
+from posttrain_probe.callbacks.verl.config import VerlProbeConfig, probe_keys  # noqa: E402
 from posttrain_probe.data import load_dataset_spec  # noqa: E402
 from posttrain_probe.errors import ProbeError  # noqa: E402
 from posttrain_probe.layers import default_layer, hidden_size, unwrap_model, validate_layer  # noqa: E402
 
-TRAIN_DATA = "train"
-"""``probe.dataset`` value (or None) selecting a fixed sample of the run's training data."""
-
-# Fields of ProbeArguments the worker uses (the schedule is the trainer's business).
-_WORKER_FIELDS = (
-    "probe_layers", "probe_dataset", "probe_dataset_split", "probe_column", "probe_n_docs", "probe_seq_len",
-    "probe_batch_size", "probe_dtype", "probe_seed", "probe_drift", "probe_save_snapshots", "probe_stream_activations",
-)  # fmt: skip
-
 
 def probe_arguments(probe: dict[str, Any]) -> ProbeArguments:
-    """The ProbeArguments of a ``probe`` dict (``VerlProbeConfig.to_dict()`` + the trainer's keys).
-
-    Keys are ProbeArguments names without (or with) the ``probe_`` prefix, as in VerlProbeConfig
-    (``layers``, ``dataset``, ``column``, ``n_docs``, ``seq_len``, ``batch_size``, ``dtype``,
-    ``seed``, ``drift``, ``save_snapshots``, ``stream_activations``, ...); keys the worker does not
-    use (the schedule options, ``mode``) are left to the trainer. ``dataset`` None or ``"train"``
-    means the training-data sample. Values are validated as in ProbeArguments.
-    """
-    values: dict[str, Any] = {}
-    for key, value in probe.items():
-        name = key if key.startswith("probe_") else f"probe_{key}"
-        if name in _WORKER_FIELDS and value is not None:
-            values[name] = value
-    if values.get("probe_dataset") == TRAIN_DATA:
-        values["probe_dataset"] = None
-    if "probe_layers" in values:
-        layers = values["probe_layers"]
-        values["probe_layers"] = [layers] if isinstance(layers, int) else list(layers)
-    return ProbeArguments(**values)
+    """The ProbeArguments of a ``probe`` dict: its ``probe.*`` keys (``VerlProbeConfig.to_dict()``) through
+    :class:`VerlProbeConfig`, so they are checked as the ``probe`` node is; the trainer's extra keys (run
+    directory, schedule, ...) are read by :meth:`ProbeActorRolloutRefWorker.probe_init` itself. ``dataset``
+    None means the training-data sample."""
+    keys = set(probe_keys())
+    return VerlProbeConfig.from_dict({key: value for key, value in probe.items() if key in keys}).to_probe_arguments()
 
 
 def train_files_dataset(files: str | os.PathLike | list[str] | None):
@@ -334,4 +313,4 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
         return metrics
 
 
-__all__ = ["TRAIN_DATA", "ProbeActorRolloutRefWorker", "VerlProbeRun", "probe_arguments", "train_files_dataset"]
+__all__ = ["ProbeActorRolloutRefWorker", "VerlProbeRun", "probe_arguments", "train_files_dataset"]

@@ -1,7 +1,8 @@
 """Residual-stream activations: capture (truncated, paired forwards), the on-disk store, sources.
 
 Public API: :class:`ActivationStoreWriter`, :class:`ActivationStore`, :class:`PairedActivations`,
-:class:`LiveActivations`, :func:`collect_activations` (+ :class:`CollectConfig`) and
+:class:`LiveActivations`, :class:`CollectConfig` and :class:`CollectResult` (the step itself is
+:func:`posttrain_probe.activations.collect.collect`: the submodule holds the name) and
 :func:`capture_batch`. Imported on first use (the config eagerly: it is torch-free), so the command
 line starts without importing torch.
 """
@@ -14,10 +15,10 @@ __all__ = [
     "ActivationStoreWriter",
     "CapturedTokens",
     "CollectConfig",
+    "CollectResult",
     "LiveActivations",
     "PairedActivations",
     "capture_batch",
-    "collect_activations",
     "merge_rank_manifests",
     "select_tokens",
 ]
@@ -29,7 +30,7 @@ _LAZY = {
     "CapturedTokens": "capture",
     "capture_batch": "capture",
     "select_tokens": "capture",
-    "collect_activations": "collect",
+    "CollectResult": "collect",
     "LiveActivations": "live",
     "PairedActivations": "paired",
 }

@@ -8,133 +8,194 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from posttrain_probe.activations.capture import capture_batch
 from posttrain_probe.activations.config import CollectConfig
+from posttrain_probe.activations.manifest import read_manifest, write_atomic
 from posttrain_probe.activations.paired import COLLECT_INDEX
-from posttrain_probe.activations.manifest import write_atomic
 from posttrain_probe.activations.store import ActivationStoreWriter, merge_rank_manifests
 from posttrain_probe.data import dataset_fingerprint, load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.locks import DirectoryLock
 from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.locks import DirectoryLock
 from posttrain_probe.model_identity import model_fingerprint
-from posttrain_probe.models import check_same_hidden_size, check_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint
+from posttrain_probe.models import (
+    check_same_hidden_size,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    parse_model_specs,
+    resolve_device,
+    tokenizer_fingerprint,
+)
 
 
-def collect_activations(
-    models: Mapping[str, str | os.PathLike | nn.Module],
-    dataset: Any,
-    layers: Sequence[int] | int | None,
-    out_dir: str | os.PathLike,
+class CollectResult(NamedTuple):
+    """What :func:`collect` wrote: one activation store per model and layer under ``out``."""
+
+    out: Path
+    """The collect output directory (``collect.json`` and ``<name>/layer<L>/``)."""
+    stores: dict[str, dict[int, Path]]
+    """Store directory per model name and layer: ``out/<name>/layer<L>``."""
+    index: dict[str, Any]
+    """The content of ``collect.json``: models (name -> path, None for in-memory models), layers, source, config."""
+
+    @property
+    def layers(self) -> list[int]:
+        """The collected sites."""
+        return list(self.index["layers"])
+
+    def n_tokens(self) -> dict[str, dict[int, int]]:
+        """Kept tokens per model and layer, from the stores' manifests."""
+        return {name: {layer: read_manifest(path).n_tokens for layer, path in per_layer.items()} for name, per_layer in self.stores.items()}
+
+    def write(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Write ``collect.json`` into ``out`` (the stores are written while collecting); returns ``{"collect": path}``."""
+        path = Path(out) / COLLECT_INDEX
+        write_atomic(path, json.dumps(self.index, indent=2).encode(), fsync=True, what="collect index")
+        return {"collect": path}
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> CollectResult:
+        """The result of the collect run in ``out``, from its ``collect.json``."""
+        out = Path(out)
+        if not (out / COLLECT_INDEX).exists():
+            raise ProbeError(f"{out} is not a collect output directory: {COLLECT_INDEX} is missing")
+        index = json.loads((out / COLLECT_INDEX).read_text())
+        stores = {name: {layer: out / name / f"layer{layer}" for layer in index["layers"]} for name in index["models"]}
+        return cls(out, stores, index)
+
+
+def collect(
+    config: CollectConfig,
     *,
+    models: Mapping[str, nn.Module] | None = None,
+    dataset: Any = None,
     tokenizer=None,
-    config: CollectConfig | None = None,
     progress: bool = True,
-    **overrides: Any,
-) -> dict[str, dict[int, Path]]:
-    """Run paired truncated forwards of ``models`` over ``dataset`` and write one store per model and layer.
+) -> CollectResult:
+    """Run paired truncated forwards of the models over the dataset and write one store per model and layer.
 
-    ``models`` maps names to model paths/hub names or loaded models (then pass ``tokenizer`` or
-    models whose ``name_or_path`` holds one). ``dataset`` is anything
-    :func:`~posttrain_probe.data.load_dataset_spec` takes. ``layers`` are sites (residual stream
-    entering block L; None: n_layers // 2). ``config``/``overrides``: :class:`CollectConfig`.
+    The models are ``config.model`` (``NAME=PATH``: a local directory or hub name) followed by
+    ``models``, already loaded models by name (pass ``tokenizer`` too, or models whose
+    ``name_or_path`` holds one). The dataset is ``config.dataset``, or ``dataset``: anything
+    :func:`~posttrain_probe.data.load_dataset_spec` takes (e.g. a ``datasets.Dataset``). Sites are
+    ``config.layer`` (residual stream entering block L; empty: n_layers // 2).
 
-    Writes ``out_dir/<name>/layer<L>/`` and ``out_dir/collect.json``; an interrupted run resumes
-    when called again with the same arguments. Launched with several processes (``torchrun`` /
+    Writes ``out/<name>/layer<L>/`` and ``out/collect.json``; an interrupted run resumes when
+    called again with the same arguments. Launched with several processes (``torchrun`` /
     ``accelerate launch``; accelerate's ``PartialState`` reads the launch environment) each rank
     takes every world_size-th batch on its own device and writes its own shards; rank 0 merges the
-    manifests at the end. Returns ``{name: {layer: store_path}}``.
+    manifests at the end.
     """
-    cfg = replace(config or CollectConfig(), **overrides)
-    if isinstance(layers, int):
-        layers = [layers]
-    if not models:
-        raise ProbeError("collect needs at least one model: models={name: path_or_model}")
-    bad_layers = [layer for layer in layers or [] if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
-    if bad_layers:
-        raise ProbeError(f"layers {bad_layers} are not sites: expected integers >= 0 (residual stream entering block L)")
-    bad = [name for name in models if not name or "/" in name or name.startswith(".")]
+    specs: dict[str, str | nn.Module] = dict(parse_model_specs(config.model))
+    twice = sorted(set(specs) & set(models or {}))
+    if twice:
+        raise ProbeError(f"models {twice} are given both as config.model and as models=: give each model once")
+    specs.update(models or {})
+    if not specs:
+        raise ProbeError("collect needs at least one model: --model NAME=PATH (or models={name: model})")
+    bad = [name for name in specs if not name or "/" in name or name.startswith(".")]
     if bad:
         raise ProbeError(f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl")
     from accelerate import PartialState
 
-    out_dir = Path(out_dir)
-
     # cpu=True lets accelerate set up gloo for multi-process runs on machines without a GPU.
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
-    device = resolve_device(cfg.device) if cfg.device is not None else state.device
-
+    state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
+    device = resolve_device(config.device) if config.device is not None else state.device
     # The main process holds the output directory (collect.json, merges) for the whole run.
     with contextlib.ExitStack() as held:
-        if rank == 0:
-            held.enter_context(DirectoryLock(out_dir, what="collect output"))
-        tokenizer, loaded = _load_models(models, tokenizer, layers, cfg, device)
-        first = next(iter(loaded.values()))
-        wanted_layers = sorted(set(layers)) if layers else [default_layer(first)]
-        for name, model in loaded.items():
-            for layer in wanted_layers:
-                try:
-                    validate_layer(model, layer)
-                except ProbeError as err:
-                    raise ProbeError(f"model {name!r}: {err}") from None
-
-        data = load_dataset_spec(dataset, split=cfg.split, config_name=cfg.dataset_config, n_docs=cfg.n_docs)
-        dataset_name = dataset if isinstance(dataset, (str, os.PathLike)) else f"<{type(dataset).__name__} of {len(data)} rows>"
-        source = {
-            "dataset": str(dataset_name),
-            "dataset_sample_sha256": dataset_fingerprint(data, cfg.column),
-            "split": cfg.split,
-            "dataset_config": cfg.dataset_config,
-            "column": cfg.column,
-            "n_docs": len(data),
-            "seq_len": cfg.seq_len,
-            "batch_size": cfg.batch_size,
-            "max_tokens": cfg.max_tokens,
-            "outlier_factor": cfg.outlier_factor,
-            "excluded": ["padding", "first position", "bos"],
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "paired_models": list(loaded),
-            "world_size": world,
+        if state.process_index == 0:
+            held.enter_context(DirectoryLock(config.out, what="collect output"))
+        tokenizer, loaded = _load_models(specs, tokenizer, config.layer, config, device)
+        layers = _checked_layers(loaded, config.layer)
+        data = load_dataset_spec(config.dataset if dataset is None else dataset, split=config.split, config_name=config.dataset_config, n_docs=config.n_docs)
+        source = _source_info(config, dataset, data, tokenizer, list(loaded), state.num_processes)
+        writers = _open_writers(config, specs, loaded, layers, source, state, held)
+        index = {
+            "models": {n: None if isinstance(specs[n], nn.Module) else str(specs[n]) for n in loaded},
+            "layers": layers,
+            "source": source,
+            "config": {k: v for k, v in asdict(config).items() if k not in _STEP_FIELDS},
         }
-        d_model = hidden_size(first)
-        writers: dict[tuple[str, int], ActivationStoreWriter] = {}
-        for name in loaded:
-            for layer in wanted_layers:
-                writers[name, layer] = ActivationStoreWriter(  # locks the store (this rank's files) until closed
-                    out_dir / name / f"layer{layer}",
-                    layer=layer,
-                    d_model=d_model,
-                    model=_model_info(name, models[name], loaded[name]),
-                    dtype=cfg.dtype,
-                    source=source,
-                    shard_tokens=cfg.shard_tokens,
-                    rank=rank,
-                    world_size=world,
-                )
-                held.callback(writers[name, layer].release)
-        _refuse_corrupt(writers, world)
-        paths = {name: {layer: out_dir / name / f"layer{layer}" for layer in wanted_layers} for name in loaded}
-        if rank == 0:
-            index = {"models": {n: str(models[n]) if not isinstance(models[n], nn.Module) else None for n in loaded}, "layers": wanted_layers, "source": source, "config": asdict(cfg)}
-            write_atomic(out_dir / COLLECT_INDEX, json.dumps(index, indent=2).encode(), fsync=True, what="collect index")
-
+        result = CollectResult(config.out, {name: {layer: config.out / name / f"layer{layer}" for layer in layers} for name in loaded}, index)
+        if state.process_index == 0:
+            result.write(config.out)
         if not all(w.complete for w in writers.values()):
-            _capture_into(writers, loaded, data, tokenizer, wanted_layers, cfg, rank, world, progress)
-        if world > 1:
+            _capture_into(writers, loaded, data, tokenizer, layers, config, state.process_index, state.num_processes, progress)
+        if state.num_processes > 1:
             state.wait_for_everyone()
-            if rank == 0:
+            if state.process_index == 0:
                 for store in sorted({w.path for w in writers.values()}):
                     merge_rank_manifests(store)
             state.wait_for_everyone()
-        return paths
+        return result
+
+
+_STEP_FIELDS = ("model", "dataset", "out", "layer")
+"""CollectConfig fields recorded elsewhere in collect.json (models, layers, source), not under ``config``."""
+
+
+def _checked_layers(loaded: dict[str, nn.Module], layers: Sequence[int]) -> list[int]:
+    """The sites to capture (default n_layers // 2 of the first model), checked against every model."""
+    wanted = sorted(set(layers)) if layers else [default_layer(next(iter(loaded.values())))]
+    for name, model in loaded.items():
+        for layer in wanted:
+            try:
+                validate_layer(model, layer)
+            except ProbeError as err:
+                raise ProbeError(f"model {name!r}: {err}") from None
+    return wanted
+
+
+def _source_info(config: CollectConfig, dataset: Any, data, tokenizer, names: list[str], world: int) -> dict[str, Any]:
+    """How the tokens are produced: the ``source`` of every store's manifest and of collect.json."""
+    given = config.dataset if dataset is None else dataset
+    dataset_name = given if isinstance(given, (str, os.PathLike)) else f"<{type(given).__name__} of {len(data)} rows>"
+    return {
+        "dataset": str(dataset_name),
+        "dataset_sample_sha256": dataset_fingerprint(data, config.column),
+        "split": config.split,
+        "dataset_config": config.dataset_config,
+        "column": config.column,
+        "n_docs": len(data),
+        "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
+        "max_tokens": config.max_tokens,
+        "outlier_factor": config.outlier_factor,
+        "excluded": ["padding", "first position", "bos"],
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "paired_models": names,
+        "world_size": world,
+    }
+
+
+def _open_writers(config: CollectConfig, specs, loaded, layers: list[int], source: dict[str, Any], state, held: contextlib.ExitStack) -> dict[tuple[str, int], ActivationStoreWriter]:
+    """One writer per model and layer (each locks this rank's files of its store until released)."""
+    d_model = hidden_size(next(iter(loaded.values())))
+    writers: dict[tuple[str, int], ActivationStoreWriter] = {}
+    for name in loaded:
+        for layer in layers:
+            writers[name, layer] = ActivationStoreWriter(
+                config.out / name / f"layer{layer}",
+                layer=layer,
+                d_model=d_model,
+                model=_model_info(name, specs[name], loaded[name]),
+                dtype=config.dtype,
+                source=source,
+                shard_tokens=config.shard_tokens,
+                rank=state.process_index,
+                world_size=state.num_processes,
+            )
+            held.callback(writers[name, layer].release)
+    _refuse_corrupt(writers, state.num_processes)
+    return writers
 
 
 def _refuse_corrupt(writers: dict[tuple[str, int], ActivationStoreWriter], world: int) -> None:
@@ -153,7 +214,7 @@ def _refuse_corrupt(writers: dict[tuple[str, int], ActivationStoreWriter], world
     rerun = _rerun_command()
     raise ProbeError(
         f"activation store {problems[0][0]} is corrupt ({problems[0][1]}{more}); remove the bad store and collect again: "
-        + (f"{remove} && {rerun}" if rerun else f"{remove}, then run the same collect_activations call again")
+        + (f"{remove} && {rerun}" if rerun else f"{remove}, then run the same collect call again")
     )
 
 

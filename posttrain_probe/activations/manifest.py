@@ -20,20 +20,8 @@ from posttrain_probe.errors import ProbeError
 FORMAT = "posttrain-probe/activation-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STORE_DTYPES = ("bfloat16", "float16", "float32")
-"""Activation dtypes a store can hold."""
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # Keys that must agree between a store on disk and a writer that wants to append to it.
 IDENTITY_KEYS = ("layer", "d_model", "dtype", "model", "source")
-
-
-def dtype_name(dtype: Any) -> str:
-    """Canonical store dtype name ('bfloat16', 'float16', 'float32') for a string or a torch dtype."""
-    name = str(dtype).lower().removeprefix("torch.")
-    name = _DTYPE_ALIASES.get(name, name)
-    if name in STORE_DTYPES:
-        return name
-    raise ProbeError(f"unsupported activation dtype {dtype!r}: expected one of bf16, fp16, fp32")
 
 
 def difference(key: str, there: Any, here: Any) -> str:

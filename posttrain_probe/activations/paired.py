@@ -57,7 +57,7 @@ class PairedActivations(ActivationSource):
     def from_directory(
         cls, path: str | os.PathLike, *, layer: int | None = None, models: list[str] | None = None, verify: bool = True
     ) -> PairedActivations:
-        """Open ``path/<model>/layer<L>/`` stores written by :func:`collect_activations`.
+        """Open ``path/<model>/layer<L>/`` stores written by :func:`~posttrain_probe.activations.collect.collect`.
 
         ``models`` selects and orders models (default: the order of the collect run); ``layer``
         is required when more than one layer was collected.

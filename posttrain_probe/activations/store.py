@@ -39,18 +39,18 @@ from posttrain_probe.activations.manifest import (
     MANIFEST,
     StoreManifest,
     difference,
-    dtype_name,
     manifest_name,
     merged_rank_manifest,
     read_manifest,
     sha256_file,
-    shard_name,
     shard_bytes,
+    shard_name,
     shard_problem,
     shard_problems,
     write_atomic,
 )
 from posttrain_probe.activations.shuffle import ActivationSource
+from posttrain_probe.dtypes import dtype_name
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.locks import DirectoryLock, is_lock_file
 
@@ -443,7 +443,7 @@ class ActivationStore(ActivationSource):
         reads the whole store at once (``posttrain-probe store info --check-values``).
         """
         problems = []
-        for index, shard in enumerate(self.manifest.shards):
+        for shard in self.manifest.shards:
             file = self.path / shard["file"]
             try:
                 problem = _nonfinite_problem(load_file(file)["acts"], file)

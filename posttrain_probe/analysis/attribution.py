@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from posttrain_probe.analysis.analyze_config import NORM_RATIO_SCALES
 from posttrain_probe.errors import ProbeError
 
 BASE_ONLY_ABOVE = 0.6
@@ -29,8 +30,6 @@ FINETUNE_ONLY_BELOW = 0.4
 """NormRatio below which a feature is "finetune-only" (paper S, sec. 2); [0.4, 0.6] is "shared"."""
 CATEGORIES = ("base-only", "shared", "finetune-only", "dead")
 """The labels :func:`categorize` returns."""
-NORM_RATIO_SCALES = ("all", "pair")
-"""Denominators of :func:`norm_ratio`: max decoder norm over all model slots (default) or over the compared pair."""
 
 
 def _decoder(W_dec: torch.Tensor, what: str = "W_dec") -> torch.Tensor:

@@ -14,7 +14,7 @@ An intervention on a selected feature set S is compared with the same interventi
    selected set's delta lies outside [min, max].
 
 Frequencies are fractions of reference tokens on which the per-source code f_i^m > 0
-(:func:`posttrain_probe.interventions.features.source_activation_stats`).
+(:func:`posttrain_probe.interventions.activation_stats.source_activation_stats`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ lm-eval writes one ``samples_<task>_<timestamp>.jsonl`` per task when run with
 the task's primary metric in its sample record (the first of its ``metrics``: ``acc`` for
 multiple choice, ``exact_match`` for generation, ...), > 0 meaning correct.
 
+Entry points: :func:`critical` (the step: ``critical(CriticalConfig(...))`` writes ``config.out``),
+:func:`critical_samples` (G_t from two runs' logs), :func:`critical_from_records` (from records in memory)
+and :meth:`CriticalSamples.read` (the one reader of the file).
+
 File written by ``posttrain-probe critical`` (format ``posttrain-probe/critical-samples``, version 1)::
 
     {"format": "posttrain-probe/critical-samples", "format_version": 1,
@@ -26,11 +30,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain_probe.errors import ProbeError
+
+if TYPE_CHECKING:
+    from posttrain_probe.analysis.critical_config import CriticalConfig
 
 CRITICAL_FORMAT = "posttrain-probe/critical-samples"
 CRITICAL_FORMAT_VERSION = 1
@@ -39,12 +46,12 @@ __all__ = [
     "CRITICAL_FORMAT",
     "CriticalSamples",
     "TaskCritical",
+    "critical",
     "critical_from_records",
-    "critical_json",
     "critical_samples",
     "find_sample_files",
-    "read_critical",
     "read_sample_records",
+    "split_names",
 ]
 
 
@@ -80,6 +87,18 @@ class TaskCritical:
         """|G_t|."""
         return len(self.doc_ids)
 
+    @property
+    def contexts(self) -> list[str]:
+        """The prompts of G_t in the order of :attr:`doc_ids`."""
+        return [self.prompts[d] for d in self.doc_ids]
+
+    def subset(self, doc_ids: Sequence[int], task: str = "") -> TaskCritical:
+        """This task's G_t restricted to ``doc_ids`` (a subset of its doc ids, in the given order; prompts kept in step)."""
+        missing = [d for d in doc_ids if d not in self.prompts]
+        if missing:
+            raise ProbeError(f"task {task!r}: doc ids {missing[:10]} are not among its critical samples")
+        return dataclasses.replace(self, doc_ids=list(doc_ids), prompts={d: self.prompts[d] for d in doc_ids})
+
     def to_json(self) -> dict[str, Any]:
         """The task's entry in the critical-samples JSON."""
         return {
@@ -96,10 +115,32 @@ class TaskCritical:
             "rl_file": self.rl_file,
         }
 
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any], where: str) -> TaskCritical:
+        """A task entry of the critical-samples JSON (``where`` names it in errors)."""
+        missing = [k for k in _ENTRY_KEYS if k not in entry]
+        if missing:
+            raise ProbeError(f"{where} lacks {missing}; write the file again with `posttrain-probe critical`")
+        doc_ids = [int(d) for d in entry["doc_ids"]]
+        prompts = {int(d): p for d, p in entry["prompts"].items()}
+        lacking = [d for d in doc_ids if d not in prompts]
+        if lacking:
+            raise ProbeError(f"{where} lacks the prompts of doc ids {lacking[:10]}; expected a 'prompts' entry per doc id")
+        if int(entry["n_critical"]) != len(doc_ids):
+            raise ProbeError(f"{where} has n_critical {entry['n_critical']} but {len(doc_ids)} doc_ids")
+        return cls(
+            metric=entry["metric"], filter=entry["filter"], n_docs=int(entry["n_docs"]), n_base_correct=int(entry["n_base_correct"]),
+            n_rl_correct=int(entry["n_rl_correct"]), doc_ids=doc_ids, prompts=prompts, request_type=entry["request_type"],
+            base_file=entry["base_file"], rl_file=entry["rl_file"],
+        )
+
+
+_ENTRY_KEYS = ("metric", "filter", "n_docs", "n_base_correct", "n_rl_correct", "n_critical", "doc_ids", "prompts", "request_type", "base_file", "rl_file")
+
 
 @dataclasses.dataclass
 class CriticalSamples:
-    """G_t for every task of two runs (see the module docstring for the JSON form)."""
+    """G_t for every task of two runs (see the module docstring for the JSON form); the result of :func:`critical`."""
 
     base_samples: str
     """Where the base run's sample logs came from."""
@@ -119,6 +160,20 @@ class CriticalSamples:
         :func:`posttrain_probe.eval.runner.evaluate` and of lm-eval's ``--samples``)."""
         return {t: list(c.doc_ids) for t, c in sorted(self.tasks.items()) if c.n_critical}
 
+    def choose_tasks(self, requested: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+        """``(tasks with critical samples to use, tasks skipped for having none)``, in the requested order.
+
+        ``requested`` None: every task (file order, then the skipped ones sorted). A requested task the
+        file does not know is refused.
+        """
+        if requested is None:
+            return [t for t, c in self.tasks.items() if c.n_critical], self.no_critical
+        wanted = split_names(requested)
+        unknown = [t for t in wanted if t not in self.tasks]
+        if unknown:
+            raise ProbeError(f"tasks {unknown} are not in the critical-samples file; it has {sorted(self.tasks)}")
+        return [t for t in wanted if self.tasks[t].n_critical], [t for t in wanted if not self.tasks[t].n_critical]
+
     def to_json(self) -> dict[str, Any]:
         """The critical-samples JSON object."""
         return {
@@ -130,52 +185,49 @@ class CriticalSamples:
             "no_critical": self.no_critical,
         }
 
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write the JSON to ``path`` (parent folders created); returns the path."""
-        path = Path(path)
+    def write(self, out: str | os.PathLike) -> Path:
+        """Write the JSON to the file ``out`` (parent folders created); returns the path."""
+        path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False))
         tmp.replace(path)
         return path
 
+    def write_doc_ids(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`doc_ids` as JSON (lm-eval's ``--samples FILE``); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.doc_ids))
+        return path
 
-def critical_json(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The critical-samples JSON object of a file (or of an already parsed dict), its header checked.
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> CriticalSamples:
+        """The critical-samples JSON written by :meth:`write` (``posttrain-probe critical``).
 
-    Checked: ``format`` is :data:`CRITICAL_FORMAT`, ``tasks`` is an object, ``format_version`` (1 when absent) is
-    :data:`CRITICAL_FORMAT_VERSION`. The task entries are returned as stored (:func:`read_critical` parses them).
-    """
-    if isinstance(source, Mapping):
-        data, name = dict(source), "the critical data"
-    else:
+        Checked: ``format`` is :data:`CRITICAL_FORMAT`, ``format_version`` is :data:`CRITICAL_FORMAT_VERSION`,
+        every task entry has every field, a prompt per doc id and ``n_critical`` = the number of doc ids.
+        """
         try:
-            data = json.loads(Path(source).read_text())
+            data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ProbeError(f"cannot read critical samples {source}: {err}") from err
-        name = str(source)
-    if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT or not isinstance(data.get("tasks"), dict):
-        raise ProbeError(f"{name} is not a critical-samples JSON (expected format {CRITICAL_FORMAT!r} with a 'tasks' object; write it with `posttrain-probe critical`)")
-    version = data.get("format_version", CRITICAL_FORMAT_VERSION)
-    if version != CRITICAL_FORMAT_VERSION:
-        raise ProbeError(f"{name}: critical-samples format_version {version!r}, this posttrain-probe reads {CRITICAL_FORMAT_VERSION} (write it again with `posttrain-probe critical`, or upgrade posttrain-probe)")
-    return data
+            raise ProbeError(f"cannot read critical samples {path}: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT or not isinstance(data.get("tasks"), dict):
+            raise ProbeError(f"{path} is not a critical-samples JSON (expected format {CRITICAL_FORMAT!r} with a 'tasks' object; write it with `posttrain-probe critical`)")
+        version = data.get("format_version")
+        if version != CRITICAL_FORMAT_VERSION:
+            raise ProbeError(f"{path}: critical-samples format_version {version!r}, this posttrain-probe reads {CRITICAL_FORMAT_VERSION} (write it again with `posttrain-probe critical`, or upgrade posttrain-probe)")
+        tasks = {str(task): TaskCritical.from_json(entry, f"{path}: task {task!r}") for task, entry in data["tasks"].items()}
+        return cls(base_samples=data["base_samples"], rl_samples=data["rl_samples"], tasks=tasks)
 
 
-def read_critical(path: str | os.PathLike) -> CriticalSamples:
-    """Load a critical-samples JSON written by :meth:`CriticalSamples.write` (header checked by :func:`critical_json`)."""
-    data = critical_json(path)
-    tasks = {}
-    for task, entry in data["tasks"].items():
-        doc_ids = [int(d) for d in entry["doc_ids"]]
-        tasks[task] = TaskCritical(
-            metric=entry["metric"], filter=entry.get("filter", "none"), n_docs=int(entry["n_docs"]),
-            n_base_correct=int(entry["n_base_correct"]), n_rl_correct=int(entry["n_rl_correct"]), doc_ids=doc_ids,
-            prompts={int(d): p for d, p in entry["prompts"].items()}, request_type=entry.get("request_type", "loglikelihood"), base_file=entry.get("base_file"), rl_file=entry.get("rl_file"),
-        )
-        if tasks[task].n_critical != int(entry.get("n_critical", len(doc_ids))):
-            raise ProbeError(f"{path}: task {task!r} has n_critical {entry['n_critical']} but {len(doc_ids)} doc_ids")
-    return CriticalSamples(base_samples=data["base_samples"], rl_samples=data["rl_samples"], tasks=tasks)
+def split_names(values: Sequence[str] | str | None) -> list[str]:
+    """Repeated and/or comma-separated names (``["a,b", "c"]`` or ``"a,b,c"``) -> ``["a", "b", "c"]``, order kept, no duplicates."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return list(dict.fromkeys(v.strip() for value in values for v in str(value).split(",") if v.strip()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +364,7 @@ def _task_critical(
     base_filter, base = records_by_doc(task, base_records, filter_name, base_source)
     rl_filter, rl = records_by_doc(task, rl_records, filter_name, rl_source)
     if base_filter != rl_filter:
-        raise ProbeError(f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter")
+        raise ProbeError(f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter-name")
     if set(base) != set(rl):
         only_base = sorted(set(base) - set(rl))
         only_rl = sorted(set(rl) - set(base))
@@ -409,3 +461,13 @@ def critical_samples(
         entry.base_file, entry.rl_file = str(b_file), str(r_file)
         result[task] = entry
     return CriticalSamples(base_samples=str(base_dir), rl_samples=str(rl_dir), tasks=result)
+
+
+def critical(config: CriticalConfig) -> CriticalSamples:
+    """The step ``critical``: G_t per task from two lm-eval runs' sample logs (:func:`critical_samples`),
+    written to ``config.out`` (and the doc ids to ``config.samples_out`` when given); returns them."""
+    result = critical_samples(config.base_samples, config.rl_samples, metric=config.metric, filter_name=config.filter_name)
+    result.write(config.out)
+    if config.samples_out is not None:
+        result.write_doc_ids(config.samples_out)
+    return result

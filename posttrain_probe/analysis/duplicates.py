@@ -20,10 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from posttrain_probe.analysis.analyze_config import DEFAULT_DUPLICATE_COSINE
 from posttrain_probe.errors import ProbeError
-
-DEFAULT_DUPLICATE_COSINE = 0.95
-"""Two latents are duplicates when their whole decoders have at least this cosine."""
 
 
 class DuplicateGroups(NamedTuple):

@@ -34,16 +34,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from posttrain_probe.analysis.analyze_config import DEFAULT_K, DEFAULT_MIN_COSINE, DEFAULT_NORM_FLOOR, DEFAULT_TIE_ATOL
 from posttrain_probe.analysis.attribution import nrn
 from posttrain_probe.errors import ProbeError
-
-DEFAULT_K = 50
-DEFAULT_NORM_FLOOR = 0.01
-"""A score is undefined where both compared decoder norms are below this fraction of the largest one."""
-DEFAULT_MIN_COSINE = 0.7
-"""Per-checkpoint crosscoders: matched pairs need at least this whole-decoder cosine."""
-DEFAULT_TIE_ATOL = 1e-6
-"""Scores within this absolute distance of the k-th score tie with it."""
 
 
 class RankShifts(NamedTuple):

@@ -8,22 +8,21 @@ Feature-set JSON (written by ``posttrain-probe analyze`` and the feature command
 
 ``crosscoder_fingerprint`` (:func:`crosscoder_fingerprint`) identifies the crosscoder the indices
 refer to; :func:`resolve_features` refuses a set whose fingerprint is not the given crosscoder's.
-Sets without one (older files, plain JSON lists) are accepted as they are.
+Sets written without a crosscoder (``crosscoder_fingerprint`` null) are accepted as they are.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from posttrain_probe.crosscoder.model import crosscoder_fingerprint
 from posttrain_probe.errors import ProbeError
 
 FEATURE_SET_FORMAT = "posttrain-probe/feature-set"
@@ -41,39 +40,6 @@ class FeatureSet(NamedTuple):
     """:func:`crosscoder_fingerprint` of the crosscoder the indices refer to (None: not recorded)."""
     provenance: dict[str, Any]
     """Free-form provenance written with the set."""
-
-
-def crosscoder_fingerprint(crosscoder) -> str:
-    """sha256 (hex) identifying a crosscoder's weights: config, scales, threshold, biases and the
-    full decoder ``W_dec``, hashed as float32 bytes on the CPU.
-
-    Calibrated per-source BatchTopK thresholds (``config.source_thresholds``) are part of the
-    config, so calibrating a crosscoder changes its fingerprint (its per-source codes change); a
-    crosscoder without them hashes exactly as before the field existed. The recorded model
-    fingerprints (``config.model_fingerprints``) are provenance and take no part.
-
-    Stable across save/load, devices and processes; any change of the decoder changes it (a cast
-    to a lower precision does too). Costs one pass over W_dec (about 0.35 s for 32768 features x
-    2 models x 2304 dims on one CPU core) and is cached on the object until its tensors change.
-    """
-    tensors = (crosscoder.W_dec, crosscoder.b_dec, crosscoder.b_enc, crosscoder.scales, crosscoder.threshold)
-    fields = asdict(crosscoder.config)
-    if fields.get("source_thresholds", 0) is None:
-        del fields["source_thresholds"]  # uncalibrated: the fingerprint of crosscoders saved before the field
-    fields.pop("model_fingerprints", None)  # which models it was trained on: provenance, not the weights
-    config = json.dumps(fields, sort_keys=True)
-    key = (config, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-    cached = getattr(crosscoder, "_posttrain_probe_fingerprint", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256(config.encode())
-    for tensor in tensors:
-        data = tensor.detach().to("cpu", torch.float32).contiguous()
-        digest.update(str(tuple(data.shape)).encode())
-        digest.update(memoryview(data.numpy()).cast("B"))
-    fingerprint = digest.hexdigest()
-    object.__setattr__(crosscoder, "_posttrain_probe_fingerprint", (key, fingerprint))
-    return fingerprint
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,14 +92,11 @@ def write_feature_set(
 
 
 def load_feature_set(path: str | os.PathLike) -> FeatureSet:
-    """A feature-set JSON with its crosscoder fingerprint and provenance (a plain JSON list of ints
-    is accepted too, without either)."""
+    """A feature-set JSON with its crosscoder fingerprint and provenance."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ProbeError(f"cannot read feature set {path}: {err}") from err
-    if isinstance(data, list):
-        return FeatureSet(_indices(data, path), None, None, {})
     if not isinstance(data, dict) or data.get("format") != FEATURE_SET_FORMAT or not isinstance(data.get("features"), list):
         raise ProbeError(f"{path} is not a feature-set JSON (expected format {FEATURE_SET_FORMAT!r} with a 'features' list)")
     return FeatureSet(
@@ -149,7 +112,7 @@ def _indices(values: list, path) -> list[int]:
 
 
 def read_feature_set(path: str | os.PathLike) -> list[int]:
-    """The feature indices of a feature-set JSON (a plain JSON list of ints is accepted too)."""
+    """The feature indices of a feature-set JSON."""
     return load_feature_set(path).features
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from posttrain_probe.analysis.analyze_config import DEFAULT_DUPLICATE_COSINE
 from posttrain_probe.analysis.attribution import (
     CATEGORIES,
     categorize,
@@ -26,10 +27,10 @@ from posttrain_probe.analysis.attribution import (
     decoder_norms,
     mas,
     mas_dominant,
-    nrn,
     norm_ratio,
+    nrn,
 )
-from posttrain_probe.analysis.duplicates import DEFAULT_DUPLICATE_COSINE, duplicate_groups
+from posttrain_probe.analysis.duplicates import duplicate_groups
 from posttrain_probe.errors import ProbeError
 
 LIVENESS_SOURCES = ("activations", "training", "unknown")

@@ -208,12 +208,12 @@ class ReasonScoreResult:
     """[F] ReasonScore (:func:`reason_score`)."""
     entropy: torch.Tensor
     """[F] normalised entropy H_i of the activation across the reasoning words, in [0, 1]."""
-    mean_in: torch.Tensor
-    """[F] mu_i^+: mean weighted activation inside reasoning-word windows."""
-    mean_out: torch.Tensor
-    """[F] mu_i^-: mean weighted activation on all other kept tokens."""
-    word_means: torch.Tensor
-    """[G, F] mu_i(r) per word group."""
+    mean_in: torch.Tensor | None
+    """[F] mu_i^+: mean weighted activation inside reasoning-word windows. (None when read back from a report, which does not store it)"""
+    mean_out: torch.Tensor | None
+    """[F] mu_i^-: mean weighted activation on all other kept tokens. (None when read back from a report, which does not store it)"""
+    word_means: torch.Tensor | None
+    """[G, F] mu_i(r) per word group (None when read back from a report)."""
     words: list[str]
     """The G word groups."""
     word_tokens: list[int]

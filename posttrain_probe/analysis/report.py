@@ -1,108 +1,37 @@
-"""One-call reports: `posttrain-probe analyze` (attribution) and `posttrain-probe dynamics` (checkpoints).
+"""The steps ``analyze`` (attribution of crosscoder features) and ``dynamics`` (checkpoint dynamics).
 
-Each writes tables (CSV or Parquet), a JSON summary and figures (PNG + SVG) into an output
-directory and returns the JSON-ready summary.
+:func:`analyze` (an :class:`~posttrain_probe.analysis.analyze_config.AnalyzeConfig`) -> :class:`AnalysisResult`
+and :func:`dynamics` (a :class:`~posttrain_probe.analysis.analyze_config.DynamicsConfig`) -> :class:`DynamicsResult`.
+Each writes tables (CSV or Parquet), a JSON summary and figures (PNG + SVG) into ``config.out`` and returns
+the typed result, which reads back from that directory (``AnalysisResult.read(out)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from posttrain_probe.analysis.attribution import NORM_RATIO_SCALES, categorize, decoder_cosine, mas, norm_ratio, nrn
-from posttrain_probe.analysis.duplicates import DEFAULT_DUPLICATE_COSINE
-from posttrain_probe.analysis.dynamics import DEFAULT_MIN_COSINE, DEFAULT_NORM_FLOOR, DEFAULT_TIE_ATOL
-from posttrain_probe.analysis.jsonable import json_safe
+from posttrain_probe.analysis.analyze_config import AnalyzeConfig, DynamicsConfig
+from posttrain_probe.analysis.attribution import categorize, decoder_cosine, mas, norm_ratio, nrn
+from posttrain_probe.analysis.dynamics import MatchQuality
 from posttrain_probe.analysis.features import feature_activation_stats, feature_table, model_index, summary, write_table
+from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.analysis.feature_sets import CATEGORY_NAMES, write_feature_set
 
-
-def analyze_crosscoder(
-    crosscoder,
-    *,
-    base: str,
-    out_dir: str | os.PathLike,
-    source=None,
-    stats_tokens: int = 1_000_000,
-    table_format: str = "parquet",
-    p: float = 1,
-    crosscoder_path: str | None = None,
-    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
-    norm_ratio_scale: str = "all",
-) -> dict[str, Any]:
-    """Per-feature table, summary, figures and NormRatio feature sets of a crosscoder against ``base``.
-
-    Liveness (which latents count): from ``source`` (optional, a paired activation source over the
-    crosscoder's models: activation frequency, max activation and dead-by-frequency on up to
-    ``stats_tokens`` tokens), else from the training run's firing counters in ``crosscoder_path``
-    (:func:`~posttrain_probe.crosscoder.inspect.training_liveness`), else unknown - then the summary
-    says so (``liveness: unknown``, ``n_dead`` null) instead of calling every latent live.
-    Duplicate latents (whole-decoder cosine >= ``duplicate_cosine``) are grouped and every count is
-    given raw and deduplicated; ``settings`` records F, λ or k and the training tokens, which the
-    counts depend on. ``norm_ratio_scale`` is NormRatio's denominator (``all``: docs/methods.md's max over every
-    model slot; ``pair``: paper S's max over the two compared models). Writes ``features.<table_format>``, ``summary.json``, ``nrn_histograms``,
-    ``mas_distributions`` and ``norm_ratio_vs_cosine_<model>`` figures, and
-    ``feature_sets/<model>_<category>.json`` (paper S categories of live features, for gradient
-    blocking; ``crosscoder_path`` is recorded as provenance). Metrics use the decoder in normalised units.
-    """
-    from posttrain_probe.analysis.plots import plot_mas_distributions, plot_nrn_histograms, plot_norm_ratio_vs_cosine
-    from posttrain_probe.crosscoder.inspect import crosscoder_settings, training_liveness
-
-    if table_format not in ("parquet", "csv"):
-        raise ProbeError(f"table format {table_format!r}: expected parquet or csv")
-    if norm_ratio_scale not in NORM_RATIO_SCALES:
-        raise ProbeError(f"norm_ratio_scale {norm_ratio_scale!r} is not one of {NORM_RATIO_SCALES}")
-    if isinstance(duplicate_cosine, bool) or not isinstance(duplicate_cosine, (int, float)) or not 0 < duplicate_cosine <= 1:
-        raise ProbeError(f"duplicate_cosine={duplicate_cosine!r} is invalid; expected a cosine in (0, 1]")
-    names = list(crosscoder.config.model_names)
-    base_slot = model_index(names, base, "base model")
-    if len(names) < 2:
-        raise ProbeError(f"the crosscoder has one model {names}: attribution needs a base and at least one tuned model")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stats, live, liveness = None, None, "unknown"
-    if source is not None:
-        if list(source.model_names) != names:
-            raise ProbeError(f"the activations hold models {list(source.model_names)}, the crosscoder {names}")
-        batches = _limited(source.iter_batches(4096, shuffle=False), stats_tokens)
-        stats, liveness = feature_activation_stats(crosscoder, batches), "activations"
-    elif crosscoder_path is not None:
-        live = training_liveness(crosscoder_path)
-        liveness = "unknown" if live is None else "training"
-    table = feature_table(crosscoder, base=base, stats=stats, live=live, p=p, duplicate_cosine=duplicate_cosine, norm_ratio_scale=norm_ratio_scale)
-    table_path = write_table(table, out / f"features.{table_format}")
-    result = summary(table, base=base, model_names=names, liveness=liveness)
-    settings = (crosscoder_settings(crosscoder_path) if crosscoder_path is not None else {}) or {
-        "n_features": crosscoder.config.n_features, "activation": crosscoder.config.activation}
-    result["settings"] = {**settings, "duplicate_cosine": duplicate_cosine, "p": p, "norm_ratio_scale": norm_ratio_scale,
-                          "stats_tokens": stats.n_tokens if stats is not None else None}
-    result["note"] = COUNTS_NOTE
-    W = crosscoder.W_dec.detach()
-    tuned = [(slot, name) for slot, name in enumerate(names) if slot != base_slot]
-    figures = plot_nrn_histograms({name: nrn(W, base_slot, slot, p=p).cpu().numpy() for slot, name in tuned}, out / "nrn_histograms", title=f"NRN against {base}")
-    figures += plot_mas_distributions(mas(W).cpu().numpy(), names, out / "mas_distributions")
-    feature_sets = []
-    for slot, name in tuned:
-        ratio = norm_ratio(W, base_slot, slot, scale=norm_ratio_scale).cpu().numpy()
-        labels = table.column(f"category_{name}").to_pylist()  # "dead" where the feature is dead
-        figures += plot_norm_ratio_vs_cosine(
-            ratio, decoder_cosine(W, base_slot, slot).cpu().numpy(), list(categorize(ratio)), out / f"norm_ratio_vs_cosine_{name}"
-        )
-        for category in CATEGORY_NAMES:  # inputs for gradient blocking (block_features: <file>)
-            feature_sets.append(write_feature_set(
-                out / "feature_sets" / f"{name}_{category}.json", [i for i, label in enumerate(labels) if label == category],
-                crosscoder=crosscoder, crosscoder_path=crosscoder_path, category=category, base=base, finetuned=name, metric="norm_ratio",
-                norm_ratio_scale=norm_ratio_scale, liveness=liveness,
-            ))
-    result["files"] = {"table": str(table_path), "figures": [str(f) for f in figures], "feature_sets": [str(f) for f in feature_sets]}
-    (out / "summary.json").write_text(json.dumps(json_safe(result), indent=2))
-    return result
-
+SUMMARY = "summary.json"
+"""The :class:`AnalysisResult` of ``analyze``, in its output directory."""
+DYNAMICS = "dynamics.json"
+"""The :class:`DynamicsResult` of ``dynamics`` (without the rank shifts), in its output directory."""
+RANK_SHIFTS = "rank_shifts.json"
+"""The rank shifts of ``dynamics`` (:attr:`DynamicsResult.rank_shifts`)."""
+OVERLAP = "overlap.csv"
+"""The top-k overlap matrix of ``dynamics`` as CSV."""
 
 COUNTS_NOTE = (
     "Counts of model-specific latents depend on the dictionary, not only on the models: with the "
@@ -112,89 +41,309 @@ COUNTS_NOTE = (
 )
 
 
-def checkpoint_dynamics(
-    crosscoder=None,
-    *,
-    base: str,
-    out_dir: str | os.PathLike,
-    checkpoints: list[str] | None = None,
-    crosscoders: list | None = None,
-    labels: list[str] | None = None,
-    k: int = 50,
-    p: float = 1,
-    norm_floor: float = DEFAULT_NORM_FLOOR,
-    min_cosine: float = DEFAULT_MIN_COSINE,
-    tie_atol: float = DEFAULT_TIE_ATOL,
-    duplicate_cosine: float | None = DEFAULT_DUPLICATE_COSINE,
-    live=None,
-) -> dict[str, Any]:
+@dataclass
+class ModelCounts:
+    """Counts of one tuned model against the base (live features only; see :func:`~posttrain_probe.analysis.features.summary`)."""
+
+    n: int
+    """Live features with a defined NRN."""
+    categories: dict[str, int]
+    """NormRatio category counts (``undefined``: both decoders of the pair zero)."""
+    categories_dedup: dict[str, int]
+    """The same, each group of duplicate latents counted once."""
+    nrn_tails: dict[str, int]
+    """Counts of NRN > t and NRN < 1 - t per tail threshold t (keys ``nrn>0.7``, ``nrn<0.3``, ...)."""
+    nrn_tails_dedup: dict[str, int]
+    """The same, deduplicated."""
+    nrn_mean: float | None
+    """Mean NRN of the counted features (None when none counts)."""
+    nrn_median: float | None
+    """Median NRN of the counted features (None when none counts)."""
+
+
+@dataclass
+class AnalysisFiles:
+    """What ``analyze`` wrote besides ``summary.json`` (paths as strings)."""
+
+    table: str
+    """The per-feature table, ``features.parquet`` or ``features.csv``."""
+    figures: list[str]
+    """Figure files (PNG + SVG)."""
+    feature_sets: list[str]
+    """``feature_sets/<model>_<category>.json`` files (inputs of gradient blocking)."""
+
+
+@dataclass
+class AnalysisResult:
+    """The summary of ``analyze`` (``summary.json``): counts of model-specific latents and the settings they depend on."""
+
+    base: str
+    """The base model's name."""
+    n_features: int
+    """Latents of the crosscoder (F)."""
+    liveness: str
+    """Where the dead flags come from: ``activations`` (--acts), ``training`` (the run's counters) or ``unknown``."""
+    n_dead: int | None
+    """Dead latents (None when liveness is unknown)."""
+    n_zero_decoder: int | None
+    """Latents with all-zero decoders (given only when liveness is unknown)."""
+    n_duplicate_groups: int
+    """Distinct live latents after grouping duplicates."""
+    n_features_in_duplicate_groups: int
+    """Live latents in a group of more than one."""
+    models: dict[str, ModelCounts]
+    """Counts per tuned model, against the base."""
+    mas_dominant: dict[str, int]
+    """Live latents per model with the largest MAS."""
+    mas_dominant_dedup: dict[str, int]
+    """The same, each duplicate group counted once."""
+    settings: dict[str, Any]
+    """F, activation, lambda or k, training tokens, and the analysis settings (p, duplicate_cosine, norm_ratio_scale, stats_tokens)."""
+    note: str
+    """How to read the counts (:data:`COUNTS_NOTE`)."""
+    files: AnalysisFiles
+    """The table, figures and feature sets written."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready summary, as stored in ``summary.json``."""
+        return json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AnalysisResult:
+        """The result from the mapping of ``summary.json``."""
+        models = {name: ModelCounts(**counts) for name, counts in data["models"].items()}
+        return cls(**{**data, "models": models, "files": AnalysisFiles(**data["files"])})
+
+    def write(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Write ``summary.json`` into ``out``; returns ``{"summary": path}``."""
+        path = Path(out) / SUMMARY
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return {"summary": path}
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> AnalysisResult:
+        """The result of an ``analyze`` run from its output directory."""
+        return cls.from_json(_read_json(Path(out) / SUMMARY, "analyze"))
+
+
+def analyze(config: AnalyzeConfig, *, crosscoder=None) -> AnalysisResult:
+    """Per-feature table, summary, figures and NormRatio feature sets of a crosscoder against ``config.base``.
+
+    The crosscoder is ``config.crosscoder`` (a directory) or, for Python callers, the loaded ``crosscoder``.
+    Liveness (which latents count): from ``config.acts`` (activation frequency, max activation and
+    dead-by-frequency on up to ``config.stats_tokens`` tokens), else from the training run's firing counters in
+    the crosscoder's directory (:func:`~posttrain_probe.crosscoder.inspect.training_liveness`), else unknown -
+    then the summary says so (``liveness: unknown``, ``n_dead`` null) instead of calling every latent live.
+    Duplicate latents (whole-decoder cosine >= ``config.duplicate_cosine``) are grouped and every count is
+    given raw and deduplicated; ``settings`` records F, λ or k and the training tokens, which the counts depend
+    on. ``config.norm_ratio_scale`` is NormRatio's denominator (``all``: docs/methods.md's max over every model
+    slot; ``pair``: paper S's max over the two compared models). Writes ``features.<table_format>``,
+    ``summary.json``, ``nrn_histograms``, ``mas_distributions`` and ``norm_ratio_vs_cosine_<model>`` figures,
+    and ``feature_sets/<model>_<category>.json`` (paper S categories of live features, for gradient blocking;
+    the crosscoder's directory is recorded as provenance). Metrics use the decoder in normalised units.
+    """
+    from posttrain_probe.crosscoder.inspect import as_crosscoder, crosscoder_settings
+
+    cc, cc_path = as_crosscoder(config.crosscoder if crosscoder is None else crosscoder, allow_incomplete=config.allow_incomplete)
+    names = list(cc.config.model_names)
+    model_index(names, config.base, "base model")
+    if len(names) < 2:
+        raise ProbeError(f"the crosscoder has one model {names}: attribution needs a base and at least one tuned model")
+    source = _open_acts(config, cc)
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    stats, live, liveness = _liveness(config, cc, cc_path, source)
+    table = feature_table(cc, base=config.base, stats=stats, live=live, p=config.p, duplicate_cosine=config.duplicate_cosine,
+                          norm_ratio_scale=config.norm_ratio_scale)
+    table_path = write_table(table, out / f"features.{config.table_format}")
+    counts = summary(table, base=config.base, model_names=names, liveness=liveness)
+    settings = (crosscoder_settings(cc_path) if cc_path is not None else {}) or {"n_features": cc.config.n_features, "activation": cc.config.activation}
+    counts["settings"] = {**settings, "duplicate_cosine": config.duplicate_cosine, "p": config.p, "norm_ratio_scale": config.norm_ratio_scale,
+                          "stats_tokens": stats.n_tokens if stats is not None else None}
+    counts["note"] = COUNTS_NOTE
+    figures, feature_sets = _attribution_files(config, cc, cc_path, table, liveness)
+    counts["files"] = {"table": str(table_path), "figures": [str(f) for f in figures], "feature_sets": [str(f) for f in feature_sets]}
+    result = AnalysisResult.from_json(json_safe(counts))
+    result.write(out)
+    return result
+
+
+def _open_acts(config: AnalyzeConfig, cc):
+    """The paired activation source of ``config.acts`` over the crosscoder's models (None without --acts)."""
+    if not config.acts:
+        return None
+    from posttrain_probe.crosscoder.sources import open_source
+
+    source = open_source(acts=config.acts, layer=cc.config.layer, model_names=cc.model_names)
+    if list(source.model_names) != list(cc.config.model_names):
+        raise ProbeError(f"the activations hold models {list(source.model_names)}, the crosscoder {list(cc.config.model_names)}")
+    return source
+
+
+def _liveness(config: AnalyzeConfig, cc, cc_path: Path | None, source):
+    """``(stats, live, liveness)``: activation statistics from ``source``, else the training run's counters, else unknown."""
+    from posttrain_probe.crosscoder.inspect import training_liveness
+
+    if source is not None:
+        batches = _limited(source.iter_batches(4096, shuffle=False), config.stats_tokens)
+        return feature_activation_stats(cc, batches), None, "activations"
+    live = training_liveness(cc_path) if cc_path is not None else None
+    return None, live, "unknown" if live is None else "training"
+
+
+def _attribution_files(config: AnalyzeConfig, cc, cc_path: Path | None, table, liveness: str) -> tuple[list[Path], list[Path]]:
+    """Write the figures and the NormRatio feature sets of every tuned model; returns (figures, feature sets)."""
+    from posttrain_probe.analysis.feature_sets import CATEGORY_NAMES, write_feature_set
+    from posttrain_probe.analysis.plots import plot_mas_distributions, plot_norm_ratio_vs_cosine, plot_nrn_histograms
+
+    out, base, names = config.out, config.base, list(cc.config.model_names)
+    base_slot = names.index(base)
+    W = cc.W_dec.detach()
+    tuned = [(slot, name) for slot, name in enumerate(names) if slot != base_slot]
+    figures = plot_nrn_histograms({name: nrn(W, base_slot, slot, p=config.p).cpu().numpy() for slot, name in tuned}, out / "nrn_histograms", title=f"NRN against {base}")
+    figures += plot_mas_distributions(mas(W).cpu().numpy(), names, out / "mas_distributions")
+    feature_sets = []
+    for slot, name in tuned:
+        ratio = norm_ratio(W, base_slot, slot, scale=config.norm_ratio_scale).cpu().numpy()
+        labels = table.column(f"category_{name}").to_pylist()  # "dead" where the feature is dead
+        figures += plot_norm_ratio_vs_cosine(
+            ratio, decoder_cosine(W, base_slot, slot).cpu().numpy(), list(categorize(ratio)), out / f"norm_ratio_vs_cosine_{name}"
+        )
+        for category in CATEGORY_NAMES:  # inputs for gradient blocking (block_features: <file>)
+            feature_sets.append(write_feature_set(
+                out / "feature_sets" / f"{name}_{category}.json", [i for i, label in enumerate(labels) if label == category],
+                crosscoder=cc, crosscoder_path=str(cc_path) if cc_path is not None else None, category=category, base=base, finetuned=name,
+                metric="norm_ratio", norm_ratio_scale=config.norm_ratio_scale, liveness=liveness,
+            ))
+    return figures, feature_sets
+
+
+class CheckpointTie(NamedTuple):
+    """How the k-th score of one checkpoint's top-k set is tied (:func:`~posttrain_probe.analysis.dynamics.top_k_ties`)."""
+
+    kth_score: float | None
+    """The k-th best score."""
+    n_tied: int
+    """Features within ``tie_atol`` of it (1 = no tie)."""
+    n_tied_in_top: int
+    """How many of those are in the top-k set."""
+    determined: bool
+    """Every tied feature is in the set: the scores alone decide it."""
+
+
+@dataclass
+class DynamicsResult:
+    """The result of ``dynamics`` (``dynamics.json``, ``rank_shifts.json``, ``overlap.csv``)."""
+
+    k: int
+    """Size of the top-NRN sets T_c."""
+    checkpoints: list[str]
+    """Checkpoint labels in training order."""
+    index: str
+    """The shared feature index: ``multi-model crosscoder`` or ``per-checkpoint crosscoders matched on whole decoders``."""
+    n_index_features: int
+    """Size of the shared index."""
+    overlap: list[list[float]]
+    """[C, C] overlap(c, c') = |T_c ∩ T_c'| / k."""
+    mean_adjacent_overlap: float
+    """Mean overlap of consecutive checkpoints."""
+    blanks: dict[str, int]
+    """Per ``c->c+1``: members of T_c that left the top-k."""
+    n_undefined: dict[str, int]
+    """Per checkpoint: latents with an undefined score (negligible, dead or duplicate)."""
+    ties: dict[str, CheckpointTie]
+    """Per checkpoint: ties at the k-th score."""
+    undetermined_top_k: list[str]
+    """Checkpoints whose top-k set is not decided by the scores alone."""
+    matching: dict[str, MatchQuality | None] | None
+    """Per-checkpoint crosscoders: quality of each crosscoder's matching into the shared index (None for the
+    first, which starts it); None for a multi-model crosscoder."""
+    settings: dict[str, Any]
+    """p, norm_floor, duplicate_cosine, min_cosine, tie_atol and where liveness came from."""
+    files: list[str]
+    """Figures, ``overlap.csv`` and ``rank_shifts.json``."""
+    rank_shifts: dict[str, dict[str, Any]]
+    """Per ``c->c+1`` (``rank_shifts.json``): ``features`` (T_c, best first), ``shift`` (|rank change|, None for
+    blanks) and ``n_blank``."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready summary, as stored in ``dynamics.json`` (without the rank shifts)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rank_shifts"}
+        data["ties"] = {label: tie._asdict() for label, tie in self.ties.items()}
+        if self.matching is not None:
+            data["matching"] = {label: None if q is None else q._asdict() for label, q in self.matching.items()}
+        return json_safe(data)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], rank_shifts: dict[str, dict[str, Any]]) -> DynamicsResult:
+        """The result from the mappings of ``dynamics.json`` and ``rank_shifts.json``."""
+        ties = {label: CheckpointTie(**tie) for label, tie in data["ties"].items()}
+        matching = data["matching"]
+        if matching is not None:
+            matching = {label: None if q is None else MatchQuality(**q) for label, q in matching.items()}
+        return cls(**{**data, "ties": ties, "matching": matching}, rank_shifts=rank_shifts)
+
+    def write(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Write ``overlap.csv``, ``rank_shifts.json`` and ``dynamics.json`` into ``out``; returns their paths."""
+        out = Path(out)
+        labels = self.checkpoints
+        lines = ["," + ",".join(labels)] + [label + "," + ",".join(f"{v:.4f}" for v in row) for label, row in zip(labels, self.overlap)]
+        files = {"overlap": out / OVERLAP, "rank_shifts": out / RANK_SHIFTS, "dynamics": out / DYNAMICS}
+        files["overlap"].write_text("\n".join(lines) + "\n")
+        files["rank_shifts"].write_text(json.dumps(self.rank_shifts, indent=2))
+        files["dynamics"].write_text(json.dumps(self.to_json(), indent=2))
+        return files
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> DynamicsResult:
+        """The result of a ``dynamics`` run from its output directory."""
+        return cls.from_json(_read_json(Path(out) / DYNAMICS, "dynamics"), _read_json(Path(out) / RANK_SHIFTS, "dynamics"))
+
+
+class _Scores(NamedTuple):
+    """Checkpoint scores over one shared index, and how the index was made."""
+
+    scores: torch.Tensor
+    """[C, U] NRN per checkpoint, NaN where undefined."""
+    labels: list[str]
+    index: str
+    n_index_features: int
+    own_undefined: list[int]
+    matching: list[dict[str, Any] | None] | None
+
+
+def dynamics(config: DynamicsConfig, *, crosscoders=None) -> DynamicsResult:
     """Top-k overlap and rank shifts of NRN across checkpoints (docs/methods.md sec. 5, paper R fig. 2, 8-11).
 
-    Default: one multi-model ``crosscoder`` over base + checkpoints, a shared feature index
-    (``checkpoints`` selects and orders its checkpoint models; default all but ``base``).
-    Alternative: ``crosscoders``, one two-model (base, checkpoint) crosscoder per checkpoint, whose
-    features are matched into one shared index on their whole decoders (all model rows) with the
-    cosine floor ``min_cosine`` (:func:`~posttrain_probe.analysis.dynamics.shared_index`; a latent
-    below the floor stays unmatched and the matching quality is reported per checkpoint).
-    Scores of latents negligible in both compared models (``norm_floor``) or dead (``live``: an
-    [F] bool for the multi-model crosscoder, or a list with one entry, None allowed, per
-    crosscoder) are undefined and take no part in top-k sets. Duplicate latents of one crosscoder
-    (whole-decoder cosine >= ``duplicate_cosine``; None: no grouping) count once, by their group's
-    representative, so one feature split over several latents cannot fill several places of a top-k
-    set. Ties at the k-th score (within ``tie_atol``) are counted and an undetermined top-k is flagged. Writes ``overlap.csv``,
-    ``rank_shifts.json``, ``dynamics.json`` and the two heatmaps; returns the JSON-ready summary.
+    The crosscoders are ``config.crosscoder`` (directories) or, for Python callers, ``crosscoders`` (loaded
+    :class:`~posttrain_probe.crosscoder.Crosscoder` objects or directories). One crosscoder: a multi-model
+    crosscoder over base + checkpoints, a shared feature index (``config.checkpoint`` selects and orders its
+    checkpoint models; default all but ``config.base``). Several: one two-model (base, checkpoint) crosscoder
+    per checkpoint, whose features are matched into one shared index on their whole decoders (all model rows)
+    with the cosine floor ``config.min_cosine`` (:func:`~posttrain_probe.analysis.dynamics.shared_index`; a
+    latent below the floor stays unmatched and the matching quality is reported per checkpoint).
+    Scores of latents negligible in both compared models (``config.norm_floor``) or dead by the training run's
+    firing counters (crosscoders given as directories) are undefined and take no part in top-k sets. Duplicate
+    latents of one crosscoder (whole-decoder cosine >= ``config.duplicate_cosine``; None: no grouping) count
+    once, by their group's representative, so one feature split over several latents cannot fill several
+    places of a top-k set. Ties at the k-th score (within ``config.tie_atol``) are counted and an undetermined
+    top-k is flagged. Writes ``overlap.csv``, ``rank_shifts.json``, ``dynamics.json`` and the two heatmaps.
     """
-    from posttrain_probe.analysis.dynamics import (
-        checkpoint_scores, indexed_scores, rank_shifts, shared_index, top_k_ties, topk_overlap,
-    )
+    from posttrain_probe.analysis.dynamics import rank_shifts, top_k_ties, topk_overlap
     from posttrain_probe.analysis.plots import plot_rank_shifts, plot_topk_overlap
 
-    out = Path(out_dir)
-    matching_quality = None
-    if (crosscoder is None) == (not crosscoders):
-        raise ProbeError("give one multi-model crosscoder or a list of two-model crosscoders (one per checkpoint)")
-    if crosscoder is not None:
-        names = list(crosscoder.config.model_names)
-        base_slot = model_index(names, base, "base model")
-        chosen = checkpoints or [n for n in names if n != base]
-        slots = [model_index(names, name, "checkpoint model") for name in chosen]
-        scores = checkpoint_scores(crosscoder.W_dec.detach(), base_slot, slots, p=p, norm_floor=norm_floor, live=live)
-        scores = _representatives_only(scores, crosscoder.W_dec.detach()[:, [base_slot, *slots]], duplicate_cosine)
-        labels = labels or chosen
-        index_size = scores.shape[1]
-        own_undefined = torch.isnan(scores).sum(dim=1).tolist()
-    else:
-        lives = live if isinstance(live, (list, tuple)) else [None] * len(crosscoders)
-        if len(lives) != len(crosscoders):
-            raise ProbeError(f"live has {len(lives)} entries for {len(crosscoders)} crosscoders; expected one per crosscoder")
-        per_checkpoint, vectors, include = [], [], []
-        for index, (cc, alive) in enumerate(zip(crosscoders, lives)):
-            names = list(cc.config.model_names)
-            if len(names) != 2:
-                raise ProbeError(f"crosscoder {index} has models {names}: the per-checkpoint alternative needs two-model crosscoders")
-            base_slot = model_index(names, base, "base model")
-            W = cc.W_dec.detach().float().cpu()
-            score = checkpoint_scores(W, base_slot, [1 - base_slot], p=p, norm_floor=norm_floor, live=alive)
-            score = _representatives_only(score, W, duplicate_cosine)[0]
-            per_checkpoint.append(score)
-            vectors.append(W.reshape(W.shape[0], -1))
-            include.append(~torch.isnan(score))
-        index = shared_index(vectors, min_cosine=min_cosine, include=include)
-        scores = indexed_scores(per_checkpoint, index)
-        labels = labels or [cc.config.model_names[1 - cc.config.model_names.index(base)] for cc in crosscoders]
-        matching_quality = [None if q is None else q._asdict() for q in index.quality]
-        index_size = index.n_features
-        own_undefined = [int(torch.isnan(score).sum()) for score in per_checkpoint]  # of each crosscoder's own latents
+    models, lives = _dynamics_crosscoders(config, crosscoders)
+    scored = _joint_scores(config, models[0], lives[0]) if len(models) == 1 else _per_checkpoint_scores(config, models, lives)
+    scores, labels, k = scored.scores, scored.labels, config.k
     if len(labels) != scores.shape[0]:
         raise ProbeError(f"{len(labels)} labels for {scores.shape[0]} checkpoints")
     if scores.shape[0] < 2:
         raise ProbeError("checkpoint dynamics need at least two checkpoints")
     overlap = topk_overlap(scores, k=k)
     shifts = rank_shifts(scores, k=k)
-    ties = top_k_ties(scores, k=k, atol=tie_atol)
+    ties = top_k_ties(scores, k=k, atol=config.tie_atol)
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)  # only once every input has been checked
-    lines = ["," + ",".join(labels)] + [label + "," + ",".join(f"{v:.4f}" for v in row) for label, row in zip(labels, overlap.tolist())]
-    (out / "overlap.csv").write_text("\n".join(lines) + "\n")
     shift_record = {
         f"{labels[c]}->{labels[c + 1]}": {
             "features": shifts.features[c].tolist(),
@@ -203,36 +352,85 @@ def checkpoint_dynamics(
         }
         for c in range(scores.shape[0] - 1)
     }
-    (out / "rank_shifts.json").write_text(json.dumps(shift_record, indent=2))
     figures = plot_topk_overlap(overlap.cpu().numpy(), labels, out / "topk_overlap", title=f"top-{k} NRN overlap")
     figures += plot_rank_shifts(shifts, labels, out / "rank_shifts")
     undetermined = [label for label, ok in zip(labels, ties.determined.tolist()) if not ok]
-    result = {
+    data = {
         "k": k,
         "checkpoints": labels,
-        "index": "multi-model crosscoder" if crosscoder is not None else "per-checkpoint crosscoders matched on whole decoders",
-        "n_index_features": int(index_size),
+        "index": scored.index,
+        "n_index_features": int(scored.n_index_features),
         "overlap": overlap.tolist(),
         "mean_adjacent_overlap": float(torch.diagonal(overlap, 1).mean()),
         "blanks": {key: value["n_blank"] for key, value in shift_record.items()},
-        "n_undefined": dict(zip(labels, own_undefined)),
+        "n_undefined": dict(zip(labels, scored.own_undefined)),
         "ties": {
             label: {"kth_score": float(kth), "n_tied": int(n), "n_tied_in_top": int(n_in), "determined": bool(ok)}
             for label, kth, n, n_in, ok in zip(labels, ties.kth_score.tolist(), ties.n_tied.tolist(), ties.n_tied_in_top.tolist(), ties.determined.tolist())
         },
         "undetermined_top_k": undetermined,
-        "matching": None if matching_quality is None else dict(zip(labels, matching_quality)),
-        "settings": {"p": p, "norm_floor": norm_floor, "duplicate_cosine": duplicate_cosine, "min_cosine": min_cosine if crosscoder is None else None, "tie_atol": tie_atol,
-                     "liveness": "given" if _any_given(live) else "decoder norms only"},
-        "files": [str(f) for f in figures] + [str(out / "overlap.csv"), str(out / "rank_shifts.json")],
+        "matching": None if scored.matching is None else dict(zip(labels, scored.matching)),
+        "settings": {"p": config.p, "norm_floor": config.norm_floor, "duplicate_cosine": config.duplicate_cosine,
+                     "min_cosine": config.min_cosine if scored.matching is not None else None, "tie_atol": config.tie_atol,
+                     "liveness": "given" if any(live is not None for live in lives) else "decoder norms only"},
+        "files": [str(f) for f in figures] + [str(out / OVERLAP), str(out / RANK_SHIFTS)],
     }
-    (out / "dynamics.json").write_text(json.dumps(json_safe(result), indent=2))
+    result = DynamicsResult.from_json(json_safe(data), shift_record)
+    result.write(out)
     return result
 
 
-def _any_given(live) -> bool:
-    """Whether any liveness vector was given (one, or a list with at least one not None)."""
-    return any(x is not None for x in live) if isinstance(live, (list, tuple)) else live is not None
+def _dynamics_crosscoders(config: DynamicsConfig, crosscoders) -> tuple[list, list]:
+    """The crosscoders of ``config.crosscoder`` (or the given ones) and the training liveness of each ([F] bool or None)."""
+    from posttrain_probe.crosscoder.inspect import as_crosscoder, training_liveness
+
+    given = config.crosscoder if crosscoders is None else list(crosscoders)
+    if not given:
+        raise ProbeError("give one multi-model crosscoder or a list of two-model crosscoders (one per checkpoint)")
+    models, lives = [], []
+    for item in given:
+        cc, path = as_crosscoder(item, allow_incomplete=config.allow_incomplete)
+        models.append(cc)
+        lives.append(training_liveness(path) if path is not None else None)
+    return models, lives
+
+
+def _joint_scores(config: DynamicsConfig, crosscoder, live) -> _Scores:
+    """NRN of the checkpoint models of one multi-model crosscoder against the base (its own feature index)."""
+    from posttrain_probe.analysis.dynamics import checkpoint_scores
+
+    names = list(crosscoder.config.model_names)
+    base_slot = model_index(names, config.base, "base model")
+    chosen = config.checkpoint or [n for n in names if n != config.base]
+    slots = [model_index(names, name, "checkpoint model") for name in chosen]
+    W = crosscoder.W_dec.detach()
+    scores = checkpoint_scores(W, base_slot, slots, p=config.p, norm_floor=config.norm_floor, live=live)
+    scores = _representatives_only(scores, W[:, [base_slot, *slots]], config.duplicate_cosine)
+    return _Scores(scores, chosen, "multi-model crosscoder", scores.shape[1], torch.isnan(scores).sum(dim=1).tolist(), None)
+
+
+def _per_checkpoint_scores(config: DynamicsConfig, crosscoders: list, lives: list) -> _Scores:
+    """NRN of one two-model crosscoder per checkpoint, laid out over their features matched on whole decoders."""
+    from posttrain_probe.analysis.dynamics import checkpoint_scores, indexed_scores, shared_index
+
+    per_checkpoint, vectors, include = [], [], []
+    for index, (cc, alive) in enumerate(zip(crosscoders, lives)):
+        names = list(cc.config.model_names)
+        if len(names) != 2:
+            raise ProbeError(f"crosscoder {index} has models {names}: the per-checkpoint alternative needs two-model crosscoders")
+        base_slot = model_index(names, config.base, "base model")
+        W = cc.W_dec.detach().float().cpu()
+        score = checkpoint_scores(W, base_slot, [1 - base_slot], p=config.p, norm_floor=config.norm_floor, live=alive)
+        score = _representatives_only(score, W, config.duplicate_cosine)[0]
+        per_checkpoint.append(score)
+        vectors.append(W.reshape(W.shape[0], -1))
+        include.append(~torch.isnan(score))
+    index = shared_index(vectors, min_cosine=config.min_cosine, include=include)
+    labels = config.checkpoint or [cc.config.model_names[1 - cc.config.model_names.index(config.base)] for cc in crosscoders]
+    matching = [None if q is None else q._asdict() for q in index.quality]
+    own_undefined = [int(torch.isnan(score).sum()) for score in per_checkpoint]  # of each crosscoder's own latents
+    return _Scores(indexed_scores(per_checkpoint, index), labels, "per-checkpoint crosscoders matched on whole decoders",
+                   index.n_features, own_undefined, matching)
 
 
 def _representatives_only(scores: torch.Tensor, W_dec: torch.Tensor, duplicate_cosine: float | None) -> torch.Tensor:
@@ -258,3 +456,9 @@ def _limited(batches, max_tokens: int):
         batch = batch[: max_tokens - seen]
         seen += batch.shape[0]
         yield batch
+
+
+def _read_json(path: Path, step: str) -> dict[str, Any]:
+    if not path.exists():
+        raise ProbeError(f"{path.parent} holds no {path.name}: write it with `posttrain-probe {step}`")
+    return json.loads(path.read_text())

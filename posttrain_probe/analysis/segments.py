@@ -2,7 +2,7 @@
 
 A document's reasoning and solution segments are marked by OpenThoughts tags (``<|begin_of_thought|>`` ...
 ``<|end_of_thought|>``, ``<|begin_of_solution|>`` ... ``<|end_of_solution|>``), by a user-given delimiter pair per
-segment, or come from a reasoning column + a solution column joined into one text (:class:`SegmentFormat`).
+segment, or come from a reasoning column + a solution column joined into one text (:class:`~posttrain_probe.analysis.fisher_config.SegmentFormat`).
 Character spans are found in the text as the model sees it (chat-template rendering included;
 :func:`split_document`) and mapped to tokens through the tokenizer's offset mapping (:func:`token_segments`), so
 any fast tokenizer works. A token is in a segment when it overlaps the segment's text (surrounding whitespace
@@ -14,17 +14,13 @@ tag with a neighbouring character. :func:`segment_batches` tokenises documents i
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
+from posttrain_probe.analysis.fisher_config import SegmentFormat
 from posttrain_probe.errors import ProbeError
 
-SEGMENT_FORMATS = ("openthoughts", "delimiters", "columns")
-"""How reasoning and solution segments are marked (:class:`SegmentFormat`)."""
-OPENTHOUGHTS_REASONING = ("<|begin_of_thought|>", "<|end_of_thought|>")
-OPENTHOUGHTS_SOLUTION = ("<|begin_of_solution|>", "<|end_of_solution|>")
 SEGMENTS = ("reasoning", "solution")
 """Segment names; token labels are 1 (reasoning) and 2 (solution), 0 elsewhere."""
 CHAT_COLUMNS = ("conversations", "messages")
@@ -33,12 +29,9 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
 
 __all__ = [
     "CHAT_COLUMNS",
-    "OPENTHOUGHTS_REASONING",
-    "OPENTHOUGHTS_SOLUTION",
     "SEGMENTS",
-    "SEGMENT_FORMATS",
     "SegmentBatch",
-    "SegmentFormat",
+    "SegmentCorpus",
     "Segments",
     "document_column",
     "find_delimited",
@@ -46,59 +39,6 @@ __all__ = [
     "split_document",
     "token_segments",
 ]
-
-
-@dataclass
-class SegmentFormat:
-    """Where the reasoning and solution segments of a document are."""
-
-    format: str = field(default="openthoughts", metadata={"help": "openthoughts (the <|begin_of_thought|>... tags), delimiters (your own pairs) or columns (a reasoning and a solution column)."})
-    reasoning_delimiters: tuple[str, str] | None = field(default=None, metadata={"help": "delimiters: begin and end of the reasoning segment (end '' = to the end of the turn/text)."})
-    solution_delimiters: tuple[str, str] | None = field(default=None, metadata={"help": "delimiters: begin and end of the solution segment (end '' = to the end of the turn/text)."})
-    reasoning_column: str | None = field(default=None, metadata={"help": "columns: column holding the reasoning text."})
-    solution_column: str | None = field(default=None, metadata={"help": "columns: column holding the solution text."})
-    prompt_column: str | None = field(default=None, metadata={"help": "columns: optional column put in front (the problem), in no segment."})
-    separator: str = field(default="\n\n", metadata={"help": "columns: text between prompt, reasoning and solution."})
-    column: str | None = field(default=None, metadata={"help": "openthoughts/delimiters: the chat or text column (default: conversations, messages, then the usual text columns)."})
-
-    def __post_init__(self) -> None:
-        if self.format not in SEGMENT_FORMATS:
-            raise ProbeError(f"segment format {self.format!r} is not one of {SEGMENT_FORMATS}")
-        pairs = {"reasoning_delimiters": self.reasoning_delimiters, "solution_delimiters": self.solution_delimiters}
-        pairs = {k: (tuple(v) if v is not None and any(x is not None for x in v) else None) for k, v in pairs.items()}
-        self.reasoning_delimiters, self.solution_delimiters = pairs["reasoning_delimiters"], pairs["solution_delimiters"]
-        columns = {"reasoning_column": self.reasoning_column, "solution_column": self.solution_column, "prompt_column": self.prompt_column}
-        if self.format == "delimiters":
-            for name, pair in pairs.items():
-                if pair is None:
-                    raise ProbeError(f"format 'delimiters' needs {name} (--{name.replace('_', '-')} BEGIN END), e.g. '<think>' '</think>'")
-                if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0] or not isinstance(pair[1], str):
-                    raise ProbeError(f"{name} {pair!r}: expected a non-empty begin string and an end string ('' = to the end)")
-        elif any(pair is not None for pair in pairs.values()):
-            raise ProbeError(f"delimiters are only used with format 'delimiters' (format is {self.format!r})")
-        if self.format == "columns":
-            for name in ("reasoning_column", "solution_column"):
-                if not columns[name]:
-                    raise ProbeError(f"format 'columns' needs {name} (--{name.replace('_', '-')} NAME)")
-            if self.column is not None:
-                raise ProbeError("column is for formats openthoughts/delimiters; format 'columns' takes reasoning_column and solution_column")
-        elif any(columns.values()):
-            raise ProbeError(f"reasoning/solution/prompt columns are only used with format 'columns' (format is {self.format!r})")
-
-    @property
-    def delimiters(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        """(reasoning pair, solution pair) for the tag-based formats."""
-        if self.format == "openthoughts":
-            return OPENTHOUGHTS_REASONING, OPENTHOUGHTS_SOLUTION
-        return self.reasoning_delimiters, self.solution_delimiters  # type: ignore[return-value]
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready settings."""
-        out = asdict(self)
-        if self.format != "columns":
-            reasoning, solution = self.delimiters
-            out.update(reasoning_delimiters=list(reasoning), solution_delimiters=list(solution))
-        return out
 
 
 class Segments(NamedTuple):
@@ -342,3 +282,26 @@ def segment_batches(docs: Sequence[Segments], tokenizer, *, seq_len: int = 4096,
             last = int(offsets[row, :n, 1].max()) if n else 0
             n_cut += any(end > last for _, end in doc.reasoning + doc.solution)
         yield SegmentBatch(input_ids, attention_mask, token_segments(offsets, chunk), torch.arange(start, start + len(chunk)), n_cut)
+
+
+class SegmentCorpus(NamedTuple):
+    """The documents of a Fisher run as model inputs: every pass over them tokenises them the same way."""
+
+    docs: Sequence[Segments]
+    """The documents (:func:`split_document`)."""
+    tokenizer: Any
+    """The fast tokenizer all models share."""
+    seq_len: int
+    """Tokens per document (longer ones are truncated)."""
+    batch_size: int
+    """Documents per forward."""
+    special_ids: frozenset[int]
+    """Token ids that never count (the tokenizer's special tokens and padding)."""
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.docs)
+
+    def batches(self) -> Iterator[SegmentBatch]:
+        """:func:`segment_batches` of the documents."""
+        return segment_batches(self.docs, self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size)

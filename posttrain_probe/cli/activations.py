@@ -11,27 +11,20 @@ from posttrain_probe.activations.config import CollectConfig
 from posttrain_probe.cli.common import user_errors
 from posttrain_probe.cli.options import config_options
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.models import parse_model_specs
 
 
 @user_errors
 @config_options(config=CollectConfig)
-def collect(
-    model: list[str] = typer.Option(..., "--model", help="NAME=PATH (local dir or hub name); repeat for every model."),
-    dataset: str = typer.Option(..., "--dataset", help="Local .txt/.jsonl/.json/.parquet/.csv, a datasets name, or synthetic:<name>."),
-    out: Path = typer.Option(..., "--out", help="Output directory: OUT/<name>/layer<L>/ per model and layer."),
-    layer: list[int] = typer.Option([], "--layer", help="Site L (residual stream entering block L); repeat for several. Default n_layers // 2."),
-    config: CollectConfig = None,  # type: ignore[assignment]
-) -> None:
+def collect(config: CollectConfig) -> None:
     """Capture residual-stream activations of several models on identical tokens into activation stores."""
     from accelerate import PartialState
 
-    from posttrain_probe.activations.collect import collect_activations
+    from posttrain_probe.activations.collect import collect as run_collect
 
-    paths = collect_activations(parse_model_specs(model), dataset, layer or None, out, config=config)
+    result = run_collect(config)
     if not PartialState().is_main_process:
         return
-    for name, per_layer in paths.items():
+    for name, per_layer in result.stores.items():
         for site, path in per_layer.items():
             typer.echo(f"{name} layer {site}: {path}")
 

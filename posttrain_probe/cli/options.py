@@ -112,9 +112,11 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
                 required.add(leaf.field.name)
                 default = None
             flag = "--" + leaf.field.name.replace("_", "-")
+            if leaf.hint is bool or _option_type(leaf.hint) == Optional[bool]:
+                flag += "/--no-" + leaf.field.name.replace("_", "-")
             help_text = leaf.field.metadata.get("help")
             if leaf.field.name in required:
-                help_text = f"{help_text} [required]"
+                help_text = f"{help_text} \\[required]"  # escaped: rich markup would drop [required]
             option = typer.Option(default, flag, help=help_text, show_default=leaf.field.name not in required)
             annotation = _option_type(leaf.hint)
             if leaf.field.name in required and typing.get_origin(annotation) is not typing.Union:

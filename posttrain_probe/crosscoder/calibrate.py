@@ -16,12 +16,17 @@ mean L0 over those tokens is k.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from collections.abc import Iterable
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from posttrain_probe.crosscoder.model import Crosscoder
+from posttrain_probe.crosscoder.config import CalibrateConfig
+from posttrain_probe.crosscoder.model import Crosscoder, crosscoder_fingerprint
 from posttrain_probe.errors import ProbeError
 
 
@@ -151,3 +156,114 @@ def calibrate_source_thresholds(
     crosscoder.config.source_thresholds = thresholds
     crosscoder.config._check_source_thresholds()
     return SourceCalibration(thresholds, [n / count for n in above_joint], l0_after, k, count)
+
+
+CALIBRATION = "calibration.json"
+"""The :class:`CalibrationReport` of the last calibration, next to the calibrated crosscoder's config.json."""
+
+
+class CalibrationReport(NamedTuple):
+    """What :func:`crosscoder_calibrate` did (one entry per model, in slot order)."""
+
+    crosscoder: Path
+    """Directory the calibrated (or cleared) crosscoder was written to."""
+    model_names: list[str]
+    """The crosscoder's models in slot order."""
+    thresholds: list[float]
+    """theta_m per model (empty when the thresholds were cleared)."""
+    l0_joint_threshold: list[float]
+    """Mean per-source L0 on the calibration tokens with the joint threshold (empty when cleared)."""
+    l0_calibrated: list[float]
+    """Mean per-source L0 on the calibration tokens with theta_m (empty when cleared)."""
+    k: int | None
+    """The target mean L0 per token (None when cleared)."""
+    n_tokens: int
+    """Calibration tokens used (0 when cleared)."""
+    joint_threshold: float
+    """The crosscoder's joint BatchTopK inference threshold."""
+    fingerprint_before: str
+    """:func:`~posttrain_probe.crosscoder.model.crosscoder_fingerprint` before calibrating."""
+    fingerprint_after: str
+    """... and after: feature sets made for the other fingerprint are refused."""
+
+    @property
+    def cleared(self) -> bool:
+        """True when the thresholds were removed instead of calibrated."""
+        return self.k is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as printed by ``crosscoder calibrate --json`` and stored in calibration.json."""
+        rows = zip(self.model_names, self.thresholds, self.l0_joint_threshold, self.l0_calibrated)
+        return {
+            "crosscoder": str(self.crosscoder),
+            "k": self.k,
+            "n_tokens": self.n_tokens,
+            "joint_threshold": self.joint_threshold,
+            "models": {name: {"threshold": theta, "l0_joint_threshold": before, "l0_calibrated": after} for name, theta, before, after in rows},
+            "fingerprint_before": self.fingerprint_before,
+            "fingerprint_after": self.fingerprint_after,
+        }
+
+    def write(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Write ``calibration.json`` into ``out``; returns ``{"calibration": path}``."""
+        path = Path(out) / CALIBRATION
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return {"calibration": path}
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> CalibrationReport:
+        """The report of the last calibration of the crosscoder in ``out``."""
+        path = Path(out) / CALIBRATION
+        if not path.exists():
+            raise ProbeError(f"{out} holds no calibration report ({CALIBRATION}): calibrate it with `posttrain-probe crosscoder calibrate`")
+        data = json.loads(path.read_text())
+        rows = data["models"]
+        return cls(
+            Path(data["crosscoder"]), list(rows), [r["threshold"] for r in rows.values()], [r["l0_joint_threshold"] for r in rows.values()],
+            [r["l0_calibrated"] for r in rows.values()], data["k"], data["n_tokens"], data["joint_threshold"], data["fingerprint_before"], data["fingerprint_after"],
+        )
+
+
+def crosscoder_calibrate(config: CalibrateConfig) -> CalibrationReport:
+    """Calibrate (or, with ``config.clear``, remove) the per-source thresholds of ``config.crosscoder`` and
+    save it to ``config.out`` (default: in place); writes and returns the :class:`CalibrationReport`."""
+    from posttrain_probe.crosscoder.inspect import load_crosscoder, training_status
+    from posttrain_probe.locks import DirectoryLock
+
+    cc = load_crosscoder(config.crosscoder, allow_incomplete=config.allow_incomplete)
+    before = crosscoder_fingerprint(cc)
+    target = config.out if config.out is not None else config.crosscoder
+    status = training_status(config.crosscoder)
+    if config.out is None and status is not None and not status.get("complete", True):
+        raise ProbeError(f"{config.crosscoder} is an unfinished training run: calibrating it in place would be overwritten when it resumes; write the calibrated copy elsewhere with --out DIR")
+    # in place: the run directory is a crosscoder run's, hold its lock while config.json is rewritten
+    held = DirectoryLock(target, what="crosscoder run") if config.out is None else contextlib.nullcontext()
+    if config.clear:
+        cc.config.source_thresholds = None
+        result = SourceCalibration([], [], [], None, 0)  # type: ignore[arg-type]
+    else:
+        result = _calibrate(cc, config)
+    with held:
+        cc.cpu().save_pretrained(target)
+        report = CalibrationReport(target, cc.model_names, *result[:3], result.k, result.n_tokens, float(cc.threshold), before, crosscoder_fingerprint(cc))
+        report.write(target)
+    return report
+
+
+def _calibrate(cc: Crosscoder, config: CalibrateConfig) -> SourceCalibration:
+    """:func:`calibrate_source_thresholds` on the first ``config.max_tokens`` tokens of ``config.acts``."""
+    from posttrain_probe.crosscoder.sources import open_source
+
+    if cc.config.activation != "batchtopk":
+        raise ProbeError(f"{config.crosscoder} is a {cc.config.activation} crosscoder: only BatchTopK crosscoders have inference thresholds to calibrate")
+    if not config.acts:
+        raise ProbeError("give the calibration activations: --acts DIR (a collect output) or one --acts store directory per model")
+    source = open_source(acts=config.acts, layer=cc.config.layer, model_names=cc.model_names)
+    if list(source.model_names) != cc.model_names or source.d_model != cc.config.d_model:
+        raise ProbeError(
+            f"the activations hold models {source.model_names} of width {source.d_model}; the crosscoder expects {cc.model_names} of width {cc.config.d_model}"
+        )
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cc.to(device).eval()
+    batches = source.iter_batches(config.batch_size, shuffle=False, device=device, dtype=cc.W_enc.dtype)
+    return calibrate_source_thresholds(cc, batches, max_tokens=config.max_tokens, k=config.k, batch_size=config.batch_size)

@@ -1,4 +1,5 @@
-"""Configuration of an N-model sparse crosscoder (docs/methods.md sec. 3, saved as its config.json) and of its training run.
+"""Configuration of an N-model sparse crosscoder (docs/methods.md sec. 3, saved as its config.json), of its training run
+and of the calibration of its per-source thresholds.
 
 Torch-free, so the CLI builds its options from these dataclasses without importing torch."""
 
@@ -6,8 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.models import parse_model_specs
 
 FORMAT_VERSION = 1
 ACTIVATIONS = ("relu", "batchtopk")
@@ -135,3 +138,56 @@ class CrosscoderTrainingConfig:
             raise ProbeError(f"n_tokens ({self.n_tokens}) must be at least one batch ({self.batch_size})")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ProbeError(f"mixed_precision {self.mixed_precision!r}: expected auto, bf16, fp16 or no")
+
+
+@dataclass
+class CrosscoderTrainConfig:
+    """A crosscoder training run: its data, its output and the nested crosscoder and training settings
+    (Python API, `posttrain-probe crosscoder train` and YAML, with sections ``crosscoder:`` and ``training:``)."""
+
+    acts: list[str] = field(default_factory=list, metadata={"help": "A collect output directory, or one store directory per model (repeat)."})
+    model: list[str] = field(default_factory=list, metadata={"help": "Live training: NAME=PATH per model (repeat), with --dataset."})
+    dataset: str | None = field(default=None, metadata={"help": "Live training: dataset spec as for `collect`."})
+    seq_len: int = field(default=512, metadata={"help": "Live training: tokens per document."})
+    forward_batch_size: int = field(default=8, metadata={"help": "Live training: documents per model forward."})
+    out: Path | None = field(default=None, metadata={"help": "Output directory of the crosscoder run (required)."})
+    resume: bool = field(default=False, metadata={"help": "Continue the interrupted run in --out."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the run in --out."})
+    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig, metadata={"help": "Architecture of the crosscoder."})
+    training: CrosscoderTrainingConfig = field(default_factory=CrosscoderTrainingConfig, metadata={"help": "Optimisation settings."})
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            raise ProbeError("--out is required (the directory of the crosscoder run)")
+        self.out = Path(self.out)
+        self.acts = [str(path) for path in ([self.acts] if isinstance(self.acts, (str, Path)) else self.acts)]
+        self.model = [f"{name}={path}" for name, path in parse_model_specs(self.model).items()]
+        if isinstance(self.crosscoder, dict):
+            self.crosscoder = CrosscoderConfig(**self.crosscoder)
+        if isinstance(self.training, dict):
+            self.training = CrosscoderTrainingConfig(**self.training)
+        for name in ("seq_len", "forward_batch_size"):
+            if getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CalibrateConfig:
+    """Calibrate per-source BatchTopK inference thresholds (Python API, `posttrain-probe crosscoder calibrate` and YAML)."""
+
+    crosscoder: Path = field(metadata={"help": "BatchTopK crosscoder directory (config.json + model.safetensors)."})
+    acts: list[str] = field(default_factory=list, metadata={"help": "Calibration activations: a collect output directory, or one store directory per model in the crosscoder's model order (repeat)."})
+    max_tokens: int = field(default=100_000, metadata={"help": "Calibration tokens (the first ones of the stores). Memory: about 2 x k x max_tokens floats per model."})
+    k: int | None = field(default=None, metadata={"help": "Target mean L0 per token of the per-source codes (default: the crosscoder's training k)."})
+    batch_size: int = field(default=1024, metadata={"help": "Tokens scored at once (memory only)."})
+    out: Path | None = field(default=None, metadata={"help": "Write the calibrated crosscoder here (default: in place, into --crosscoder)."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available)."})
+    clear: bool = field(default=False, metadata={"help": "Remove calibrated thresholds instead (encode_source uses the joint threshold again); no --acts."})
+    allow_incomplete: bool = field(default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."})
+
+    def __post_init__(self) -> None:
+        self.crosscoder = Path(self.crosscoder)
+        self.out = None if self.out is None else Path(self.out)
+        self.acts = [str(path) for path in ([self.acts] if isinstance(self.acts, (str, Path)) else self.acts)]
+        if self.clear and self.acts:
+            raise ProbeError("--clear removes the calibrated thresholds and reads no activations: drop --acts")

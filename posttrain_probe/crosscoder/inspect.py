@@ -16,7 +16,7 @@ from posttrain_probe.errors import ProbeError
 def training_status(path: str | os.PathLike) -> dict[str, Any] | None:
     """The run's ``training_status.json`` (``complete``, ``step`` of the weights, ``total_steps``,
     ``tokens``, ``warnings``), or None for a crosscoder saved outside a training run."""
-    from posttrain_probe.crosscoder.train import STATUS
+    from posttrain_probe.crosscoder.run import STATUS
 
     file = Path(path) / STATUS
     return json.loads(file.read_text()) if file.exists() else None

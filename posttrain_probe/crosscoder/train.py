@@ -18,24 +18,29 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from posttrain_probe.crosscoder.calibrate import CALIBRATION
 from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
 from posttrain_probe.crosscoder.model import Crosscoder
-from posttrain_probe.crosscoder.state import load_optimizer_tensors, load_training_state, restore_rng, save_training_state
+from posttrain_probe.crosscoder.run import STATUS, write_status
+from posttrain_probe.crosscoder.state import (
+    load_optimizer_tensors,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.locks import is_lock_file, main_process_holds
 
 STATE_DIR = "trainer_state"
 METRICS = "metrics.jsonl"
 TRAINING_CONFIG = "training_config.json"
-STATUS = "training_status.json"
-"""Which step the weights at the run root are from, and whether training completed."""
-_RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR, STATUS)
+_RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR, STATUS, CALIBRATION)
 
 
 def lr_factor(step: int, total: int, decay_fraction: float) -> float:
@@ -87,6 +92,34 @@ def _resolve_config(config: CrosscoderConfig, source) -> CrosscoderConfig:
     return replace(config, model_names=names, d_model=source.d_model, layer=config.layer if config.layer is not None else layer, model_fingerprints=prints)
 
 
+class _Plan(NamedTuple):
+    """Sizes of a run, fixed by the training config, the source and the number of processes."""
+
+    local_batch: int
+    n_tokens: int
+    total_steps: int
+    checkpoint_every: int
+    rank_local_source: bool
+
+
+@dataclass
+class _Training:
+    """Everything the training loop reads and updates (one run, one process)."""
+
+    accelerator: Any
+    model: Crosscoder
+    optimizer: Any
+    batches: Iterator[torch.Tensor]
+    tokens_since_fired: torch.Tensor
+    fired_ever: torch.Tensor
+    start_step: int
+    cc_config: CrosscoderConfig
+    train_cfg: CrosscoderTrainingConfig
+    plan: _Plan
+    out_dir: Path
+    saved_configs: dict[str, Any]
+
+
 @main_process_holds("out_dir", what="crosscoder run")  # a second training into out_dir fails at once
 def train_crosscoder(
     source,
@@ -106,7 +139,6 @@ def train_crosscoder(
     (unwrapped, on the training device).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     cc_config = _resolve_config(crosscoder_config or CrosscoderConfig(), source)
     train_cfg = training_config or CrosscoderTrainingConfig()
@@ -117,29 +149,52 @@ def train_crosscoder(
     accelerator = Accelerator(
         mixed_precision=precision, cpu=not torch.cuda.is_available(), log_with=train_cfg.report_to or None, project_dir=str(out_dir)
     )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    plan = _plan(source, train_cfg, accelerator.num_processes)
+    _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    saved_configs = {"crosscoder": asdict(cc_config), "training": asdict(train_cfg)}
+    state = _resume_state(out_dir, resume, saved_configs)
+    run = _start(accelerator, source, cc_config, train_cfg, plan, state, out_dir, saved_configs)
+    wrapped, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / TRAINING_CONFIG).write_text(json.dumps(saved_configs, indent=2))
+        _truncate_metrics(out_dir / METRICS, run.start_step)  # drop lines logged after the state we resume from
+    if train_cfg.report_to:
+        accelerator.init_trackers("posttrain-probe-crosscoder", config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}})
+    done = _train_steps(run, wrapped, progress)
+    _checkpoint(accelerator, run.model, run.optimizer, run.tokens_since_fired, run.fired_ever, done, out_dir, saved_configs, plan.total_steps)
+    if accelerator.is_main_process and done >= plan.total_steps:
+        _report_quality(out_dir, cc_config, plan.total_steps)
+    accelerator.wait_for_everyone()
+    if train_cfg.report_to:
+        accelerator.end_training()
+    return run.model
+
+
+def _plan(source, train_cfg: CrosscoderTrainingConfig, world: int) -> _Plan:
+    """Batch split, training tokens, steps and checkpoint interval; ProbeError for sizes that cannot work."""
     source_world = getattr(source, "world_size", 1)
     rank_local_source = source_world > 1
     if rank_local_source and source_world != world:
         raise ProbeError(f"the live source is split over {source_world} ranks but {world} processes run")
     if train_cfg.batch_size % world:
         raise ProbeError(f"batch_size {train_cfg.batch_size} must be divisible by the {world} data-parallel processes")
-    local_batch = train_cfg.batch_size // world
     n_tokens = train_cfg.n_tokens
     if n_tokens is None:
         if not hasattr(source, "n_tokens"):
             raise ProbeError("live sources have no fixed length: set n_tokens (the number of training tokens)")
         n_tokens = source.n_tokens
-    total_steps = max(1, n_tokens // train_cfg.batch_size)
     log_every = train_cfg.log_every
     checkpoint_every = max(log_every, train_cfg.checkpoint_every // log_every * log_every)
+    return _Plan(train_cfg.batch_size // world, n_tokens, max(1, n_tokens // train_cfg.batch_size), checkpoint_every, rank_local_source)
 
-    _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+
+def _resume_state(out_dir: Path, resume: bool, saved_configs: dict[str, Any]) -> dict[str, Any] | None:
+    """The interrupted run's state when resuming (None otherwise); ProbeError if there is none or its settings differ."""
     state = load_training_state(out_dir / STATE_DIR) if resume else None
     if resume and state is None:
         raise ProbeError(f"resume: {out_dir} holds no interrupted crosscoder run to continue (no {STATE_DIR}/); run without --resume to start one")
-    saved_configs = {"crosscoder": asdict(cc_config), "training": asdict(train_cfg)}
     if state is not None:
         before = state["meta"]["configs"]
         ignore = {"max_steps_per_run", "report_to", "log_every", "checkpoint_every"}
@@ -147,12 +202,17 @@ def train_crosscoder(
         changed += [k for k, v in before["crosscoder"].items() if saved_configs["crosscoder"].get(k) != v]
         if changed:
             raise ProbeError(f"cannot resume {out_dir}: settings differ from the interrupted run ({', '.join(changed)})")
+    return state
 
+
+def _start(accelerator, source, cc_config: CrosscoderConfig, train_cfg: CrosscoderTrainingConfig, plan: _Plan, state, out_dir: Path, saved_configs) -> _Training:
+    """The model (initialised, or restored with optimizer, counters and RNG from ``state``) and the batch stream."""
     torch.manual_seed(train_cfg.seed)
     model = Crosscoder(cc_config)
     model.reset_parameters(torch.Generator().manual_seed(train_cfg.seed))
     model.to(accelerator.device)
-    batches = _global_batches(source, train_cfg, local_batch, rank, world, rank_local_source, accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = _global_batches(source, train_cfg, plan.local_batch, rank, world, plan.rank_local_source, accelerator.device)
     if state is None:
         scale_source = source.iter_batches(min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1)
         model.set_scales_from(scale_source, max_tokens=train_cfg.scale_tokens)
@@ -167,19 +227,20 @@ def train_crosscoder(
         fired_ever.copy_(state["counters"]["fired_ever"])
         restore_rng(state["rng"])
         start_step = state["step"]
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / TRAINING_CONFIG).write_text(json.dumps(saved_configs, indent=2))
-        _truncate_metrics(out_dir / METRICS, start_step)  # drop lines logged after the state we resume from
-    if train_cfg.report_to:
-        accelerator.init_trackers("posttrain-probe-crosscoder", config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}})
+    return _Training(accelerator, model, optimizer, batches, tokens_since_fired, fired_ever, start_step, cc_config, train_cfg, plan, out_dir, saved_configs)
 
+
+def _train_steps(run: _Training, wrapped, progress: bool) -> int:
+    """Optimizer steps from ``run.start_step`` to the end (or ``max_steps_per_run``) with logs and checkpoints; the last step done."""
+    from tqdm.auto import tqdm
+
+    accelerator, train_cfg, cc_config, plan, optimizer = run.accelerator, run.train_cfg, run.cc_config, run.plan, run.optimizer
+    world, total_steps, start_step, log_every = accelerator.num_processes, plan.total_steps, run.start_step, train_cfg.log_every
     for _ in range(start_step):  # data position: the same stream, skipped without compute
-        next(batches)
+        next(run.batches)
     stop_step = total_steps if train_cfg.max_steps_per_run is None else min(total_steps, start_step + train_cfg.max_steps_per_run)
     bar = tqdm(total=total_steps, initial=start_step, desc="crosscoder", unit="step", disable=not progress or not accelerator.is_main_process)
-    dead_after = min(train_cfg.dead_after_tokens, max(n_tokens // 2, train_cfg.batch_size))
+    dead_after = min(train_cfg.dead_after_tokens, max(plan.n_tokens // 2, train_cfg.batch_size))
     sums = _MetricSums(cc_config.n_models, accelerator.device)
     # Non-finite inputs are flagged per model on the device every step and read at log steps.
     bad_inputs = torch.zeros(cc_config.n_models, dtype=torch.bool, device=accelerator.device)
@@ -187,7 +248,7 @@ def train_crosscoder(
     started = time.perf_counter()
     step = start_step
     for step in range(start_step, stop_step):
-        x = next(batches)
+        x = next(run.batches)
         bad_now = ~torch.isfinite(x).all(dim=2).all(dim=0)
         first_bad_step = torch.where((first_bad_step < 0) & bad_now.any(), step + 1, first_bad_step)
         bad_inputs |= bad_now
@@ -195,7 +256,7 @@ def train_crosscoder(
             group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
         l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
         # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
-        dead_mask = tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
+        dead_mask = run.tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
         with accelerator.autocast():
             out = wrapped(x, l1_coefficient=l1, dead_mask=dead_mask, aux_k=train_cfg.aux_k, aux_coefficient=train_cfg.aux_coefficient, threshold_decay=train_cfg.threshold_decay)
         accelerator.backward(out.loss)
@@ -206,8 +267,8 @@ def train_crosscoder(
         fired = (out.codes > 0).any(dim=0)
         if world > 1:
             fired = accelerator.reduce(fired.to(torch.int32), reduction="sum") > 0
-        tokens_since_fired = torch.where(fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + train_cfg.batch_size)
-        fired_ever |= fired
+        run.tokens_since_fired = torch.where(fired, torch.zeros_like(run.tokens_since_fired), run.tokens_since_fired + train_cfg.batch_size)
+        run.fired_ever |= fired
         sums.add(out)
         done = step + 1
         if done % log_every == 0 or done == stop_step:
@@ -216,26 +277,26 @@ def train_crosscoder(
                 bad_inputs = accelerator.reduce(bad_inputs.to(torch.int32), reduction="sum") > 0
             if bad_inputs.any() or not math.isfinite(record["loss"]):
                 raise ProbeError(_nonfinite_message(bad_inputs, int(first_bad_step), cc_config.model_names, done, log_every))
-            record["dead_fraction"] = float((tokens_since_fired >= train_cfg.dead_after_tokens).float().mean() if done * train_cfg.batch_size >= train_cfg.dead_after_tokens else (~fired_ever).float().mean())
-            record["tokens_per_s"] = (done - start_step) * train_cfg.batch_size / (time.perf_counter() - started)
-            if accelerator.is_main_process:
-                with open(out_dir / METRICS, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in record["fvu"]), l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2%}")
-            if train_cfg.report_to:
-                accelerator.log({k: v for k, v in record.items() if not isinstance(v, list)} | {f"fvu/{n}": v for n, v in zip(cc_config.model_names, record["fvu"])}, step=done)
+            _log(run, record, bar, started, done)
         bar.update(1)
-        if done % checkpoint_every == 0 and done != stop_step:
-            _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs, total_steps)
+        if done % plan.checkpoint_every == 0 and done != stop_step:
+            _checkpoint(accelerator, run.model, optimizer, run.tokens_since_fired, run.fired_ever, done, run.out_dir, run.saved_configs, total_steps)
     bar.close()
-    done = max(step + 1, start_step) if stop_step > start_step else start_step
-    _checkpoint(accelerator, model, optimizer, tokens_since_fired, fired_ever, done, out_dir, saved_configs, total_steps)
-    if accelerator.is_main_process and done >= total_steps:
-        _report_quality(out_dir, cc_config, total_steps)
-    accelerator.wait_for_everyone()
+    return max(step + 1, start_step) if stop_step > start_step else start_step
+
+
+def _log(run: _Training, record: dict[str, Any], bar, started: float, done: int) -> None:
+    """Complete a log step's metrics (dead fraction, throughput) and write them to metrics.jsonl, the bar and the trackers."""
+    train_cfg, accelerator = run.train_cfg, run.accelerator
+    dead_now = done * train_cfg.batch_size >= train_cfg.dead_after_tokens
+    record["dead_fraction"] = float((run.tokens_since_fired >= train_cfg.dead_after_tokens).float().mean() if dead_now else (~run.fired_ever).float().mean())
+    record["tokens_per_s"] = (done - run.start_step) * train_cfg.batch_size / (time.perf_counter() - started)
+    if accelerator.is_main_process:
+        with open(run.out_dir / METRICS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in record["fvu"]), l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2%}")
     if train_cfg.report_to:
-        accelerator.end_training()
-    return model
+        accelerator.log({k: v for k, v in record.items() if not isinstance(v, list)} | {f"fvu/{n}": v for n, v in zip(run.cc_config.model_names, record["fvu"])}, step=done)
 
 
 def _checkpoint(accelerator, model: Crosscoder, optimizer, tokens_since_fired, fired_ever, step: int, out_dir: Path, configs: dict, total_steps: int) -> None:
@@ -273,13 +334,6 @@ def _nonfinite_message(bad_inputs: torch.Tensor, first_bad_step: int, names: lis
         where = f"at step {first_bad_step}" if first_bad_step > 0 else f"by step {step}"
         return f"NaN/inf in the activations of {', '.join(bad)} {where}: training stopped (no checkpoint was written after it)"
     return f"non-finite loss at step {step} (or one of the {log_every - 1} steps before it) with finite inputs: training diverged, lower the lr"
-
-
-def write_status(out_dir: Path, status: dict[str, Any]) -> None:
-    """Replace ``out_dir/training_status.json`` atomically."""
-    tmp = out_dir / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, out_dir / STATUS)
 
 
 class CrosscoderQualityWarning(UserWarning):

@@ -4,8 +4,12 @@ generalization-critical samples of two runs (docs/methods.md sec. 6).
 
 * :func:`register` -- make ``probe-hf`` known to lm-eval (idempotent; imports lm-eval).
 * :func:`task_include_paths` -- lm-eval include paths: the shipped task folder plus the user's.
-* :func:`posttrain_probe.eval.runner.evaluate` -- run tasks (optionally a subset of documents)
-  with or without an intervention, from Python.
+* :func:`posttrain_probe.eval.runner.lm_eval` -- the study's lm-eval step
+  (:class:`~posttrain_probe.eval.lm_eval_config.LmEvalConfig` -> :class:`~posttrain_probe.eval.runner.LmEvalResult`);
+  :func:`posttrain_probe.eval.runner.evaluate` -- run tasks (optionally a subset of documents)
+  with or without an intervention, from Python, on in-memory objects.
+* :func:`posttrain_probe.eval.intervention_effects.intervene` -- a feature intervention's effect on G_t
+  (:class:`~posttrain_probe.eval.intervene_config.InterveneConfig` -> :class:`~posttrain_probe.eval.effects.InterventionEffects`).
 * :func:`posttrain_probe.analysis.critical.critical_samples` -- G_t from lm-eval per-sample logs.
 
 lm-eval (the ``[eval]`` extra) is imported only when one of these runs.

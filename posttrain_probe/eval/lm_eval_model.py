@@ -45,7 +45,7 @@ def _features_spec(features: Any) -> Any:
             raise ProbeError(f"features={features!r}: expected integer feature indices like 3;17;42")
         return [int(features)]
     if isinstance(features, str):
-        if features.endswith(".json") or (len(features) < 256 and Path(features).exists()):  # longer: no file name (ENAMETOOLONG)
+        if _is_file(features):
             return features  # a feature-set file
         return features.replace(";", ",")
     if isinstance(features, (list, tuple)):
@@ -66,7 +66,7 @@ def _float_or_none(name: str, value: Any) -> float | None:
 
 @dataclasses.dataclass
 class InterventionSpec:
-    """The intervention model_args of ``probe-hf``, checked (see :func:`check_intervention_args`)."""
+    """The intervention arguments, checked and the feature set resolved (see :func:`check_intervention_args`)."""
 
     crosscoder: Any
     """The loaded ``Crosscoder``."""
@@ -81,6 +81,13 @@ class InterventionSpec:
     reference: str | None
     allow_model_mismatch: bool = False
     """Attach even to a model other than the branch's (:mod:`posttrain_probe.model_identity`)."""
+    provenance: dict = dataclasses.field(default_factory=dict)
+    """The feature-set file's provenance ({} for indices or a category)."""
+
+    @property
+    def features_arg(self) -> str:
+        """The resolved indices as the ``features`` model_arg of ``probe-hf`` (``3;17;42``)."""
+        return ";".join(str(i) for i in self.features)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -104,13 +111,15 @@ def check_intervention_args(
     positions: Any = None,
     reference: Any = None,
     allow_model_mismatch: Any = None,
+    controls: bool = False,
 ) -> InterventionSpec | None:
-    """Check the intervention model_args of ``probe-hf`` (values as lm-eval's parser gives them:
-    ``features=3`` arrives as an int, ``3;17;42`` as a string) without loading the language model:
-    mode, positions, value, the crosscoder directory, the feature indices (range, feature-set
-    provenance) and the branch. Returns ``None`` when no ``crosscoder`` is given (plain ``hf``);
-    raises :class:`ProbeError` naming the bad value."""
-    from posttrain_probe.interventions.features import INTERVENTION_MODES, POSITIONS
+    """The one check of the intervention arguments (``probe-hf``'s model_args, ``intervene``'s options), without
+    loading the language model: mode, positions, value, the crosscoder directory, the feature indices (range,
+    feature-set provenance: the set is resolved here, once) and the branch. Values as lm-eval's parser gives them
+    (``features=3`` arrives as an int, ``3;17;42`` as a string). ``controls``: a ``reference`` is also used by
+    the frequency-matched controls of ``intervene`` (else only by ``steer``). Returns ``None`` when no
+    ``crosscoder`` is given (plain ``hf``); raises :class:`ProbeError` naming the bad value."""
+    from posttrain_probe.interventions.features import check_mode
 
     given = {k: v for k, v in dict(features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference,
                                    allow_model_mismatch=allow_model_mismatch).items() if v is not None}
@@ -119,29 +128,28 @@ def check_intervention_args(
             raise ProbeError(f"model_args {', '.join(f'{k}=' for k in given)} need crosscoder=DIR (the crosscoder whose features are edited)")
         return None
     mode = "zero" if mode is None else str(mode)
-    if mode not in INTERVENTION_MODES:
-        raise ProbeError(f"mode={mode!r}: expected one of {', '.join(INTERVENTION_MODES)}")
     positions = "all" if positions is None else str(positions)
-    if positions not in POSITIONS:
-        raise ProbeError(f"positions={positions!r}: expected one of {', '.join(POSITIONS)}")
+    check_mode(mode, positions)
     if features is None:
         raise ProbeError("crosscoder= needs features= (a feature-set JSON, a category, or indices like 3;17;42)")
     value = _float_or_none("value", value)
     if mode == "steer" and reference is None:
-        raise ProbeError("mode=steer needs reference=DATASET: the corpus over which each feature's max activation is taken")
-    if mode != "steer" and reference is not None:
-        raise ProbeError(f"reference= is only used by mode=steer (mode is {mode!r})")
+        raise ProbeError("mode=steer needs reference=DATASET (--reference): the corpus over which each feature's max activation is taken")
+    if mode != "steer" and reference is not None and not controls:
+        raise ProbeError(f"reference= is only used by mode=steer and by the controls' firing rates (mode is {mode!r}, controls are off)")
     if not Path(str(crosscoder)).is_dir():
         raise ProbeError(f"crosscoder={crosscoder}: no such directory (expected a crosscoder saved with save_pretrained)")
+    from posttrain_probe.analysis.feature_sets import load_feature_set, resolve_features
     from posttrain_probe.crosscoder.inspect import load_crosscoder
-    from posttrain_probe.analysis.feature_sets import resolve_features
     from posttrain_probe.interventions.features import FeatureIntervention
 
     cc = load_crosscoder(str(crosscoder))
+    parsed = _features_spec(features)
     spec = InterventionSpec(
-        crosscoder=cc, crosscoder_dir=str(crosscoder), features=resolve_features(cc, _features_spec(features)), mode=mode, value=value,
+        crosscoder=cc, crosscoder_dir=str(crosscoder), features=resolve_features(cc, parsed), mode=mode, value=value,
         model_name=None if model_name is None else str(model_name), positions=positions, reference=None if reference is None else str(reference),
         allow_model_mismatch=_flag("allow_model_mismatch", allow_model_mismatch),
+        provenance=load_feature_set(parsed).provenance if isinstance(parsed, str) and _is_file(parsed) else {},
     )
     if spec.model_name is None and cc.n_models != 1:
         raise ProbeError(f"the crosscoder has models {cc.model_names}: add model_name=NAME (the branch to intervene on)")
@@ -150,6 +158,11 @@ def check_intervention_args(
     else:
         cc.model_index(0 if spec.model_name is None else spec.model_name)
     return spec
+
+
+def _is_file(features: str) -> bool:
+    """A feature-set file rather than indices or a category (a long string is no file name: ENAMETOOLONG)."""
+    return features.endswith(".json") or (len(features) < 256 and Path(features).exists())
 
 
 @register_model("probe-hf")
@@ -221,7 +234,7 @@ class ProbeHFLM(HFLM):
     def _max_activations(self, spec: InterventionSpec) -> torch.Tensor:
         """[F] per-feature max activation of the edited branch over the ``reference`` corpus (cached
         next to the crosscoder)."""
-        from posttrain_probe.interventions.features import max_activations
+        from posttrain_probe.interventions.activation_stats import max_activations
 
         branch = 0 if spec.model_name is None else spec.model_name
         return max_activations(

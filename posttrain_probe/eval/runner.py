@@ -1,5 +1,15 @@
 """Python API over ``lm_eval.simple_evaluate`` with the ``probe-hf`` model and the shipped tasks.
 
+The study's step (:class:`~posttrain_probe.eval.lm_eval_config.LmEvalConfig` -> :class:`LmEvalResult`)::
+
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
+    from posttrain_probe.eval.runner import lm_eval
+    result = lm_eval(LmEvalConfig(model_args="pretrained=runs/rl", tasks=["probe_mcq"], out="runs/eval/rl-zero",
+                                  crosscoder="runs/cc", features="s.json", mode="zero", model_name="rl"))
+    result.results["probe_mcq"]["acc,none"]; result.sample_files["probe_mcq"]  # per-document log
+
+and the function below it, for in-memory use (a loaded model, a shared task manager)::
+
     from posttrain_probe.eval.runner import evaluate
     result = evaluate({"pretrained": "runs/rl", "crosscoder": "runs/cc", "features": "s.json",
                        "mode": "zero", "model_name": "rl"}, ["probe_mcq"], samples={"probe_mcq": [3, 7]})
@@ -9,14 +19,85 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval import PROBE_MODEL_NAME, register, task_include_paths
+from posttrain_probe.eval.lm_eval_config import LmEvalConfig
 
-__all__ = ["evaluate", "load_probe_lm", "make_task_manager"]
+__all__ = ["LmEvalResult", "evaluate", "lm_eval", "load_probe_lm", "make_task_manager"]
+
+LM_EVAL_RESULT_FORMAT = "posttrain-probe/lm-eval"
+
+
+@dataclass
+class LmEvalResult:
+    """Result of :func:`lm_eval`: lm-eval's metrics per task and where its logs are."""
+
+    results: dict[str, dict[str, Any]]
+    """Task -> lm-eval's metrics (``acc,none``, ``exact_match,strict-match``, ...)."""
+    model_args: dict[str, Any]
+    """The model_args of the run (the resolved feature set as ``features``)."""
+    results_file: str | None = None
+    """lm-eval's ``results_<date>.json`` (None without ``out``)."""
+    sample_files: dict[str, str] = field(default_factory=dict)
+    """Task -> lm-eval's per-sample log ``samples_<task>_<date>.jsonl`` (with ``out`` and ``log_samples``)."""
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    """Task -> per-document records as lm-eval holds them in memory (not written, not read back)."""
+
+    def write(self, out: str | os.PathLike) -> dict[str, str]:
+        """Write ``lm_eval.json`` (metrics, model_args, the log files) to ``out``; returns its path."""
+        path = Path(out) / "lm_eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": LM_EVAL_RESULT_FORMAT, "format_version": 1, "results": self.results, "model_args": self.model_args,
+                "results_file": self.results_file, "sample_files": self.sample_files}
+        path.write_text(json.dumps(data, indent=2, default=str))
+        return {"json": str(path)}
+
+    @classmethod
+    def read(cls, out: str | os.PathLike) -> LmEvalResult:
+        """The result :meth:`write` wrote to ``out`` (without the in-memory ``samples``)."""
+        path = Path(out) / "lm_eval.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ProbeError(f"cannot read {path}: {err}") from err
+        if data.get("format") != LM_EVAL_RESULT_FORMAT:
+            raise ProbeError(f"{path} is not a {LM_EVAL_RESULT_FORMAT} file")
+        return cls(data["results"], data["model_args"], data.get("results_file"), dict(data.get("sample_files") or {}))
+
+
+def lm_eval(config: LmEvalConfig) -> LmEvalResult:
+    """Run lm-eval ``config.tasks`` with ``probe-hf`` (docs/methods.md sec. 6-7): the intervention arguments are
+    checked and the feature set resolved once (:func:`~posttrain_probe.eval.lm_eval_model.check_intervention_args`),
+    the resolved indices go to the model. With ``config.out``, lm-eval's results and sample logs are written there
+    (as the ``lm_eval`` command writes them) and ``lm_eval.json`` beside them."""
+    from posttrain_probe.eval.intervene_config import parse_model_args
+    from posttrain_probe.eval.lm_eval_model import check_intervention_args
+
+    model_args = parse_model_args(config.model_args, "model_args")
+    if config.crosscoder is not None:
+        spec = check_intervention_args(crosscoder=config.crosscoder, features=config.features, mode=config.mode, value=config.value,
+                                       model_name=config.model_name, positions=config.positions, reference=config.reference,
+                                       allow_model_mismatch=config.allow_model_mismatch or None)
+        model_args.update(crosscoder=str(config.crosscoder), features=spec.features_arg, mode=spec.mode, positions=spec.positions)
+        model_args.update({k: v for k, v in (("value", config.value), ("model_name", spec.model_name), ("reference", spec.reference)) if v is not None})
+        if config.allow_model_mismatch:
+            model_args["allow_model_mismatch"] = True
+    raw = evaluate(model_args, config.tasks, samples=config.doc_ids, include_path=config.include_path or None, log_samples=config.log_samples,
+                   output_path=config.out, batch_size=config.lm_eval_batch_size, limit=config.lm_eval_limit,
+                   apply_chat_template=config.apply_chat_template, device=config.device, num_fewshot=config.num_fewshot)
+    files = raw.pop("written_files", {})
+    result = LmEvalResult(dict(raw.get("results", {})), _describe(model_args), files.get("results"), dict(files.get("samples", {})),
+                          dict(raw.get("samples") or {}))
+    if config.out is not None:
+        result.write(config.out)
+    return result
 
 
 def load_probe_lm(model_args: Mapping[str, Any], *, batch_size: int | str = 8, device: str = "cpu", max_batch_size: int | None = None):
@@ -155,16 +236,21 @@ def evaluate(
         return {}
     result["config"]["model"] = PROBE_MODEL_NAME
     if tracker is not None:
-        _write(tracker, result, log_samples)
+        result["written_files"] = _write(tracker, result, log_samples)
     return result
 
 
-def _write(tracker: Any, result: dict[str, Any], log_samples: bool) -> None:
+def _write(tracker: Any, result: dict[str, Any], log_samples: bool) -> dict[str, Any]:
     """Write results and per-task sample logs as the ``lm_eval`` command does (lm-eval rewrites
-    the records it writes, so it gets copies and the returned records stay as in memory)."""
+    the records it writes, so it gets copies and the returned records stay as in memory); returns
+    ``{"results": results file, "samples": {task: sample log}}``."""
     payload = {k: v for k, v in result.items() if k != "samples"}
     samples = copy.deepcopy(result["samples"]) if log_samples else None
     tracker.save_results_aggregated(results=payload, samples=samples)
+    folder = Path(tracker.output_path) / str(tracker.general_config_tracker.model_name_sanitized)
+    files: dict[str, Any] = {"results": str(folder / f"results_{tracker.date_id}.json"), "samples": {}}
     if samples is not None:
         for task in result["configs"]:
             tracker.save_results_samples(task_name=task, samples=samples[task])
+            files["samples"][task] = str(folder / f"samples_{task}_{tracker.date_id}.jsonl")
+    return files

@@ -1,37 +1,19 @@
 """Interventions on crosscoder features: gradient blocking during training (docs/methods.md sec. 9) and
-feature edits in the forward pass (docs/methods.md sec. 7)."""
+feature edits in the forward pass (docs/methods.md sec. 7). Feature sets live in
+:mod:`posttrain_probe.analysis.feature_sets`."""
 
+from posttrain_probe.interventions.activation_stats import ReferenceReading, max_activations, source_activation_stats
 from posttrain_probe.interventions.blocking import MODES, GradientBlocker
-from posttrain_probe.analysis.feature_sets import (
-    CATEGORY_NAMES,
-    FeatureSet,
-    crosscoder_fingerprint,
-    load_feature_set,
-    read_feature_set,
-    resolve_features,
-    write_feature_set,
-)
-from posttrain_probe.interventions.features import (
-    INTERVENTION_MODES,
-    POSITIONS,
-    FeatureIntervention,
-    max_activations,
-    source_activation_stats,
-)
+from posttrain_probe.interventions.features import INTERVENTION_MODES, POSITIONS, FeatureEdit, FeatureIntervention
 
 __all__ = [
-    "CATEGORY_NAMES",
     "INTERVENTION_MODES",
     "MODES",
     "POSITIONS",
+    "ReferenceReading",
+    "FeatureEdit",
     "FeatureIntervention",
-    "FeatureSet",
     "GradientBlocker",
-    "crosscoder_fingerprint",
-    "load_feature_set",
     "max_activations",
-    "read_feature_set",
-    "resolve_features",
     "source_activation_stats",
-    "write_feature_set",
 ]

@@ -14,11 +14,13 @@ In ``sae`` and ``subspace`` modes the forward value is unchanged and the gradien
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.model_identity import check_model, slot_fingerprint
@@ -66,11 +68,9 @@ class GradientBlocker:
         self.allow_model_mismatch = bool(allow_model_mismatch)
         self.model_mismatch: str | None = None
         """The mismatch ``attach`` let through with ``allow_model_mismatch`` (None: the model matched or was not checked)."""
-        self.layer = crosscoder.config.layer if layer is None else layer
+        self.layer = crosscoder.site(layer, what="blocking")
         if self.layer is None:
             raise ProbeError("the crosscoder does not record its layer: pass layer=")
-        if crosscoder.config.layer is not None and layer is not None and layer != crosscoder.config.layer:
-            raise ProbeError(f"the crosscoder was trained at layer {crosscoder.config.layer}, blocking asked for layer {layer}")
         n_features = crosscoder.config.n_features
         try:
             self.features = sorted({int(f) for f in features})
@@ -83,45 +83,44 @@ class GradientBlocker:
         index = torch.tensor(self.features, dtype=torch.long)
         with torch.no_grad():
             scale = crosscoder.scales[self.slot].detach().float().cpu()
-            # Raw-unit weights of the protected features: pre = x @ enc + b ; x_S = f @ dec.
-            self._enc = (crosscoder.W_enc[self.slot].detach().float().cpu()[:, index] * scale).contiguous()  # [d, |S|]
-            self._b_enc = crosscoder.b_enc.detach().float().cpu()[index].contiguous()  # [|S|]
-            self._dec = (crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale).contiguous()  # [|S|, d]
-            self._threshold = None
-            if crosscoder.config.activation == "batchtopk":
-                # the threshold encode_source applies: theta_m when calibrated per source, else the joint one
-                if crosscoder.config.source_thresholds is None and float(crosscoder.threshold) < 0:
-                    raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
-                self._threshold = crosscoder.source_threshold(self.slot)
-                self._score = crosscoder.decoder_norm_sum().detach().float().cpu()[index]
+            self._dec = (crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale).contiguous()  # [|S|, d], raw units
+            if crosscoder.config.activation == "batchtopk" and crosscoder.config.source_thresholds is None and float(crosscoder.threshold) < 0:
+                raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
+            self._encoder = crosscoder.restrict(self.features, encoder_bias=encoder_bias) if mode == "sae" and self.features else None
             self._basis = None
             if mode != "sae" and self.features:
                 u, sigma, _ = torch.linalg.svd(self._dec.T.double(), full_matrices=False)
                 keep = sigma > sigma.max() * max(self._dec.shape) * torch.finfo(torch.float32).eps
                 self._basis = u[:, keep].float().contiguous()  # orthonormal basis of span{d_k : k in S}, [d, rank]
         self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._encoders: dict[tuple, Crosscoder | None] = {}
         self._handle = None
         self._model = None
 
     # -- the operation --------------------------------------------------------------------------
-    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _weights(self, like: torch.Tensor) -> tuple:
+        """(encoder crosscoder, decoder rows, subspace basis) on ``like``'s device and dtype (cached)."""
         key = (like.device, like.dtype)
         if key not in self._cache:
-            move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
-            score = getattr(self, "_score", None)
-            self._cache[key] = (move(self._enc), move(self._b_enc), move(self._dec), move(self._basis), move(score))
-        return self._cache[key]
+            with torch.inference_mode(False):  # normal tensors: usable in and outside inference mode
+                move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
+                self._encoders[key] = None if self._encoder is None else copy.deepcopy(self._encoder).to(like.device, like.dtype)
+                self._cache[key] = (move(self._dec), move(self._basis))
+        return (self._encoders[key], *self._cache[key])
 
     def protected_component(self, x: torch.Tensor) -> torch.Tensor:
-        """x_S for residual activations x [..., d] (raw units), differentiable in x."""
-        enc, b_enc, dec, basis, score = self._weights(x)
+        """x_S for residual activations x [..., d] (raw units), differentiable in x.
+
+        ``sae``: f_S = the per-source codes f^m of the protected features, :meth:`Crosscoder.encode_source` of
+        the crosscoder restricted to them (without b_enc when ``encoder_bias=False``); x_S = W_dec^m[S]^T f_S / s_m.
+        ``subspace``/``ablate``: the orthogonal projection of x onto span{d_k : k in S}.
+        """
         if not self.features:
             return torch.zeros_like(x)
+        encoder, dec, basis = self._weights(x)
         if self.mode == "sae":
-            codes = torch.relu(x @ enc + b_enc) if self.encoder_bias else torch.relu(x @ enc)
-            if self._threshold is not None:
-                codes = codes * (codes * score > self._threshold)
-            return codes @ dec
+            codes = encoder.encode_source(x.reshape(-1, self.d_model), self.slot)
+            return (codes @ dec).reshape(x.shape)
         return (x @ basis) @ basis.T
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

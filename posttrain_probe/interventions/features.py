@@ -28,21 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
-import json
 import math
-import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from posttrain_probe.errors import ProbeError
 from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint, resolve_features
+from posttrain_probe.crosscoder.inspect import as_crosscoder
+from posttrain_probe.errors import ProbeError
 from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.model_identity import check_model, slot_fingerprint
 
@@ -55,15 +51,53 @@ _DEFAULT_VALUES = {"set": 3.0, "steer": 2.0}
 _HOOKS_ATTR = "_posttrain_probe_feature_hooks"
 
 
-def _load(crosscoder) -> tuple[Any, Path | None]:
-    """(Crosscoder, its directory or None) from an object or a directory."""
-    if isinstance(crosscoder, (str, os.PathLike)):
-        from posttrain_probe.crosscoder.inspect import load_crosscoder
+class FeatureEdit:
+    """The one feature edit of docs/methods.md sec. 7: f'_S = a f_S + b, with one constructor per mode.
 
-        return load_crosscoder(crosscoder), Path(crosscoder)
-    if not all(hasattr(crosscoder, name) for name in ("W_enc", "W_dec", "scales", "config")):
-        raise ProbeError(f"expected a Crosscoder or its directory, got {type(crosscoder).__name__}")
-    return crosscoder, None
+    zero: a = 0, b = 0; set: a = 0, b = v; scale: a = c, b = 0; add: a = 1, b = delta;
+    steer: a = 0, b = c max_S (the features' max activations over a reference corpus).
+    """
+
+    def __init__(self, a: float, b: float | torch.Tensor) -> None:
+        self.a = float(a)
+        """The factor on the current code f_S."""
+        self.b = b
+        """The offset: a number or an ``[|S|]`` tensor (code units)."""
+
+    @classmethod
+    def zero(cls) -> FeatureEdit:
+        """f'_S = 0."""
+        return cls(0.0, 0.0)
+
+    @classmethod
+    def set(cls, v: float) -> FeatureEdit:
+        """f'_S = v."""
+        return cls(0.0, v)
+
+    @classmethod
+    def scale(cls, c: float) -> FeatureEdit:
+        """f'_S = c f_S."""
+        return cls(c, 0.0)
+
+    @classmethod
+    def add(cls, delta: float) -> FeatureEdit:
+        """f'_S = f_S + delta."""
+        return cls(1.0, delta)
+
+    @classmethod
+    def steer(cls, c: float, max_acts: torch.Tensor) -> FeatureEdit:
+        """f'_S = c max_S (``max_acts``: ``[|S|]`` max activation of each chosen feature)."""
+        return cls(0.0, c * max_acts)
+
+    def change(self, codes: torch.Tensor) -> torch.Tensor:
+        """f'_S - f_S = (a - 1) f_S + b, ``[..., |S|]`` (what the decoder rows are scaled by)."""
+        b = self.b.to(codes.device, codes.dtype) if isinstance(self.b, torch.Tensor) else self.b
+        if self.a == 1.0:
+            return torch.zeros_like(codes) + b
+        return codes * (self.a - 1.0) + b
+
+    def __repr__(self) -> str:
+        return f"FeatureEdit(a={self.a}, b={self.b})"
 
 
 class FeatureIntervention:
@@ -106,14 +140,11 @@ class FeatureIntervention:
         layer: int | None = None,
         allow_model_mismatch: bool = False,
     ) -> None:
-        if mode not in INTERVENTION_MODES:
-            raise ProbeError(f"intervention mode {mode!r} is not one of {', '.join(INTERVENTION_MODES)}")
-        if positions not in POSITIONS:
-            raise ProbeError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
-        cc, path = _load(crosscoder)
+        check_mode(mode, positions)
+        cc, path = as_crosscoder(crosscoder)
         self.crosscoder_path = path
         self.mode, self.positions = mode, positions
-        self.value = _check_value(mode, value)
+        self.value = check_value(mode, value)
         if model_name is None:
             if cc.n_models != 1:
                 raise ProbeError(f"the crosscoder has models {cc.model_names}: pass model_name= (the branch to intervene on)")
@@ -123,11 +154,9 @@ class FeatureIntervention:
         self.model_fingerprint = slot_fingerprint(cc, self.slot)
         self.allow_model_mismatch = bool(allow_model_mismatch)
         self.model_mismatch: str | None = None
-        self.layer = cc.config.layer if layer is None else layer
+        self.layer = cc.site(layer, what="the intervention")
         if self.layer is None:
             raise ProbeError("the crosscoder does not record its layer: pass layer=")
-        if cc.config.layer is not None and self.layer != cc.config.layer:
-            raise ProbeError(f"the crosscoder was trained at layer {cc.config.layer}, the intervention asked for layer {self.layer}")
         self.features = resolve_features(cc, features)
         self.n_features = cc.config.n_features
         self.d_model = cc.config.d_model
@@ -135,29 +164,20 @@ class FeatureIntervention:
         index = torch.tensor(self.features, dtype=torch.long, device=cc.W_dec.device)
         with torch.no_grad():
             scale = cc.scales[self.slot].detach()
-            # Raw-unit slices: pre_S = a @ enc + b_enc ; delta = (f'_S - f_S) @ dec  (docs/methods.md sec. 2-3, 7).
-            self._enc = (cc.W_enc[self.slot].detach()[:, index] * scale).contiguous()  # [d, |S|]
-            self._b_enc = cc.b_enc.detach()[index].clone()  # [|S|]
+            # delta = (f'_S - f_S) @ dec, raw units (docs/methods.md sec. 2-3, 7); f_S from the crosscoder restricted to S.
             self._dec = (cc.W_dec.detach()[index, self.slot] / scale).contiguous()  # [|S|, d]
-            self._threshold: float | None = None
-            self._score = None
-            if cc.config.activation == "batchtopk":
-                # The inference threshold is per feature on f_i * sum over ALL models of ||d_i^m||:
-                # encode_source's (theta_m when calibrated per source, else the joint one).
-                if cc.config.source_thresholds is None and float(cc.threshold) < 0:
-                    raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
-                self._threshold = cc.source_threshold(self.slot)
-                self._score = cc.decoder_norm_sum().detach()[index].clone()
-            self._target = None
+            if cc.config.activation == "batchtopk" and cc.config.source_thresholds is None and float(cc.threshold) < 0:
+                raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
+            self._encoder = cc.restrict(self.features)
             if mode == "steer":
                 if max_acts is None:
                     raise ProbeError("mode 'steer' needs max_acts= ([F] max activation per feature): compute it with max_activations(...)")
                 max_acts = torch.as_tensor(max_acts).detach()
                 if tuple(max_acts.shape) != (self.n_features,) or not torch.isfinite(max_acts).all():
                     raise ProbeError(f"max_acts must be a finite [{self.n_features}] tensor (one max per feature), got shape {tuple(max_acts.shape)}")
-                self._target = (self.value * max_acts.to(self._dec.device, self._dec.dtype)[index]).contiguous()
-            elif mode == "set":
-                self._target = torch.full((len(self.features),), self.value, dtype=self._dec.dtype, device=self._dec.device)
+                max_acts = max_acts.to(self._dec.device, self._dec.dtype)[index].contiguous()
+            self.feature_edit = feature_edit(mode, self.value, max_acts)
+            """The edit f'_S = a f_S + b of this intervention (:class:`FeatureEdit`)."""
         self._cache: dict[tuple, tuple] = {}
         self._prompt_lengths: torch.Tensor | None = None
         self._model: nn.Module | None = None
@@ -168,19 +188,20 @@ class FeatureIntervention:
         if key not in self._cache:
             move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
             with torch.inference_mode(False):  # normal tensors: usable in and outside inference mode
-                self._cache[key] = (move(self._enc), move(self._b_enc), move(self._dec), move(self._score), move(self._target))
+                edit = self.feature_edit
+                b = move(edit.b) if isinstance(edit.b, torch.Tensor) else edit.b
+                encoder = copy.deepcopy(self._encoder).to(like.device, like.dtype)
+                self._cache[key] = (encoder, move(self._dec), FeatureEdit(edit.a, b))
         return self._cache[key]
 
     def codes(self, a: torch.Tensor) -> torch.Tensor:
         """Per-source codes f^m of the chosen features, ``[..., |S|]`` (code units), of raw activations ``a [..., d]``.
 
-        Equals ``crosscoder.encode_source(a, model_name)[..., features]`` (BatchTopK threshold included).
+        ``crosscoder.encode_source(a, model_name)[..., features]``, computed by :meth:`Crosscoder.encode_source` of the
+        crosscoder restricted to the chosen features (BatchTopK threshold included): O(d |S|) per token.
         """
-        enc, b_enc, _, score, _ = self._weights(a)
-        codes = torch.relu(a @ enc + b_enc)
-        if self._threshold is not None:
-            codes = codes * (codes * score > self._threshold)
-        return codes
+        encoder = self._weights(a)[0]
+        return encoder.encode_source(a.reshape(-1, a.shape[-1]), self.slot).reshape(*a.shape[:-1], len(self.features))
 
     def edit(self, a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """a' = a + W_dec^m[S]^T (f'_S - f_S) / s_m (docs/methods.md sec. 7) where ``mask``, a elsewhere.
@@ -190,17 +211,8 @@ class FeatureIntervention:
         """
         if a.shape[-1] != self.d_model:
             raise ProbeError(f"the intervention was built for width {self.d_model}, the activations have width {a.shape[-1]}")
-        _, _, dec, _, target = self._weights(a)
-        codes = self.codes(a)
-        if self.mode == "zero":
-            change = -codes
-        elif self.mode in ("set", "steer"):
-            change = target - codes
-        elif self.mode == "scale":
-            change = codes * (self.value - 1.0)
-        else:  # add
-            change = torch.full_like(codes, self.value)
-        edited = a + change @ dec
+        _, dec, edit = self._weights(a)
+        edited = a + edit.change(self.codes(a)) @ dec
         if mask is None:
             return edited
         return torch.where(mask.to(a.device).unsqueeze(-1), edited, a)
@@ -317,7 +329,28 @@ class FeatureIntervention:
         )
 
 
-def _check_value(mode: str, value) -> float | None:
+def feature_edit(mode: str, value: float | None, max_acts: torch.Tensor | None = None) -> FeatureEdit:
+    """The :class:`FeatureEdit` of ``mode`` with its checked ``value`` (:func:`check_value`); ``max_acts``
+    (``[|S|]``) for ``steer``."""
+    if mode == "zero":
+        return FeatureEdit.zero()
+    if mode == "steer":
+        if max_acts is None:
+            raise ProbeError("mode 'steer' needs the max activations of the chosen features")
+        return FeatureEdit.steer(value, max_acts)
+    return {"set": FeatureEdit.set, "scale": FeatureEdit.scale, "add": FeatureEdit.add}[mode](value)
+
+
+def check_mode(mode: str, positions: str) -> None:
+    """The one check of an intervention's mode (:data:`INTERVENTION_MODES`) and positions (:data:`POSITIONS`)."""
+    if mode not in INTERVENTION_MODES:
+        raise ProbeError(f"mode={mode!r} is not one of {', '.join(INTERVENTION_MODES)}")
+    if positions not in POSITIONS:
+        raise ProbeError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+
+
+def check_value(mode: str, value) -> float | None:
+    """The value of ``mode`` checked (a finite number; None for ``zero``) or its default (set 3.0, steer 2.0)."""
     if mode == "zero":
         if value is not None:
             raise ProbeError(f"mode 'zero' takes no value (got {value!r}): the features are set to 0")
@@ -416,215 +449,3 @@ class _ModelHooks:
             return args, kwargs
 
         return hook
-
-
-# ---------------------------------------------------------------------------------------------
-# activation statistics: max (steer) and firing rate (controls)
-# ---------------------------------------------------------------------------------------------
-
-_MAX_ACTS_VERSION = 2  # 2: the cache file holds the firing frequency beside the max
-
-
-def max_activations(crosscoder, model_name: str | int, model: nn.Module | str | os.PathLike, data, **kwargs: Any) -> torch.Tensor:
-    """``[F]`` float32 (CPU): max over a reference corpus of each feature's per-source code f^m
-    (code units), the quantity ``steer`` multiplies (docs/methods.md sec. 7, paper S B.3).
-
-    The ``max_activation`` of :func:`source_activation_stats` (same arguments, same cache).
-    """
-    return source_activation_stats(crosscoder, model_name, model, data, **kwargs).max_activation
-
-
-@torch.no_grad()
-def source_activation_stats(
-    crosscoder,
-    model_name: str | int,
-    model: nn.Module | str | os.PathLike,
-    data,
-    *,
-    tokenizer=None,
-    layer: int | None = None,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    n_docs: int | None = None,
-    column: str | None = None,
-    split: str = "train",
-    dataset_config: str | None = None,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    chunk_tokens: int = 2048,
-    allow_model_mismatch: bool = False,
-):
-    """Firing frequency and max of each feature's per-source code f^m over a reference corpus, in one pass
-    (docs/methods.md sec. 7 steer, sec. 11 frequency-matched controls).
-
-    ``crosscoder``: a ``Crosscoder`` or its directory; ``model_name``: its branch m; ``model``: the
-    HF causal LM of that branch (or a path). ``data``: a dataset spec as
-    :func:`~posttrain_probe.data.load_dataset_spec` takes it (tokenised with ``tokenizer``,
-    ``seq_len``, ``batch_size``, ``n_docs``, ``column``), or token batches (``TokenBatch``es,
-    dicts with ``input_ids`` [B, T] and optional ``attention_mask``, or [B, T] id tensors).
-    Tokens counted are those the crosscoder was trained on: real tokens, not the first position,
-    not BOS (docs/methods.md sec. 1). Truncated forwards stop at block ``layer``.
-
-    Returns:
-        :class:`~posttrain_probe.analysis.features.FeatureStats` (CPU): ``frequency`` ``[F]`` float64,
-        the fraction of counted tokens with f_i^m > 0; ``max_activation`` ``[F]`` float32, the largest
-        f_i^m (code units, 0 for a feature that never fired); ``n_tokens``.
-
-    A model other than the branch's (nor tuned from it) is refused unless ``allow_model_mismatch``
-    (:mod:`posttrain_probe.model_identity`).
-
-    Cached on disk in ``cache_dir`` (default: ``<crosscoder dir>/max_activations/``; an in-memory
-    crosscoder without ``cache_dir`` is not cached), keyed by the crosscoder fingerprint, branch,
-    model fingerprint (config + a strided sample of every weight), data fingerprint and layer.
-    """
-    from posttrain_probe.activations.capture import capture_batch
-    from posttrain_probe.analysis.features import FeatureStats
-    from posttrain_probe.data import TokenBatch
-
-    cc, path = _load(crosscoder)
-    slot = cc.model_index(model_name)
-    layer = cc.config.layer if layer is None else layer
-    if layer is None:
-        raise ProbeError("the crosscoder does not record its layer: pass layer=")
-    if cc.config.layer is not None and layer != cc.config.layer:
-        raise ProbeError(f"the crosscoder was trained at layer {cc.config.layer}, the activation statistics asked for layer {layer}")
-    if chunk_tokens < 1:
-        raise ProbeError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if isinstance(model, (str, os.PathLike)):
-        from posttrain_probe.models import load_causal_lm, load_tokenizer
-
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        model = load_causal_lm(model, keep_layers=layer)
-    validate_layer(model, layer)
-    if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(f"the crosscoder has d_model {cc.config.d_model}, the model's hidden size is {hidden_size(model)}")
-    check_model(model, slot_fingerprint(cc, slot), cc.model_names[slot], allow_mismatch=allow_model_mismatch)
-    batches, data_key = _reference_batches(data, tokenizer, model, seq_len=seq_len, batch_size=batch_size, n_docs=n_docs, column=column, split=split, dataset_config=dataset_config)
-
-    key = {
-        "version": _MAX_ACTS_VERSION, "crosscoder": crosscoder_fingerprint(cc), "model_name": cc.model_names[slot],
-        "model": _model_fingerprint(model, layer), "data": data_key, "layer": layer, "excluded": ["padding", "first position", "bos"],
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    if cache_dir is None and path is not None:
-        cache_dir = path / "max_activations"
-    cache_file = Path(cache_dir) / f"max_activations_{digest[:24]}.safetensors" if cache and cache_dir is not None else None
-    if cache_file is not None and cache_file.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(cache_file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("key") == json.dumps(key, sort_keys=True):
-                return FeatureStats(handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"]))
-
-    inner = unwrap_model(model)
-    device = next(inner.parameters()).device
-    encoder = cc if cc.W_enc.device == device else copy.deepcopy(cc).to(device)
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else getattr(inner.config, "bos_token_id", None)
-    best = torch.zeros(cc.config.n_features, dtype=torch.float32, device=device)
-    fired = torch.zeros(cc.config.n_features, dtype=torch.int64, device=device)
-    n_tokens = 0
-    was_training = inner.training
-    inner.eval()
-    try:
-        for batch in batches:
-            if not isinstance(batch, TokenBatch):
-                batch = TokenBatch(batch.input_ids, batch.attention_mask, torch.arange(batch.input_ids.shape[0]))
-            acts = capture_batch([model], batch, [layer], bos_token_id=bos).acts[layer][:, 0]  # [n, d]
-            n_tokens += acts.shape[0]
-            for chunk in acts.split(chunk_tokens) if acts.shape[0] else ():
-                codes = encoder.encode_source(chunk.to(encoder.W_enc.dtype), slot)
-                best = torch.maximum(best, codes.max(dim=0).values.float())
-                fired += (codes > 0).sum(dim=0)
-    finally:
-        inner.train(was_training)
-    if n_tokens == 0:
-        raise ProbeError("the reference data gave no tokens (after dropping padding, the first position and BOS)")
-    stats = FeatureStats(fired.cpu().double() / n_tokens, best.cpu(), n_tokens)
-    if cache_file is not None:
-        from safetensors.torch import save_file
-
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".tmp")
-        save_file({"max_activations": stats.max_activation, "frequency": stats.frequency}, str(partial),
-                  metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)})
-        os.replace(partial, cache_file)
-    return stats
-
-
-class _Batch:
-    __slots__ = ("input_ids", "attention_mask")
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            raise ProbeError(f"token batches must hold input_ids of shape [B, T], got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        self.input_ids = input_ids.long()
-        self.attention_mask = torch.ones_like(self.input_ids) if attention_mask is None else attention_mask.long()
-
-
-def _reference_batches(data, tokenizer, model, *, seq_len, batch_size, n_docs, column, split, dataset_config) -> tuple[list, dict]:
-    """(batches, fingerprint dict) of a dataset spec or of token batches (materialised to hash them)."""
-    from posttrain_probe.data import TokenBatch, dataset_fingerprint, load_dataset_spec, token_batches
-
-    loaded_datasets = sys.modules.get("datasets")  # a Dataset can only exist once `datasets` is imported
-    spec_like = isinstance(data, (str, os.PathLike)) or (loaded_datasets is not None and isinstance(data, loaded_datasets.Dataset)) or (
-        isinstance(data, Sequence) and not isinstance(data, TokenBatch) and len(data) > 0 and all(isinstance(t, str) for t in data)
-    )
-    if spec_like:
-        if tokenizer is None:
-            source = getattr(unwrap_model(model), "name_or_path", "")
-            if not source:
-                raise ProbeError("a dataset spec needs tokenizer= (the model object does not name where its tokenizer is)")
-            from posttrain_probe.models import load_tokenizer
-
-            tokenizer = load_tokenizer(source)
-        from posttrain_probe.models import tokenizer_fingerprint
-
-        dataset = load_dataset_spec(data, split=split, config_name=dataset_config, n_docs=n_docs)
-        key = {
-            "dataset": dataset_fingerprint(dataset, column), "n_docs": len(dataset), "seq_len": seq_len,
-            "column": column, "tokenizer": tokenizer_fingerprint(tokenizer),
-        }
-        return list(token_batches(dataset, tokenizer, column=column, seq_len=seq_len, batch_size=batch_size)), key
-    if isinstance(data, (torch.Tensor, TokenBatch, Mapping)):
-        data = [data]
-    batches = []
-    digest = hashlib.sha256()
-    for item in data:
-        if isinstance(item, TokenBatch):
-            batch = item
-        elif isinstance(item, Mapping):
-            batch = _Batch(item.get("input_ids"), item.get("attention_mask"))
-        else:
-            batch = _Batch(item, None)
-        ids = torch.where(batch.attention_mask.bool(), batch.input_ids, -1).cpu()
-        digest.update(str(tuple(ids.shape)).encode())
-        digest.update(memoryview(ids.contiguous().numpy()).cast("B"))
-        batches.append(batch)
-    if not batches:
-        raise ProbeError("no reference data: expected a dataset spec or at least one token batch")
-    return batches, {"token_batches": digest.hexdigest()}
-
-
-def _model_fingerprint(model: nn.Module, layer: int, samples_per_tensor: int = 1024) -> str:
-    """sha256 of a model's class, config and a strided sample (float32) of every parameter except
-    those of blocks >= ``layer``, which cannot change the residual stream entering block ``layer``
-    (so a model loaded with ``keep_layers`` has the same fingerprint as the full one)."""
-    inner = unwrap_model(model)
-    digest = hashlib.sha256(type(inner).__name__.encode())
-    config = getattr(inner, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    later = {id(p) for block in decoder_blocks(inner)[layer:] for p in block.parameters()}
-    pieces = []
-    for name, parameter in inner.named_parameters():
-        if id(parameter) in later:
-            continue
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
-        pieces.append(flat[::step][:samples_per_tensor].float())
-        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
-    if pieces:
-        sample = torch.cat(pieces).cpu().contiguous()
-        digest.update(memoryview(sample.numpy()).cast("B"))
-    return digest.hexdigest()

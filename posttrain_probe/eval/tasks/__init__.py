@@ -5,10 +5,10 @@ lm-eval's task include path, so these tasks run offline on the tiny models of
 :mod:`posttrain_probe.testing` (or on any model):
 
 * ``probe_mcq`` (multiple_choice, metric ``acc``/``acc_norm``) -- 4-way lettered questions from
-  :func:`posttrain_probe.testing.multiple_choice_dataset`: colours, made-up capitals, animal facts,
+  :func:`posttrain_probe.synthetic.multiple_choice_dataset`: colours, made-up capitals, animal facts,
   largest/smallest number. The model scores the letters ``A``..``D`` after ``Answer:``.
 * ``probe_math`` (generate_until, metric ``exact_match``) -- arithmetic problems from
-  :func:`posttrain_probe.testing.arithmetic_dataset`; the answer is the content of the last
+  :func:`posttrain_probe.synthetic.arithmetic_dataset`; the answer is the content of the last
   ``\\boxed{...}`` of the generation, compared with the integer answer.
 
 Their data are local JSONL files next to the YAMLs (``*_test.jsonl`` 200 rows, ``*_train.jsonl``
