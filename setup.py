@@ -10,10 +10,10 @@ Hydra's plugin scan (pkgutil.walk_packages over `hydra_plugins.__path__`) can se
 from setuptools import find_packages, setup
 
 core = find_packages(include=["posttrain_probe", "posttrain_probe.*"])
-callbacks = [
-    "posttrain_probe." + name for name in find_packages(include=["callbacks", "callbacks.*"])
+callbacks = ["posttrain_probe." + name for name in find_packages(include=["callbacks", "callbacks.*"])]
+hydra_plugins = ["hydra_plugins"] + [
+    "hydra_plugins." + name for name in find_packages(where="callbacks/verl/hydra_plugins")
 ]
-hydra_plugins = ["hydra_plugins"] + ["hydra_plugins." + name for name in find_packages(where="callbacks/verl/hydra_plugins")]
 setup(
     packages=core + callbacks + hydra_plugins,
     package_dir={"posttrain_probe.callbacks": "callbacks", "hydra_plugins": "callbacks/verl/hydra_plugins"},

@@ -58,10 +58,45 @@ TARGET = 0.03  # overhead as a fraction of the step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real shapes (hidden, layers, MLP, heads, kv heads, head_dim, vocab), random weights: no download needed.
 PRESETS = {
-    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
-    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, num_layers=28, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
-    "qwen3-1.7b": dict(arch="qwen3", hidden_size=2048, num_layers=28, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
-    "qwen3-4b": dict(arch="qwen3", hidden_size=2560, num_layers=36, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    "qwen2.5-0.5b": dict(
+        arch="qwen2",
+        hidden_size=896,
+        num_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "qwen3-0.6b": dict(
+        arch="qwen3",
+        hidden_size=1024,
+        num_layers=28,
+        intermediate_size=3072,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    ),
+    "qwen3-1.7b": dict(
+        arch="qwen3",
+        hidden_size=2048,
+        num_layers=28,
+        intermediate_size=6144,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    ),
+    "qwen3-4b": dict(
+        arch="qwen3",
+        hidden_size=2560,
+        num_layers=36,
+        intermediate_size=9728,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    ),
 }
 CPU_DEFAULTS = {"model": "tiny", "batch": 8, "seq_len": 128, "dtype": "float32"}
 GPU_DEFAULTS = {"model": "qwen3-0.6b", "batch": 8, "seq_len": 1024, "dtype": "bfloat16"}
@@ -70,11 +105,22 @@ GPU_DEFAULTS = {"model": "qwen3-0.6b", "batch": 8, "seq_len": 1024, "dtype": "bf
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
-    p.add_argument("--model", default=None, help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF path/name (default: tiny on cpu, qwen3-0.6b on cuda)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"tiny, a preset ({', '.join(PRESETS)}) or a HF path/name (default: tiny on cpu, qwen3-0.6b on cuda)",
+    )
     p.add_argument("--hidden-size", type=int, default=256, help="tiny model: hidden size d")
     p.add_argument("--layers", type=int, default=4, help="tiny model: decoder blocks")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--features", type=int, default=None, help="F of the synthetic crosscoder (default: 4096 for the tiny model, else 32768)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: float32 on cpu, bfloat16 on cuda)"
+    )
+    p.add_argument(
+        "--features",
+        type=int,
+        default=None,
+        help="F of the synthetic crosscoder (default: 4096 for the tiny model, else 32768)",
+    )
     p.add_argument("--fractions", default="0.05,0.95", help="comma-separated |S|/F")
     p.add_argument("--modes", default="sae,subspace", help="comma-separated: sae, subspace, ablate")
     p.add_argument("--layer", type=int, default=None, help="site L (default: n_layers // 2)")
@@ -83,8 +129,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 128 on cpu, 1024 on cuda)")
     p.add_argument("--steps", type=int, default=1, help="training steps per timed call")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per configuration; the median is reported")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 for the tiny model, else all cores)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant gradient checkpointing of the model")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: 1 for the tiny model, else all cores)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="non-reentrant gradient checkpointing of the model"
+    )
     args = p.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
@@ -202,8 +255,10 @@ def main() -> None:
         for _mode, _fraction, blocker in configs:
             with blocker.attached(model):
                 checks.append(abs(float(model(**batch).loss - want)))
-    print(f"check: |loss(blocked) - loss(baseline)| max over sae/subspace configurations: "
-          f"{max((c for c, (m, _, _) in zip(checks, configs) if m != 'ablate'), default=0.0):.2e}")
+    print(
+        f"check: |loss(blocked) - loss(baseline)| max over sae/subspace configurations: "
+        f"{max((c for c, (m, _, _) in zip(checks, configs) if m != 'ablate'), default=0.0):.2e}"
+    )
 
     fns = {"baseline": step}
     for mode, fraction, blocker in configs:
@@ -212,27 +267,35 @@ def main() -> None:
     sec = timed(fns, device, args.repeats)
 
     tokens = args.batch * args.seq_len
-    print(f"blocking overhead: model={args.model} ({n_params / 1e6:.1f}M params, d={d}, {len(decoder_blocks(model))} blocks) "
-          f"layer={layer} F={args.features} active={args.active:.0%} batch={args.batch}x{args.seq_len} ({tokens} tokens) "
-          f"dtype={args.dtype} device={device} threads={torch.get_num_threads()} steps/call={args.steps} "
-          f"repeats={args.repeats} (median after 1 warm-up round){' gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(
+        f"blocking overhead: model={args.model} ({n_params / 1e6:.1f}M params, d={d}, {len(decoder_blocks(model))} blocks) "
+        f"layer={layer} F={args.features} active={args.active:.0%} batch={args.batch}x{args.seq_len} ({tokens} tokens) "
+        f"dtype={args.dtype} device={device} threads={torch.get_num_threads()} steps/call={args.steps} "
+        f"repeats={args.repeats} (median after 1 warm-up round){' gradient checkpointing' if args.gradient_checkpointing else ''}"
+    )
     print("step = forward + backward + AdamW.step + zero_grad; op = blocker.apply forward + backward alone")
     base_ms = 1e3 * sec["baseline"] / args.steps
     header = f"{'mode':<9} | {'|S|/F':>6} | {'|S|':>6} | {'rank':>5} | {'step ms':>9} | {'overhead':>8} | {'op ms':>8} | {'op/step':>7} | {f'<= {TARGET:.0%}':>6}"
     print(header)
     print("-" * len(header))
-    print(f"{'baseline':<9} | {'-':>6} | {'-':>6} | {'-':>5} | {base_ms:>9.2f} | {'-':>8} | {'-':>8} | {'-':>7} | {'-':>6}")
+    print(
+        f"{'baseline':<9} | {'-':>6} | {'-':>6} | {'-':>5} | {base_ms:>9.2f} | {'-':>8} | {'-':>8} | {'-':>7} | {'-':>6}"
+    )
     for mode, fraction, blocker in configs:
         ms = 1e3 * sec[(mode, fraction)] / args.steps
         op_ms = 1e3 * sec[("op", mode, fraction)] / args.steps
         overhead = ms / base_ms - 1
         rank = blocker._basis.shape[1] if blocker._basis is not None else len(blocker.features)
         met = "yes" if op_ms / base_ms <= TARGET else "NO"
-        print(f"{mode:<9} | {fraction:>6.0%} | {len(blocker.features):>6} | {rank:>5} | {ms:>9.2f} | {overhead:>+8.1%} | {op_ms:>8.2f} | {op_ms / base_ms:>7.1%} | {met:>6}")
+        print(
+            f"{mode:<9} | {fraction:>6.0%} | {len(blocker.features):>6} | {rank:>5} | {ms:>9.2f} | {overhead:>+8.1%} | {op_ms:>8.2f} | {op_ms / base_ms:>7.1%} | {met:>6}"
+        )
     flops_model = 6 * n_params * tokens
-    print(f"target: blocking costs <= {TARGET:.0%} of a training step (judged on op/step; the overhead column is noisier). "
-          f"For scale: the model's step is ~6*params*tokens = {flops_model / 1e9:.1f} GFLOP; the sae blocker "
-          f"~8*d*|S|*tokens ({8 * d * math.ceil(0.95 * args.features) * tokens / 1e9:.1f} GFLOP at 95% of F).")
+    print(
+        f"target: blocking costs <= {TARGET:.0%} of a training step (judged on op/step; the overhead column is noisier). "
+        f"For scale: the model's step is ~6*params*tokens = {flops_model / 1e9:.1f} GFLOP; the sae blocker "
+        f"~8*d*|S|*tokens ({8 * d * math.ceil(0.95 * args.features) * tokens / 1e9:.1f} GFLOP at 95% of F)."
+    )
 
 
 if __name__ == "__main__":

@@ -27,17 +27,31 @@ def run(args, with_probe: bool, out_dir: str) -> tuple[float, dict[str, float]]:
     from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
     if args.model.startswith("tiny:"):
-        model, tokenizer = tiny_model(args.model.split(":", 1)[1], hidden_size=args.hidden_size, num_layers=args.layers), tiny_tokenizer()
+        model, tokenizer = (
+            tiny_model(args.model.split(":", 1)[1], hidden_size=args.hidden_size, num_layers=args.layers),
+            tiny_tokenizer(),
+        )
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = arithmetic_dataset(args.steps * args.batch_size, seed=1).select_columns(["messages"])
     config = SFTConfig(
-        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
-        logging_steps=10, report_to=[], save_strategy="no", use_cpu=args.device == "cpu", max_length=args.seq_len,
-        bf16=args.device == "cuda", seed=0, disable_tqdm=True,
+        output_dir=out_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        max_length=args.seq_len,
+        bf16=args.device == "cuda",
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     if with_probe:
@@ -54,7 +68,9 @@ def run(args, with_probe: bool, out_dir: str) -> tuple[float, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:qwen3", help="tiny:<arch> (posttrain_probe.testing) or a HF model path/name")
+    parser.add_argument(
+        "--model", default="tiny:qwen3", help="tiny:<arch> (posttrain_probe.testing) or a HF model path/name"
+    )
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=100)
@@ -67,7 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as base_dir, tempfile.TemporaryDirectory() as probe_dir:
         base_wall, _ = run(args, False, base_dir)
         probe_wall, costs = run(args, True, probe_dir)
-    print(f"callback overhead: model={args.model} steps={args.steps} batch={args.batch_size}x{args.seq_len} probe={args.probe_docs}x{args.probe_seq_len} device={args.device}")
+    print(
+        f"callback overhead: model={args.model} steps={args.steps} batch={args.batch_size}x{args.seq_len} probe={args.probe_docs}x{args.probe_seq_len} device={args.device}"
+    )
     print(f"training without callbacks: {base_wall:8.2f} s")
     print(f"training with callbacks:    {probe_wall:8.2f} s  (x{probe_wall / base_wall:.3f})")
     # Fractions of the run that had the callbacks (same process, same load), which is less noisy
@@ -75,7 +93,9 @@ def main() -> None:
     for name, seconds in costs.items():
         print(f"  {name:<12} {seconds:8.2f} s = {100 * seconds / probe_wall:5.2f}% of that run's wall time")
     share = 100 * costs["activations"] / probe_wall
-    print(f"target: activation streaming <= 2% of training time at the default schedule: {'met' if share <= 2 else 'NOT met'} ({share:.2f}%)")
+    print(
+        f"target: activation streaming <= 2% of training time at the default schedule: {'met' if share <= 2 else 'NOT met'} ({share:.2f}%)"
+    )
 
 
 if __name__ == "__main__":

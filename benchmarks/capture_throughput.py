@@ -46,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sites", default=None, help="comma-separated layers (default: 1, n/4, n/2, 3n/4)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    p.add_argument("--tolerance", type=float, default=0.9, help="a site meets the target if speed-up >= tolerance * n/L")
+    p.add_argument(
+        "--tolerance", type=float, default=0.9, help="a site meets the target if speed-up >= tolerance * n/L"
+    )
     return p.parse_args()
 
 

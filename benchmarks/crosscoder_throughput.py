@@ -90,13 +90,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="tokens per step (default: 1024 on cpu, 4096 on cuda)")
     p.add_argument("--k", type=int, default=32, help="BatchTopK: mean active features per token")
     p.add_argument("--aux-k", type=int, default=512, help="BatchTopK: dead features per token in the AuxK loss")
-    p.add_argument("--dead-fraction", type=float, default=0.25, help="BatchTopK: fraction of features marked dead (fixed random mask; 0: none, AuxK still runs as in the trainer)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per timed call (default: 1 on cpu, 10 on cuda)")
+    p.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.25,
+        help="BatchTopK: fraction of features marked dead (fixed random mask; 0: none, AuxK still runs as in the trainer)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimisation steps per timed call (default: 1 on cpu, 10 on cuda)"
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed calls per side; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights and the batch (the trainer: float32)")
-    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of both forwards (default: on for cuda, off for cpu)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for the %%pk column (cuda default: 989, H100 SXM dense bf16)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="dtype of the weights and the batch (the trainer: float32)",
+    )
+    p.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast of both forwards (default: on for cuda, off for cpu)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for the %%pk column (cuda default: 989, H100 SXM dense bf16)",
+    )
     args = p.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
@@ -135,7 +157,9 @@ class PerModelCrosscoder(nn.Module):
         self.scales.copy_(cc.scales)
         self.threshold.copy_(cc.threshold)
 
-    def forward(self, x, *, l1_coefficient=2.0, dead_mask=None, aux_k=512, aux_coefficient=1 / 32, threshold_decay=0.99) -> torch.Tensor:
+    def forward(
+        self, x, *, l1_coefficient=2.0, dead_mask=None, aux_k=512, aux_coefficient=1 / 32, threshold_decay=0.99
+    ) -> torch.Tensor:
         """Scalar loss of raw x [B, N, d]: mse + λ·l1 (relu) or mse + aux_coefficient·auxk (batchtopk)."""
         n = len(self.W_enc)
         xs = [x[:, m] * self.scales[m].to(x.dtype) for m in range(n)]  # ã^m [B, d]
@@ -155,7 +179,11 @@ class PerModelCrosscoder(nn.Module):
                 with torch.no_grad():
                     smallest = torch.where(top.values > 0, top.values, torch.full_like(top.values, float("inf"))).min()
                     smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
-                    blended = torch.where(self.threshold < 0, smallest, self.threshold * threshold_decay + smallest * (1 - threshold_decay))
+                    blended = torch.where(
+                        self.threshold < 0,
+                        smallest,
+                        self.threshold * threshold_decay + smallest * (1 - threshold_decay),
+                    )
                     self.threshold.copy_(blended)
         mse, errors = 0.0, []
         for m in range(n):
@@ -278,40 +306,63 @@ def main() -> None:
         x = (shared + 0.5 * torch.randn(batch, n, d, generator=gen)) * torch.arange(1, n + 1).view(1, n, 1)
         x = x.to(device, dtype)
         for activation in activations:
-            config = CrosscoderConfig(model_names=[f"m{i}" for i in range(n)], d_model=d, n_features=n_features, activation=activation, k=args.k)
+            config = CrosscoderConfig(
+                model_names=[f"m{i}" for i in range(n)],
+                d_model=d,
+                n_features=n_features,
+                activation=activation,
+                k=args.k,
+            )
             ours = Crosscoder(config)
             ours.reset_parameters(torch.Generator().manual_seed(0))
             ours.set_scales_from([x])
             ours.to(device)
             ref = PerModelCrosscoder(n, d, n_features, activation, args.k).to(device)
             # The trainer always passes a dead mask (all False early on), so AuxK always runs.
-            dead_mask = (torch.rand(n_features, generator=torch.Generator().manual_seed(1)) < args.dead_fraction).to(device)
-            kwargs = dict(l1_coefficient=2.0, dead_mask=dead_mask, aux_k=args.aux_k, aux_coefficient=1 / 32, threshold_decay=0.99)
+            dead_mask = (torch.rand(n_features, generator=torch.Generator().manual_seed(1)) < args.dead_fraction).to(
+                device
+            )
+            kwargs = dict(
+                l1_coefficient=2.0, dead_mask=dead_mask, aux_k=args.aux_k, aux_coefficient=1 / 32, threshold_decay=0.99
+            )
             loss_diff, grad_diff = check_same_loss(ours, kwargs, x)
             same = loss_diff < 1e-4 and grad_diff < 1e-3
             ref.copy_from(ours)
-            print(f"check {activation:<9} N={n}: same weights (float64 copies): loss rel. diff {loss_diff:.1e}, "
-                  f"largest grad rel. diff {grad_diff:.1e}: {'ok' if same else 'MISMATCH'}")
+            print(
+                f"check {activation:<9} N={n}: same weights (float64 copies): loss rel. diff {loss_diff:.1e}, "
+                f"largest grad rel. diff {grad_diff:.1e}: {'ok' if same else 'MISMATCH'}"
+            )
             ours.to(dtype)
             ref.to(dtype)
-            run_ours, opt_ours = make_step(ours, lambda ours=ours, x=x, kwargs=kwargs: ours(x, **kwargs).loss, device, args.autocast, args.steps)
-            run_ref, opt_ref = make_step(ref, lambda ref=ref, x=x, kwargs=kwargs: ref(x, **kwargs), device, args.autocast, args.steps)
+            run_ours, opt_ours = make_step(
+                ours, lambda ours=ours, x=x, kwargs=kwargs: ours(x, **kwargs).loss, device, args.autocast, args.steps
+            )
+            run_ref, opt_ref = make_step(
+                ref, lambda ref=ref, x=x, kwargs=kwargs: ref(x, **kwargs), device, args.autocast, args.steps
+            )
             sec, peak = timed({"ref": run_ref, "ours": run_ours}, device, args.repeats)
             tokens = batch * args.steps
             flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k)
             x_bytes = x.numel() * x.element_size()
-            mem = {"ref": state_bytes(ref, opt_ref) + x_bytes + peak["ref"], "ours": state_bytes(ours, opt_ours) + x_bytes + peak["ours"]}
+            mem = {
+                "ref": state_bytes(ref, opt_ref) + x_bytes + peak["ref"],
+                "ours": state_bytes(ours, opt_ours) + x_bytes + peak["ours"],
+            }
             rows.append((activation, n, tokens / sec["ref"], tokens / sec["ours"], flops, mem, same))
             del ours, ref, opt_ours, opt_ref, run_ours, run_ref
             if cuda:
                 torch.cuda.empty_cache()
 
     precision = f"{args.dtype}{' + bf16 autocast' if args.autocast else ''}"
-    print(f"crosscoder throughput: d_model={d} F={n_features} batch={batch} k={args.k} aux_k={args.aux_k} "
-          f"dead_fraction={args.dead_fraction} {precision} device={device} threads={torch.get_num_threads()} "
-          f"steps/call={args.steps} repeats={args.repeats} (median after 1 warm-up)")
-    print("step = forward + backward + clip_grad_norm_(1.0) + Adam.step + zero_grad; "
-          "reference = the straightforward per-model implementation of the same loss")
+    print(
+        f"crosscoder throughput: d_model={d} F={n_features} batch={batch} k={args.k} aux_k={args.aux_k} "
+        f"dead_fraction={args.dead_fraction} {precision} device={device} threads={torch.get_num_threads()} "
+        f"steps/call={args.steps} repeats={args.repeats} (median after 1 warm-up)"
+    )
+    print(
+        "step = forward + backward + clip_grad_norm_(1.0) + Adam.step + zero_grad; "
+        "reference = the straightforward per-model implementation of the same loss"
+    )
     header = f"{'activation':<10} | {'N':>2} | {'ref tok/s':>10} | {'ours tok/s':>10} | {'ours/ref':>9} | {f'>= {TARGET}x':>7}"
     if args.peak_tflops:
         header += f" | {'ref %pk':>8} | {'ours %pk':>8}"

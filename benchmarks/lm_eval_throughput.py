@@ -26,7 +26,15 @@ VALUES = {"set": 3.0, "scale": 0.5, "add": 0.5}
 
 SHAPES = {
     # Qwen3-4B(-Base): 36 layers, d 2560, 32 query / 8 key-value heads of 128, MLP 9728, vocab 151936.
-    "qwen3-4b": dict(hidden_size=2560, num_layers=36, vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=9728),
+    "qwen3-4b": dict(
+        hidden_size=2560,
+        num_layers=36,
+        vocab_size=151936,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+    ),
 }
 
 
@@ -37,12 +45,21 @@ def load_model(args):
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.model.startswith("tiny:"):
-        model, tokenizer = tiny_model(args.model.split(":", 1)[1], hidden_size=args.hidden_size, num_layers=args.layers), tiny_tokenizer()
+        model, tokenizer = (
+            tiny_model(args.model.split(":", 1)[1], hidden_size=args.hidden_size, num_layers=args.layers),
+            tiny_tokenizer(),
+        )
     elif args.model.startswith("shape:"):
         import transformers
 
         shape = dict(SHAPES[args.model.split(":", 1)[1]])
-        config = tiny_config("qwen3", hidden_size=shape.pop("hidden_size"), num_layers=shape.pop("num_layers"), vocab_size=shape.pop("vocab_size"), **shape)
+        config = tiny_config(
+            "qwen3",
+            hidden_size=shape.pop("hidden_size"),
+            num_layers=shape.pop("num_layers"),
+            vocab_size=shape.pop("vocab_size"),
+            **shape,
+        )
         with torch.device(args.device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = tiny_tokenizer()
@@ -62,7 +79,11 @@ def random_crosscoder(model, args, out_dir: str) -> tuple[str, str]:
     from posttrain_probe.crosscoder.model import Crosscoder
     from posttrain_probe.layers import default_layer, hidden_size
 
-    cc = Crosscoder(CrosscoderConfig(model_names=["model"], d_model=hidden_size(model), n_features=args.n_features, layer=default_layer(model)))
+    cc = Crosscoder(
+        CrosscoderConfig(
+            model_names=["model"], d_model=hidden_size(model), n_features=args.n_features, layer=default_layer(model)
+        )
+    )
     with torch.no_grad():
         cc.b_enc.fill_(0.01)  # a good share of codes fire on random inputs, so the edit does real work
     cc.save_pretrained(out_dir)
@@ -76,7 +97,17 @@ def timed(evaluate, lm, args, task_manager) -> tuple[float, float]:
     if args.device == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    evaluate({}, args.tasks, lm=lm, task_manager=task_manager, samples=args.samples, batch_size=args.batch_size, device=args.device, log_samples=False, gen_kwargs={"max_gen_toks": args.max_gen_toks})
+    evaluate(
+        {},
+        args.tasks,
+        lm=lm,
+        task_manager=task_manager,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        log_samples=False,
+        gen_kwargs={"max_gen_toks": args.max_gen_toks},
+    )
     if args.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -84,11 +115,19 @@ def timed(evaluate, lm, args, task_manager) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny:qwen3", help="tiny:<arch> (posttrain_probe.testing), shape:qwen3-4b (random weights) or a HF model path/name")
+    parser.add_argument(
+        "--model",
+        default="tiny:qwen3",
+        help="tiny:<arch> (posttrain_probe.testing), shape:qwen3-4b (random weights) or a HF model path/name",
+    )
     parser.add_argument("--hidden-size", type=int, default=128, help="tiny models only")
     parser.add_argument("--layers", type=int, default=4, help="tiny models only")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--crosscoder", default=None, help="trained crosscoder/SAE directory (default: a random one at the middle layer)")
+    parser.add_argument(
+        "--crosscoder",
+        default=None,
+        help="trained crosscoder/SAE directory (default: a random one at the middle layer)",
+    )
     parser.add_argument("--model-name", default=None, help="crosscoder branch to edit (with --crosscoder)")
     parser.add_argument("--n-features", type=int, default=32768, help="dictionary size of the random crosscoder")
     parser.add_argument("--n-selected", type=int, default=50, help="features edited (the first n)")
@@ -98,8 +137,12 @@ def main() -> None:
     parser.add_argument("--gen-limit", type=int, default=32, help="probe_math documents (generate_until; 0 = skip)")
     parser.add_argument("--max-gen-toks", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=6, help="alternating timed runs of each kind (after one warm-up of each)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (cpu device; tiny models run fastest on one)")
+    parser.add_argument(
+        "--repeats", type=int, default=6, help="alternating timed runs of each kind (after one warm-up of each)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (cpu device; tiny models run fastest on one)"
+    )
     args = parser.parse_args()
 
     if args.device == "cpu":
@@ -119,7 +162,12 @@ def main() -> None:
         cc_dir, branch = (args.crosscoder, args.model_name) if args.crosscoder else random_crosscoder(model, args, tmp)
         common = {"pretrained": model, "tokenizer": tokenizer}
         plain = load_probe_lm(common, batch_size=args.batch_size, device=args.device)
-        intervention = {"crosscoder": cc_dir, "features": list(range(args.n_selected)), "mode": args.mode, "positions": args.positions}
+        intervention = {
+            "crosscoder": cc_dir,
+            "features": list(range(args.n_selected)),
+            "mode": args.mode,
+            "positions": args.positions,
+        }
         if branch:
             intervention["model_name"] = branch
         if args.mode in VALUES:
@@ -140,16 +188,24 @@ def main() -> None:
                 if round_:
                     times[kind].append(elapsed)
     n_requests = 4 * args.limit + args.gen_limit
-    print(f"lm-eval throughput: model={args.model} device={args.device} tasks={','.join(args.tasks)} docs={args.limit}+{args.gen_limit} batch={args.batch_size}")
-    print(f"intervention: {iv!r} (|S| = {args.n_selected} of {args.n_features if not args.crosscoder else 'trained'} features)")
+    print(
+        f"lm-eval throughput: model={args.model} device={args.device} tasks={','.join(args.tasks)} docs={args.limit}+{args.gen_limit} batch={args.batch_size}"
+    )
+    print(
+        f"intervention: {iv!r} (|S| = {args.n_selected} of {args.n_features if not args.crosscoder else 'trained'} features)"
+    )
     medians = {}
     for kind in ("without", "with"):
         wall = statistics.median(t[0] for t in times[kind])
         cpu = statistics.median(t[1] for t in times[kind])
         medians[kind] = (wall, cpu)
-        print(f"{kind + ' intervention:':<22}{wall:8.2f} s wall ({n_requests / wall:8.1f} requests/s), {cpu:8.2f} s CPU; wall of each run {[round(t[0], 2) for t in times[kind]]}")
+        print(
+            f"{kind + ' intervention:':<22}{wall:8.2f} s wall ({n_requests / wall:8.1f} requests/s), {cpu:8.2f} s CPU; wall of each run {[round(t[0], 2) for t in times[kind]]}"
+        )
     ratio = medians["without"][0] / medians["with"][0]
-    print(f"throughput ratio (with / without), wall: {ratio:.3f}x  (target >= 0.9x on GPU for a 4B model: {'met' if ratio >= 0.9 else 'NOT met'})")
+    print(
+        f"throughput ratio (with / without), wall: {ratio:.3f}x  (target >= 0.9x on GPU for a 4B model: {'met' if ratio >= 0.9 else 'NOT met'})"
+    )
     if args.device == "cpu":  # on a shared CPU, process CPU time is the steadier measure
         print(f"throughput ratio (with / without), CPU time: {medians['without'][1] / medians['with'][1]:.3f}x")
 

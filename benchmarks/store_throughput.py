@@ -83,12 +83,18 @@ def main() -> None:
             out = root / f"base{rep}"
             out.mkdir()
             for i, s in enumerate(range(0, n, shard)):
-                part = {"acts": acts[s : s + shard], "token_ids": token_ids[s : s + shard],
-                        "doc_ids": doc_ids[s : s + shard], "positions": positions[s : s + shard]}
+                part = {
+                    "acts": acts[s : s + shard],
+                    "token_ids": token_ids[s : s + shard],
+                    "doc_ids": doc_ids[s : s + shard],
+                    "positions": positions[s : s + shard],
+                }
                 save_file(part, out / f"shard-{i:05d}.safetensors", metadata=METADATA)
 
         def write_ours(rep: int) -> None:
-            writer = ActivationStoreWriter(root / f"ours{rep}", layer=0, d_model=d, model="bench", dtype="bfloat16", shard_tokens=shard)
+            writer = ActivationStoreWriter(
+                root / f"ours{rep}", layer=0, d_model=d, model="bench", dtype="bfloat16", shard_tokens=shard
+            )
             for s in range(0, n, args.chunk_tokens):
                 e = s + args.chunk_tokens
                 writer.write(acts[s:e], token_ids[s:e], doc_ids[s:e], positions[s:e], cursor=e)
@@ -114,6 +120,7 @@ def main() -> None:
                 store = ActivationStore(ours_dir, verify=verify)  # fresh: verify=True hashes every shard
                 for i in range(store.n_shards):
                     store.load_shard(i)["acts"].clone()
+
             return run
 
         def epoch_base(rep: int) -> None:
@@ -126,20 +133,38 @@ def main() -> None:
             for _ in ActivationStore(ours_dir).iter_batches(args.batch, shuffle=True, seed=rep, dtype=torch.float32):
                 pass
 
-        sec |= timed({"read_base": read_base, "read_ours": read_ours(True), "read_ours_nv": read_ours(False),
-                      "epoch_base": epoch_base, "epoch_ours": epoch_ours}, args.repeats)
+        sec |= timed(
+            {
+                "read_base": read_base,
+                "read_ours": read_ours(True),
+                "read_ours_nv": read_ours(False),
+                "epoch_base": epoch_base,
+                "epoch_ours": epoch_ours,
+            },
+            args.repeats,
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"store throughput: {n} tokens x d_model {d} bf16 ({acts.numel() * 2 / 2**20:.0f} MiB acts), "
-          f"shards of {shard} tokens, threads={torch.get_num_threads()}, repeats={args.repeats} (median after 1 warm-up)")
-    print(f"bytes written: baseline {base_bytes:,} (shards) | ours {ours_bytes:,} = shards {ours_shard_bytes:,} "
-          f"+ manifest {ours_bytes - ours_shard_bytes:,}")
+    print(
+        f"store throughput: {n} tokens x d_model {d} bf16 ({acts.numel() * 2 / 2**20:.0f} MiB acts), "
+        f"shards of {shard} tokens, threads={torch.get_num_threads()}, repeats={args.repeats} (median after 1 warm-up)"
+    )
+    print(
+        f"bytes written: baseline {base_bytes:,} (shards) | ours {ours_bytes:,} = shards {ours_shard_bytes:,} "
+        f"+ manifest {ours_bytes - ours_shard_bytes:,}"
+    )
     rows = [  # (what, baseline key, ours key, bytes baseline, bytes ours)
         ("write (save_file | Writer.write+close)", "write_base", "write_ours", base_bytes, ours_bytes),
         ("read  (load_file | load_shard verify=True)", "read_base", "read_ours", base_bytes, ours_shard_bytes),
         ("read  (load_file | load_shard verify=False)", "read_base", "read_ours_nv", base_bytes, ours_shard_bytes),
-        (f"epoch (randperm | iter_batches({args.batch}) fp32)", "epoch_base", "epoch_ours", base_bytes, ours_shard_bytes),
+        (
+            f"epoch (randperm | iter_batches({args.batch}) fp32)",
+            "epoch_base",
+            "epoch_ours",
+            base_bytes,
+            ours_shard_bytes,
+        ),
     ]
     header = f"{'operation (baseline | ours)':<48} | {'base GB/s':>9} | {'ours GB/s':>9} | {'ours/base':>9} | >= 0.8x"
     print(header)

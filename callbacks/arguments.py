@@ -16,23 +16,52 @@ class ProbeArguments:
     """Snapshots and activation streaming during training (SnapshotCallback, ActivationStreamCallback)."""
 
     probe: bool = field(default=True, metadata={"help": "Switch the probe callbacks on."})
-    probe_run_dir: str | None = field(default=None, metadata={"help": "Run directory for probe.json, snapshots/ and activations/ (default: <output_dir>/probe)."})
-    probe_snapshot_fraction: float = field(default=0.2, metadata={"help": "Snapshot every this fraction of the run (0.2: five snapshots, as in the papers)."})
-    probe_snapshot_steps: int | None = field(default=None, metadata={"help": "Snapshot every N optimizer steps instead of by fraction."})
-    probe_snapshot_at: list[int] = field(default_factory=list, metadata={"help": "Snapshot at exactly these optimizer steps instead."})
-    probe_save_snapshots: bool = field(default=True, metadata={"help": "Write HF-loadable snapshots (snapshots/step-NNNNNN)."})
-    probe_peft_snapshot: str = field(default="merged", metadata={"help": "PEFT models: 'merged' (full weights) or 'adapter' (adapter only)."})
-    probe_stream_activations: bool = field(default=True, metadata={"help": "Capture probe-set activations at step 0 (base) and at every snapshot point."})
-    probe_layers: list[int] = field(default_factory=list, metadata={"help": "Sites to capture (residual stream entering block L); empty: n_layers // 2."})
-    probe_dataset: str | None = field(default=None, metadata={"help": "Probe set: a dataset spec as for `posttrain-probe collect` (default: a fixed sample of the training data)."})
+    probe_run_dir: str | None = field(
+        default=None,
+        metadata={"help": "Run directory for probe.json, snapshots/ and activations/ (default: <output_dir>/probe)."},
+    )
+    probe_snapshot_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Snapshot every this fraction of the run (0.2: five snapshots, as in the papers)."},
+    )
+    probe_snapshot_steps: int | None = field(
+        default=None, metadata={"help": "Snapshot every N optimizer steps instead of by fraction."}
+    )
+    probe_snapshot_at: list[int] = field(
+        default_factory=list, metadata={"help": "Snapshot at exactly these optimizer steps instead."}
+    )
+    probe_save_snapshots: bool = field(
+        default=True, metadata={"help": "Write HF-loadable snapshots (snapshots/step-NNNNNN)."}
+    )
+    probe_peft_snapshot: str = field(
+        default="merged", metadata={"help": "PEFT models: 'merged' (full weights) or 'adapter' (adapter only)."}
+    )
+    probe_stream_activations: bool = field(
+        default=True, metadata={"help": "Capture probe-set activations at step 0 (base) and at every snapshot point."}
+    )
+    probe_layers: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Sites to capture (residual stream entering block L); empty: n_layers // 2."},
+    )
+    probe_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Probe set: a dataset spec as for `posttrain-probe collect` (default: a fixed sample of the training data)."
+        },
+    )
     probe_dataset_split: str = field(default="train", metadata={"help": "Split of probe_dataset."})
     probe_column: str | None = field(default=None, metadata={"help": "Text or chat-messages column of the probe set."})
     probe_n_docs: int = field(default=64, metadata={"help": "Documents in the probe set."})
-    probe_seq_len: int = field(default=512, metadata={"help": "Tokens per probe document (must fit the model context)."})
+    probe_seq_len: int = field(
+        default=512, metadata={"help": "Tokens per probe document (must fit the model context)."}
+    )
     probe_batch_size: int = field(default=8, metadata={"help": "Probe documents per forward."})
     probe_dtype: str = field(default="bfloat16", metadata={"help": "Storage dtype of the activations."})
     probe_seed: int = field(default=0, metadata={"help": "Seed of the probe-set sample."})
-    probe_drift: bool = field(default=True, metadata={"help": "Log the mean relative change of probe activations vs the base per layer at each snapshot."})
+    probe_drift: bool = field(
+        default=True,
+        metadata={"help": "Log the mean relative change of probe activations vs the base per layer at each snapshot."},
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_snapshot_fraction <= 1:

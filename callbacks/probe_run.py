@@ -117,7 +117,12 @@ class ProbeRun:
             "layers": self.layers,
             "schedule": self.schedule,
             "probe_fingerprint": self.probe_fingerprint() if args.probe_stream_activations else None,
-            "probe": {"dataset": args.probe_dataset or "training data sample", "rows": self.probe_rows, "seq_len": args.probe_seq_len, "seed": args.probe_seed},
+            "probe": {
+                "dataset": args.probe_dataset or "training data sample",
+                "rows": self.probe_rows,
+                "seq_len": args.probe_seq_len,
+                "seed": args.probe_seed,
+            },
             "world_size": self.accelerator.num_processes,
         }
         self.run = RunDirectory(run_dir, is_main=self.accelerator.is_main_process)
@@ -145,7 +150,9 @@ class ProbeRun:
         else:
             data = self.train_dataset
             if data is None or not hasattr(data, "select") or not hasattr(data, "__len__"):
-                raise ProbeError("the training dataset cannot be sampled (streaming?): set probe_dataset to a dataset spec")
+                raise ProbeError(
+                    "the training dataset cannot be sampled (streaming?): set probe_dataset to a dataset spec"
+                )
         if len(data) == 0:
             raise ProbeError("the probe set is empty: set probe_dataset to a non-empty dataset")
         rows = list(range(len(data)))
@@ -155,11 +162,17 @@ class ProbeRun:
         self.probe_rows = rows
         column = args.probe_column or ("input_ids" if "input_ids" in data.column_names else text_column(data))
         if isinstance(tokenizer, _TokenIds) and column != "input_ids":
-            raise ProbeError(f"the Trainer has no processing_class (tokenizer) to tokenise the probe column {column!r}: pass one, or a tokenised probe set")
+            raise ProbeError(
+                f"the Trainer has no processing_class (tokenizer) to tokenise the probe column {column!r}: pass one, or a tokenised probe set"
+            )
         context = getattr(getattr(unwrap_model(self.model), "config", None), "max_position_embeddings", None)
         if context is not None and args.probe_seq_len > context:
-            raise ProbeError(f"probe_seq_len {args.probe_seq_len} is longer than the model context ({context} positions)")
-        self._batches = list(token_batches(data, tokenizer, column=column, seq_len=args.probe_seq_len, batch_size=args.probe_batch_size))
+            raise ProbeError(
+                f"probe_seq_len {args.probe_seq_len} is longer than the model context ({context} positions)"
+            )
+        self._batches = list(
+            token_batches(data, tokenizer, column=column, seq_len=args.probe_seq_len, batch_size=args.probe_batch_size)
+        )
         if not any(int(b.attention_mask.sum()) > 1 for b in self._batches):
             raise ProbeError("the probe set holds no token to capture (every document has at most one token)")
         return self._batches
@@ -171,7 +184,11 @@ class ProbeRun:
         if tokenizer is not None:
             return tokenizer
         config = getattr(unwrap_model(self.model), "config", None)
-        return _TokenIds(getattr(config, "pad_token_id", None), getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
+        return _TokenIds(
+            getattr(config, "pad_token_id", None),
+            getattr(config, "bos_token_id", None),
+            getattr(config, "eos_token_id", None),
+        )
 
     def probe_fingerprint(self) -> str:
         """sha256 of the probe set's token ids and masks."""
@@ -206,7 +223,9 @@ class ProbeRun:
             tmp.mkdir(parents=True)
             if is_peft and self.args.probe_peft_snapshot == "merged":
                 if any(p.numel() == 0 for p in unwrapped.parameters()):
-                    raise ProbeError("merged PEFT snapshots need unsharded parameters: use probe_peft_snapshot=adapter under ZeRO-3/FSDP")
+                    raise ProbeError(
+                        "merged PEFT snapshots need unsharded parameters: use probe_peft_snapshot=adapter under ZeRO-3/FSDP"
+                    )
                 merged = copy.deepcopy(unwrapped).to("cpu")
                 merged.load_state_dict({k: v.to("cpu") for k, v in state_dict.items()})
                 merged.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
@@ -219,7 +238,15 @@ class ProbeRun:
             os.replace(tmp, target)
         accelerator.wait_for_everyone()
         seconds = time.perf_counter() - started
-        self.run.record("snapshots", {"step": step, "path": str(target.relative_to(self.run.path)), "peft": self.args.probe_peft_snapshot if is_peft else None, "seconds": round(seconds, 3)})
+        self.run.record(
+            "snapshots",
+            {
+                "step": step,
+                "path": str(target.relative_to(self.run.path)),
+                "peft": self.args.probe_peft_snapshot if is_peft else None,
+                "seconds": round(seconds, 3),
+            },
+        )
         return seconds
 
     @torch.no_grad()
@@ -249,9 +276,18 @@ class ProbeRun:
                 self.run.activations_dir(step, layer),
                 layer=layer,
                 d_model=d_model,
-                model={"name": step_name(step), "step": step, "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None), "fingerprint": fingerprint},
+                model={
+                    "name": step_name(step),
+                    "step": step,
+                    "path": str(snapshot) if snapshot else (self.run.manifest.get("base_model") if step == 0 else None),
+                    "fingerprint": fingerprint,
+                },
                 dtype=args.probe_dtype,
-                source={"probe_fingerprint": self.run.manifest.get("probe_fingerprint"), "seq_len": args.probe_seq_len, "run": str(self.run.path)},
+                source={
+                    "probe_fingerprint": self.run.manifest.get("probe_fingerprint"),
+                    "seq_len": args.probe_seq_len,
+                    "run": str(self.run.path),
+                },
                 shard_tokens=max(1, sum(int(b.attention_mask.sum()) for b in mine)),  # one shard per rank
                 rank=rank,
                 world_size=world,
@@ -267,7 +303,13 @@ class ProbeRun:
                 captured = capture_batch([model], batch, self.layers, bos_token_id=tokenizer.bos_token_id)
                 if index < len(mine):
                     for layer, writer in writers.items():
-                        writer.write(captured.acts[layer][:, 0], captured.token_ids, captured.doc_ids, captured.positions, cursor=index + 1)
+                        writer.write(
+                            captured.acts[layer][:, 0],
+                            captured.token_ids,
+                            captured.doc_ids,
+                            captured.positions,
+                            cursor=index + 1,
+                        )
         except BaseException:
             for writer in writers.values():
                 writer.release()  # the stores' locks go with the error, not with the process
@@ -285,10 +327,20 @@ class ProbeRun:
                     merge_rank_manifests(writer.path)
             if args.probe_drift and step > 0:
                 for layer in self.layers:
-                    result[f"drift/layer{layer}"] = relative_drift(self.run.activations_dir(0, layer), self.run.activations_dir(step, layer))
+                    result[f"drift/layer{layer}"] = relative_drift(
+                        self.run.activations_dir(0, layer), self.run.activations_dir(step, layer)
+                    )
         accelerator.wait_for_everyone()
         result["seconds"] = time.perf_counter() - started
-        self.run.record("activations", {"step": step, "path": str((self.run.path / "activations" / step_name(step)).relative_to(self.run.path)), "layers": self.layers, "seconds": round(result["seconds"], 3)})
+        self.run.record(
+            "activations",
+            {
+                "step": step,
+                "path": str((self.run.path / "activations" / step_name(step)).relative_to(self.run.path)),
+                "layers": self.layers,
+                "seconds": round(result["seconds"], 3),
+            },
+        )
         return result
 
 

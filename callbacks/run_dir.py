@@ -1,8 +1,8 @@
 """The probe run directory and its manifest ``<run>/probe.json`` (docs/design.md "Data on disk").
 
-    <run>/probe.json                        base model, paradigm, sites, probe-set fingerprint, snapshots
-    <run>/snapshots/step-000120/            HF save_pretrained layout (safetensors + tokenizer)
-    <run>/activations/step-000120/layer<L>/ activation store; step-000000 is the base model
+<run>/probe.json                        base model, paradigm, sites, probe-set fingerprint, snapshots
+<run>/snapshots/step-000120/            HF save_pretrained layout (safetensors + tokenizer)
+<run>/activations/step-000120/layer<L>/ activation store; step-000000 is the base model
 """
 
 from __future__ import annotations
@@ -93,7 +93,13 @@ class RunDirectory:
             self.manifest = existing
             self._drop_after(resume_step)
             return
-        self.manifest = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **identity, "snapshots": [], "activations": []}
+        self.manifest = {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            **identity,
+            "snapshots": [],
+            "activations": [],
+        }
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"

@@ -67,7 +67,9 @@ class ActivationStreamCallback(_ProbeCallback):
             self._report(args, state, control, metrics | {"probe/activation_seconds": result["seconds"]})
 
 
-def add_probe_callbacks(trainer, args: ProbeArguments | None = None, *, paradigm: str | None = None) -> list[TrainerCallback]:
+def add_probe_callbacks(
+    trainer, args: ProbeArguments | None = None, *, paradigm: str | None = None
+) -> list[TrainerCallback]:
     """Add both probe callbacks (sharing one run) to ``trainer``; returns them. No-op when ``args.probe`` is off."""
     args = args or ProbeArguments()
     if not args.probe:

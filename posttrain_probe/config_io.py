@@ -66,7 +66,11 @@ def config_from_mapping(config_cls: type[C], data: Mapping[str, Any], *, source:
     try:
         return config_cls(**kwargs)
     except TypeError:
-        missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]  # type: ignore[misc]
         if missing:
             raise ProbeError(f"{source} is missing {', '.join(missing)} (required by {config_cls.__name__})") from None
         raise

@@ -148,9 +148,7 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def residual_hooks(
-    model: nn.Module, layers: Iterable[int], *, stop: bool = True
-) -> Iterator[dict[int, torch.Tensor]]:
+def residual_hooks(model: nn.Module, layers: Iterable[int], *, stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
     """Record the residual stream entering each block in ``layers`` during forwards in the block.
 
     Yields a dict that the forward fills with ``layer -> hidden_states [B, T, d]`` (the tensors
@@ -175,7 +173,9 @@ def residual_hooks(
 
     # prepend=True: run before hooks that sharding wrappers (DeepSpeed ZeRO-3, FSDP) put on the
     # block, so stopping at block L never gathers block L's parameters.
-    handles = [blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True, prepend=True) for layer in sites]
+    handles = [
+        blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True, prepend=True) for layer in sites
+    ]
     try:
         yield captured
     finally:

@@ -37,7 +37,9 @@ def lock_name(rank: int = 0) -> str:
 
 def is_lock_file(name: str) -> bool:
     """True for the lock and holder files this module leaves in a directory."""
-    return name.startswith(".probe.") and (name.endswith(".lock") or name.endswith(".lock" + HOLDER_SUFFIX) or ".lock.holder.tmp-" in name)
+    return name.startswith(".probe.") and (
+        name.endswith(".lock") or name.endswith(".lock" + HOLDER_SUFFIX) or ".lock.holder.tmp-" in name
+    )
 
 
 class _Replaced(Exception):
@@ -89,7 +91,12 @@ class DirectoryLock:
             for _ in range(10):
                 created = not self.directory.exists()
                 self.directory.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(self.path, blocking=False, thread_local=False, on_acquired=functools.partial(_check_current, self.path))
+                lock = FileLock(
+                    self.path,
+                    blocking=False,
+                    thread_local=False,
+                    on_acquired=functools.partial(_check_current, self.path),
+                )
                 try:
                     lock.acquire()
                     break
@@ -103,7 +110,9 @@ class DirectoryLock:
                 f"{self._describe_holder()}; wait for it to finish or stop it, then run again"
             ) from None
         except OSError as err:
-            raise ProbeError(f"{self.what} {self.directory} is not writable: cannot create its lock file {self.path}: {err}") from err
+            raise ProbeError(
+                f"{self.what} {self.directory} is not writable: cannot create its lock file {self.path}: {err}"
+            ) from err
         self._lock, self._created, self._pid = lock, created, os.getpid()
         holder = {
             "pid": os.getpid(),

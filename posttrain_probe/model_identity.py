@@ -56,7 +56,11 @@ def _embedding_sample(inner: nn.Module, vocab: int | None, hidden: int | None) -
     weight = getattr(embed, "weight", None)
     if not isinstance(weight, torch.Tensor) or type(weight).__name__ == "DTensor" or weight.ndim != 2:
         return None
-    if weight.device.type == "meta" or (vocab is not None and weight.shape[0] < vocab) or (hidden is not None and weight.shape[1] != hidden):
+    if (
+        weight.device.type == "meta"
+        or (vocab is not None and weight.shape[0] < vocab)
+        or (hidden is not None and weight.shape[1] != hidden)
+    ):
         return None  # sharded (ZeRO-3 gives numel 0, FSDP flat views) or not materialised
     rows = torch.linspace(0, (vocab or weight.shape[0]) - 1, SAMPLE_ROWS).round().long().unique()
     with torch.no_grad():
@@ -75,7 +79,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {
         "version": FINGERPRINT_VERSION,
         "architecture": type(inner).__name__,
-        "model_type": getattr(config, "model_type", None) or getattr(getattr(inner, "config", None), "model_type", None),
+        "model_type": getattr(config, "model_type", None)
+        or getattr(getattr(inner, "config", None), "model_type", None),
         "hidden_size": hidden,
         "num_hidden_layers": layers if layers is not None else len(decoder_blocks(inner)),
         "vocab_size": vocab,
@@ -116,10 +121,18 @@ def weight_correlation(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | No
 
 def mismatch(model: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """The fields in which ``model`` differs from ``recorded`` (empty: the same model or one tuned from it)."""
-    fields = [k for k in _CONFIG_FIELDS if model.get(k) is not None and recorded.get(k) is not None and model.get(k) != recorded.get(k)]
+    fields = [
+        k
+        for k in _CONFIG_FIELDS
+        if model.get(k) is not None and recorded.get(k) is not None and model.get(k) != recorded.get(k)
+    ]
     if fields:
         return fields
-    if model.get("weights_sha256") and recorded.get("weights_sha256") and model["weights_sha256"] != recorded["weights_sha256"]:
+    if (
+        model.get("weights_sha256")
+        and recorded.get("weights_sha256")
+        and model["weights_sha256"] != recorded["weights_sha256"]
+    ):
         r = weight_correlation(model, recorded)
         if r is None or r < SAME_FAMILY_R:
             return ["weights"]
@@ -136,7 +149,12 @@ def slot_fingerprint(crosscoder, slot: int) -> dict[str, Any] | None:
 
 
 def check_model(
-    model: nn.Module, recorded: Mapping[str, Any] | None, slot_name: str, *, what: str | None = None, allow_mismatch: bool = False
+    model: nn.Module,
+    recorded: Mapping[str, Any] | None,
+    slot_name: str,
+    *,
+    what: str | None = None,
+    allow_mismatch: bool = False,
 ) -> str | None:
     """Refuse ``model`` when it is not the model (or a tuned copy of it) that crosscoder slot ``slot_name``
     recorded as ``recorded`` (:func:`slot_fingerprint`).
@@ -156,7 +174,9 @@ def check_model(
         what = f"the model at {where}" if where else "the model"
     name = slot_name
     r = weight_correlation(have, recorded) if fields == ["weights"] else None
-    detail = f" (weights differ: embedding correlation {r:.2f})" if r is not None else f" (differs in {', '.join(fields)})"
+    detail = (
+        f" (weights differ: embedding correlation {r:.2f})" if r is not None else f" (differs in {', '.join(fields)})"
+    )
     message = f"{what} is {describe(have)}, but crosscoder slot {name!r} was trained on {describe(recorded)}{detail}"
     if allow_mismatch:
         return message
@@ -178,7 +198,9 @@ def source_fingerprints(source) -> list[dict[str, Any] | None] | None:
     return prints if any(p is not None for p in prints) else None
 
 
-def check_model_path(path, recorded: Mapping[str, Any] | None, slot_name: str, *, allow_mismatch: bool = False) -> str | None:
+def check_model_path(
+    path, recorded: Mapping[str, Any] | None, slot_name: str, *, allow_mismatch: bool = False
+) -> str | None:
     """:func:`check_model` for a model directory / hub name, before a step hands the path on (lm-eval runs):
     loads it on the CPU in bfloat16 without its decoder blocks (nothing is loaded when nothing was recorded)."""
     if recorded is None:

@@ -52,8 +52,15 @@ def check_model_path(path: str | os.PathLike, what: str = "model") -> None:
         return
     parent = Path(spec).expanduser().parent
     local_parent = str(parent) not in ("", ".") and parent.is_dir()
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or local_parent or (os.sep != "/" and os.sep in spec):
-        raise ProbeError(f"{what} path {spec!r} does not exist: expected a local directory with config.json, or a hub name such as Qwen/Qwen3-4B-Base")
+    if (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.count("/") > 1
+        or local_parent
+        or (os.sep != "/" and os.sep in spec)
+    ):
+        raise ProbeError(
+            f"{what} path {spec!r} does not exist: expected a local directory with config.json, or a hub name such as Qwen/Qwen3-4B-Base"
+        )
 
 
 def load_causal_lm(

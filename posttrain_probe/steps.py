@@ -68,16 +68,72 @@ class Step:
 
 _P = "posttrain_probe."
 STEPS: dict[str, Step] = {
-    "collect": Step(("collect",), _P + "activations.config:CollectConfig", _P + "activations.collect:collect", _P + "activations.collect:CollectResult"),
-    "crosscoder_train": Step(("crosscoder", "train"), _P + "crosscoder.config:CrosscoderTrainConfig", _P + "crosscoder.run:crosscoder_train", _P + "crosscoder.run:CrosscoderRun"),
-    "crosscoder_calibrate": Step(("crosscoder", "calibrate"), _P + "crosscoder.config:CalibrateConfig", _P + "crosscoder.calibrate:crosscoder_calibrate", _P + "crosscoder.calibrate:CalibrationReport"),
-    "analyze": Step(("analyze",), _P + "analysis.analyze_config:AnalyzeConfig", _P + "analysis.report:analyze", _P + "analysis.report:AnalysisResult"),
-    "dynamics": Step(("dynamics",), _P + "analysis.analyze_config:DynamicsConfig", _P + "analysis.report:dynamics", _P + "analysis.report:DynamicsResult"),
-    "critical": Step(("critical",), _P + "analysis.critical_config:CriticalConfig", _P + "analysis.critical:critical", _P + "analysis.critical:CriticalSamples"),
-    "features_generalization": Step(("features", "generalization"), _P + "eval.generalization_config:GeneralizationConfig", _P + "eval.generalization:features_generalization", _P + "eval.generalization:GeneralizationFeatures"),
-    "features_fisher": Step(("features", "fisher"), _P + "analysis.fisher_config:FisherConfig", _P + "analysis.fisher:features_fisher", _P + "analysis.fisher_report:FisherReport"),
-    "intervene": Step(("intervene",), _P + "eval.intervene_config:InterveneConfig", _P + "eval.intervention_effects:intervene", _P + "eval.effects:InterventionEffects"),
-    "leakage": Step(("leakage",), _P + "analysis.leakage_config:LeakageConfig", _P + "analysis.leakage:leakage", _P + "analysis.leakage_report:LeakageReport"),
-    "lm_eval": Step(("lm-eval",), _P + "eval.lm_eval_config:LmEvalConfig", _P + "eval.runner:lm_eval", _P + "eval.runner:LmEvalResult", generated_cli=False),
+    "collect": Step(
+        ("collect",),
+        _P + "activations.config:CollectConfig",
+        _P + "activations.collect:collect",
+        _P + "activations.collect:CollectResult",
+    ),
+    "crosscoder_train": Step(
+        ("crosscoder", "train"),
+        _P + "crosscoder.config:CrosscoderTrainConfig",
+        _P + "crosscoder.run:crosscoder_train",
+        _P + "crosscoder.run:CrosscoderRun",
+    ),
+    "crosscoder_calibrate": Step(
+        ("crosscoder", "calibrate"),
+        _P + "crosscoder.config:CalibrateConfig",
+        _P + "crosscoder.calibrate:crosscoder_calibrate",
+        _P + "crosscoder.calibrate:CalibrationReport",
+    ),
+    "analyze": Step(
+        ("analyze",),
+        _P + "analysis.analyze_config:AnalyzeConfig",
+        _P + "analysis.report:analyze",
+        _P + "analysis.report:AnalysisResult",
+    ),
+    "dynamics": Step(
+        ("dynamics",),
+        _P + "analysis.analyze_config:DynamicsConfig",
+        _P + "analysis.report:dynamics",
+        _P + "analysis.report:DynamicsResult",
+    ),
+    "critical": Step(
+        ("critical",),
+        _P + "analysis.critical_config:CriticalConfig",
+        _P + "analysis.critical:critical",
+        _P + "analysis.critical:CriticalSamples",
+    ),
+    "features_generalization": Step(
+        ("features", "generalization"),
+        _P + "eval.generalization_config:GeneralizationConfig",
+        _P + "eval.generalization:features_generalization",
+        _P + "eval.generalization:GeneralizationFeatures",
+    ),
+    "features_fisher": Step(
+        ("features", "fisher"),
+        _P + "analysis.fisher_config:FisherConfig",
+        _P + "analysis.fisher:features_fisher",
+        _P + "analysis.fisher_report:FisherReport",
+    ),
+    "intervene": Step(
+        ("intervene",),
+        _P + "eval.intervene_config:InterveneConfig",
+        _P + "eval.intervention_effects:intervene",
+        _P + "eval.effects:InterventionEffects",
+    ),
+    "leakage": Step(
+        ("leakage",),
+        _P + "analysis.leakage_config:LeakageConfig",
+        _P + "analysis.leakage:leakage",
+        _P + "analysis.leakage_report:LeakageReport",
+    ),
+    "lm_eval": Step(
+        ("lm-eval",),
+        _P + "eval.lm_eval_config:LmEvalConfig",
+        _P + "eval.runner:lm_eval",
+        _P + "eval.runner:LmEvalResult",
+        generated_cli=False,
+    ),
 }
 """Every post-hoc step by name (the function's name)."""

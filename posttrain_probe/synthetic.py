@@ -305,7 +305,12 @@ OPENTHOUGHTS_SYSTEM_PROMPT: str = (
 )
 """A shortened OpenThoughts-114k system prompt; like the real one it contains the segment tags."""
 
-_THOUGHT_OPENERS = ("Okay, let me work out {e}.", "Let me see, I need {e}.", "Hmm, the question asks for {e}.", "Alright, so we want {e}.")
+_THOUGHT_OPENERS = (
+    "Okay, let me work out {e}.",
+    "Let me see, I need {e}.",
+    "Hmm, the question asks for {e}.",
+    "Alright, so we want {e}.",
+)
 _THOUGHT_CHECKS = (
     "Wait, let me check that again.",
     "Hmm, maybe I should double check.",
@@ -323,7 +328,14 @@ def _openthoughts_rows(n: int, seed: int) -> list[dict[str, Any]]:
         question = f"Return your final response within \\boxed{{}}. {rng.choice(_ARITH_QUESTIONS).format(e=expr)}"
         checks = rng.sample(_THOUGHT_CHECKS, rng.randint(1, 3))
         reasoning = "\n\n".join(
-            [rng.choice(_THOUGHT_OPENERS).format(e=expr), steps[0], *checks, steps[0], f"Therefore {steps[1][0].lower()}{steps[1][1:]}", f"So the result is {value}."]
+            [
+                rng.choice(_THOUGHT_OPENERS).format(e=expr),
+                steps[0],
+                *checks,
+                steps[0],
+                f"Therefore {steps[1][0].lower()}{steps[1][1:]}",
+                f"So the result is {value}.",
+            ]
         )
         solution = "\n".join([*steps, f"The answer is \\boxed{{{value}}}."])
         reply = f"<|begin_of_thought|>\n\n{reasoning}\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n{solution}\n\n<|end_of_solution|>"
@@ -388,7 +400,5 @@ def synthetic_dataset(name: str, n: int = 64, seed: int = 0) -> datasets.Dataset
     """The synthetic data set ``name`` (a key of :data:`SYNTHETIC_DATASETS`) with ``n`` rows for
     ``seed``; raises :class:`ProbeError` for an unknown name."""
     if name not in SYNTHETIC_DATASETS:
-        raise ProbeError(
-            f"unknown synthetic dataset {name!r}: expected one of {', '.join(sorted(SYNTHETIC_DATASETS))}"
-        )
+        raise ProbeError(f"unknown synthetic dataset {name!r}: expected one of {', '.join(sorted(SYNTHETIC_DATASETS))}")
     return SYNTHETIC_DATASETS[name](n=n, seed=seed)

@@ -111,9 +111,7 @@ def _tokenizer_corpus() -> list[str]:
     rows = arithmetic_rows(400, seed=10_000) + multiple_choice_rows(400, seed=10_001)
     for row in rows:
         texts.append(row["text"])
-        texts.append(
-            "".join(f"{IM_START_TOKEN}{m['role']}\n{m['content']}{IM_END_TOKEN}\n" for m in row["messages"])
-        )
+        texts.append("".join(f"{IM_START_TOKEN}{m['role']}\n{m['content']}{IM_END_TOKEN}\n" for m in row["messages"]))
     return texts
 
 
@@ -239,7 +237,9 @@ def _config_kwargs(
         kwargs.pop("head_dim")  # Qwen2 and Phi3 derive it
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     gemma = dict(query_pre_attn_scalar=head_dim, sliding_window=256, layer_types=alternating)
-    qwen = dict(rope_parameters=_rope(1_000_000.0), rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=num_layers)
+    qwen = dict(
+        rope_parameters=_rope(1_000_000.0), rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=num_layers
+    )
     family: dict[str, tuple[str, dict[str, Any]]] = {  # class names: transformers imports a config module on access
         "llama": ("LlamaConfig", dict(rope_parameters=_rope(500_000.0), rms_norm_eps=1e-5)),
         "mistral": (
@@ -306,7 +306,9 @@ def tiny_config(
             f"hidden_size={hidden_size!r}: expected a positive int divisible by the number of "
             f"attention heads ({heads}), e.g. 32, 64 or 128"
         )
-    cls, kwargs = _config_kwargs(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, heads=heads)
+    cls, kwargs = _config_kwargs(
+        arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, heads=heads
+    )
     kwargs.update(overrides)
     try:
         config = cls(**kwargs)

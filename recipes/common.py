@@ -67,15 +67,21 @@ class MathScriptArguments(ScriptArguments):
     )
     final_answer_column: str | None = field(
         default="final_answer",
-        metadata={"help": "Column holding the gold final answer that GRPO's reward verifies (math-verify); empty: "
-                  "read it from `answer_column`."},
+        metadata={
+            "help": "Column holding the gold final answer that GRPO's reward verifies (math-verify); empty: "
+            "read it from `answer_column`."
+        },
     )
     instruction: str | None = field(
         default=None,
-        metadata={"help": "Text appended to every question after a blank line, e.g. 'Please reason step by step, "
-                  "and put your final answer within \\boxed{}.'"},
+        metadata={
+            "help": "Text appended to every question after a blank line, e.g. 'Please reason step by step, "
+            "and put your final answer within \\boxed{}.'"
+        },
     )
-    max_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows of the training split."})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N rows of the training split."}
+    )
 
 
 def load_model_and_tokenizer(model_args, training_args):
@@ -112,9 +118,11 @@ def tiny_model(name: str):
     from posttrain_probe.testing import ARCHITECTURES
     from posttrain_probe.testing import tiny_model as build
 
-    arch = name[len(TINY_PREFIX):] or "qwen3"
+    arch = name[len(TINY_PREFIX) :] or "qwen3"
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny model {name!r}: expected tiny:<arch> with arch one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"unknown tiny model {name!r}: expected tiny:<arch> with arch one of {', '.join(ARCHITECTURES)}"
+        )
     return build(arch)
 
 
@@ -146,7 +154,9 @@ def _question(row, script_args) -> str:
 def _check_columns(dataset, names) -> None:
     missing = [name for name in names if name is not None and name not in dataset.column_names]
     if missing:
-        raise ValueError(f"column(s) {missing} not in the dataset: it has {dataset.column_names} (set the *_column options)")
+        raise ValueError(
+            f"column(s) {missing} not in the dataset: it has {dataset.column_names} (set the *_column options)"
+        )
 
 
 def sft_dataset(script_args):
@@ -155,7 +165,10 @@ def sft_dataset(script_args):
     _check_columns(dataset, [script_args.question_column, script_args.answer_column, script_args.correct_column])
 
     def trace(row) -> str | None:
-        value, correct = row[script_args.answer_column], row[script_args.correct_column] if script_args.correct_column else None
+        value, correct = (
+            row[script_args.answer_column],
+            row[script_args.correct_column] if script_args.correct_column else None,
+        )
         if isinstance(value, list):
             flags = correct if isinstance(correct, list) else [True] * len(value)
             return next((text for text, ok in zip(value, flags) if ok and text), None)

@@ -55,7 +55,9 @@ def main(script_args, training_args, model_args, probe_args, blocking_args):
     # Gradient blocking: hooked in front of decoder block L at train begin, removed at train end
     blocking = blocking_callback(blocking_args)
     if blocking is None:
-        trainer.accelerator.print("Gradient blocking: off (no block_crosscoder / block_features): a plain SFT control run.")
+        trainer.accelerator.print(
+            "Gradient blocking: off (no block_crosscoder / block_features): a plain SFT control run."
+        )
     else:
         trainer.add_callback(blocking)
         trainer.accelerator.print(
@@ -78,7 +80,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     dataclass_types = (MathScriptArguments, SFTConfig, ModelConfig, ProbeArguments, BlockingArguments)
     if subparsers is not None:
-        return subparsers.add_parser("sft_blocked", help="SFT with gradient blocking and the probe callbacks", dataclass_types=dataclass_types)
+        return subparsers.add_parser(
+            "sft_blocked", help="SFT with gradient blocking and the probe callbacks", dataclass_types=dataclass_types
+        )
     return TrlParser(dataclass_types, prog=prog)
 
 

@@ -40,7 +40,9 @@ class SFTKLConfig(SFTConfig):
 
     kl_coefficient: float = field(
         default=0.1,
-        metadata={"help": "lambda: weight of the per-token KL(p_base || p_theta) added to the SFT loss (paper S: 0.1)."},
+        metadata={
+            "help": "lambda: weight of the per-token KL(p_base || p_theta) added to the SFT loss (paper S: 0.1)."
+        },
     )
 
 
@@ -81,7 +83,9 @@ class SFTKLTrainer(SFTTrainer):
         if base_model is None:
             base_model = get_config_model_id(self.model.config)
             if not base_model:
-                raise ValueError("the policy does not record where it was loaded from: pass base_model= (a model or a path)")
+                raise ValueError(
+                    "the policy does not record where it was loaded from: pass base_model= (a model or a path)"
+                )
         if isinstance(base_model, str):
             init_kwargs = dict(self.args.model_init_kwargs or {})
             if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
@@ -92,7 +96,9 @@ class SFTKLTrainer(SFTTrainer):
             base_model = create_model_from_path(base_model, **init_kwargs)
         vocab, base_vocab = (m.config.get_text_config().vocab_size for m in (self.model, base_model))
         if vocab != base_vocab:
-            raise ValueError(f"the policy's vocabulary ({vocab} tokens) differs from the base model's ({base_vocab}): no KL between them")
+            raise ValueError(
+                f"the policy's vocabulary ({vocab} tokens) differs from the base model's ({base_vocab}): no KL between them"
+            )
         base_model.eval().requires_grad_(False)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(base_model, self.accelerator)
@@ -113,7 +119,9 @@ class SFTKLTrainer(SFTTrainer):
 
         handle = policy.base_model.register_forward_hook(keep_hidden)
         try:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         finally:
             handle.remove()
         loss = result[0] if return_outputs else result
@@ -153,7 +161,9 @@ class SFTKLTrainer(SFTTrainer):
         """KL(p_base || p_theta) per completion token, shape ``[mask.sum()]``; ``hidden`` holds the policy's last
         hidden states at those positions (with gradient)."""
         log_p = F.log_softmax(_next_token_logits(self._causal_lm(model), hidden), dim=-1)
-        backbone_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "output_router_logits")}
+        backbone_inputs = {
+            k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "output_router_logits")
+        }
         with torch.no_grad(), self._base(model) as base:
             base_hidden = base.base_model(**backbone_inputs)[0]
             log_q = F.log_softmax(_next_token_logits(base, _shifted(base_hidden, inputs)[mask]), dim=-1)
@@ -215,7 +225,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     dataclass_types = (MathScriptArguments, SFTKLConfig, ModelConfig, ProbeArguments)
     if subparsers is not None:
-        return subparsers.add_parser("sft_kl", help="SFT + KL to the base model, with the probe callbacks", dataclass_types=dataclass_types)
+        return subparsers.add_parser(
+            "sft_kl", help="SFT + KL to the base model, with the probe callbacks", dataclass_types=dataclass_types
+        )
     return TrlParser(dataclass_types, prog=prog)
 
 

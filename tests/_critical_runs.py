@@ -91,14 +91,32 @@ def critical_runs() -> CriticalRuns:
 
     for name in ("base", "tuned"):  # generation is the slow part: fewer documents of probe_math
         for tasks, limit in ((["probe_mcq", "probe_mcq_qa"], N_DOCS), (["probe_math"], N_MATH_DOCS)):
-            evaluate({"pretrained": str(models[name])}, tasks, include_path=str(include), limit=limit,
-                     batch_size=32, output_path=root / "runs" / name)
+            evaluate(
+                {"pretrained": str(models[name])},
+                tasks,
+                include_path=str(include),
+                limit=limit,
+                batch_size=32,
+                output_path=root / "runs" / name,
+            )
     critical = root / "critical.json"
-    result = CliRunner().invoke(app, ["critical", "--base-samples", str(root / "runs" / "base"),
-                                      "--rl-samples", str(root / "runs" / "tuned"), "--out", str(critical)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "critical",
+            "--base-samples",
+            str(root / "runs" / "base"),
+            "--rl-samples",
+            str(root / "runs" / "tuned"),
+            "--out",
+            str(critical),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(critical.read_text())
-    assert data["tasks"]["probe_mcq"]["n_critical"] > 0 and data["tasks"]["probe_mcq_qa"]["n_critical"] > 0, data["tasks"]
+    assert data["tasks"]["probe_mcq"]["n_critical"] > 0 and data["tasks"]["probe_mcq_qa"]["n_critical"] > 0, data[
+        "tasks"
+    ]
     assert "probe_math" in data["no_critical"], data["no_critical"]
 
     tokenizer = load_tokenizer(models["base"])
@@ -113,8 +131,12 @@ def critical_runs() -> CriticalRuns:
     paths = {}
     for label, seed in (("crosscoder", 0), ("other_crosscoder", 1)):
         torch.manual_seed(seed)
-        cc = Crosscoder(CrosscoderConfig(model_names=["base", "rl"], d_model=paired.shape[-1], n_features=128, layer=LAYER))
+        cc = Crosscoder(
+            CrosscoderConfig(model_names=["base", "rl"], d_model=paired.shape[-1], n_features=128, layer=LAYER)
+        )
         cc.set_scales_from([paired])
         paths[label] = root / label
         cc.save_pretrained(paths[label])
-    return CriticalRuns(root, models["base"], models["tuned"], include, critical, paths["crosscoder"], paths["other_crosscoder"])
+    return CriticalRuns(
+        root, models["base"], models["tuned"], include, critical, paths["crosscoder"], paths["other_crosscoder"]
+    )

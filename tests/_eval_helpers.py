@@ -44,7 +44,9 @@ def cc_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def feature_file(cc_dir, tmp_path_factory) -> Path:
     """A feature-set file of :data:`FEATURES` on ``cc_dir``, selected on probe_mcq."""
-    return write_feature_set(tmp_path_factory.mktemp("features") / "set.json", FEATURES, crosscoder=str(cc_dir), tasks=["probe_mcq"])
+    return write_feature_set(
+        tmp_path_factory.mktemp("features") / "set.json", FEATURES, crosscoder=str(cc_dir), tasks=["probe_mcq"]
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -35,7 +35,9 @@ def fresh_forward(model, batches, layers, *, autocast: bool = False) -> dict:
     token_ids, doc_ids, positions = [], [], []
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+            hidden = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+            ).hidden_states
         position = batch.attention_mask.cumsum(1) - 1
         keep = batch.attention_mask.bool() & (position > 0) & (batch.input_ids != BOS)
         for layer in layers:

@@ -42,7 +42,16 @@ def _cpu_device_module() -> types.ModuleType:
     """``torch.cpu`` plus the torch.cuda-style calls verl makes on its device module (memory
     statistics report 0, cache/IPC calls do nothing, RNG is the CPU generator)."""
     module = types.ModuleType("verl_cpu_device")
-    for name in ("current_device", "device_count", "is_available", "synchronize", "current_stream", "stream", "set_device", "Stream"):
+    for name in (
+        "current_device",
+        "device_count",
+        "is_available",
+        "synchronize",
+        "current_stream",
+        "stream",
+        "set_device",
+        "Stream",
+    ):
         setattr(module, name, getattr(torch.cpu, name))
     for name in ("empty_cache", "ipc_collect", "set_per_process_memory_fraction", "reset_peak_memory_stats"):
         setattr(module, name, _noop)

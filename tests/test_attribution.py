@@ -252,10 +252,22 @@ def test_feature_table_columns_and_values():
     np.testing.assert_allclose(table.column("norm_rl").to_numpy(), [1, 1, 0.5, 0.5, 0, 0.2, 1])
     np.testing.assert_allclose(table.column("mas_sft").to_numpy(), mas(W)[:, 1].numpy(), equal_nan=True)
     assert table.column("category_sft").to_pylist() == [
-        "shared", "base-only", "finetune-only", "shared", "dead", "finetune-only", "dead",
+        "shared",
+        "base-only",
+        "finetune-only",
+        "shared",
+        "dead",
+        "finetune-only",
+        "dead",
     ]
     assert table.column("category_rl").to_pylist() == [
-        "shared", "shared", "finetune-only", "shared", "dead", "shared", "finetune-only",
+        "shared",
+        "shared",
+        "finetune-only",
+        "shared",
+        "dead",
+        "shared",
+        "finetune-only",
     ]
     assert table.column("mas_dominant").to_pylist() == ["base", "base", "sft", "sft", None, "sft", "rl"]
     assert table.column("dead").to_pylist() == [False, False, False, False, True, False, False]
@@ -330,14 +342,23 @@ def test_summary_counts_exclude_dead():
         max_activation=torch.ones(7),
         n_tokens=2,
     )
-    result = summary(feature_table(stand_in_crosscoder(W, NAMES), base="base", stats=stats), base="base", model_names=NAMES, liveness="activations")
+    result = summary(
+        feature_table(stand_in_crosscoder(W, NAMES), base="base", stats=stats),
+        base="base",
+        model_names=NAMES,
+        liveness="activations",
+    )
     assert result["n_dead"] == 2 and result["n_zero_decoder"] is None
     assert result["models"]["sft"]["categories"]["base-only"] == 0 and result["models"]["sft"]["n"] == 4
     assert result["mas_dominant"] == {"base": 1, "sft": 3, "rl": 1}
 
     # All dead: no counts, null statistics.
-    empty = summary(feature_table(stand_in_crosscoder(torch.zeros(3, 3, 2), NAMES), base="base"), base="base", model_names=NAMES)
-    assert empty["n_zero_decoder"] == 3 and empty["models"]["sft"]["n"] == 0 and empty["models"]["sft"]["nrn_mean"] is None
+    empty = summary(
+        feature_table(stand_in_crosscoder(torch.zeros(3, 3, 2), NAMES), base="base"), base="base", model_names=NAMES
+    )
+    assert (
+        empty["n_zero_decoder"] == 3 and empty["models"]["sft"]["n"] == 0 and empty["models"]["sft"]["nrn_mean"] is None
+    )
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -374,7 +395,9 @@ def test_bad_inputs_raise_probe_error():
         latent_scaling(f, Y[:9], W)
 
     cc = stand_in_crosscoder(W, NAMES)
-    with pytest.raises(ProbeError, match=r"base 'instruct' is not one of the crosscoder's models \['base', 'sft', 'rl'\]"):
+    with pytest.raises(
+        ProbeError, match=r"base 'instruct' is not one of the crosscoder's models \['base', 'sft', 'rl'\]"
+    ):
         feature_table(cc, base="instruct")
     with pytest.raises(ProbeError, match="p must be"):
         feature_table(cc, base="base", p=0)
@@ -405,7 +428,9 @@ def test_analyze_result_reads_back_equal(tmp_path):
     from posttrain_probe.analysis import AnalysisResult, AnalyzeConfig
     from posttrain_probe.analysis.report import analyze
 
-    config = AnalyzeConfig(crosscoder=tmp_path / "cc", out=tmp_path / "analysis", table_format="csv", duplicate_cosine=0.9)
+    config = AnalyzeConfig(
+        crosscoder=tmp_path / "cc", out=tmp_path / "analysis", table_format="csv", duplicate_cosine=0.9
+    )
     result = analyze(config, crosscoder=_random_crosscoder(["base", "sft", "rl"]))
     assert AnalysisResult.read(config.out) == result
     assert set(result.models) == {"sft", "rl"} and result.liveness == "unknown" and result.n_features == 32
@@ -421,12 +446,34 @@ def test_analyze_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch
     from posttrain_probe.config_io import load_config
 
     yaml_file = tmp_path / "analyze.yaml"
-    yaml_file.write_text("crosscoder: runs/cc\nout: runs/analysis\nacts: [runs/acts]\ntable_format: csv\np: 2.0\nnorm_ratio_scale: pair\n")
-    direct = AnalyzeConfig(crosscoder="runs/cc", out="runs/analysis", acts=["runs/acts"], table_format="csv", p=2.0, norm_ratio_scale="pair")
+    yaml_file.write_text(
+        "crosscoder: runs/cc\nout: runs/analysis\nacts: [runs/acts]\ntable_format: csv\np: 2.0\nnorm_ratio_scale: pair\n"
+    )
+    direct = AnalyzeConfig(
+        crosscoder="runs/cc",
+        out="runs/analysis",
+        acts=["runs/acts"],
+        table_format="csv",
+        p=2.0,
+        norm_ratio_scale="pair",
+    )
     assert load_config(AnalyzeConfig, yaml_file) == direct
     seen = []
     monkeypatch.setattr(report, "analyze", lambda config, **kwargs: seen.append(config))
-    flags = ["--crosscoder", "runs/cc", "--out", "runs/analysis", "--acts", "runs/acts", "--table-format", "csv", "--p", "2.0", "--norm-ratio-scale", "pair"]
+    flags = [
+        "--crosscoder",
+        "runs/cc",
+        "--out",
+        "runs/analysis",
+        "--acts",
+        "runs/acts",
+        "--table-format",
+        "csv",
+        "--p",
+        "2.0",
+        "--norm-ratio-scale",
+        "pair",
+    ]
     for argv in (flags, ["--config", str(yaml_file)]):
         CliRunner().invoke(app, ["analyze", *argv])
     assert seen == [direct, direct]

@@ -38,26 +38,77 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     models = save_tiny_pair(root / "models", "qwen3", steps=3)
     acts = root / "acts"
-    collect(CollectConfig(model=[f"{k}={v}" for k, v in models.items()], dataset="synthetic:arithmetic", out=acts, layer=[2],
-                          seq_len=48, max_tokens=3000), progress=False)
+    collect(
+        CollectConfig(
+            model=[f"{k}={v}" for k, v in models.items()],
+            dataset="synthetic:arithmetic",
+            out=acts,
+            layer=[2],
+            seq_len=48,
+            max_tokens=3000,
+        ),
+        progress=False,
+    )
     source = PairedActivations.from_directory(acts, layer=2)
     cfg = dict(batch_size=256, lr=1e-3, log_every=2, checkpoint_every=2)
-    train_crosscoder(source, CrosscoderConfig(n_features=32), CrosscoderTrainingConfig(**cfg), root / "cc", progress=False)
-    train_crosscoder(source, CrosscoderConfig(n_features=32), CrosscoderTrainingConfig(**cfg, max_steps_per_run=2), root / "cc_part", progress=False)
+    train_crosscoder(
+        source, CrosscoderConfig(n_features=32), CrosscoderTrainingConfig(**cfg), root / "cc", progress=False
+    )
+    train_crosscoder(
+        source,
+        CrosscoderConfig(n_features=32),
+        CrosscoderTrainingConfig(**cfg, max_steps_per_run=2),
+        root / "cc_part",
+        progress=False,
+    )
     (root / "empty.jsonl").write_text("")
     (root / "a_file").write_text("not a directory")
-    return {"root": root, "base": models["base"], "tuned": models["tuned"], "acts": acts, "cc": root / "cc",
-            "cc_part": root / "cc_part", "empty": root / "empty.jsonl", "file": root / "a_file"}
+    return {
+        "root": root,
+        "base": models["base"],
+        "tuned": models["tuned"],
+        "acts": acts,
+        "cc": root / "cc",
+        "cc_part": root / "cc_part",
+        "empty": root / "empty.jsonl",
+        "file": root / "a_file",
+    }
 
 
-COLLECT = ["collect", "--model", "base={base}", "--dataset", "synthetic:arithmetic", "--out", "out", "--max-tokens", "200"]
+COLLECT = [
+    "collect",
+    "--model",
+    "base={base}",
+    "--dataset",
+    "synthetic:arithmetic",
+    "--out",
+    "out",
+    "--max-tokens",
+    "200",
+]
 TRAIN = ["crosscoder", "train", "--acts", "{acts}", "--out", "cc", "--n-features", "16", "--batch-size", "256"]
 LM_EVAL = ["lm-eval", "--model", "probe-hf", "--tasks", "probe_mcq", "--limit", "2"]
 
 CLI_CASES = [
     (["collect", "--model", "base", "--dataset", "synthetic:arithmetic", "--out", "out"], "expected NAME=PATH"),
-    (["collect", "--model", "base={base}", "--model", "base={tuned}", "--dataset", "synthetic:arithmetic", "--out", "out"], "given twice"),
-    (["collect", "--model", "base=./no/such/model", "--dataset", "synthetic:arithmetic", "--out", "out"], "does not exist"),
+    (
+        [
+            "collect",
+            "--model",
+            "base={base}",
+            "--model",
+            "base={tuned}",
+            "--dataset",
+            "synthetic:arithmetic",
+            "--out",
+            "out",
+        ],
+        "given twice",
+    ),
+    (
+        ["collect", "--model", "base=./no/such/model", "--dataset", "synthetic:arithmetic", "--out", "out"],
+        "does not exist",
+    ),
     (["collect", "--model", "base={base}", "--dataset", "{empty}", "--out", "out"], "is empty"),
     (["collect", "--model", "base={base}", "--dataset", "missing.jsonl", "--out", "out"], "does not exist"),
     (["collect", "--model", "base={base}", "--dataset", "synthetic:nope", "--out", "out"], "nope"),
@@ -78,17 +129,57 @@ CLI_CASES = [
     (["crosscoder", "train", "--acts", "{acts}"], "--out is required"),
     (["crosscoder", "info", "nowhere"], "holds no crosscoder"),
     (["analyze", "--crosscoder", "nowhere", "--out", "a"], "holds no crosscoder"),
-    (["analyze", "--crosscoder", "{cc}", "--base", "nope", "--out", "a"], "'nope' is not one of the crosscoder's models"),
+    (
+        ["analyze", "--crosscoder", "{cc}", "--base", "nope", "--out", "a"],
+        "'nope' is not one of the crosscoder's models",
+    ),
     (["analyze", "--crosscoder", "{cc}", "--out", "a", "--table-format", "xlsx"], "expected parquet or csv"),
     (["analyze", "--crosscoder", "{cc_part}", "--out", "a"], "unfinished training run"),
     (["crosscoder", "calibrate", "--crosscoder", "{cc_part}", "--acts", "{acts}"], "unfinished training run"),
-    (["crosscoder", "calibrate", "--crosscoder", "{cc_part}", "--acts", "{acts}", "--allow-incomplete"], "calibrating it in place would be overwritten"),
-    (["leakage", "--crosscoder", "{cc_part}", "--base", "{base}", "--blocked", "{tuned}", "--features", "0", "--dataset", "synthetic:arithmetic", "--out", "l"], "unfinished training run"),
-    (["features", "fisher", "--crosscoder", "{cc_part}", "--model", "base={base}", "--dataset", "synthetic:openthoughts", "--out", "f"], "unfinished training run"),
+    (
+        ["crosscoder", "calibrate", "--crosscoder", "{cc_part}", "--acts", "{acts}", "--allow-incomplete"],
+        "calibrating it in place would be overwritten",
+    ),
+    (
+        [
+            "leakage",
+            "--crosscoder",
+            "{cc_part}",
+            "--base",
+            "{base}",
+            "--blocked",
+            "{tuned}",
+            "--features",
+            "0",
+            "--dataset",
+            "synthetic:arithmetic",
+            "--out",
+            "l",
+        ],
+        "unfinished training run",
+    ),
+    (
+        [
+            "features",
+            "fisher",
+            "--crosscoder",
+            "{cc_part}",
+            "--model",
+            "base={base}",
+            "--dataset",
+            "synthetic:openthoughts",
+            "--out",
+            "f",
+        ],
+        "unfinished training run",
+    ),
     (["analyze", "--crosscoder", "{cc}", "--out", "a", "--norm-ratio-scale", "max"], "'max'"),
     (["dynamics", "--crosscoder", "{cc}", "--out", "d"], "at least two checkpoints"),
     (["dynamics", "--crosscoder", "{cc}", "--crosscoder", "{cc}", "--out", "d", "--k", "0"], "k=0"),
-    (["dynamics", "--crosscoder", "{cc}", "--crosscoder", "{cc}", "--out", "d", "--norm-floor", "1.5"], "norm_floor=1.5"),
+    (
+        ["dynamics", "--crosscoder", "{cc}", "--crosscoder", "{cc}", "--out", "d", "--norm-floor", "1.5"],
+        "norm_floor=1.5",
+    ),
     (["dynamics", "--crosscoder", "{cc}", "--crosscoder", "{cc}", "--out", "d", "--min-cosine", "2"], "min_cosine=2.0"),
     (["store", "info", "nowhere"], "does not exist"),
     (["critical", "--base-samples", "nowhere", "--rl-samples", "nowhere2", "--out", "c.json"], "nowhere"),
@@ -108,7 +199,9 @@ def _listing(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("args", "expected"), CLI_CASES, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(CLI_CASES)])
+@pytest.mark.parametrize(
+    ("args", "expected"), CLI_CASES, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(CLI_CASES)]
+)
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, args, expected):
     run_dir = tmp_path / "cwd"
     run_dir.mkdir()
@@ -136,14 +229,25 @@ PYTHON_CASES = [
     (lambda w: top_k_ties(torch.rand(2, 5), k=9), "k=9"),
     (lambda w: CrosscoderTrainingConfig(lr=0.0), "lr must be a finite number > 0"),
     (lambda w: CrosscoderTrainingConfig(threshold_decay=1.0), "threshold_decay must be in [0, 1)"),
-    (lambda w: CollectConfig(model=["base=m"], dataset="synthetic:arithmetic", out=w["root"] / "o", seq_len=0), "seq_len must be >= 1"),
+    (
+        lambda w: CollectConfig(model=["base=m"], dataset="synthetic:arithmetic", out=w["root"] / "o", seq_len=0),
+        "seq_len must be >= 1",
+    ),
     (lambda w: load_dataset_spec(str(w["empty"])), "is empty"),
     (lambda w: check_model_path("./no/such/model"), "does not exist"),
     (lambda w: load_crosscoder(w["root"] / "nowhere"), "holds no crosscoder"),
     (lambda w: load_crosscoder(w["cc_part"], allow_incomplete=False), "unfinished training run"),
-    (lambda w: train_crosscoder(PairedActivations.from_directory(w["acts"], layer=2), CrosscoderConfig(n_features=8),
-                                CrosscoderTrainingConfig(batch_size=256), w["root"] / "never", resume=True, progress=False),
-     "holds no interrupted crosscoder run"),
+    (
+        lambda w: train_crosscoder(
+            PairedActivations.from_directory(w["acts"], layer=2),
+            CrosscoderConfig(n_features=8),
+            CrosscoderTrainingConfig(batch_size=256),
+            w["root"] / "never",
+            resume=True,
+            progress=False,
+        ),
+        "holds no interrupted crosscoder run",
+    ),
 ]
 
 

@@ -39,10 +39,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------------------------------------
 
 
-def random_crosscoder(names=("base",), d=16, n_features=24, *, layer=2, seed=0, activation="relu", scales=None, dtype=torch.float64) -> Crosscoder:
+def random_crosscoder(
+    names=("base",), d=16, n_features=24, *, layer=2, seed=0, activation="relu", scales=None, dtype=torch.float64
+) -> Crosscoder:
     """A crosscoder with random, non-orthogonal, untied weights; b_enc centred so that about half
     of the pre-activations are positive; non-trivial scales s_m."""
-    cc = Crosscoder(CrosscoderConfig(model_names=list(names), d_model=d, n_features=n_features, layer=layer, activation=activation, k=4))
+    cc = Crosscoder(
+        CrosscoderConfig(
+            model_names=list(names), d_model=d, n_features=n_features, layer=layer, activation=activation, k=4
+        )
+    )
     gen = torch.Generator().manual_seed(seed)
     n = len(names)
     with torch.no_grad():
@@ -146,7 +152,9 @@ def test_sae_mode_gradient_is_identity_minus_jacobian_of_the_protected_component
     cc = random_crosscoder(names, d=12, n_features=20, seed=3)
     features = [7, 1, 4, 4, 11, 15, 19]  # unsorted, with a duplicate
     blocker = GradientBlocker(cc, features, model=model, mode="sae")
-    assert blocker.features == [1, 4, 7, 11, 15, 19] and blocker.model_name == (model if isinstance(model, str) else names[model])
+    assert blocker.features == [1, 4, 7, 11, 15, 19] and blocker.model_name == (
+        model if isinstance(model, str) else names[model]
+    )
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 12, generator=gen, dtype=torch.float64) * 1.5
     g = torch.randn(2, 3, 12, generator=gen, dtype=torch.float64)
@@ -205,7 +213,9 @@ def test_subspace_mode_removes_the_gradient_component_in_the_decoder_span(names,
     # |S| >= d: the decoder vectors span the whole space, no gradient reaches x
     got = blocked_grad(GradientBlocker(cc, range(20), model=model, mode="subspace"), x, g)
     torch.testing.assert_close(got, torch.zeros_like(g), rtol=0, atol=1e-6)
-    torch.testing.assert_close(GradientBlocker(cc, range(20), model=model, mode="subspace").apply(x), x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        GradientBlocker(cc, range(20), model=model, mode="subspace").apply(x), x, rtol=0, atol=1e-10
+    )
 
 
 def test_batchtopk_branch_uses_the_inference_threshold():
@@ -265,7 +275,11 @@ LAYER = 2
 @pytest.fixture(scope="module")
 def batch():
     tok = tiny_tokenizer()
-    enc = tok(["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5.", "The quick brown fox"], return_tensors="pt", padding=True)
+    enc = tok(
+        ["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5.", "The quick brown fox"],
+        return_tensors="pt",
+        padding=True,
+    )
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
 
@@ -276,7 +290,9 @@ def site_crosscoder(model, layer: int, batch, *, n_features: int = 96, seed: int
     d = model.config.hidden_size
     cc = random_crosscoder(names, d=d, n_features=n_features, layer=layer, seed=seed, dtype=torch.float32)
     with torch.no_grad():
-        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[layer]
+        h = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states[layer]
         h = h[batch["attention_mask"].bool()].float()
         cc.set_scales_from([h[:, None, :].expand(-1, len(names), -1)])
     return cc
@@ -291,7 +307,9 @@ def site_input_grad(model, layer: int, batch, blocker: GradientBlocker | None = 
         hidden.retain_grad()
         captured["x"] = hidden
 
-    handle = decoder_blocks(model)[layer].register_forward_pre_hook(capture, with_kwargs=True)  # runs before the blocker's
+    handle = decoder_blocks(model)[layer].register_forward_pre_hook(
+        capture, with_kwargs=True
+    )  # runs before the blocker's
     try:
         if blocker is not None:
             blocker.attach(model)
@@ -381,7 +399,9 @@ def test_attach_other_architectures(arch, batch):
 def param_grads(model, batch) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None
+    }
 
 
 def block_index(name: str) -> int | None:
@@ -404,7 +424,9 @@ def check_blocking_pattern(blocked: dict, plain: dict, layer: int) -> None:
             if not torch.allclose(blocked[name], plain[name], rtol=1e-3, atol=1e-6):
                 changed.append(name)
         else:
-            torch.testing.assert_close(blocked[name], plain[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                blocked[name], plain[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
     assert changed, "no upstream parameter gradient changed: the blocker had no effect"
 
 
@@ -424,7 +446,13 @@ def test_gradient_checkpointing_gives_the_same_parameter_gradients(batch):
         model.gradient_checkpointing_disable()
         assert got.keys() == want.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name, r=reentrant: f"reentrant={r} {n}: {m}")
+            torch.testing.assert_close(
+                got[name],
+                want[name],
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, n=name, r=reentrant: f"reentrant={r} {n}: {m}",
+            )
 
 
 def test_attach_through_peft_with_and_without_gradient_checkpointing(batch):
@@ -432,7 +460,9 @@ def test_attach_through_peft_with_and_without_gradient_checkpointing(batch):
 
     base = tiny_model("qwen3", seed=0)
     cc = site_crosscoder(base, LAYER, batch)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
+    )
     peft = get_peft_model(base, config)
     peft.train()
     blocker = GradientBlocker(cc, range(0, 96, 3), mode="subspace")
@@ -451,7 +481,13 @@ def test_attach_through_peft_with_and_without_gradient_checkpointing(batch):
         peft.gradient_checkpointing_disable()
         assert got.keys() == want.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name, r=reentrant: f"reentrant={r} {n}: {m}")
+            torch.testing.assert_close(
+                got[name],
+                want[name],
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, n=name, r=reentrant: f"reentrant={r} {n}: {m}",
+            )
 
 
 def test_bf16_model_gets_the_weights_in_its_dtype(batch):
@@ -462,7 +498,9 @@ def test_bf16_model_gets_the_weights_in_its_dtype(batch):
     with torch.no_grad():
         plain = model(**batch).logits
     seen = {}
-    handle = decoder_blocks(model)[LAYER].register_forward_pre_hook(lambda m, a, k: seen.update(dtype=a[0].dtype), with_kwargs=True)
+    handle = decoder_blocks(model)[LAYER].register_forward_pre_hook(
+        lambda m, a, k: seen.update(dtype=a[0].dtype), with_kwargs=True
+    )
     with blocker.attached(model):
         out = model(**batch)
         out.loss.backward()
@@ -557,7 +595,9 @@ def test_resolve_feature_lists_strings_and_json(tmp_path):
     assert resolve_features(cc, " 3, 1 ,, 5 ") == [1, 3, 5]
     assert resolve_features(cc, "4") == [4]
 
-    path = write_feature_set(tmp_path / "sets" / "mine.json", [8, 2, 2, 5], crosscoder="runs/cc", category="custom", base="base")
+    path = write_feature_set(
+        tmp_path / "sets" / "mine.json", [8, 2, 2, 5], crosscoder="runs/cc", category="custom", base="base"
+    )
     data = json.loads(path.read_text())
     assert data["format"] == "posttrain-probe/feature-set" and data["format_version"] == 1
     assert data["features"] == [2, 2, 5, 8] and data["crosscoder"] == "runs/cc"
@@ -619,11 +659,22 @@ def test_read_feature_set_without_features_is_a_probe_error(tmp_path):
 def test_blocking_arguments_and_build_blocker(tmp_path):
     cc = categorised_crosscoder(layer=3)
     cc.save_pretrained(tmp_path / "cc")
-    blocker = build_blocker(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="base-only", block_mode="subspace"))
+    blocker = build_blocker(
+        BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="base-only", block_mode="subspace")
+    )
     assert isinstance(blocker, GradientBlocker)
-    assert blocker.features == BASE_ONLY and blocker.layer == 3 and blocker.mode == "subspace" and blocker.model_name == "base"
+    assert (
+        blocker.features == BASE_ONLY
+        and blocker.layer == 3
+        and blocker.mode == "subspace"
+        and blocker.model_name == "base"
+    )
     fs = write_feature_set(tmp_path / "fs.json", [5, 0])
-    blocker = build_blocker(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features=str(fs), block_model="sft", block_layer=3))
+    blocker = build_blocker(
+        BlockingArguments(
+            block_crosscoder=str(tmp_path / "cc"), block_features=str(fs), block_model="sft", block_layer=3
+        )
+    )
     assert blocker.features == [0, 5] and blocker.model_name == "sft" and blocker.mode == "sae"
     assert build_blocker(BlockingArguments()) is None and blocking_callback(BlockingArguments()) is None
     callback = blocking_callback(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="1,2"))
@@ -653,16 +704,28 @@ def test_category_of_the_finetuned_branch_keeps_its_meaning(tmp_path):
     base model), not be recomputed with the protected branch as NormRatio's "base"."""
     cc = categorised_crosscoder(("base", "sft"))
     cc.save_pretrained(tmp_path / "cc")
-    blocker = build_blocker(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="finetune-only", block_model="sft"))
+    blocker = build_blocker(
+        BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="finetune-only", block_model="sft")
+    )
     assert blocker.model_name == "sft"
     assert blocker.features == FT_ONLY, f"got {blocker.features}: the base-only features {BASE_ONLY}?"
     # models named otherwise: the NormRatio base is named explicitly (block_base), the branch separately
     other = categorised_crosscoder(("pre", "post"))
     other.save_pretrained(tmp_path / "other")
     args = dict(block_crosscoder=str(tmp_path / "other"), block_model="post")
-    assert build_blocker(BlockingArguments(**args, block_features="finetune-only", block_base="pre")).features == FT_ONLY
-    assert build_blocker(BlockingArguments(**args, block_features="base-only", block_base="pre", block_finetuned="post")).features == BASE_ONLY
-    assert build_blocker(BlockingArguments(**args, block_features="1,2")).features == [1, 2]  # no category: no base needed
+    assert (
+        build_blocker(BlockingArguments(**args, block_features="finetune-only", block_base="pre")).features == FT_ONLY
+    )
+    assert (
+        build_blocker(
+            BlockingArguments(**args, block_features="base-only", block_base="pre", block_finetuned="post")
+        ).features
+        == BASE_ONLY
+    )
+    assert build_blocker(BlockingArguments(**args, block_features="1,2")).features == [
+        1,
+        2,
+    ]  # no category: no base needed
     with pytest.raises(ProbeError, match=r"'base'.*\['pre', 'post'\]"):
         build_blocker(BlockingArguments(**args, block_features="shared"))
 
@@ -688,19 +751,37 @@ SFT_LAYER = 1
 PROBE_TEXTS = list(arithmetic_dataset(16, seed=99)["text"])
 
 
-def sft_run(base, out, *, blocker=None, steps=20, optim="adamw_torch", lr=1e-3, gradient_checkpointing=False, reentrant=True):
+def sft_run(
+    base, out, *, blocker=None, steps=20, optim="adamw_torch", lr=1e-3, gradient_checkpointing=False, reentrant=True
+):
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     model = copy.deepcopy(base)
     config = SFTConfig(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=lr, optim=optim, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True, bf16=False,
-        dataloader_num_workers=0, gradient_checkpointing=gradient_checkpointing,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        optim=optim,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=64,
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": reentrant} if gradient_checkpointing else None,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=arithmetic_dataset(64, seed=0).select_columns(["messages"]),
-                         processing_class=tiny_tokenizer())
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=arithmetic_dataset(64, seed=0).select_columns(["messages"]),
+        processing_class=tiny_tokenizer(),
+    )
     trainer.remove_callback(PrinterCallback)
     if blocker is not None:
         trainer.add_callback(GradientBlockingCallback(blocker))
@@ -732,8 +813,24 @@ def trained_sae(tmp_path_factory):
     from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig, train_crosscoder
 
     base = tiny_model("qwen3", seed=0)
-    source = LiveActivations({"base": base}, arithmetic_dataset(128, seed=5), layer=SFT_LAYER, tokenizer=tiny_tokenizer(), seq_len=64, forward_batch_size=32)
-    config = CrosscoderTrainingConfig(n_tokens=256 * 300, batch_size=256, lr=3e-3, l1_coefficient=0.5, log_every=50, checkpoint_every=10_000, seed=0, mixed_precision="no")
+    source = LiveActivations(
+        {"base": base},
+        arithmetic_dataset(128, seed=5),
+        layer=SFT_LAYER,
+        tokenizer=tiny_tokenizer(),
+        seq_len=64,
+        forward_batch_size=32,
+    )
+    config = CrosscoderTrainingConfig(
+        n_tokens=256 * 300,
+        batch_size=256,
+        lr=3e-3,
+        l1_coefficient=0.5,
+        log_every=50,
+        checkpoint_every=10_000,
+        seed=0,
+        mixed_precision="no",
+    )
     out = tmp_path_factory.mktemp("sae")
     cc = train_crosscoder(source, CrosscoderConfig(n_features=128), config, out, progress=False)
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -799,8 +896,16 @@ def test_blocked_sft_with_sgd_keeps_the_protected_subspace_of_the_embeddings(tmp
     embed0 = base.get_input_embeddings().weight.detach().clone()
     moved = {}
     for name, blocker in [("none", None), ("subspace", GradientBlocker(cc, features, model="base", mode="subspace"))]:
-        model, losses = sft_run(base, tmp_path / name, blocker=blocker, optim="sgd", lr=0.1, steps=10,
-                                gradient_checkpointing=gradient_checkpointing, reentrant=False)
+        model, losses = sft_run(
+            base,
+            tmp_path / name,
+            blocker=blocker,
+            optim="sgd",
+            lr=0.1,
+            steps=10,
+            gradient_checkpointing=gradient_checkpointing,
+            reentrant=False,
+        )
         assert losses[-1] < losses[0] - 0.5, losses
         delta = model.get_input_embeddings().weight.detach() - embed0
         moved[name] = (float((delta @ q).norm()), float(delta.norm()))

@@ -29,7 +29,7 @@ LAYER = 2
 FEATURES = ",".join(str(i) for i in range(0, 128, 3))
 STEPS = 6
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, os, sys
 import torch
 torch.set_num_threads(1)
@@ -84,7 +84,7 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", rank)
-'''.replace("STEPS", str(STEPS)).replace("FEATURES", repr(FEATURES))
+""".replace("STEPS", str(STEPS)).replace("FEATURES", repr(FEATURES))
 
 
 def _free_port() -> int:
@@ -102,23 +102,38 @@ def _launch(tmp: Path, cc_dir: Path, name: str, processes: int, mode: str, block
     if processes == 1:
         command = [sys.executable, *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500, cwd=tmp)
     log = result.stdout[-4000:] + result.stderr[-6000:]
     assert result.returncode == 0, f"{name} failed:\n{log}"
     assert (out / "result.json").exists(), log
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
-    return {"result": json.loads((out / "result.json").read_text()), "ranks": ranks,
-            "weights": load_file(out / "final" / "model.safetensors")}
+    return {
+        "result": json.loads((out / "result.json").read_text()),
+        "ranks": ranks,
+        "weights": load_file(out / "final" / "model.safetensors"),
+    }
 
 
 @pytest.fixture(scope="module")
 def crosscoder_dir(tmp_path_factory) -> Path:
     """A random 2-model crosscoder at LAYER of the tiny Qwen3 (scales from its activations), on disk."""
     model = tiny_model("qwen3", seed=0)
-    enc = tiny_tokenizer()(["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5."], return_tensors="pt", padding=True)
+    enc = tiny_tokenizer()(
+        ["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5."], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states[LAYER][enc.attention_mask.bool()]
     cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=64, n_features=128, layer=LAYER))
@@ -166,7 +181,9 @@ def test_deepspeed_zero3_two_processes_match_one(single, tmp_path, crosscoder_di
     zero3 = _launch(tmp_path, crosscoder_dir, "zero3", 2, "zero3", "sae")
     assert zero3["result"]["distributed_type"] == "DistributedType.DEEPSPEED"
     _check_blocked(zero3, 2)
-    torch.testing.assert_close(torch.tensor(zero3["result"]["losses"]), torch.tensor(single["result"]["losses"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(zero3["result"]["losses"]), torch.tensor(single["result"]["losses"]), rtol=1e-5, atol=1e-5
+    )
     want, got = single["weights"], zero3["weights"]
     assert got.keys() == want.keys()
     for key in want:

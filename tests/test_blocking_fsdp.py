@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from _distributed import torchrun
 
-SCRIPT = r'''
+SCRIPT = r"""
 import functools, sys
 import torch
 import torch.distributed as dist
@@ -110,7 +110,7 @@ blocker.detach()
 ref_blocker.detach()
 print(f"FSDP_BLOCKING_OK mode={mode} rank={rank} diff={diff:.3g}", flush=True)
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow

@@ -51,7 +51,9 @@ _CHAT = arithmetic_dataset(48, seed=0).select_columns(["messages"])
 
 
 def probe_args(**overrides) -> ProbeArguments:
-    values = dict(probe_n_docs=N_DOCS, probe_seq_len=SEQ_LEN, probe_batch_size=3, probe_layers=LAYERS, probe_dtype="float32")
+    values = dict(
+        probe_n_docs=N_DOCS, probe_seq_len=SEQ_LEN, probe_batch_size=3, probe_layers=LAYERS, probe_dtype="float32"
+    )
     values.update(overrides)
     return ProbeArguments(**values)
 
@@ -59,9 +61,20 @@ def probe_args(**overrides) -> ProbeArguments:
 def sft_trainer(out, *, model=None, probe=None, before=(), after=(), peft_config=None, tokenizer=None, **overrides):
     """An SFTTrainer on chat data; ``before`` callbacks run before the probe callbacks, ``after`` ones after."""
     config = dict(
-        output_dir=str(out), max_steps=10, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True,
-        bf16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=64,
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
     )
     config.update(overrides)
     trainer = SFTTrainer(
@@ -224,7 +237,9 @@ def test_sft_manifest_lists_schedule_snapshots_and_activations(sft_run):
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [step_name(s) for s in SCHEDULE]
     assert sorted(p.name for p in (run / "activations").iterdir()) == [step_name(s) for s in [0, *SCHEDULE]]
     for step in [0, *SCHEDULE]:
-        assert sorted(p.name for p in (run / "activations" / step_name(step)).iterdir()) == [f"layer{layer}" for layer in LAYERS]
+        assert sorted(p.name for p in (run / "activations" / step_name(step)).iterdir()) == [
+            f"layer{layer}" for layer in LAYERS
+        ]
     # the fingerprint is the sha256 of the probe batches
     import hashlib
 
@@ -241,7 +256,9 @@ def test_sft_snapshots_reload_with_the_trained_weights(sft_run):
         snapshot = load_snapshot(sft_run.run, step)
         saved, trained = snapshot.state_dict(), sft_run.recorder.states[step]
         assert saved.keys() == trained.keys()
-        assert all(torch.equal(saved[k], trained[k]) for k in trained), f"snapshot {step} differs from the trained weights"
+        assert all(torch.equal(saved[k], trained[k]) for k in trained), (
+            f"snapshot {step} differs from the trained weights"
+        )
         tokenizer = AutoTokenizer.from_pretrained(sft_run.run / "snapshots" / step_name(step))
         assert tokenizer.get_vocab() == tiny_tokenizer().get_vocab()
     # consecutive snapshots differ: they are not all the final weights
@@ -294,29 +311,47 @@ def test_sft_training_is_identical_with_and_without_callbacks(sft_run, sft_refer
     assert losses(sft_run.trainer) == losses(sft_reference)
     assert_same_params(params(sft_run.trainer.model), params(sft_reference.model))
     # the probe metrics do not disturb the Trainer's own log entries
-    probe_free = [{k: v for k, v in e.items() if k != "train_runtime" and "per_second" not in k}
-                  for e in sft_run.trainer.state.log_history if not any(k.startswith("probe/") for k in e)]
-    reference = [{k: v for k, v in e.items() if k != "train_runtime" and "per_second" not in k} for e in sft_reference.state.log_history]
+    probe_free = [
+        {k: v for k, v in e.items() if k != "train_runtime" and "per_second" not in k}
+        for e in sft_run.trainer.state.log_history
+        if not any(k.startswith("probe/") for k in e)
+    ]
+    reference = [
+        {k: v for k, v in e.items() if k != "train_runtime" and "per_second" not in k}
+        for e in sft_reference.state.log_history
+    ]
     assert probe_free == reference
 
 
 def test_sft_training_is_identical_with_gradient_checkpointing(tmp_path):
     runs = {}
     for probe in (False, True):
-        trainer, _ = sft_trainer(tmp_path / str(probe), probe=probe_args() if probe else None, max_steps=6, gradient_checkpointing=True)
+        trainer, _ = sft_trainer(
+            tmp_path / str(probe), probe=probe_args() if probe else None, max_steps=6, gradient_checkpointing=True
+        )
         trainer.train()
         assert trainer.model.is_gradient_checkpointing
         runs[probe] = trainer
     assert len(losses(runs[True])) == 6 and losses(runs[True]) == losses(runs[False])
     assert_same_params(params(runs[True].model), params(runs[False].model))
-    assert [e["step"] for e in manifest(tmp_path / "True" / "probe")["snapshots"]] == [1, 2, 4, 5, 6]  # round(6 * i / 5)
+    assert [e["step"] for e in manifest(tmp_path / "True" / "probe")["snapshots"]] == [
+        1,
+        2,
+        4,
+        5,
+        6,
+    ]  # round(6 * i / 5)
 
 
 def test_capture_keeps_train_mode_and_rng_states(sft_run):
     checks = sft_run.after.checks
     assert [c[0] for c in checks] == list(range(0, 11))  # on_train_begin (step 0 capture) and every step end
-    assert all(c[2] for c in checks), f"RNG state changed around the probe callbacks at steps {[c[0] for c in checks if not c[2]]}"
-    assert all(c[3] for c in checks), f"train mode changed around the probe callbacks at steps {[c[0] for c in checks if not c[3]]}"
+    assert all(c[2] for c in checks), (
+        f"RNG state changed around the probe callbacks at steps {[c[0] for c in checks if not c[2]]}"
+    )
+    assert all(c[3] for c in checks), (
+        f"train mode changed around the probe callbacks at steps {[c[0] for c in checks if not c[3]]}"
+    )
     assert any(c[1] for c in checks if c[0] in SCHEDULE)  # the model was training when captured
 
 
@@ -334,8 +369,10 @@ def test_drift_is_logged_and_grows(sft_run):
         last = read_store(sft_run.run / "activations" / step_name(SCHEDULE[-1]) / f"layer{layer}")[1]["acts"]
         expected = ((last - base).norm(dim=-1) / base.norm(dim=-1)).mean().item()
         assert values[-1] == pytest.approx(expected, rel=1e-5)
-        assert relative_drift(sft_run.run / "activations" / step_name(0) / f"layer{layer}",
-                              sft_run.run / "activations" / step_name(SCHEDULE[-1]) / f"layer{layer}") == pytest.approx(expected, rel=1e-5)
+        assert relative_drift(
+            sft_run.run / "activations" / step_name(0) / f"layer{layer}",
+            sft_run.run / "activations" / step_name(SCHEDULE[-1]) / f"layer{layer}",
+        ) == pytest.approx(expected, rel=1e-5)
     assert all(e["step"] in SCHEDULE for e in history if "probe/snapshot_seconds" in e)
 
 
@@ -353,12 +390,33 @@ def test_grpo_trainer(tmp_path):
     runs = {}
     for probe in (False, True):
         config = GRPOConfig(
-            output_dir=str(tmp_path / str(probe)), max_steps=4, per_device_train_batch_size=2, num_generations=2,
-            max_completion_length=8, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-            use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=str(tmp_path / str(probe)),
+            max_steps=4,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=8,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(model=tiny_model("qwen3"), args=config, reward_funcs=_length_reward, train_dataset=prompts, processing_class=tiny_tokenizer())
-        _, callbacks = _with_callbacks(trainer, ProbeArguments(probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_steps=2) if probe else None)
+        trainer = GRPOTrainer(
+            model=tiny_model("qwen3"),
+            args=config,
+            reward_funcs=_length_reward,
+            train_dataset=prompts,
+            processing_class=tiny_tokenizer(),
+        )
+        _, callbacks = _with_callbacks(
+            trainer,
+            ProbeArguments(probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_steps=2)
+            if probe
+            else None,
+        )
         trainer.train()
         runs[probe] = (trainer, callbacks)
     (plain, _), (probed, callbacks) = runs[False], runs[True]
@@ -366,7 +424,9 @@ def test_grpo_trainer(tmp_path):
     assert len(rewards(probed)) == 4 and rewards(probed) == rewards(plain)
     assert losses(probed) == losses(plain)
     assert_same_params(params(probed.model), params(plain.model))
-    assert not torch.equal(params(probed.model)["model.embed_tokens.weight"], tiny_model("qwen3").model.embed_tokens.weight)
+    assert not torch.equal(
+        params(probed.model)["model.embed_tokens.weight"], tiny_model("qwen3").model.embed_tokens.weight
+    )
 
     run = tmp_path / "True" / "probe"
     data = manifest(run)
@@ -380,28 +440,49 @@ def test_grpo_trainer(tmp_path):
         # GRPOConfig defaults to bf16=True: captures run under the Trainer's bf16 autocast
         want = fresh_forward(model, batches, [1], autocast=True)
         assert torch.equal(got["token_ids"].long(), want["token_ids"])
-        torch.testing.assert_close(got["acts"].float(), want["acts"][1].to(torch.bfloat16).float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(
+            got["acts"].float(), want["acts"][1].to(torch.bfloat16).float(), rtol=0.02, atol=0.02
+        )
 
 
 def _tokenized(tokenizer, n=16):
     data = arithmetic_dataset(n, seed=2)
-    return data.map(lambda row: tokenizer(row["text"], truncation=True, max_length=48), remove_columns=data.column_names)
+    return data.map(
+        lambda row: tokenizer(row["text"], truncation=True, max_length=48), remove_columns=data.column_names
+    )
 
 
 def _plain_trainer(out, *, processing_class, collator_tokenizer=None, probe=None, max_steps=4):
     tokenizer = collator_tokenizer or processing_class
     args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = Trainer(model=tiny_model("qwen3"), args=args, train_dataset=_tokenized(tokenizer),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=processing_class)
+    trainer = Trainer(
+        model=tiny_model("qwen3"),
+        args=args,
+        train_dataset=_tokenized(tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=processing_class,
+    )
     return _with_callbacks(trainer, probe)
 
 
 def test_plain_transformers_trainer(tmp_path):
-    trainer, callbacks = _plain_trainer(tmp_path / "on", processing_class=tiny_tokenizer(),
-                                        probe=ProbeArguments(probe_n_docs=6, probe_seq_len=32, probe_layers=[2], probe_snapshot_at=[2, 4]))
+    trainer, callbacks = _plain_trainer(
+        tmp_path / "on",
+        processing_class=tiny_tokenizer(),
+        probe=ProbeArguments(probe_n_docs=6, probe_seq_len=32, probe_layers=[2], probe_snapshot_at=[2, 4]),
+    )
     trainer.train()
     reference, _ = _plain_trainer(tmp_path / "off", processing_class=tiny_tokenizer())
     reference.train()
@@ -428,8 +509,13 @@ def test_plain_trainer_without_processing_class(tmp_path):
     """A pre-tokenized dataset needs no tokenizer: pad/BOS ids can come from the model config and
     the snapshot is the model alone. (Today: AttributeError 'NoneType' object has no attribute
     'pad_token_id' from ProbeRun.probe_batches.)"""
-    trainer, _ = _plain_trainer(tmp_path, processing_class=None, collator_tokenizer=tiny_tokenizer(),
-                                probe=ProbeArguments(probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_at=[2]), max_steps=2)
+    trainer, _ = _plain_trainer(
+        tmp_path,
+        processing_class=None,
+        collator_tokenizer=tiny_tokenizer(),
+        probe=ProbeArguments(probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_at=[2]),
+        max_steps=2,
+    )
     trainer.train()
     run = tmp_path / "probe"
     assert [e["step"] for e in manifest(run)["activations"]] == [0, 2]
@@ -443,10 +529,20 @@ def test_peft_lora_adapter_and_merged_snapshots(tmp_path):
     probe_ids = torch.tensor([tiny_tokenizer()("What is 3 + 4 * 2? First multiply: 4 * 2 = 8.")["input_ids"]])
     runs = {}
     for mode in (None, "adapter", "merged"):
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.1, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.1, task_type="CAUSAL_LM"
+        )
         recorder = RecordLogits([2, 4], probe_ids)
-        probe = ProbeArguments(probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_steps=2, probe_peft_snapshot=mode) if mode else None
-        trainer, _ = sft_trainer(tmp_path / str(mode), probe=probe, before=[recorder], peft_config=lora, max_steps=4, learning_rate=1e-2)
+        probe = (
+            ProbeArguments(
+                probe_n_docs=4, probe_seq_len=32, probe_layers=[1], probe_snapshot_steps=2, probe_peft_snapshot=mode
+            )
+            if mode
+            else None
+        )
+        trainer, _ = sft_trainer(
+            tmp_path / str(mode), probe=probe, before=[recorder], peft_config=lora, max_steps=4, learning_rate=1e-2
+        )
         trainer.train()
         runs[mode] = (trainer, recorder)
     reference = runs[None][0]
@@ -472,19 +568,25 @@ def test_peft_lora_adapter_and_merged_snapshots(tmp_path):
         merged = load_snapshot(merged_run, step)
         assert not any("lora" in name for name in merged.state_dict())
         with torch.no_grad():
-            torch.testing.assert_close(merged(input_ids=probe_ids).logits, runs["merged"][1].logits[step], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                merged(input_ids=probe_ids).logits, runs["merged"][1].logits[step], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_tied_embeddings_snapshot_reloads_with_equal_logits(tmp_path):
     model = tiny_model("qwen3", tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    trainer, _ = sft_trainer(tmp_path, model=model, probe=probe_args(probe_snapshot_at=[2]), max_steps=2, learning_rate=1e-2)
+    trainer, _ = sft_trainer(
+        tmp_path, model=model, probe=probe_args(probe_snapshot_at=[2]), max_steps=2, learning_rate=1e-2
+    )
     trainer.train()
     snapshot = load_snapshot(tmp_path / "probe", 2)
     assert snapshot.config.tie_word_embeddings
     assert snapshot.lm_head.weight.data_ptr() == snapshot.model.embed_tokens.weight.data_ptr()
     trained = trainer.model.eval()
-    assert not torch.equal(trained.model.embed_tokens.weight, tiny_model("qwen3", tie_word_embeddings=True).model.embed_tokens.weight)
+    assert not torch.equal(
+        trained.model.embed_tokens.weight, tiny_model("qwen3", tie_word_embeddings=True).model.embed_tokens.weight
+    )
     ids = torch.tensor([tiny_tokenizer()("Compute 12 * 3 + 4. The answer is 40.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(snapshot(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
@@ -561,18 +663,26 @@ def test_probe_switched_off(tmp_path):
 def test_activations_without_snapshots(tmp_path):
     """No snapshot is written, and no store claims to come from a model file it does not: the
     step-2 store must not name the base model as its path."""
-    trainer, _ = sft_trainer(tmp_path / "acts", probe=probe_args(probe_layers=[1], probe_save_snapshots=False, probe_snapshot_at=[2]), max_steps=2)
+    trainer, _ = sft_trainer(
+        tmp_path / "acts",
+        probe=probe_args(probe_layers=[1], probe_save_snapshots=False, probe_snapshot_at=[2]),
+        max_steps=2,
+    )
     trainer.train()
     run = tmp_path / "acts" / "probe"
     assert manifest(run)["snapshots"] == [] and not (run / "snapshots").exists()
     assert [e["step"] for e in manifest(run)["activations"]] == [0, 2]
     store = read_store(run / "activations" / step_name(2) / "layer1")[0]
     assert store.manifest.model["step"] == 2
-    assert store.manifest.model.get("path") != manifest(run)["base_model"], "the step-2 store names the base model as its model"
+    assert store.manifest.model.get("path") != manifest(run)["base_model"], (
+        "the step-2 store names the base model as its model"
+    )
 
 
 def test_snapshots_without_activations(tmp_path):
-    trainer, _ = sft_trainer(tmp_path / "snaps", probe=probe_args(probe_stream_activations=False, probe_snapshot_at=[2]), max_steps=2)
+    trainer, _ = sft_trainer(
+        tmp_path / "snaps", probe=probe_args(probe_stream_activations=False, probe_snapshot_at=[2]), max_steps=2
+    )
     trainer.train()
     run = tmp_path / "snaps" / "probe"
     assert [e["step"] for e in manifest(run)["snapshots"]] == [2] and manifest(run)["activations"] == []
@@ -643,9 +753,15 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     tokenizer.pad_token = None
     assert tokenizer.pad_token_id is None
     probe_file = tmp_path / "probe.txt"
-    probe_file.write_text("What is 2 + 3?\nCompute 12 * 3 + 4. First multiply: 12 * 3 = 36. Then add: 36 + 4 = 40.\nHello\n")
-    probe = ProbeArguments(probe_dataset=str(probe_file), probe_seq_len=64, probe_layers=[1], probe_batch_size=3, probe_snapshot_at=[2])
-    trainer, callbacks = _plain_trainer(tmp_path, processing_class=tokenizer, collator_tokenizer=tiny_tokenizer(), probe=probe, max_steps=2)
+    probe_file.write_text(
+        "What is 2 + 3?\nCompute 12 * 3 + 4. First multiply: 12 * 3 = 36. Then add: 36 + 4 = 40.\nHello\n"
+    )
+    probe = ProbeArguments(
+        probe_dataset=str(probe_file), probe_seq_len=64, probe_layers=[1], probe_batch_size=3, probe_snapshot_at=[2]
+    )
+    trainer, callbacks = _plain_trainer(
+        tmp_path, processing_class=tokenizer, collator_tokenizer=tiny_tokenizer(), probe=probe, max_steps=2
+    )
     trainer.train()
     (batch,) = callbacks[0].probe.probe_batches()
     padding = batch.attention_mask == 0
@@ -741,12 +857,16 @@ def test_resume_redoes_the_steps_after_the_checkpoint(tmp_path):
     interrupted, _ = sft_trainer(out, probe=probe_args(), after=[StopAt(6)], save_strategy="steps", save_steps=4)
     interrupted.train()
     recorder = RecordWeights([6, 8])
-    resumed, callbacks = sft_trainer(out, probe=probe_args(), before=[recorder], save_strategy="steps", save_steps=4, max_grad_norm=0.3)
+    resumed, callbacks = sft_trainer(
+        out, probe=probe_args(), before=[recorder], save_strategy="steps", save_steps=4, max_grad_norm=0.3
+    )
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))
     assert [e["step"] for e in manifest(run)["snapshots"]] == SCHEDULE
     for step in (6, 8):
         snapshot = load_snapshot(run, step).state_dict()
-        assert all(torch.equal(snapshot[k], v) for k, v in recorder.states[step].items()), f"snapshot {step} is not the resumed run's step {step}"
+        assert all(torch.equal(snapshot[k], v) for k, v in recorder.states[step].items()), (
+            f"snapshot {step} is not the resumed run's step {step}"
+        )
     want = fresh_forward(load_snapshot(run, 6), callbacks[0].probe.probe_batches(), [1])
     _, got = read_store(run / "activations" / step_name(6) / "layer1")
     torch.testing.assert_close(got["acts"], want["acts"][1], rtol=1e-6, atol=1e-6)

@@ -97,8 +97,21 @@ def _launch(tmp: Path, name: str, processes: int, mode: str) -> dict:
     if processes == 1:
         command = [sys.executable, str(script), str(out), per_device, mode]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out), per_device, mode]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(out),
+            per_device,
+            mode,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=tmp)
     log = result.stdout[-4000:] + result.stderr[-6000:]
@@ -129,9 +142,14 @@ def _check_against_single(single: dict, other: dict, *, weight_atol: float, act_
     assert single["result"]["world_size"] == 1 and other["result"]["world_size"] == 2
     # training: the same losses (up to reduction order)
     assert len(other["result"]["losses"]) == 6
-    torch.testing.assert_close(torch.tensor(other["result"]["losses"]), torch.tensor(single["result"]["losses"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(other["result"]["losses"]), torch.tensor(single["result"]["losses"]), rtol=1e-5, atol=1e-5
+    )
 
-    one, two = json.loads((single["run"] / "probe.json").read_text()), json.loads((other["run"] / "probe.json").read_text())
+    one, two = (
+        json.loads((single["run"] / "probe.json").read_text()),
+        json.loads((other["run"] / "probe.json").read_text()),
+    )
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["probe_fingerprint"] == one["probe_fingerprint"] and two["schedule"] == one["schedule"] == SCHEDULE
     assert [e["step"] for e in two["snapshots"]] == SCHEDULE
@@ -142,14 +160,21 @@ def _check_against_single(single: dict, other: dict, *, weight_atol: float, act_
         assert got.keys() == want.keys()
         for key in want:
             assert got[key].dtype == torch.float32
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=weight_atol, msg=lambda m, k=key, s=step: f"snapshot {s} {k}: {m}")
+            torch.testing.assert_close(
+                got[key], want[key], rtol=0, atol=weight_atol, msg=lambda m, k=key, s=step: f"snapshot {s} {k}: {m}"
+            )
 
     for step in [0, *SCHEDULE]:
         for layer in LAYERS:
             path = other["run"] / "activations" / f"step-{step:06d}" / f"layer{layer}"
             names = sorted(p.name for p in path.iterdir())
-            assert names == ["manifest.json", "manifest.rank000.json", "manifest.rank001.json",
-                             "shard-r000-00000.safetensors", "shard-r001-00000.safetensors"], names
+            assert names == [
+                "manifest.json",
+                "manifest.rank000.json",
+                "manifest.rank001.json",
+                "shard-r000-00000.safetensors",
+                "shard-r001-00000.safetensors",
+            ], names
             store, got = _sorted_tokens(path)
             assert store.complete and store.manifest.world_size == 2
             assert [s["rank"] for s in store.manifest.shards] == [0, 1]

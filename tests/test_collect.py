@@ -44,7 +44,10 @@ def _reference(models, dataset, tokenizer, layer, seq_len, batch_size):
     rows = []
     for batch in token_batches(load_dataset_spec(dataset), tokenizer, seq_len=seq_len, batch_size=batch_size):
         with torch.no_grad():
-            hidden = [m(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[layer] for m in models]
+            hidden = [
+                m(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[layer]
+                for m in models
+            ]
         for b in range(batch.input_ids.shape[0]):
             for t in range(1, int(batch.attention_mask[b].sum())):  # right padding: real tokens are 0..len-1
                 if batch.input_ids[b, t] != tokenizer.bos_token_id:
@@ -77,7 +80,9 @@ def test_paired_capture_of_two_different_models(tiny_pair, tokenizer):
     assert got.acts[LAYER].shape == (int(keep.sum()), 2, 64)
     for i, model in enumerate((base, tuned)):
         with torch.no_grad():
-            hidden = model(batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
+            hidden = model(
+                batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+            ).hidden_states
         for layer in (1, LAYER):
             torch.testing.assert_close(got.acts[layer][:, i], hidden[layer][keep])
     assert torch.equal(got.token_ids, batch.input_ids[keep])
@@ -89,8 +94,15 @@ def test_paired_capture_of_two_different_models(tiny_pair, tokenizer):
 def test_collect_writes_paired_stores_equal_to_full_forwards(tiny_pair, tmp_path, tokenizer):
     out = tmp_path / "acts"
     config = CollectConfig(
-        model=[f"base={tiny_pair['base']}", f"tuned={tiny_pair['tuned']}"], dataset="arithmetic", out=out, layer=[LAYER],
-        seq_len=48, batch_size=4, max_tokens=None, dtype="fp32", shard_tokens=100,
+        model=[f"base={tiny_pair['base']}", f"tuned={tiny_pair['tuned']}"],
+        dataset="arithmetic",
+        out=out,
+        layer=[LAYER],
+        seq_len=48,
+        batch_size=4,
+        max_tokens=None,
+        dtype="fp32",
+        shard_tokens=100,
     )
     result = collect(config, dataset=arithmetic_dataset(24), progress=False)
     paths = result.stores
@@ -98,7 +110,9 @@ def test_collect_writes_paired_stores_equal_to_full_forwards(tiny_pair, tmp_path
     stores = {name: ActivationStore(p[LAYER]) for name, p in paths.items()}
     assert stores["base"].token_fingerprint == stores["tuned"].token_fingerprint
     assert stores["base"].manifest.model["architecture"] == "Qwen3ForCausalLM"
-    reference = _reference([_load(tiny_pair["base"]), _load(tiny_pair["tuned"])], arithmetic_dataset(24), tokenizer, LAYER, 48, 4)
+    reference = _reference(
+        [_load(tiny_pair["base"]), _load(tiny_pair["tuned"])], arithmetic_dataset(24), tokenizer, LAYER, 48, 4
+    )
     pairs = PairedActivations.from_directory(out)
     got = torch.cat(list(pairs.iter_batches(10_000, shuffle=False)))
     assert got.shape == reference.shape
@@ -109,7 +123,9 @@ def test_collect_writes_paired_stores_equal_to_full_forwards(tiny_pair, tmp_path
 
 def test_collect_max_tokens_bf16_and_models_given_as_objects(tmp_path, tokenizer):
     models = {"a": tiny_model("llama", seed=1), "b": tiny_model("llama", seed=2)}
-    config = CollectConfig(model=[], dataset="synthetic:mcq", out=tmp_path / "o", layer=[0, 3], seq_len=32, max_tokens=500)
+    config = CollectConfig(
+        model=[], dataset="synthetic:mcq", out=tmp_path / "o", layer=[0, 3], seq_len=32, max_tokens=500
+    )
     paths = collect(config, models=models, tokenizer=tokenizer, progress=False).stores
     for layer in (0, 3):
         store = ActivationStore(paths["a"][layer])
@@ -124,8 +140,16 @@ def test_collect_max_tokens_bf16_and_models_given_as_objects(tmp_path, tokenizer
 def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     models = {"base": tiny_pair["base"], "tuned": tiny_pair["tuned"]}
     data = arithmetic_dataset(16)
-    config = CollectConfig(model=[f"{n}={p}" for n, p in models.items()], dataset="arithmetic", out=tmp_path / "o", layer=[LAYER],
-                           seq_len=40, batch_size=4, max_tokens=None, dtype="fp32")
+    config = CollectConfig(
+        model=[f"{n}={p}" for n, p in models.items()],
+        dataset="arithmetic",
+        out=tmp_path / "o",
+        layer=[LAYER],
+        seq_len=40,
+        batch_size=4,
+        max_tokens=None,
+        dtype="fp32",
+    )
     collect(config, dataset=data, progress=False)
     stored = torch.cat(list(PairedActivations.from_directory(tmp_path / "o").iter_batches(4096, shuffle=False)))
     live = LiveActivations(models, data, layer=LAYER, seq_len=40, forward_batch_size=4)
@@ -168,8 +192,27 @@ def test_refuses_models_with_other_hidden_size_or_tokenizer(tiny_pair, tmp_path)
 def test_cli_collect_and_store_info_end_to_end(tiny_pair, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": row["text"]}) for row in arithmetic_dataset(20)))
-    args = ["collect", "--model", f"base={tiny_pair['base']}", "--model", f"tuned={tiny_pair['tuned']}", "--dataset", str(data),
-            "--layer", "1", "--layer", "3", "--out", str(tmp_path / "acts"), "--seq-len", "32", "--max-tokens", "400", "--dtype", "bf16"]
+    args = [
+        "collect",
+        "--model",
+        f"base={tiny_pair['base']}",
+        "--model",
+        f"tuned={tiny_pair['tuned']}",
+        "--dataset",
+        str(data),
+        "--layer",
+        "1",
+        "--layer",
+        "3",
+        "--out",
+        str(tmp_path / "acts"),
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "400",
+        "--dtype",
+        "bf16",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"tuned layer 3: {tmp_path / 'acts' / 'tuned' / 'layer3'}" in result.output
@@ -177,7 +220,9 @@ def test_cli_collect_and_store_info_end_to_end(tiny_pair, tmp_path):
     assert info.exit_code == 0, info.output
     rows = json.loads(info.output)
     assert len(rows) == 4 and {r["model"] for r in rows} == {"base", "tuned"} and {r["layer"] for r in rows} == {1, 3}
-    assert all(r["n_tokens"] == 400 and r["checksums"] == "ok" and r["complete"] and r["dtype"] == "bfloat16" for r in rows)
+    assert all(
+        r["n_tokens"] == 400 and r["checksums"] == "ok" and r["complete"] and r["dtype"] == "bfloat16" for r in rows
+    )
     assert len({r["token_fingerprint"] for r in rows}) == 1
     table = runner.invoke(app, ["store", "info", str(tmp_path / "acts" / "base" / "layer1")])
     assert table.exit_code == 0 and "base" in table.output and "ok" in table.output
@@ -217,7 +262,17 @@ def test_cli_bad_input_gets_a_clear_message(tiny_pair, tmp_path, extra, message)
 
 
 def test_cli_refuses_an_output_directory_with_a_different_store(tiny_pair, tmp_path):
-    common = ["collect", "--model", f"base={tiny_pair['base']}", "--dataset", "synthetic:arithmetic", "--out", str(tmp_path / "o"), "--layer", "1"]
+    common = [
+        "collect",
+        "--model",
+        f"base={tiny_pair['base']}",
+        "--dataset",
+        "synthetic:arithmetic",
+        "--out",
+        str(tmp_path / "o"),
+        "--layer",
+        "1",
+    ]
     assert runner.invoke(app, [*common, "--seq-len", "16", "--max-tokens", "100"]).exit_code == 0
     before = (tmp_path / "o" / "base" / "layer1" / "manifest.json").read_text()
     result = runner.invoke(app, [*common, "--seq-len", "32", "--max-tokens", "100"])
@@ -252,13 +307,17 @@ def test_killed_collect_resumes_to_the_same_stores(tiny_pair, tmp_path):
     assert all(store.verify_all() == [] for store in killed.values())  # only whole shards are listed
     subprocess.run([*argv, str(tmp_path / "killed")], check=True)  # same command again: resumes
     for name in ("base", "tuned"):
-        resumed, reference = ActivationStore(tmp_path / "killed" / name / "layer2"), ActivationStore(tmp_path / "reference" / name / "layer2")
+        resumed, reference = (
+            ActivationStore(tmp_path / "killed" / name / "layer2"),
+            ActivationStore(tmp_path / "reference" / name / "layer2"),
+        )
         assert resumed.complete and resumed.n_tokens == reference.n_tokens == 3000
         assert resumed.token_fingerprint == reference.token_fingerprint
         torch.testing.assert_close(
             torch.cat(list(resumed.iter_batches(10_000, shuffle=False))),
             torch.cat(list(reference.iter_batches(10_000, shuffle=False))),
-            rtol=0, atol=0,
+            rtol=0,
+            atol=0,
         )
 
 
@@ -270,9 +329,39 @@ def test_two_process_collect_writes_per_rank_shards(tiny_pair, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    common = ["--model", f"base={tiny_pair['base']}", "--model", f"tuned={tiny_pair['tuned']}", "--dataset", "synthetic:arithmetic",
-              "--n-docs", "24", "--batch-size", "4", "--layer", "2", "--seq-len", "32", "--max-tokens", "0", "--dtype", "fp32", "--shard-tokens", "50"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    common = [
+        "--model",
+        f"base={tiny_pair['base']}",
+        "--model",
+        f"tuned={tiny_pair['tuned']}",
+        "--dataset",
+        "synthetic:arithmetic",
+        "--n-docs",
+        "24",
+        "--batch-size",
+        "4",
+        "--layer",
+        "2",
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "0",
+        "--dtype",
+        "fp32",
+        "--shard-tokens",
+        "50",
+    ]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
     subprocess.run([*launcher, "-m", "posttrain_probe", "collect", *common, "--out", str(tmp_path / "ddp")], check=True)
     assert runner.invoke(app, ["collect", *common, "--out", str(tmp_path / "one")]).exit_code == 0
     store_dir = tmp_path / "ddp" / "base" / "layer2"
@@ -295,7 +384,14 @@ def test_two_process_collect_writes_per_rank_shards(tiny_pair, tmp_path):
 
 
 def test_resuming_with_other_data_is_refused(tiny_pair, tmp_path):
-    config = CollectConfig(model=[f"base={tiny_pair['base']}"], dataset="arithmetic", out=tmp_path / "o", layer=[1], seq_len=16, max_tokens=50)
+    config = CollectConfig(
+        model=[f"base={tiny_pair['base']}"],
+        dataset="arithmetic",
+        out=tmp_path / "o",
+        layer=[1],
+        seq_len=16,
+        max_tokens=50,
+    )
     collect(config, dataset=arithmetic_dataset(8, seed=0), progress=False)
     with pytest.raises(ProbeError, match="already holds a different activation store: source"):
         collect(config, dataset=arithmetic_dataset(8, seed=1), progress=False)
@@ -311,7 +407,10 @@ def test_live_activations_split_batches_across_ranks(tiny_pair):
     models = {"base": tiny_pair["base"]}
     data = arithmetic_dataset(12)
     whole = torch.cat(list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2).chunks()))
-    parts = [list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2, rank=r, world_size=2).chunks()) for r in (0, 1)]
+    parts = [
+        list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2, rank=r, world_size=2).chunks())
+        for r in (0, 1)
+    ]
     interleaved = [chunk for pair in zip(*parts) for chunk in pair]
     torch.testing.assert_close(torch.cat(interleaved), whole)
     with pytest.raises(ProbeError, match="rank 2 is outside world_size 2"):
@@ -322,20 +421,54 @@ def test_collect_result_reads_back_and_config_from_yaml_equals_flags(tiny_pair, 
     import posttrain_probe.activations.collect as collect_module
     from posttrain_probe.config_io import load_config
 
-    config = CollectConfig(model=[f"base={tiny_pair['base']}"], dataset="synthetic:arithmetic", out=tmp_path / "o", layer=[1, 2], seq_len=16, max_tokens=40)
+    config = CollectConfig(
+        model=[f"base={tiny_pair['base']}"],
+        dataset="synthetic:arithmetic",
+        out=tmp_path / "o",
+        layer=[1, 2],
+        seq_len=16,
+        max_tokens=40,
+    )
     result = collect(config, progress=False)
     assert result.layers == [1, 2] and result.n_tokens() == {"base": {1: 40, 2: 40}}
     assert CollectResult.read(tmp_path / "o") == result
-    assert result.write(tmp_path / "o") == {"collect": tmp_path / "o" / "collect.json"} and CollectResult.read(tmp_path / "o") == result
+    assert (
+        result.write(tmp_path / "o") == {"collect": tmp_path / "o" / "collect.json"}
+        and CollectResult.read(tmp_path / "o") == result
+    )
 
     seen = []
-    monkeypatch.setattr(collect_module, "collect", lambda config: seen.append(config) or CollectResult(config.out, {}, {}))
+    monkeypatch.setattr(
+        collect_module, "collect", lambda config: seen.append(config) or CollectResult(config.out, {}, {})
+    )
     file = tmp_path / "collect.yaml"
-    file.write_text("model:\n  base: models/base\n  sft: models/sft\ndataset: synthetic:arithmetic\nout: runs/acts\nlayer: [1, 3]\ndtype: fp32\nmax_tokens: 0\n")
-    flags = ["--model", "base=models/base", "--model", "sft=models/sft", "--dataset", "synthetic:arithmetic", "--out", "runs/acts",
-             "--layer", "1", "--layer", "3", "--dtype", "fp32", "--max-tokens", "0"]
+    file.write_text(
+        "model:\n  base: models/base\n  sft: models/sft\ndataset: synthetic:arithmetic\nout: runs/acts\nlayer: [1, 3]\ndtype: fp32\nmax_tokens: 0\n"
+    )
+    flags = [
+        "--model",
+        "base=models/base",
+        "--model",
+        "sft=models/sft",
+        "--dataset",
+        "synthetic:arithmetic",
+        "--out",
+        "runs/acts",
+        "--layer",
+        "1",
+        "--layer",
+        "3",
+        "--dtype",
+        "fp32",
+        "--max-tokens",
+        "0",
+    ]
     for args in (["collect", *flags], ["collect", "--config", str(file)]):
         outcome = runner.invoke(app, args)
         assert outcome.exit_code == 0, outcome.output
     assert seen[0] == seen[1] == load_config(CollectConfig, file)
-    assert seen[0].model == ["base=models/base", "sft=models/sft"] and seen[0].max_tokens is None and seen[0].dtype == "float32"
+    assert (
+        seen[0].model == ["base=models/base", "sft=models/sft"]
+        and seen[0].max_tokens is None
+        and seen[0].dtype == "float32"
+    )

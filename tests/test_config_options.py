@@ -70,14 +70,39 @@ def _run(args):
 
 
 def test_flags_yaml_and_python_give_equal_configs(tmp_path):
-    expected = Outer(crosscoder="cc", out=Path("o"), k=7, model=["base=a", "rl=b"], flag=True, segments=Inner("delimiters", ("<t>", "</t>")))
+    expected = Outer(
+        crosscoder="cc",
+        out=Path("o"),
+        k=7,
+        model=["base=a", "rl=b"],
+        flag=True,
+        segments=Inner("delimiters", ("<t>", "</t>")),
+    )
     result, from_flags = _run(
-        ["--crosscoder", "cc", "--out", "o", "--k", "7", "--model", "base=a", "--model", "rl=b", "--flag",
-         "--format", "delimiters", "--delimiters", "<t>", "</t>"]
+        [
+            "--crosscoder",
+            "cc",
+            "--out",
+            "o",
+            "--k",
+            "7",
+            "--model",
+            "base=a",
+            "--model",
+            "rl=b",
+            "--flag",
+            "--format",
+            "delimiters",
+            "--delimiters",
+            "<t>",
+            "</t>",
+        ]
     )
     assert result.exit_code == 0, result.output
     yaml_file = tmp_path / "step.yaml"
-    yaml_file.write_text("crosscoder: cc\nout: o\nk: 7\nmodel: [base=a, rl=b]\nflag: true\nsegments:\n  format: delimiters\n  delimiters: ['<t>', '</t>']\n")
+    yaml_file.write_text(
+        "crosscoder: cc\nout: o\nk: 7\nmodel: [base=a, rl=b]\nflag: true\nsegments:\n  format: delimiters\n  delimiters: ['<t>', '</t>']\n"
+    )
     result, from_yaml = _run(["--config", yaml_file])
     assert result.exit_code == 0, result.output
     assert from_flags == from_yaml == expected == load_config(Outer, yaml_file)

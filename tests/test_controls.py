@@ -109,26 +109,38 @@ def test_source_activation_stats_frequency(tmp_path):
     from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
     model, tokenizer = tiny_model("qwen3", seed=0), tiny_tokenizer()
-    cc = Crosscoder(CrosscoderConfig(model_names=["base", "rl"], d_model=model.config.hidden_size, n_features=24, layer=2))
+    cc = Crosscoder(
+        CrosscoderConfig(model_names=["base", "rl"], d_model=model.config.hidden_size, n_features=24, layer=2)
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         cc.W_enc.copy_(torch.randn(cc.W_enc.shape, generator=gen) / 8)
         cc.b_enc.copy_(torch.randn(24, generator=gen) * 0.5)
     cc.save_pretrained(tmp_path / "cc")
     texts = ["The quick brown fox jumps over", "Let us think", "A small model learns to add numbers"]
-    stats = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))
+    stats = source_activation_stats(
+        tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16)
+    )
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
     acts = truncated_forward(model, batch["input_ids"], batch["attention_mask"], [2])[2]
-    keep = batch["attention_mask"].bool() & (batch["attention_mask"].cumsum(-1) > 1) & (batch["input_ids"] != tokenizer.bos_token_id)
+    keep = (
+        batch["attention_mask"].bool()
+        & (batch["attention_mask"].cumsum(-1) > 1)
+        & (batch["input_ids"] != tokenizer.bos_token_id)
+    )
     codes = cc.encode_source(acts[keep], "rl").detach()
     assert stats.n_tokens == codes.shape[0] and stats.frequency.dtype == torch.float64
     torch.testing.assert_close(stats.frequency, (codes > 0).double().mean(0))
     torch.testing.assert_close(stats.max_activation, codes.amax(0), rtol=1e-5, atol=1e-6)
     assert (stats.frequency > 0).any() and (stats.frequency < 1).any()
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 1
-    again = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))  # same cache entry
+    again = max_activations(
+        tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16)
+    )  # same cache entry
     assert torch.equal(again, stats.max_activation)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 1
-    cached = source_activation_stats(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16))
+    cached = source_activation_stats(
+        tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=2, seq_len=16)
+    )
     assert torch.equal(cached.frequency, stats.frequency) and cached.n_tokens == stats.n_tokens

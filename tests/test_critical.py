@@ -36,7 +36,14 @@ def runs(tiny_pair, tmp_path_factory):
     old = evaluate({"pretrained": str(tiny_pair["base"])}, TASKS, limit=8, output_path=out / "base", **common)
     base = evaluate({"pretrained": str(tiny_pair["base"])}, TASKS, limit=N_DOCS, output_path=out / "base", **common)
     rl = evaluate({"pretrained": str(tiny_pair["tuned"])}, TASKS, limit=N_DOCS, output_path=out / "rl", **common)
-    fewshot = evaluate({"pretrained": str(tiny_pair["tuned"])}, ["probe_mcq"], limit=N_DOCS, num_fewshot=1, output_path=out / "rl_fewshot", **common)
+    fewshot = evaluate(
+        {"pretrained": str(tiny_pair["tuned"])},
+        ["probe_mcq"],
+        limit=N_DOCS,
+        num_fewshot=1,
+        output_path=out / "rl_fewshot",
+        **common,
+    )
     return {"dir": out, "old": old, "base": base, "rl": rl, "fewshot": fewshot}
 
 
@@ -58,7 +65,10 @@ def test_critical_samples_from_lm_eval_logs(runs):
         assert entry.prompts == {d: contexts[d] for d in doc_ids}
     assert result.tasks["probe_mcq"].n_critical > 0  # the tuned copy gets some questions right that the base misses
     assert result.tasks["probe_math"].filter == "boxed"
-    assert (result.tasks["probe_mcq"].request_type, result.tasks["probe_math"].request_type) == ("loglikelihood", "generate_until")
+    assert (result.tasks["probe_mcq"].request_type, result.tasks["probe_math"].request_type) == (
+        "loglikelihood",
+        "generate_until",
+    )
     assert result.no_critical == sorted(t for t, e in result.tasks.items() if not e.doc_ids)
     assert result.doc_ids == {t: e.doc_ids for t, e in result.tasks.items() if e.doc_ids}
     # the newest base log (16 docs) was used, not the older 8-doc one
@@ -77,9 +87,24 @@ def test_tasks_without_critical_samples_are_reported(runs):
 def test_cli_writes_the_critical_file(runs, tmp_path):
     out = tmp_path / "critical.json"
     samples = tmp_path / "samples.json"
-    result = CliRunner().invoke(app, ["critical", "--base-samples", str(runs["dir"] / "base"), "--rl-samples", str(runs["dir"] / "rl"), "--out", str(out), "--samples-out", str(samples)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "critical",
+            "--base-samples",
+            str(runs["dir"] / "base"),
+            "--rl-samples",
+            str(runs["dir"] / "rl"),
+            "--out",
+            str(out),
+            "--samples-out",
+            str(samples),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads(samples.read_text()) == {t: e["doc_ids"] for t, e in json.loads(out.read_text())["tasks"].items() if e["doc_ids"]}
+    assert json.loads(samples.read_text()) == {
+        t: e["doc_ids"] for t, e in json.loads(out.read_text())["tasks"].items() if e["doc_ids"]
+    }
     data = json.loads(out.read_text())
     assert data["format"] == "posttrain-probe/critical-samples" and data["format_version"] == 1
     expected = critical_samples(runs["dir"] / "base", runs["dir"] / "rl")
@@ -110,7 +135,9 @@ def test_runs_with_different_prompts_are_refused(runs):
 
 
 def test_runs_with_different_tasks_are_refused(runs):
-    result = CliRunner().invoke(app, ["critical", "--base-samples", str(runs["dir"] / "base"), "--rl-samples", str(runs["dir"] / "rl_fewshot")])
+    result = CliRunner().invoke(
+        app, ["critical", "--base-samples", str(runs["dir"] / "base"), "--rl-samples", str(runs["dir"] / "rl_fewshot")]
+    )
     assert result.exit_code == 2
     assert "different tasks" in result.output and "probe_math" in result.output
 
@@ -130,7 +157,12 @@ def test_same_file_for_both_runs_is_refused(runs):
 def test_read_gives_back_what_critical_wrote(runs, tmp_path):
     from posttrain_probe.analysis.critical import critical
 
-    config = CriticalConfig(base_samples=runs["dir"] / "base", rl_samples=runs["dir"] / "rl", out=tmp_path / "c.json", samples_out=tmp_path / "s.json")
+    config = CriticalConfig(
+        base_samples=runs["dir"] / "base",
+        rl_samples=runs["dir"] / "rl",
+        out=tmp_path / "c.json",
+        samples_out=tmp_path / "s.json",
+    )
     result = critical(config)
     assert CriticalSamples.read(config.out) == result
     assert json.loads(config.samples_out.read_text()) == result.doc_ids
@@ -156,11 +188,35 @@ def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
         raise ProbeError("captured")
 
     monkeypatch.setattr(critical_module, "critical", capture)
-    result = CliRunner().invoke(app, ["critical", "--base-samples", "eval/base", "--rl-samples", "eval/rl", "--out", "c.json",
-                                      "--metric", "acc", "--filter-name", "strict-match", "--samples-out", "s.json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "critical",
+            "--base-samples",
+            "eval/base",
+            "--rl-samples",
+            "eval/rl",
+            "--out",
+            "c.json",
+            "--metric",
+            "acc",
+            "--filter-name",
+            "strict-match",
+            "--samples-out",
+            "s.json",
+        ],
+    )
     assert "captured" in result.output, result.output
-    (tmp_path / "critical.yaml").write_text("base_samples: eval/base\nrl_samples: eval/rl\nout: c.json\nmetric: acc\nfilter_name: strict-match\nsamples_out: s.json\n")
+    (tmp_path / "critical.yaml").write_text(
+        "base_samples: eval/base\nrl_samples: eval/rl\nout: c.json\nmetric: acc\nfilter_name: strict-match\nsamples_out: s.json\n"
+    )
     from_yaml = load_config(CriticalConfig, tmp_path / "critical.yaml")
     assert seen[0] == from_yaml
-    result = CliRunner().invoke(app, ["critical", "--config", str(tmp_path / "critical.yaml"), "--metric", "exact_match"])
-    assert "captured" in result.output and seen[1].metric == "exact_match" and seen[1].base_samples == from_yaml.base_samples
+    result = CliRunner().invoke(
+        app, ["critical", "--config", str(tmp_path / "critical.yaml"), "--metric", "exact_match"]
+    )
+    assert (
+        "captured" in result.output
+        and seen[1].metric == "exact_match"
+        and seen[1].base_samples == from_yaml.base_samples
+    )

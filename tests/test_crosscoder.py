@@ -419,7 +419,9 @@ def test_lr_and_l1_schedules():
     assert lr_factor(99, total, 0.0) == 1.0
     assert lr_factor(0, total, 1.0) == 1.0 and lr_factor(50, total, 1.0) == pytest.approx(0.5)
     # λ: linear from 0 to 1 over the first 5%
-    assert [l1_factor(s, total, 0.05) for s in (0, 1, 2, 4, 5, 6, 99)] == pytest.approx([0.0, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
+    assert [l1_factor(s, total, 0.05) for s in (0, 1, 2, 4, 5, 6, 99)] == pytest.approx(
+        [0.0, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    )
     assert l1_factor(0, total, 0.0) == 1.0
     # non-round totals: monotone and in [0, 1]
     lrs = [lr_factor(s, 37, 0.2) for s in range(37)]

@@ -69,7 +69,15 @@ def test_crosscoder_recovers_planted_features_and_attributes_them(tmp_path):
     x, dirs, owners, groups = planted_dictionary(seed=0)
     source = write_paired(tmp_path / "stores", x)
     assert source.model_names == NAMES and source.n_tokens == N_TOKENS
-    cfg = CrosscoderTrainingConfig(n_tokens=4 * N_TOKENS, batch_size=256, lr=3e-3, l1_coefficient=2.0, log_every=50, checkpoint_every=10_000, seed=0)
+    cfg = CrosscoderTrainingConfig(
+        n_tokens=4 * N_TOKENS,
+        batch_size=256,
+        lr=3e-3,
+        l1_coefficient=2.0,
+        log_every=50,
+        checkpoint_every=10_000,
+        seed=0,
+    )
     cc = train_crosscoder(source, CrosscoderConfig(n_features=128), cfg, tmp_path / "cc", progress=False)
     last = json.loads((tmp_path / "cc" / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(f < 0.1 for f in last["fvu"]), last
@@ -102,7 +110,11 @@ def test_crosscoder_recovers_planted_features_and_attributes_them(tmp_path):
     report = {}
     for group, ks in by_group.items():
         rows = mas_all[[match[k] for k in ks]]
-        report[group] = {"n": len(ks), "mean_mas": [round(v, 3) for v in rows.mean(0).tolist()], "max_mas": round(float(rows.max()), 3)}
+        report[group] = {
+            "n": len(ks),
+            "mean_mas": [round(v, 3) for v in rows.mean(0).tolist()],
+            "max_mas": round(float(rows.max()), 3),
+        }
     print("recovery:", f"{recovered_pairs:.0%} of pairs, min cos {best_cos.min():.4f}", report)
     assert set(by_group) == {name for name, _, _ in GROUPS}
 

@@ -37,7 +37,9 @@ def write_stores(root, acts: torch.Tensor, names=NAMES, shard_tokens: int = 1024
     paths = {}
     for m, name in enumerate(names):
         paths[name] = root / name
-        writer = ActivationStoreWriter(paths[name], layer=layer, d_model=acts.shape[2], model=name, dtype="float32", shard_tokens=shard_tokens)
+        writer = ActivationStoreWriter(
+            paths[name], layer=layer, d_model=acts.shape[2], model=name, dtype="float32", shard_tokens=shard_tokens
+        )
         for start in range(0, n, 256):
             ids = torch.arange(start, min(start + 256, n))
             writer.write(acts[ids, m], ids % 101, ids // 64, ids % 64 + 1, cursor=start // 256 + 1)
@@ -87,7 +89,9 @@ def test_train_writes_run_files_and_learns(paired, tmp_path):
         assert r["tokens"] == r["step"] * 256
         assert isinstance(r["fvu"], list) and len(r["fvu"]) == 2
         assert 0 <= r["dead_fraction"] <= 1 and r["l0"] > 0
-        assert r["loss"] == pytest.approx(r["mse"] + r["l1_coefficient"] * r["sparsity"], rel=0.3)  # λ changes within a log window
+        assert r["loss"] == pytest.approx(
+            r["mse"] + r["l1_coefficient"] * r["sparsity"], rel=0.3
+        )  # λ changes within a log window
     # schedules: λ warmed up (5% of 64 steps = 3.2) then 2.0; lr 5e-3 then decaying over the last 20%
     assert records[0]["l1_coefficient"] == pytest.approx(2.0 * 1 / 3.2)
     assert all(r["l1_coefficient"] == 2.0 for r in records[2:])
@@ -137,7 +141,9 @@ def test_resume_is_exact(paired, tmp_path, activation):
     # interrupted twice, off the log grid (5 + 4 + 3 steps): the same weights
     d_dir = tmp_path / "d"
     for max_steps, resume in ((5, False), (4, True), (None, True)):  # resume needs a run to continue
-        d = train_crosscoder(paired, cc_cfg, small_config(**cfg, max_steps_per_run=max_steps), d_dir, resume=resume, progress=False)
+        d = train_crosscoder(
+            paired, cc_cfg, small_config(**cfg, max_steps_per_run=max_steps), d_dir, resume=resume, progress=False
+        )
     for name, tensor in a.state_dict().items():
         assert torch.equal(d.state_dict()[name], tensor), name
     assert [r["step"] for r in read_metrics(d_dir)] == [2, 4, 5, 6, 8, 9, 10, 12]
@@ -195,7 +201,9 @@ def test_out_dir_policy(paired, tmp_path):
         train_crosscoder(paired, cc_cfg, cfg, out, progress=False)
     assert "--resume" in str(info.value) and "--overwrite" in str(info.value)
     # overwrite replaces the run: a fresh metrics file, a new model (other seed)
-    second = train_crosscoder(paired, cc_cfg, small_config(n_tokens=256 * 2, seed=1), out, overwrite=True, progress=False)
+    second = train_crosscoder(
+        paired, cc_cfg, small_config(n_tokens=256 * 2, seed=1), out, overwrite=True, progress=False
+    )
     assert [r["step"] for r in read_metrics(out)] == [2]
     assert not torch.equal(first.W_dec, second.W_dec)
     assert torch.equal(Crosscoder.from_pretrained(out).W_dec, second.W_dec)
@@ -216,7 +224,9 @@ def test_out_dir_policy(paired, tmp_path):
     with pytest.raises(ProbeError, match=r"cannot resume.*\blr\b"):
         train_crosscoder(paired, cc_cfg, small_config(n_tokens=256 * 4, lr=2e-3), part, resume=True, progress=False)
     with pytest.raises(ProbeError, match="n_features"):
-        train_crosscoder(paired, CrosscoderConfig(n_features=48), small_config(n_tokens=256 * 4), part, resume=True, progress=False)
+        train_crosscoder(
+            paired, CrosscoderConfig(n_features=48), small_config(n_tokens=256 * 4), part, resume=True, progress=False
+        )
     # ... but bookkeeping settings may change
     train_crosscoder(paired, cc_cfg, small_config(n_tokens=256 * 4, log_every=1), part, resume=True, progress=False)
     assert json.loads((part / "trainer_state" / "latest.json").read_text())["step"] == 4
@@ -225,7 +235,9 @@ def test_out_dir_policy(paired, tmp_path):
 # -- bad data ------------------------------------------------------------------------------------
 def test_model_names_or_width_that_differ_from_the_data_are_refused(paired, tmp_path):
     with pytest.raises(ProbeError) as info:
-        train_crosscoder(paired, CrosscoderConfig(model_names=["base", "rl"]), small_config(), tmp_path / "x", progress=False)
+        train_crosscoder(
+            paired, CrosscoderConfig(model_names=["base", "rl"]), small_config(), tmp_path / "x", progress=False
+        )
     assert "['base', 'rl']" in str(info.value) and "['base', 'ft']" in str(info.value)
     with pytest.raises(ProbeError, match="d_model 8.*16"):
         train_crosscoder(paired, CrosscoderConfig(d_model=8), small_config(), tmp_path / "x", progress=False)
@@ -306,7 +318,9 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     stores = tmp_path / "stores"
     paired = write_stores(stores, synthetic_acts(4096, seed=3))
     cfg = dict(n_tokens=256 * 16, batch_size=256, lr=1e-3, log_every=2, checkpoint_every=8, seed=0)
-    single = train_crosscoder(paired, CrosscoderConfig(n_features=64), CrosscoderTrainingConfig(**cfg), tmp_path / "single", progress=False)
+    single = train_crosscoder(
+        paired, CrosscoderConfig(n_features=64), CrosscoderTrainingConfig(**cfg), tmp_path / "single", progress=False
+    )
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT.format(cfg=cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -343,10 +357,17 @@ def test_crosscoder_train_step_returns_the_run_it_reads_back(paired, tmp_path):
     from posttrain_probe.crosscoder import CrosscoderRun, CrosscoderTrainConfig, crosscoder_train
 
     stores = [str(store.path) for store in paired.stores.values()]
-    config = CrosscoderTrainConfig(acts=stores, out=tmp_path / "run", crosscoder=CrosscoderConfig(n_features=32), training=small_config(n_tokens=1024))
+    config = CrosscoderTrainConfig(
+        acts=stores,
+        out=tmp_path / "run",
+        crosscoder=CrosscoderConfig(n_features=32),
+        training=small_config(n_tokens=1024),
+    )
     run = crosscoder_train(config, progress=False)
     assert run.complete and run.step == run.total_steps == 4 and run.tokens == 1024 and run.out == tmp_path / "run"
-    assert run.config.model_names == NAMES and run.config.n_features == 32 and run.warnings  # 4 steps: "only 4 optimizer steps"
+    assert (
+        run.config.model_names == NAMES and run.config.n_features == 32 and run.warnings
+    )  # 4 steps: "only 4 optimizer steps"
     assert CrosscoderRun.read(tmp_path / "run") == run
     run.write(tmp_path / "run")
     assert CrosscoderRun.read(tmp_path / "run") == run
@@ -370,10 +391,33 @@ def test_crosscoder_train_config_from_yaml_sections_equals_flags(tmp_path, monke
 
     monkeypatch.setattr(run_module, "crosscoder_train", fake)
     file = tmp_path / "cc.yaml"
-    file.write_text("acts: [a, b]\nout: runs/cc\nresume: true\ncrosscoder:\n  layer: 3\n  n_features: 64\n  model_names: [base, ft]\n"
-                    "training:\n  batch_size: 128\n  lr: 0.002\n  report_to: [tensorboard]\n")
-    flags = ["--acts", "a", "--acts", "b", "--out", "runs/cc", "--resume", "--layer", "3", "--n-features", "64", "--model-names", "base",
-             "--model-names", "ft", "--batch-size", "128", "--lr", "0.002", "--report-to", "tensorboard"]
+    file.write_text(
+        "acts: [a, b]\nout: runs/cc\nresume: true\ncrosscoder:\n  layer: 3\n  n_features: 64\n  model_names: [base, ft]\n"
+        "training:\n  batch_size: 128\n  lr: 0.002\n  report_to: [tensorboard]\n"
+    )
+    flags = [
+        "--acts",
+        "a",
+        "--acts",
+        "b",
+        "--out",
+        "runs/cc",
+        "--resume",
+        "--layer",
+        "3",
+        "--n-features",
+        "64",
+        "--model-names",
+        "base",
+        "--model-names",
+        "ft",
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.002",
+        "--report-to",
+        "tensorboard",
+    ]
     runner = CliRunner()
     for args in (["crosscoder", "train", *flags], ["crosscoder", "train", "--config", str(file)]):
         result = runner.invoke(app, args)

@@ -191,7 +191,15 @@ def test_match_features_recovers_permutation():
     assert m.quality.n_matched == 200
     assert m.quality.mean > 0.99 and m.quality.median > 0.99
     assert m.quality.frac_above_0_9 == 1.0 and m.quality.frac_above_0_7 == 1.0
-    assert set(m.quality._asdict()) == {"mean", "median", "frac_above_0_9", "frac_above_0_7", "n_matched", "n_unmatched", "min_cosine"}
+    assert set(m.quality._asdict()) == {
+        "mean",
+        "median",
+        "frac_above_0_9",
+        "frac_above_0_7",
+        "n_matched",
+        "n_unmatched",
+        "min_cosine",
+    }
 
 
 def test_match_features_rectangular_smaller_a():
@@ -259,11 +267,13 @@ def test_negligible_latents_never_enter_top_k():
 
 
 def test_top_k_ties_counts_and_flags_undetermined_sets():
-    scores = torch.tensor([
-        [0.9, 1.0, 1.0, 1.0, 0.2],  # three tie at the cut of k=2: undetermined
-        [0.9, 1.0, 0.8, 0.1, 0.2],  # clean cut
-        [1.0, 1.0, 0.5, 0.4, float("nan")],  # two tie but both inside
-    ])
+    scores = torch.tensor(
+        [
+            [0.9, 1.0, 1.0, 1.0, 0.2],  # three tie at the cut of k=2: undetermined
+            [0.9, 1.0, 0.8, 0.1, 0.2],  # clean cut
+            [1.0, 1.0, 0.5, 0.4, float("nan")],  # two tie but both inside
+        ]
+    )
     ties = top_k_ties(scores, k=2)
     assert ties.n_tied.tolist() == [3, 1, 2]
     assert ties.n_tied_in_top.tolist() == [2, 1, 2]
@@ -386,13 +396,38 @@ def test_dynamics_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatc
     from posttrain_probe.config_io import load_config
 
     yaml_file = tmp_path / "dynamics.yaml"
-    yaml_file.write_text("crosscoder: [runs/cc1, runs/cc2]\nout: runs/dyn\ncheckpoint: [c1, c2]\nk: 5\nnorm_floor: 0.02\nmin_cosine: 0.6\n")
-    direct = DynamicsConfig(crosscoder=["runs/cc1", "runs/cc2"], out="runs/dyn", checkpoint=["c1", "c2"], k=5, norm_floor=0.02, min_cosine=0.6)
+    yaml_file.write_text(
+        "crosscoder: [runs/cc1, runs/cc2]\nout: runs/dyn\ncheckpoint: [c1, c2]\nk: 5\nnorm_floor: 0.02\nmin_cosine: 0.6\n"
+    )
+    direct = DynamicsConfig(
+        crosscoder=["runs/cc1", "runs/cc2"],
+        out="runs/dyn",
+        checkpoint=["c1", "c2"],
+        k=5,
+        norm_floor=0.02,
+        min_cosine=0.6,
+    )
     assert load_config(DynamicsConfig, yaml_file) == direct
     seen = []
     monkeypatch.setattr(report, "dynamics", lambda config, **kwargs: seen.append(config))
-    flags = ["--crosscoder", "runs/cc1", "--crosscoder", "runs/cc2", "--out", "runs/dyn", "--checkpoint", "c1", "--checkpoint", "c2",
-             "--k", "5", "--norm-floor", "0.02", "--min-cosine", "0.6"]
+    flags = [
+        "--crosscoder",
+        "runs/cc1",
+        "--crosscoder",
+        "runs/cc2",
+        "--out",
+        "runs/dyn",
+        "--checkpoint",
+        "c1",
+        "--checkpoint",
+        "c2",
+        "--k",
+        "5",
+        "--norm-floor",
+        "0.02",
+        "--min-cosine",
+        "0.6",
+    ]
     for argv in (flags, ["--config", str(yaml_file)]):
         CliRunner().invoke(app, ["dynamics", *argv])
     assert seen == [direct, direct]

@@ -65,7 +65,15 @@ def train(paths: dict, names: list[str], out, n_features: int):
     """The papers' ReLU + decoder-norm L1 recipe; lambda = 1 suits this tiny d = 32 world (at lambda = 2
     the six-model crosscoder leaves most checkpoint-only features unlearned in this short run)."""
     source = PairedActivations({name: paths[name] for name in names})
-    cfg = CrosscoderTrainingConfig(n_tokens=EPOCHS * N_TOKENS, batch_size=256, lr=3e-3, l1_coefficient=1.0, log_every=50, checkpoint_every=10_000, seed=0)
+    cfg = CrosscoderTrainingConfig(
+        n_tokens=EPOCHS * N_TOKENS,
+        batch_size=256,
+        lr=3e-3,
+        l1_coefficient=1.0,
+        log_every=50,
+        checkpoint_every=10_000,
+        seed=0,
+    )
     return train_crosscoder(source, CrosscoderConfig(n_features=n_features), cfg, out, progress=False)
 
 
@@ -81,14 +89,18 @@ def _assert_recovers_truth(kind: str, result: DynamicsResult) -> None:
     overlap = torch.tensor(result.overlap)
     truth = torch.ones_like(overlap) if kind == "stable" else torch.eye(N_CHECKPOINTS)
     error = (overlap - truth).abs()
-    assert error.max().item() <= 0.15, f"{kind}: top-{N_NEW} overlap {overlap.tolist()} is more than 0.15 from the truth"
+    assert error.max().item() <= 0.15, (
+        f"{kind}: top-{N_NEW} overlap {overlap.tolist()} is more than 0.15 from the truth"
+    )
 
 
 @pytest.mark.slow
 def test_joint_crosscoder_recovers_true_overlap(planted, tmp_path):
     kind, paths, root = planted
     cc = train(paths, NAMES, root / "joint", n_features=128)
-    result = dynamics(DynamicsConfig(crosscoder=[root / "joint"], base="base", k=N_NEW, out=tmp_path / "dyn"), crosscoders=[cc])
+    result = dynamics(
+        DynamicsConfig(crosscoder=[root / "joint"], base="base", k=N_NEW, out=tmp_path / "dyn"), crosscoders=[cc]
+    )
     _assert_recovers_truth(kind, result)
     assert json.loads((tmp_path / "dyn" / "dynamics.json").read_text())["overlap"] == result.overlap
 
@@ -97,7 +109,9 @@ def test_joint_crosscoder_recovers_true_overlap(planted, tmp_path):
 def test_per_checkpoint_crosscoders_recover_true_overlap(planted, tmp_path):
     kind, paths, root = planted
     models = [train(paths, ["base", name], root / f"pair-{name}", n_features=96) for name in CHECKPOINTS]
-    config = DynamicsConfig(crosscoder=[root / f"pair-{name}" for name in CHECKPOINTS], base="base", k=N_NEW, out=tmp_path / "dyn")
+    config = DynamicsConfig(
+        crosscoder=[root / f"pair-{name}" for name in CHECKPOINTS], base="base", k=N_NEW, out=tmp_path / "dyn"
+    )
     result = dynamics(config, crosscoders=models)
     _assert_recovers_truth(kind, result)
     for label in CHECKPOINTS[1:]:  # every matching is reported; nothing below the floor is forced
@@ -107,6 +121,11 @@ def test_per_checkpoint_crosscoders_recover_true_overlap(planted, tmp_path):
     if kind == "turnover":
         # The control: forced one-to-one matching without a floor pairs each checkpoint's new latents
         # with unrelated ones and invents persistence that the planting does not have.
-        forced_config = dataclasses.replace(config, out=tmp_path / "forced", min_cosine=-1.0, duplicate_cosine=None, norm_floor=0.0)
+        forced_config = dataclasses.replace(
+            config, out=tmp_path / "forced", min_cosine=-1.0, duplicate_cosine=None, norm_floor=0.0
+        )
         forced = dynamics(forced_config, crosscoders=models)
-        assert torch.diagonal(torch.tensor(forced.overlap), 1).mean() > torch.diagonal(torch.tensor(result.overlap), 1).mean() + 0.15
+        assert (
+            torch.diagonal(torch.tensor(forced.overlap), 1).mean()
+            > torch.diagonal(torch.tensor(result.overlap), 1).mean() + 0.15
+        )

@@ -39,9 +39,15 @@ PROMPTS = ["The quick brown fox jumps over", "Let us think", "A small model lear
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_crosscoder(*, seed=0, activation="relu", names=("base", "rl"), layer=LAYER, d=D, n_features=N_FEATURES) -> Crosscoder:
+def random_crosscoder(
+    *, seed=0, activation="relu", names=("base", "rl"), layer=LAYER, d=D, n_features=N_FEATURES
+) -> Crosscoder:
     """Random untied weights, non-trivial scales, b_enc so that a good share of the codes fire."""
-    cc = Crosscoder(CrosscoderConfig(model_names=list(names), d_model=d, n_features=n_features, layer=layer, activation=activation, k=4))
+    cc = Crosscoder(
+        CrosscoderConfig(
+            model_names=list(names), d_model=d, n_features=n_features, layer=layer, activation=activation, k=4
+        )
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cc.W_enc.copy_(torch.randn(cc.W_enc.shape, generator=gen) / d**0.5)
@@ -136,7 +142,11 @@ def replaced_logits(model, inputs, new_input, layer=LAYER):
 
 
 def hook_counts(model):
-    return len(model._forward_pre_hooks), len(model._forward_hooks), [len(b._forward_pre_hooks) for b in decoder_blocks(model)]
+    return (
+        len(model._forward_pre_hooks),
+        len(model._forward_hooks),
+        [len(b._forward_pre_hooks) for b in decoder_blocks(model)],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +228,9 @@ def test_delta_is_the_decoded_change_of_the_chosen_features(model, tokenizer, mo
         codes = cc.encode_source(original[real], "rl").detach()[:, S]
         assert 0 < int((codes > 0).sum()) < int((relu_codes[:, S] > 0).sum())
     max_acts = torch.rand(N_FEATURES, generator=torch.Generator().manual_seed(5)) * 4
-    iv = FeatureIntervention(cc, S, mode=mode, value=value, model_name="rl", max_acts=max_acts if mode == "steer" else None)
+    iv = FeatureIntervention(
+        cc, S, mode=mode, value=value, model_name="rl", max_acts=max_acts if mode == "steer" else None
+    )
     with iv.attach(model):
         edited, logits = block_input(model, inputs)
     expected = reference_edit(cc, "rl", S, original[real], mode, iv.value, max_acts)
@@ -318,17 +330,31 @@ def test_generate_with_kv_cache_equals_full_recomputation(model, cc, tokenizer):
     new_tokens = 4
     inputs = encode(tokenizer, PROMPTS[:2], "left")
     prompt_len = inputs["attention_mask"].sum(-1)
-    gen_args = dict(max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    gen_args = dict(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     outputs = {}
     with torch.no_grad():
         plain = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen_args)
         for positions in POSITIONS:
             iv = FeatureIntervention(cc, S, mode="set", value=4.0, model_name="rl", positions=positions)
             with iv.attach(model):
-                out = outputs[positions] = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen_args)
+                out = outputs[positions] = model.generate(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **gen_args
+                )
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 for step in range(new_tokens):
-                    full = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0), "use_cache": False}
+                    full = {
+                        "input_ids": ids,
+                        "attention_mask": mask,
+                        "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+                        "use_cache": False,
+                    }
                     with iv.prompt_lengths(prompt_len) if positions != "all" else contextlib.nullcontext():
                         logits = model(**full).logits[:, -1]
                     torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
@@ -354,6 +380,7 @@ def test_several_interventions_compose_in_attach_order(model, cc, tokenizer):
     def manual(layer_edits):
         handles = []
         for layer, edits in layer_edits.items():
+
             def hook(module, args, kwargs, edits=edits):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 for iv in edits:
@@ -362,6 +389,7 @@ def test_several_interventions_compose_in_attach_order(model, cc, tokenizer):
                     return (hidden, *args[1:]), kwargs
                 kwargs["hidden_states"] = hidden
                 return args, kwargs
+
             handles.append(decoder_blocks(model)[layer].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             with torch.no_grad():
@@ -419,37 +447,73 @@ def test_context_manager_detaches_on_error(model, cc, tokenizer):
 def test_max_activations_and_its_cache(model, cc, tokenizer, tmp_path):
     texts = PROMPTS + ["Which of these is true? Please choose one option"]
     cc.save_pretrained(tmp_path / "cc")
-    got = max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
+    got = max_activations(
+        tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)
+    )
     # reference: every kept token (real, not the first position, not BOS) of every document
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
     acts = truncated_forward(model, batch["input_ids"], batch["attention_mask"], [LAYER])[LAYER]
-    keep = batch["attention_mask"].bool() & (batch["attention_mask"].cumsum(-1) > 1) & (batch["input_ids"] != tokenizer.bos_token_id)
+    keep = (
+        batch["attention_mask"].bool()
+        & (batch["attention_mask"].cumsum(-1) > 1)
+        & (batch["input_ids"] != tokenizer.bos_token_id)
+    )
     expected = cc.encode_source(acts[keep], "rl").detach().amax(0)
     assert got.shape == (N_FEATURES,) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (got > 0).sum() > N_FEATURES // 4
     files = sorted((tmp_path / "cc" / "max_activations").glob("*.safetensors"))
     assert len(files) == 1
-    assert torch.equal(max_activations(tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)), got)
+    assert torch.equal(
+        max_activations(
+            tmp_path / "cc", "rl", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)
+        ),
+        got,
+    )
     # other model, other branch, other data: other cache entries
     other = tiny_model("qwen3", seed=7)
-    max_activations(tmp_path / "cc", "rl", other, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
-    max_activations(tmp_path / "cc", "base", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16))
+    max_activations(
+        tmp_path / "cc", "rl", other, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)
+    )
+    max_activations(
+        tmp_path / "cc", "base", model, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)
+    )
     as_batches = [TokenBatch(batch["input_ids"], batch["attention_mask"], torch.arange(len(texts)))]
-    torch.testing.assert_close(max_activations(tmp_path / "cc", "rl", model, as_batches), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        max_activations(tmp_path / "cc", "rl", model, as_batches), expected, rtol=1e-5, atol=1e-6
+    )
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 4
     # a model given by path (loaded up to block L) and the same model loaded in full share an entry
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    from_path = max_activations(tmp_path / "cc", "rl", tmp_path / "model", texts, reading=ReferenceReading(batch_size=3, seq_len=16))
+    from_path = max_activations(
+        tmp_path / "cc", "rl", tmp_path / "model", texts, reading=ReferenceReading(batch_size=3, seq_len=16)
+    )
     torch.testing.assert_close(from_path, got, rtol=1e-5, atol=1e-6)
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 5
     loaded = load_causal_lm(tmp_path / "model", device="cpu")
-    assert torch.equal(max_activations(tmp_path / "cc", "rl", loaded, texts, tokenizer=tokenizer, reading=ReferenceReading(batch_size=3, seq_len=16)), from_path)
+    assert torch.equal(
+        max_activations(
+            tmp_path / "cc",
+            "rl",
+            loaded,
+            texts,
+            tokenizer=tokenizer,
+            reading=ReferenceReading(batch_size=3, seq_len=16),
+        ),
+        from_path,
+    )
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 5
     # an in-memory crosscoder is not cached unless cache_dir is given
-    torch.testing.assert_close(max_activations(cc, "rl", model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        max_activations(
+            cc, "rl", model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]
+        ),
+        expected,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert len(list((tmp_path / "cc" / "max_activations").glob("*.safetensors"))) == 5
 
     # steer sets the chosen codes to 2 x their max activation
@@ -460,7 +524,9 @@ def test_max_activations_and_its_cache(model, cc, tokenizer, tmp_path):
     assert iv.value == 2.0 and iv.crosscoder_path == tmp_path / "cc"
     with iv.attach(model):
         edited, _ = block_input(model, inputs)
-    torch.testing.assert_close(edited[real], reference_edit(cc, "rl", S, original[real], "steer", 2.0, got), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        edited[real], reference_edit(cc, "rl", S, original[real], "steer", 2.0, got), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ProbeError, match="no tokens"):
         max_activations(cc, "rl", model, [torch.tensor([[7, 1]])])  # first position, then BOS
 
@@ -492,7 +558,10 @@ def test_crosscoder_fingerprint_and_feature_sets(tmp_path):
         assert resolve_features(cc, path) == [1, 4]
         assert FeatureIntervention(tmp_path / "cc", path, mode="zero", model_name="base").features == [1, 4]
     other = random_crosscoder(seed=9)
-    with pytest.raises(ProbeError, match=rf"made for crosscoder 'runs/cc' \(fingerprint {fingerprint[:12]}\).*fingerprint {crosscoder_fingerprint(other)[:12]}"):
+    with pytest.raises(
+        ProbeError,
+        match=rf"made for crosscoder 'runs/cc' \(fingerprint {fingerprint[:12]}\).*fingerprint {crosscoder_fingerprint(other)[:12]}",
+    ):
         resolve_features(other, by_object)
     with pytest.raises(ProbeError, match="made for crosscoder"):
         FeatureIntervention(other, str(by_path), model_name="rl")
@@ -573,5 +642,12 @@ def test_each_mode_is_one_affine_edit():
     assert torch.equal(FeatureEdit.add(1.5).change(f), torch.full_like(f, 1.5))
     assert torch.equal(FeatureEdit.steer(2.0, max_s).change(f), 2.0 * max_s - f)
     assert torch.equal(feature_edit("steer", 2.0, max_s).change(f), FeatureEdit.steer(2.0, max_s).change(f))
-    assert [(e.a, e.b) for e in (feature_edit("zero", None), feature_edit("set", 3.0), feature_edit("scale", 0.5), feature_edit("add", -1.0))] == [
-        (0.0, 0.0), (0.0, 3.0), (0.5, 0.0), (1.0, -1.0)]
+    assert [
+        (e.a, e.b)
+        for e in (
+            feature_edit("zero", None),
+            feature_edit("set", 3.0),
+            feature_edit("scale", 0.5),
+            feature_edit("add", -1.0),
+        )
+    ] == [(0.0, 0.0), (0.0, 3.0), (0.5, 0.0), (1.0, -1.0)]

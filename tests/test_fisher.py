@@ -49,7 +49,9 @@ LAYER = 2
 
 def test_importance_ratio_floor_and_selection_on_a_hand_example():
     # codes of 5 features on 4 reasoning tokens and 2 solution tokens
-    reasoning = torch.tensor([[1.0, 0.0, 0.001, 0.0, 3.0], [2.0, 0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 3.0], [1.0, 2.0, 0.0, 0.0, 3.0]])
+    reasoning = torch.tensor(
+        [[1.0, 0.0, 0.001, 0.0, 3.0], [2.0, 0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 3.0], [1.0, 2.0, 0.0, 0.0, 3.0]]
+    )
     solution = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 3.0]])
     e_r, e_s = reasoning.square().mean(0), solution.square().mean(0)
     assert e_r.tolist() == pytest.approx([1.5, 1.0, 2.5e-7, 0.0, 9.0])
@@ -82,7 +84,9 @@ def test_importance_ratio_floor_and_selection_on_a_hand_example():
 
 def test_rho_on_a_hand_example():
     # one sequence, 5 reasoning tokens; S = {1, 3}; codes [T, F]
-    codes = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.1]])
+    codes = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.1]]
+    )
     hits = (codes[:, [1, 3]] > 0).any(1).sum()
     assert rho_statistic(hits, torch.tensor(5)).item() == pytest.approx(3 / 5)
     out = rho_statistic(torch.tensor([[3, 0], [0, 0]]), torch.tensor([[5, 0], [4, 2]]))
@@ -112,7 +116,12 @@ def test_openthoughts_tags_on_the_tiny_tokenizer(tokenizer):
     doc = split_document({"text": text}, fmt, tokenizer)
     assert [doc.text[s:e] for s, e in doc.reasoning] == ["Wait, let me add. Hmm 2 + 3 = 5."]
     assert [doc.text[s:e] for s, e in doc.solution] == ["The answer is 5."]
-    assert [doc.text[s:e] for s, e in doc.tags] == ["<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"]
+    assert [doc.text[s:e] for s, e in doc.tags] == [
+        "<|begin_of_thought|>",
+        "<|end_of_thought|>",
+        "<|begin_of_solution|>",
+        "<|end_of_solution|>",
+    ]
     labels, offsets = _labels(doc, tokenizer)
     assert _segment_text(doc, labels, offsets, 1) == "Wait, let me add. Hmm 2 + 3 = 5."
     # the tiny BPE merges '.<|' into one token: it touches a tag, so it is in no segment
@@ -127,8 +136,14 @@ def test_chat_rows_search_the_assistant_turn_only(tokenizer):
     fmt = SegmentFormat()
     row = {
         "conversations": [
-            {"from": "user", "value": "Use <|begin_of_thought|> notes <|end_of_thought|> then <|begin_of_solution|> x <|end_of_solution|>. What is 2+2?"},
-            {"from": "assistant", "value": "<|begin_of_thought|>\n\nHmm, 2 + 2 = 4.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4\n\n<|end_of_solution|>"},
+            {
+                "from": "user",
+                "value": "Use <|begin_of_thought|> notes <|end_of_thought|> then <|begin_of_solution|> x <|end_of_solution|>. What is 2+2?",
+            },
+            {
+                "from": "assistant",
+                "value": "<|begin_of_thought|>\n\nHmm, 2 + 2 = 4.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4\n\n<|end_of_solution|>",
+            },
         ]
     }
     doc = split_document(row, fmt, tokenizer)
@@ -147,7 +162,9 @@ def test_chat_rows_search_the_assistant_turn_only(tokenizer):
 
 
 def test_delimiter_and_column_formats(tokenizer):
-    think = SegmentFormat(format="delimiters", reasoning_delimiters=("<think>", "</think>"), solution_delimiters=("</think>", ""))
+    think = SegmentFormat(
+        format="delimiters", reasoning_delimiters=("<think>", "</think>"), solution_delimiters=("</think>", "")
+    )
     doc = split_document({"text": "Q: 7*6?<think>\nhmm, 7*6 = 42\n</think>\nAnswer: 42\n"}, think, tokenizer)
     assert [doc.text[s:e] for s, e in doc.reasoning] == ["hmm, 7*6 = 42"]
     assert [doc.text[s:e] for s, e in doc.solution] == ["Answer: 42"]
@@ -156,12 +173,23 @@ def test_delimiter_and_column_formats(tokenizer):
     assert "hmm" in _segment_text(doc, labels, offsets, 1)
     # an unterminated block (a cut trace) runs to the end of the text
     assert find_delimited("a [r] b [r] c", "[r]", "[/r]") == ([(6, 13)], [(2, 5)])
-    assert find_delimited("x <a>1</a> <a>2</a>", "<a>", "</a>") == ([(5, 6), (14, 15)], [(2, 5), (6, 10), (11, 14), (15, 19)])
+    assert find_delimited("x <a>1</a> <a>2</a>", "<a>", "</a>") == (
+        [(5, 6), (14, 15)],
+        [(2, 5), (6, 10), (11, 14), (15, 19)],
+    )
 
-    cols = SegmentFormat(format="columns", reasoning_column="deepseek_reasoning", solution_column="deepseek_solution", prompt_column="problem")
+    cols = SegmentFormat(
+        format="columns",
+        reasoning_column="deepseek_reasoning",
+        solution_column="deepseek_solution",
+        prompt_column="problem",
+    )
     row = openthoughts_dataset(n=1)[0]
     doc = split_document(row, cols, tokenizer)
-    assert doc.text == f"{row['problem']}\n\n{row['deepseek_reasoning']}\n\n{row['deepseek_solution']}" and doc.add_special_tokens
+    assert (
+        doc.text == f"{row['problem']}\n\n{row['deepseek_reasoning']}\n\n{row['deepseek_solution']}"
+        and doc.add_special_tokens
+    )
     assert [doc.text[s:e] for s, e in doc.reasoning] == [row["deepseek_reasoning"]]
     assert [doc.text[s:e] for s, e in doc.solution] == [row["deepseek_solution"]]
     batch = next(segment_batches([doc], tokenizer, seq_len=4096))
@@ -242,7 +270,12 @@ def test_reasonscore_matches_a_straightforward_computation():
     assert masks[1, :, 1].tolist() == [False, True, True, True, True, False, False, False, False, False]
 
     # the formula itself: a feature spread evenly over the words and absent elsewhere scores highest
-    score, entropy = reason_score(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.5, 1.0]), torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]), alpha=0.7)
+    score, entropy = reason_score(
+        torch.tensor([1.0, 1.0, 0.0]),
+        torch.tensor([0.0, 0.5, 1.0]),
+        torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]),
+        alpha=0.7,
+    )
     assert entropy.tolist() == pytest.approx([1.0, 0.0, 0.0])
     assert score.tolist() == pytest.approx([0.5, 0.5 * 0.0 - 0.5 / 1.5, -1.0 / 1.5])
 
@@ -312,7 +345,10 @@ def _independent(tiny_pair, cc, name, features):
     model = AutoModelForCausalLM.from_pretrained(tiny_pair[name]).eval()
     sums, counts, rho = torch.zeros(2, cc.config.n_features, dtype=torch.float64), [0, 0], []
     for row in openthoughts_dataset(n=N_DOCS):
-        messages = [{"role": "user", "content": row["conversations"][0]["value"]}, {"role": "assistant", "content": row["conversations"][1]["value"]}]
+        messages = [
+            {"role": "user", "content": row["conversations"][0]["value"]},
+            {"role": "assistant", "content": row["conversations"][1]["value"]},
+        ]
         text = tok.apply_chat_template(messages, tokenize=False)
         start = text.find(row["conversations"][1]["value"])
         r0 = text.find(row["deepseek_reasoning"], start)
@@ -345,11 +381,24 @@ def _independent(tiny_pair, cc, name, features):
 
 def test_cli_end_to_end_matches_an_independent_computation(fisher_run, tiny_pair):
     out, cc = fisher_run["out"], fisher_run["cc"]
-    for name in ("fisher_features.json", "reasonscore_features.json", "features.csv", "rho.csv", "summary.json", "rho.png", "rho.svg"):
+    for name in (
+        "fisher_features.json",
+        "reasonscore_features.json",
+        "features.csv",
+        "rho.csv",
+        "summary.json",
+        "rho.png",
+        "rho.svg",
+    ):
         assert (out / name).exists(), name
     fset = json.loads((out / "fisher_features.json").read_text())
     prov = fset["provenance"]
-    assert prov["method"] == "fisher-importance-ratio" and prov["model"] == "base" and prov["layer"] == LAYER and prov["k"] == K
+    assert (
+        prov["method"] == "fisher-importance-ratio"
+        and prov["model"] == "base"
+        and prov["layer"] == LAYER
+        and prov["k"] == K
+    )
     assert prov["dataset"] == fisher_run["data"] and prov["floor_quantile"] == 0.5 and prov["floor"] > 0
     ranked = prov["ranked"]
     assert sorted(ranked) == fset["features"] and len(ranked) == K
@@ -416,11 +465,20 @@ def test_sae_encodes_every_model_with_its_one_branch(fisher_run, tiny_pair, tmp_
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     fmt = summary["settings"]["segment_format"]
-    assert fmt["format"] == "delimiters" and fmt["solution_delimiters"] == ["<|begin_of_solution|>", ""] and summary["settings"]["column"] == "text"
+    assert (
+        fmt["format"] == "delimiters"
+        and fmt["solution_delimiters"] == ["<|begin_of_solution|>", ""]
+        and summary["settings"]["column"] == "text"
+    )
     assert summary["documents"]["with_reasoning"] == summary["documents"]["with_solution"] == 4
-    assert summary["settings"]["kind"] == "sae" and summary["settings"]["branches"] == {"base": "distill", "sft": "distill"}
+    assert summary["settings"]["kind"] == "sae" and summary["settings"]["branches"] == {
+        "base": "distill",
+        "sft": "distill",
+    }
     assert summary["fisher"]["model"] == "sft" and summary["fisher"]["n_selected"] == 3 and "reasonscore" not in summary
-    assert (tmp_path / "out" / "features.parquet").exists() and not (tmp_path / "out" / "reasonscore_features.json").exists()
+    assert (tmp_path / "out" / "features.parquet").exists() and not (
+        tmp_path / "out" / "reasonscore_features.json"
+    ).exists()
 
 
 @pytest.mark.parametrize(
@@ -434,17 +492,44 @@ def test_sae_encodes_every_model_with_its_one_branch(fisher_run, tiny_pair, tmp_
     ],
 )
 def test_bad_input_exits_2(fisher_run, tiny_pair, tmp_path, extra, message):
-    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"text": f"just text {i}, no tags"}) + "\n" for i in range(3)))
+    (tmp_path / "plain.jsonl").write_text(
+        "".join(json.dumps({"text": f"just text {i}, no tags"}) + "\n" for i in range(3))
+    )
     cc_dir = str(fisher_run["out"].parent / "cc")
-    args = ["features", "fisher", "--crosscoder", cc_dir, "--dataset", fisher_run["data"], "--max-docs", "2", "--out", str(tmp_path / "o")]
-    args += [a.replace("MODEL", str(tiny_pair["base"])).replace("CC", cc_dir).replace("NOTAGS", str(tmp_path / "plain.jsonl")) for a in extra]
+    args = [
+        "features",
+        "fisher",
+        "--crosscoder",
+        cc_dir,
+        "--dataset",
+        fisher_run["data"],
+        "--max-docs",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    args += [
+        a.replace("MODEL", str(tiny_pair["base"]))
+        .replace("CC", cc_dir)
+        .replace("NOTAGS", str(tmp_path / "plain.jsonl"))
+        for a in extra
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
 
 
 def test_neither_crosscoder_nor_sae_and_sae_of_two_models(fisher_run, tiny_pair, tmp_path):
-    base = ["features", "fisher", "--model", f"base={tiny_pair['base']}", "--dataset", fisher_run["data"], "--out", str(tmp_path)]
+    base = [
+        "features",
+        "fisher",
+        "--model",
+        f"base={tiny_pair['base']}",
+        "--dataset",
+        fisher_run["data"],
+        "--out",
+        str(tmp_path),
+    ]
     result = runner.invoke(app, base)
     assert result.exit_code == 2 and "exactly one of --crosscoder DIR and --sae DIR" in result.output
     result = runner.invoke(app, base + ["--sae", str(fisher_run["out"].parent / "cc")])
@@ -454,10 +539,18 @@ def test_neither_crosscoder_nor_sae_and_sae_of_two_models(fisher_run, tiny_pair,
 def test_rho_summary_warns_when_the_selection_fires_everywhere():
     """A selection active on every token (an undertrained, non-sparse crosscoder) gives rho = 1 in both
     segments: the summary says so instead of reporting an uninformative AUC of 0.5 silently."""
+
     def report(hits):
-        stats = SegmentStats(n_tokens=torch.tensor([20, 10]), sq_sum=torch.ones(2, 4, dtype=torch.float64),
-                             active=torch.ones(2, 4, dtype=torch.int64), doc_tokens=torch.tensor([[10, 5], [10, 5]]), hits=hits)
-        return FisherReport(settings={}, select_model="m", selection=None, stats={"m": stats}, documents={}).rho_summary()["m"]
+        stats = SegmentStats(
+            n_tokens=torch.tensor([20, 10]),
+            sq_sum=torch.ones(2, 4, dtype=torch.float64),
+            active=torch.ones(2, 4, dtype=torch.int64),
+            doc_tokens=torch.tensor([[10, 5], [10, 5]]),
+            hits=hits,
+        )
+        return FisherReport(
+            settings={}, select_model="m", selection=None, stats={"m": stats}, documents={}
+        ).rho_summary()["m"]
 
     everywhere = report(torch.tensor([[10, 5], [10, 5]], dtype=torch.float64))
     assert everywhere["separation"]["auc_reasoning_above_solution"] == 0.5
@@ -491,7 +584,10 @@ def test_report_read_gives_back_what_write_wrote(fisher_run, tmp_path):
     assert _close(json.loads((tmp_path / "again" / "summary.json").read_text())["rho"], on_disk["rho"])
     for name in ("features.csv", "rho.csv"):
         assert _read_csv(tmp_path / "again" / name) == _read_csv(out / name), name
-    assert json.loads((tmp_path / "again" / "reasonscore_features.json").read_text())["features"] == json.loads((out / "reasonscore_features.json").read_text())["features"]
+    assert (
+        json.loads((tmp_path / "again" / "reasonscore_features.json").read_text())["features"]
+        == json.loads((out / "reasonscore_features.json").read_text())["features"]
+    )
 
 
 def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):

@@ -92,17 +92,32 @@ def test_context_ids_match_lm_eval_hflm(tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     lm = HFLM(pretrained=str(tmp_path), device="cpu", batch_size=1)
-    for context in ["What is 2 + 3?\nAnswer:", "Question: the colour of snow \nAnswer: ", "<|bos|>already has BOS", " x"]:
+    for context in [
+        "What is 2 + 3?\nAnswer:",
+        "Question: the colour of snow \nAnswer: ",
+        "<|bos|>already has BOS",
+        " x",
+    ]:
         assert lm_eval_context_ids(tokenizer, context) == lm._encode_pair(context, " B")[0]
-        assert lm_eval_context_ids(tokenizer, context, output_type="generate_until") == lm.tok_batch_encode([context])[0][0].tolist()
+        assert (
+            lm_eval_context_ids(tokenizer, context, output_type="generate_until")
+            == lm.tok_batch_encode([context])[0][0].tolist()
+        )
     assert lm_eval_context_ids(tokenizer, "") == [lm.prefix_token_id]
-    assert lm_eval_context_ids(tokenizer, "Answer:", add_bos_token=False) == tokenizer.encode("Answer:", add_special_tokens=False)
+    assert lm_eval_context_ids(tokenizer, "Answer:", add_bos_token=False) == tokenizer.encode(
+        "Answer:", add_special_tokens=False
+    )
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2"])  # gpt2: learned absolute positions, so position_ids matter
 def test_last_prompt_token_left_and_right_padding_equal_unpadded(arch):
     model, tokenizer = tiny_model(arch, num_layers=3), tiny_tokenizer()
-    prompts = ["What is 2 + 3?\nAnswer:", "a", "Which of these animals lives in the sea?\nA. whale\nB. lion\nAnswer:", "Compute 7 * 8."]
+    prompts = [
+        "What is 2 + 3?\nAnswer:",
+        "a",
+        "Which of these animals lives in the sea?\nA. whale\nB. lion\nAnswer:",
+        "Compute 7 * 8.",
+    ]
     ids = [lm_eval_context_ids(tokenizer, p) for p in prompts]
     expected = []
     for row in ids:  # independent: one unpadded full forward per prompt, hidden_states[L] at its last token
@@ -130,11 +145,31 @@ def runs():
 @pytest.fixture(scope="module")
 def cli_out(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("generalization")
-    result = CliRunner().invoke(app, [
-        "features", "generalization", "--crosscoder", str(runs.crosscoder), "--base", "base", "--rl", "rl",
-        "--critical", str(runs.critical), "--model", f"base={runs.base}", "--model", f"rl={runs.rl}",
-        "--threshold", "0.2", "--out", str(out), "--batch-size", "5",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "features",
+            "generalization",
+            "--crosscoder",
+            str(runs.crosscoder),
+            "--base",
+            "base",
+            "--rl",
+            "rl",
+            "--critical",
+            str(runs.critical),
+            "--model",
+            f"base={runs.base}",
+            "--model",
+            f"rl={runs.rl}",
+            "--threshold",
+            "0.2",
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -168,10 +203,14 @@ def test_cli_end_to_end_on_real_critical_samples(runs, cli_out):
     codes = {}
     for branch, path in (("base", runs.base), ("rl", runs.rl)):
         model = load_causal_lm(path, device="cpu")
-        acts = torch.stack([
-            model(input_ids=torch.tensor([lm_eval_context_ids(tokenizer, p)]), output_hidden_states=True).hidden_states[LAYER][0, -1]
-            for p in prompts
-        ])
+        acts = torch.stack(
+            [
+                model(
+                    input_ids=torch.tensor([lm_eval_context_ids(tokenizer, p)]), output_hidden_states=True
+                ).hidden_states[LAYER][0, -1]
+                for p in prompts
+            ]
+        )
         with torch.no_grad():
             codes[branch] = cc.encode_source(acts, branch)
     expected = (codes["rl"] - codes["base"]).double().mean(0)
@@ -198,15 +237,26 @@ def test_cli_end_to_end_on_real_critical_samples(runs, cli_out):
 
 @pytest.mark.slow
 def _config(runs, out, **kwargs) -> GeneralizationConfig:
-    return GeneralizationConfig(crosscoder=runs.crosscoder, base="base", rl="rl", critical=runs.critical,
-                                model=[f"base={runs.base}", f"rl={runs.rl}"], out=out, **kwargs)
+    return GeneralizationConfig(
+        crosscoder=runs.crosscoder,
+        base="base",
+        rl="rl",
+        critical=runs.critical,
+        model=[f"base={runs.base}", f"rl={runs.rl}"],
+        out=out,
+        **kwargs,
+    )
 
 
 def test_python_api_task_subset_and_padding_side(runs, cli_out, tmp_path):
     """--tasks restricts; left padding and another batch size give the same scores; the result writes the same files."""
     out, _ = cli_out
     first = json.loads((out / "generalization.json").read_text())
-    result = features_generalization(_config(runs, tmp_path, tasks=["probe_mcq_qa", "probe_math"], padding_side="left", batch_size=2, overlap="jaccard"))
+    result = features_generalization(
+        _config(
+            runs, tmp_path, tasks=["probe_mcq_qa", "probe_math"], padding_side="left", batch_size=2, overlap="jaccard"
+        )
+    )
     assert isinstance(result, GeneralizationFeatures)
     assert result.tasks == ["probe_mcq_qa"] and result.skipped == ["probe_math"]
     assert result.sets["probe_mcq_qa"] == first["tasks"]["probe_mcq_qa"]["features"]
@@ -217,19 +267,67 @@ def test_python_api_task_subset_and_padding_side(runs, cli_out, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input(runs, tmp_path):
-    base_args = ["features", "generalization", "--crosscoder", str(runs.crosscoder), "--critical", str(runs.critical), "--out", str(tmp_path)]
+    base_args = [
+        "features",
+        "generalization",
+        "--crosscoder",
+        str(runs.crosscoder),
+        "--critical",
+        str(runs.critical),
+        "--out",
+        str(tmp_path),
+    ]
     runner = CliRunner()
     # a branch the crosscoder does not have
-    result = runner.invoke(app, [*base_args, "--base", "base", "--rl", "grpo", "--model", f"base={runs.base}", "--model", f"grpo={runs.rl}"])
-    assert result.exit_code == 2 and "'grpo' is not in this crosscoder" in result.output and "['base', 'rl']" in result.output
+    result = runner.invoke(
+        app,
+        [*base_args, "--base", "base", "--rl", "grpo", "--model", f"base={runs.base}", "--model", f"grpo={runs.rl}"],
+    )
+    assert (
+        result.exit_code == 2
+        and "'grpo' is not in this crosscoder" in result.output
+        and "['base', 'rl']" in result.output
+    )
     # a model name that is neither branch
-    result = runner.invoke(app, [*base_args, "--base", "base", "--rl", "rl", "--model", f"base={runs.base}", "--model", f"sft={runs.rl}"])
+    result = runner.invoke(
+        app, [*base_args, "--base", "base", "--rl", "rl", "--model", f"base={runs.base}", "--model", f"sft={runs.rl}"]
+    )
     assert result.exit_code == 2 and "--model rl=PATH" in result.output
     # only tasks without critical samples
-    result = runner.invoke(app, [*base_args, "--base", "base", "--rl", "rl", "--model", f"base={runs.base}", "--model", f"rl={runs.rl}", "--tasks", "probe_math"])
+    result = runner.invoke(
+        app,
+        [
+            *base_args,
+            "--base",
+            "base",
+            "--rl",
+            "rl",
+            "--model",
+            f"base={runs.base}",
+            "--model",
+            f"rl={runs.rl}",
+            "--tasks",
+            "probe_math",
+        ],
+    )
     assert result.exit_code == 2 and "no task has generalization-critical samples" in result.output
     # a task the file does not have
-    result = runner.invoke(app, [*base_args, "--base", "base", "--rl", "rl", "--model", f"base={runs.base}", "--model", f"rl={runs.rl}", "--tasks", "arc_easy"])
+    result = runner.invoke(
+        app,
+        [
+            *base_args,
+            "--base",
+            "base",
+            "--rl",
+            "rl",
+            "--model",
+            f"base={runs.base}",
+            "--model",
+            f"rl={runs.rl}",
+            "--tasks",
+            "arc_easy",
+        ],
+    )
     assert result.exit_code == 2 and "arc_easy" in result.output and "probe_mcq" in result.output
     # not a critical-samples file
     (tmp_path / "x.json").write_text("{}")
@@ -249,7 +347,9 @@ def test_half_split_is_seeded_disjoint_and_complete():
     assert (len(selection), len(held)) == (4, 3) and selection == sorted(selection) and held == sorted(held)
     assert half_split(list(reversed(ids)), 0, "probe_mcq") == (selection, held)  # the order given does not matter
     assert len({tuple(half_split(ids, seed, "probe_mcq")[1]) for seed in range(8)}) > 1  # the seed matters
-    assert len({tuple(half_split(ids, 0, task)[1]) for task in ("a", "b", "c", "d", "e")}) > 1  # tasks split independently
+    assert (
+        len({tuple(half_split(ids, 0, task)[1]) for task in ("a", "b", "c", "d", "e")}) > 1
+    )  # tasks split independently
     assert half_split([5, 9], 1, "t")[0] != half_split([5, 9], 1, "t")[1]
     with pytest.raises(ProbeError, match="needs at least 2"):
         half_split([5], 0, "t")
@@ -266,7 +366,11 @@ def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypat
     critical = json.loads(runs.critical.read_text())
     seen: list[str] = []
     tokenise = generalization.lm_eval_context_ids
-    monkeypatch.setattr(generalization, "lm_eval_context_ids", lambda tok, context, **kw: seen.append(context) or tokenise(tok, context, **kw))
+    monkeypatch.setattr(
+        generalization,
+        "lm_eval_context_ids",
+        lambda tok, context, **kw: seen.append(context) or tokenise(tok, context, **kw),
+    )
     split = features_generalization(_config(runs, tmp_path / "split", split_half=3))
     monkeypatch.undo()
     halves = split.settings["split_half"]
@@ -284,7 +388,9 @@ def test_split_half_selection_never_uses_held_out_docs(runs, tmp_path, monkeypat
     restricted = CriticalSamples.read(runs.critical)
     for task in split.tasks:
         restricted.tasks[task] = restricted.tasks[task].subset(halves["selection_doc_ids"][task])
-    alone = features_generalization(dataclasses.replace(_config(runs, tmp_path / "alone"), critical=restricted.write(tmp_path / "restricted.json")))
+    alone = features_generalization(
+        dataclasses.replace(_config(runs, tmp_path / "alone"), critical=restricted.write(tmp_path / "restricted.json"))
+    )
     assert torch.equal(alone.scores, split.scores) and alone.sets == split.sets
     # written: the halves in the feature set's provenance, |held-out half| per task in the summary
     files = split.write(tmp_path)
@@ -307,7 +413,10 @@ def test_read_gives_back_what_write_wrote(cli_out, tmp_path):
     files = result.write(tmp_path)
     with open(out / "scores.csv") as a, open(tmp_path / "scores.csv") as b:
         assert list(csv.reader(a)) == list(csv.reader(b))
-    assert load_feature_set(files["feature_set"]).features == load_feature_set(out / "generalization_features.json").features
+    assert (
+        load_feature_set(files["feature_set"]).features
+        == load_feature_set(out / "generalization_features.json").features
+    )
     assert GeneralizationFeatures.read(tmp_path).summary() == result.summary()
 
 
@@ -322,11 +431,43 @@ def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
         raise ProbeError("captured")
 
     monkeypatch.setattr(generalization, "features_generalization", capture)
-    result = CliRunner().invoke(app, [
-        "features", "generalization", "--crosscoder", "runs/cc", "--base", "base", "--rl", "rl", "--critical", "runs/critical.json",
-        "--model", "base=m0", "--model", "rl=m1", "--out", "runs/genfeat", "--threshold", "0.3", "--tasks", "a,b", "--tasks", "c",
-        "--overlap", "jaccard", "--add-bos-token", "--padding-side", "left", "--batch-size", "4", "--split-half", "7", "--allow-incomplete",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "features",
+            "generalization",
+            "--crosscoder",
+            "runs/cc",
+            "--base",
+            "base",
+            "--rl",
+            "rl",
+            "--critical",
+            "runs/critical.json",
+            "--model",
+            "base=m0",
+            "--model",
+            "rl=m1",
+            "--out",
+            "runs/genfeat",
+            "--threshold",
+            "0.3",
+            "--tasks",
+            "a,b",
+            "--tasks",
+            "c",
+            "--overlap",
+            "jaccard",
+            "--add-bos-token",
+            "--padding-side",
+            "left",
+            "--batch-size",
+            "4",
+            "--split-half",
+            "7",
+            "--allow-incomplete",
+        ],
+    )
     assert "captured" in result.output, result.output
     (tmp_path / "genfeat.yaml").write_text(
         "crosscoder: runs/cc\nbase: base\nrl: rl\ncritical: runs/critical.json\nmodel: [base=m0, rl=m1]\nout: runs/genfeat\n"
@@ -336,5 +477,7 @@ def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
     from_yaml = load_config(GeneralizationConfig, tmp_path / "genfeat.yaml")
     assert seen[0] == from_yaml
     assert from_yaml.tasks == ["a", "b", "c"] and from_yaml.add_bos_token is True
-    result = CliRunner().invoke(app, ["features", "generalization", "--config", str(tmp_path / "genfeat.yaml"), "--batch-size", "2"])
+    result = CliRunner().invoke(
+        app, ["features", "generalization", "--config", str(tmp_path / "genfeat.yaml"), "--batch-size", "2"]
+    )
     assert "captured" in result.output and seen[1].batch_size == 2 and seen[1].model == from_yaml.model

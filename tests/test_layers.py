@@ -119,7 +119,11 @@ def lora_model(arch: str, seed: int = 0) -> peft.PeftModel:
     """A PEFT LoRA model on the attention projections, with non-zero LoRA weights (so the adapter
     really changes the residual stream and the comparison below is not trivially the base model)."""
     config = peft.LoraConfig(
-        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=LORA_TARGETS.get(arch, DEFAULT_LORA_TARGETS), init_lora_weights=False
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=LORA_TARGETS.get(arch, DEFAULT_LORA_TARGETS),
+        init_lora_weights=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gpt2's Conv1D fan_in_fan_out notice

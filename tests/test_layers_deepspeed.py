@@ -51,11 +51,22 @@ print("OK", losses)
 """
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_truncated_forward_through_deepspeed_engine(stage):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(stage)], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(stage)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK" in result.stdout

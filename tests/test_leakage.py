@@ -56,7 +56,11 @@ def _finetune(model, tokenizer, callbacks, out_dir, steps: int = 20):
     texts = list(arithmetic_dataset(n=160, seed=5)["text"])
     encoded = tokenizer(texts, truncation=True, max_length=64, padding="max_length")
     rows = [
-        {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(ids).masked_fill(torch.tensor(mask) == 0, -100)}
+        {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor(ids).masked_fill(torch.tensor(mask) == 0, -100),
+        }
         for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])
     ]
     args = TrainingArguments(
@@ -112,7 +116,9 @@ def test_relative_change_formula():
     cc = exact_crosscoder(d_model=8, layer=0)
     torch.manual_seed(0)
     base, blocked = torch.randn(50, 8), torch.randn(50, 8)
-    shift = feature_shift(cc, [torch.stack([base[:20], blocked[:20]], 1), torch.stack([base[20:], blocked[20:]], 1)], "base")
+    shift = feature_shift(
+        cc, [torch.stack([base[:20], blocked[:20]], 1), torch.stack([base[20:], blocked[20:]], 1)], "base"
+    )
     f_base, f_blocked = cc.encode_source(base, "base").double(), cc.encode_source(blocked, "base").double()
     assert shift.n_tokens == 50
     torch.testing.assert_close(shift.base_sum, f_base.sum(0))
@@ -153,7 +159,11 @@ def test_blocked_model_moved_its_protected_features_less(runs, tmp_path):
     assert 0.6 < p["median_ratio_protected_to_unprotected"] < 1.6, p
 
     out = tmp_path / "blocked"
-    assert blocked["settings"]["layer"] == 2 and blocked["settings"]["model_name"] == "base" and blocked["n_tokens"] == 3000
+    assert (
+        blocked["settings"]["layer"] == 2
+        and blocked["settings"]["model_name"] == "base"
+        and blocked["n_tokens"] == 3000
+    )
     assert blocked["protected_features"] == list(range(2 * N_SHARED))
     for name in ("leakage.json", "features.csv", "leakage.png", "leakage.svg"):
         assert (out / name).stat().st_size > 0, name
@@ -168,7 +178,9 @@ def _base_vs_blocked_crosscoder(runs, out_dir):
     from posttrain_probe.activations.memory import MemoryActivations
     from posttrain_probe.crosscoder import CrosscoderTrainingConfig, train_crosscoder
 
-    live = LiveActivations({"base": runs["base"], "blocked": runs["blocked"]}, "synthetic:arithmetic", layer=2, seq_len=64, max_tokens=3000)
+    live = LiveActivations(
+        {"base": runs["base"], "blocked": runs["blocked"]}, "synthetic:arithmetic", layer=2, seq_len=64, max_tokens=3000
+    )
     acts = torch.cat([chunk.cpu() for chunk in live.chunks()])
     config = CrosscoderConfig(model_names=["base", "blocked"], n_features=128, layer=2)
     training = CrosscoderTrainingConfig(n_tokens=24000, batch_size=256, lr=0.003, log_every=20)
@@ -187,14 +199,20 @@ def test_base_vs_blocked_crosscoder(runs, tmp_path):
     assert "base-vs-blocked crosscoder" in output
     assert (out / "crosscoder" / "model.safetensors").is_file() and part["path"] == str(out / "crosscoder")
     assert part["models"] == ["base", "blocked"] and part["n_features"] == 128
-    assert sum(part["protected"]["categories"].values()) == 2 * N_SHARED and part["protected"]["categories"]["unmatched"] == 0
+    assert (
+        sum(part["protected"]["categories"].values()) == 2 * N_SHARED
+        and part["protected"]["categories"]["unmatched"] == 0
+    )
     assert part["matching"]["method"] == "hungarian" and part["matching"]["n_distinct_targets"] == 2 * N_SHARED
     quality = part["matching"]["quality"]
     assert -1 <= quality["mean"] <= 1 and quality["n_matched"] == 2 * N_SHARED
     assert part["protected"]["left_shared_band"] <= part["protected"]["n_live"]
     assert sum(part["all_features"]["categories"].values()) == 128
     rows = [r for r in csv.DictReader((out / "features.csv").open()) if r["protected"] == "1"]
-    assert all(r["matched_feature"] != "" and r["matched_category"] in ("shared", "base-only", "finetune-only", "dead") for r in rows)
+    assert all(
+        r["matched_feature"] != "" and r["matched_category"] in ("shared", "base-only", "finetune-only", "dead")
+        for r in rows
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,7 +242,9 @@ def test_width_mismatch_and_missing_crosscoder_exit_2(runs, tmp_path):
         "--dataset", "synthetic:arithmetic", "--out", tmp_path / "out",
     ]  # fmt: skip
     result = runner.invoke(app, [str(a) for a in [*base, "--crosscoder", tmp_path / "narrow"]])
-    assert result.exit_code == 2 and "d_model 32" in result.output and "hidden size is 64" in result.output, result.output
+    assert result.exit_code == 2 and "d_model 32" in result.output and "hidden size is 64" in result.output, (
+        result.output
+    )
     result = runner.invoke(app, [str(a) for a in [*base, "--crosscoder", tmp_path / "missing"]])
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
 

@@ -43,7 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_cli_bad_model_args_are_one_line_errors(model_dir, cc_dir, extra, expected):
     """Checked before lm-eval indexes tasks or loads the model; exit code 2, no traceback."""
     model_args = f"pretrained={model_dir},crosscoder={cc_dir},model_name=rl,{extra}"
-    result = CliRunner().invoke(app, ["lm-eval", "--model", "probe-hf", "--model_args", model_args, "--tasks", "probe_mcq", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["lm-eval", "--model", "probe-hf", "--model_args", model_args, "--tasks", "probe_mcq", "--device", "cpu"]
+    )
     assert result.exit_code == 2
     assert expected in result.output and "Traceback" not in result.output
 
@@ -94,7 +96,13 @@ def test_cli_bad_lm_eval_arguments_keep_lm_eval_exit_code():
 def test_bad_intervention_model_args(model_dir, cc_dir, args, expected):
     from posttrain_probe.eval.runner import load_probe_lm
 
-    model_args = {"pretrained": str(model_dir), "crosscoder": str(cc_dir), "features": "1;4", "model_name": "rl", **args}
+    model_args = {
+        "pretrained": str(model_dir),
+        "crosscoder": str(cc_dir),
+        "features": "1;4",
+        "model_name": "rl",
+        **args,
+    }
     model_args = {k: v for k, v in model_args.items() if v is not None}
     with pytest.raises(ProbeError, match=expected.replace("(", r"\(").replace("[", r"\[")):
         load_probe_lm(model_args)
@@ -150,7 +158,7 @@ def _reference_loglikelihood(model, tokenizer, iv, context: str, continuation: s
     ids = torch.tensor([whole[:-1]])
     with torch.no_grad(), iv.prompt_lengths(torch.tensor([len(ctx)])):
         logits = model(input_ids=ids).logits.log_softmax(-1)[0]
-    target = torch.tensor(whole[len(ctx):])
+    target = torch.tensor(whole[len(ctx) :])
     return float(logits[len(ctx) - 1 :].gather(1, target[:, None]).sum())
 
 
@@ -162,7 +170,18 @@ def test_loglikelihood_prompt_positions_match_per_request_reference(model_dir, c
 
     from posttrain_probe.eval.runner import load_probe_lm
 
-    lm = load_probe_lm({"pretrained": str(model_dir), "crosscoder": str(cc_dir), "features": "1;4;9;17;30", "model_name": "rl", "mode": "set", "value": 5.0, "positions": positions}, batch_size=8)
+    lm = load_probe_lm(
+        {
+            "pretrained": str(model_dir),
+            "crosscoder": str(cc_dir),
+            "features": "1;4;9;17;30",
+            "model_name": "rl",
+            "mode": "set",
+            "value": 5.0,
+            "positions": positions,
+        },
+        batch_size=8,
+    )
     try:
         got = _lm_loglikelihoods(lm, REQUESTS)
     finally:
@@ -186,7 +205,14 @@ def test_steer_takes_max_activations_over_the_reference_corpus(model_dir, tmp_pa
     from posttrain_probe.eval.runner import load_probe_lm
 
     cc_dir = save_random_crosscoder(tmp_path / "cc")
-    args = {"pretrained": str(model_dir), "crosscoder": str(cc_dir), "features": "4;9;17", "model_name": "rl", "mode": "steer", "reference": "synthetic:mcq"}
+    args = {
+        "pretrained": str(model_dir),
+        "crosscoder": str(cc_dir),
+        "features": "4;9;17",
+        "model_name": "rl",
+        "mode": "steer",
+        "reference": "synthetic:mcq",
+    }
     lm = load_probe_lm(args)
     (cache,) = (cc_dir / "max_activations").glob("*.safetensors")
     max_acts = load_file(cache)["max_activations"]
@@ -209,7 +235,17 @@ def test_prompt_positions_exclude_the_continuation(model_dir, cc_dir):
 
     results = {}
     for positions in ("all", "prompt"):
-        lm = load_probe_lm({"pretrained": str(model_dir), "crosscoder": str(cc_dir), "features": "1;4;9;17;30", "model_name": "rl", "mode": "set", "value": 5.0, "positions": positions})
+        lm = load_probe_lm(
+            {
+                "pretrained": str(model_dir),
+                "crosscoder": str(cc_dir),
+                "features": "1;4;9;17;30",
+                "model_name": "rl",
+                "mode": "set",
+                "value": 5.0,
+                "positions": positions,
+            }
+        )
         results[positions] = _lm_loglikelihoods(lm, REQUESTS)
         lm.detach_intervention()
         assert not lm.intervention.is_attached
@@ -224,7 +260,13 @@ def test_prompt_positions_exclude_the_continuation(model_dir, cc_dir):
 def test_evaluate_on_a_doc_subset_writes_lm_eval_logs(model_dir, cc_dir, tmp_path):
     from posttrain_probe.eval.runner import evaluate
 
-    model_args = {"pretrained": str(model_dir), "crosscoder": str(cc_dir), "features": [1, 4], "model_name": "rl", "mode": "zero"}
+    model_args = {
+        "pretrained": str(model_dir),
+        "crosscoder": str(cc_dir),
+        "features": [1, 4],
+        "model_name": "rl",
+        "mode": "zero",
+    }
     result = evaluate(model_args, ["probe_mcq"], samples={"probe_mcq": [3, 7, 11]}, output_path=tmp_path / "out")
     records = result["samples"]["probe_mcq"]
     assert sorted(r["doc_id"] for r in records) == [3, 7, 11]
@@ -289,15 +331,28 @@ def test_lm_eval_step_resolves_the_set_once_and_reads_back(model_dir, cc_dir, fe
     from posttrain_probe.eval.lm_eval_config import LmEvalConfig
     from posttrain_probe.eval.runner import LmEvalResult, lm_eval
 
-    config = LmEvalConfig(model_args=f"pretrained={model_dir}", tasks=["probe_mcq"], samples='{"probe_mcq": [3, 7]}', out=tmp_path / "run",
-                          crosscoder=cc_dir, features=str(feature_file), model_name="rl", mode="set", value=3.0)
+    config = LmEvalConfig(
+        model_args=f"pretrained={model_dir}",
+        tasks=["probe_mcq"],
+        samples='{"probe_mcq": [3, 7]}',
+        out=tmp_path / "run",
+        crosscoder=cc_dir,
+        features=str(feature_file),
+        model_name="rl",
+        mode="set",
+        value=3.0,
+    )
     result = lm_eval(config)
     assert result.model_args["features"] == ";".join(str(f) for f in FEATURES) and result.model_args["mode"] == "set"
     assert "acc,none" in result.results["probe_mcq"]
     assert sorted(r["doc_id"] for r in read_sample_records(result.sample_files["probe_mcq"])) == [3, 7]
     back = LmEvalResult.read(tmp_path / "run")
     assert (back.results, back.model_args, back.results_file, back.sample_files) == (
-        json.loads(json.dumps(result.results)), result.model_args, result.results_file, result.sample_files)
+        json.loads(json.dumps(result.results)),
+        result.model_args,
+        result.results_file,
+        result.sample_files,
+    )
 
 
 def test_lm_eval_config_from_yaml_equals_config_from_python(tmp_path):
@@ -308,8 +363,16 @@ def test_lm_eval_config_from_yaml_equals_config_from_python(tmp_path):
         "model_args: pretrained=runs/rl,dtype=bfloat16\ntasks: [probe_mcq, probe_math]\nout: runs/eval\nlimit: 8\n"
         "crosscoder: runs/cc\nfeatures: '3,17'\nmode: zero\nmodel_name: rl\n"
     )
-    expected = LmEvalConfig(model_args="pretrained=runs/rl,dtype=bfloat16", tasks=["probe_mcq,probe_math"], out="runs/eval", limit=8,
-                            crosscoder="runs/cc", features=[3, 17], mode="zero", model_name="rl")
+    expected = LmEvalConfig(
+        model_args="pretrained=runs/rl,dtype=bfloat16",
+        tasks=["probe_mcq,probe_math"],
+        out="runs/eval",
+        limit=8,
+        crosscoder="runs/cc",
+        features=[3, 17],
+        mode="zero",
+        model_name="rl",
+    )
     assert load_config(LmEvalConfig, tmp_path / "lm_eval.yaml") == expected
     as_mapping = tmp_path / "mapping.yaml"
     as_mapping.write_text("model_args: {pretrained: runs/rl, dtype: bfloat16}\ntasks: probe_mcq\n")

@@ -36,11 +36,27 @@ def cli_runs(model_dir, cc_dir, feature_file, tmp_path_factory):
     }
     runs = {}
     for name, extra in interventions.items():
-        result = _lm_eval([
-            "--model", "probe-hf", "--model_args", f"pretrained={model_dir},dtype=float32{extra}", "--device", "cpu",
-            "--tasks", "probe_mcq,probe_math", "--limit", "6", "--batch_size", "8", "--gen_kwargs", "max_gen_toks=6",
-            "--log_samples", "--output_path", str(out / name),
-        ])
+        result = _lm_eval(
+            [
+                "--model",
+                "probe-hf",
+                "--model_args",
+                f"pretrained={model_dir},dtype=float32{extra}",
+                "--device",
+                "cpu",
+                "--tasks",
+                "probe_mcq,probe_math",
+                "--limit",
+                "6",
+                "--batch_size",
+                "8",
+                "--gen_kwargs",
+                "max_gen_toks=6",
+                "--log_samples",
+                "--output_path",
+                str(out / name),
+            ]
+        )
         assert result.exit_code == 0, result.output
         files = find_sample_files(out / name)
         assert set(files) == {"probe_mcq", "probe_math"}
@@ -81,8 +97,6 @@ def test_cli_generate_until_with_intervention(cli_runs):
     assert record["arguments"]["gen_args_0"]["arg_0"].startswith("Question: ")
 
 
-
-
 def test_real_task_names_resolve_next_to_shipped_and_user_tasks(tmp_path):
     """Paper R's lm-eval tasks keep their names in the task manager evaluate() uses, next to the
     shipped tasks and a user's own include path (index only: nothing is downloaded)."""
@@ -91,7 +105,9 @@ def test_real_task_names_resolve_next_to_shipped_and_user_tasks(tmp_path):
 
     user = tmp_path / "my_tasks"
     user.mkdir()
-    (user / "my_mcq.yaml").write_text((TASKS_DIR / "probe_mcq.yaml").read_text().replace("task: probe_mcq", "task: my_mcq"))
+    (user / "my_mcq.yaml").write_text(
+        (TASKS_DIR / "probe_mcq.yaml").read_text().replace("task: probe_mcq", "task: my_mcq")
+    )
     names = ["openbookqa", "commonsense_qa", "headqa", "sciq", "arc_challenge", "logiqa", "piqa"]
     tm = make_task_manager([*names, "probe_mcq", "my_mcq"], include_path=user)
     missing = [n for n in [*names, "probe_mcq", "probe_math", "my_mcq"] if n not in tm.all_tasks]

@@ -73,7 +73,10 @@ def test_second_store_writer_is_refused_and_the_first_store_stays_intact(tmp_pat
     with pytest.raises(ProbeError) as error:
         ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64)
     message = _one_line(str(error.value))
-    assert f"activation store {path} is being written by another process: {path / '.probe.lock'} is held by pid {os.getpid()} on {socket.gethostname()} since " in message
+    assert (
+        f"activation store {path} is being written by another process: {path / '.probe.lock'} is held by pid {os.getpid()} on {socket.gethostname()} since "
+        in message
+    )
     first.write(*_tokens(100, start=100), cursor=2)
     first.close()
     store = ActivationStore(path)
@@ -84,7 +87,10 @@ def test_second_store_writer_is_refused_and_the_first_store_stays_intact(tmp_pat
 
 def test_each_rank_locks_its_own_files(tmp_path):
     path = tmp_path / "s"
-    ranks = [ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     with pytest.raises(ProbeError, match=r"\.probe\.rank001\.lock is held by pid"):
         ActivationStoreWriter(path, layer=3, d_model=D, model="base", rank=1, world_size=2)
     with pytest.raises(ProbeError, match=r"\.probe\.lock is held by pid"):  # rank 0 holds the directory
@@ -174,7 +180,10 @@ def test_second_collect_into_the_same_out_is_refused(tiny_pair, tmp_path):
         second = runner.invoke(app, _collect_args(tiny_pair, out))
         assert second.exit_code == 2, second.output
         line = _one_line(second.output)
-        assert f"collect output {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}" in line
+        assert (
+            f"collect output {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}"
+            in line
+        )
     for name in ("base", "tuned"):
         store = ActivationStore(out / name / "layer1")
         assert store.complete and store.n_tokens == 200 and store.verify_all() == []
@@ -240,15 +249,22 @@ train_crosscoder(source, CrosscoderConfig(n_features=16), CrosscoderTrainingConf
 def test_second_crosscoder_training_into_the_same_out_is_refused(tmp_path):
     stores = tmp_path / "stores"
     for name in ("base", "ft"):
-        with ActivationStoreWriter(stores / name, layer=1, d_model=D, model=name, dtype="float32", shard_tokens=128) as writer:
+        with ActivationStoreWriter(
+            stores / name, layer=1, d_model=D, model=name, dtype="float32", shard_tokens=128
+        ) as writer:
             writer.write(*_tokens(256), cursor=1)
     out = tmp_path / "cc"
     with _held_by(tmp_path, _HELD_TRAINING, stores, out) as first:
         source = PairedActivations({"base": stores / "base", "ft": stores / "ft"})
         with pytest.raises(ProbeError) as error:
-            train_crosscoder(source, CrosscoderConfig(n_features=16), CrosscoderTrainingConfig(batch_size=64), out, progress=False)
+            train_crosscoder(
+                source, CrosscoderConfig(n_features=16), CrosscoderTrainingConfig(batch_size=64), out, progress=False
+            )
         line = _one_line(str(error.value))
-        assert f"crosscoder run {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}" in line
+        assert (
+            f"crosscoder run {out} is being written by another process: {out / '.probe.lock'} is held by pid {first.pid}"
+            in line
+        )
     assert Crosscoder.from_pretrained(out).config.model_names == ["base", "ft"]
     assert _no_lock_files(out)
 
@@ -261,7 +277,10 @@ def test_second_run_into_a_probe_run_directory_is_refused(tmp_path):
     first = RunDirectory(tmp_path / "run", is_main=True)
     first.open(identity, resume_step=0)
     second = RunDirectory(tmp_path / "run", is_main=True)
-    with pytest.raises(ProbeError, match=rf"probe run directory {tmp_path / 'run'} is being written by another process: .*held by pid {os.getpid()}"):
+    with pytest.raises(
+        ProbeError,
+        match=rf"probe run directory {tmp_path / 'run'} is being written by another process: .*held by pid {os.getpid()}",
+    ):
         second.open(identity, resume_step=2)
     first.close()
     second.open(identity, resume_step=2)  # the run continues once the first writer is done

@@ -31,7 +31,12 @@ def test_fingerprint_stable_across_save_load_and_dtype(tmp_path):
     bf16 = tiny_model("qwen3", seed=0, dtype=torch.bfloat16)
     first = model_fingerprint(model)
     assert first == model_fingerprint(reloaded) == model_fingerprint(bf16)
-    assert first["model_type"] == "qwen3" and first["hidden_size"] == 64 and first["vocab_size"] == 512 and first["weights_sha256"]
+    assert (
+        first["model_type"] == "qwen3"
+        and first["hidden_size"] == 64
+        and first["vocab_size"] == 512
+        and first["weights_sha256"]
+    )
     json.dumps(first)  # goes into manifest.json / config.json as it is
 
 
@@ -50,12 +55,27 @@ def trained(tmp_path_factory):
     """Stores collected from a tiny qwen3 base + seed-1 'other' model, and a crosscoder trained on them."""
     root = tmp_path_factory.mktemp("identity")
     models = {"base": tiny_model("qwen3", seed=0), "other": tiny_model("qwen3", seed=1)}
-    collect(CollectConfig(model=[], dataset="arithmetic", out=root / "acts", layer=[LAYER], seq_len=32, batch_size=16, max_tokens=None),
-            models=models, dataset=arithmetic_dataset(32, seed=3), tokenizer=tiny_tokenizer(), progress=False)
-    config = CrosscoderTrainingConfig(n_tokens=512, batch_size=128, log_every=2, checkpoint_every=4, mixed_precision="no", scale_tokens=512)
+    collect(
+        CollectConfig(
+            model=[], dataset="arithmetic", out=root / "acts", layer=[LAYER], seq_len=32, batch_size=16, max_tokens=None
+        ),
+        models=models,
+        dataset=arithmetic_dataset(32, seed=3),
+        tokenizer=tiny_tokenizer(),
+        progress=False,
+    )
+    config = CrosscoderTrainingConfig(
+        n_tokens=512, batch_size=128, log_every=2, checkpoint_every=4, mixed_precision="no", scale_tokens=512
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a few steps: far from converged, on purpose
-        train_crosscoder(PairedActivations.from_directory(root / "acts"), CrosscoderConfig(n_features=32), config, root / "cc", progress=False)
+        train_crosscoder(
+            PairedActivations.from_directory(root / "acts"),
+            CrosscoderConfig(n_features=32),
+            config,
+            root / "cc",
+            progress=False,
+        )
     return root, models
 
 
@@ -73,13 +93,22 @@ def test_intervention_and_blocker_refuse_another_model(trained):
     root, models = trained
     cc = Crosscoder.from_pretrained(root / "cc")
     llama = tiny_model("llama", seed=0)
-    for wrong, what, why in [(llama, r"llama \(LlamaForCausalLM", "differs in architecture, model_type"), (models["other"], r"qwen3 \(Qwen3", "weights differ")]:
-        with pytest.raises(ProbeError, match=rf"is {what}.*but crosscoder slot 'base' was trained on qwen3.*{why}.*allow_model_mismatch=True / --allow-model-mismatch") as err:
+    for wrong, what, why in [
+        (llama, r"llama \(LlamaForCausalLM", "differs in architecture, model_type"),
+        (models["other"], r"qwen3 \(Qwen3", "weights differ"),
+    ]:
+        with pytest.raises(
+            ProbeError,
+            match=rf"is {what}.*but crosscoder slot 'base' was trained on qwen3.*{why}.*allow_model_mismatch=True / --allow-model-mismatch",
+        ) as err:
             FeatureIntervention(cc, [0, 1], model_name="base").attach(wrong)
         assert "\n" not in str(err.value)
         with pytest.raises(ProbeError, match="crosscoder slot 'base' was trained on qwen3"):
             GradientBlocker(cc, [0, 1], model="base").attach(wrong)
-        assert not hasattr(wrong, "_posttrain_probe_feature_hooks") and getattr(wrong, "_posttrain_probe_blocker", None) is None
+        assert (
+            not hasattr(wrong, "_posttrain_probe_feature_hooks")
+            and getattr(wrong, "_posttrain_probe_blocker", None) is None
+        )
 
     iv = FeatureIntervention(cc, [0, 1], model_name="base", allow_model_mismatch=True).attach(llama)
     assert iv.is_attached and "differs in architecture" in iv.model_mismatch
@@ -122,7 +151,9 @@ def test_probe_hf_and_model_paths_are_checked(trained, tmp_path):
         tiny_tokenizer().save_pretrained(tmp_path / name)
         dirs[name] = tmp_path / name
     args = {"crosscoder": str(root / "cc"), "features": "0;1", "model_name": "base"}
-    with pytest.raises(ProbeError, match=rf"the model at {dirs['llama']} is llama .*crosscoder slot 'base' was trained on qwen3"):
+    with pytest.raises(
+        ProbeError, match=rf"the model at {dirs['llama']} is llama .*crosscoder slot 'base' was trained on qwen3"
+    ):
         load_probe_lm({"pretrained": str(dirs["llama"]), **args})
     lm = load_probe_lm({"pretrained": str(dirs["llama"]), **args, "allow_model_mismatch": True})
     assert "differs in architecture" in lm.intervention.model_mismatch

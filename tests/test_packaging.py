@@ -32,7 +32,10 @@ def test_editable_install_shows_the_hydra_plugin_to_hydra():
 
     found = {m.name: m for m in pkgutil.walk_packages(hydra_plugins.__path__, "hydra_plugins.")}
     assert "hydra_plugins.posttrain_probe" in found
-    assert Path(found["hydra_plugins.posttrain_probe"].module_finder.path).resolve() == REPO / "callbacks" / "verl" / "hydra_plugins"
+    assert (
+        Path(found["hydra_plugins.posttrain_probe"].module_finder.path).resolve()
+        == REPO / "callbacks" / "verl" / "hydra_plugins"
+    )
     from hydra.core.plugins import Plugins
     from hydra.plugins.search_path_plugin import SearchPathPlugin
 
@@ -43,7 +46,18 @@ def test_editable_install_shows_the_hydra_plugin_to_hydra():
 @pytest.mark.slow
 def test_wheel_ships_callbacks_as_a_subpackage(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "-q"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            "-q",
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -52,8 +66,14 @@ def test_wheel_ships_callbacks_as_a_subpackage(tmp_path):
     assert "posttrain_probe/callbacks/__init__.py" in names
     assert "posttrain_probe/activations/store.py" in names
     assert "hydra_plugins/posttrain_probe/__init__.py" in names and "hydra_plugins/__init__.py" not in names
-    assert {"posttrain_probe/callbacks/verl/config/probe/on.yaml", "posttrain_probe/callbacks/verl/config/probe/on_ckpt.yaml"} <= set(names)
-    assert not any(name.startswith(("callbacks/", "tests/", "benchmarks/")) or "callbacks/verl/hydra_plugins" in name for name in names)
+    assert {
+        "posttrain_probe/callbacks/verl/config/probe/on.yaml",
+        "posttrain_probe/callbacks/verl/config/probe/on_ckpt.yaml",
+    } <= set(names)
+    assert not any(
+        name.startswith(("callbacks/", "tests/", "benchmarks/")) or "callbacks/verl/hydra_plugins" in name
+        for name in names
+    )
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "posttrain-probe = posttrain_probe.cli:app" in entry_points
     assert "[verl.plugins]\nposttrain_probe = posttrain_probe.callbacks.verl.verl_plugin" in entry_points
@@ -63,13 +83,19 @@ def test_wheel_ships_callbacks_as_a_subpackage(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
         [sys.executable, "-c", "import posttrain_probe.callbacks as c, posttrain_probe.activations; print(c.__file__)"],
-        check=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert Path(out.stdout.strip()) == site / "posttrain_probe" / "callbacks" / "__init__.py"
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "posttrain_probe.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "posttrain_probe.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"posttrain-probe {posttrain_probe.__version__}"
 
 
@@ -92,7 +118,18 @@ def test_wheel_install_exposes_the_hydra_plugin(tmp_path):
     import sysconfig
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "-q"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            "-q",
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -110,7 +147,9 @@ def test_wheel_install_exposes_the_hydra_plugin(tmp_path):
         "print([e.value for e in entry_points(group='verl.plugins') if e.name == 'posttrain_probe'])\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
-    out = subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     plugin_file, config_dir, composed, entry = out.stdout.strip().splitlines()[-4:]
     assert Path(plugin_file) == site / "hydra_plugins" / "posttrain_probe" / "__init__.py"
     assert Path(config_dir) == site / "posttrain_probe" / "callbacks" / "verl" / "config"

@@ -84,7 +84,9 @@ def test_categories_with_either_scale_in_feature_sets_blocking_and_leakage(tmp_p
 
     # leakage: the bands of a (here: three-model) base-vs-blocked crosscoder use the chosen scale
     for scale, want in (("all", WANT_ALL), ("pair", WANT_PAIR)):
-        part = crosscoder_leakage(cc, cc, [0, 1, 2], model="base", new_base="base", new_blocked="sft", norm_ratio_scale=scale)
+        part = crosscoder_leakage(
+            cc, cc, [0, 1, 2], model="base", new_base="base", new_blocked="sft", norm_ratio_scale=scale
+        )
         torch.testing.assert_close(part.norm_ratio, torch.tensor(want, dtype=part.norm_ratio.dtype))
     with pytest.raises(ProbeError, match="'both'"):
         crosscoder_leakage(cc, cc, [0], model="base", new_base="base", new_blocked="sft", norm_ratio_scale="both")
@@ -120,7 +122,9 @@ def test_encoder_bias_hand_computed():
     # x = [2, 4] raw -> ã = s x = [1, 2]; pre with b_enc = [1 - 1.5, 2 + 0.5] = [-0.5, 2.5], without = [1, 2]
     cc = biased_sae()
     x, g = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 1.0])
-    torch.testing.assert_close(cc.encode_source(x[None], "base")[0], torch.tensor([0.0, 2.5]))  # docs/methods.md's f^base
+    torch.testing.assert_close(
+        cc.encode_source(x[None], "base")[0], torch.tensor([0.0, 2.5])
+    )  # docs/methods.md's f^base
 
     # S = {0, 1}. With b_enc: f = [0, 2.5], x_S = W_dec f / s = [0, 5]; without: f = [1, 2], x_S = [2, 4]
     with_bias = GradientBlocker(cc, [0, 1], model="base")

@@ -160,7 +160,9 @@ def test_readme_rules():
     cpu = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
     assert cpu < text.index('pip install -e ".[trl]"\n```')
     # the methods and design are the repository's own pages
-    assert "SPEC" + ".md" not in text and "DESIGN" + ".md" not in text  # the specification files the repository does not ship
+    assert (
+        "SPEC" + ".md" not in text and "DESIGN" + ".md" not in text
+    )  # the specification files the repository does not ship
     for page in ("docs/methods.md", "docs/design.md"):
         assert page in text and (REPO / page).is_file()
 

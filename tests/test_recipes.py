@@ -17,7 +17,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def _recipe(name: str):
@@ -80,7 +85,9 @@ def test_sft_kl_two_processes(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
         str(RECIPES / "sft_kl.py"), "--config", str(RECIPES / "configs" / "tiny" / "sft_kl.yaml"), "--output_dir", str(out),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     manifest = json.loads((out / "probe" / "probe.json").read_text())
     assert manifest["world_size"] == 2 and manifest["snapshots"]
@@ -106,9 +113,22 @@ def test_help_is_light_and_lists_probe_options():
         print("HEAVY", heavy, "SECONDS", round(time.perf_counter() - started, 2))
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for option in ("--probe_layers", "--probe_n_docs", "--question_column", "--final_answer_column", "--chat_template_path"):
+    for option in (
+        "--probe_layers",
+        "--probe_n_docs",
+        "--question_column",
+        "--final_answer_column",
+        "--chat_template_path",
+    ):
         assert option in result.stdout, option
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
 
@@ -128,7 +148,11 @@ def test_every_config_parses(recipe):
             assert training_args.num_train_epochs == 1
             if recipe == "grpo":
                 assert (training_args.beta, training_args.entropy_coef) == (0.0, 0.0)
-                assert (training_args.epsilon, training_args.epsilon_high, training_args.num_generations) == (0.2, 0.28, 8)
+                assert (training_args.epsilon, training_args.epsilon_high, training_args.num_generations) == (
+                    0.2,
+                    0.28,
+                    8,
+                )
                 assert training_args.learning_rate == 1e-6 and training_args.max_completion_length == 16384
                 # 8 GPUs: 64 prompts x 8 rollouts per optimizer step, 128 prompts per generation round
                 per_step = training_args.per_device_train_batch_size * 8
@@ -146,12 +170,19 @@ def test_column_mapping_of_real_math_datasets(tmp_path):
     common = _recipe("common")
     openr1 = tmp_path / "openr1.jsonl"
     rows = [
-        {"problem": "1+1?", "answer": "2", "generations": ["wrong \\boxed{3}", "ok \\boxed{2}"], "correctness_math_verify": [False, True]},
+        {
+            "problem": "1+1?",
+            "answer": "2",
+            "generations": ["wrong \\boxed{3}", "ok \\boxed{2}"],
+            "correctness_math_verify": [False, True],
+        },
         {"problem": "2+2?", "answer": "4", "generations": ["bad", "worse"], "correctness_math_verify": [False, False]},
     ]
     openr1.write_text("\n".join(json.dumps(row) for row in rows))
     gsm8k = tmp_path / "gsm8k.jsonl"
-    gsm8k.write_text(json.dumps({"question": "Add 600 and 634.", "answer": "600 + 634 = <<600+634=1234>>1234\n#### 1,234"}))
+    gsm8k.write_text(
+        json.dumps({"question": "Add 600 and 634.", "answer": "600 + 634 = <<600+634=1234>>1234\n#### 1,234"})
+    )
 
     sft = common.sft_dataset(common.MathScriptArguments(
         dataset_name=str(openr1), question_column="problem", answer_column="generations",
@@ -161,7 +192,9 @@ def test_column_mapping_of_real_math_datasets(tmp_path):
     assert sft[0]["prompt"] == [{"role": "user", "content": "1+1?\n\nBox it."}]
     assert sft[0]["completion"] == [{"role": "assistant", "content": "ok \\boxed{2}"}]
 
-    grpo = common.grpo_dataset(common.MathScriptArguments(dataset_name=str(openr1), question_column="problem", final_answer_column="answer"))
+    grpo = common.grpo_dataset(
+        common.MathScriptArguments(dataset_name=str(openr1), question_column="problem", final_answer_column="answer")
+    )
     assert grpo["solution"] == ["2", "4"] and grpo[0]["prompt"][0]["content"] == "1+1?"
     grpo = common.grpo_dataset(common.MathScriptArguments(dataset_name=str(gsm8k), final_answer_column=""))
     assert grpo[0]["solution"] == "1234"
@@ -170,7 +203,10 @@ def test_column_mapping_of_real_math_datasets(tmp_path):
 
     from trl.rewards import accuracy_reward
 
-    assert accuracy_reward([[{"content": "so \\boxed{1234}"}], [{"content": "\\boxed{1233}"}]], ["1234", "1234"]) == [1.0, 0.0]
+    assert accuracy_reward([[{"content": "so \\boxed{1234}"}], [{"content": "\\boxed{1233}"}]], ["1234", "1234"]) == [
+        1.0,
+        0.0,
+    ]
     with pytest.raises(ValueError, match="not in the dataset"):
         common.sft_dataset(common.MathScriptArguments(dataset_name=str(gsm8k), question_column="problem"))
 
@@ -189,7 +225,9 @@ def test_sft_kl_term(tmp_path):
         max_length=96, kl_coefficient=0.5, gradient_checkpointing=False, dataloader_num_workers=0,
     )  # fmt: skip
     model, base = tiny_model("qwen3"), tiny_model("qwen3")
-    trainer = sft_kl.SFTKLTrainer(model=model, base_model=base, args=args, train_dataset=dataset, processing_class=tiny_tokenizer())
+    trainer = sft_kl.SFTKLTrainer(
+        model=model, base_model=base, args=args, train_dataset=dataset, processing_class=tiny_tokenizer()
+    )
     assert not any(p.requires_grad for p in trainer.base_model.parameters())
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     labels = inputs["labels"]
@@ -215,8 +253,12 @@ def test_sft_kl_term(tmp_path):
     torch.testing.assert_close(with_kl - plain, torch.tensor(0.5 * kl), rtol=1e-4, atol=1e-6)
 
     with torch.no_grad():  # reference: the full next-token distributions of both models
-        log_p = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].log_softmax(-1)
-        log_q = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].log_softmax(-1)
+        log_p = (
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].log_softmax(-1)
+        )
+        log_q = (
+            base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].log_softmax(-1)
+        )
         mask = labels[:, 1:] != -100
         reference = (log_q.exp() * (log_q - log_p)).sum(-1)[mask].mean()
     assert kl == pytest.approx(reference.item(), rel=1e-4)
@@ -240,8 +282,16 @@ def test_sft_kl_peft_base_is_the_policy_without_adapter(tmp_path):
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
         max_length=96, gradient_checkpointing=False,
     )  # fmt: skip
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
-    trainer = sft_kl.SFTKLTrainer(model=tiny_model("qwen3"), args=args, train_dataset=dataset, processing_class=tiny_tokenizer(), peft_config=peft_config)
+    peft_config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    trainer = sft_kl.SFTKLTrainer(
+        model=tiny_model("qwen3"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
     assert trainer.base_model is None
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()

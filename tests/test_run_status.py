@@ -44,12 +44,16 @@ def stores(tmp_path_factory):
 
 
 def config(**kw) -> CrosscoderTrainingConfig:
-    return CrosscoderTrainingConfig(**{**dict(n_tokens=256 * 8, batch_size=256, lr=1e-3, log_every=2, checkpoint_every=2), **kw})
+    return CrosscoderTrainingConfig(
+        **{**dict(n_tokens=256 * 8, batch_size=256, lr=1e-3, log_every=2, checkpoint_every=2), **kw}
+    )
 
 
 def test_interrupted_run_is_reported_and_refused_by_the_cli(stores, tmp_path):
     out = tmp_path / "cc"
-    train_crosscoder(PairedActivations(stores), CrosscoderConfig(n_features=32), config(max_steps_per_run=4), out, progress=False)
+    train_crosscoder(
+        PairedActivations(stores), CrosscoderConfig(n_features=32), config(max_steps_per_run=4), out, progress=False
+    )
     status = training_status(out)
     assert status == {"complete": False, "step": 4, "total_steps": 8, "tokens": 1024}
     info = crosscoder_summary(out)
@@ -61,13 +65,17 @@ def test_interrupted_run_is_reported_and_refused_by_the_cli(stores, tmp_path):
     result = runner.invoke(app, ["analyze", "--crosscoder", str(out), "--base", "base", "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "unfinished training run" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "a").exists()  # nothing written
-    result = runner.invoke(app, ["analyze", "--crosscoder", str(out), "--base", "base", "--out", str(tmp_path / "a"), "--allow-incomplete"])
+    result = runner.invoke(
+        app, ["analyze", "--crosscoder", str(out), "--base", "base", "--out", str(tmp_path / "a"), "--allow-incomplete"]
+    )
     assert result.exit_code == 0, result.output
     info_out = runner.invoke(app, ["crosscoder", "info", str(out), "--json"])
     assert json.loads(info_out.output)["weights_step"] == 4
     # finishing the run marks it complete and records what looks poor about it
     with pytest.warns(UserWarning, match="only 8 optimizer steps"):
-        train_crosscoder(PairedActivations(stores), CrosscoderConfig(n_features=32), config(), out, resume=True, progress=False)
+        train_crosscoder(
+            PairedActivations(stores), CrosscoderConfig(n_features=32), config(), out, resume=True, progress=False
+        )
     status = training_status(out)
     assert status["complete"] is True and status["step"] == 8
     assert any("optimizer steps" in w for w in status["warnings"])
@@ -75,9 +83,32 @@ def test_interrupted_run_is_reported_and_refused_by_the_cli(stores, tmp_path):
 
 def test_resume_with_nothing_to_resume_is_an_error(stores, tmp_path):
     with pytest.raises(ProbeError, match="holds no interrupted crosscoder run"):
-        train_crosscoder(PairedActivations(stores), CrosscoderConfig(n_features=32), config(), tmp_path / "new", resume=True, progress=False)
-    result = runner.invoke(app, ["crosscoder", "train", "--acts", str(stores["base"]), "--acts", str(stores["ft"]), "--out", str(tmp_path / "new2"),
-                                 "--resume", "--n-features", "32", "--batch-size", "256"])
+        train_crosscoder(
+            PairedActivations(stores),
+            CrosscoderConfig(n_features=32),
+            config(),
+            tmp_path / "new",
+            resume=True,
+            progress=False,
+        )
+    result = runner.invoke(
+        app,
+        [
+            "crosscoder",
+            "train",
+            "--acts",
+            str(stores["base"]),
+            "--acts",
+            str(stores["ft"]),
+            "--out",
+            str(tmp_path / "new2"),
+            "--resume",
+            "--n-features",
+            "32",
+            "--batch-size",
+            "256",
+        ],
+    )
     assert result.exit_code == 2 and "holds no interrupted crosscoder run" in result.output
 
 
@@ -93,7 +124,9 @@ def test_quality_warnings_name_what_to_change():
     healthy = quality_warnings({"fvu": [0.05, 0.04], "l0": 20.0, "dead_fraction": 0.01}, cfg, total_steps=5000)
     assert healthy == []
     topk = CrosscoderConfig(model_names=NAMES, d_model=16, n_features=512, activation="batchtopk", k=32)
-    assert "raise k" in quality_warnings({"fvu": [0.3, 0.3], "l0": 32.0, "dead_fraction": 0.0}, topk, total_steps=5000)[0]
+    assert (
+        "raise k" in quality_warnings({"fvu": [0.3, 0.3], "l0": 32.0, "dead_fraction": 0.0}, topk, total_steps=5000)[0]
+    )
 
 
 def put_nan_into(store, row: int, column: int) -> None:
@@ -135,4 +168,10 @@ def test_nan_in_a_store_is_found_by_store_info_readers_and_stats(tmp_path):
 def load_crosscoder_from(paths, tmp_path):
     """A crosscoder trained on the clean first 2048 tokens of the same models."""
     clean = write_planted_stores(tmp_path / "clean", planted_acts()[:2048], NAMES, layer=2)
-    return train_crosscoder(PairedActivations(clean), CrosscoderConfig(n_features=32), config(n_tokens=2048), tmp_path / "cc", progress=False)
+    return train_crosscoder(
+        PairedActivations(clean),
+        CrosscoderConfig(n_features=32),
+        config(n_tokens=2048),
+        tmp_path / "cc",
+        progress=False,
+    )

@@ -18,7 +18,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 TINY = RECIPES / "configs" / "tiny" / "sft_blocked.yaml"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def _recipe():
@@ -39,7 +44,9 @@ def _launch(config: Path, out: Path, *extra: str) -> subprocess.Popen:
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         str(RECIPES / "sft_blocked.py"), "--config", str(config), "--output_dir", str(out), *extra,
     ]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _tiny_crosscoder(root: Path) -> dict[str, Path]:
@@ -53,8 +60,17 @@ def _tiny_crosscoder(root: Path) -> dict[str, Path]:
     torch.set_num_threads(1)
     try:
         models = save_tiny_pair(root / "models", "qwen3", steps=20)
-        collect(CollectConfig(model=[f"base={models['base']}", f"sft={models['tuned']}"], dataset="synthetic:arithmetic", out=root / "acts",
-                              layer=[2], seq_len=64, max_tokens=20000), progress=False)
+        collect(
+            CollectConfig(
+                model=[f"base={models['base']}", f"sft={models['tuned']}"],
+                dataset="synthetic:arithmetic",
+                out=root / "acts",
+                layer=[2],
+                seq_len=64,
+                max_tokens=20000,
+            ),
+            progress=False,
+        )
         train_crosscoder(
             PairedActivations.from_directory(root / "acts"), CrosscoderConfig(n_features=256),
             CrosscoderTrainingConfig(batch_size=256, lr=1e-3, n_tokens=100_000), root / "crosscoder", progress=False,
@@ -76,7 +92,9 @@ def test_tiny_blocked_run_end_to_end(tmp_path):
     started = time.perf_counter()
     made = _tiny_crosscoder(tmp_path)
     control_config = tmp_path / "control.yaml"
-    control_config.write_text("".join(line for line in TINY.read_text().splitlines(keepends=True) if not line.startswith("block_")))
+    control_config.write_text(
+        "".join(line for line in TINY.read_text().splitlines(keepends=True) if not line.startswith("block_"))
+    )
     runs = {
         "blocked": _launch(TINY, tmp_path / "blocked", "--block_crosscoder", str(made["crosscoder"])),
         "control": _launch(control_config, tmp_path / "control", "--probe", "false"),
@@ -86,7 +104,9 @@ def test_tiny_blocked_run_end_to_end(tmp_path):
         assert process.returncode == 0, f"{name} run failed:\n{logs[name][-6000:]}"
     assert time.perf_counter() - started < 120, "the tiny config should run in well under a minute"
 
-    assert "Gradient blocking: GradientBlocker(model='base', layer=2, mode='sae', n_features=" in logs["blocked"], logs["blocked"][-3000:]
+    assert "Gradient blocking: GradientBlocker(model='base', layer=2, mode='sae', n_features=" in logs["blocked"], logs[
+        "blocked"
+    ][-3000:]
     assert f"features 'shared' of {made['crosscoder']}" in logs["blocked"]
     assert "Gradient blocking: off" in logs["control"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "blocked")
@@ -96,8 +116,18 @@ def test_tiny_blocked_run_end_to_end(tmp_path):
     assert not (tmp_path / "control" / "probe").exists()
 
     moved = {
-        name: leakage(LeakageConfig(crosscoder=made["crosscoder"], base=str(made["base"]), blocked=str(tmp_path / name), dataset="synthetic:arithmetic",
-                                    features="shared", max_tokens=3000, seq_len=64, out=tmp_path / f"leakage-{name}")).summary()["relative_change"]["protected"]
+        name: leakage(
+            LeakageConfig(
+                crosscoder=made["crosscoder"],
+                base=str(made["base"]),
+                blocked=str(tmp_path / name),
+                dataset="synthetic:arithmetic",
+                features="shared",
+                max_tokens=3000,
+                seq_len=64,
+                out=tmp_path / f"leakage-{name}",
+            )
+        ).summary()["relative_change"]["protected"]
         for name in runs
     }
     assert moved["blocked"]["n_features"] > 10
@@ -112,22 +142,37 @@ def test_configs_parse_into_the_three_arms():
     finetune-only of a base-vs-SFT crosscoder under runs/, base branch, the paper's sae mode; --help lists --block_*."""
     module = _recipe()
     parser = module.make_parser()
-    assert all(f"--block_{name}" in parser.format_help() for name in ("crosscoder", "features", "model", "mode", "layer"))
+    assert all(
+        f"--block_{name}" in parser.format_help() for name in ("crosscoder", "features", "model", "mode", "layer")
+    )
 
     def parse(path: Path):
         return parser.parse_args_and_config(["--config", str(path), "--bf16", "false", "--use_cpu", "true"])
 
     _, sft_training, sft_model, sft_probe = _recipe_sft_parse()
     for arm, features in (("shared", "shared"), ("base_only", "base-only"), ("finetune_only", "finetune-only")):
-        script, training, model, probe, blocking = parse(RECIPES / "configs" / "qwen3-4b-base" / f"sft_blocked_{arm}.yaml")
+        script, training, model, probe, blocking = parse(
+            RECIPES / "configs" / "qwen3-4b-base" / f"sft_blocked_{arm}.yaml"
+        )
         assert (blocking.block_features, blocking.block_model, blocking.block_mode) == (features, "base", "sae")
         assert blocking.block_crosscoder.startswith("runs/") and blocking.block_layer is None
         assert training.output_dir.startswith("runs/qwen3-4b-base/sft-blocked-")
         assert model.model_name_or_path == sft_model.model_name_or_path == "Qwen/Qwen3-4B-Base"
         assert probe.probe_layers == sft_probe.probe_layers == [18]
-        for name in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "seed"):
+        for name in (
+            "learning_rate",
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "lr_scheduler_type",
+            "seed",
+        ):
             assert getattr(training, name) == getattr(sft_training, name), name
-        assert training.learning_rate == 5e-5 and training.per_device_train_batch_size * training.gradient_accumulation_steps * 8 == 128
+        assert (
+            training.learning_rate == 5e-5
+            and training.per_device_train_batch_size * training.gradient_accumulation_steps * 8 == 128
+        )
         assert script.dataset_name == "open-r1/OpenR1-Math-220k" and script.correct_column == "correctness_math_verify"
 
     script, training, model, probe, blocking = parse(TINY)
@@ -141,4 +186,6 @@ def _recipe_sft_parse():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.make_parser().parse_args_and_config(["--config", str(RECIPES / "configs" / "qwen3-4b-base" / "sft.yaml"), "--bf16", "false", "--use_cpu", "true"])
+    return module.make_parser().parse_args_and_config(
+        ["--config", str(RECIPES / "configs" / "qwen3-4b-base" / "sft.yaml"), "--bf16", "false", "--use_cpu", "true"]
+    )

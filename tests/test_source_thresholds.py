@@ -33,9 +33,13 @@ def planted(n_tokens: int, seed: int) -> torch.Tensor:
     """[n, 2, d] raw paired activations: the same planted coefficients in both models, plus noise."""
     dirs = F.normalize(torch.randn(N_PLANTED, D, generator=torch.Generator().manual_seed(0)), dim=-1)
     g = torch.Generator().manual_seed(seed)
-    coefficients = (torch.rand(n_tokens, N_PLANTED, generator=g) < 0.1) * (0.5 + torch.empty(n_tokens, N_PLANTED).exponential_(1.0, generator=g))
+    coefficients = (torch.rand(n_tokens, N_PLANTED, generator=g) < 0.1) * (
+        0.5 + torch.empty(n_tokens, N_PLANTED).exponential_(1.0, generator=g)
+    )
     x = (coefficients @ dirs)[:, None].expand(-1, 2, -1)
-    return (x + 0.01 * torch.randn(n_tokens, 2, D, generator=g)) * torch.tensor([1.0, 3.0])[:, None]  # model 2 at 3x the norm
+    return (x + 0.01 * torch.randn(n_tokens, 2, D, generator=g)) * torch.tensor([1.0, 3.0])[
+        :, None
+    ]  # model 2 at 3x the norm
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,11 @@ def trained() -> Crosscoder:
     """A BatchTopK crosscoder trained by its own training forward (batch-top-k, threshold EMA), Adam, 3 epochs."""
     torch.manual_seed(0)
     x = planted(20_000, seed=1)
-    cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=D, n_features=N_FEATURES, activation="batchtopk", k=K, layer=3))
+    cc = Crosscoder(
+        CrosscoderConfig(
+            model_names=["base", "sft"], d_model=D, n_features=N_FEATURES, activation="batchtopk", k=K, layer=3
+        )
+    )
     cc.reset_parameters(torch.Generator().manual_seed(0))
     cc.set_scales_from(iter([x]))
     optimizer = torch.optim.Adam(cc.parameters(), lr=3e-3)
@@ -90,7 +98,9 @@ def test_calibrated_per_source_l0_is_k_on_held_out_tokens(trained):
         assert all(abs(l0 - K) < 0.1 * K for l0 in calibrated_l0), calibrated_l0
         assert all(abs(c - K) < abs(j - K) / 4 for c, j in zip(calibrated_l0, joint_l0))
         # joint_threshold=True still gives the joint threshold's codes
-        assert torch.equal(cc.encode_source(held_out[:, 0], 0, joint_threshold=True), old_encode_source(cc, held_out[:, 0], 0))
+        assert torch.equal(
+            cc.encode_source(held_out[:, 0], 0, joint_threshold=True), old_encode_source(cc, held_out[:, 0], 0)
+        )
     cc.config.source_thresholds = None
 
 
@@ -126,7 +136,9 @@ def test_without_thresholds_encode_source_is_bitwise_as_before(trained):
 
 
 def deterministic_crosscoder() -> Crosscoder:
-    cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=3, n_features=4, activation="batchtopk", k=2, layer=1))
+    cc = Crosscoder(
+        CrosscoderConfig(model_names=["base", "sft"], d_model=3, n_features=4, activation="batchtopk", k=2, layer=1)
+    )
     with torch.no_grad():
         cc.W_enc.copy_(torch.arange(24.0).view(2, 3, 4) / 10)
         cc.W_dec.copy_(torch.arange(24.0).view(4, 2, 3) / 10)
@@ -145,7 +157,10 @@ def test_fingerprint_unchanged_without_thresholds_and_distinct_with_them():
     calibrated = crosscoder_fingerprint(cc)
     assert calibrated != "04e3320f00bd2eb272c0e3f66403975d7728fa51ae47e6b99aed2d2f93866a2c"
     cc.config.source_thresholds = [0.25, 0.75]
-    assert crosscoder_fingerprint(cc) not in (calibrated, "04e3320f00bd2eb272c0e3f66403975d7728fa51ae47e6b99aed2d2f93866a2c")
+    assert crosscoder_fingerprint(cc) not in (
+        calibrated,
+        "04e3320f00bd2eb272c0e3f66403975d7728fa51ae47e6b99aed2d2f93866a2c",
+    )
 
 
 def test_save_load_round_trip_and_old_config_files(trained, tmp_path):
@@ -188,7 +203,9 @@ def test_blocker_and_intervention_codes_follow_the_calibrated_encode_source(trai
         with torch.no_grad():
             want = cc.encode_source(x[:, 1], "sft")[:, features]
             assert not torch.equal(want, cc.encode_source(x[:, 1], "sft", joint_threshold=True)[:, features])
-            torch.testing.assert_close(FeatureIntervention(cc, features, model_name="sft").codes(x[:, 1]), want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                FeatureIntervention(cc, features, model_name="sft").codes(x[:, 1]), want, rtol=1e-6, atol=1e-6
+            )
             blocker = GradientBlocker(cc, features, model="sft")
             want_xs = want @ cc.W_dec[features, 1] / cc.scales[1]
             torch.testing.assert_close(blocker.protected_component(x[:, 1]), want_xs, rtol=1e-5, atol=1e-6)
@@ -208,12 +225,21 @@ def test_refusals(trained):
     with pytest.raises(ProbeError, match="train it before calibrating"):
         calibrate_source_thresholds(untrained, iter([torch.randn(10, 1, 4)]))
     batchtopk = dict(model_names=["base", "sft"], d_model=4, activation="batchtopk")
-    for bad, match in (([0.1], r"one threshold per model.*got 1"), ([0.1, -1.0], "finite and >= 0"), ([0.1, float("nan")], "finite"),
-                       ("0.1", "list of numbers"), ([0.1, "x"], "list of numbers")):
+    for bad, match in (
+        ([0.1], r"one threshold per model.*got 1"),
+        ([0.1, -1.0], "finite and >= 0"),
+        ([0.1, float("nan")], "finite"),
+        ("0.1", "list of numbers"),
+        ([0.1, "x"], "list of numbers"),
+    ):
         with pytest.raises(ProbeError, match=match):
             CrosscoderConfig(**batchtopk, source_thresholds=bad)
     cc = trained
-    for kwargs, match in (({"k": 0}, "k must be an integer >= 1, got 0"), ({"max_tokens": 0}, "max_tokens"), ({"batch_size": 2.5}, "batch_size")):
+    for kwargs, match in (
+        ({"k": 0}, "k must be an integer >= 1, got 0"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ):
         with pytest.raises(ProbeError, match=match):
             calibrate_source_thresholds(cc, iter([planted(10, seed=0)]), **kwargs)
     with pytest.raises(ProbeError, match="empty"):
@@ -226,7 +252,9 @@ def test_refusals(trained):
 def write_stores(root, x: torch.Tensor, names=("base", "sft")) -> list[str]:
     paths = []
     for m, name in enumerate(names):
-        writer = ActivationStoreWriter(root / name, layer=3, d_model=x.shape[-1], model=name, dtype="float32", shard_tokens=1000)
+        writer = ActivationStoreWriter(
+            root / name, layer=3, d_model=x.shape[-1], model=name, dtype="float32", shard_tokens=1000
+        )
         ids = torch.arange(x.shape[0])
         writer.write(x[:, m], ids % 100, ids // 50, ids % 50 + 1, cursor=1)
         writer.close()
@@ -244,22 +272,47 @@ def test_cli_calibrate_out_in_place_clear_and_relu(trained, tmp_path):
     acts = sum((["--acts", p] for p in stores), [])
     uncalibrated = crosscoder_fingerprint(cc)
 
-    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), *acts, "--max-tokens", "2000", "--out", str(tmp_path / "cal"), "--json", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "crosscoder",
+            "calibrate",
+            "--crosscoder",
+            str(tmp_path / "cc"),
+            *acts,
+            "--max-tokens",
+            "2000",
+            "--out",
+            str(tmp_path / "cal"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["n_tokens"] == 2000 and report["k"] == K and set(report["models"]) == {"base", "sft"}
     assert all(row["l0_calibrated"] == K and row["l0_joint_threshold"] < 0.6 * K for row in report["models"].values())
     calibrated = Crosscoder.from_pretrained(str(tmp_path / "cal"))
     assert calibrated.config.source_thresholds == [report["models"][n]["threshold"] for n in ("base", "sft")]
-    assert report["fingerprint_before"] == uncalibrated and report["fingerprint_after"] == crosscoder_fingerprint(calibrated) != uncalibrated
+    assert (
+        report["fingerprint_before"] == uncalibrated
+        and report["fingerprint_after"] == crosscoder_fingerprint(calibrated) != uncalibrated
+    )
     assert CalibrationReport.read(tmp_path / "cal").to_json() == report
-    assert Crosscoder.from_pretrained(str(tmp_path / "cc")).config.source_thresholds is None  # --out: the original is untouched
+    assert (
+        Crosscoder.from_pretrained(str(tmp_path / "cc")).config.source_thresholds is None
+    )  # --out: the original is untouched
     want = calibrate_source_thresholds(cc, iter([planted(2500, seed=10)]), max_tokens=2000)
     cc.config.source_thresholds = None
-    assert calibrated.config.source_thresholds == pytest.approx(want.thresholds, rel=1e-6)  # the first 2000 tokens of the stores
+    assert calibrated.config.source_thresholds == pytest.approx(
+        want.thresholds, rel=1e-6
+    )  # the first 2000 tokens of the stores
 
     # in place, then --clear; the text output names both fingerprints
-    result = runner.invoke(app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), *acts, "--k", "2", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["crosscoder", "calibrate", "--crosscoder", str(tmp_path / "cc"), *acts, "--k", "2", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "k = 2" in result.output and uncalibrated[:12] in result.output
     assert Crosscoder.from_pretrained(str(tmp_path / "cc")).config.source_thresholds is not None

@@ -18,20 +18,97 @@ from posttrain_probe.steps import STEPS
 
 # One example per step: non-default values for many fields (paths need not exist: the step is not run).
 EXAMPLES: dict[str, dict[str, typing.Any]] = {
-    "collect": {"model": ["base=m/base", "sft=m/sft"], "dataset": "synthetic:arithmetic", "out": "acts", "layer": [1, 2], "seq_len": 64, "max_tokens": 5000, "dtype": "float32"},
+    "collect": {
+        "model": ["base=m/base", "sft=m/sft"],
+        "dataset": "synthetic:arithmetic",
+        "out": "acts",
+        "layer": [1, 2],
+        "seq_len": 64,
+        "max_tokens": 5000,
+        "dtype": "float32",
+    },
     "crosscoder_train": {
-        "acts": ["acts"], "out": "cc", "seq_len": 128,
+        "acts": ["acts"],
+        "out": "cc",
+        "seq_len": 128,
         "crosscoder": {"n_features": 96, "activation": "batchtopk", "k": 8, "layer": 1},
         "training": {"lr": 0.001, "batch_size": 256, "n_tokens": 4096},
     },
     "crosscoder_calibrate": {"crosscoder": "cc", "acts": ["acts"], "max_tokens": 2000, "k": 4, "out": "cc2"},
-    "analyze": {"crosscoder": "cc", "out": "an", "base": "b", "acts": ["acts"], "table_format": "csv", "p": 2.0, "norm_ratio_scale": "pair", "duplicate_cosine": 0.9},
-    "dynamics": {"crosscoder": ["cc1", "cc2"], "out": "dyn", "checkpoint": ["c1", "c2"], "k": 5, "norm_floor": 0.02, "min_cosine": 0.6},
-    "critical": {"base_samples": "b", "rl_samples": "r", "out": "critical.json", "metric": "acc", "filter_name": "none", "samples_out": "ids.json"},
-    "features_generalization": {"crosscoder": "cc", "base": "base", "rl": "rl", "critical": "critical.json", "model": ["base=m/b", "rl=m/r"], "out": "gen", "threshold": 0.3, "tasks": ["t1", "t2"], "overlap": "jaccard", "batch_size": 4, "split_half": 3},
-    "features_fisher": {"crosscoder": "cc", "model": ["base=m/b"], "dataset": "d.jsonl", "out": "fi", "top_k": 7, "max_docs": 10, "segments": {"format": "delimiters", "reasoning_delimiters": ["<t>", "</t>"], "solution_delimiters": ["</t>", ""]}},
-    "intervene": {"features": "f.json", "crosscoder": "cc", "model": ["rl=m/r"], "mode": "set", "value": 2.5, "critical": "critical.json", "out": "iv", "tasks": ["t1"], "controls": 2, "positions": "last_prompt"},
-    "leakage": {"crosscoder": "cc", "base": "m/b", "blocked": "m/x", "features": "shared", "dataset": "synthetic:arithmetic", "out": "lk", "max_tokens": 1000, "matching": "argmax"},
+    "analyze": {
+        "crosscoder": "cc",
+        "out": "an",
+        "base": "b",
+        "acts": ["acts"],
+        "table_format": "csv",
+        "p": 2.0,
+        "norm_ratio_scale": "pair",
+        "duplicate_cosine": 0.9,
+    },
+    "dynamics": {
+        "crosscoder": ["cc1", "cc2"],
+        "out": "dyn",
+        "checkpoint": ["c1", "c2"],
+        "k": 5,
+        "norm_floor": 0.02,
+        "min_cosine": 0.6,
+    },
+    "critical": {
+        "base_samples": "b",
+        "rl_samples": "r",
+        "out": "critical.json",
+        "metric": "acc",
+        "filter_name": "none",
+        "samples_out": "ids.json",
+    },
+    "features_generalization": {
+        "crosscoder": "cc",
+        "base": "base",
+        "rl": "rl",
+        "critical": "critical.json",
+        "model": ["base=m/b", "rl=m/r"],
+        "out": "gen",
+        "threshold": 0.3,
+        "tasks": ["t1", "t2"],
+        "overlap": "jaccard",
+        "batch_size": 4,
+        "split_half": 3,
+    },
+    "features_fisher": {
+        "crosscoder": "cc",
+        "model": ["base=m/b"],
+        "dataset": "d.jsonl",
+        "out": "fi",
+        "top_k": 7,
+        "max_docs": 10,
+        "segments": {
+            "format": "delimiters",
+            "reasoning_delimiters": ["<t>", "</t>"],
+            "solution_delimiters": ["</t>", ""],
+        },
+    },
+    "intervene": {
+        "features": "f.json",
+        "crosscoder": "cc",
+        "model": ["rl=m/r"],
+        "mode": "set",
+        "value": 2.5,
+        "critical": "critical.json",
+        "out": "iv",
+        "tasks": ["t1"],
+        "controls": 2,
+        "positions": "last_prompt",
+    },
+    "leakage": {
+        "crosscoder": "cc",
+        "base": "m/b",
+        "blocked": "m/x",
+        "features": "shared",
+        "dataset": "synthetic:arithmetic",
+        "out": "lk",
+        "max_tokens": 1000,
+        "matching": "argmax",
+    },
 }
 
 
@@ -121,5 +198,9 @@ def test_config_modules_and_the_cli_root_do_not_import_torch():
     import sys
 
     modules = sorted({step.config.partition(":")[0] for step in STEPS.values()} | {"posttrain_probe.cli.main"})
-    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "bad = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\nassert not bad, bad\n"
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "bad = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\nassert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

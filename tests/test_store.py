@@ -26,7 +26,9 @@ def _tokens(n: int, start: int = 0, seed: int = 0):
 
 
 def _write(path, n_writes=10, per_write=30, shard_tokens=64, model="base", dtype="bfloat16", seed=0, **kw):
-    writer = ActivationStoreWriter(path, layer=3, d_model=D, model=model, dtype=dtype, shard_tokens=shard_tokens, source={"dataset": "x"}, **kw)
+    writer = ActivationStoreWriter(
+        path, layer=3, d_model=D, model=model, dtype=dtype, shard_tokens=shard_tokens, source={"dataset": "x"}, **kw
+    )
     written = []
     for i in range(n_writes):
         batch = _tokens(per_write, start=i * per_write, seed=seed * 1000 + i)
@@ -129,7 +131,9 @@ def test_paired_reader_zips_models_and_refuses_other_tokens(tmp_path):
     torch.testing.assert_close(stacked[:, 1], sft_acts[index], rtol=0, atol=0)
 
     # other tokens (token ids shifted) -> refused, naming both stores
-    writer = ActivationStoreWriter(tmp_path / "other", layer=3, d_model=D, model="rl", shard_tokens=64, source={"dataset": "x"})
+    writer = ActivationStoreWriter(
+        tmp_path / "other", layer=3, d_model=D, model="rl", shard_tokens=64, source={"dataset": "x"}
+    )
     for i in range(10):
         acts, token_ids, doc_ids, positions = _tokens(30, start=i * 30)
         writer.write(acts, token_ids + 1, doc_ids, positions, cursor=i + 1)
@@ -184,7 +188,11 @@ def test_orphans_of_a_killed_writer_are_removed(tmp_path):
     (path / ".manifest.json.tmp-1234").write_text("{")
     writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
     names = ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
-    assert sorted(p.name for p in path.iterdir()) == [".probe.lock", ".probe.lock.holder", *names]  # the open writer's lock
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".probe.lock",
+        ".probe.lock.holder",
+        *names,
+    ]  # the open writer's lock
     writer.write(*_tokens(70), cursor=5)
     writer.close()
     assert not list(path.glob(".probe.lock*"))  # released and removed on close
@@ -206,7 +214,10 @@ def test_disk_error_leaves_no_half_written_manifest(tmp_path, monkeypatch):
         writer.write(*_tokens(70, start=70), cursor=2)
     monkeypatch.setattr(os, "replace", real_replace)
     assert (path / "manifest.json").read_text() == before
-    assert sorted(p.name for p in path.iterdir() if not is_lock_file(p.name)) == ["manifest.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in path.iterdir() if not is_lock_file(p.name)) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+    ]
     store = ActivationStore(path)
     assert store.n_tokens == 70 and store.verify_all() == []
 
@@ -215,7 +226,17 @@ def test_each_rank_writes_its_own_shards_and_rank0_merges(tmp_path):
     path = tmp_path / "s"
     per_rank = []
     for rank in range(2):
-        writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", dtype="float32", shard_tokens=40, rank=rank, world_size=2, source={"dataset": "x"})
+        writer = ActivationStoreWriter(
+            path,
+            layer=3,
+            d_model=D,
+            model="base",
+            dtype="float32",
+            shard_tokens=40,
+            rank=rank,
+            world_size=2,
+            source={"dataset": "x"},
+        )
         acts = []
         for i in range(3):
             batch = _tokens(25, start=1000 * rank + 25 * i, seed=10 * rank + i)

@@ -187,7 +187,7 @@ def test_tokenizer_round_trip_and_bos(tok):
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert tok.encode(text, add_special_tokens=False) == ids[1:]
     # digits are tokenized one by one
-    assert [t for t in tok.convert_ids_to_tokens(ids) if any(ch.isdigit() for ch in t)] == list("127" "19")
+    assert [t for t in tok.convert_ids_to_tokens(ids) if any(ch.isdigit() for ch in t)] == list("12719")
     for text in ["What colour is a lemon?\nA. red", "The answer is \\boxed{42}.", "héllo wörld ✓"]:
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
     padded = tok(["a", "a longer text"], padding=True)["input_ids"]
@@ -321,8 +321,10 @@ def test_multiple_choice_dataset_columns_and_correctness():
 
 @pytest.mark.parametrize("name", sorted(SYNTHETIC_DATASETS))
 def test_datasets_are_deterministic_for_a_seed(name):
-    a, b, c = synthetic_dataset(name, n=32, seed=7), synthetic_dataset(name, n=32, seed=7), synthetic_dataset(
-        name, n=32, seed=8
+    a, b, c = (
+        synthetic_dataset(name, n=32, seed=7),
+        synthetic_dataset(name, n=32, seed=7),
+        synthetic_dataset(name, n=32, seed=8),
     )
     assert a.to_list() == b.to_list()
     assert a.to_list() != c.to_list()
@@ -332,7 +334,11 @@ def test_datasets_are_deterministic_for_a_seed(name):
 
 
 def test_synthetic_dataset_names():
-    assert SYNTHETIC_DATASETS == {"arithmetic": arithmetic_dataset, "mcq": multiple_choice_dataset, "openthoughts": openthoughts_dataset}
+    assert SYNTHETIC_DATASETS == {
+        "arithmetic": arithmetic_dataset,
+        "mcq": multiple_choice_dataset,
+        "openthoughts": openthoughts_dataset,
+    }
     with pytest.raises(ProbeError, match="'gsm8k'") as info:
         synthetic_dataset("gsm8k")
     assert "arithmetic" in str(info.value) and "mcq" in str(info.value)
@@ -388,9 +394,10 @@ def test_tuned_copy_differs_lowers_loss_and_leaves_original(base_and_tuned, tok)
     # held-out arithmetic also improves: it learned the format, not only the rows
     ids, mask, labels = _batch(tok, arithmetic_dataset(n=32, seed=1234)["text"])
     with torch.no_grad():
-        assert tuned(input_ids=ids, attention_mask=mask, labels=labels).loss < base(
-            input_ids=ids, attention_mask=mask, labels=labels
-        ).loss
+        assert (
+            tuned(input_ids=ids, attention_mask=mask, labels=labels).loss
+            < base(input_ids=ids, attention_mask=mask, labels=labels).loss
+        )
 
 
 def test_tuned_copy_is_deterministic_for_a_seed(base_and_tuned, tok):

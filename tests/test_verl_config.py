@@ -59,7 +59,12 @@ def main_ppo(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """``python -m verl.trainer.main_ppo`` with each of MAIN_PPO_RUNS, started together (each spends
     most of its time importing verl), in a temporary directory (Hydra writes outputs/ there)."""
     cwd = tmp_path_factory.mktemp("main_ppo")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TRAIN_FILES": "/data/train.parquet", "VAL_FILES": "/data/val.parquet"}
+    env = {
+        **os.environ,
+        "HYDRA_FULL_ERROR": "0",
+        "TRAIN_FILES": "/data/train.parquet",
+        "VAL_FILES": "/data/val.parquet",
+    }
     procs = {
         name: subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         for name, args in MAIN_PPO_RUNS.items()
@@ -109,7 +114,9 @@ def test_user_overrides_win_over_the_probe_config():
     assert list(cfg.probe.layers) == [3, 5] and cfg.probe.n_docs == 16 and cfg.probe.dataset == "/data/probe.parquet"
     assert cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == "my.hook"
     assert cfg.trainer.v1.trainer_mode == "colocate_async"
-    ckpt = compose_verl("+probe=on_ckpt", "trainer.save_freq=5", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]")
+    ckpt = compose_verl(
+        "+probe=on_ckpt", "trainer.save_freq=5", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]"
+    )
     assert list(ckpt.actor_rollout_ref.actor.checkpoint.save_contents) == ["model", "hf_model"]
 
 
@@ -127,7 +134,9 @@ def test_unknown_probe_key_is_rejected_naming_the_valid_keys():
     assert "Key 'bogus' not in" in message and all(key in message for key in probe_keys())
     # '+probe.bogus=1' is let through by Hydra (it opens the node to add keys): the check names them too
     cfg = compose_verl("+probe=on", "+probe.bogus=1")
-    with pytest.raises(ProbeError, match="unknown probe key\\(s\\) probe.bogus: valid keys are mode, run_dir, snapshot_fraction"):
+    with pytest.raises(
+        ProbeError, match="unknown probe key\\(s\\) probe.bogus: valid keys are mode, run_dir, snapshot_fraction"
+    ):
         check_job_config(cfg)
 
 
@@ -174,9 +183,14 @@ def test_from_dict_checks_types_of_plain_values():
 
 
 def test_trainer_mode_other_than_probe_is_an_error_not_a_silent_off():
-    with pytest.raises(ProbeError, match="\\+probe=on runs with verl's synchronous trainer only.*colocate_async.*\\+probe=on_ckpt"):
+    with pytest.raises(
+        ProbeError, match="\\+probe=on runs with verl's synchronous trainer only.*colocate_async.*\\+probe=on_ckpt"
+    ):
         check_job_config(compose_verl("+probe=on", "trainer.v1.trainer_mode=colocate_async"))
-    with pytest.raises(ProbeError, match="trainer.v1.trainer_mode=sync selects verl's plain sync trainer and would switch the probe off"):
+    with pytest.raises(
+        ProbeError,
+        match="trainer.v1.trainer_mode=sync selects verl's plain sync trainer and would switch the probe off",
+    ):
         check_job_config(compose_verl("+probe=on", "trainer.v1.trainer_mode=sync"))
     with pytest.raises(ProbeError, match="trainer.use_v1=true"):
         check_job_config(compose_verl("+probe=on", "trainer.use_v1=false"))
@@ -186,11 +200,17 @@ def test_on_ckpt_needs_saves_with_the_hf_model():
     with pytest.raises(ProbeError, match="trainer.save_freq=-1 saves none: set trainer.save_freq=N"):
         check_job_config(compose_verl("+probe=on_ckpt"))
     with pytest.raises(ProbeError, match="needs hf_model in actor_rollout_ref.actor.checkpoint.save_contents"):
-        check_job_config(compose_verl("+probe=on_ckpt", "trainer.save_freq=5", "actor_rollout_ref.actor.checkpoint.save_contents=[model]"))
+        check_job_config(
+            compose_verl(
+                "+probe=on_ckpt", "trainer.save_freq=5", "actor_rollout_ref.actor.checkpoint.save_contents=[model]"
+            )
+        )
     with pytest.raises(ProbeError, match="set trainer.save_freq instead of probe.snapshot_steps"):
         check_job_config(compose_verl("+probe=on_ckpt", "trainer.save_freq=5", "probe.snapshot_steps=3"))
     with pytest.raises(ProbeError, match="needs trainer.checkpoint_callback_class="):
-        check_job_config(compose_verl("+probe=on_ckpt", "trainer.save_freq=5", "trainer.checkpoint_callback_class=null"))
+        check_job_config(
+            compose_verl("+probe=on_ckpt", "trainer.save_freq=5", "trainer.checkpoint_callback_class=null")
+        )
 
 
 def test_probe_keys_mirror_probe_arguments():
@@ -239,7 +259,11 @@ def test_verl_recipe_has_the_paper_grpo_hyperparameters(main_ppo):
     assert (actor.clip_ratio_low, actor.clip_ratio_high) == (0.2, 0.28)
     assert cfg.trainer.total_epochs == 1 and actor.ppo_epochs == 1
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen3-4B-Base" and cfg.data.train_files == "/data/train.parquet"
-    assert cfg.trainer.v1.trainer_mode == PROBE_TRAINER_MODE and list(cfg.probe.layers) == [18] and cfg.probe.snapshot_fraction == 0.2
+    assert (
+        cfg.trainer.v1.trainer_mode == PROBE_TRAINER_MODE
+        and list(cfg.probe.layers) == [18]
+        and cfg.probe.snapshot_fraction == 0.2
+    )
     assert cfg.reward.custom_reward_function.path == str(REPO / "recipes" / "verl" / "math_reward.py")
     check_job_config(cfg)
 

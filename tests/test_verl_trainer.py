@@ -41,7 +41,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TESTS = Path(__file__).resolve().parent
 LAYERS = [1, 2]
 N_DOCS = 6
-PROBE_OVERRIDES = ["probe.layers=[1,2]", f"probe.n_docs={N_DOCS}", "probe.seq_len=48", "probe.batch_size=3", "probe.dtype=float32"]
+PROBE_OVERRIDES = [
+    "probe.layers=[1,2]",
+    f"probe.n_docs={N_DOCS}",
+    "probe.seq_len=48",
+    "probe.batch_size=3",
+    "probe.dtype=float32",
+]
 
 SCRIPT = r'''
 import json, os, sys
@@ -237,7 +243,12 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     tiny_model("qwen3", seed=0).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     data = arithmetic_dataset(12, seed=0)
-    data = data.map(lambda row: {"data_source": "arithmetic", "reward_model": {"style": "rule", "ground_truth": row["final_answer"]}})
+    data = data.map(
+        lambda row: {
+            "data_source": "arithmetic",
+            "reward_model": {"style": "rule", "ground_truth": row["final_answer"]},
+        }
+    )
     data.to_parquet(str(root / "train.parquet"))
     return {"root": root, "data": root, "train": root / "train.parquet", "model": root / "model"}
 
@@ -283,7 +294,9 @@ def test_ray_initialised_without_the_fallback_is_a_clear_error(ran):
 def test_probe_trainer_is_verls_sync_trainer_with_our_worker(ran):
     _, result = ran
     assert result["trainer"] == "ProbePPOTrainer"
-    assert result["mode_after_init"] == "sync" and result["replay_buffer"] == "ReplayBuffer"  # trainer_base's "sync" branches
+    assert (
+        result["mode_after_init"] == "sync" and result["replay_buffer"] == "ReplayBuffer"
+    )  # trainer_base's "sync" branches
     assert result["roles"] == {"actor_rollout": "ProbeActorRolloutRefWorker"}
     assert "ProbePPOTrainer runs as trainer.v1.trainer_mode=probe, got sync" in result["sync_mode_error"]
 
@@ -309,7 +322,12 @@ def test_probe_metrics_reach_verls_step_metrics(ran):
     _, result = ran
     metrics = result["first"]["metrics"]
     assert set(metrics["1"]) == {"probe/base_activation_seconds"}
-    assert set(metrics["2"]) == {"probe/snapshot_seconds", "probe/activation_seconds", "probe/drift/layer1", "probe/drift/layer2"}
+    assert set(metrics["2"]) == {
+        "probe/snapshot_seconds",
+        "probe/activation_seconds",
+        "probe/drift/layer1",
+        "probe/drift/layer2",
+    }
     assert metrics["3"] == {}
 
 
@@ -329,7 +347,10 @@ def test_resume_continues_the_same_probe_directory(ran):
     assert second["paradigm"] == "grpo" and second["trainer"] == "ProbePPOTrainer" and second["world_size"] == 2
     before, after = result["mtimes_first"], result["mtimes_second"]
     for layer in LAYERS:
-        base, redone = f"activations/step-000000/layer{layer}/manifest.json", f"activations/step-000004/layer{layer}/manifest.json"
+        base, redone = (
+            f"activations/step-000000/layer{layer}/manifest.json",
+            f"activations/step-000004/layer{layer}/manifest.json",
+        )
         assert after[base] == before[base]  # the base capture is kept
         assert after[redone] != before[redone]  # step 4 was taken again
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-000002", "step-000004", "step-000006"]
@@ -347,12 +368,18 @@ def test_on_ckpt_snapshots_every_verl_save_out_of_rotation(ran):
     assert result["ckpt_trainer"] == "PPOTrainerSync" and result["ckpt_callback"] == "ProbeCheckpointCallback"
     assert result["ckpt_roles"] == {"actor_rollout": "ActorRolloutRefWorker"}  # verl's own worker
     manifest = result["ckpt_manifest"]
-    assert manifest["schedule"] == [4, 6] and steps(manifest, "snapshots") == [4, 6] and steps(manifest, "activations") == [0, 4, 6]
+    assert (
+        manifest["schedule"] == [4, 6]
+        and steps(manifest, "snapshots") == [4, 6]
+        and steps(manifest, "activations") == [0, 4, 6]
+    )
     assert manifest["trainer"] == "PPOTrainerSync" and manifest["paradigm"] == "grpo" and manifest["layers"] == LAYERS
     # verl's rotation (max_actor_ckpt_to_keep=1) deleted global_step_4/actor; our copy of its HF export stays
     assert not (out / "on_ckpt" / "global_step_4" / "actor").exists()
     snapshot = out / "on_ckpt" / "probe" / "snapshots" / "step-000004"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in snapshot.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in snapshot.iterdir()
+    }
     verl_export = out / "on_ckpt" / "global_step_6" / "actor" / "huggingface"
     copied = out / "on_ckpt" / "probe" / "snapshots" / "step-000006"
     assert sorted(p.name for p in verl_export.iterdir()) == sorted(p.name for p in copied.iterdir())

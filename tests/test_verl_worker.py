@@ -47,7 +47,7 @@ PROBE = {
     "schedule": [1], "resume_step": 0, "paradigm": "grpo", "trainer": "test",
 }  # fmt: skip
 
-COMMON = r'''
+COMMON = r"""
 import json, os, sys
 tests_dir, model_path, train_file, out = sys.argv[1:5]
 sys.path.insert(0, tests_dir)
@@ -58,9 +58,11 @@ _verl_cpu.use_cpu_platform()
 PROBE = json.loads(sys.argv[5])
 PROBE.update(train_files=train_file)
 FP32 = "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32"  # verl's default computes in bf16
-'''
+"""
 
-ONE_PROCESS = COMMON + r'''
+ONE_PROCESS = (
+    COMMON
+    + r"""
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
@@ -123,9 +125,12 @@ result["bf16_step0"] = bf16.probe_step(0)
 with open(os.path.join(out, "result.json"), "w") as handle:
     json.dump(result, handle)
 dist.destroy_process_group()
-'''
+"""
+)
 
-RAY_TWO_WORKERS = COMMON + r'''
+RAY_TWO_WORKERS = (
+    COMMON
+    + r"""
 import ray
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from posttrain_probe.callbacks.verl.worker import ProbeActorRolloutRefWorker
@@ -154,7 +159,8 @@ finally:
     ray.shutdown()
 with open(os.path.join(out, "result.json"), "w") as handle:
     json.dump(result, handle)
-'''
+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +186,9 @@ def _launch(script: str, setup: dict, name: str, *, nproc: int | None) -> tuple[
         proc = torchrun(path, *args, nproc=nproc, timeout=300)
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=400, cwd=out)
+        proc = subprocess.run(
+            [sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=400, cwd=out
+        )
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out, json.loads((out / "result.json").read_text())
 
@@ -313,7 +321,10 @@ def test_bf16_mixed_precision_and_jsonl_probe_set(one):
     for layer in LAYERS:
         _, fp32 = read_store(out / "run" / "activations" / "step-000000" / f"layer{layer}")
         store, bf16 = read_store(out / "bf16" / "activations" / "step-000000" / f"layer{layer}")
-        assert store.token_fingerprint == ActivationStore(out / "run" / "activations" / "step-000000" / f"layer{layer}").token_fingerprint
+        assert (
+            store.token_fingerprint
+            == ActivationStore(out / "run" / "activations" / "step-000000" / f"layer{layer}").token_fingerprint
+        )
         assert store.dtype == torch.float32  # probe.dtype, whatever the compute dtype
         error = (bf16["acts"] - fp32["acts"]).norm(dim=-1) / fp32["acts"].norm(dim=-1)
         assert 0 < error.mean() < 0.05
@@ -331,7 +342,9 @@ def test_ray_worker_group_two_ranks(ray_two, one, setup):
     assert "layer 7 is out of range" in result["bad_layer"]
     ranks = result["info"]
     assert len(ranks) == 2 and ranks[0] == ranks[1] and ranks[0]["n_tokens"] == one[1]["info"]["n_tokens"]
-    assert "probe/drift/layer1" in result["step1"][0] and "probe/drift/layer1" not in result["step1"][1]  # rank 0 reports
+    assert (
+        "probe/drift/layer1" in result["step1"][0] and "probe/drift/layer1" not in result["step1"][1]
+    )  # rank 0 reports
     assert json.loads((out / "run" / "probe.json").read_text())["world_size"] == 2
     for layer in LAYERS:  # 2 ranks: the same tokens and values as 1 rank
         store, two = read_store(out / "run" / "activations" / "step-000000" / f"layer{layer}")

@@ -127,7 +127,16 @@ class CheckpointProbeRun(ProbeRun):
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
         seconds = time.perf_counter() - started
-        self.run.record("snapshots", {"step": step, "path": str(target.relative_to(self.run.path)), "peft": None, "seconds": round(seconds, 3), "source": str(hf_dir)})
+        self.run.record(
+            "snapshots",
+            {
+                "step": step,
+                "path": str(target.relative_to(self.run.path)),
+                "peft": None,
+                "seconds": round(seconds, 3),
+                "source": str(hf_dir),
+            },
+        )
         return seconds
 
 
@@ -140,7 +149,9 @@ class ProbeCheckpointCallback(CheckpointCallback):
         if self.probe.mode != "on_ckpt":
             raise ProbeError(f"ProbeCheckpointCallback belongs to +probe=on_ckpt, got probe.mode={self.probe.mode}")
         if OmegaConf.select(config, "actor_rollout_ref.actor.checkpoint.async_save", default=False):
-            raise ProbeError("+probe=on_ckpt reads each checkpoint when verl reports it saved; set actor_rollout_ref.actor.checkpoint.async_save=false")
+            raise ProbeError(
+                "+probe=on_ckpt reads each checkpoint when verl reports it saved; set actor_rollout_ref.actor.checkpoint.async_save=false"
+            )
         self.run_dir = resolve_run_dir(self.probe, config)
         self.resume_step = resume_step_of(config)  # before verl's trainer loads that checkpoint
         self.probe_run: CheckpointProbeRun | None = None
@@ -148,7 +159,9 @@ class ProbeCheckpointCallback(CheckpointCallback):
     def on_save(self, trainer, global_step: int, checkpoint_dir: str, async_save: bool = False, **kwargs: Any) -> None:
         """Snapshot ``<checkpoint_dir>/actor/huggingface`` as step ``global_step`` and capture the probe set with it."""
         if async_save:
-            raise ProbeError(f"checkpoint {checkpoint_dir} was saved asynchronously and may be incomplete: set actor_rollout_ref.actor.checkpoint.async_save=false")
+            raise ProbeError(
+                f"checkpoint {checkpoint_dir} was saved asynchronously and may be incomplete: set actor_rollout_ref.actor.checkpoint.async_save=false"
+            )
         hf_dir = Path(checkpoint_dir) / HF_SUBDIR
         if not list(hf_dir.glob("*.safetensors")):
             raise ProbeError(
@@ -181,7 +194,9 @@ class ProbeCheckpointCallback(CheckpointCallback):
 
         config = self.config
         train_files = OmegaConf.select(config, "data.train_files")
-        train_files = OmegaConf.to_container(train_files, resolve=True) if OmegaConf.is_config(train_files) else train_files
+        train_files = (
+            OmegaConf.to_container(train_files, resolve=True) if OmegaConf.is_config(train_files) else train_files
+        )
         args = self.probe.to_probe_arguments()
         if args.probe_dataset is None and args.probe_column is None:
             args.probe_column = OmegaConf.select(config, "data.prompt_key", default=None)
@@ -192,7 +207,10 @@ class ProbeCheckpointCallback(CheckpointCallback):
             tokenizer=trainer.tokenizer,
             train_files=[train_files] if isinstance(train_files, str) else list(train_files or []),
         )
-        base = copy_to_local(str(OmegaConf.select(config, "actor_rollout_ref.model.path")), use_shm=bool(OmegaConf.select(config, "actor_rollout_ref.model.use_shm", default=False)))
+        base = copy_to_local(
+            str(OmegaConf.select(config, "actor_rollout_ref.model.path")),
+            use_shm=bool(OmegaConf.select(config, "actor_rollout_ref.model.use_shm", default=False)),
+        )
         run.load_model(base)
         save_freq = int(OmegaConf.select(config, "trainer.save_freq"))
         run.open(self.run_dir, save_steps(save_freq, int(trainer.total_training_steps)), resume_step=self.resume_step)

@@ -56,4 +56,3 @@ def apply() -> None:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "is_trl_available"):
             module.is_trl_available = trl_value_head_available
-

@@ -71,7 +71,12 @@ class VerlProbeConfig:
     ``n_docs``, ``seq_len``, ``batch_size``, ``dtype``, ``seed``, ``drift``.
     """
 
-    mode: str = field(default="on", metadata={"help": "'on': probe trainer + worker on the live actor; 'on_ckpt': from verl's own checkpoint saves. Set by +probe=on / +probe=on_ckpt."})
+    mode: str = field(
+        default="on",
+        metadata={
+            "help": "'on': probe trainer + worker on the live actor; 'on_ckpt': from verl's own checkpoint saves. Set by +probe=on / +probe=on_ckpt."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -79,7 +84,9 @@ class VerlProbeConfig:
             raise ProbeError(f"probe.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         bad = [layer for layer in self.layers if layer < 0]
         if bad:
-            raise ProbeError(f"probe.layers {bad} are not sites: expected integers >= 0 (residual stream entering block L)")
+            raise ProbeError(
+                f"probe.layers {bad} are not sites: expected integers >= 0 (residual stream entering block L)"
+            )
         try:
             self.to_probe_arguments()  # the TRL callbacks' checks, one copy of them
         except ProbeError as err:
@@ -87,7 +94,9 @@ class VerlProbeConfig:
 
     def to_probe_arguments(self) -> ProbeArguments:
         """The equivalent :class:`ProbeArguments` of the TRL callbacks (same names with a ``probe_`` prefix)."""
-        return ProbeArguments(probe=True, **{f"probe_{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "mode"})
+        return ProbeArguments(
+            probe=True, **{f"probe_{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "mode"}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every key (what the trainer hands to the worker)."""
@@ -104,7 +113,9 @@ class VerlProbeConfig:
             raise ProbeError(f"probe must be a mapping of probe.* keys, got {type(values).__name__}")
         unknown = sorted(set(values) - set(probe_keys()))
         if unknown:
-            raise ProbeError(f"unknown probe key(s) {', '.join(f'probe.{k}' for k in unknown)}: valid keys are {', '.join(probe_keys())}")
+            raise ProbeError(
+                f"unknown probe key(s) {', '.join(f'probe.{k}' for k in unknown)}: valid keys are {', '.join(probe_keys())}"
+            )
         return cls(**dict(values))
 
 
@@ -151,7 +162,11 @@ def _schema_class() -> type:
     then tells the user what to write. It is an attribute of this module (created at import), so
     configs holding the typed ``probe`` node unpickle in every process (verl sends its config to Ray workers)."""
     name = f"VerlProbeConfig(valid keys: {' '.join(probe_keys())})"
-    schema = dataclass(type(name, (VerlProbeConfig,), {"__module__": __name__, "__qualname__": name, "__doc__": VerlProbeConfig.__doc__}))
+    schema = dataclass(
+        type(
+            name, (VerlProbeConfig,), {"__module__": __name__, "__qualname__": name, "__doc__": VerlProbeConfig.__doc__}
+        )
+    )
     setattr(sys.modules[__name__], name, schema)
     return schema
 
@@ -188,7 +203,9 @@ def check_job_config(config) -> VerlProbeConfig:
     probe = probe_config(config)
     select = lambda key, default=None: OmegaConf.select(config, key, default=default)  # noqa: E731
     if not select("trainer.use_v1", True):
-        raise ProbeError("+probe needs verl's v1 trainer (trainer.use_v1=true); the legacy trainer has no trainer registry or checkpoint callback")
+        raise ProbeError(
+            "+probe needs verl's v1 trainer (trainer.use_v1=true); the legacy trainer has no trainer registry or checkpoint callback"
+        )
     if probe.mode == "on":
         mode = select("trainer.v1.trainer_mode")
         if mode == "sync":
@@ -203,17 +220,25 @@ def check_job_config(config) -> VerlProbeConfig:
                 "with every trainer mode from verl's checkpoint saves"
             )
         if not select("actor_rollout_ref.hybrid_engine", True):
-            raise ProbeError("+probe=on needs actor_rollout_ref.hybrid_engine=true (actor and rollout colocated, as in verl's sync trainer)")
+            raise ProbeError(
+                "+probe=on needs actor_rollout_ref.hybrid_engine=true (actor and rollout colocated, as in verl's sync trainer)"
+            )
     else:
         callback = select("trainer.checkpoint_callback_class")
         if callback != CHECKPOINT_CALLBACK:
-            raise ProbeError(f"+probe=on_ckpt needs trainer.checkpoint_callback_class={CHECKPOINT_CALLBACK}, got {callback}: drop the override")
+            raise ProbeError(
+                f"+probe=on_ckpt needs trainer.checkpoint_callback_class={CHECKPOINT_CALLBACK}, got {callback}: drop the override"
+            )
         save_freq = select("trainer.save_freq", -1)
         if not isinstance(save_freq, int) or save_freq < 1:
-            raise ProbeError(f"+probe=on_ckpt snapshots verl's checkpoint saves, but trainer.save_freq={save_freq} saves none: set trainer.save_freq=N (steps)")
+            raise ProbeError(
+                f"+probe=on_ckpt snapshots verl's checkpoint saves, but trainer.save_freq={save_freq} saves none: set trainer.save_freq=N (steps)"
+            )
         contents = list(select("actor_rollout_ref.actor.checkpoint.save_contents", []) or [])
         if "hf_model" not in contents:
-            raise ProbeError(f"+probe=on_ckpt needs hf_model in actor_rollout_ref.actor.checkpoint.save_contents, got {contents}: add it")
+            raise ProbeError(
+                f"+probe=on_ckpt needs hf_model in actor_rollout_ref.actor.checkpoint.save_contents, got {contents}: add it"
+            )
         if probe.snapshot_steps is not None or probe.snapshot_at:
             raise ProbeError(
                 "+probe=on_ckpt takes a snapshot at every checkpoint verl saves: set trainer.save_freq instead of "

@@ -50,7 +50,9 @@ class ProbePPOTrainer(PPOTrainerSync):
     def __init__(self, config) -> None:
         mode = OmegaConf.select(config, "trainer.v1.trainer_mode")
         if mode != PROBE_TRAINER_MODE:
-            raise ProbeError(f"ProbePPOTrainer runs as trainer.v1.trainer_mode={PROBE_TRAINER_MODE}, got {mode}: build it through +probe=on")
+            raise ProbeError(
+                f"ProbePPOTrainer runs as trainer.v1.trainer_mode={PROBE_TRAINER_MODE}, got {mode}: build it through +probe=on"
+            )
         self.probe: VerlProbeConfig = check_job_config(config)
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # trainer_base compares this string: behave as verl's sync trainer
@@ -63,7 +65,9 @@ class ProbePPOTrainer(PPOTrainerSync):
         super()._init_resource_pool_mgr()
         roles = [role for role in _ACTOR_ROLES if role in self.role_worker_mapping]
         if not roles:
-            raise ProbeError(f"verl's role mapping has no colocated actor/rollout role ({', '.join(map(str, _ACTOR_ROLES))}): +probe=on needs the sync trainer's hybrid engine")
+            raise ProbeError(
+                f"verl's role mapping has no colocated actor/rollout role ({', '.join(map(str, _ACTOR_ROLES))}): +probe=on needs the sync trainer's hybrid engine"
+            )
         for role in roles:
             self.role_worker_mapping[role] = ray.remote(ProbeActorRolloutRefWorker)
 
@@ -104,7 +108,8 @@ class ProbePPOTrainer(PPOTrainerSync):
             "trainer": type(self).__name__,
             "train_files": [train_files] if isinstance(train_files, str) else list(train_files or []),
             "prompt_key": OmegaConf.select(config, "data.prompt_key", default="prompt"),
-            "column": self.probe.column or (None if self.probe.dataset else OmegaConf.select(config, "data.prompt_key", default=None)),
+            "column": self.probe.column
+            or (None if self.probe.dataset else OmegaConf.select(config, "data.prompt_key", default=None)),
             "max_prompt_length": OmegaConf.select(config, "data.max_prompt_length", default=None),
             "base_model": str(OmegaConf.select(config, "actor_rollout_ref.model.path")),
         }

@@ -35,7 +35,9 @@ def _register_in_ray_process() -> None:
     try:
         setup()
     except Exception as err:  # noqa: BLE001 - verl swallows plugin errors; make this one visible
-        logging.getLogger(__name__).warning("posttrain-probe could not register the probe trainer in this Ray process: %r", err)
+        logging.getLogger(__name__).warning(
+            "posttrain-probe could not register the probe trainer in this Ray process: %r", err
+        )
 
 
 _register_in_ray_process()

@@ -185,7 +185,10 @@ class VerlProbeRun(ProbeRun):
             shutil.rmtree(staging, ignore_errors=True)
         processes.wait_for_everyone()
         seconds = time.perf_counter() - started
-        self.run.record("snapshots", {"step": step, "path": str(target.relative_to(self.run.path)), "peft": None, "seconds": round(seconds, 3)})
+        self.run.record(
+            "snapshots",
+            {"step": step, "path": str(target.relative_to(self.run.path)), "peft": None, "seconds": round(seconds, 3)},
+        )
         return seconds
 
     def capture_live(self, step: int) -> dict[str, float]:
@@ -202,7 +205,9 @@ class VerlProbeRun(ProbeRun):
             previous = get_ulysses_sequence_parallel_group()
             set_ulysses_sequence_parallel_group(None)
             stack.callback(set_ulysses_sequence_parallel_group, previous)
-            stack.enter_context(nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device, dtype=dtype))
+            stack.enter_context(
+                nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device, dtype=dtype)
+            )
             return self.capture(step)
 
 
@@ -233,10 +238,14 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
         "run_dir", "probe_fingerprint"}``.
         """
         if self.actor is None:
-            raise ProbeError(f"probe_init needs the actor, but this worker has role {self.role!r}: expected a role with 'actor'")
+            raise ProbeError(
+                f"probe_init needs the actor, but this worker has role {self.role!r}: expected a role with 'actor'"
+            )
         run_dir = probe.get("run_dir")
         if not run_dir:
-            raise ProbeError("probe_init got no run_dir: expected the resolved probe run directory (probe.run_dir or <trainer.default_local_dir>/probe)")
+            raise ProbeError(
+                "probe_init got no run_dir: expected the resolved probe run directory (probe.run_dir or <trainer.default_local_dir>/probe)"
+            )
         args = probe_arguments(probe)
         engine = self.actor.engine
         if args.probe_save_snapshots and getattr(engine, "_is_lora", False):
@@ -273,7 +282,10 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
         run.open(run_dir, list(probe.get("schedule") or []), resume_step=int(probe.get("resume_step") or 0))
         run.run.close()  # verl has no end-of-training hook: the directory is held while probe_step writes only
         self._probe = run
-        n_tokens = sum(int(select_tokens(b.input_ids, b.attention_mask, bos_token_id=run.tokenizer.bos_token_id).sum()) for b in batches)
+        n_tokens = sum(
+            int(select_tokens(b.input_ids, b.attention_mask, bos_token_id=run.tokenizer.bos_token_id).sum())
+            for b in batches
+        )
         return {
             "n_tokens": n_tokens,
             "n_docs": len(run.probe_rows),

@@ -53,7 +53,10 @@ class CollectResult(NamedTuple):
 
     def n_tokens(self) -> dict[str, dict[int, int]]:
         """Kept tokens per model and layer, from the stores' manifests."""
-        return {name: {layer: read_manifest(path).n_tokens for layer, path in per_layer.items()} for name, per_layer in self.stores.items()}
+        return {
+            name: {layer: read_manifest(path).n_tokens for layer, path in per_layer.items()}
+            for name, per_layer in self.stores.items()
+        }
 
     def write(self, out: str | os.PathLike) -> dict[str, Path]:
         """Write ``collect.json`` into ``out`` (the stores are written while collecting); returns ``{"collect": path}``."""
@@ -103,7 +106,9 @@ def collect(
         raise ProbeError("collect needs at least one model: --model NAME=PATH (or models={name: model})")
     bad = [name for name in specs if not name or "/" in name or name.startswith(".")]
     if bad:
-        raise ProbeError(f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl")
+        raise ProbeError(
+            f"model names {bad} cannot be used as directory names: expected plain names like base, sft, rl"
+        )
     from accelerate import PartialState
 
     # cpu=True lets accelerate set up gloo for multi-process runs on machines without a GPU.
@@ -115,7 +120,12 @@ def collect(
             held.enter_context(DirectoryLock(config.out, what="collect output"))
         tokenizer, loaded = _load_models(specs, tokenizer, config.layer, config, device)
         layers = _checked_layers(loaded, config.layer)
-        data = load_dataset_spec(config.dataset if dataset is None else dataset, split=config.split, config_name=config.dataset_config, n_docs=config.n_docs)
+        data = load_dataset_spec(
+            config.dataset if dataset is None else dataset,
+            split=config.split,
+            config_name=config.dataset_config,
+            n_docs=config.n_docs,
+        )
         source = _source_info(config, dataset, data, tokenizer, list(loaded), state.num_processes)
         writers = _open_writers(config, specs, loaded, layers, source, state, held)
         index = {
@@ -124,11 +134,17 @@ def collect(
             "source": source,
             "config": {k: v for k, v in asdict(config).items() if k not in _STEP_FIELDS},
         }
-        result = CollectResult(config.out, {name: {layer: config.out / name / f"layer{layer}" for layer in layers} for name in loaded}, index)
+        result = CollectResult(
+            config.out,
+            {name: {layer: config.out / name / f"layer{layer}" for layer in layers} for name in loaded},
+            index,
+        )
         if state.process_index == 0:
             result.write(config.out)
         if not all(w.complete for w in writers.values()):
-            _capture_into(writers, loaded, data, tokenizer, layers, config, state.process_index, state.num_processes, progress)
+            _capture_into(
+                writers, loaded, data, tokenizer, layers, config, state.process_index, state.num_processes, progress
+            )
         if state.num_processes > 1:
             state.wait_for_everyone()
             if state.process_index == 0:
@@ -176,7 +192,9 @@ def _source_info(config: CollectConfig, dataset: Any, data, tokenizer, names: li
     }
 
 
-def _open_writers(config: CollectConfig, specs, loaded, layers: list[int], source: dict[str, Any], state, held: contextlib.ExitStack) -> dict[tuple[str, int], ActivationStoreWriter]:
+def _open_writers(
+    config: CollectConfig, specs, loaded, layers: list[int], source: dict[str, Any], state, held: contextlib.ExitStack
+) -> dict[tuple[str, int], ActivationStoreWriter]:
     """One writer per model and layer (each locks this rank's files of its store until released)."""
     d_model = hidden_size(next(iter(loaded.values())))
     writers: dict[tuple[str, int], ActivationStoreWriter] = {}
@@ -253,8 +271,10 @@ def _load_models(
             n_layers = _config_num_layers(model)
             bad = [layer for layer in layers if n_layers is not None and layer >= n_layers]
             if bad:
-                raise ProbeError(f"model {name!r}: layer {bad[0]} is out of range for {model} with {n_layers} decoder blocks: "
-                                 f"expected 0 <= layer <= {n_layers - 1} (layer L = residual stream entering block L)")
+                raise ProbeError(
+                    f"model {name!r}: layer {bad[0]} is out of range for {model} with {n_layers} decoder blocks: "
+                    f"expected 0 <= layer <= {n_layers - 1} (layer L = residual stream entering block L)"
+                )
     loaded: dict[str, nn.Module] = {}
     for name, model in models.items():
         if isinstance(model, nn.Module):
@@ -302,7 +322,15 @@ def _capture_into(
         model.eval()
     # This rank's batches: rank, rank + world, ... from the first one at or after the cursor.
     first_batch = cursor + (rank - cursor) % world
-    batches = token_batches(data, tokenizer, column=cfg.column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, start_batch=first_batch, step=world)
+    batches = token_batches(
+        data,
+        tokenizer,
+        column=cfg.column,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        start_batch=first_batch,
+        step=world,
+    )
     desc = f"collect {','.join(models)} @ layer {','.join(map(str, layers))}"
     bar = tqdm(total=budget, initial=written, unit="tok", desc=desc, disable=not progress or rank != 0)
     try:
@@ -310,11 +338,21 @@ def _capture_into(
             if budget is not None and written >= budget:
                 break
             captured = capture_batch(
-                list(models.values()), batch, layers, bos_token_id=tokenizer.bos_token_id,
-                outlier_factor=cfg.outlier_factor, max_tokens=None if budget is None else budget - written,
+                list(models.values()),
+                batch,
+                layers,
+                bos_token_id=tokenizer.bos_token_id,
+                outlier_factor=cfg.outlier_factor,
+                max_tokens=None if budget is None else budget - written,
             )
             for (name, layer), writer in writers.items():
-                writer.write(captured.acts[layer][:, slot[name]], captured.token_ids, captured.doc_ids, captured.positions, cursor=index + 1)
+                writer.write(
+                    captured.acts[layer][:, slot[name]],
+                    captured.token_ids,
+                    captured.doc_ids,
+                    captured.positions,
+                    cursor=index + 1,
+                )
             written += captured.token_ids.numel()
             bar.update(captured.token_ids.numel())
     finally:

@@ -58,7 +58,11 @@ class LiveActivations(ActivationSource):
             raise ProbeError("models were given as objects: pass tokenizer= as well")
         self.models: dict[str, nn.Module] = {}
         for name, model in models.items():
-            self.models[name] = model if isinstance(model, nn.Module) else load_causal_lm(model, dtype=model_dtype, device=device, keep_layers=layer)
+            self.models[name] = (
+                model
+                if isinstance(model, nn.Module)
+                else load_causal_lm(model, dtype=model_dtype, device=device, keep_layers=layer)
+            )
             check_same_hidden_size({n: hidden_size(m) for n, m in self.models.items()})
         first = next(iter(self.models.values()))
         self.layer = default_layer(first) if layer is None else layer
@@ -99,18 +103,32 @@ class LiveActivations(ActivationSource):
             epoch = 0
             while epochs is None or epoch < epochs:
                 produced = 0
-                for batch in token_batches(self.dataset, self.tokenizer, column=self.column, seq_len=self.seq_len, batch_size=self.forward_batch_size, start_batch=self.rank, step=self.world_size):
+                for batch in token_batches(
+                    self.dataset,
+                    self.tokenizer,
+                    column=self.column,
+                    seq_len=self.seq_len,
+                    batch_size=self.forward_batch_size,
+                    start_batch=self.rank,
+                    step=self.world_size,
+                ):
                     remaining = None if self.max_tokens is None else self.max_tokens - produced
                     if remaining is not None and remaining <= 0:
                         break
                     captured = capture_batch(
-                        models, batch, [self.layer], bos_token_id=self.tokenizer.bos_token_id,
-                        outlier_factor=self.outlier_factor, max_tokens=remaining,
+                        models,
+                        batch,
+                        [self.layer],
+                        bos_token_id=self.tokenizer.bos_token_id,
+                        outlier_factor=self.outlier_factor,
+                        max_tokens=remaining,
                     )
                     produced += captured.token_ids.numel()
                     yield captured.acts[self.layer]
                 if produced == 0:
-                    raise ProbeError("the dataset gave no tokens to keep (after dropping the first position, BOS and padding)")
+                    raise ProbeError(
+                        "the dataset gave no tokens to keep (after dropping the first position, BOS and padding)"
+                    )
                 epoch += 1
         finally:
             for model, was_training in zip(models, training):

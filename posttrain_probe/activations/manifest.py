@@ -112,7 +112,9 @@ class StoreManifest:
         except (OSError, json.JSONDecodeError) as err:
             raise ProbeError(f"cannot read activation-store manifest {path}: {err}") from err
         if data.get("format") != FORMAT:
-            raise ProbeError(f"{path} is not an activation-store manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ProbeError(
+                f"{path} is not an activation-store manifest (format {data.get('format')!r}, expected {FORMAT!r})"
+            )
         if data.get("format_version") != FORMAT_VERSION:
             raise ProbeError(
                 f"{path} has store format version {data.get('format_version')}, this posttrain-probe reads version {FORMAT_VERSION}"

@@ -23,7 +23,9 @@ class MemoryActivations(ActivationSource):
 
     def __init__(self, acts: torch.Tensor, model_names: list[str], layer: int | None = None) -> None:
         if acts.ndim != 3 or acts.shape[1] != len(model_names):
-            raise ProbeError(f"expected activations [tokens, {len(model_names)}, d] for models {list(model_names)}, got {tuple(acts.shape)}")
+            raise ProbeError(
+                f"expected activations [tokens, {len(model_names)}, d] for models {list(model_names)}, got {tuple(acts.shape)}"
+            )
         self.acts, self._names, self.layer = acts, list(model_names), layer
 
     @property
@@ -48,7 +50,11 @@ class MemoryActivations(ActivationSource):
         starts = list(range(0, self.n_tokens, size))
         epoch = 0
         while epochs is None or epoch < epochs:
-            order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed + epoch)).tolist() if shuffle else range(len(starts))
+            order = (
+                torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+                if shuffle
+                else range(len(starts))
+            )
             for i in order:
                 yield self.acts[starts[i] : starts[i] + size]
             epoch += 1

@@ -50,7 +50,9 @@ class PairedActivations(ActivationSource):
                     "have different widths; expected equal hidden sizes"
                 )
             if store.layer != first.layer:
-                logger.warning("pairing stores of different layers: %s@%d, %s@%d", first_name, first.layer, name, store.layer)
+                logger.warning(
+                    "pairing stores of different layers: %s@%d, %s@%d", first_name, first.layer, name, store.layer
+                )
         self._first = first
 
     @classmethod

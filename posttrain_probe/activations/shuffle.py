@@ -98,5 +98,7 @@ class ActivationSource(ABC):
         """
         chunks = ((chunk,) for chunk in self.chunks(shuffle=shuffle, seed=seed, epochs=epochs))
         buffer = self.default_buffer_tokens if buffer_tokens is None else buffer_tokens
-        for (acts,) in shuffled_batches(chunks, batch_size, buffer_tokens=buffer, shuffle=shuffle, seed=seed, drop_last=drop_last):
+        for (acts,) in shuffled_batches(
+            chunks, batch_size, buffer_tokens=buffer, shuffle=shuffle, seed=seed, drop_last=drop_last
+        ):
             yield acts.to(device=device, dtype=dtype, non_blocking=True)

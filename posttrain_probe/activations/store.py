@@ -60,6 +60,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 
+
 def _tokens_digest(token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in (token_ids, doc_ids, positions):
@@ -182,7 +183,11 @@ class ActivationStoreWriter:
         prefix = "shard-" if self.world_size == 1 else f"shard-r{self.rank:03d}-"
         for entry in self.path.iterdir():
             name = entry.name
-            mine = name.startswith(prefix) or name.startswith("." + prefix) or name.startswith(f".{self._manifest_path.name}.tmp-")
+            mine = (
+                name.startswith(prefix)
+                or name.startswith("." + prefix)
+                or name.startswith(f".{self._manifest_path.name}.tmp-")
+            )
             if self.world_size == 1 and name.startswith(("shard-r", ".shard-r")):
                 mine = False
             if mine and name not in listed:
@@ -239,7 +244,11 @@ class ActivationStoreWriter:
         if not (torch.isfinite(low) and torch.isfinite(high)):
             raise ProbeError(f"activations written to {self.path} contain NaN or inf; nothing of this write was kept")
         self._token_parts.append(
-            (token_ids.detach().to("cpu", torch.int32), doc_ids.detach().to("cpu", torch.int64), positions.detach().to("cpu", torch.int32))
+            (
+                token_ids.detach().to("cpu", torch.int32),
+                doc_ids.detach().to("cpu", torch.int64),
+                positions.detach().to("cpu", torch.int32),
+            )
         )
         self._buffered += n
         self._buffer_cursor = cursor if cursor is not None else (self._buffer_cursor or self.cursor)
@@ -255,7 +264,12 @@ class ActivationStoreWriter:
         name = shard_name(index, self.rank, self.world_size)
         final = self.path / name
         tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-        tensors = {"acts": self._acts[: self._buffered], "token_ids": token_ids, "doc_ids": doc_ids, "positions": positions}
+        tensors = {
+            "acts": self._acts[: self._buffered],
+            "token_ids": token_ids,
+            "doc_ids": doc_ids,
+            "positions": positions,
+        }
         try:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "layer": str(self.manifest.layer)})
             if self.fsync:
@@ -294,7 +308,7 @@ class ActivationStoreWriter:
         if self._buffered:
             raise ProbeError("truncate() needs an empty write buffer; call it right after opening the store")
         keep = [s for s in self.manifest.shards if int(s["cursor"]) <= cursor]
-        dropped = self.manifest.shards[len(keep):]
+        dropped = self.manifest.shards[len(keep) :]
         if not dropped:
             return
         self.manifest.shards = keep
@@ -427,11 +441,15 @@ class ActivationStore(ActivationSource):
         except (OSError, SafetensorError) as err:
             raise ProbeError(f"cannot read shard {file}: {err}") from err
         if tensors["acts"].shape != (shard["n_tokens"], self.d_model):
-            raise ProbeError(f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]")
+            raise ProbeError(
+                f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]"
+            )
         if index not in self._values_checked:
             problem = _nonfinite_problem(tensors["acts"], file)
             if problem is not None:
-                raise ProbeError(f"{problem}: the activations are unusable; re-collect this store (delete {self.path} and run the same collect command again)")
+                raise ProbeError(
+                    f"{problem}: the activations are unusable; re-collect this store (delete {self.path} and run the same collect command again)"
+                )
             with self._lock:
                 self._values_checked.add(index)
         return tensors
@@ -455,7 +473,10 @@ class ActivationStore(ActivationSource):
 
     def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:
         """Shards' activations [n, d] (store dtype), in a new random order per epoch with ``shuffle``."""
-        return shard_chunks(lambda i: self.load_shard(i)["acts"], self.n_shards, shuffle=shuffle, seed=seed, epochs=epochs)
+        return shard_chunks(
+            lambda i: self.load_shard(i)["acts"], self.n_shards, shuffle=shuffle, seed=seed, epochs=epochs
+        )
+
 
 def _nonfinite_problem(acts: torch.Tensor, file: Path) -> str | None:
     """None when every activation of a shard is finite, else a one-line description (count, first token row)."""
@@ -468,7 +489,13 @@ def _nonfinite_problem(acts: torch.Tensor, file: Path) -> str | None:
 
 
 def shard_chunks(
-    load: Callable[[int], torch.Tensor], n_shards: int, *, shuffle: bool, seed: int, epochs: int | None, prefetch: int = 2
+    load: Callable[[int], torch.Tensor],
+    n_shards: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epochs: int | None,
+    prefetch: int = 2,
 ) -> Iterator[torch.Tensor]:
     """``load(i)`` for every shard, in a new random order per epoch with ``shuffle``, loading
     (reading + verifying) up to ``prefetch`` shards ahead on threads while one is consumed."""

@@ -47,13 +47,34 @@ class AnalyzeConfig:
     crosscoder: Path = field(metadata={"help": "Crosscoder directory."})
     out: Path = field(metadata={"help": "Output directory for the table, summary.json and figures."})
     base: str = field(default="base", metadata={"help": "Name of the base model in the crosscoder."})
-    acts: list[str] = field(default_factory=list, metadata={"help": "Activations (as for `crosscoder train --acts`) for activation frequency / max / dead flags."})
-    stats_tokens: int = field(default=1_000_000, metadata={"help": "Tokens read from --acts for the activation statistics."})
+    acts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Activations (as for `crosscoder train --acts`) for activation frequency / max / dead flags."
+        },
+    )
+    stats_tokens: int = field(
+        default=1_000_000, metadata={"help": "Tokens read from --acts for the activation statistics."}
+    )
     table_format: str = field(default="parquet", metadata={"help": "Feature table format: parquet or csv."})
-    p: float = field(default=1.0, metadata={"help": "Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."})
-    norm_ratio_scale: str = field(default="all", metadata={"help": "NormRatio denominator: all (max decoder norm over every model slot, docs/methods.md) or pair (over the two compared models, paper S)."})
-    allow_incomplete: bool = field(default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."})
-    duplicate_cosine: float = field(default=DEFAULT_DUPLICATE_COSINE, metadata={"help": "Latents whose whole decoders have at least this cosine are duplicates: grouped, counted once in the *_dedup counts."})
+    p: float = field(
+        default=1.0, metadata={"help": "Norm order of NRN and MAS (1 = the paper's; 2 = relative decoder norm)."}
+    )
+    norm_ratio_scale: str = field(
+        default="all",
+        metadata={
+            "help": "NormRatio denominator: all (max decoder norm over every model slot, docs/methods.md) or pair (over the two compared models, paper S)."
+        },
+    )
+    allow_incomplete: bool = field(
+        default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."}
+    )
+    duplicate_cosine: float = field(
+        default=DEFAULT_DUPLICATE_COSINE,
+        metadata={
+            "help": "Latents whose whole decoders have at least this cosine are duplicates: grouped, counted once in the *_dedup counts."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.crosscoder, self.out = Path(self.crosscoder), Path(self.out)
@@ -77,23 +98,57 @@ class DynamicsConfig:
     YAML: ``posttrain-probe dynamics --config dynamics.yaml`` with the same keys.
     """
 
-    crosscoder: list[str] = field(metadata={"help": "One multi-model crosscoder over base + checkpoints, or one two-model crosscoder per checkpoint (repeat, in training order)."})
+    crosscoder: list[str] = field(
+        metadata={
+            "help": "One multi-model crosscoder over base + checkpoints, or one two-model crosscoder per checkpoint (repeat, in training order)."
+        }
+    )
     out: Path = field(metadata={"help": "Output directory."})
     base: str = field(default="base", metadata={"help": "Name of the base model."})
-    checkpoint: list[str] = field(default_factory=list, metadata={"help": "Checkpoint model names in order (multi-model crosscoder; default: all but --base); labels of per-checkpoint crosscoders."})
+    checkpoint: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Checkpoint model names in order (multi-model crosscoder; default: all but --base); labels of per-checkpoint crosscoders."
+        },
+    )
     k: int = field(default=DEFAULT_K, metadata={"help": "Size of the top-NRN feature sets."})
     p: float = field(default=1.0, metadata={"help": "Norm order of NRN (1 = the paper's; 2 = relative decoder norm)."})
-    norm_floor: float = field(default=DEFAULT_NORM_FLOOR, metadata={"help": "A score is undefined where both compared decoder norms are below this fraction of the crosscoder's largest one."})
-    min_cosine: float = field(default=DEFAULT_MIN_COSINE, metadata={"help": "Per-checkpoint crosscoders: whole-decoder cosine below which a latent stays unmatched."})
-    allow_incomplete: bool = field(default=False, metadata={"help": "Accept the weights of unfinished crosscoder training runs."})
-    tie_atol: float = field(default=DEFAULT_TIE_ATOL, metadata={"help": "Scores within this distance of the k-th score tie with it (reported; an undetermined top-k is flagged)."})
-    duplicate_cosine: float | None = field(default=DEFAULT_DUPLICATE_COSINE, metadata={"cli": False, "help": "Duplicate latents (whole-decoder cosine at least this) count once, by their group's representative (None: no grouping)."})
+    norm_floor: float = field(
+        default=DEFAULT_NORM_FLOOR,
+        metadata={
+            "help": "A score is undefined where both compared decoder norms are below this fraction of the crosscoder's largest one."
+        },
+    )
+    min_cosine: float = field(
+        default=DEFAULT_MIN_COSINE,
+        metadata={"help": "Per-checkpoint crosscoders: whole-decoder cosine below which a latent stays unmatched."},
+    )
+    allow_incomplete: bool = field(
+        default=False, metadata={"help": "Accept the weights of unfinished crosscoder training runs."}
+    )
+    tie_atol: float = field(
+        default=DEFAULT_TIE_ATOL,
+        metadata={
+            "help": "Scores within this distance of the k-th score tie with it (reported; an undetermined top-k is flagged)."
+        },
+    )
+    duplicate_cosine: float | None = field(
+        default=DEFAULT_DUPLICATE_COSINE,
+        metadata={
+            "cli": False,
+            "help": "Duplicate latents (whole-decoder cosine at least this) count once, by their group's representative (None: no grouping).",
+        },
+    )
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        self.crosscoder = [str(c) for c in ([self.crosscoder] if isinstance(self.crosscoder, (str, Path)) else self.crosscoder or [])]
+        self.crosscoder = [
+            str(c) for c in ([self.crosscoder] if isinstance(self.crosscoder, (str, Path)) else self.crosscoder or [])
+        ]
         self.checkpoint = [str(c) for c in self.checkpoint or []]
         if not self.crosscoder:
-            raise ProbeError("crosscoder is empty: expected one multi-model crosscoder or one two-model crosscoder per checkpoint")
+            raise ProbeError(
+                "crosscoder is empty: expected one multi-model crosscoder or one two-model crosscoder per checkpoint"
+            )
         if self.duplicate_cosine is not None:
             _check_duplicate_cosine(self.duplicate_cosine)

@@ -168,7 +168,9 @@ def norm_ratio(W_dec: torch.Tensor, base: int, finetuned: int, scale: str = "all
         ``[F]`` dimensionless scores in [0, 1]; NaN where both norms are 0 (dead feature).
     """
     if scale not in NORM_RATIO_SCALES:
-        raise ProbeError(f"NormRatio scale {scale!r} is not one of {NORM_RATIO_SCALES} (all: max over every model slot; pair: over the two compared)")
+        raise ProbeError(
+            f"NormRatio scale {scale!r} is not one of {NORM_RATIO_SCALES} (all: max over every model slot; pair: over the two compared)"
+        )
     W_dec, base, finetuned = _pair(W_dec, base, finetuned, ("base", "finetuned"))
     norms = decoder_norms(W_dec, 2)
     n_base, n_ft = norms[:, base], norms[:, finetuned]
@@ -265,7 +267,12 @@ def latent_scaling(f: torch.Tensor, Y: torch.Tensor, W_dec: torch.Tensor) -> tor
             f"f must be a [T, F] tensor of feature activations with F = {n_features}, "
             f"got {tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}"
         )
-    if not isinstance(Y, torch.Tensor) or Y.ndim != 3 or tuple(Y.shape[1:]) != (n_models, d_model) or Y.shape[0] != f.shape[0]:
+    if (
+        not isinstance(Y, torch.Tensor)
+        or Y.ndim != 3
+        or tuple(Y.shape[1:]) != (n_models, d_model)
+        or Y.shape[0] != f.shape[0]
+    ):
         raise ProbeError(
             f"Y must be a [T, N, d] target tensor with T = {f.shape[0]} (rows of f), N = {n_models}, d = {d_model}, "
             f"got {tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__}"

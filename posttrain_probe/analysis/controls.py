@@ -38,13 +38,17 @@ def _frequencies(frequency) -> np.ndarray:
     if values.ndim != 1 or values.size == 0:
         raise ProbeError(f"frequency has shape {values.shape}; expected a non-empty [F] vector of firing rates")
     if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-        raise ProbeError("frequency has values outside [0, 1] or non-finite ones; expected firing rates (fraction of tokens with f_i > 0)")
+        raise ProbeError(
+            "frequency has values outside [0, 1] or non-finite ones; expected firing rates (fraction of tokens with f_i > 0)"
+        )
     return values
 
 
 def _check_bins(n_bins) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ProbeError(f"n_bins={n_bins!r}: expected a positive int (equal-count frequency bins of the live features)")
+        raise ProbeError(
+            f"n_bins={n_bins!r}: expected a positive int (equal-count frequency bins of the live features)"
+        )
     return int(n_bins)
 
 
@@ -72,7 +76,9 @@ def frequency_bins(frequency, n_bins: int = DEFAULT_FREQUENCY_BINS) -> np.ndarra
     return bins
 
 
-def frequency_matched_controls(frequency, selected: Sequence[int], seed: int, *, n_bins: int = DEFAULT_FREQUENCY_BINS) -> list[int]:
+def frequency_matched_controls(
+    frequency, selected: Sequence[int], seed: int, *, n_bins: int = DEFAULT_FREQUENCY_BINS
+) -> list[int]:
     """A random feature set matching ``selected`` bin by bin in activation frequency (docs/methods.md sec. 11).
 
     Args:
@@ -117,7 +123,9 @@ def _selected(selected: Sequence[int], n_features: int) -> list[int]:
     if not chosen:
         raise ProbeError("selected is empty; expected at least one feature to match")
     if len(set(chosen)) != len(chosen):
-        raise ProbeError(f"selected has repeated features {sorted(k for k in set(chosen) if chosen.count(k) > 1)[:8]}; expected distinct indices")
+        raise ProbeError(
+            f"selected has repeated features {sorted(k for k in set(chosen) if chosen.count(k) > 1)[:8]}; expected distinct indices"
+        )
     bad = [k for k in chosen if not 0 <= k < n_features]
     if bad:
         raise ProbeError(f"selected features {bad[:8]} are out of range; expected indices in [0, {n_features})")
@@ -139,7 +147,9 @@ class ControlSets(NamedTuple):
     """Why fewer bins were used (None without a fallback)."""
 
 
-def control_feature_sets(frequency, selected: Sequence[int], seeds: Sequence[int], *, n_bins: int = DEFAULT_FREQUENCY_BINS) -> ControlSets:
+def control_feature_sets(
+    frequency, selected: Sequence[int], seeds: Sequence[int], *, n_bins: int = DEFAULT_FREQUENCY_BINS
+) -> ControlSets:
     """:func:`frequency_matched_controls` for every seed, with one bin count for all of them.
 
     When a bin has too few candidates with ``n_bins`` bins, ``n_bins`` is halved (rounded down) until
@@ -196,4 +206,6 @@ def control_spread(selected_delta: float, control_deltas: Sequence[float]) -> Co
         raise ProbeError(f"deltas must be finite; got selected {selected_delta!r} and controls {values.tolist()}")
     lo, hi = float(values.min()), float(values.max())
     std = float(values.std(ddof=1)) if values.size > 1 else None
-    return ControlSpread(int(values.size), float(values.mean()), std, lo, hi, bool(selected_delta < lo or selected_delta > hi))
+    return ControlSpread(
+        int(values.size), float(values.mean()), std, lo, hi, bool(selected_delta < lo or selected_delta > hi)
+    )

@@ -125,17 +125,38 @@ class TaskCritical:
         prompts = {int(d): p for d, p in entry["prompts"].items()}
         lacking = [d for d in doc_ids if d not in prompts]
         if lacking:
-            raise ProbeError(f"{where} lacks the prompts of doc ids {lacking[:10]}; expected a 'prompts' entry per doc id")
+            raise ProbeError(
+                f"{where} lacks the prompts of doc ids {lacking[:10]}; expected a 'prompts' entry per doc id"
+            )
         if int(entry["n_critical"]) != len(doc_ids):
             raise ProbeError(f"{where} has n_critical {entry['n_critical']} but {len(doc_ids)} doc_ids")
         return cls(
-            metric=entry["metric"], filter=entry["filter"], n_docs=int(entry["n_docs"]), n_base_correct=int(entry["n_base_correct"]),
-            n_rl_correct=int(entry["n_rl_correct"]), doc_ids=doc_ids, prompts=prompts, request_type=entry["request_type"],
-            base_file=entry["base_file"], rl_file=entry["rl_file"],
+            metric=entry["metric"],
+            filter=entry["filter"],
+            n_docs=int(entry["n_docs"]),
+            n_base_correct=int(entry["n_base_correct"]),
+            n_rl_correct=int(entry["n_rl_correct"]),
+            doc_ids=doc_ids,
+            prompts=prompts,
+            request_type=entry["request_type"],
+            base_file=entry["base_file"],
+            rl_file=entry["rl_file"],
         )
 
 
-_ENTRY_KEYS = ("metric", "filter", "n_docs", "n_base_correct", "n_rl_correct", "n_critical", "doc_ids", "prompts", "request_type", "base_file", "rl_file")
+_ENTRY_KEYS = (
+    "metric",
+    "filter",
+    "n_docs",
+    "n_base_correct",
+    "n_rl_correct",
+    "n_critical",
+    "doc_ids",
+    "prompts",
+    "request_type",
+    "base_file",
+    "rl_file",
+)
 
 
 @dataclasses.dataclass
@@ -212,12 +233,22 @@ class CriticalSamples:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ProbeError(f"cannot read critical samples {path}: {err}") from err
-        if not isinstance(data, dict) or data.get("format") != CRITICAL_FORMAT or not isinstance(data.get("tasks"), dict):
-            raise ProbeError(f"{path} is not a critical-samples JSON (expected format {CRITICAL_FORMAT!r} with a 'tasks' object; write it with `posttrain-probe critical`)")
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != CRITICAL_FORMAT
+            or not isinstance(data.get("tasks"), dict)
+        ):
+            raise ProbeError(
+                f"{path} is not a critical-samples JSON (expected format {CRITICAL_FORMAT!r} with a 'tasks' object; write it with `posttrain-probe critical`)"
+            )
         version = data.get("format_version")
         if version != CRITICAL_FORMAT_VERSION:
-            raise ProbeError(f"{path}: critical-samples format_version {version!r}, this posttrain-probe reads {CRITICAL_FORMAT_VERSION} (write it again with `posttrain-probe critical`, or upgrade posttrain-probe)")
-        tasks = {str(task): TaskCritical.from_json(entry, f"{path}: task {task!r}") for task, entry in data["tasks"].items()}
+            raise ProbeError(
+                f"{path}: critical-samples format_version {version!r}, this posttrain-probe reads {CRITICAL_FORMAT_VERSION} (write it again with `posttrain-probe critical`, or upgrade posttrain-probe)"
+            )
+        tasks = {
+            str(task): TaskCritical.from_json(entry, f"{path}: task {task!r}") for task, entry in data["tasks"].items()
+        }
         return cls(base_samples=data["base_samples"], rl_samples=data["rl_samples"], tasks=tasks)
 
 
@@ -264,7 +295,9 @@ def find_sample_files(path: str | os.PathLike) -> dict[str, Path]:
         if task not in newest or key > newest[task][0]:
             newest[task] = (key, file)
     if not newest:
-        raise ProbeError(f"{path}: no lm-eval sample logs (samples_<task>_<timestamp>.jsonl); run lm-eval with --log_samples --output_path")
+        raise ProbeError(
+            f"{path}: no lm-eval sample logs (samples_<task>_<timestamp>.jsonl); run lm-eval with --log_samples --output_path"
+        )
     return {task: file for task, (_, file) in sorted(newest.items())}
 
 
@@ -305,11 +338,15 @@ def record_context(record: Mapping[str, Any]) -> str:
     """The context string lm-eval fed the model for this sample record (its first request's first argument)."""
     args = _arguments(record)
     if not args or not isinstance(args[0][0], str):
-        raise ProbeError(f"sample record of doc {record.get('doc_id')!r}: expected a context string as its first argument")
+        raise ProbeError(
+            f"sample record of doc {record.get('doc_id')!r}: expected a context string as its first argument"
+        )
     return args[0][0]
 
 
-def records_by_doc(task: str, records: Iterable[Mapping[str, Any]], filter_name: str | None, source: str) -> tuple[str, dict[int, Mapping[str, Any]]]:
+def records_by_doc(
+    task: str, records: Iterable[Mapping[str, Any]], filter_name: str | None, source: str
+) -> tuple[str, dict[int, Mapping[str, Any]]]:
     """(filter used, doc id -> record) for one task of one run."""
     records = list(records)
     if not records:
@@ -335,7 +372,9 @@ def _metric(task: str, record: Mapping[str, Any], metric: str | None, source: st
     names = record.get("metrics") or []
     name = metric if metric is not None else (names[0] if names else None)
     if name is None or name not in record:
-        raise ProbeError(f"{source}: task {task!r} records have no metric {name!r} (metrics: {', '.join(map(str, names)) or 'none'})")
+        raise ProbeError(
+            f"{source}: task {task!r} records have no metric {name!r} (metrics: {', '.join(map(str, names)) or 'none'})"
+        )
     return name
 
 
@@ -364,7 +403,9 @@ def _task_critical(
     base_filter, base = records_by_doc(task, base_records, filter_name, base_source)
     rl_filter, rl = records_by_doc(task, rl_records, filter_name, rl_source)
     if base_filter != rl_filter:
-        raise ProbeError(f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter-name")
+        raise ProbeError(
+            f"task {task!r}: the runs' first filters differ ({base_filter!r} vs {rl_filter!r}); choose one with --filter-name"
+        )
     if set(base) != set(rl):
         only_base = sorted(set(base) - set(rl))
         only_rl = sorted(set(rl) - set(base))
@@ -379,7 +420,9 @@ def _task_critical(
     for doc_id in sorted(base):
         b, r = base[doc_id], rl[doc_id]
         if b.get("doc_hash") is not None and r.get("doc_hash") is not None and b["doc_hash"] != r["doc_hash"]:
-            raise ProbeError(f"task {task!r} doc {doc_id}: the runs evaluated different documents under this id (doc_hash differs)")
+            raise ProbeError(
+                f"task {task!r} doc {doc_id}: the runs evaluated different documents under this id (doc_hash differs)"
+            )
         b_args, r_args = _arguments(b), _arguments(r)
         if b_args != r_args:
             pair = next(((x, y) for x, y in zip(b_args, r_args) if x != y), (b_args, r_args))
@@ -394,12 +437,20 @@ def _task_critical(
             doc_ids.append(doc_id)
             prompts[doc_id] = record_context(b)
     return TaskCritical(
-        metric=name, filter=base_filter, n_docs=len(base), n_base_correct=n_base, n_rl_correct=n_rl, doc_ids=doc_ids, prompts=prompts,
+        metric=name,
+        filter=base_filter,
+        n_docs=len(base),
+        n_base_correct=n_base,
+        n_rl_correct=n_rl,
+        doc_ids=doc_ids,
+        prompts=prompts,
         request_type=_request_type(first),
     )
 
 
-def _check_same_tasks(base_tasks: Iterable[str], rl_tasks: Iterable[str], base_source: str, rl_source: str) -> list[str]:
+def _check_same_tasks(
+    base_tasks: Iterable[str], rl_tasks: Iterable[str], base_source: str, rl_source: str
+) -> list[str]:
     base_tasks, rl_tasks = set(base_tasks), set(rl_tasks)
     if base_tasks != rl_tasks:
         raise ProbeError(
@@ -424,7 +475,15 @@ def critical_from_records(
     first filter. Refuses runs whose tasks, doc ids or prompts differ (names the task and doc)."""
     tasks = _check_same_tasks(base, rl, base_source, rl_source)
     result = {
-        task: _task_critical(task, base[task], rl[task], metric=metric, filter_name=filter_name, base_source=base_source, rl_source=rl_source)
+        task: _task_critical(
+            task,
+            base[task],
+            rl[task],
+            metric=metric,
+            filter_name=filter_name,
+            base_source=base_source,
+            rl_source=rl_source,
+        )
         for task in tasks
     }
     return CriticalSamples(base_samples=base_source, rl_samples=rl_source, tasks=result)
@@ -455,8 +514,13 @@ def critical_samples(
         if b_file.resolve() == r_file.resolve():
             raise ProbeError(f"task {task!r}: --base-samples and --rl-samples resolve to the same file {b_file}")
         entry = _task_critical(
-            task, read_sample_records(b_file), read_sample_records(r_file), metric=metric, filter_name=filter_name,
-            base_source=str(b_file), rl_source=str(r_file),
+            task,
+            read_sample_records(b_file),
+            read_sample_records(r_file),
+            metric=metric,
+            filter_name=filter_name,
+            base_source=str(b_file),
+            rl_source=str(r_file),
         )
         entry.base_file, entry.rl_file = str(b_file), str(r_file)
         result[task] = entry
@@ -466,7 +530,9 @@ def critical_samples(
 def critical(config: CriticalConfig) -> CriticalSamples:
     """The step ``critical``: G_t per task from two lm-eval runs' sample logs (:func:`critical_samples`),
     written to ``config.out`` (and the doc ids to ``config.samples_out`` when given); returns them."""
-    result = critical_samples(config.base_samples, config.rl_samples, metric=config.metric, filter_name=config.filter_name)
+    result = critical_samples(
+        config.base_samples, config.rl_samples, metric=config.metric, filter_name=config.filter_name
+    )
     result.write(config.out)
     if config.samples_out is not None:
         result.write_doc_ids(config.samples_out)

@@ -21,12 +21,33 @@ class CriticalConfig:
     YAML: the same keys.
     """
 
-    base_samples: Path = field(metadata={"help": "lm-eval --output_path (or a subfolder / one samples_<task>_*.jsonl) of the base model's run with --log_samples."})
-    rl_samples: Path = field(metadata={"help": "The same for the RL (tuned) model's run, over the same tasks, documents and prompts."})
-    out: Path = field(default=Path("critical.json"), metadata={"help": "Output JSON (format posttrain-probe/critical-samples)."})
-    metric: str | None = field(default=None, metadata={"help": "Metric deciding correctness (default: each task's primary metric, e.g. acc, exact_match)."})
-    filter_name: str | None = field(default=None, metadata={"help": "lm-eval filter whose records are used (default: each task's first, e.g. none, strict-match)."})
-    samples_out: Path | None = field(default=None, metadata={"help": "Also write {task: G_t doc ids} (tasks with |G_t| > 0) as JSON, for lm-eval's --samples FILE."})
+    base_samples: Path = field(
+        metadata={
+            "help": "lm-eval --output_path (or a subfolder / one samples_<task>_*.jsonl) of the base model's run with --log_samples."
+        }
+    )
+    rl_samples: Path = field(
+        metadata={"help": "The same for the RL (tuned) model's run, over the same tasks, documents and prompts."}
+    )
+    out: Path = field(
+        default=Path("critical.json"), metadata={"help": "Output JSON (format posttrain-probe/critical-samples)."}
+    )
+    metric: str | None = field(
+        default=None,
+        metadata={"help": "Metric deciding correctness (default: each task's primary metric, e.g. acc, exact_match)."},
+    )
+    filter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "lm-eval filter whose records are used (default: each task's first, e.g. none, strict-match)."
+        },
+    )
+    samples_out: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Also write {task: G_t doc ids} (tasks with |G_t| > 0) as JSON, for lm-eval's --samples FILE."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("base_samples", "rl_samples", "out", "samples_out"):

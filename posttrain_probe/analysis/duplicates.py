@@ -58,12 +58,19 @@ def duplicate_groups(
     w = torch.as_tensor(W_dec).detach()
     if w.ndim != 3 or min(w.shape) == 0 or not w.is_floating_point():
         raise ProbeError(f"W_dec has shape {tuple(w.shape)} and dtype {w.dtype}; expected a floating [F, N, d] decoder")
-    if isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or math.isnan(min_cosine) or not 0 < min_cosine <= 1:
+    if (
+        isinstance(min_cosine, bool)
+        or not isinstance(min_cosine, (int, float))
+        or math.isnan(min_cosine)
+        or not 0 < min_cosine <= 1
+    ):
         raise ProbeError(f"min_cosine={min_cosine!r} is invalid; expected a cosine in (0, 1]")
     n_features = w.shape[0]
     keep = torch.ones(n_features, dtype=torch.bool) if include is None else torch.as_tensor(include).detach().cpu()
     if keep.dtype != torch.bool or tuple(keep.shape) != (n_features,):
-        raise ProbeError(f"include has dtype {keep.dtype} and shape {tuple(keep.shape)}; expected [F={n_features}] bool")
+        raise ProbeError(
+            f"include has dtype {keep.dtype} and shape {tuple(keep.shape)}; expected [F={n_features}] bool"
+        )
     flat = w.reshape(n_features, -1).float()
     norms = flat.norm(dim=1)
     keep = keep.to(flat.device) & (norms > 0)

@@ -203,7 +203,9 @@ def negligible_features(W_dec, slots: list[int], norm_floor: float = DEFAULT_NOR
     """
     w = torch.as_tensor(W_dec).detach()
     if isinstance(norm_floor, bool) or not isinstance(norm_floor, (int, float)) or not 0 <= norm_floor < 1:
-        raise ProbeError(f"norm_floor={norm_floor!r} is invalid; expected a fraction of the largest decoder norm in [0, 1)")
+        raise ProbeError(
+            f"norm_floor={norm_floor!r} is invalid; expected a fraction of the largest decoder norm in [0, 1)"
+        )
     norms = torch.linalg.vector_norm(w.float(), dim=-1)  # [F, M]
     cut = norm_floor * norms.max()
     selected = norms[:, list(slots)]
@@ -318,7 +320,11 @@ def shared_index(vectors, min_cosine: float | None = DEFAULT_MIN_COSINE, include
     for c, m in enumerate(mats):
         if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] != width:
             raise ProbeError(f"vectors[{c}] has shape {tuple(m.shape)}; expected [F_c, D={width}] like vectors[0]")
-    masks = [torch.ones(m.shape[0], dtype=torch.bool) for m in mats] if include is None else [torch.as_tensor(x).cpu() for x in include]
+    masks = (
+        [torch.ones(m.shape[0], dtype=torch.bool) for m in mats]
+        if include is None
+        else [torch.as_tensor(x).cpu() for x in include]
+    )
     if len(masks) != len(mats) or any(x.dtype != torch.bool or x.shape != (m.shape[0],) for x, m in zip(masks, mats)):
         raise ProbeError("include must hold one [F_c] bool mask per crosscoder")
     ids: list[torch.Tensor] = []
@@ -357,7 +363,9 @@ def indexed_scores(scores, index: SharedIndex) -> torch.Tensor:
     for c, (score, ids) in enumerate(zip(scores, index.ids)):
         score = torch.as_tensor(score).detach().cpu().float()
         if score.shape != ids.shape:
-            raise ProbeError(f"scores[{c}] has shape {tuple(score.shape)}; expected [{ids.numel()}] (features of crosscoder {c})")
+            raise ProbeError(
+                f"scores[{c}] has shape {tuple(score.shape)}; expected [{ids.numel()}] (features of crosscoder {c})"
+            )
         keep = ids >= 0
         out[c, ids[keep]] = score[keep]
     return out
@@ -396,9 +404,7 @@ def match_features(vectors_a, vectors_b, min_cosine: float | None = None) -> Fea
         if not torch.isfinite(t).all():
             raise ProbeError(f"{name} contains NaN or inf; expected finite decoder vectors")
     if a.shape[1] != b.shape[1]:
-        raise ProbeError(
-            f"vectors_a has width {a.shape[1]} but vectors_b has width {b.shape[1]}; expected the same D"
-        )
+        raise ProbeError(f"vectors_a has width {a.shape[1]} but vectors_b has width {b.shape[1]}; expected the same D")
     if min_cosine is not None and not (isinstance(min_cosine, (int, float)) and -1 <= min_cosine <= 1):
         raise ProbeError(f"min_cosine={min_cosine!r} is invalid; expected a cosine in [-1, 1] or None")
     a_unit = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)

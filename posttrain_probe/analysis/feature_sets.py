@@ -59,7 +59,9 @@ def _fingerprint_of(crosscoder) -> tuple[str | None, str | None]:
             return str(crosscoder), None  # a label only (e.g. a path on another machine)
         stat = weights.stat()
         config_stat = (Path(crosscoder) / "config.json").stat()  # calibration rewrites only the config's content
-        return str(crosscoder), _directory_fingerprint(str(Path(crosscoder).resolve()), stat.st_mtime_ns, stat.st_size, config_stat.st_mtime_ns)
+        return str(crosscoder), _directory_fingerprint(
+            str(Path(crosscoder).resolve()), stat.st_mtime_ns, stat.st_size, config_stat.st_mtime_ns
+        )
     return None, crosscoder_fingerprint(crosscoder)
 
 
@@ -84,8 +86,12 @@ def write_feature_set(
         where = str(crosscoder_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
-        "format": FEATURE_SET_FORMAT, "format_version": 1, "features": sorted(int(f) for f in features),
-        "crosscoder": where, "crosscoder_fingerprint": fingerprint, "provenance": provenance,
+        "format": FEATURE_SET_FORMAT,
+        "format_version": 1,
+        "features": sorted(int(f) for f in features),
+        "crosscoder": where,
+        "crosscoder_fingerprint": fingerprint,
+        "provenance": provenance,
     }
     path.write_text(json.dumps(data, indent=2))
     return path
@@ -97,10 +103,19 @@ def load_feature_set(path: str | os.PathLike) -> FeatureSet:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ProbeError(f"cannot read feature set {path}: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != FEATURE_SET_FORMAT or not isinstance(data.get("features"), list):
-        raise ProbeError(f"{path} is not a feature-set JSON (expected format {FEATURE_SET_FORMAT!r} with a 'features' list)")
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FEATURE_SET_FORMAT
+        or not isinstance(data.get("features"), list)
+    ):
+        raise ProbeError(
+            f"{path} is not a feature-set JSON (expected format {FEATURE_SET_FORMAT!r} with a 'features' list)"
+        )
     return FeatureSet(
-        _indices(data["features"], path), data.get("crosscoder"), data.get("crosscoder_fingerprint"), dict(data.get("provenance") or {})
+        _indices(data["features"], path),
+        data.get("crosscoder"),
+        data.get("crosscoder_fingerprint"),
+        dict(data.get("provenance") or {}),
     )
 
 
@@ -151,7 +166,9 @@ def resolve_features(
         elif all(part.strip().lstrip("-").isdigit() for part in text.split(",") if part.strip()):
             features = [int(part) for part in text.split(",") if part.strip()]
         else:
-            raise ProbeError(f"unknown feature set {text!r}: expected a category ({', '.join(CATEGORY_NAMES)}), a feature-set JSON or indices like 3,17,42")
+            raise ProbeError(
+                f"unknown feature set {text!r}: expected a category ({', '.join(CATEGORY_NAMES)}), a feature-set JSON or indices like 3,17,42"
+            )
     else:
         features = [int(f) for f in spec]
     if not features:
@@ -183,7 +200,9 @@ def _category(crosscoder, category: str, base: str | int, finetuned: str | int |
     base_slot = crosscoder.model_index(base)
     if finetuned is None:
         if crosscoder.n_models != 2:
-            raise ProbeError(f"the crosscoder has models {crosscoder.model_names}: name the fine-tuned one for category {category!r}")
+            raise ProbeError(
+                f"the crosscoder has models {crosscoder.model_names}: name the fine-tuned one for category {category!r}"
+            )
         finetuned = 1 - base_slot
     ft_slot = crosscoder.model_index(finetuned)
     labels = categorize(norm_ratio(crosscoder.W_dec.detach(), base_slot, ft_slot, scale=scale))

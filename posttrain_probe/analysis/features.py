@@ -103,7 +103,9 @@ def feature_activation_stats(cc: Any, batches: Iterable[torch.Tensor]) -> Featur
                 continue
             codes = cc.encode(x.to(device, non_blocking=True))
             if codes.ndim != 2 or tuple(codes.shape) != (x.shape[0], n_features):
-                raise ProbeError(f"cc.encode returned shape {tuple(codes.shape)}, expected [{x.shape[0]}, {n_features}]")
+                raise ProbeError(
+                    f"cc.encode returned shape {tuple(codes.shape)}, expected [{x.shape[0]}, {n_features}]"
+                )
             count += (codes > 0).sum(dim=0)
             peak = torch.maximum(peak, codes.amax(dim=0).float())
             n_tokens += x.shape[0]
@@ -169,7 +171,9 @@ def feature_table(
     elif live is not None:
         alive = torch.as_tensor(live).detach().cpu()
         if alive.dtype != torch.bool or tuple(alive.shape) != (n_features,):
-            raise ProbeError(f"live has dtype {alive.dtype} and shape {tuple(alive.shape)}; expected [F={n_features}] bool")
+            raise ProbeError(
+                f"live has dtype {alive.dtype} and shape {tuple(alive.shape)}; expected [F={n_features}] bool"
+            )
         dead = dead | ~alive.numpy()
     groups = duplicate_groups(W_dec, duplicate_cosine, include=torch.from_numpy(~dead))
 
@@ -215,7 +219,9 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet"):
-        raise ProbeError(f"cannot write a table to {str(path)!r}: the suffix must be .csv or .parquet, got {suffix or 'none'!r}")
+        raise ProbeError(
+            f"cannot write a table to {str(path)!r}: the suffix must be .csv or .parquet, got {suffix or 'none'!r}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         import pyarrow.csv
@@ -254,7 +260,9 @@ def summary(
     if liveness not in LIVENESS_SOURCES:
         raise ProbeError(f"liveness {liveness!r} is not one of {LIVENESS_SOURCES}")
     tuned = [name for name in names if name != base]
-    needed = ["dead", "mas_dominant", "duplicate_group"] + [f"{kind}_{name}" for name in tuned for kind in ("nrn", "category")]
+    needed = ["dead", "mas_dominant", "duplicate_group"] + [
+        f"{kind}_{name}" for name in tuned for kind in ("nrn", "category")
+    ]
     missing = [column for column in needed if column not in table.column_names]
     if missing:
         raise ProbeError(
@@ -275,7 +283,9 @@ def summary(
         "n_dead": None if liveness == "unknown" else int(dead.sum()),
         "n_zero_decoder": int(dead.sum()) if liveness == "unknown" else None,
         "n_duplicate_groups": int(representative.sum()),
-        "n_features_in_duplicate_groups": int((live & (np.bincount(group[live], minlength=group.size)[np.maximum(group, 0)] > 1)).sum()),
+        "n_features_in_duplicate_groups": int(
+            (live & (np.bincount(group[live], minlength=group.size)[np.maximum(group, 0)] > 1)).sum()
+        ),
         "models": {},
     }
     for name in tuned:
@@ -299,7 +309,10 @@ def summary(
 
 def _category_counts(labels: np.ndarray) -> dict[str, int]:
     """NormRatio category counts of live features; "dead" labels there mean an undefined pair."""
-    return {**{c: int((labels == c).sum()) for c in CATEGORIES if c != "dead"}, "undefined": int((labels == "dead").sum())}
+    return {
+        **{c: int((labels == c).sum()) for c in CATEGORIES if c != "dead"},
+        "undefined": int((labels == "dead").sum()),
+    }
 
 
 def _tail_counts(scores: np.ndarray, tails: Sequence[float]) -> dict[str, int]:

@@ -76,7 +76,9 @@ def features_fisher(
     if layer is None:
         raise ProbeError("the crosscoder does not record its layer: pass layer= (--layer)")
     corpus, documents, column = _corpus(config, _shared_tokenizer(given, specs, select, tokenizer))
-    stats, selection, reason, mismatches = _model_statistics(config, cc, given, branches, select, layer, corpus, progress)
+    stats, selection, reason, mismatches = _model_statistics(
+        config, cc, given, branches, select, layer, corpus, progress
+    )
     documents["cut_by_seq_len"] = stats[select].n_cut
     settings = {
         "crosscoder": str(cc_path) if cc_path is not None else None,
@@ -113,7 +115,9 @@ def _fisher_crosscoder(config: FisherConfig, crosscoder) -> tuple[Any, os.PathLi
         crosscoder = config.path
     cc, path = as_crosscoder(crosscoder, allow_incomplete=config.allow_incomplete)
     if config.sae is not None and cc.n_models != 1:
-        raise ProbeError(f"an SAE is a 1-model crosscoder, but {path or 'the crosscoder'} has models {cc.model_names}: pass it as --crosscoder")
+        raise ProbeError(
+            f"an SAE is a 1-model crosscoder, but {path or 'the crosscoder'} has models {cc.model_names}: pass it as --crosscoder"
+        )
     return cc, path
 
 
@@ -138,10 +142,16 @@ def _corpus(config: FisherConfig, tokenizer) -> tuple[SegmentCorpus, dict[str, i
     from posttrain_probe.data import load_dataset_spec
 
     fmt = config.segments
-    data = load_dataset_spec(config.dataset, split=config.split, config_name=config.dataset_config, n_docs=config.max_docs or None)
+    data = load_dataset_spec(
+        config.dataset, split=config.split, config_name=config.dataset_config, n_docs=config.max_docs or None
+    )
     column = None if fmt.format == "columns" else document_column(list(data.column_names), fmt)
     docs = [split_document(row, fmt, tokenizer, column=column) for row in data]
-    documents = {"n_docs": len(docs), "with_reasoning": sum(bool(d.reasoning) for d in docs), "with_solution": sum(bool(d.solution) for d in docs)}
+    documents = {
+        "n_docs": len(docs),
+        "with_reasoning": sum(bool(d.reasoning) for d in docs),
+        "with_solution": sum(bool(d.solution) for d in docs),
+    }
     where = f"column {column!r}" if column else f"columns {fmt.reasoning_column!r}/{fmt.solution_column!r}"
     for segment in SEGMENTS:
         if documents[f"with_{segment}"] == 0:
@@ -149,9 +159,17 @@ def _corpus(config: FisherConfig, tokenizer) -> tuple[SegmentCorpus, dict[str, i
                 f"non-empty text in {where}" if fmt.format == "columns"
                 else "{} ... {} in the assistant turns or text of {}".format(*fmt.delimiters[SEGMENTS.index(segment)], where)
             )  # fmt: skip
-            raise ProbeError(f"no {segment} segment found in any of the {len(docs)} documents of {config.dataset} (format {fmt.format!r}): expected {expected}")
-    special = set(tokenizer.all_special_ids) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
-    return SegmentCorpus(docs, tokenizer, config.seq_len, config.forward_batch_size, frozenset(special)), documents, column
+            raise ProbeError(
+                f"no {segment} segment found in any of the {len(docs)} documents of {config.dataset} (format {fmt.format!r}): expected {expected}"
+            )
+    special = set(tokenizer.all_special_ids) | (
+        {tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()
+    )
+    return (
+        SegmentCorpus(docs, tokenizer, config.seq_len, config.forward_batch_size, frozenset(special)),
+        documents,
+        column,
+    )
 
 
 def _reason_words(config: FisherConfig) -> list[str] | tuple[str, ...]:
@@ -166,25 +184,41 @@ def _reason_words(config: FisherConfig) -> list[str] | tuple[str, ...]:
     return words
 
 
-def _load_model(name: str, given, cc, branch: int, layer: int, config: FisherConfig, device) -> tuple[nn.Module, str | None]:
+def _load_model(
+    name: str, given, cc, branch: int, layer: int, config: FisherConfig, device
+) -> tuple[nn.Module, str | None]:
     """The model ``name`` (loaded from its path, or the object given), checked against its branch: (model, mismatch)."""
     from posttrain_probe.layers import hidden_size, validate_layer
     from posttrain_probe.model_identity import check_model, slot_fingerprint
     from posttrain_probe.models import load_causal_lm
 
-    model = given if isinstance(given, nn.Module) else load_causal_lm(given, dtype=config.dtype, device=device, keep_layers=layer)
+    model = (
+        given
+        if isinstance(given, nn.Module)
+        else load_causal_lm(given, dtype=config.dtype, device=device, keep_layers=layer)
+    )
     try:
         validate_layer(model, layer)
     except ProbeError as err:
         raise ProbeError(f"model {name!r}: {err}") from None
     if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the crosscoder trained on this model family")
+        raise ProbeError(
+            f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the crosscoder trained on this model family"
+        )
     what = f"model {name!r}" + (f" ({given})" if not isinstance(given, nn.Module) else "")
-    mismatch = check_model(model, slot_fingerprint(cc, branch), cc.model_names[branch], what=what, allow_mismatch=config.allow_model_mismatch)
+    mismatch = check_model(
+        model,
+        slot_fingerprint(cc, branch),
+        cc.model_names[branch],
+        what=what,
+        allow_mismatch=config.allow_model_mismatch,
+    )
     return model, mismatch
 
 
-def _model_statistics(config: FisherConfig, cc, models, branches, select: str, layer: int, corpus: SegmentCorpus, progress: bool):
+def _model_statistics(
+    config: FisherConfig, cc, models, branches, select: str, layer: int, corpus: SegmentCorpus, progress: bool
+):
     """Select on ``select``'s codes (with ReasonScore), then rho of every model: (stats, selection, reasonscore, mismatches)."""
     from posttrain_probe.models import resolve_device
 
@@ -202,7 +236,16 @@ def _model_statistics(config: FisherConfig, cc, models, branches, select: str, l
             cc.to(param.device if param is not None else device)
             if name == select:
                 selection, reason = _select(config, cc, model, branches[name], name, layer, corpus, progress)
-            stats[name] = segment_statistics(model, cc, branches[name], corpus, layer=layer, features=selection.features, progress=progress, desc=f"rho {name}")
+            stats[name] = segment_statistics(
+                model,
+                cc,
+                branches[name],
+                corpus,
+                layer=layer,
+                features=selection.features,
+                progress=progress,
+                desc=f"rho {name}",
+            )
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -211,19 +254,38 @@ def _model_statistics(config: FisherConfig, cc, models, branches, select: str, l
     return {name: stats[name] for name in models}, selection, reason, mismatches
 
 
-def _select(config: FisherConfig, cc, model: nn.Module, branch: int, name: str, layer: int, corpus: SegmentCorpus, progress: bool):
+def _select(
+    config: FisherConfig,
+    cc,
+    model: nn.Module,
+    branch: int,
+    name: str,
+    layer: int,
+    corpus: SegmentCorpus,
+    progress: bool,
+):
     """The Fisher selection on one model's codes and its ReasonScore (None when switched off)."""
     accumulator = None
     if config.reasonscore:
         words, groups = reasoning_token_groups(corpus.tokenizer, _reason_words(config))
         weights = cc.W_dec.detach()[:, branch].norm(dim=-1)
-        accumulator = ReasonScoreAccumulator(words, groups, cc.config.n_features, weights=weights, alpha=config.alpha, window=WINDOW)
-    first = segment_statistics(model, cc, branch, corpus, layer=layer, reasonscore=accumulator, progress=progress, desc=f"fisher {name}")
+        accumulator = ReasonScoreAccumulator(
+            words, groups, cc.config.n_features, weights=weights, alpha=config.alpha, window=WINDOW
+        )
+    first = segment_statistics(
+        model, cc, branch, corpus, layer=layer, reasonscore=accumulator, progress=progress, desc=f"fisher {name}"
+    )
     if int(first.n_tokens[0]) == 0 or int(first.n_tokens[1]) == 0:
         missing = "reasoning" if int(first.n_tokens[0]) == 0 else "solution"
-        raise ProbeError(f"no {missing} tokens left after tokenisation (seq_len {config.seq_len}): the segments start beyond the first {config.seq_len} tokens; raise --seq-len")
+        raise ProbeError(
+            f"no {missing} tokens left after tokenisation (seq_len {config.seq_len}): the segments start beyond the first {config.seq_len} tokens; raise --seq-len"
+        )
     e = first.mean_sq
-    selection = select_fisher_features(e[0], e[1], first.live, k=config.top_k, floor_quantile=config.floor_quantile, floor=config.floor)
+    selection = select_fisher_features(
+        e[0], e[1], first.live, k=config.top_k, floor_quantile=config.floor_quantile, floor=config.floor
+    )
     if not selection.features:
-        raise ProbeError(f"no candidate feature: no live feature of {name!r} has E_reasoning[f^2] > 0 and >= the floor {selection.floor:.4g}")
+        raise ProbeError(
+            f"no candidate feature: no live feature of {name!r} has E_reasoning[f^2] > 0 and >= the floor {selection.floor:.4g}"
+        )
     return selection, accumulator.result() if accumulator is not None else None

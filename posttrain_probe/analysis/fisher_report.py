@@ -119,7 +119,9 @@ class FisherReport:
             other_sq = other.mean_sq
             columns[f"e_reasoning_{name}"] = pa.array(other_sq[0].numpy(), pa.float64())
             columns[f"e_solution_{name}"] = pa.array(other_sq[1].numpy(), pa.float64())
-            columns[f"importance_ratio_{name}"] = pa.array(fisher_importance_ratio(other_sq[0], other_sq[1]).numpy(), pa.float64())
+            columns[f"importance_ratio_{name}"] = pa.array(
+                fisher_importance_ratio(other_sq[0], other_sq[1]).numpy(), pa.float64()
+            )
         return pa.table(columns)
 
     def rho_table(self):
@@ -186,7 +188,13 @@ class FisherReport:
                 "k": sel.k,
                 "n_selected": len(sel.features),
                 "selected": [
-                    {"feature": f, "rank": r + 1, "importance_ratio": float(sel.ratio[f]), "e_reasoning": float(mean_sq[0, f]), "e_solution": float(mean_sq[1, f])}
+                    {
+                        "feature": f,
+                        "rank": r + 1,
+                        "importance_ratio": float(sel.ratio[f]),
+                        "e_reasoning": float(mean_sq[0, f]),
+                        "e_solution": float(mean_sq[1, f]),
+                    }
                     for r, f in enumerate(sel.features)
                 ],
             },
@@ -196,12 +204,19 @@ class FisherReport:
             },
         }
         if len(sel.features) < sel.k:
-            out["fisher"]["note"] = f"only {len(sel.features)} candidates passed the magnitude floor, fewer than k={sel.k}"
+            out["fisher"]["note"] = (
+                f"only {len(sel.features)} candidates passed the magnitude floor, fewer than k={sel.k}"
+            )
         if self.reasonscore is not None:
             k = len(sel.features)
             part = self.reasonscore.summary(k)
             overlap = len(set(part["top_features"]) & set(sel.features))
-            out["reasonscore"] = {**part, "model": self.select_model, "overlap_with_fisher": overlap, "overlap_fraction": overlap / k if k else math.nan}
+            out["reasonscore"] = {
+                **part,
+                "model": self.select_model,
+                "overlap_with_fisher": overlap,
+                "overlap_fraction": overlap / k if k else math.nan,
+            }
         return json_safe(out)
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -241,11 +256,15 @@ class FisherReport:
         files["table"] = str(write_table(self.table(), out / f"features.{table_format}"))
         files["rho_table"] = str(write_table(self.rho_table(), out / f"rho.{table_format}"))
         rho = {name: (st.rho[:, 0].numpy(), st.rho[:, 1].numpy()) for name, st in self.stats.items()}
-        files["figures"] = [str(p) for p in plot_rho_distributions(rho, out / "rho", title_suffix=f"{len(sel.features)} Fisher features of {self.select_model}")]
+        files["figures"] = [
+            str(p)
+            for p in plot_rho_distributions(
+                rho, out / "rho", title_suffix=f"{len(sel.features)} Fisher features of {self.select_model}"
+            )
+        ]
         files["summary"] = str(out / "summary.json")
         (out / "summary.json").write_text(json.dumps({**self.summary(), "files": files}, indent=2))
         return files
-
 
     @classmethod
     def read(cls, out_dir: str | os.PathLike) -> FisherReport:
@@ -271,7 +290,9 @@ class FisherReport:
         stats = {}
         for name in dict.fromkeys(rho.column("model").to_pylist()):
             rows = np.asarray(rho.column("model").to_pylist()) == name
-            doc_tokens = torch.stack([torch.tensor(rho.column(c).to_numpy()[rows]) for c in ("n_reasoning_tokens", "n_solution_tokens")], 1).long()
+            doc_tokens = torch.stack(
+                [torch.tensor(rho.column(c).to_numpy()[rows]) for c in ("n_reasoning_tokens", "n_solution_tokens")], 1
+            ).long()
             values = torch.stack([_column(rho, c)[torch.as_tensor(rows)] for c in ("rho_reasoning", "rho_solution")], 1)
             n_tokens = doc_tokens.sum(0) if name != select else torch.tensor([docs["tokens"][s] for s in SEGMENTS])
             suffix = "" if name == select else f"_{name}"
@@ -316,7 +337,9 @@ def _column(table, name: str, dtype: torch.dtype = torch.float64) -> torch.Tenso
     return torch.tensor(np.asarray(values, dtype=np.float64), dtype=dtype)
 
 
-def plot_rho_distributions(rho_by_model: Mapping[str, tuple[Any, Any]], path, *, bins: int = 20, title_suffix: str | None = None) -> list[Path]:
+def plot_rho_distributions(
+    rho_by_model: Mapping[str, tuple[Any, Any]], path, *, bins: int = 20, title_suffix: str | None = None
+) -> list[Path]:
     """Histograms of rho for reasoning vs solution segments, one panel per model (paper S figs. 4-6).
 
     ``rho_by_model`` maps a model name to ``(rho_reasoning [n_docs], rho_solution [n_docs])`` (unitless, in
@@ -344,7 +367,13 @@ def plot_rho_distributions(rho_by_model: Mapping[str, tuple[Any, Any]], path, *,
                 fraction = counts / values.size
                 colour = colours[segment]
                 ax.stairs(fraction, edges, fill=True, color=colour, alpha=0.3)
-                ax.stairs(fraction, edges, color=colour, linewidth=1.3, label=f"{segment} (n={values.size:,}, mean {values.mean():.2f})")
+                ax.stairs(
+                    fraction,
+                    edges,
+                    color=colour,
+                    linewidth=1.3,
+                    label=f"{segment} (n={values.size:,}, mean {values.mean():.2f})",
+                )
                 ax.axvline(float(values.mean()), color=colour, linestyle=":", linewidth=1.0)
             ax.set_xlim(0.0, 1.0)
             ax.set_xlabel(r"$\rho$ (fraction of tokens with a reasoning feature active)")
@@ -356,4 +385,3 @@ def plot_rho_distributions(rho_by_model: Mapping[str, tuple[Any, Any]], path, *,
         if title_suffix:
             fig.suptitle(rf"Distribution of $\rho$ per model ({title_suffix})", fontsize=10)
         return save_figure(fig, path)
-

@@ -175,14 +175,18 @@ class SegmentStats:
     def frequency(self) -> torch.Tensor:
         """[2, F] fraction of reasoning / solution tokens with f_j > 0."""
         if self.active is None:
-            raise ProbeError("these statistics were read back without their active counts (only the select model's are on disk)")
+            raise ProbeError(
+                "these statistics were read back without their active counts (only the select model's are on disk)"
+            )
         return self.active.double() / self.n_tokens.clamp_min(1).double()[:, None]
 
     @property
     def live(self) -> torch.Tensor:
         """[F] bool: fired on at least one segment token."""
         if self.active is None:
-            raise ProbeError("these statistics were read back without their active counts (only the select model's are on disk)")
+            raise ProbeError(
+                "these statistics were read back without their active counts (only the select model's are on disk)"
+            )
         return self.active.sum(dim=0) > 0
 
     @property
@@ -264,12 +268,17 @@ def segment_statistics(
                 where = (doc_flat[part][in_any], kind[in_any] - 1)
                 doc_tokens.index_put_(where, torch.ones_like(where[0]), accumulate=True)
                 if selected is not None:
-                    fired = (codes[:, selected] > 0).any(dim=1)[in_any] if selected.numel() else torch.zeros_like(where[0], dtype=torch.bool)
+                    fired = (
+                        (codes[:, selected] > 0).any(dim=1)[in_any]
+                        if selected.numel()
+                        else torch.zeros_like(where[0], dtype=torch.bool)
+                    )
                     hits.index_put_(where, fired.double(), accumulate=True)
                 if reasonscore is not None:
                     reasonscore.update(codes, words[part])
         bar.close()
     finally:
         model.train(training)
-    return SegmentStats(n_tokens.cpu(), sq_sum.cpu(), active.cpu(), doc_tokens.cpu(), hits.cpu() if hits is not None else None, n_cut)
-
+    return SegmentStats(
+        n_tokens.cpu(), sq_sum.cpu(), active.cpu(), doc_tokens.cpu(), hits.cpu() if hits is not None else None, n_cut
+    )

@@ -62,7 +62,9 @@ def generalization_scores(f_rl: torch.Tensor, f_base: torch.Tensor) -> torch.Ten
     """
     f_rl, f_base = torch.as_tensor(f_rl).detach(), torch.as_tensor(f_base).detach()
     if f_rl.ndim != 2 or f_rl.shape != f_base.shape:
-        raise ProbeError(f"f_rl {tuple(f_rl.shape)} and f_base {tuple(f_base.shape)} must both be [n_samples, F], in the same sample order")
+        raise ProbeError(
+            f"f_rl {tuple(f_rl.shape)} and f_base {tuple(f_base.shape)} must both be [n_samples, F], in the same sample order"
+        )
     if f_rl.shape[0] == 0:
         raise ProbeError("no generalization-critical samples: the score is a mean over G_t and needs |G_t| >= 1")
     return (f_rl.double() - f_base.double()).mean(dim=0)
@@ -96,9 +98,13 @@ def check_threshold(fraction: float) -> float:
     try:
         value = float(fraction)
     except (TypeError, ValueError):
-        raise ProbeError(f"threshold {fraction!r} is not a number; expected a fraction of the maximum score in (0, 1], e.g. 0.2") from None
+        raise ProbeError(
+            f"threshold {fraction!r} is not a number; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
+        ) from None
     if not 0 < value <= 1:
-        raise ProbeError(f"threshold {fraction!r} is out of range; expected a fraction of the maximum score in (0, 1], e.g. 0.2")
+        raise ProbeError(
+            f"threshold {fraction!r} is out of range; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
+        )
     return value
 
 
@@ -177,7 +183,9 @@ def half_split(doc_ids: Sequence[int], seed: int, task: str) -> tuple[list[int],
     if len(set(ids)) != len(ids):
         raise ProbeError(f"task {task!r}: repeated critical doc ids; expected distinct ids")
     if len(ids) < 2:
-        raise ProbeError(f"task {task!r} has |G_t| = {len(ids)}; a split into a selection and a held-out half needs at least 2 critical samples")
+        raise ProbeError(
+            f"task {task!r} has |G_t| = {len(ids)}; a split into a selection and a held-out half needs at least 2 critical samples"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ProbeError(f"split seed {seed!r}: expected an int >= 0")
     salt = int.from_bytes(hashlib.sha256(task.encode()).digest()[:8], "little")
@@ -190,7 +198,13 @@ def half_split(doc_ids: Sequence[int], seed: int, task: str) -> tuple[list[int],
 
 
 def plot_feature_overlap(
-    matrix, labels: Sequence[str], path, *, normalize: str = "row", sizes: Sequence[int] | None = None, title: str | None = None
+    matrix,
+    labels: Sequence[str],
+    path,
+    *,
+    normalize: str = "row",
+    sizes: Sequence[int] | None = None,
+    title: str | None = None,
 ) -> list[Path]:
     """Heatmap of the pairwise overlap of the per-task feature sets S_t (paper R fig. 4).
 
@@ -226,7 +240,9 @@ def plot_feature_overlap(
                 for j in range(t):
                     text = "n/a" if not np.isfinite(m[i, j]) else f"{m[i, j]:.2f}"
                     dark = np.isfinite(m[i, j]) and m[i, j] > 0.6
-                    ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color="white" if dark else "#222222")
+                    ax.text(
+                        j, i, text, ha="center", va="center", fontsize=fontsize, color="white" if dark else "#222222"
+                    )
         ax.set_xticks(range(t), names, rotation=45 if t > 4 else 0, ha="right" if t > 4 else "center")
         ax.set_yticks(range(t), names)
         ax.tick_params(length=0)
@@ -236,7 +252,11 @@ def plot_feature_overlap(
             ax.set_xlabel("task b")
             ax.set_ylabel("task a")
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        cbar.set_label(overlap_definition(normalize).split("=", 1)[1].split("(")[0].strip() if normalize in OVERLAP_NORMALIZATIONS else "overlap")
+        cbar.set_label(
+            overlap_definition(normalize).split("=", 1)[1].split("(")[0].strip()
+            if normalize in OVERLAP_NORMALIZATIONS
+            else "overlap"
+        )
         cbar.outline.set_visible(False)
         ax.set_title(title if title is not None else "Overlap of generalization features across tasks")
         return save_figure(fig, path)

@@ -65,15 +65,30 @@ def leakage(
     layer = cc.site(config.layer, what="leakage")
     if layer is None:
         raise ProbeError("the crosscoder does not record its layer: pass layer= (--layer)")
-    protected = resolve_features(cc, config.features, base=config.model_name, finetuned=config.finetuned, norm_ratio_scale=config.norm_ratio_scale)
+    protected = resolve_features(
+        cc,
+        config.features,
+        base=config.model_name,
+        finetuned=config.finetuned,
+        norm_ratio_scale=config.norm_ratio_scale,
+    )
     new_cc, new_path = None, None
     if blocked_crosscoder is not None or config.blocked_crosscoder is not None:
-        new_cc, new_path = _crosscoder(config.blocked_crosscoder if blocked_crosscoder is None else blocked_crosscoder, config.allow_incomplete)
+        new_cc, new_path = _crosscoder(
+            config.blocked_crosscoder if blocked_crosscoder is None else blocked_crosscoder, config.allow_incomplete
+        )
         if new_cc.config.d_model != cc.config.d_model:
-            raise ProbeError(f"the base-vs-blocked crosscoder has d_model {new_cc.config.d_model}, the blocking crosscoder {cc.config.d_model}")
+            raise ProbeError(
+                f"the base-vs-blocked crosscoder has d_model {new_cc.config.d_model}, the blocking crosscoder {cc.config.d_model}"
+            )
         if config.matching == "hungarian" and len(protected) * new_cc.config.n_features > HUNGARIAN_MAX_CELLS:
-            raise ProbeError(f"Hungarian matching of {len(protected)} protected features to {new_cc.config.n_features} features is too large: use matching='argmax' (--matching argmax)")
-    models = {"base": config.base if base_model is None else base_model, "blocked": config.blocked if blocked_model is None else blocked_model}
+            raise ProbeError(
+                f"Hungarian matching of {len(protected)} protected features to {new_cc.config.n_features} features is too large: use matching='argmax' (--matching argmax)"
+            )
+    models = {
+        "base": config.base if base_model is None else base_model,
+        "blocked": config.blocked if blocked_model is None else blocked_model,
+    }
     source = LiveActivations(
         models, config.dataset, layer=layer, tokenizer=tokenizer, seq_len=config.seq_len, forward_batch_size=config.forward_batch_size,
         max_tokens=config.max_tokens or None, column=config.column, split=config.split, dataset_config=config.dataset_config,
@@ -109,7 +124,15 @@ def leakage(
     report = LeakageReport(protected, shift, settings)
     if new_cc is not None:
         path = str(new_path) if new_path is not None else None
-        report.crosscoder = crosscoder_leakage(cc, new_cc, protected, model=slot, matching=config.matching, path=path, norm_ratio_scale=config.norm_ratio_scale)
+        report.crosscoder = crosscoder_leakage(
+            cc,
+            new_cc,
+            protected,
+            model=slot,
+            matching=config.matching,
+            path=path,
+            norm_ratio_scale=config.norm_ratio_scale,
+        )
     report.write(config.out)
     return report
 
@@ -133,7 +156,13 @@ def _model_mismatches(config: LeakageConfig, cc, slot: int, source, models) -> d
     mismatches = {}
     for role, given in models.items():
         what = f"the {role} model" + (f" {given}" if not isinstance(given, nn.Module) else "")
-        mismatch = check_model(source.models[role], slot_fingerprint(cc, slot), cc.model_names[slot], what=what, allow_mismatch=config.allow_model_mismatch)
+        mismatch = check_model(
+            source.models[role],
+            slot_fingerprint(cc, slot),
+            cc.model_names[slot],
+            what=what,
+            allow_mismatch=config.allow_model_mismatch,
+        )
         if mismatch:
             mismatches[role] = mismatch
     return mismatches

@@ -27,6 +27,7 @@ WELL_MATCHED_COSINE = 0.7
 HUNGARIAN_MAX_CELLS = 100_000_000
 """Largest |S| x F_new cost matrix the Hungarian matching accepts (800 MB of float64, minutes of CPU)."""
 
+
 def _other_slot(crosscoder, slot: int, what: str) -> int:
     if crosscoder.n_models != 2:
         raise ProbeError(f"the {what} has models {crosscoder.model_names}: name its blocked model")
@@ -60,7 +61,9 @@ def match_protected(
         raise ProbeError(f"matching {matching!r} is not one of {MATCHINGS}")
     slot, new_slot = crosscoder.model_index(model), new_crosscoder.model_index(new_base)
     if crosscoder.config.d_model != new_crosscoder.config.d_model:
-        raise ProbeError(f"the crosscoders have different widths: d_model {crosscoder.config.d_model} vs {new_crosscoder.config.d_model}")
+        raise ProbeError(
+            f"the crosscoders have different widths: d_model {crosscoder.config.d_model} vs {new_crosscoder.config.d_model}"
+        )
     index = torch.as_tensor(list(features), dtype=torch.long)
     if index.numel() == 0:
         raise ProbeError("no protected features to match")
@@ -78,8 +81,11 @@ def match_protected(
         perm[start : start + 1024], cosine[start : start + 1024] = best.indices, best.values
     values = cosine.double().numpy()
     quality = MatchQuality(
-        mean=float(values.mean()), median=float(np.median(values)), frac_above_0_9=float((values > 0.9).mean()),
-        frac_above_0_7=float((values > 0.7).mean()), n_matched=int(values.size),
+        mean=float(values.mean()),
+        median=float(np.median(values)),
+        frac_above_0_9=float((values > 0.9).mean()),
+        frac_above_0_7=float((values > 0.7).mean()),
+        n_matched=int(values.size),
     )
     return FeatureMatching(perm=perm, cosine=cosine, quality=quality)
 
@@ -136,7 +142,9 @@ class CrosscoderLeakage:
     def summary(self) -> dict[str, Any]:
         """JSON-ready counts: where the protected features ended up in the new crosscoder's NormRatio bands."""
         cats = self.protected_categories
-        well = [c for c, cos in zip(cats, self.matching.cosine.tolist()) if c != "unmatched" and cos >= WELL_MATCHED_COSINE]
+        well = [
+            c for c, cos in zip(cats, self.matching.cosine.tolist()) if c != "unmatched" and cos >= WELL_MATCHED_COSINE
+        ]
         matched = [c for c in cats if c != "unmatched"]
         ratios = self.protected_norm_ratio.double().numpy()
         ratios = ratios[~np.isnan(ratios)]
@@ -162,7 +170,12 @@ class CrosscoderLeakage:
                 "median_norm_ratio": float(np.median(ratios)) if ratios.size else math.nan,
             },
             "protected_well_matched": {"categories": _counts(well), **_band_leak(well)},
-            "all_features": self.all_features if self.all_features is not None else {"categories": _counts(categorize(self.norm_ratio).tolist()), **_band_leak(categorize(self.norm_ratio).tolist())},
+            "all_features": self.all_features
+            if self.all_features is not None
+            else {
+                "categories": _counts(categorize(self.norm_ratio).tolist()),
+                **_band_leak(categorize(self.norm_ratio).tolist()),
+            },
         }
 
 
@@ -186,12 +199,22 @@ def crosscoder_leakage(
     Features are matched by :func:`match_protected`. ``norm_ratio_scale``: the NormRatio denominator
     (``all`` or ``pair``, :func:`~posttrain_probe.analysis.attribution.norm_ratio`; equal for a two-model crosscoder).
     """
-    if crosscoder.config.layer is not None and new_crosscoder.config.layer is not None and crosscoder.config.layer != new_crosscoder.config.layer:
-        raise ProbeError(f"the blocking crosscoder is at layer {crosscoder.config.layer}, the base-vs-blocked one at layer {new_crosscoder.config.layer}")
+    if (
+        crosscoder.config.layer is not None
+        and new_crosscoder.config.layer is not None
+        and crosscoder.config.layer != new_crosscoder.config.layer
+    ):
+        raise ProbeError(
+            f"the blocking crosscoder is at layer {crosscoder.config.layer}, the base-vs-blocked one at layer {new_crosscoder.config.layer}"
+        )
     if new_base is None:
         new_base = "base" if "base" in new_crosscoder.model_names else 0
     base_slot = new_crosscoder.model_index(new_base)
-    blocked_slot = _other_slot(new_crosscoder, base_slot, "base-vs-blocked crosscoder") if new_blocked is None else new_crosscoder.model_index(new_blocked)
+    blocked_slot = (
+        _other_slot(new_crosscoder, base_slot, "base-vs-blocked crosscoder")
+        if new_blocked is None
+        else new_crosscoder.model_index(new_blocked)
+    )
     if blocked_slot == base_slot:
         raise ProbeError(f"the base and blocked models of the new crosscoder are the same slot {base_slot}")
     features = sorted({int(f) for f in features})
@@ -200,7 +223,9 @@ def crosscoder_leakage(
         features=features,
         matching=result,
         method=matching,
-        norm_ratio=norm_ratio(new_crosscoder.W_dec.detach().float().cpu(), base_slot, blocked_slot, scale=norm_ratio_scale),
+        norm_ratio=norm_ratio(
+            new_crosscoder.W_dec.detach().float().cpu(), base_slot, blocked_slot, scale=norm_ratio_scale
+        ),
         model_names=list(new_crosscoder.model_names),
         base=new_crosscoder.model_names[base_slot],
         blocked=new_crosscoder.model_names[blocked_slot],

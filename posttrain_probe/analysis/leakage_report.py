@@ -68,7 +68,15 @@ class LeakageReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, summary and the protected feature list, JSON-ready (NaN -> null)."""
-        return json_safe({"format": "posttrain-probe/leakage", "format_version": 1, "settings": self.settings, **self.summary(), "protected_features": self.features})
+        return json_safe(
+            {
+                "format": "posttrain-probe/leakage",
+                "format_version": 1,
+                "settings": self.settings,
+                **self.summary(),
+                "protected_features": self.features,
+            }
+        )
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Any]:
         """Write ``leakage.json``, ``features.csv`` (one row per feature) and ``leakage.png``/``.svg``; returns the paths."""
@@ -110,8 +118,12 @@ class LeakageReport:
         if "crosscoder" in data:
             info = data["crosscoder"]
             protected = [r for r in rows if r["protected"] == "1"]
-            perm = torch.tensor([int(r["matched_feature"]) if r["matched_feature"] != "" else -1 for r in protected], dtype=torch.long)
-            cosine = torch.tensor([float(r["match_cosine"]) if r["match_cosine"] != "" else math.nan for r in protected])
+            perm = torch.tensor(
+                [int(r["matched_feature"]) if r["matched_feature"] != "" else -1 for r in protected], dtype=torch.long
+            )
+            cosine = torch.tensor(
+                [float(r["match_cosine"]) if r["match_cosine"] != "" else math.nan for r in protected]
+            )
             norm_ratio = torch.full((info["n_features"],), math.nan, dtype=torch.float64)
             for p, r in zip(perm.tolist(), protected):
                 if p >= 0 and r["matched_norm_ratio"] != "":
@@ -127,12 +139,26 @@ class LeakageReport:
         shift, n = self.shift, max(self.shift.n_tokens, 1)
         rel = shift.relative_change.tolist()
         protected = self.protected_mask.tolist()
-        columns = ["feature", "protected", "base_mean", "blocked_mean", "base_frequency", "blocked_frequency", "relative_change"]
+        columns = [
+            "feature",
+            "protected",
+            "base_mean",
+            "blocked_mean",
+            "base_frequency",
+            "blocked_frequency",
+            "relative_change",
+        ]
         part2: dict[int, tuple] = {}
         if self.crosscoder is not None:
             columns += ["matched_feature", "match_cosine", "matched_norm_ratio", "matched_category"]
             cc = self.crosscoder
-            for f, p, cos, nr, cat in zip(cc.features, cc.matching.perm.tolist(), cc.matching.cosine.tolist(), cc.protected_norm_ratio.tolist(), cc.protected_categories):
+            for f, p, cos, nr, cat in zip(
+                cc.features,
+                cc.matching.perm.tolist(),
+                cc.matching.cosine.tolist(),
+                cc.protected_norm_ratio.tolist(),
+                cc.protected_categories,
+            ):
                 part2[f] = (p, cos, nr, cat)
 
         def number(x: float) -> str:
@@ -142,8 +168,15 @@ class LeakageReport:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for i in range(shift.base_sum.numel()):
-                row = [i, int(protected[i]), number(float(shift.base_sum[i]) / n), number(float(shift.blocked_sum[i]) / n),
-                       number(int(shift.base_active[i]) / n), number(int(shift.blocked_active[i]) / n), number(rel[i])]
+                row = [
+                    i,
+                    int(protected[i]),
+                    number(float(shift.base_sum[i]) / n),
+                    number(float(shift.blocked_sum[i]) / n),
+                    number(int(shift.base_active[i]) / n),
+                    number(int(shift.blocked_active[i]) / n),
+                    number(rel[i]),
+                ]
                 if self.crosscoder is not None:
                     p, cos, nr, cat = part2.get(i, (None, math.nan, math.nan, ""))
                     row += ["" if p is None or p < 0 else p, number(cos), number(nr), cat]
@@ -177,7 +210,9 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
                 weights = np.full(values.size, 1.0 / values.size)
                 counts, _ = np.histogram(values, bins=edges, weights=weights)
                 median = float(np.median(values))
-                ax.stairs(counts, edges, color=colour, linewidth=1.4, label=f"{name} (n={values.size:,}, median {median:.3g})")
+                ax.stairs(
+                    counts, edges, color=colour, linewidth=1.4, label=f"{name} (n={values.size:,}, median {median:.3g})"
+                )
                 ax.axvline(median, color=colour, linestyle=":", linewidth=1.0)
             ax.set_xscale("log")
             ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="best")

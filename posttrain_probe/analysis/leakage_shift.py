@@ -37,8 +37,14 @@ def relative_change(abs_change_sum: torch.Tensor, base_sum: torch.Tensor) -> tor
     abs_change_sum = torch.as_tensor(abs_change_sum, dtype=torch.float64)
     base_sum = torch.as_tensor(base_sum, dtype=torch.float64)
     if abs_change_sum.shape != base_sum.shape or abs_change_sum.ndim != 1:
-        raise ProbeError(f"abs_change_sum {tuple(abs_change_sum.shape)} and base_sum {tuple(base_sum.shape)} must both be [F]")
-    return torch.where(base_sum > 0, abs_change_sum / base_sum.clamp_min(torch.finfo(torch.float64).tiny), torch.full_like(base_sum, math.nan))
+        raise ProbeError(
+            f"abs_change_sum {tuple(abs_change_sum.shape)} and base_sum {tuple(base_sum.shape)} must both be [F]"
+        )
+    return torch.where(
+        base_sum > 0,
+        abs_change_sum / base_sum.clamp_min(torch.finfo(torch.float64).tiny),
+        torch.full_like(base_sum, math.nan),
+    )
 
 
 # -- accumulation over tokens -----------------------------------------------------------------------
@@ -82,12 +88,22 @@ def feature_shift(crosscoder, chunks, model: str | int = "base") -> FeatureShift
     n_tokens = 0
     for chunk in chunks:
         if chunk.ndim != 3 or chunk.shape[1] != 2 or chunk.shape[2] != d_model:
-            raise ProbeError(f"expected paired activations [tokens, 2, {d_model}] (base, blocked), got {tuple(chunk.shape)}")
+            raise ProbeError(
+                f"expected paired activations [tokens, 2, {d_model}] (base, blocked), got {tuple(chunk.shape)}"
+            )
         device = chunk.device
         if sums is None:
             crosscoder.to(device)
-            sums = {name: torch.zeros(n_features, dtype=torch.float64, device=device) for name in ("base", "blocked", "change")}
-            sums.update({name: torch.zeros(n_features, dtype=torch.long, device=device) for name in ("base_active", "blocked_active")})
+            sums = {
+                name: torch.zeros(n_features, dtype=torch.float64, device=device)
+                for name in ("base", "blocked", "change")
+            }
+            sums.update(
+                {
+                    name: torch.zeros(n_features, dtype=torch.long, device=device)
+                    for name in ("base_active", "blocked_active")
+                }
+            )
         for start in range(0, chunk.shape[0], _ENCODE_TOKENS):
             part = chunk[start : start + _ENCODE_TOKENS].to(crosscoder.W_enc.dtype)
             f_base = crosscoder.encode_source(part[:, 0], slot)
@@ -99,7 +115,9 @@ def feature_shift(crosscoder, chunks, model: str | int = "base") -> FeatureShift
             sums["blocked_active"] += (f_blocked > 0).sum(0)
             n_tokens += part.shape[0]
     if sums is None or n_tokens == 0:
-        raise ProbeError("no tokens to compare: the dataset gave no activations (after dropping the first position, BOS and padding)")
+        raise ProbeError(
+            "no tokens to compare: the dataset gave no activations (after dropping the first position, BOS and padding)"
+        )
     cpu = {name: value.cpu() for name, value in sums.items()}
     return FeatureShift(n_tokens, cpu["base"], cpu["blocked"], cpu["change"], cpu["base_active"], cpu["blocked_active"])
 
@@ -118,7 +136,9 @@ def group_stats(shift: FeatureShift, mask: torch.Tensor) -> dict[str, Any]:
         "mean": float(values.mean()) if values.size else math.nan,
         "pooled": float(shift.abs_change_sum[active].sum()) / base_total if base_total > 0 else math.nan,
         "mean_activation_base": float(shift.base_sum[mask].sum()) / max(shift.n_tokens, 1) / max(int(mask.sum()), 1),
-        "mean_activation_blocked": float(shift.blocked_sum[mask].sum()) / max(shift.n_tokens, 1) / max(int(mask.sum()), 1),
+        "mean_activation_blocked": float(shift.blocked_sum[mask].sum())
+        / max(shift.n_tokens, 1)
+        / max(int(mask.sum()), 1),
     }
     return stats
 

@@ -183,8 +183,17 @@ def plot_mas_distributions(
         _log_step_histograms(ax, series, np.linspace(0.0, 1.0, int(bins) + 1))
         uniform = 1.0 / len(names)
         ax.axvline(uniform, color="#666666", linestyle=":", linewidth=0.9)
-        ax.annotate(f"1/N = {uniform:.2g}", xy=(uniform, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -3), textcoords="offset points", ha="left", va="top", fontsize=7, color="#555555")
+        ax.annotate(
+            f"1/N = {uniform:.2g}",
+            xy=(uniform, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize=7,
+            color="#555555",
+        )
         ax.set_xlabel("model attribution score (MAS)")
         ax.set_ylabel("features (log scale)")
         ax.set_title(title if title is not None else f"MAS distribution per model ({live.shape[0]:,} live features)")
@@ -239,17 +248,41 @@ def plot_norm_ratio_vs_cosine(
                 continue
             sel = keep & (cats == cat)
             colour = colours[cat]
-            ax.scatter(x[sel], y[sel], s=5, color=colour, alpha=0.55 if cat == "shared" else 0.8,
-                       linewidths=0, rasterized=True, label=f"{cat} ({int(sel.sum()):,})")
+            ax.scatter(
+                x[sel],
+                y[sel],
+                s=5,
+                color=colour,
+                alpha=0.55 if cat == "shared" else 0.8,
+                linewidths=0,
+                rasterized=True,
+                label=f"{cat} ({int(sel.sum()):,})",
+            )
         if hi is not None and hi.size:
-            ax.scatter(x[hi], y[hi], s=16, color=_HIGHLIGHT_COLOUR, edgecolors="black", linewidths=0.4,
-                       zorder=5, label=f"{highlight_label} ({hi.size})")
+            ax.scatter(
+                x[hi],
+                y[hi],
+                s=16,
+                color=_HIGHLIGHT_COLOUR,
+                edgecolors="black",
+                linewidths=0.4,
+                zorder=5,
+                label=f"{highlight_label} ({hi.size})",
+            )
         for edge in (0.4, 0.6):
             ax.axvline(edge, color="#444444", linestyle="--", linewidth=0.8)
         ax.axhline(0.0, color="#BBBBBB", linewidth=0.6, zorder=0)
         for centre, text in ((0.2, "fine-tune-only"), (0.5, "shared"), (0.8, "base-only")):
-            ax.text(centre, 1.01, text, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=7.5, color="#555555")
+            ax.text(
+                centre,
+                1.01,
+                text,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color="#555555",
+            )
         ax.set_xlim(0.0, 1.0)
         ax.set_ylim(-1.05, 1.05)
         ax.set_xlabel("NormRatio  (0 = fine-tune-only, 1 = base-only)")
@@ -282,10 +315,21 @@ def plot_topk_overlap(matrix, labels: Sequence[str], path, title: str | None = N
         if fontsize:
             for i in range(c):
                 for j in range(c):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=fontsize,
-                            color="white" if m[i, j] > 0.6 else "#222222")
-        ax.set_xticks(range(c), names, rotation=45 if max(map(len, names)) > 4 else 0,
-                      ha="right" if max(map(len, names)) > 4 else "center")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=fontsize,
+                        color="white" if m[i, j] > 0.6 else "#222222",
+                    )
+        ax.set_xticks(
+            range(c),
+            names,
+            rotation=45 if max(map(len, names)) > 4 else 0,
+            ha="right" if max(map(len, names)) > 4 else "center",
+        )
         ax.set_yticks(range(c), names)
         ax.set_xlabel("checkpoint")
         ax.set_ylabel("checkpoint")
@@ -334,8 +378,13 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
     with plot_style():
         fig = new_figure(width, height)
         ax = fig.add_subplot()
-        im = ax.imshow(data, cmap=cmap, norm=SymLogNorm(linthresh=1.0, linscale=0.6, vmin=0.0, vmax=vmax, base=10),
-                       aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            data,
+            cmap=cmap,
+            norm=SymLogNorm(linthresh=1.0, linscale=0.6, vmin=0.0, vmax=vmax, base=10),
+            aspect="auto",
+            interpolation="nearest",
+        )
         bi, bj = np.nonzero(blank)
         ax.scatter(bj, bi, marker="x", s=min(22.0, 900.0 / max(k, 1)), color="#555555", linewidths=0.9)
         step = 1 if k <= 20 else 5 if k <= 60 else 10 * int(np.ceil(k / 100))
@@ -358,9 +407,18 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
         cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         cbar.set_label("|rank shift| (symlog)")
         cbar.outline.set_visible(False)
-        handle = Line2D([], [], marker="x", linestyle="none", color="#555555", markerfacecolor=BLANK_COLOUR,
-                        markersize=6, label="blank: left the top-k")
+        handle = Line2D(
+            [],
+            [],
+            marker="x",
+            linestyle="none",
+            color="#555555",
+            markerfacecolor=BLANK_COLOUR,
+            markersize=6,
+            label="blank: left the top-k",
+        )
         ax.legend(handles=[handle], loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, borderaxespad=0.2)
-        ax.set_title(title if title is not None else f"Rank shifts of the top-{k} features between checkpoints",
-                     loc="right")
+        ax.set_title(
+            title if title is not None else f"Rank shifts of the top-{k} features between checkpoints", loc="right"
+        )
         return save_figure(fig, path)

@@ -43,7 +43,18 @@ import torch
 
 from posttrain_probe.errors import ProbeError
 
-REASONING_WORDS: tuple[str, ...] = ("alternatively", "hmm", "maybe", "wait", "perhaps", "let me", "therefore", "however", "but", "another")
+REASONING_WORDS: tuple[str, ...] = (
+    "alternatively",
+    "hmm",
+    "maybe",
+    "wait",
+    "perhaps",
+    "let me",
+    "therefore",
+    "however",
+    "but",
+    "another",
+)
 """The 10 reasoning words of Galichin et al. (the groups of :data:`REASON_TOKENS`)."""
 
 REASON_TOKENS: tuple[str, ...] = (
@@ -96,7 +107,12 @@ def reason_score(
     mean_in = torch.as_tensor(mean_in, dtype=torch.float64)
     mean_out = torch.as_tensor(mean_out, dtype=torch.float64, device=mean_in.device)
     word_means = torch.as_tensor(word_means, dtype=torch.float64, device=mean_in.device)
-    if mean_in.ndim != 1 or mean_out.shape != mean_in.shape or word_means.ndim != 2 or word_means.shape[1] != mean_in.shape[0]:
+    if (
+        mean_in.ndim != 1
+        or mean_out.shape != mean_in.shape
+        or word_means.ndim != 2
+        or word_means.shape[1] != mean_in.shape[0]
+    ):
         raise ProbeError(
             f"reason_score expects mean_in [F], mean_out [F] and word_means [G, F]; got {tuple(mean_in.shape)}, "
             f"{tuple(mean_out.shape)} and {tuple(word_means.shape)}"
@@ -104,7 +120,9 @@ def reason_score(
     if word_means.shape[0] == 0:
         raise ProbeError("reason_score needs at least one reasoning word group")
     probs = word_means / (word_means.sum(dim=0, keepdim=True) + eps)
-    plogp = torch.where(probs > 0, probs * probs.clamp_min(torch.finfo(torch.float64).tiny).log(), torch.zeros_like(probs))
+    plogp = torch.where(
+        probs > 0, probs * probs.clamp_min(torch.finfo(torch.float64).tiny).log(), torch.zeros_like(probs)
+    )
     entropy = 0.0 - plogp.sum(dim=0)  # 0.0 - x: no negative zeros
     n_words = word_means.shape[0]
     entropy = entropy / math.log(n_words) if n_words > 1 else torch.ones_like(entropy)
@@ -112,7 +130,9 @@ def reason_score(
     return score, entropy
 
 
-def reasoning_token_groups(tokenizer, variants: Sequence[str] = REASON_TOKENS) -> tuple[list[str], list[list[list[int]]]]:
+def reasoning_token_groups(
+    tokenizer, variants: Sequence[str] = REASON_TOKENS
+) -> tuple[list[str], list[list[list[int]]]]:
     """Token-id sequences of the reasoning-word variants, grouped by word (module docstring, step 2).
 
     Every variant is tokenised alone with ``add_special_tokens=False``; variants with the same
@@ -266,7 +286,9 @@ class ReasonScoreAccumulator:
         window: tuple[int, int] = WINDOW,
     ):
         if len(words) != len(groups) or not words:
-            raise ProbeError(f"expected one token group per reasoning word, got {len(words)} words and {len(groups)} groups")
+            raise ProbeError(
+                f"expected one token group per reasoning word, got {len(words)} words and {len(groups)} groups"
+            )
         if not alpha >= 0:
             raise ProbeError(f"alpha must be >= 0 (the paper uses 0.7), got {alpha!r}")
         self.words = list(words)
@@ -287,7 +309,9 @@ class ReasonScoreAccumulator:
         """Add ``n`` kept tokens: ``codes`` [n, F] per-source codes, ``word_masks`` [n, G] bool."""
         n_groups = len(self.words)
         if codes.ndim != 2 or codes.shape[1] != self.n_features or word_masks.shape != (codes.shape[0], n_groups):
-            raise ProbeError(f"expected codes [n, {self.n_features}] and word masks [n, {n_groups}], got {tuple(codes.shape)} and {tuple(word_masks.shape)}")
+            raise ProbeError(
+                f"expected codes [n, {self.n_features}] and word masks [n, {n_groups}], got {tuple(codes.shape)} and {tuple(word_masks.shape)}"
+            )
         device = codes.device
         if self._sums is None:
             self._sums = torch.zeros(n_groups + 2, self.n_features, dtype=torch.float64, device=device)
@@ -310,7 +334,16 @@ class ReasonScoreAccumulator:
         n_groups = len(self.words)
         score, entropy = reason_score(means[n_groups], means[n_groups + 1], means[:n_groups], alpha=self.alpha)
         return ReasonScoreResult(
-            score=score, entropy=entropy, mean_in=means[n_groups], mean_out=means[n_groups + 1], word_means=means[:n_groups],
-            words=self.words, word_tokens=[int(c) for c in counts[:n_groups]], n_in=int(counts[n_groups]), n_out=int(counts[n_groups + 1]),
-            alpha=self.alpha, window=self.window, decoder_norm_weighted=self.weights is not None,
+            score=score,
+            entropy=entropy,
+            mean_in=means[n_groups],
+            mean_out=means[n_groups + 1],
+            word_means=means[:n_groups],
+            words=self.words,
+            word_tokens=[int(c) for c in counts[:n_groups]],
+            n_in=int(counts[n_groups]),
+            n_out=int(counts[n_groups + 1]),
+            alpha=self.alpha,
+            window=self.window,
+            decoder_norm_weighted=self.weights is not None,
         )

@@ -144,7 +144,9 @@ def analyze(config: AnalyzeConfig, *, crosscoder=None) -> AnalysisResult:
     """
     from posttrain_probe.crosscoder.inspect import as_crosscoder, crosscoder_settings
 
-    cc, cc_path = as_crosscoder(config.crosscoder if crosscoder is None else crosscoder, allow_incomplete=config.allow_incomplete)
+    cc, cc_path = as_crosscoder(
+        config.crosscoder if crosscoder is None else crosscoder, allow_incomplete=config.allow_incomplete
+    )
     names = list(cc.config.model_names)
     model_index(names, config.base, "base model")
     if len(names) < 2:
@@ -153,16 +155,35 @@ def analyze(config: AnalyzeConfig, *, crosscoder=None) -> AnalysisResult:
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     stats, live, liveness = _liveness(config, cc, cc_path, source)
-    table = feature_table(cc, base=config.base, stats=stats, live=live, p=config.p, duplicate_cosine=config.duplicate_cosine,
-                          norm_ratio_scale=config.norm_ratio_scale)
+    table = feature_table(
+        cc,
+        base=config.base,
+        stats=stats,
+        live=live,
+        p=config.p,
+        duplicate_cosine=config.duplicate_cosine,
+        norm_ratio_scale=config.norm_ratio_scale,
+    )
     table_path = write_table(table, out / f"features.{config.table_format}")
     counts = summary(table, base=config.base, model_names=names, liveness=liveness)
-    settings = (crosscoder_settings(cc_path) if cc_path is not None else {}) or {"n_features": cc.config.n_features, "activation": cc.config.activation}
-    counts["settings"] = {**settings, "duplicate_cosine": config.duplicate_cosine, "p": config.p, "norm_ratio_scale": config.norm_ratio_scale,
-                          "stats_tokens": stats.n_tokens if stats is not None else None}
+    settings = (crosscoder_settings(cc_path) if cc_path is not None else {}) or {
+        "n_features": cc.config.n_features,
+        "activation": cc.config.activation,
+    }
+    counts["settings"] = {
+        **settings,
+        "duplicate_cosine": config.duplicate_cosine,
+        "p": config.p,
+        "norm_ratio_scale": config.norm_ratio_scale,
+        "stats_tokens": stats.n_tokens if stats is not None else None,
+    }
     counts["note"] = COUNTS_NOTE
     figures, feature_sets = _attribution_files(config, cc, cc_path, table, liveness)
-    counts["files"] = {"table": str(table_path), "figures": [str(f) for f in figures], "feature_sets": [str(f) for f in feature_sets]}
+    counts["files"] = {
+        "table": str(table_path),
+        "figures": [str(f) for f in figures],
+        "feature_sets": [str(f) for f in feature_sets],
+    }
     result = AnalysisResult.from_json(json_safe(counts))
     result.write(out)
     return result
@@ -176,7 +197,9 @@ def _open_acts(config: AnalyzeConfig, cc):
 
     source = open_source(acts=config.acts, layer=cc.config.layer, model_names=cc.model_names)
     if list(source.model_names) != list(cc.config.model_names):
-        raise ProbeError(f"the activations hold models {list(source.model_names)}, the crosscoder {list(cc.config.model_names)}")
+        raise ProbeError(
+            f"the activations hold models {list(source.model_names)}, the crosscoder {list(cc.config.model_names)}"
+        )
     return source
 
 
@@ -191,7 +214,9 @@ def _liveness(config: AnalyzeConfig, cc, cc_path: Path | None, source):
     return None, live, "unknown" if live is None else "training"
 
 
-def _attribution_files(config: AnalyzeConfig, cc, cc_path: Path | None, table, liveness: str) -> tuple[list[Path], list[Path]]:
+def _attribution_files(
+    config: AnalyzeConfig, cc, cc_path: Path | None, table, liveness: str
+) -> tuple[list[Path], list[Path]]:
     """Write the figures and the NormRatio feature sets of every tuned model; returns (figures, feature sets)."""
     from posttrain_probe.analysis.feature_sets import CATEGORY_NAMES, write_feature_set
     from posttrain_probe.analysis.plots import plot_mas_distributions, plot_norm_ratio_vs_cosine, plot_nrn_histograms
@@ -200,21 +225,37 @@ def _attribution_files(config: AnalyzeConfig, cc, cc_path: Path | None, table, l
     base_slot = names.index(base)
     W = cc.W_dec.detach()
     tuned = [(slot, name) for slot, name in enumerate(names) if slot != base_slot]
-    figures = plot_nrn_histograms({name: nrn(W, base_slot, slot, p=config.p).cpu().numpy() for slot, name in tuned}, out / "nrn_histograms", title=f"NRN against {base}")
+    figures = plot_nrn_histograms(
+        {name: nrn(W, base_slot, slot, p=config.p).cpu().numpy() for slot, name in tuned},
+        out / "nrn_histograms",
+        title=f"NRN against {base}",
+    )
     figures += plot_mas_distributions(mas(W).cpu().numpy(), names, out / "mas_distributions")
     feature_sets = []
     for slot, name in tuned:
         ratio = norm_ratio(W, base_slot, slot, scale=config.norm_ratio_scale).cpu().numpy()
         labels = table.column(f"category_{name}").to_pylist()  # "dead" where the feature is dead
         figures += plot_norm_ratio_vs_cosine(
-            ratio, decoder_cosine(W, base_slot, slot).cpu().numpy(), list(categorize(ratio)), out / f"norm_ratio_vs_cosine_{name}"
+            ratio,
+            decoder_cosine(W, base_slot, slot).cpu().numpy(),
+            list(categorize(ratio)),
+            out / f"norm_ratio_vs_cosine_{name}",
         )
         for category in CATEGORY_NAMES:  # inputs for gradient blocking (block_features: <file>)
-            feature_sets.append(write_feature_set(
-                out / "feature_sets" / f"{name}_{category}.json", [i for i, label in enumerate(labels) if label == category],
-                crosscoder=cc, crosscoder_path=str(cc_path) if cc_path is not None else None, category=category, base=base, finetuned=name,
-                metric="norm_ratio", norm_ratio_scale=config.norm_ratio_scale, liveness=liveness,
-            ))
+            feature_sets.append(
+                write_feature_set(
+                    out / "feature_sets" / f"{name}_{category}.json",
+                    [i for i, label in enumerate(labels) if label == category],
+                    crosscoder=cc,
+                    crosscoder_path=str(cc_path) if cc_path is not None else None,
+                    category=category,
+                    base=base,
+                    finetuned=name,
+                    metric="norm_ratio",
+                    norm_ratio_scale=config.norm_ratio_scale,
+                    liveness=liveness,
+                )
+            )
     return figures, feature_sets
 
 
@@ -287,7 +328,9 @@ class DynamicsResult:
         """Write ``overlap.csv``, ``rank_shifts.json`` and ``dynamics.json`` into ``out``; returns their paths."""
         out = Path(out)
         labels = self.checkpoints
-        lines = ["," + ",".join(labels)] + [label + "," + ",".join(f"{v:.4f}" for v in row) for label, row in zip(labels, self.overlap)]
+        lines = ["," + ",".join(labels)] + [
+            label + "," + ",".join(f"{v:.4f}" for v in row) for label, row in zip(labels, self.overlap)
+        ]
         files = {"overlap": out / OVERLAP, "rank_shifts": out / RANK_SHIFTS, "dynamics": out / DYNAMICS}
         files["overlap"].write_text("\n".join(lines) + "\n")
         files["rank_shifts"].write_text(json.dumps(self.rank_shifts, indent=2))
@@ -297,7 +340,9 @@ class DynamicsResult:
     @classmethod
     def read(cls, out: str | os.PathLike) -> DynamicsResult:
         """The result of a ``dynamics`` run from its output directory."""
-        return cls.from_json(_read_json(Path(out) / DYNAMICS, "dynamics"), _read_json(Path(out) / RANK_SHIFTS, "dynamics"))
+        return cls.from_json(
+            _read_json(Path(out) / DYNAMICS, "dynamics"), _read_json(Path(out) / RANK_SHIFTS, "dynamics")
+        )
 
 
 class _Scores(NamedTuple):
@@ -333,7 +378,11 @@ def dynamics(config: DynamicsConfig, *, crosscoders=None) -> DynamicsResult:
     from posttrain_probe.analysis.plots import plot_rank_shifts, plot_topk_overlap
 
     models, lives = _dynamics_crosscoders(config, crosscoders)
-    scored = _joint_scores(config, models[0], lives[0]) if len(models) == 1 else _per_checkpoint_scores(config, models, lives)
+    scored = (
+        _joint_scores(config, models[0], lives[0])
+        if len(models) == 1
+        else _per_checkpoint_scores(config, models, lives)
+    )
     scores, labels, k = scored.scores, scored.labels, config.k
     if len(labels) != scores.shape[0]:
         raise ProbeError(f"{len(labels)} labels for {scores.shape[0]} checkpoints")
@@ -347,7 +396,9 @@ def dynamics(config: DynamicsConfig, *, crosscoders=None) -> DynamicsResult:
     shift_record = {
         f"{labels[c]}->{labels[c + 1]}": {
             "features": shifts.features[c].tolist(),
-            "shift": [None if blank else float(s) for s, blank in zip(shifts.shift[c].tolist(), shifts.blank[c].tolist())],
+            "shift": [
+                None if blank else float(s) for s, blank in zip(shifts.shift[c].tolist(), shifts.blank[c].tolist())
+            ],
             "n_blank": int(shifts.blank[c].sum()),
         }
         for c in range(scores.shape[0] - 1)
@@ -366,13 +417,24 @@ def dynamics(config: DynamicsConfig, *, crosscoders=None) -> DynamicsResult:
         "n_undefined": dict(zip(labels, scored.own_undefined)),
         "ties": {
             label: {"kth_score": float(kth), "n_tied": int(n), "n_tied_in_top": int(n_in), "determined": bool(ok)}
-            for label, kth, n, n_in, ok in zip(labels, ties.kth_score.tolist(), ties.n_tied.tolist(), ties.n_tied_in_top.tolist(), ties.determined.tolist())
+            for label, kth, n, n_in, ok in zip(
+                labels,
+                ties.kth_score.tolist(),
+                ties.n_tied.tolist(),
+                ties.n_tied_in_top.tolist(),
+                ties.determined.tolist(),
+            )
         },
         "undetermined_top_k": undetermined,
         "matching": None if scored.matching is None else dict(zip(labels, scored.matching)),
-        "settings": {"p": config.p, "norm_floor": config.norm_floor, "duplicate_cosine": config.duplicate_cosine,
-                     "min_cosine": config.min_cosine if scored.matching is not None else None, "tie_atol": config.tie_atol,
-                     "liveness": "given" if any(live is not None for live in lives) else "decoder norms only"},
+        "settings": {
+            "p": config.p,
+            "norm_floor": config.norm_floor,
+            "duplicate_cosine": config.duplicate_cosine,
+            "min_cosine": config.min_cosine if scored.matching is not None else None,
+            "tie_atol": config.tie_atol,
+            "liveness": "given" if any(live is not None for live in lives) else "decoder norms only",
+        },
         "files": [str(f) for f in figures] + [str(out / OVERLAP), str(out / RANK_SHIFTS)],
     }
     result = DynamicsResult.from_json(json_safe(data), shift_record)
@@ -406,7 +468,9 @@ def _joint_scores(config: DynamicsConfig, crosscoder, live) -> _Scores:
     W = crosscoder.W_dec.detach()
     scores = checkpoint_scores(W, base_slot, slots, p=config.p, norm_floor=config.norm_floor, live=live)
     scores = _representatives_only(scores, W[:, [base_slot, *slots]], config.duplicate_cosine)
-    return _Scores(scores, chosen, "multi-model crosscoder", scores.shape[1], torch.isnan(scores).sum(dim=1).tolist(), None)
+    return _Scores(
+        scores, chosen, "multi-model crosscoder", scores.shape[1], torch.isnan(scores).sum(dim=1).tolist(), None
+    )
 
 
 def _per_checkpoint_scores(config: DynamicsConfig, crosscoders: list, lives: list) -> _Scores:
@@ -417,7 +481,9 @@ def _per_checkpoint_scores(config: DynamicsConfig, crosscoders: list, lives: lis
     for index, (cc, alive) in enumerate(zip(crosscoders, lives)):
         names = list(cc.config.model_names)
         if len(names) != 2:
-            raise ProbeError(f"crosscoder {index} has models {names}: the per-checkpoint alternative needs two-model crosscoders")
+            raise ProbeError(
+                f"crosscoder {index} has models {names}: the per-checkpoint alternative needs two-model crosscoders"
+            )
         base_slot = model_index(names, config.base, "base model")
         W = cc.W_dec.detach().float().cpu()
         score = checkpoint_scores(W, base_slot, [1 - base_slot], p=config.p, norm_floor=config.norm_floor, live=alive)
@@ -426,11 +492,19 @@ def _per_checkpoint_scores(config: DynamicsConfig, crosscoders: list, lives: lis
         vectors.append(W.reshape(W.shape[0], -1))
         include.append(~torch.isnan(score))
     index = shared_index(vectors, min_cosine=config.min_cosine, include=include)
-    labels = config.checkpoint or [cc.config.model_names[1 - cc.config.model_names.index(config.base)] for cc in crosscoders]
+    labels = config.checkpoint or [
+        cc.config.model_names[1 - cc.config.model_names.index(config.base)] for cc in crosscoders
+    ]
     matching = [None if q is None else q._asdict() for q in index.quality]
     own_undefined = [int(torch.isnan(score).sum()) for score in per_checkpoint]  # of each crosscoder's own latents
-    return _Scores(indexed_scores(per_checkpoint, index), labels, "per-checkpoint crosscoders matched on whole decoders",
-                   index.n_features, own_undefined, matching)
+    return _Scores(
+        indexed_scores(per_checkpoint, index),
+        labels,
+        "per-checkpoint crosscoders matched on whole decoders",
+        index.n_features,
+        own_undefined,
+        matching,
+    )
 
 
 def _representatives_only(scores: torch.Tensor, W_dec: torch.Tensor, duplicate_cosine: float | None) -> torch.Tensor:

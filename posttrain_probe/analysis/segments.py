@@ -25,7 +25,14 @@ SEGMENTS = ("reasoning", "solution")
 """Segment names; token labels are 1 (reasoning) and 2 (solution), 0 elsewhere."""
 CHAT_COLUMNS = ("conversations", "messages")
 """Columns tried first (chat turns) before the text columns of :data:`posttrain_probe.data.TEXT_COLUMNS`."""
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant", "system": "system"}
+_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 __all__ = [
     "CHAT_COLUMNS",
@@ -64,7 +71,9 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def find_delimited(text: str, begin: str, end: str, start: int = 0, stop: int | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def find_delimited(
+    text: str, begin: str, end: str, start: int = 0, stop: int | None = None
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Every ``begin ... end`` block of ``text[start:stop]``: (content spans, tag spans), as character offsets.
 
     Content spans exclude the tags and surrounding whitespace (empty contents are dropped). ``end == ""`` or a
@@ -102,7 +111,9 @@ def _chat_messages(value: list) -> list[dict[str, str]]:
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or not isinstance(content, str):
-            raise ProbeError(f"chat turn {dict(turn)!r}: expected string role/content (or from/value, as OpenThoughts has)")
+            raise ProbeError(
+                f"chat turn {dict(turn)!r}: expected string role/content (or from/value, as OpenThoughts has)"
+            )
         messages.append({"role": _ROLES.get(role.lower(), role), "content": content})
     return messages
 
@@ -110,7 +121,11 @@ def _chat_messages(value: list) -> list[dict[str, str]]:
 def _render_chat(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
     """Text of the conversation and the character regions of the assistant turns in it."""
     template = bool(getattr(tokenizer, "chat_template", None))
-    text = tokenizer.apply_chat_template(messages, tokenize=False) if template else "\n".join(m["content"] for m in messages)
+    text = (
+        tokenizer.apply_chat_template(messages, tokenize=False)
+        if template
+        else "\n".join(m["content"] for m in messages)
+    )
     regions: list[tuple[int, int]] = []
     pos = 0
     for i, message in enumerate(messages):
@@ -142,7 +157,9 @@ def document_column(names: Sequence[str], fmt: SegmentFormat) -> str:
     for candidate in (*CHAT_COLUMNS, *TEXT_COLUMNS):
         if candidate in names:
             return candidate
-    raise ProbeError(f"no chat or text column found among {list(names)}: pass --column (expected one of {[*CHAT_COLUMNS, *TEXT_COLUMNS]})")
+    raise ProbeError(
+        f"no chat or text column found among {list(names)}: pass --column (expected one of {[*CHAT_COLUMNS, *TEXT_COLUMNS]})"
+    )
 
 
 def split_document(row: Mapping[str, Any], fmt: SegmentFormat, tokenizer, *, column: str | None = None) -> Segments:
@@ -253,19 +270,29 @@ class SegmentBatch(NamedTuple):
     """Documents of the batch whose reasoning or solution text runs past the last kept token (``seq_len``)."""
 
 
-def segment_batches(docs: Sequence[Segments], tokenizer, *, seq_len: int = 4096, batch_size: int = 4) -> Iterator[SegmentBatch]:
+def segment_batches(
+    docs: Sequence[Segments], tokenizer, *, seq_len: int = 4096, batch_size: int = 4
+) -> Iterator[SegmentBatch]:
     """Tokenise :class:`Segments` documents into :class:`SegmentBatch` es (truncated at ``seq_len`` tokens)."""
     if seq_len < 2:
         raise ProbeError(f"seq_len must be >= 2, got {seq_len}")
     if batch_size < 1:
         raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
     if not getattr(tokenizer, "is_fast", False):
-        raise ProbeError(f"{type(tokenizer).__name__} is not a fast tokenizer: segment spans need its offset mapping (use a tokenizers-backed tokenizer)")
+        raise ProbeError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: segment spans need its offset mapping (use a tokenizers-backed tokenizer)"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for start in range(0, len(docs), batch_size):
         chunk = docs[start : start + batch_size]
         encoded = [
-            tokenizer(doc.text, truncation=True, max_length=seq_len, add_special_tokens=doc.add_special_tokens, return_offsets_mapping=True)
+            tokenizer(
+                doc.text,
+                truncation=True,
+                max_length=seq_len,
+                add_special_tokens=doc.add_special_tokens,
+                return_offsets_mapping=True,
+            )
             for doc in chunk
         ]
         width = max(1, max(len(e["input_ids"]) for e in encoded))
@@ -281,7 +308,9 @@ def segment_batches(docs: Sequence[Segments], tokenizer, *, seq_len: int = 4096,
                 offsets[row, :n] = torch.tensor([list(o) for o in enc["offset_mapping"]], dtype=torch.long)
             last = int(offsets[row, :n, 1].max()) if n else 0
             n_cut += any(end > last for _, end in doc.reasoning + doc.solution)
-        yield SegmentBatch(input_ids, attention_mask, token_segments(offsets, chunk), torch.arange(start, start + len(chunk)), n_cut)
+        yield SegmentBatch(
+            input_ids, attention_mask, token_segments(offsets, chunk), torch.arange(start, start + len(chunk)), n_cut
+        )
 
 
 class SegmentCorpus(NamedTuple):

@@ -32,7 +32,9 @@ def collect(config: CollectConfig) -> None:
 def _find_stores(path: Path) -> list[Path]:
     if (path / "manifest.json").exists() or any(path.glob("manifest.rank*.json")):
         return [path]
-    found = sorted({p.parent for p in path.rglob("manifest.json")} | {p.parent for p in path.rglob("manifest.rank*.json")})
+    found = sorted(
+        {p.parent for p in path.rglob("manifest.json")} | {p.parent for p in path.rglob("manifest.rank*.json")}
+    )
     if not found:
         raise ProbeError(f"no activation store under {path}: expected a directory with manifest.json")
     return found
@@ -50,7 +52,9 @@ def _human_bytes(n: int) -> str:
 def store_info(
     path: Path = typer.Argument(..., help="A store directory, or a directory holding stores (e.g. a collect output)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
-    check_values: bool = typer.Option(False, "--check-values", help="Also read every shard and look for NaN/inf activations."),
+    check_values: bool = typer.Option(
+        False, "--check-values", help="Also read every shard and look for NaN/inf activations."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Models, layer, tokens, size and checksum status of activation stores. Exits 1 if a shard is bad."""
@@ -93,13 +97,35 @@ def store_info(
         from rich.table import Table
 
         table = Table(title=f"activation stores under {path}")
-        for column in ("model", "layer", "tokens", "d_model", "dtype", "shards", "size", "complete", "checksums", "values", "fingerprint", "path"):
+        for column in (
+            "model",
+            "layer",
+            "tokens",
+            "d_model",
+            "dtype",
+            "shards",
+            "size",
+            "complete",
+            "checksums",
+            "values",
+            "fingerprint",
+            "path",
+        ):
             table.add_column(column)
         for row in rows:
             table.add_row(
-                row["model"], str(row["layer"]), f"{row['n_tokens']:,}", str(row["d_model"]), row["dtype"],
-                str(row["n_shards"]), _human_bytes(row["bytes"]), "yes" if row["complete"] else "no (resumable)",
-                row["checksums"], row["values"], row["token_fingerprint"][:12], row["path"],
+                row["model"],
+                str(row["layer"]),
+                f"{row['n_tokens']:,}",
+                str(row["d_model"]),
+                row["dtype"],
+                str(row["n_shards"]),
+                _human_bytes(row["bytes"]),
+                "yes" if row["complete"] else "no (resumable)",
+                row["checksums"],
+                row["values"],
+                row["token_fingerprint"][:12],
+                row["path"],
             )
         Console(width=200).print(table)
         for row in rows:

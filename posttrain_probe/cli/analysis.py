@@ -17,13 +17,23 @@ def analyze(config: AnalyzeConfig) -> None:
 
     result = run(config)
     for name, counts in result.models.items():
-        typer.echo(f"{name} vs {result.base}: {counts.categories} NRN tails {counts.nrn_tails}; deduplicated {counts.categories_dedup}")
+        typer.echo(
+            f"{name} vs {result.base}: {counts.categories} NRN tails {counts.nrn_tails}; deduplicated {counts.categories_dedup}"
+        )
     if result.liveness == "unknown":
-        typer.secho("note: liveness unknown (no --acts, no training state): latents that never fire are counted as live; pass --acts", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            "note: liveness unknown (no --acts, no training state): latents that never fire are counted as live; pass --acts",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     else:
-        typer.echo(f"liveness from {result.liveness}: {result.n_dead} of {result.n_features} latents dead; {result.n_duplicate_groups} distinct after grouping duplicates")
+        typer.echo(
+            f"liveness from {result.liveness}: {result.n_dead} of {result.n_features} latents dead; {result.n_duplicate_groups} distinct after grouping duplicates"
+        )
     out = config.out
-    typer.echo(f"table: {result.files.table}; summary: {out / 'summary.json'}; {len(result.files.figures)} figure files; feature sets in {out / 'feature_sets'}")
+    typer.echo(
+        f"table: {result.files.table}; summary: {out / 'summary.json'}; {len(result.files.figures)} figure files; feature sets in {out / 'feature_sets'}"
+    )
 
 
 @user_errors
@@ -33,12 +43,20 @@ def dynamics(config: DynamicsConfig) -> None:
     from posttrain_probe.analysis.report import dynamics as run
 
     result = run(config)
-    typer.echo(f"mean top-{result.k} overlap of consecutive checkpoints: {result.mean_adjacent_overlap:.3f}; blanks {result.blanks}")
+    typer.echo(
+        f"mean top-{result.k} overlap of consecutive checkpoints: {result.mean_adjacent_overlap:.3f}; blanks {result.blanks}"
+    )
     for label, quality in (result.matching or {}).items():
         if quality is not None:
-            typer.echo(f"matching {label}: {quality.n_matched} matched (median cosine {quality.median:.3f}), {quality.n_unmatched} unmatched below {quality.min_cosine}")
+            typer.echo(
+                f"matching {label}: {quality.n_matched} matched (median cosine {quality.median:.3f}), {quality.n_unmatched} unmatched below {quality.min_cosine}"
+            )
     for label in result.undetermined_top_k:
         tie = result.ties[label]
-        typer.secho(f"warning: top-{result.k} of {label} is not determined by the scores: {tie.n_tied} latents tie at {tie.kth_score:.6g}, "
-                    f"{tie.n_tied_in_top} of them inside", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"warning: top-{result.k} of {label} is not determined by the scores: {tie.n_tied} latents tie at {tie.kth_score:.6g}, "
+            f"{tie.n_tied_in_top} of them inside",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     typer.echo(f"written to {config.out}")

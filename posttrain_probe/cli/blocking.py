@@ -27,7 +27,9 @@ def leakage(config: LeakageConfig) -> None:
     groups = {"protected": report.protected_mask, "unprotected": ~report.protected_mask}
     stats = {name: group_stats(report.shift, mask) for name, mask in groups.items()}
     for name, group in stats.items():
-        typer.echo(f"{name:>11}: {group['n_features']} features ({group['n_active_on_base']} active on base), relative change median {group['median']:.4g}, pooled {group['pooled']:.4g}")
+        typer.echo(
+            f"{name:>11}: {group['n_features']} features ({group['n_active_on_base']} active on base), relative change median {group['median']:.4g}, pooled {group['pooled']:.4g}"
+        )
     median = ratio_or_nan(stats["protected"]["median"], stats["unprotected"]["median"])
     pooled = ratio_or_nan(stats["protected"]["pooled"], stats["unprotected"]["pooled"])
     typer.echo(f"protected / unprotected: median {median:.4g}, pooled {pooled:.4g}")
@@ -39,4 +41,6 @@ def leakage(config: LeakageConfig) -> None:
             f"{summary['protected']['left_shared_band']} of {summary['protected']['n_live']}; match quality {summary['matching']['quality']}"
         )
     out = config.out
-    typer.echo(f"report: {out / 'leakage.json'}; table: {out / 'features.csv'}; figures: {out / 'leakage.png'}, {out / 'leakage.svg'}")
+    typer.echo(
+        f"report: {out / 'leakage.json'}; table: {out / 'features.csv'}; figures: {out / 'leakage.png'}, {out / 'leakage.svg'}"
+    )

@@ -23,4 +23,3 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
-

@@ -44,7 +44,9 @@ def crosscoder_info(
 
 @user_errors
 @config_options(config=CalibrateConfig)
-def crosscoder_calibrate(config: CalibrateConfig, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def crosscoder_calibrate(
+    config: CalibrateConfig, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+) -> None:
     """Calibrate one BatchTopK inference threshold per model so per-source codes f^m have mean L0 = k (their fingerprint changes)."""
     from posttrain_probe.crosscoder.calibrate import crosscoder_calibrate as calibrate
 
@@ -55,9 +57,15 @@ def crosscoder_calibrate(config: CalibrateConfig, as_json: bool = typer.Option(F
     elif report.cleared:
         typer.echo(f"{report.crosscoder}: per-source thresholds removed (fingerprint {before} -> {after})")
     else:
-        typer.echo(f"per-source thresholds on {report.n_tokens:,} tokens (target mean L0 k = {report.k}; joint threshold {report.joint_threshold:.4g}):")
-        for name, theta, l0_joint, l0_calibrated in zip(report.model_names, report.thresholds, report.l0_joint_threshold, report.l0_calibrated):
-            typer.echo(f"  {name}: theta {theta:.4g}; per-source L0 {l0_joint:.2f} with the joint threshold -> {l0_calibrated:.2f}")
+        typer.echo(
+            f"per-source thresholds on {report.n_tokens:,} tokens (target mean L0 k = {report.k}; joint threshold {report.joint_threshold:.4g}):"
+        )
+        for name, theta, l0_joint, l0_calibrated in zip(
+            report.model_names, report.thresholds, report.l0_joint_threshold, report.l0_calibrated
+        ):
+            typer.echo(
+                f"  {name}: theta {theta:.4g}; per-source L0 {l0_joint:.2f} with the joint threshold -> {l0_calibrated:.2f}"
+            )
         typer.echo(
             f"written to {report.crosscoder}; fingerprint {before} -> {after}: feature sets made for the uncalibrated crosscoder are refused "
             "for it (remake them, or keep the uncalibrated copy with --out)"

@@ -87,7 +87,9 @@ def run_lm_eval(argv: list[str]) -> int:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except ValueError as err:
         if "Tasks not found" in str(err):
-            raise ProbeError(f"{err}: expected lm-eval task or group names (list them with `posttrain-probe lm-eval ls tasks`)") from None
+            raise ProbeError(
+                f"{err}: expected lm-eval task or group names (list them with `posttrain-probe lm-eval ls tasks`)"
+            ) from None
         raise
     except OSError as err:  # a hub name that cannot be fetched (offline, or no such repository)
         raise ProbeError(f"lm-eval could not load a model or file: {str(err).splitlines()[0]}") from None

@@ -40,11 +40,15 @@ def fisher(config: FisherConfig) -> None:
     )
     for name, rho in report.rho_summary().items():
         r, s, auc = rho["reasoning"], rho["solution"], rho["separation"]["auc_reasoning_above_solution"]
-        typer.echo(f"rho {name}: reasoning mean {r.get('mean', math.nan):.3f}, solution mean {s.get('mean', math.nan):.3f}, AUC {auc:.3f}")
+        typer.echo(
+            f"rho {name}: reasoning mean {r.get('mean', math.nan):.3f}, solution mean {s.get('mean', math.nan):.3f}, AUC {auc:.3f}"
+        )
         if "warning" in rho:
             typer.secho(f"warning: {name}: {rho['warning']}", fg=typer.colors.YELLOW, err=True)
     if report.reasonscore is not None:
         overlap = len(set(report.reasonscore.top(len(sel.features))) & set(sel.features))
         typer.echo(f"ReasonScore top-{len(sel.features)} overlaps the Fisher set in {overlap} features")
     out, fmt = config.out, config.table_format
-    typer.echo(f"feature set: {out / 'fisher_features.json'}; table: {out / f'features.{fmt}'}; summary: {out / 'summary.json'}; figures: {out / 'rho.png'}, {out / 'rho.svg'}")
+    typer.echo(
+        f"feature set: {out / 'fisher_features.json'}; table: {out / f'features.{fmt}'}; summary: {out / 'summary.json'}; figures: {out / 'rho.png'}, {out / 'rho.svg'}"
+    )

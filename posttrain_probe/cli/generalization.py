@@ -30,7 +30,11 @@ def features_generalization(config: GeneralizationConfig) -> None:
     result = step(config, progress=True)
     split = result.settings.get("split_half")
     for task, top in result.max_scores.items():
-        size = f"{result.n_critical[task]} (selection half; {len(split['held_out_doc_ids'][task])} held out)" if split else result.n_critical[task]
+        size = (
+            f"{result.n_critical[task]} (selection half; {len(split['held_out_doc_ids'][task])} held out)"
+            if split
+            else result.n_critical[task]
+        )
         typer.echo(f"{task}: |G_t| = {size}, max score {top:.4g}, |S_t| = {len(result.sets[task])}")
     for task in result.skipped:
         typer.echo(f"{task}: no generalization-critical samples, skipped")
@@ -38,7 +42,9 @@ def features_generalization(config: GeneralizationConfig) -> None:
     for note in result.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     out = config.out
-    typer.echo(f"feature set: {out / FEATURE_SET_NAME}; summary: {out / SUMMARY_NAME}; scores: {out / SCORES_NAME}; figures: {out / 'overlap.png'}, {out / 'overlap.svg'}")
+    typer.echo(
+        f"feature set: {out / FEATURE_SET_NAME}; summary: {out / SUMMARY_NAME}; scores: {out / SCORES_NAME}; figures: {out / 'overlap.png'}, {out / 'overlap.svg'}"
+    )
 
 
 @user_errors

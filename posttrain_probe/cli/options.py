@@ -72,7 +72,9 @@ def _build(config_cls: type, values: dict[tuple[str, ...], Any], prefix: tuple[s
     return config_cls(**kwargs)
 
 
-def _flatten_yaml(data: dict[str, Any], leaves_by_name: dict[str, _Leaf], nested_names: set[str], path: Path) -> dict[str, Any]:
+def _flatten_yaml(
+    data: dict[str, Any], leaves_by_name: dict[str, _Leaf], nested_names: set[str], path: Path
+) -> dict[str, Any]:
     """YAML keys -> option names: a nested section's keys are its fields' option names."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -93,7 +95,9 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
     by_name: dict[str, _Leaf] = {}
     for leaf in leaves:
         if leaf.field.name in by_name:
-            raise TypeError(f"option --{leaf.field.name} is defined twice ({'.'.join(by_name[leaf.field.name].path)} and {'.'.join(leaf.path)})")
+            raise TypeError(
+                f"option --{leaf.field.name} is defined twice ({'.'.join(by_name[leaf.field.name].path)} and {'.'.join(leaf.path)})"
+            )
         by_name[leaf.field.name] = leaf
     nested_names = {leaf.path[-2] for leaf in leaves if len(leaf.path) > 2}
 
@@ -121,11 +125,19 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
             annotation = _option_type(leaf.hint)
             if leaf.field.name in required and typing.get_origin(annotation) is not typing.Union:
                 annotation = Optional[annotation]
-            extra.append(inspect.Parameter(leaf.field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+            extra.append(
+                inspect.Parameter(
+                    leaf.field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+                )
+            )
         config_file = inspect.Parameter(
             "config_file",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", help="YAML file whose keys are the option names (a nested config as a section); command-line options win."),
+            default=typer.Option(
+                None,
+                "--config",
+                help="YAML file whose keys are the option names (a nested config as a section); command-line options win.",
+            ),
             annotation=Optional[Path],
         )
         context = inspect.Parameter("_typer_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
@@ -136,7 +148,8 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
             ctx: typer.Context = kwargs.pop("_typer_ctx")
             path = kwargs.pop("config_file")
             given = {
-                name for name in kwargs
+                name
+                for name in kwargs
                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"  # typer may vendor click
             }
             if path is not None:

@@ -199,7 +199,10 @@ class CalibrationReport(NamedTuple):
             "k": self.k,
             "n_tokens": self.n_tokens,
             "joint_threshold": self.joint_threshold,
-            "models": {name: {"threshold": theta, "l0_joint_threshold": before, "l0_calibrated": after} for name, theta, before, after in rows},
+            "models": {
+                name: {"threshold": theta, "l0_joint_threshold": before, "l0_calibrated": after}
+                for name, theta, before, after in rows
+            },
             "fingerprint_before": self.fingerprint_before,
             "fingerprint_after": self.fingerprint_after,
         }
@@ -215,12 +218,22 @@ class CalibrationReport(NamedTuple):
         """The report of the last calibration of the crosscoder in ``out``."""
         path = Path(out) / CALIBRATION
         if not path.exists():
-            raise ProbeError(f"{out} holds no calibration report ({CALIBRATION}): calibrate it with `posttrain-probe crosscoder calibrate`")
+            raise ProbeError(
+                f"{out} holds no calibration report ({CALIBRATION}): calibrate it with `posttrain-probe crosscoder calibrate`"
+            )
         data = json.loads(path.read_text())
         rows = data["models"]
         return cls(
-            Path(data["crosscoder"]), list(rows), [r["threshold"] for r in rows.values()], [r["l0_joint_threshold"] for r in rows.values()],
-            [r["l0_calibrated"] for r in rows.values()], data["k"], data["n_tokens"], data["joint_threshold"], data["fingerprint_before"], data["fingerprint_after"],
+            Path(data["crosscoder"]),
+            list(rows),
+            [r["threshold"] for r in rows.values()],
+            [r["l0_joint_threshold"] for r in rows.values()],
+            [r["l0_calibrated"] for r in rows.values()],
+            data["k"],
+            data["n_tokens"],
+            data["joint_threshold"],
+            data["fingerprint_before"],
+            data["fingerprint_after"],
         )
 
 
@@ -235,7 +248,9 @@ def crosscoder_calibrate(config: CalibrateConfig) -> CalibrationReport:
     target = config.out if config.out is not None else config.crosscoder
     status = training_status(config.crosscoder)
     if config.out is None and status is not None and not status.get("complete", True):
-        raise ProbeError(f"{config.crosscoder} is an unfinished training run: calibrating it in place would be overwritten when it resumes; write the calibrated copy elsewhere with --out DIR")
+        raise ProbeError(
+            f"{config.crosscoder} is an unfinished training run: calibrating it in place would be overwritten when it resumes; write the calibrated copy elsewhere with --out DIR"
+        )
     # in place: the run directory is a crosscoder run's, hold its lock while config.json is rewritten
     held = DirectoryLock(target, what="crosscoder run") if config.out is None else contextlib.nullcontext()
     if config.clear:
@@ -245,7 +260,16 @@ def crosscoder_calibrate(config: CalibrateConfig) -> CalibrationReport:
         result = _calibrate(cc, config)
     with held:
         cc.cpu().save_pretrained(target)
-        report = CalibrationReport(target, cc.model_names, *result[:3], result.k, result.n_tokens, float(cc.threshold), before, crosscoder_fingerprint(cc))
+        report = CalibrationReport(
+            target,
+            cc.model_names,
+            *result[:3],
+            result.k,
+            result.n_tokens,
+            float(cc.threshold),
+            before,
+            crosscoder_fingerprint(cc),
+        )
         report.write(target)
     return report
 
@@ -255,9 +279,13 @@ def _calibrate(cc: Crosscoder, config: CalibrateConfig) -> SourceCalibration:
     from posttrain_probe.crosscoder.sources import open_source
 
     if cc.config.activation != "batchtopk":
-        raise ProbeError(f"{config.crosscoder} is a {cc.config.activation} crosscoder: only BatchTopK crosscoders have inference thresholds to calibrate")
+        raise ProbeError(
+            f"{config.crosscoder} is a {cc.config.activation} crosscoder: only BatchTopK crosscoders have inference thresholds to calibrate"
+        )
     if not config.acts:
-        raise ProbeError("give the calibration activations: --acts DIR (a collect output) or one --acts store directory per model")
+        raise ProbeError(
+            "give the calibration activations: --acts DIR (a collect output) or one --acts store directory per model"
+        )
     source = open_source(acts=config.acts, layer=cc.config.layer, model_names=cc.model_names)
     if list(source.model_names) != cc.model_names or source.d_model != cc.config.d_model:
         raise ProbeError(
@@ -266,4 +294,6 @@ def _calibrate(cc: Crosscoder, config: CalibrateConfig) -> SourceCalibration:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cc.to(device).eval()
     batches = source.iter_batches(config.batch_size, shuffle=False, device=device, dtype=cc.W_enc.dtype)
-    return calibrate_source_thresholds(cc, batches, max_tokens=config.max_tokens, k=config.k, batch_size=config.batch_size)
+    return calibrate_source_thresholds(
+        cc, batches, max_tokens=config.max_tokens, k=config.k, batch_size=config.batch_size
+    )

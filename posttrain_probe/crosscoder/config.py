@@ -20,13 +20,31 @@ ACTIVATIONS = ("relu", "batchtopk")
 class CrosscoderConfig:
     """Architecture of a crosscoder over N models at one site (N = 1 is a plain SAE)."""
 
-    model_names: list[str] = field(default_factory=list, metadata={"help": "Names of the N models in slot order (e.g. base sft rl); empty: taken from the training data."})
-    d_model: int = field(default=0, metadata={"help": "Residual-stream width d of every model (filled from the data when 0)."})
+    model_names: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Names of the N models in slot order (e.g. base sft rl); empty: taken from the training data."
+        },
+    )
+    d_model: int = field(
+        default=0, metadata={"help": "Residual-stream width d of every model (filled from the data when 0)."}
+    )
     n_features: int = field(default=32768, metadata={"help": "Dictionary size F (paper R: 32768)."})
-    activation: str = field(default="relu", metadata={"help": "relu (decoder-norm-weighted L1, the papers') or batchtopk."})
-    k: int = field(default=32, metadata={"help": "BatchTopK: mean active features per token (top k*B of a batch of B tokens)."})
-    layer: int | None = field(default=None, metadata={"help": "Site the activations come from (residual stream entering block L), for bookkeeping and checks."})
-    dec_init_norm: float = field(default=0.08, metadata={"help": "Norm of every decoder vector d_i^m at initialisation (W_enc = W_dec^T)."})
+    activation: str = field(
+        default="relu", metadata={"help": "relu (decoder-norm-weighted L1, the papers') or batchtopk."}
+    )
+    k: int = field(
+        default=32, metadata={"help": "BatchTopK: mean active features per token (top k*B of a batch of B tokens)."}
+    )
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Site the activations come from (residual stream entering block L), for bookkeeping and checks."
+        },
+    )
+    dec_init_norm: float = field(
+        default=0.08, metadata={"help": "Norm of every decoder vector d_i^m at initialisation (W_enc = W_dec^T)."}
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the saved crosscoder format."})
     source_thresholds: list[float] | None = field(
         default=None,
@@ -55,13 +73,17 @@ class CrosscoderConfig:
         if self.activation not in ACTIVATIONS:
             raise ProbeError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.n_features < 1 or self.d_model < 0 or self.k < 1:
-            raise ProbeError(f"need n_features >= 1, d_model >= 0, k >= 1; got {self.n_features}, {self.d_model}, {self.k}")
+            raise ProbeError(
+                f"need n_features >= 1, d_model >= 0, k >= 1; got {self.n_features}, {self.d_model}, {self.k}"
+            )
         if self.source_thresholds is not None:
             self._check_source_thresholds()
         if self.model_fingerprints is not None:
             prints = list(self.model_fingerprints)
             if self.model_names and len(prints) != len(self.model_names):
-                raise ProbeError(f"model_fingerprints must hold one entry per model {self.model_names}, got {len(prints)}")
+                raise ProbeError(
+                    f"model_fingerprints must hold one entry per model {self.model_names}, got {len(prints)}"
+                )
             self.model_fingerprints = prints
         if self.format_version > FORMAT_VERSION:
             raise ProbeError(
@@ -72,15 +94,21 @@ class CrosscoderConfig:
     def _check_source_thresholds(self) -> None:
         values = self.source_thresholds
         if self.activation != "batchtopk":
-            raise ProbeError(f"source_thresholds {values!r} are BatchTopK inference thresholds; this crosscoder's activation is {self.activation!r}")
+            raise ProbeError(
+                f"source_thresholds {values!r} are BatchTopK inference thresholds; this crosscoder's activation is {self.activation!r}"
+            )
         try:
             if isinstance(values, (str, bytes)) or isinstance(values, bool):
                 raise TypeError
             values = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise ProbeError(f"source_thresholds must be a list of numbers (one per model), got {self.source_thresholds!r}") from None
+            raise ProbeError(
+                f"source_thresholds must be a list of numbers (one per model), got {self.source_thresholds!r}"
+            ) from None
         if self.model_names and len(values) != len(self.model_names):
-            raise ProbeError(f"source_thresholds {values} must hold one threshold per model {self.model_names}, got {len(values)}")
+            raise ProbeError(
+                f"source_thresholds {values} must hold one threshold per model {self.model_names}, got {len(values)}"
+            )
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise ProbeError(f"source_thresholds {values} must be finite and >= 0")
         self.source_thresholds = values
@@ -94,27 +122,55 @@ class CrosscoderConfig:
 class CrosscoderTrainingConfig:
     """Optimisation settings of a crosscoder run (Python API, CLI and YAML)."""
 
-    n_tokens: int | None = field(default=None, metadata={"help": "Training tokens in all (default: one pass over the store; required for live sources)."})
+    n_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Training tokens in all (default: one pass over the store; required for live sources)."},
+    )
     batch_size: int = field(default=1024, metadata={"help": "Global batch in tokens (split over data-parallel ranks)."})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (constant, then linear decay)."})
-    lr_decay_fraction: float = field(default=0.2, metadata={"help": "Final fraction of steps over which lr decays linearly to 0."})
-    l1_coefficient: float = field(default=2.0, metadata={"help": "λ of the decoder-norm-weighted L1 penalty (relu crosscoders)."})
-    l1_warmup_fraction: float = field(default=0.05, metadata={"help": "Initial fraction of steps over which λ rises linearly from 0."})
+    lr_decay_fraction: float = field(
+        default=0.2, metadata={"help": "Final fraction of steps over which lr decays linearly to 0."}
+    )
+    l1_coefficient: float = field(
+        default=2.0, metadata={"help": "λ of the decoder-norm-weighted L1 penalty (relu crosscoders)."}
+    )
+    l1_warmup_fraction: float = field(
+        default=0.05, metadata={"help": "Initial fraction of steps over which λ rises linearly from 0."}
+    )
     beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
-    scale_tokens: int = field(default=100_000, metadata={"help": "Tokens used to estimate the normalisation scales s_m."})
-    dead_after_tokens: int = field(default=10_000_000, metadata={"help": "A feature is dead after this many tokens without firing (or the whole run, if shorter)."})
+    scale_tokens: int = field(
+        default=100_000, metadata={"help": "Tokens used to estimate the normalisation scales s_m."}
+    )
+    dead_after_tokens: int = field(
+        default=10_000_000,
+        metadata={"help": "A feature is dead after this many tokens without firing (or the whole run, if shorter)."},
+    )
     aux_k: int = field(default=512, metadata={"help": "BatchTopK: dead features used by the AuxK loss per token."})
     aux_coefficient: float = field(default=1 / 32, metadata={"help": "BatchTopK: weight of the AuxK loss."})
     threshold_decay: float = field(default=0.99, metadata={"help": "BatchTopK: EMA decay of the inference threshold."})
-    buffer_tokens: int | None = field(default=None, metadata={"help": "Tokens held for shuffling (default: the source's)."})
+    buffer_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens held for shuffling (default: the source's)."}
+    )
     log_every: int = field(default=25, metadata={"help": "Steps between metric logs (the only host-device syncs)."})
-    checkpoint_every: int = field(default=1000, metadata={"help": "Steps between resumable checkpoints (rounded to a multiple of log_every)."})
-    max_steps_per_run: int | None = field(default=None, metadata={"help": "Stop with a checkpoint after this many steps in this invocation (time-limited jobs); resume later."})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or no. Master weights stay fp32."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Extra trackers via accelerate: wandb, tensorboard."})
+    checkpoint_every: int = field(
+        default=1000, metadata={"help": "Steps between resumable checkpoints (rounded to a multiple of log_every)."}
+    )
+    max_steps_per_run: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop with a checkpoint after this many steps in this invocation (time-limited jobs); resume later."
+        },
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or no. Master weights stay fp32."},
+    )
+    report_to: list[str] = field(
+        default_factory=list, metadata={"help": "Extra trackers via accelerate: wandb, tensorboard."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "checkpoint_every", "scale_tokens"):
@@ -145,16 +201,25 @@ class CrosscoderTrainConfig:
     """A crosscoder training run: its data, its output and the nested crosscoder and training settings
     (Python API, `posttrain-probe crosscoder train` and YAML, with sections ``crosscoder:`` and ``training:``)."""
 
-    acts: list[str] = field(default_factory=list, metadata={"help": "A collect output directory, or one store directory per model (repeat)."})
-    model: list[str] = field(default_factory=list, metadata={"help": "Live training: NAME=PATH per model (repeat), with --dataset."})
+    acts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "A collect output directory, or one store directory per model (repeat)."},
+    )
+    model: list[str] = field(
+        default_factory=list, metadata={"help": "Live training: NAME=PATH per model (repeat), with --dataset."}
+    )
     dataset: str | None = field(default=None, metadata={"help": "Live training: dataset spec as for `collect`."})
     seq_len: int = field(default=512, metadata={"help": "Live training: tokens per document."})
     forward_batch_size: int = field(default=8, metadata={"help": "Live training: documents per model forward."})
     out: Path | None = field(default=None, metadata={"help": "Output directory of the crosscoder run (required)."})
     resume: bool = field(default=False, metadata={"help": "Continue the interrupted run in --out."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the run in --out."})
-    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig, metadata={"help": "Architecture of the crosscoder."})
-    training: CrosscoderTrainingConfig = field(default_factory=CrosscoderTrainingConfig, metadata={"help": "Optimisation settings."})
+    crosscoder: CrosscoderConfig = field(
+        default_factory=CrosscoderConfig, metadata={"help": "Architecture of the crosscoder."}
+    )
+    training: CrosscoderTrainingConfig = field(
+        default_factory=CrosscoderTrainingConfig, metadata={"help": "Optimisation settings."}
+    )
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -176,14 +241,36 @@ class CalibrateConfig:
     """Calibrate per-source BatchTopK inference thresholds (Python API, `posttrain-probe crosscoder calibrate` and YAML)."""
 
     crosscoder: Path = field(metadata={"help": "BatchTopK crosscoder directory (config.json + model.safetensors)."})
-    acts: list[str] = field(default_factory=list, metadata={"help": "Calibration activations: a collect output directory, or one store directory per model in the crosscoder's model order (repeat)."})
-    max_tokens: int = field(default=100_000, metadata={"help": "Calibration tokens (the first ones of the stores). Memory: about 2 x k x max_tokens floats per model."})
-    k: int | None = field(default=None, metadata={"help": "Target mean L0 per token of the per-source codes (default: the crosscoder's training k)."})
+    acts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Calibration activations: a collect output directory, or one store directory per model in the crosscoder's model order (repeat)."
+        },
+    )
+    max_tokens: int = field(
+        default=100_000,
+        metadata={
+            "help": "Calibration tokens (the first ones of the stores). Memory: about 2 x k x max_tokens floats per model."
+        },
+    )
+    k: int | None = field(
+        default=None,
+        metadata={"help": "Target mean L0 per token of the per-source codes (default: the crosscoder's training k)."},
+    )
     batch_size: int = field(default=1024, metadata={"help": "Tokens scored at once (memory only)."})
-    out: Path | None = field(default=None, metadata={"help": "Write the calibrated crosscoder here (default: in place, into --crosscoder)."})
+    out: Path | None = field(
+        default=None, metadata={"help": "Write the calibrated crosscoder here (default: in place, into --crosscoder)."}
+    )
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available)."})
-    clear: bool = field(default=False, metadata={"help": "Remove calibrated thresholds instead (encode_source uses the joint threshold again); no --acts."})
-    allow_incomplete: bool = field(default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."})
+    clear: bool = field(
+        default=False,
+        metadata={
+            "help": "Remove calibrated thresholds instead (encode_source uses the joint threshold again); no --acts."
+        },
+    )
+    allow_incomplete: bool = field(
+        default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."}
+    )
 
     def __post_init__(self) -> None:
         self.crosscoder = Path(self.crosscoder)

@@ -27,8 +27,10 @@ def _unfinished(path: str | os.PathLike) -> str | None:
     status = training_status(path)
     if status is None or status.get("complete", True):
         return None
-    return (f"the crosscoder in {path} is from an unfinished training run (weights of step {status['step']} of "
-            f"{status['total_steps']}): finish it with `posttrain-probe crosscoder train ... --out {path} --resume`, or pass --allow-incomplete")
+    return (
+        f"the crosscoder in {path} is from an unfinished training run (weights of step {status['step']} of "
+        f"{status['total_steps']}): finish it with `posttrain-probe crosscoder train ... --out {path} --resume`, or pass --allow-incomplete"
+    )
 
 
 def require_complete(path: str | os.PathLike, allow_incomplete: bool = False) -> None:
@@ -103,8 +105,12 @@ def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
     }
     status = training_status(path)
     if status is not None:
-        info.update(weights_step=status["step"], total_steps=status["total_steps"], complete=status["complete"],
-                    warnings=status.get("warnings", []))
+        info.update(
+            weights_step=status["step"],
+            total_steps=status["total_steps"],
+            complete=status["complete"],
+            warnings=status.get("warnings", []),
+        )
     else:
         info.update(weights_step=None, complete=None)
     metrics = Path(path) / "metrics.jsonl"
@@ -113,9 +119,12 @@ def crosscoder_summary(path: str | os.PathLike) -> dict[str, Any]:
         if lines:
             last = json.loads(lines[-1])
             info.update(
-                steps=last["step"], tokens=last["tokens"], loss=round(last["loss"], 6),
+                steps=last["step"],
+                tokens=last["tokens"],
+                loss=round(last["loss"], 6),
                 fvu={name: round(v, 4) for name, v in zip(cc.model_names, last["fvu"])},
-                l0=round(last["l0"], 2), dead_fraction=round(last["dead_fraction"], 4),
+                l0=round(last["l0"], 2),
+                dead_fraction=round(last["dead_fraction"], 4),
             )
     return info
 

@@ -46,7 +46,9 @@ class CrosscoderOutput(NamedTuple):
     """Scalar mean number of active features per token."""
 
 
-class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe", tags=["crosscoder", "sparse-autoencoder"]):
+class Crosscoder(
+    nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe", tags=["crosscoder", "sparse-autoencoder"]
+):
     """Sparse crosscoder over the residual streams of ``config.model_names`` at one site.
 
     ``save_pretrained(dir)`` writes config.json + model.safetensors; ``from_pretrained(dir)``
@@ -58,7 +60,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         if isinstance(config, dict):  # from_pretrained hands over config.json as a dict
             config = CrosscoderConfig(**config)
         if config.d_model < 1 or not config.model_names:
-            raise ProbeError(f"a crosscoder needs d_model >= 1 and model names, got {config.d_model} and {config.model_names}")
+            raise ProbeError(
+                f"a crosscoder needs d_model >= 1 and model names, got {config.d_model} and {config.model_names}"
+            )
         self.config = config
         # save_pretrained writes this object's fields: changes to self.config (calibrated
         # source_thresholds) are saved, also for a crosscoder that from_pretrained built from a dict
@@ -95,8 +99,13 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
             from huggingface_hub import hf_hub_download
 
             model_file = hf_hub_download(
-                repo_id=model_id, filename="model.safetensors", revision=revision, cache_dir=cache_dir,
-                force_download=force_download, token=token, local_files_only=local_files_only,
+                repo_id=model_id,
+                filename="model.safetensors",
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
             )
         return cls._load_as_safetensor(cls(**model_kwargs), model_file, map_location, strict)
 
@@ -123,7 +132,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         """Slot of model ``name`` (or check an integer slot); ProbeError listing the names otherwise."""
         if isinstance(name, int) and not isinstance(name, bool):
             if not 0 <= name < self.n_models:
-                raise ProbeError(f"model slot {name} out of range for a crosscoder of {self.n_models} models {self.model_names}")
+                raise ProbeError(
+                    f"model slot {name} out of range for a crosscoder of {self.n_models} models {self.model_names}"
+                )
             return name
         if name not in self.model_names:
             raise ProbeError(f"model {name!r} is not in this crosscoder: expected one of {self.model_names}")
@@ -201,7 +212,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
             raise ProbeError("cannot estimate normalisation scales from an empty activation source")
         mean_norm = total / count
         if not torch.isfinite(mean_norm).all() or (mean_norm <= 0).any():
-            raise ProbeError(f"mean activation norms {mean_norm.tolist()} per model {self.model_names}: expected finite, > 0")
+            raise ProbeError(
+                f"mean activation norms {mean_norm.tolist()} per model {self.model_names}: expected finite, > 0"
+            )
         self.scales.copy_((math.sqrt(self.config.d_model) / mean_norm).to(self.scales.dtype))
         return self.scales.clone()
 
@@ -235,7 +248,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         (every other model's slot zero; normalised-input code units)."""
         m = self.model_index(model)
         if x.ndim != 2 or x.shape[1] != self.config.d_model:
-            raise ProbeError(f"encode_source expects [batch, {self.config.d_model}] activations of one model, got {tuple(x.shape)}")
+            raise ProbeError(
+                f"encode_source expects [batch, {self.config.d_model}] activations of one model, got {tuple(x.shape)}"
+            )
         return (x * self.scales[m].to(x.dtype)) @ self.W_enc[m] + self.b_enc
 
     def source_threshold(self, model: str | int, *, joint_threshold: bool = False) -> float:
@@ -248,7 +263,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         """
         m = self.model_index(model)
         if self.config.activation != "batchtopk":
-            raise ProbeError(f"this crosscoder's activation is {self.config.activation!r}: only BatchTopK crosscoders have an inference threshold")
+            raise ProbeError(
+                f"this crosscoder's activation is {self.config.activation!r}: only BatchTopK crosscoders have an inference threshold"
+            )
         if self.config.source_thresholds is not None and not joint_threshold:
             return float(self.config.source_thresholds[m])
         if self.threshold < 0:
@@ -317,7 +334,9 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         l0 = torch.count_nonzero(codes) / codes.shape[0]
         return CrosscoderOutput(self.denormalize(recon_n), codes, loss, mse, sparsity, fvu, l0)
 
-    def _batchtopk(self, pre: torch.Tensor, weights: torch.Tensor, threshold_decay: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batchtopk(
+        self, pre: torch.Tensor, weights: torch.Tensor, threshold_decay: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top k·B activations of the batch; returns dense codes [B, F] and the sparse-decoded [B, N*d]."""
         batch, n_features = pre.shape
         acts = F.relu(pre)
@@ -329,24 +348,32 @@ class Crosscoder(nn.Module, PyTorchModelHubMixin, library_name="posttrain-probe"
         values = acts.flatten()[top.indices[order]]
         codes = torch.zeros_like(acts).index_put((rows, cols), values)
         offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))
-        recon = F.embedding_bag(cols, self.W_dec.flatten(1), offsets, mode="sum", per_sample_weights=values.to(self.W_dec.dtype))
+        recon = F.embedding_bag(
+            cols, self.W_dec.flatten(1), offsets, mode="sum", per_sample_weights=values.to(self.W_dec.dtype)
+        )
         if threshold_decay is not None:
             with torch.no_grad():
                 selected = top.values[order]
                 smallest = torch.where(selected > 0, selected, torch.full_like(selected, float("inf"))).min()
                 smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
-                blended = torch.where(self.threshold < 0, smallest, self.threshold * threshold_decay + smallest * (1 - threshold_decay))
+                blended = torch.where(
+                    self.threshold < 0, smallest, self.threshold * threshold_decay + smallest * (1 - threshold_decay)
+                )
                 self.threshold.copy_(blended)
         return codes, recon
 
-    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int) -> torch.Tensor:
+    def _auxk_loss(
+        self, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int
+    ) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the top ``aux_k`` dead features reconstruct the residual error."""
         if dead_mask is None:
             return pre.new_zeros((), dtype=torch.float32)
         k = min(aux_k, pre.shape[1])
         dead_acts = F.relu(pre) * dead_mask
         top = dead_acts.topk(k, dim=-1, sorted=False)
-        recon = F.embedding_bag(top.indices, self.W_dec.flatten(1), mode="sum", per_sample_weights=top.values.to(self.W_dec.dtype))
+        recon = F.embedding_bag(
+            top.indices, self.W_dec.flatten(1), mode="sum", per_sample_weights=top.values.to(self.W_dec.dtype)
+        )
         aux = (residual.flatten(1) - recon.float()).pow(2).sum(-1).mean()
         return aux * dead_mask.any()  # zero (not ||e||²) when nothing is dead
 

@@ -66,7 +66,15 @@ class CrosscoderRun(NamedTuple):
             raise ProbeError(f"{out} holds no crosscoder training run: expected {STATUS} and config.json")
         status = json.loads((out / STATUS).read_text())
         config = CrosscoderConfig(**json.loads((out / "config.json").read_text()))
-        return cls(out, status["step"], status["total_steps"], status.get("tokens", 0), status.get("complete", True), status.get("warnings"), config)
+        return cls(
+            out,
+            status["step"],
+            status["total_steps"],
+            status.get("tokens", 0),
+            status.get("complete", True),
+            status.get("warnings"),
+            config,
+        )
 
 
 def crosscoder_train(config: CrosscoderTrainConfig, *, source=None, progress: bool = True) -> CrosscoderRun:
@@ -83,12 +91,25 @@ def crosscoder_train(config: CrosscoderTrainConfig, *, source=None, progress: bo
 
         cc = config.crosscoder
         source = open_source(
-            acts=config.acts, models=parse_model_specs(config.model) if config.model else None, dataset=config.dataset, layer=cc.layer,
-            model_names=cc.model_names or None, seq_len=config.seq_len, forward_batch_size=config.forward_batch_size,
+            acts=config.acts,
+            models=parse_model_specs(config.model) if config.model else None,
+            dataset=config.dataset,
+            layer=cc.layer,
+            model_names=cc.model_names or None,
+            seq_len=config.seq_len,
+            forward_batch_size=config.forward_batch_size,
         )
     elif config.acts or config.model:
         raise ProbeError("give the training data once: source= or config.acts / config.model, not both")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CrosscoderQualityWarning)  # kept in CrosscoderRun.warnings
-        train_crosscoder(source, config.crosscoder, config.training, config.out, resume=config.resume, overwrite=config.overwrite, progress=progress)
+        train_crosscoder(
+            source,
+            config.crosscoder,
+            config.training,
+            config.out,
+            resume=config.resume,
+            overwrite=config.overwrite,
+            progress=progress,
+        )
     return CrosscoderRun.read(config.out)

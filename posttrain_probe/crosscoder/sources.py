@@ -30,7 +30,9 @@ def open_source(
     ``layer``; under several processes each rank reads its own document batches.
     """
     if bool(acts) == bool(models):
-        raise ProbeError("give either activation stores (--acts DIR ...) or models and a dataset (--model NAME=PATH ... --dataset ...), not both or neither")
+        raise ProbeError(
+            "give either activation stores (--acts DIR ...) or models and a dataset (--model NAME=PATH ... --dataset ...), not both or neither"
+        )
     if models:
         from accelerate import PartialState
 
@@ -40,8 +42,16 @@ def open_source(
             raise ProbeError("live training needs --dataset as well as --model NAME=PATH")
         state = PartialState()
         return LiveActivations(
-            models, dataset, layer=layer, seq_len=seq_len, forward_batch_size=forward_batch_size, split=split, column=column,
-            device=state.device, rank=state.process_index, world_size=state.num_processes,
+            models,
+            dataset,
+            layer=layer,
+            seq_len=seq_len,
+            forward_batch_size=forward_batch_size,
+            split=split,
+            column=column,
+            device=state.device,
+            rank=state.process_index,
+            world_size=state.num_processes,
         )
     paths = [Path(p) for p in acts or []]
     missing = [str(p) for p in paths if not p.exists()]
@@ -52,7 +62,9 @@ def open_source(
     stores = [ActivationStore(p) for p in paths]
     names = list(model_names) if model_names else [store.model_name for store in stores]
     if len(names) != len(stores):
-        raise ProbeError(f"{len(names)} model names {names} for {len(stores)} stores: give one name per --acts directory")
+        raise ProbeError(
+            f"{len(names)} model names {names} for {len(stores)} stores: give one name per --acts directory"
+        )
     if len(set(names)) != len(names):
         raise ProbeError(f"the stores are named {names}: names must differ (pass --model-names to rename them)")
     if layer is not None:
@@ -61,5 +73,7 @@ def open_source(
             raise ProbeError(f"stores from other layers than {layer}: {', '.join(wrong)}")
     layers = {s.layer for s in stores}
     if len(layers) > 1:
-        raise ProbeError(f"the stores come from different layers {sorted(layers)}: a crosscoder pairs one site of every model")
+        raise ProbeError(
+            f"the stores come from different layers {sorted(layers)}: a crosscoder pairs one site of every model"
+        )
     return PairedActivations(dict(zip(names, stores)))

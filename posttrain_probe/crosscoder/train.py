@@ -63,11 +63,15 @@ def _prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, is_main: b
         return
     ours = (out_dir / TRAINING_CONFIG).exists() or (out_dir / STATE_DIR).exists()
     if not ours:
-        raise ProbeError(f"output directory {out_dir} is not empty and holds no crosscoder run ({', '.join(sorted(entries)[:5])}); choose another")
+        raise ProbeError(
+            f"output directory {out_dir} is not empty and holds no crosscoder run ({', '.join(sorted(entries)[:5])}); choose another"
+        )
     if resume:
         return
     if not overwrite:
-        raise ProbeError(f"output directory {out_dir} holds another crosscoder run: pass resume (--resume) to continue it or overwrite (--overwrite) to replace it")
+        raise ProbeError(
+            f"output directory {out_dir} holds another crosscoder run: pass resume (--resume) to continue it or overwrite (--overwrite) to replace it"
+        )
     if is_main:
         for name in _RUN_FILES:
             path = out_dir / name
@@ -89,7 +93,13 @@ def _resolve_config(config: CrosscoderConfig, source) -> CrosscoderConfig:
     from posttrain_probe.model_identity import source_fingerprints
 
     prints = config.model_fingerprints if config.model_fingerprints is not None else source_fingerprints(source)
-    return replace(config, model_names=names, d_model=source.d_model, layer=config.layer if config.layer is not None else layer, model_fingerprints=prints)
+    return replace(
+        config,
+        model_names=names,
+        d_model=source.d_model,
+        layer=config.layer if config.layer is not None else layer,
+        model_fingerprints=prints,
+    )
 
 
 class _Plan(NamedTuple):
@@ -147,7 +157,10 @@ def train_crosscoder(
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(
-        mixed_precision=precision, cpu=not torch.cuda.is_available(), log_with=train_cfg.report_to or None, project_dir=str(out_dir)
+        mixed_precision=precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=train_cfg.report_to or None,
+        project_dir=str(out_dir),
     )
     plan = _plan(source, train_cfg, accelerator.num_processes)
     _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, is_main=accelerator.is_main_process)
@@ -161,9 +174,22 @@ def train_crosscoder(
         (out_dir / TRAINING_CONFIG).write_text(json.dumps(saved_configs, indent=2))
         _truncate_metrics(out_dir / METRICS, run.start_step)  # drop lines logged after the state we resume from
     if train_cfg.report_to:
-        accelerator.init_trackers("posttrain-probe-crosscoder", config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}})
+        accelerator.init_trackers(
+            "posttrain-probe-crosscoder",
+            config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}},
+        )
     done = _train_steps(run, wrapped, progress)
-    _checkpoint(accelerator, run.model, run.optimizer, run.tokens_since_fired, run.fired_ever, done, out_dir, saved_configs, plan.total_steps)
+    _checkpoint(
+        accelerator,
+        run.model,
+        run.optimizer,
+        run.tokens_since_fired,
+        run.fired_ever,
+        done,
+        out_dir,
+        saved_configs,
+        plan.total_steps,
+    )
     if accelerator.is_main_process and done >= plan.total_steps:
         _report_quality(out_dir, cc_config, plan.total_steps)
     accelerator.wait_for_everyone()
@@ -187,34 +213,59 @@ def _plan(source, train_cfg: CrosscoderTrainingConfig, world: int) -> _Plan:
         n_tokens = source.n_tokens
     log_every = train_cfg.log_every
     checkpoint_every = max(log_every, train_cfg.checkpoint_every // log_every * log_every)
-    return _Plan(train_cfg.batch_size // world, n_tokens, max(1, n_tokens // train_cfg.batch_size), checkpoint_every, rank_local_source)
+    return _Plan(
+        train_cfg.batch_size // world,
+        n_tokens,
+        max(1, n_tokens // train_cfg.batch_size),
+        checkpoint_every,
+        rank_local_source,
+    )
 
 
 def _resume_state(out_dir: Path, resume: bool, saved_configs: dict[str, Any]) -> dict[str, Any] | None:
     """The interrupted run's state when resuming (None otherwise); ProbeError if there is none or its settings differ."""
     state = load_training_state(out_dir / STATE_DIR) if resume else None
     if resume and state is None:
-        raise ProbeError(f"resume: {out_dir} holds no interrupted crosscoder run to continue (no {STATE_DIR}/); run without --resume to start one")
+        raise ProbeError(
+            f"resume: {out_dir} holds no interrupted crosscoder run to continue (no {STATE_DIR}/); run without --resume to start one"
+        )
     if state is not None:
         before = state["meta"]["configs"]
         ignore = {"max_steps_per_run", "report_to", "log_every", "checkpoint_every"}
-        changed = [k for k, v in before["training"].items() if k not in ignore and saved_configs["training"].get(k) != v]
+        changed = [
+            k for k, v in before["training"].items() if k not in ignore and saved_configs["training"].get(k) != v
+        ]
         changed += [k for k, v in before["crosscoder"].items() if saved_configs["crosscoder"].get(k) != v]
         if changed:
-            raise ProbeError(f"cannot resume {out_dir}: settings differ from the interrupted run ({', '.join(changed)})")
+            raise ProbeError(
+                f"cannot resume {out_dir}: settings differ from the interrupted run ({', '.join(changed)})"
+            )
     return state
 
 
-def _start(accelerator, source, cc_config: CrosscoderConfig, train_cfg: CrosscoderTrainingConfig, plan: _Plan, state, out_dir: Path, saved_configs) -> _Training:
+def _start(
+    accelerator,
+    source,
+    cc_config: CrosscoderConfig,
+    train_cfg: CrosscoderTrainingConfig,
+    plan: _Plan,
+    state,
+    out_dir: Path,
+    saved_configs,
+) -> _Training:
     """The model (initialised, or restored with optimizer, counters and RNG from ``state``) and the batch stream."""
     torch.manual_seed(train_cfg.seed)
     model = Crosscoder(cc_config)
     model.reset_parameters(torch.Generator().manual_seed(train_cfg.seed))
     model.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
-    batches = _global_batches(source, train_cfg, plan.local_batch, rank, world, plan.rank_local_source, accelerator.device)
+    batches = _global_batches(
+        source, train_cfg, plan.local_batch, rank, world, plan.rank_local_source, accelerator.device
+    )
     if state is None:
-        scale_source = source.iter_batches(min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1)
+        scale_source = source.iter_batches(
+            min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1
+        )
         model.set_scales_from(scale_source, max_tokens=train_cfg.scale_tokens)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2))
     tokens_since_fired = torch.zeros(cc_config.n_features, dtype=torch.long, device=accelerator.device)
@@ -227,19 +278,53 @@ def _start(accelerator, source, cc_config: CrosscoderConfig, train_cfg: Crosscod
         fired_ever.copy_(state["counters"]["fired_ever"])
         restore_rng(state["rng"])
         start_step = state["step"]
-    return _Training(accelerator, model, optimizer, batches, tokens_since_fired, fired_ever, start_step, cc_config, train_cfg, plan, out_dir, saved_configs)
+    return _Training(
+        accelerator,
+        model,
+        optimizer,
+        batches,
+        tokens_since_fired,
+        fired_ever,
+        start_step,
+        cc_config,
+        train_cfg,
+        plan,
+        out_dir,
+        saved_configs,
+    )
 
 
 def _train_steps(run: _Training, wrapped, progress: bool) -> int:
     """Optimizer steps from ``run.start_step`` to the end (or ``max_steps_per_run``) with logs and checkpoints; the last step done."""
     from tqdm.auto import tqdm
 
-    accelerator, train_cfg, cc_config, plan, optimizer = run.accelerator, run.train_cfg, run.cc_config, run.plan, run.optimizer
-    world, total_steps, start_step, log_every = accelerator.num_processes, plan.total_steps, run.start_step, train_cfg.log_every
+    accelerator, train_cfg, cc_config, plan, optimizer = (
+        run.accelerator,
+        run.train_cfg,
+        run.cc_config,
+        run.plan,
+        run.optimizer,
+    )
+    world, total_steps, start_step, log_every = (
+        accelerator.num_processes,
+        plan.total_steps,
+        run.start_step,
+        train_cfg.log_every,
+    )
     for _ in range(start_step):  # data position: the same stream, skipped without compute
         next(run.batches)
-    stop_step = total_steps if train_cfg.max_steps_per_run is None else min(total_steps, start_step + train_cfg.max_steps_per_run)
-    bar = tqdm(total=total_steps, initial=start_step, desc="crosscoder", unit="step", disable=not progress or not accelerator.is_main_process)
+    stop_step = (
+        total_steps
+        if train_cfg.max_steps_per_run is None
+        else min(total_steps, start_step + train_cfg.max_steps_per_run)
+    )
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="crosscoder",
+        unit="step",
+        disable=not progress or not accelerator.is_main_process,
+    )
     dead_after = min(train_cfg.dead_after_tokens, max(plan.n_tokens // 2, train_cfg.batch_size))
     sums = _MetricSums(cc_config.n_models, accelerator.device)
     # Non-finite inputs are flagged per model on the device every step and read at log steps.
@@ -258,7 +343,14 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
         # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
         dead_mask = run.tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
         with accelerator.autocast():
-            out = wrapped(x, l1_coefficient=l1, dead_mask=dead_mask, aux_k=train_cfg.aux_k, aux_coefficient=train_cfg.aux_coefficient, threshold_decay=train_cfg.threshold_decay)
+            out = wrapped(
+                x,
+                l1_coefficient=l1,
+                dead_mask=dead_mask,
+                aux_k=train_cfg.aux_k,
+                aux_coefficient=train_cfg.aux_coefficient,
+                threshold_decay=train_cfg.threshold_decay,
+            )
         accelerator.backward(out.loss)
         if train_cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
@@ -267,20 +359,40 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
         fired = (out.codes > 0).any(dim=0)
         if world > 1:
             fired = accelerator.reduce(fired.to(torch.int32), reduction="sum") > 0
-        run.tokens_since_fired = torch.where(fired, torch.zeros_like(run.tokens_since_fired), run.tokens_since_fired + train_cfg.batch_size)
+        run.tokens_since_fired = torch.where(
+            fired, torch.zeros_like(run.tokens_since_fired), run.tokens_since_fired + train_cfg.batch_size
+        )
         run.fired_ever |= fired
         sums.add(out)
         done = step + 1
         if done % log_every == 0 or done == stop_step:
-            record = sums.pop(accelerator, step=done, tokens=done * train_cfg.batch_size, lr=optimizer.param_groups[0]["lr"], l1_coefficient=l1)
+            record = sums.pop(
+                accelerator,
+                step=done,
+                tokens=done * train_cfg.batch_size,
+                lr=optimizer.param_groups[0]["lr"],
+                l1_coefficient=l1,
+            )
             if world > 1:
                 bad_inputs = accelerator.reduce(bad_inputs.to(torch.int32), reduction="sum") > 0
             if bad_inputs.any() or not math.isfinite(record["loss"]):
-                raise ProbeError(_nonfinite_message(bad_inputs, int(first_bad_step), cc_config.model_names, done, log_every))
+                raise ProbeError(
+                    _nonfinite_message(bad_inputs, int(first_bad_step), cc_config.model_names, done, log_every)
+                )
             _log(run, record, bar, started, done)
         bar.update(1)
         if done % plan.checkpoint_every == 0 and done != stop_step:
-            _checkpoint(accelerator, run.model, optimizer, run.tokens_since_fired, run.fired_ever, done, run.out_dir, run.saved_configs, total_steps)
+            _checkpoint(
+                accelerator,
+                run.model,
+                optimizer,
+                run.tokens_since_fired,
+                run.fired_ever,
+                done,
+                run.out_dir,
+                run.saved_configs,
+                total_steps,
+            )
     bar.close()
     return max(step + 1, start_step) if stop_step > start_step else start_step
 
@@ -289,23 +401,48 @@ def _log(run: _Training, record: dict[str, Any], bar, started: float, done: int)
     """Complete a log step's metrics (dead fraction, throughput) and write them to metrics.jsonl, the bar and the trackers."""
     train_cfg, accelerator = run.train_cfg, run.accelerator
     dead_now = done * train_cfg.batch_size >= train_cfg.dead_after_tokens
-    record["dead_fraction"] = float((run.tokens_since_fired >= train_cfg.dead_after_tokens).float().mean() if dead_now else (~run.fired_ever).float().mean())
+    record["dead_fraction"] = float(
+        (run.tokens_since_fired >= train_cfg.dead_after_tokens).float().mean()
+        if dead_now
+        else (~run.fired_ever).float().mean()
+    )
     record["tokens_per_s"] = (done - run.start_step) * train_cfg.batch_size / (time.perf_counter() - started)
     if accelerator.is_main_process:
         with open(run.out_dir / METRICS, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in record["fvu"]), l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2%}")
+        bar.set_postfix(
+            loss=f"{record['loss']:.4g}",
+            fvu="/".join(f"{v:.3f}" for v in record["fvu"]),
+            l0=f"{record['l0']:.1f}",
+            dead=f"{record['dead_fraction']:.2%}",
+        )
     if train_cfg.report_to:
-        accelerator.log({k: v for k, v in record.items() if not isinstance(v, list)} | {f"fvu/{n}": v for n, v in zip(run.cc_config.model_names, record["fvu"])}, step=done)
+        accelerator.log(
+            {k: v for k, v in record.items() if not isinstance(v, list)}
+            | {f"fvu/{n}": v for n, v in zip(run.cc_config.model_names, record["fvu"])},
+            step=done,
+        )
 
 
-def _checkpoint(accelerator, model: Crosscoder, optimizer, tokens_since_fired, fired_ever, step: int, out_dir: Path, configs: dict, total_steps: int) -> None:
+def _checkpoint(
+    accelerator,
+    model: Crosscoder,
+    optimizer,
+    tokens_since_fired,
+    fired_ever,
+    step: int,
+    out_dir: Path,
+    configs: dict,
+    total_steps: int,
+) -> None:
     """Crosscoder weights at the run root, their status, and the resumable state under trainer_state/ (rank 0 writes)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.save_pretrained(out_dir)
         batch = configs["training"]["batch_size"]
-        write_status(out_dir, {"complete": step >= total_steps, "step": step, "total_steps": total_steps, "tokens": step * batch})
+        write_status(
+            out_dir, {"complete": step >= total_steps, "step": step, "total_steps": total_steps, "tokens": step * batch}
+        )
         inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         save_training_state(
             out_dir / STATE_DIR,
@@ -318,17 +455,23 @@ def _checkpoint(accelerator, model: Crosscoder, optimizer, tokens_since_fired, f
     accelerator.wait_for_everyone()
 
 
-def _global_batches(source, cfg: CrosscoderTrainingConfig, local_batch: int, rank: int, world: int, rank_local: bool, device) -> Iterator[torch.Tensor]:
+def _global_batches(
+    source, cfg: CrosscoderTrainingConfig, local_batch: int, rank: int, world: int, rank_local: bool, device
+) -> Iterator[torch.Tensor]:
     """This rank's [local_batch, N, d] slices of the global batch stream, forever (epochs repeat)."""
     batch = local_batch if rank_local else cfg.batch_size
-    stream = source.iter_batches(batch, shuffle=True, seed=cfg.seed, epochs=None, buffer_tokens=cfg.buffer_tokens, drop_last=True)
+    stream = source.iter_batches(
+        batch, shuffle=True, seed=cfg.seed, epochs=None, buffer_tokens=cfg.buffer_tokens, drop_last=True
+    )
     for x in stream:
         if not rank_local and world > 1:
             x = x[rank * local_batch : (rank + 1) * local_batch]
         yield x.to(device, non_blocking=True)
 
 
-def _nonfinite_message(bad_inputs: torch.Tensor, first_bad_step: int, names: list[str], step: int, log_every: int) -> str:
+def _nonfinite_message(
+    bad_inputs: torch.Tensor, first_bad_step: int, names: list[str], step: int, log_every: int
+) -> str:
     bad = [name for name, flag in zip(names, bad_inputs.tolist()) if flag]
     if bad:
         where = f"at step {first_bad_step}" if first_bad_step > 0 else f"by step {step}"
@@ -352,17 +495,25 @@ def quality_warnings(record: dict[str, Any], cc_config: CrosscoderConfig, total_
     """
     limits, out = QUALITY_LIMITS, []
     if total_steps < limits["min_steps"]:
-        out.append(f"only {total_steps} optimizer steps: the dictionary is far from converged; train on more tokens (n_tokens) or use a smaller batch_size")
+        out.append(
+            f"only {total_steps} optimizer steps: the dictionary is far from converged; train on more tokens (n_tokens) or use a smaller batch_size"
+        )
     for name, fvu in zip(cc_config.model_names, record.get("fvu", [])):
         if fvu > limits["max_fvu"]:
             hint = "raise k" if cc_config.activation == "batchtopk" else "lower l1_coefficient"
-            out.append(f"FVU of {name} is {fvu:.3f} (> {limits['max_fvu']}): the reconstruction is poor; train longer, raise n_features or {hint}")
+            out.append(
+                f"FVU of {name} is {fvu:.3f} (> {limits['max_fvu']}): the reconstruction is poor; train longer, raise n_features or {hint}"
+            )
     l0 = record.get("l0", 0.0)
     if cc_config.activation == "relu" and l0 > limits["max_l0_fraction"] * cc_config.n_features:
-        out.append(f"L0 is {l0:.1f} of F={cc_config.n_features} (> {limits['max_l0_fraction']:.0%}): the codes are not sparse; raise l1_coefficient or train longer")
+        out.append(
+            f"L0 is {l0:.1f} of F={cc_config.n_features} (> {limits['max_l0_fraction']:.0%}): the codes are not sparse; raise l1_coefficient or train longer"
+        )
     dead = record.get("dead_fraction", 0.0)
     if dead > limits["max_dead_fraction"]:
-        out.append(f"{dead:.0%} of latents are dead: lower n_features or lr, or use activation=batchtopk (AuxK revives dead latents)")
+        out.append(
+            f"{dead:.0%} of latents are dead: lower n_features or lr, or use activation=batchtopk (AuxK revives dead latents)"
+        )
     return out
 
 
@@ -412,7 +563,13 @@ class _MetricSums:
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="mean")
         values = values.tolist()
-        record = {**extra, "loss": values[0], "mse": values[1], "sparsity": values[2], "l0": values[3], "fvu": values[4:]}
+        record = {
+            **extra,
+            "loss": values[0],
+            "mse": values[1],
+            "sparsity": values[2],
+            "l0": values[3],
+            "fvu": values[4:],
+        }
         self.reset(len(self.fvu))
         return record
-

@@ -156,7 +156,9 @@ class InterventionEffects:
         split-half evaluation, control fallbacks."""
         notes = []
         if self.no_critical:
-            notes.append(f"tasks without generalization-critical samples (no delta on G_t): {', '.join(self.no_critical)}")
+            notes.append(
+                f"tasks without generalization-critical samples (no delta on G_t): {', '.join(self.no_critical)}"
+            )
         for row in self.rows:
             if row.n_critical and row.n_correct_before is not None and row.acc_before_nominal is not None:
                 measured = 100.0 * row.n_correct_before / row.n_critical
@@ -174,7 +176,9 @@ class InterventionEffects:
         halves = [row.task for row in self.rows if row.held_out_half]
         if halves:
             seed = (self.settings.get("split_half") or {}).get("seed")
-            notes.append(f"evaluated on the held-out half of G_t only (the features were selected on the other half, split seed {seed}): {', '.join(halves)}")
+            notes.append(
+                f"evaluated on the held-out half of G_t only (the features were selected on the other half, split seed {seed}): {', '.join(halves)}"
+            )
         controls = self.settings.get("controls") or {}
         if controls.get("note"):
             notes.append(controls["note"])
@@ -186,9 +190,18 @@ class InterventionEffects:
         """JSON-ready: format, settings, one dict per row (with ``full_delta_pp``), the control and
         per-feature rows, notes."""
         rows = [{**asdict(row), "full_delta_pp": row.full_delta_pp} for row in self.rows]
-        return json_safe({"format": RESULT_FORMAT, "format_version": RESULT_FORMAT_VERSION, "settings": self.settings, "rows": rows,
-                          "controls": [asdict(c) for c in self.controls], "per_feature": [asdict(f) for f in self.per_feature],
-                          "no_critical": self.no_critical, "notes": self.notes})
+        return json_safe(
+            {
+                "format": RESULT_FORMAT,
+                "format_version": RESULT_FORMAT_VERSION,
+                "settings": self.settings,
+                "rows": rows,
+                "controls": [asdict(c) for c in self.controls],
+                "per_feature": [asdict(f) for f in self.per_feature],
+                "no_critical": self.no_critical,
+                "notes": self.notes,
+            }
+        )
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, str]:
         """Write ``effects.json`` (:meth:`to_dict`), ``effects.csv`` and ``effects.md``
@@ -204,18 +217,48 @@ class InterventionEffects:
         files = {"json": str(out / "effects.json"), "csv": str(out / "effects.csv"), "table": str(out / "effects.md")}
         data = self.to_dict()
         (out / "effects.json").write_text(json.dumps({**data, "files": files}, indent=2))
-        columns = ["row", "task", "seed", "features", "held_out", "held_out_half", "n_critical", "n_correct_before", "n_correct_after",
-                   "acc_before_nominal", "acc_after", "delta_pp", "delta_measured_pp", "prompt_mismatches", "n_docs", "full_acc_before",
-                   "full_acc_after", "full_delta_pp", "n_controls", "controls_mean_pp", "controls_std_pp", "controls_min_pp",
-                   "controls_max_pp", "outside_controls"]
+        columns = [
+            "row",
+            "task",
+            "seed",
+            "features",
+            "held_out",
+            "held_out_half",
+            "n_critical",
+            "n_correct_before",
+            "n_correct_after",
+            "acc_before_nominal",
+            "acc_after",
+            "delta_pp",
+            "delta_measured_pp",
+            "prompt_mismatches",
+            "n_docs",
+            "full_acc_before",
+            "full_acc_after",
+            "full_delta_pp",
+            "n_controls",
+            "controls_mean_pp",
+            "controls_std_pp",
+            "controls_min_pp",
+            "controls_max_pp",
+            "outside_controls",
+        ]
         by_task = {row["task"]: row for row in data["rows"]}
         lines = [{**row, "row": "set", "seed": None, "features": None} for row in data["rows"]]
         for kind, others in (("control", data["controls"]), ("feature", data["per_feature"])):
             for other in others:
                 task = by_task[other["task"]]
-                lines.append({**other, "row": kind, "features": ";".join(str(k) for k in other["features"]),
-                              "held_out": task["held_out"], "held_out_half": task["held_out_half"],
-                              "n_correct_before": task["n_correct_before"], "acc_before_nominal": task["acc_before_nominal"]})
+                lines.append(
+                    {
+                        **other,
+                        "row": kind,
+                        "features": ";".join(str(k) for k in other["features"]),
+                        "held_out": task["held_out"],
+                        "held_out_half": task["held_out_half"],
+                        "n_correct_before": task["n_correct_before"],
+                        "acc_before_nominal": task["acc_before_nominal"],
+                    }
+                )
         with open(out / "effects.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
@@ -225,7 +268,10 @@ class InterventionEffects:
 
         parts = [format_effects_table(self)]
         if self.controls:
-            parts.append("Frequency-matched random control sets (docs/methods.md sec. 11), delta (pp) per task:\n\n" + format_set_table(self, "control"))
+            parts.append(
+                "Frequency-matched random control sets (docs/methods.md sec. 11), delta (pp) per task:\n\n"
+                + format_set_table(self, "control")
+            )
         if self.per_feature:
             parts.append("Each feature of S alone, delta (pp) per task:\n\n" + format_set_table(self, "feature"))
         parts.append(paper_table(self))
@@ -241,8 +287,14 @@ class InterventionEffects:
         except (OSError, json.JSONDecodeError) as err:
             raise ProbeError(f"cannot read {path}: {err}") from err
         if data.get("format") != RESULT_FORMAT or data.get("format_version") != RESULT_FORMAT_VERSION:
-            raise ProbeError(f"{path} is not {RESULT_FORMAT} version {RESULT_FORMAT_VERSION} (format {data.get('format')!r}, version {data.get('format_version')!r})")
+            raise ProbeError(
+                f"{path} is not {RESULT_FORMAT} version {RESULT_FORMAT_VERSION} (format {data.get('format')!r}, version {data.get('format_version')!r})"
+            )
         task_fields = {f.name for f in fields(TaskEffect)}
         rows = [TaskEffect(**{k: v for k, v in row.items() if k in task_fields}) for row in data["rows"]]
-        return cls(rows, data["settings"], controls=[SetEffect(**c) for c in data["controls"]],
-                   per_feature=[SetEffect(**f) for f in data["per_feature"]])
+        return cls(
+            rows,
+            data["settings"],
+            controls=[SetEffect(**c) for c in data["controls"]],
+            per_feature=[SetEffect(**f) for f in data["per_feature"]],
+        )

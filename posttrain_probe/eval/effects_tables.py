@@ -27,8 +27,10 @@ def format_effects_table(effects: InterventionEffects) -> str:
     mean ± std, [min, max] and whether delta lies outside, and with full-task runs, full-task
     accuracy before/after."""
     s = effects.settings
-    head = (f"{s.get('mode')} {s.get('n_features')} features of branch {s.get('model_name')!r} in model {s.get('model')} "
-            f"(role {s.get('role')}: acc_before on G_t = {NOMINAL_ACC_BEFORE.get(s.get('role'), float('nan')):.0f}%), positions {s.get('positions')}")
+    head = (
+        f"{s.get('mode')} {s.get('n_features')} features of branch {s.get('model_name')!r} in model {s.get('model')} "
+        f"(role {s.get('role')}: acc_before on G_t = {NOMINAL_ACC_BEFORE.get(s.get('role'), float('nan')):.0f}%), positions {s.get('positions')}"
+    )
     if any(row.held_out_half for row in effects.rows):
         head += f"; held-out half of G_t (split seed {(s.get('split_half') or {}).get('seed')})"
     full = any(row.n_docs is not None for row in effects.rows)
@@ -42,16 +44,25 @@ def format_effects_table(effects: InterventionEffects) -> str:
     for row in effects.rows:
         flag = "half" if row.held_out_half else "yes" if row.held_out else ""
         if row.n_critical:
-            cells = [row.task, flag, str(row.n_critical),
-                     f"{row.n_correct_before}/{row.n_critical}" if row.n_correct_before is not None else "-",
-                     f"{row.n_correct_after}/{row.n_critical}", _pp(row.delta_pp), _pp(row.delta_measured_pp)]
+            cells = [
+                row.task,
+                flag,
+                str(row.n_critical),
+                f"{row.n_correct_before}/{row.n_critical}" if row.n_correct_before is not None else "-",
+                f"{row.n_correct_after}/{row.n_critical}",
+                _pp(row.delta_pp),
+                _pp(row.delta_measured_pp),
+            ]
         else:
             cells = [row.task, flag, "0", "no critical samples", "", "", ""]
         if controlled:
             if row.n_controls:
                 spread = f" ± {row.controls_std_pp:.1f}" if row.controls_std_pp is not None else ""
-                cells += [f"{_pp(row.controls_mean_pp)}{spread}", f"[{_pp(row.controls_min_pp)}, {_pp(row.controls_max_pp)}]",
-                          "yes" if row.outside_controls else "no"]
+                cells += [
+                    f"{_pp(row.controls_mean_pp)}{spread}",
+                    f"[{_pp(row.controls_min_pp)}, {_pp(row.controls_max_pp)}]",
+                    "yes" if row.outside_controls else "no",
+                ]
             else:
                 cells += ["", "", ""]
         if full:
@@ -77,7 +88,9 @@ def format_set_table(effects: InterventionEffects, kind: str) -> str:
         columns.append("features")
         for cells, group in zip(lines, groups.values()):
             features = next(iter(group.values())).features
-            cells.append(",".join(str(f) for f in features[:12]) + (f",... ({len(features)})" if len(features) > 12 else ""))
+            cells.append(
+                ",".join(str(f) for f in features[:12]) + (f",... ({len(features)})" if len(features) > 12 else "")
+            )
     return "\n".join(_aligned(columns, lines, left=1))
 
 
@@ -90,8 +103,10 @@ def control_summary_lines(effects: InterventionEffects) -> list[str]:
             continue
         std = f", std {row.controls_std_pp:.1f}" if row.controls_std_pp is not None else ""
         verdict = "OUTSIDE the controls' range" if row.outside_controls else "within the controls' range"
-        out.append(f"controls {row.task}: delta {_pp(row.delta_pp)} pp vs {row.n_controls} frequency-matched random sets: "
-                   f"mean {_pp(row.controls_mean_pp)}{std}, range [{_pp(row.controls_min_pp)}, {_pp(row.controls_max_pp)}] pp -> {verdict}")
+        out.append(
+            f"controls {row.task}: delta {_pp(row.delta_pp)} pp vs {row.n_controls} frequency-matched random sets: "
+            f"mean {_pp(row.controls_mean_pp)}{std}, range [{_pp(row.controls_min_pp)}, {_pp(row.controls_max_pp)}] pp -> {verdict}"
+        )
     return out
 
 
@@ -107,5 +122,9 @@ def paper_table(effects: InterventionEffects) -> str:
     if any(row.held_out for row in rows):
         lines.append("\n\\* held-out task (not used to select the features)")
     if any(row.held_out_half for row in rows):
-        lines.append("\n" + ", ".join(row.task for row in rows if row.held_out_half) + ": held-out half of G_t only (features selected on the other half)")
+        lines.append(
+            "\n"
+            + ", ".join(row.task for row in rows if row.held_out_half)
+            + ": held-out half of G_t only (features selected on the other half)"
+        )
     return "\n".join(lines)

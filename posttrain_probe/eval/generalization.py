@@ -86,15 +86,21 @@ class GeneralizationFeatures:
         """Plain-language remarks: skipped tasks, tasks whose maximum score is <= 0, an empty S."""
         notes = []
         if self.skipped:
-            notes.append(f"tasks without generalization-critical samples were skipped: {', '.join(self.skipped)}; S is the intersection over {', '.join(self.tasks)}")
+            notes.append(
+                f"tasks without generalization-critical samples were skipped: {', '.join(self.skipped)}; S is the intersection over {', '.join(self.tasks)}"
+            )
         for task, top in self.max_scores.items():
             if not top > 0:
-                notes.append(f"task {task}: the maximum score is {top:.4g} <= 0 (no feature is more active in the RL model on G_t), so S_t is empty")
+                notes.append(
+                    f"task {task}: the maximum score is {top:.4g} <= 0 (no feature is more active in the RL model on G_t), so S_t is empty"
+                )
         if not self.intersection:
             notes.append("the intersection S is empty")
         split = self.settings.get("split_half")
         if split:
-            notes.append(f"features selected on one half of each G_t (split seed {split['seed']}); intervene evaluates them on the held-out half")
+            notes.append(
+                f"features selected on one half of each G_t (split seed {split['seed']}); intervene evaluates them on the held-out half"
+            )
         return notes
 
     def summary(self) -> dict[str, Any]:
@@ -114,30 +120,43 @@ class GeneralizationFeatures:
         if split:
             for t in self.tasks:
                 per_task[t]["n_held_out"] = len(split["held_out_doc_ids"][t])
-        return json_safe({
-            "format": RESULT_FORMAT,
-            "format_version": 1,
-            "settings": self.settings,
-            "threshold_fraction": self.threshold,
-            "tasks": per_task,
-            "skipped_tasks": self.skipped,
-            "intersection": {"n_features": len(self.intersection), "features": self.intersection, "over_tasks": self.tasks},
-            "overlap": {"definition": overlap_definition(self.normalize), "normalize": self.normalize, "tasks": self.tasks, "matrix": self.overlap.tolist()},
-            "notes": self.notes,
-        })
+        return json_safe(
+            {
+                "format": RESULT_FORMAT,
+                "format_version": 1,
+                "settings": self.settings,
+                "threshold_fraction": self.threshold,
+                "tasks": per_task,
+                "skipped_tasks": self.skipped,
+                "intersection": {
+                    "n_features": len(self.intersection),
+                    "features": self.intersection,
+                    "over_tasks": self.tasks,
+                },
+                "overlap": {
+                    "definition": overlap_definition(self.normalize),
+                    "normalize": self.normalize,
+                    "tasks": self.tasks,
+                    "matrix": self.overlap.tolist(),
+                },
+                "notes": self.notes,
+            }
+        )
 
     def provenance(self) -> dict[str, Any]:
         """Provenance written into the feature-set JSON of S."""
-        return json_safe({
-            "method": "generalization features, paper R sec. 3.2 eq. 11 / docs/methods.md sec. 6 (last prompt token, per-source codes)",
-            **{k: v for k, v in self.settings.items() if k != "crosscoder"},
-            "tasks": self.tasks,
-            "skipped_tasks": self.skipped,
-            "threshold_fraction": self.threshold,
-            "n_critical": self.n_critical,
-            "set_sizes": {t: len(self.sets[t]) for t in self.tasks},
-            "intersection_size": len(self.intersection),
-        })
+        return json_safe(
+            {
+                "method": "generalization features, paper R sec. 3.2 eq. 11 / docs/methods.md sec. 6 (last prompt token, per-source codes)",
+                **{k: v for k, v in self.settings.items() if k != "crosscoder"},
+                "tasks": self.tasks,
+                "skipped_tasks": self.skipped,
+                "threshold_fraction": self.threshold,
+                "n_critical": self.n_critical,
+                "set_sizes": {t: len(self.sets[t]) for t in self.tasks},
+                "intersection_size": len(self.intersection),
+            }
+        )
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Any]:
         """Write the outputs into ``out_dir``; returns the paths.
@@ -153,18 +172,32 @@ class GeneralizationFeatures:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        bound = {"crosscoder": self.crosscoder if self.crosscoder is not None else self.settings.get("crosscoder"),
-                 "crosscoder_path": self.settings.get("crosscoder")}
+        bound = {
+            "crosscoder": self.crosscoder if self.crosscoder is not None else self.settings.get("crosscoder"),
+            "crosscoder_path": self.settings.get("crosscoder"),
+        }
         files: dict[str, Any] = {}
-        files["feature_set"] = str(write_feature_set(out / FEATURE_SET_NAME, self.intersection, **bound, **self.provenance()))
+        files["feature_set"] = str(
+            write_feature_set(out / FEATURE_SET_NAME, self.intersection, **bound, **self.provenance())
+        )
         files["task_feature_sets"] = {}
         for task in self.tasks:
             path = out / "feature_sets" / f"{_safe_name(task)}.json"
-            write_feature_set(path, self.sets[task], **bound, **{**self.provenance(), "task": task, "selection": "S_t of this task only"})
+            write_feature_set(
+                path,
+                self.sets[task],
+                **bound,
+                **{**self.provenance(), "task": task, "selection": "S_t of this task only"},
+            )
             files["task_feature_sets"][task] = str(path)
         files["scores"] = str(self._write_scores(out / SCORES_NAME))
         sizes = [len(self.sets[t]) for t in self.tasks]
-        files["figures"] = [str(p) for p in plot_feature_overlap(self.overlap, self.tasks, out / "overlap", normalize=self.normalize, sizes=sizes)]
+        files["figures"] = [
+            str(p)
+            for p in plot_feature_overlap(
+                self.overlap, self.tasks, out / "overlap", normalize=self.normalize, sizes=sizes
+            )
+        ]
         (out / SUMMARY_NAME).write_text(json.dumps({**self.summary(), "files": files}, indent=2))
         files["summary"] = str(out / SUMMARY_NAME)
         return files
@@ -179,17 +212,27 @@ class GeneralizationFeatures:
         try:
             summary = json.loads((out / SUMMARY_NAME).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ProbeError(f"cannot read {out / SUMMARY_NAME}: {err} (expected the output of `posttrain-probe features generalization`)") from err
+            raise ProbeError(
+                f"cannot read {out / SUMMARY_NAME}: {err} (expected the output of `posttrain-probe features generalization`)"
+            ) from err
         if summary.get("format") != RESULT_FORMAT or summary.get("format_version") != 1:
-            raise ProbeError(f"{out / SUMMARY_NAME} is not a generalization-features summary (expected format {RESULT_FORMAT!r}, version 1)")
+            raise ProbeError(
+                f"{out / SUMMARY_NAME} is not a generalization-features summary (expected format {RESULT_FORMAT!r}, version 1)"
+            )
         tasks = list(summary["intersection"]["over_tasks"])
         table = pyarrow.csv.read_csv(out / SCORES_NAME)
         scores = torch.tensor(np.stack([table.column(f"score_{t}").to_numpy() for t in tasks]), dtype=torch.float64)
         per_task = summary["tasks"]
         return cls(
-            tasks=tasks, skipped=list(summary["skipped_tasks"]), n_critical={t: int(per_task[t]["n_critical"]) for t in tasks}, scores=scores,
-            sets={t: [int(k) for k in per_task[t]["features"]] for t in tasks}, intersection=[int(k) for k in summary["intersection"]["features"]],
-            threshold=float(summary["threshold_fraction"]), normalize=summary["overlap"]["normalize"], settings=summary["settings"],
+            tasks=tasks,
+            skipped=list(summary["skipped_tasks"]),
+            n_critical={t: int(per_task[t]["n_critical"]) for t in tasks},
+            scores=scores,
+            sets={t: [int(k) for k in per_task[t]["features"]] for t in tasks},
+            intersection=[int(k) for k in summary["intersection"]["features"]],
+            threshold=float(summary["threshold_fraction"]),
+            normalize=summary["overlap"]["normalize"],
+            settings=summary["settings"],
         )
 
     def _write_scores(self, path: Path) -> Path:
@@ -215,7 +258,11 @@ def _safe_name(task: str) -> str:
 
 
 def features_generalization(
-    config: GeneralizationConfig, *, models: Mapping[str, tuple[nn.Module, Any]] | None = None, crosscoder=None, progress: bool = False
+    config: GeneralizationConfig,
+    *,
+    models: Mapping[str, tuple[nn.Module, Any]] | None = None,
+    crosscoder=None,
+    progress: bool = False,
 ) -> GeneralizationFeatures:
     """The step ``features generalization`` (docs/methods.md sec. 6, paper R sec. 3.2/7): Score_k^t of every feature
     at the last prompt token of each task's G_t, S_t, their intersection S and overlap; written to ``config.out``.
@@ -236,23 +283,37 @@ def features_generalization(
     critical = CriticalSamples.read(config.critical)
     used, skipped = critical.choose_tasks(config.tasks or None)
     if not used:
-        raise ProbeError(f"no task has generalization-critical samples (tasks without any: {skipped or critical.no_critical}); nothing to score")
+        raise ProbeError(
+            f"no task has generalization-critical samples (tasks without any: {skipped or critical.no_critical}); nothing to score"
+        )
     if crosscoder is None and config.crosscoder is None:
         raise ProbeError("no crosscoder: give --crosscoder DIR (or, in Python, crosscoder= a loaded Crosscoder)")
-    cc, cc_dir = as_crosscoder(crosscoder if crosscoder is not None else config.crosscoder, allow_incomplete=config.allow_incomplete)
+    cc, cc_dir = as_crosscoder(
+        crosscoder if crosscoder is not None else config.crosscoder, allow_incomplete=config.allow_incomplete
+    )
     branches = (config.base, config.rl)
     slots = {name: cc.model_index(name) for name in branches}
     sources = _model_sources(config, models)
     layer = cc.site(what="features generalization")
     if layer is None:
-        raise ProbeError("the crosscoder does not record its layer (config.layer); expected a crosscoder trained by posttrain-probe at a known site")
+        raise ProbeError(
+            "the crosscoder does not record its layer (config.layer); expected a crosscoder trained by posttrain-probe at a known site"
+        )
     selected, split = _selection(critical, used, config.split_half)
     contexts = [(prompt, selected[task].request_type) for task in used for prompt in selected[task].contexts]
     device = resolve_device(config.device)
     acts, tokenization, mismatches = {}, {}, {}
     for name in branches:
         acts[name], tokenization[name], mismatch = _branch_activations(
-            name, sources[name], cc, slots[name], contexts, layer, config, device, f"{name}: last prompt tokens" if progress else False
+            name,
+            sources[name],
+            cc,
+            slots[name],
+            contexts,
+            layer,
+            config,
+            device,
+            f"{name}: last prompt tokens" if progress else False,
         )
         if mismatch:
             mismatches[name] = mismatch
@@ -262,19 +323,35 @@ def features_generalization(
         "crosscoder_fingerprint": _fingerprint(cc),
         "base": config.base,
         "rl": config.rl,
-        "models": {name: source if isinstance(source, str) else type(source[0]).__name__ for name, source in sources.items()},
+        "models": {
+            name: source if isinstance(source, str) else type(source[0]).__name__ for name, source in sources.items()
+        },
         "critical": str(config.critical),
         "layer": layer,
         "position": "last prompt token",
-        "tokenization": {"as": "lm-eval HFLM context (tok_encode / tok_batch_encode)", "add_bos_token": config.add_bos_token,
-                         "padding_side": config.padding_side, **tokenization},
+        "tokenization": {
+            "as": "lm-eval HFLM context (tok_encode / tok_batch_encode)",
+            "add_bos_token": config.add_bos_token,
+            "padding_side": config.padding_side,
+            **tokenization,
+        },
     }
     if split is not None:
         settings["split_half"] = split
     if mismatches:
         settings["model_mismatch"] = mismatches
-    result = GeneralizationFeatures(used, skipped, {task: selected[task].n_critical for task in used}, scores, sets,
-                                    intersect_feature_sets(sets), config.threshold, config.overlap, settings, cc)
+    result = GeneralizationFeatures(
+        used,
+        skipped,
+        {task: selected[task].n_critical for task in used},
+        scores,
+        sets,
+        intersect_feature_sets(sets),
+        config.threshold,
+        config.overlap,
+        settings,
+        cc,
+    )
     result.write(config.out)
     return result
 
@@ -287,17 +364,25 @@ def _model_sources(config: GeneralizationConfig, models: Mapping[str, tuple[nn.M
     branches = (config.base, config.rl)
     missing = [name for name in branches if name not in given]
     if missing:
-        raise ProbeError(f"no model given for crosscoder branch(es) {missing}: expected --model {missing[0]}=PATH (given: {sorted(given)})")
+        raise ProbeError(
+            f"no model given for crosscoder branch(es) {missing}: expected --model {missing[0]}=PATH (given: {sorted(given)})"
+        )
     extra = [name for name in given if name not in branches]
     if extra:
-        raise ProbeError(f"models {extra} are neither the base ({config.base!r}) nor the RL ({config.rl!r}) branch; expected exactly those two")
+        raise ProbeError(
+            f"models {extra} are neither the base ({config.base!r}) nor the RL ({config.rl!r}) branch; expected exactly those two"
+        )
     for name, source in given.items():
-        if not isinstance(source, str) and not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], nn.Module)):
+        if not isinstance(source, str) and not (
+            isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], nn.Module)
+        ):
             raise ProbeError(f"models[{name!r}]: expected a (model, tokenizer) pair, got {type(source).__name__}")
     return {name: given[name] for name in branches}
 
 
-def _selection(critical: CriticalSamples, used: list[str], seed: int | None) -> tuple[dict[str, TaskCritical], dict[str, Any] | None]:
+def _selection(
+    critical: CriticalSamples, used: list[str], seed: int | None
+) -> tuple[dict[str, TaskCritical], dict[str, Any] | None]:
     """The G_t to score per task (the selection half with a split ``seed``) and the split's record (None without)."""
     if seed is None:
         return {task: critical.tasks[task] for task in used}, None
@@ -311,8 +396,17 @@ def _selection(critical: CriticalSamples, used: list[str], seed: int | None) -> 
     return {task: critical.tasks[task].subset(halves[task][0], task) for task in used}, split
 
 
-def _branch_activations(name: str, source, cc, slot: int, contexts: list[tuple[str, str]], layer: int, config: GeneralizationConfig,
-                        device: torch.device, progress: bool | str) -> tuple[torch.Tensor, dict[str, Any], str | None]:
+def _branch_activations(
+    name: str,
+    source,
+    cc,
+    slot: int,
+    contexts: list[tuple[str, str]],
+    layer: int,
+    config: GeneralizationConfig,
+    device: torch.device,
+    progress: bool | str,
+) -> tuple[torch.Tensor, dict[str, Any], str | None]:
     """``([n, d] residual stream at the last prompt token, tokenisation facts, model mismatch or None)`` of one branch's model."""
     from posttrain_probe.layers import hidden_size, validate_layer
     from posttrain_probe.model_identity import check_model, slot_fingerprint
@@ -326,12 +420,27 @@ def _branch_activations(name: str, source, cc, slot: int, contexts: list[tuple[s
         model, tokenizer = source
     validate_layer(model, layer)
     if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the models the crosscoder was trained on")
+        raise ProbeError(
+            f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the models the crosscoder was trained on"
+        )
     what = f"model {name!r}" + (f" ({source})" if loaded else "")
-    mismatch = check_model(model, slot_fingerprint(cc, slot), name, what=what, allow_mismatch=config.allow_model_mismatch)
-    ids = [lm_eval_context_ids(tokenizer, prompt, output_type=kind, add_bos_token=config.add_bos_token) for prompt, kind in contexts]
+    mismatch = check_model(
+        model, slot_fingerprint(cc, slot), name, what=what, allow_mismatch=config.allow_model_mismatch
+    )
+    ids = [
+        lm_eval_context_ids(tokenizer, prompt, output_type=kind, add_bos_token=config.add_bos_token)
+        for prompt, kind in contexts
+    ]
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    acts = last_prompt_activations(model, ids, layer, batch_size=config.batch_size, padding_side=config.padding_side, pad_id=pad_id, progress=progress)
+    acts = last_prompt_activations(
+        model,
+        ids,
+        layer,
+        batch_size=config.batch_size,
+        padding_side=config.padding_side,
+        pad_id=pad_id,
+        progress=progress,
+    )
     if loaded:
         del model
         if device.type == "cuda":
@@ -339,14 +448,22 @@ def _branch_activations(name: str, source, cc, slot: int, contexts: list[tuple[s
     return acts, {"n_prompts": len(ids), "mean_prompt_tokens": float(np.mean([len(i) for i in ids]))}, mismatch
 
 
-def _task_scores(cc, acts: Mapping[str, torch.Tensor], slots: Mapping[str, int], config: GeneralizationConfig,
-                 counts: Mapping[str, int]) -> tuple[torch.Tensor, dict[str, list[int]]]:
+def _task_scores(
+    cc,
+    acts: Mapping[str, torch.Tensor],
+    slots: Mapping[str, int],
+    config: GeneralizationConfig,
+    counts: Mapping[str, int],
+) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """``([T, F] Score_k^t, {task: S_t})``: per-source codes of each branch on its rows of ``acts`` (tasks in the order of ``counts``)."""
     cc_device, cc_dtype = next(cc.parameters()).device, cc.W_enc.dtype
     scores, sets, start = [], {}, 0
     with torch.no_grad():
         for task, n in counts.items():
-            codes = {name: cc.encode_source(acts[name][start : start + n].to(cc_device, cc_dtype), slots[name]) for name in (config.base, config.rl)}
+            codes = {
+                name: cc.encode_source(acts[name][start : start + n].to(cc_device, cc_dtype), slots[name])
+                for name in (config.base, config.rl)
+            }
             start += n
             score = generalization_scores(codes[config.rl], codes[config.base]).cpu()
             scores.append(score)
@@ -358,4 +475,3 @@ def _fingerprint(cc) -> str:
     from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 
     return crosscoder_fingerprint(cc)
-

@@ -31,7 +31,9 @@ def check_model_args_text(text: str, flag: str = "--model-args") -> None:
     """ProbeError unless ``text`` is ``key=value[,key=value...]``."""
     bad = [part for part in text.split(",") if "=" not in part or not part.partition("=")[0].strip()]
     if bad:
-        raise ProbeError(f"{flag} {text!r}: {bad[0]!r} is not key=value; expected e.g. dtype=bfloat16,add_bos_token=True")
+        raise ProbeError(
+            f"{flag} {text!r}: {bad[0]!r} is not key=value; expected e.g. dtype=bfloat16,add_bos_token=True"
+        )
 
 
 def _check_count(name: str, value: Any, least: int, meaning: str) -> None:
@@ -51,31 +53,106 @@ class InterveneConfig:
     YAML: the same keys.
     """
 
-    features: str = field(metadata={"help": "Feature set: a feature-set JSON (e.g. generalization_features.json) or indices 3,17,42."})
-    model: list[str] = field(metadata={"help": "NAME=PATH: the evaluated model; NAME is its crosscoder branch (the intervention's model_name)."})
-    mode: str = field(metadata={"help": "zero | set | scale | add | steer (paper R: zero in the RL model, set 3.0 in the base model)."})
+    features: str = field(
+        metadata={"help": "Feature set: a feature-set JSON (e.g. generalization_features.json) or indices 3,17,42."}
+    )
+    model: list[str] = field(
+        metadata={
+            "help": "NAME=PATH: the evaluated model; NAME is its crosscoder branch (the intervention's model_name)."
+        }
+    )
+    mode: str = field(
+        metadata={
+            "help": "zero | set | scale | add | steer (paper R: zero in the RL model, set 3.0 in the base model)."
+        }
+    )
     critical: Path = field(metadata={"help": "critical.json from `posttrain-probe critical` (G_t per task)."})
-    out: Path = field(metadata={"help": "Output directory: effects.json, effects.csv, effects.md, lm-eval logs under lm_eval/."})
-    crosscoder: Path | None = field(default=None, metadata={"help": "Crosscoder directory the features belong to (default: the one the feature-set JSON records)."})
-    value: float | None = field(default=None, metadata={"help": "set: the value (default 3.0); scale: factor; add: delta; steer: multiple of the max activation (default 2.0)."})
+    out: Path = field(
+        metadata={"help": "Output directory: effects.json, effects.csv, effects.md, lm-eval logs under lm_eval/."}
+    )
+    crosscoder: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Crosscoder directory the features belong to (default: the one the feature-set JSON records)."
+        },
+    )
+    value: float | None = field(
+        default=None,
+        metadata={
+            "help": "set: the value (default 3.0); scale: factor; add: delta; steer: multiple of the max activation (default 2.0)."
+        },
+    )
     positions: str = field(default="all", metadata={"help": "Where to intervene: all, prompt or last_prompt."})
-    role: str | None = field(default=None, metadata={"help": "rl (acc_before = 100% on G_t) or base (0%); default: from the feature set's provenance (its base/rl branch names)."})
-    tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks (repeat or comma-separate; default: every task of --critical)."})
-    held_out_tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks not used to select the features (evaluated too, flagged held out)."})
-    full_task: bool = field(default=False, metadata={"help": "Also evaluate the whole tasks before and after (accuracy in %)."})
-    include_path: list[str] = field(default_factory=list, metadata={"help": "lm-eval task folder(s) besides the shipped ones (as lm-eval's --include_path)."})
-    model_args: str | None = field(default=None, metadata={"help": "Extra lm-eval HF model_args for every run, k=v,k=v (use those of the critical runs, e.g. dtype=bfloat16)."})
-    reference: str | None = field(default=None, metadata={"help": "Reference corpus (dataset spec): steer's max activations and the controls' firing rates (controls default: the G_t prompts)."})
-    apply_chat_template: bool = field(default=False, metadata={"help": "As lm-eval's --apply_chat_template (if the critical runs used it)."})
-    num_fewshot: int | None = field(default=None, metadata={"help": "As lm-eval's --num_fewshot (if the critical runs set it)."})
+    role: str | None = field(
+        default=None,
+        metadata={
+            "help": "rl (acc_before = 100% on G_t) or base (0%); default: from the feature set's provenance (its base/rl branch names)."
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "Tasks (repeat or comma-separate; default: every task of --critical)."}
+    )
+    held_out_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Tasks not used to select the features (evaluated too, flagged held out)."},
+    )
+    full_task: bool = field(
+        default=False, metadata={"help": "Also evaluate the whole tasks before and after (accuracy in %)."}
+    )
+    include_path: list[str] = field(
+        default_factory=list,
+        metadata={"help": "lm-eval task folder(s) besides the shipped ones (as lm-eval's --include_path)."},
+    )
+    model_args: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra lm-eval HF model_args for every run, k=v,k=v (use those of the critical runs, e.g. dtype=bfloat16)."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference corpus (dataset spec): steer's max activations and the controls' firing rates (controls default: the G_t prompts)."
+        },
+    )
+    apply_chat_template: bool = field(
+        default=False, metadata={"help": "As lm-eval's --apply_chat_template (if the critical runs used it)."}
+    )
+    num_fewshot: int | None = field(
+        default=None, metadata={"help": "As lm-eval's --num_fewshot (if the critical runs set it)."}
+    )
     batch_size: str = field(default="8", metadata={"help": "lm-eval batch size (an int or auto)."})
     device: str = field(default="cpu", metadata={"help": "lm-eval device (cpu, cuda, cuda:0)."})
-    controls: int = field(default=5, metadata={"help": "Frequency-matched random feature sets of the same size, one per seed, each evaluated like the selected set (0: none)."})
-    control_seed: int = field(default=0, metadata={"help": "First control seed (seeds SEED .. SEED+N-1): the same seed draws the same sets."})
-    control_bins: int = field(default=10, metadata={"help": "Equal-count firing-rate bins of the live features for the matching (fewer are used, with a note, if a bin runs short)."})
-    per_feature: bool = field(default=False, metadata={"help": "Also intervene on each feature alone: one row per task and feature (one lm-eval run per feature)."})
-    allow_incomplete: bool = field(default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."})
-    allow_model_mismatch: bool = field(default=False, metadata={"help": "Evaluate even when --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in effects.json."})
+    controls: int = field(
+        default=5,
+        metadata={
+            "help": "Frequency-matched random feature sets of the same size, one per seed, each evaluated like the selected set (0: none)."
+        },
+    )
+    control_seed: int = field(
+        default=0, metadata={"help": "First control seed (seeds SEED .. SEED+N-1): the same seed draws the same sets."}
+    )
+    control_bins: int = field(
+        default=10,
+        metadata={
+            "help": "Equal-count firing-rate bins of the live features for the matching (fewer are used, with a note, if a bin runs short)."
+        },
+    )
+    per_feature: bool = field(
+        default=False,
+        metadata={
+            "help": "Also intervene on each feature alone: one row per task and feature (one lm-eval run per feature)."
+        },
+    )
+    allow_incomplete: bool = field(
+        default=False, metadata={"help": "Accept the weights of an unfinished crosscoder training run."}
+    )
+    allow_model_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate even when --model is not the model its crosscoder branch was trained on (nor tuned from it); recorded in effects.json."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("critical", "out", "crosscoder"):
@@ -87,10 +164,15 @@ class InterveneConfig:
         self.features = str(self.features)
         self.model = [self.model] if isinstance(self.model, str) else list(self.model)
         self.tasks, self.held_out_tasks = split_names(self.tasks), split_names(self.held_out_tasks)
-        self.include_path = [str(p) for p in ([self.include_path] if isinstance(self.include_path, (str, Path)) else self.include_path or [])]
+        self.include_path = [
+            str(p)
+            for p in ([self.include_path] if isinstance(self.include_path, (str, Path)) else self.include_path or [])
+        ]
         self.batch_size = str(self.batch_size)
         if self.role is not None and self.role not in ROLES:
-            raise ProbeError(f"role {self.role!r}: expected 'rl' (the model RL-tuned: acc_before 100% on G_t) or 'base' (acc_before 0%)")
+            raise ProbeError(
+                f"role {self.role!r}: expected 'rl' (the model RL-tuned: acc_before 100% on G_t) or 'base' (acc_before 0%)"
+            )
         if self.model_args:
             check_model_args_text(self.model_args)
         _check_count("control_seeds", self.controls, 0, "the number of control sets (int >= 0; 0 disables them)")

@@ -70,7 +70,9 @@ def resolve_role(model_name: str, role: str | None, provenance: Mapping[str, Any
     named = "rl" if model_name == prov_rl else "base" if model_name == prov_base else None
     if role is not None:
         if role not in ROLES:
-            raise ProbeError(f"role {role!r}: expected 'rl' (the model RL-tuned: acc_before 100% on G_t) or 'base' (acc_before 0%)")
+            raise ProbeError(
+                f"role {role!r}: expected 'rl' (the model RL-tuned: acc_before 100% on G_t) or 'base' (acc_before 0%)"
+            )
         if named is not None and named != role:
             raise ProbeError(
                 f"role {role!r} contradicts the feature set: branch {model_name!r} is its {named!r} model "
@@ -123,16 +125,34 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     cc_dir = _crosscoder_dir(config)
     model_name, model_path = _evaluated_model(config)
     seeds = config.control_seeds
-    spec = check_intervention_args(crosscoder=cc_dir, features=config.features, mode=config.mode, value=config.value, model_name=model_name,
-                                   positions=config.positions, reference=config.reference, controls=bool(seeds))
+    spec = check_intervention_args(
+        crosscoder=cc_dir,
+        features=config.features,
+        mode=config.mode,
+        value=config.value,
+        model_name=model_name,
+        positions=config.positions,
+        reference=config.reference,
+        controls=bool(seeds),
+    )
     cc, indices = spec.crosscoder, spec.features
     role = resolve_role(model_name, config.role, spec.provenance)
-    model_mismatch = check_model_path(model_path, slot_fingerprint(cc, cc.model_index(model_name)), model_name,
-                                      allow_mismatch=config.allow_model_mismatch)
+    model_mismatch = check_model_path(
+        model_path,
+        slot_fingerprint(cc, cc.model_index(model_name)),
+        model_name,
+        allow_mismatch=config.allow_model_mismatch,
+    )
     tasks = _tasks(config, spec.provenance)
     base_args: dict[str, Any] = {"pretrained": str(model_path), **parse_model_args(config.model_args)}
-    after_args: dict[str, Any] = {**base_args, "crosscoder": str(cc_dir), "features": spec.features_arg, "mode": config.mode,
-                                  "model_name": model_name, "positions": config.positions}
+    after_args: dict[str, Any] = {
+        **base_args,
+        "crosscoder": str(cc_dir),
+        "features": spec.features_arg,
+        "mode": config.mode,
+        "model_name": model_name,
+        "positions": config.positions,
+    }
     if config.value is not None:
         after_args["value"] = config.value
     if config.mode == "steer":
@@ -145,12 +165,17 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     if seeds and tasks.used:
         drawn, controls_info = _draw_controls(config, spec, model_path, tasks, base_args)
     elif seeds:
-        controls_info = {"seeds": seeds, "skipped": "no task has generalization-critical samples: no controls (their deltas are on G_t)"}
+        controls_info = {
+            "seeds": seeds,
+            "skipped": "no task has generalization-critical samples: no controls (their deltas are on G_t)",
+        }
 
     variants: list[tuple[str, dict[str, Any]]] = [("before", base_args), ("after", after_args)]
     if drawn is not None:
-        variants += [(f"control-seed{seed}", {**after_args, "features": ";".join(str(k) for k in sorted(cset))})
-                     for seed, cset in zip(drawn.seeds, drawn.sets)]
+        variants += [
+            (f"control-seed{seed}", {**after_args, "features": ";".join(str(k) for k in sorted(cset))})
+            for seed, cset in zip(drawn.seeds, drawn.sets)
+        ]
     if config.per_feature:
         variants += [(f"feature-{k}", {**after_args, "features": str(k)}) for k in indices]
 
@@ -158,15 +183,26 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     samples = None if config.full_task else {t: tasks.g[t].doc_ids for t in tasks.used}
     task_manager = make_task_manager(eval_tasks, config.include_path or None)  # indexed once for every run
     runs = {
-        label: evaluate(args, eval_tasks, samples=samples, include_path=config.include_path or None, log_samples=True,
-                        output_path=str(config.out / "lm_eval" / label), batch_size=config.lm_eval_batch_size,
-                        apply_chat_template=config.apply_chat_template, num_fewshot=config.num_fewshot, device=config.device,
-                        task_manager=task_manager)
+        label: evaluate(
+            args,
+            eval_tasks,
+            samples=samples,
+            include_path=config.include_path or None,
+            log_samples=True,
+            output_path=str(config.out / "lm_eval" / label),
+            batch_size=config.lm_eval_batch_size,
+            apply_chat_template=config.apply_chat_template,
+            num_fewshot=config.num_fewshot,
+            device=config.device,
+            task_manager=task_manager,
+        )
         for label, args in variants
     }
     rows, control_rows, feature_rows = [], [], []
     for task in tasks.order:
-        row, controls, features = _task_effects(config, task, tasks, runs if task in eval_tasks else {}, role, drawn, indices)
+        row, controls, features = _task_effects(
+            config, task, tasks, runs if task in eval_tasks else {}, role, drawn, indices
+        )
         rows.append(row)
         control_rows += controls
         feature_rows += features
@@ -191,7 +227,9 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
         "num_fewshot": config.num_fewshot,
         "per_feature": config.per_feature,
         "controls": controls_info,
-        "split_half": {"seed": spec.provenance["split_half"].get("seed"), "held_out_doc_ids": tasks.split} if tasks.split else None,
+        "split_half": {"seed": spec.provenance["split_half"].get("seed"), "held_out_doc_ids": tasks.split}
+        if tasks.split
+        else None,
         "delta": "100 * (acc_after - acc_before) in percentage points on G_t; acc_before = 100% (role rl) or 0% (role base)",
     }
     effects = InterventionEffects(rows, settings, controls=control_rows, per_feature=feature_rows, runs=runs)
@@ -209,12 +247,16 @@ def _crosscoder_dir(config: InterveneConfig) -> Path:
     if crosscoder is None:
         features = config.features
         if not Path(features).is_file():
-            raise ProbeError(f"--features {features!r} is not a feature-set file: give --crosscoder DIR with feature indices")
+            raise ProbeError(
+                f"--features {features!r} is not a feature-set file: give --crosscoder DIR with feature indices"
+            )
         recorded = load_feature_set(features).crosscoder
         if not recorded:
             raise ProbeError(f"the feature set {features} records no crosscoder: give --crosscoder DIR")
         if not Path(recorded).exists():
-            raise ProbeError(f"the crosscoder {recorded} that {features} records does not exist here: give --crosscoder DIR")
+            raise ProbeError(
+                f"the crosscoder {recorded} that {features} records does not exist here: give --crosscoder DIR"
+            )
         crosscoder = Path(recorded)
     if not crosscoder.exists():
         raise ProbeError(f"--crosscoder {crosscoder} does not exist")
@@ -244,26 +286,40 @@ def _tasks(config: InterveneConfig, provenance: Mapping[str, Any]) -> _Tasks:
     requested = list(dict.fromkeys([*(config.tasks or list(critical.tasks)), *config.held_out_tasks]))
     used, skipped = critical.choose_tasks(requested)
     if not used and not config.full_task:
-        raise ProbeError(f"no task has generalization-critical samples (tasks without any: {skipped}); nothing to evaluate on G_t")
+        raise ProbeError(
+            f"no task has generalization-critical samples (tasks without any: {skipped}); nothing to evaluate on G_t"
+        )
     split = _held_out_halves(provenance, available, used)
     selection = provenance.get("tasks")
     selection = selection if isinstance(selection, list) else None
     held = set(config.held_out_tasks)
     order = [t for t in requested if t in used or t in skipped]
     return _Tasks(
-        order=order, used=used, skipped=skipped, g={**available, **{t: available[t].subset(docs) for t, docs in split.items()}},
-        entries={t: critical.tasks[t].to_json() for t in order}, split=split,
-        held_out={t for t in order if t in held or (selection is not None and t not in selection)}, selection_tasks=selection,
+        order=order,
+        used=used,
+        skipped=skipped,
+        g={**available, **{t: available[t].subset(docs) for t, docs in split.items()}},
+        entries={t: critical.tasks[t].to_json() for t in order},
+        split=split,
+        held_out={t for t in order if t in held or (selection is not None and t not in selection)},
+        selection_tasks=selection,
     )
 
 
-def _task_effects(config: InterveneConfig, task: str, tasks: _Tasks, runs: Mapping[str, Any], role: str, drawn, indices: Sequence[int]):
+def _task_effects(
+    config: InterveneConfig, task: str, tasks: _Tasks, runs: Mapping[str, Any], role: str, drawn, indices: Sequence[int]
+):
     """(TaskEffect, control rows, per-feature rows) of one task from the lm-eval ``runs`` ({} when not evaluated)."""
     from posttrain_probe.analysis.controls import control_spread
 
     entry = tasks.entries.get(task, {})
     g = tasks.g.get(task)
-    row = TaskEffect(task=task, held_out=task in tasks.held_out, n_critical=len(g.doc_ids) if g is not None else 0, held_out_half=task in tasks.split)
+    row = TaskEffect(
+        task=task,
+        held_out=task in tasks.held_out,
+        n_critical=len(g.doc_ids) if g is not None else 0,
+        held_out_half=task in tasks.split,
+    )
     records = {label: _records(runs[label], task) for label in runs}
     controls, features = [], []
     if row.n_critical:
@@ -276,13 +332,20 @@ def _task_effects(config: InterveneConfig, task: str, tasks: _Tasks, runs: Mappi
         prompts = _prompts_by_doc(records["before"], entry, task)
         row.prompt_mismatches = sum(1 for d, p in zip(g.doc_ids, g.contexts) if prompts.get(d) != p)
         if drawn is not None:
-            controls = [_set_effect("control", task, sorted(cset), seed, correct["before"], correct[f"control-seed{seed}"], role)
-                        for seed, cset in zip(drawn.seeds, drawn.sets)]
+            controls = [
+                _set_effect(
+                    "control", task, sorted(cset), seed, correct["before"], correct[f"control-seed{seed}"], role
+                )
+                for seed, cset in zip(drawn.seeds, drawn.sets)
+            ]
             spread = control_spread(row.delta_pp, [c.delta_pp for c in controls])
             row.n_controls, row.controls_mean_pp, row.controls_std_pp = spread.n, spread.mean, spread.std
             row.controls_min_pp, row.controls_max_pp, row.outside_controls = spread.min, spread.max, spread.outside
         if config.per_feature:
-            features = [_set_effect("feature", task, [k], None, correct["before"], correct[f"feature-{k}"], role) for k in indices]
+            features = [
+                _set_effect("feature", task, [k], None, correct["before"], correct[f"feature-{k}"], role)
+                for k in indices
+            ]
     if config.full_task:
         both = {label: _correct_by_doc(records[label], entry, task, None) for label in ("before", "after")}
         row.n_docs = len(both["before"])
@@ -305,40 +368,64 @@ def _draw_controls(config: InterveneConfig, spec, model_path: str, tasks: _Tasks
     tokenizer = load_tokenizer(model_path)
     lm = load_causal_lm(model_path, dtype=base_args.get("dtype", "auto"), device=config.device, keep_layers=layer)
     data = config.reference if config.reference is not None else prompts
-    stats = source_activation_stats(cc, model_name, lm, data, tokenizer=tokenizer, cache_dir=Path(spec.crosscoder_dir) / "max_activations",
-                                    allow_model_mismatch=config.allow_model_mismatch)
+    stats = source_activation_stats(
+        cc,
+        model_name,
+        lm,
+        data,
+        tokenizer=tokenizer,
+        cache_dir=Path(spec.crosscoder_dir) / "max_activations",
+        allow_model_mismatch=config.allow_model_mismatch,
+    )
     del lm
     drawn = control_feature_sets(stats.frequency, indices, config.control_seeds, n_bins=config.control_bins)
     frequency = stats.frequency.tolist()
     bins = frequency_bins(stats.frequency, drawn.n_bins).tolist()
-    reference = (str(config.reference) if config.reference is not None
-                 else f"prompts of the evaluated G_t documents of {', '.join(tasks.used)} ({len(prompts)} prompts)")
+    reference = (
+        str(config.reference)
+        if config.reference is not None
+        else f"prompts of the evaluated G_t documents of {', '.join(tasks.used)} ({len(prompts)} prompts)"
+    )
     info = {
         "seeds": drawn.seeds,
         "n_bins": drawn.n_bins,
         "requested_bins": drawn.requested_bins,
         "note": drawn.note,
         "matching": "per selected feature, a distinct random feature of the same frequency bin (bin 0: never fires; bins 1..n: "
-                    "equal-count bins of the live features by firing rate), none of S (analysis.controls.frequency_matched_controls)",
+        "equal-count bins of the live features by firing rate), none of S (analysis.controls.frequency_matched_controls)",
         "reference": reference,
         "frequency": f"fraction of reference tokens with f_i^{model_name} > 0 (per-source code of the intervened branch)",
         "n_reference_tokens": stats.n_tokens,
-        "selected": {"features": indices, "bins": [bins[k] for k in indices], "frequency": [frequency[k] for k in indices]},
-        "sets": [{"seed": seed, "features": cset, "bins": [bins[k] for k in cset], "frequency": [frequency[k] for k in cset]}
-                 for seed, cset in zip(drawn.seeds, drawn.sets)],
+        "selected": {
+            "features": indices,
+            "bins": [bins[k] for k in indices],
+            "frequency": [frequency[k] for k in indices],
+        },
+        "sets": [
+            {"seed": seed, "features": cset, "bins": [bins[k] for k in cset], "frequency": [frequency[k] for k in cset]}
+            for seed, cset in zip(drawn.seeds, drawn.sets)
+        ],
     }
     return drawn, info
 
 
-def _held_out_halves(provenance: Mapping[str, Any], available: Mapping[str, Any], used: Sequence[str]) -> dict[str, list[int]]:
+def _held_out_halves(
+    provenance: Mapping[str, Any], available: Mapping[str, Any], used: Sequence[str]
+) -> dict[str, list[int]]:
     """{task: held-out doc ids} of a feature set selected on one half of G_t (``features generalization
     --split-half``), for the evaluated tasks it was split on; {} otherwise. The two halves must make up
     the task's G_t in ``critical`` exactly (else the set was selected on another critical file)."""
     split = provenance.get("split_half")
     if not split:
         return {}
-    if not isinstance(split, Mapping) or not isinstance(split.get("held_out_doc_ids"), Mapping) or not isinstance(split.get("selection_doc_ids"), Mapping):
-        raise ProbeError("the feature set's provenance has a malformed split_half; expected held_out_doc_ids and selection_doc_ids per task")
+    if (
+        not isinstance(split, Mapping)
+        or not isinstance(split.get("held_out_doc_ids"), Mapping)
+        or not isinstance(split.get("selection_doc_ids"), Mapping)
+    ):
+        raise ProbeError(
+            "the feature set's provenance has a malformed split_half; expected held_out_doc_ids and selection_doc_ids per task"
+        )
     out = {}
     for task, held in split["held_out_doc_ids"].items():
         if task not in used:
@@ -356,14 +443,30 @@ def _held_out_halves(provenance: Mapping[str, Any], available: Mapping[str, Any]
     return out
 
 
-def _set_effect(kind: str, task: str, features: Sequence[int], seed: int | None, before: Mapping[int, bool], after: Mapping[int, bool], role: str) -> SetEffect:
+def _set_effect(
+    kind: str,
+    task: str,
+    features: Sequence[int],
+    seed: int | None,
+    before: Mapping[int, bool],
+    after: Mapping[int, bool],
+    role: str,
+) -> SetEffect:
     """The counts and deltas of one run on G_t (``before``/``after``: doc id -> correct, same docs)."""
     n = len(after)
     right = sum(after.values())
-    return SetEffect(kind=kind, task=task, features=list(features), seed=seed, n_critical=n, n_correct_after=right,
-                     acc_after=100.0 * right / n, delta_pp=intervention_delta(right, n, role),
-                     delta_measured_pp=100.0 * (right - sum(before.values())) / n,
-                     flipped_docs=sorted(d for d in after if before[d] != after[d]))
+    return SetEffect(
+        kind=kind,
+        task=task,
+        features=list(features),
+        seed=seed,
+        n_critical=n,
+        n_correct_after=right,
+        acc_after=100.0 * right / n,
+        delta_pp=intervention_delta(right, n, role),
+        delta_measured_pp=100.0 * (right - sum(before.values())) / n,
+        flipped_docs=sorted(d for d in after if before[d] != after[d]),
+    )
 
 
 def _records(results: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
@@ -373,7 +476,9 @@ def _records(results: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
     return list(samples[task])
 
 
-def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str, doc_ids: Sequence[int] | None) -> dict[int, bool]:
+def _correct_by_doc(
+    records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str, doc_ids: Sequence[int] | None
+) -> dict[int, bool]:
     """doc id -> correct, scored exactly as ``posttrain-probe critical`` scores (the task's metric in
     critical.json > 0, on the records of its filter), for ``doc_ids`` (all documents if None)."""
     from posttrain_probe.analysis.critical import is_correct, records_by_doc
@@ -381,7 +486,9 @@ def _correct_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, An
     _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     metric = entry.get("metric")
     if docs and metric not in next(iter(docs.values())):
-        raise ProbeError(f"sample records of task {task!r} have no metric {metric!r} (the metric critical.json scored with)")
+        raise ProbeError(
+            f"sample records of task {task!r} have no metric {metric!r} (the metric critical.json scored with)"
+        )
     out = {doc: is_correct(record, metric) for doc, record in docs.items()}
     if doc_ids is None:
         return out

@@ -24,25 +24,58 @@ class LmEvalConfig:
     YAML (e.g. a section of the study's file): the same keys, ``model_args`` a ``k=v,k=v`` string or a mapping.
     """
 
-    model_args: str = field(metadata={"help": "HF model_args as lm-eval's --model_args: pretrained=PATH,k=v,... (or a mapping)."})
+    model_args: str = field(
+        metadata={"help": "HF model_args as lm-eval's --model_args: pretrained=PATH,k=v,... (or a mapping)."}
+    )
     tasks: list[str] = field(metadata={"help": "lm-eval task names (repeat or comma-separate)."})
-    out: Path | None = field(default=None, metadata={"help": "Output directory (lm-eval's --output_path): results and per-task sample logs, lm_eval.json."})
-    include_path: list[str] = field(default_factory=list, metadata={"help": "lm-eval task folder(s) besides the shipped ones."})
+    out: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Output directory (lm-eval's --output_path): results and per-task sample logs, lm_eval.json."
+        },
+    )
+    include_path: list[str] = field(
+        default_factory=list, metadata={"help": "lm-eval task folder(s) besides the shipped ones."}
+    )
     log_samples: bool = field(default=True, metadata={"help": "Keep (and with out, write) the per-document records."})
-    limit: float | None = field(default=None, metadata={"help": "Documents per task (an int, or a fraction < 1), as lm-eval's --limit."})
-    samples: str | None = field(default=None, metadata={"help": "Doc ids per task, as lm-eval's --samples: a JSON {task: [ids]} or its file (excludes limit)."})
+    limit: float | None = field(
+        default=None, metadata={"help": "Documents per task (an int, or a fraction < 1), as lm-eval's --limit."}
+    )
+    samples: str | None = field(
+        default=None,
+        metadata={
+            "help": "Doc ids per task, as lm-eval's --samples: a JSON {task: [ids]} or its file (excludes limit)."
+        },
+    )
     batch_size: str = field(default="8", metadata={"help": "lm-eval batch size (an int or auto)."})
     device: str = field(default="cpu", metadata={"help": "lm-eval device (cpu, cuda, cuda:0)."})
     apply_chat_template: bool = field(default=False, metadata={"help": "As lm-eval's --apply_chat_template."})
     num_fewshot: int | None = field(default=None, metadata={"help": "As lm-eval's --num_fewshot."})
-    crosscoder: Path | None = field(default=None, metadata={"help": "Crosscoder directory of the intervention (none: plain hf)."})
-    features: str | None = field(default=None, metadata={"help": "Feature set of the intervention: a feature-set JSON, a category or indices 3,17,42."})
+    crosscoder: Path | None = field(
+        default=None, metadata={"help": "Crosscoder directory of the intervention (none: plain hf)."}
+    )
+    features: str | None = field(
+        default=None,
+        metadata={"help": "Feature set of the intervention: a feature-set JSON, a category or indices 3,17,42."},
+    )
     mode: str | None = field(default=None, metadata={"help": "zero (default) | set | scale | add | steer."})
-    value: float | None = field(default=None, metadata={"help": "set: the value (default 3.0); scale: factor; add: delta; steer: multiple of the max activation (default 2.0)."})
-    model_name: str | None = field(default=None, metadata={"help": "Crosscoder branch whose per-source code is edited."})
+    value: float | None = field(
+        default=None,
+        metadata={
+            "help": "set: the value (default 3.0); scale: factor; add: delta; steer: multiple of the max activation (default 2.0)."
+        },
+    )
+    model_name: str | None = field(
+        default=None, metadata={"help": "Crosscoder branch whose per-source code is edited."}
+    )
     positions: str | None = field(default=None, metadata={"help": "all (default) | prompt | last_prompt."})
-    reference: str | None = field(default=None, metadata={"help": "steer: the corpus of the max activations (dataset spec)."})
-    allow_model_mismatch: bool = field(default=False, metadata={"help": "Intervene even when pretrained is not the branch's model (nor tuned from it)."})
+    reference: str | None = field(
+        default=None, metadata={"help": "steer: the corpus of the max activations (dataset spec)."}
+    )
+    allow_model_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Intervene even when pretrained is not the branch's model (nor tuned from it)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("out", "crosscoder"):
@@ -56,7 +89,10 @@ class LmEvalConfig:
         self.tasks = split_names(self.tasks)
         if not self.tasks:
             raise ProbeError("tasks is empty: expected at least one lm-eval task name")
-        self.include_path = [str(p) for p in ([self.include_path] if isinstance(self.include_path, (str, Path)) else self.include_path or [])]
+        self.include_path = [
+            str(p)
+            for p in ([self.include_path] if isinstance(self.include_path, (str, Path)) else self.include_path or [])
+        ]
         if isinstance(self.features, (list, tuple)):
             self.features = ",".join(str(f) for f in self.features)
         self.batch_size = str(self.batch_size)
@@ -64,8 +100,13 @@ class LmEvalConfig:
             raise ProbeError(f"limit must be > 0 (documents per task, or a fraction), got {self.limit}")
         if self.limit is not None and self.samples is not None:
             raise ProbeError("give either samples (doc ids per task) or limit, not both")
-        if self.crosscoder is None and any(v is not None for v in (self.features, self.mode, self.value, self.model_name, self.positions, self.reference)):
-            raise ProbeError("features, mode, value, model_name, positions and reference need crosscoder (the crosscoder whose features are edited)")
+        if self.crosscoder is None and any(
+            v is not None
+            for v in (self.features, self.mode, self.value, self.model_name, self.positions, self.reference)
+        ):
+            raise ProbeError(
+                "features, mode, value, model_name, positions and reference need crosscoder (the crosscoder whose features are edited)"
+            )
 
     @property
     def doc_ids(self) -> dict[str, list[int]] | None:
@@ -80,7 +121,9 @@ class LmEvalConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ProbeError(f"samples {self.samples!r}: expected a JSON {{task: [doc ids]}} or its file ({err})") from None
+            raise ProbeError(
+                f"samples {self.samples!r}: expected a JSON {{task: [doc ids]}} or its file ({err})"
+            ) from None
         if not isinstance(data, dict):
             raise ProbeError(f"samples {self.samples!r}: expected a JSON object {{task: [doc ids]}}")
         return {str(t): [int(i) for i in ids] for t, ids in data.items()}

@@ -27,7 +27,16 @@ from lm_eval.models.huggingface import HFLM
 
 from posttrain_probe.errors import ProbeError
 
-INTERVENTION_ARGS = ("crosscoder", "features", "mode", "value", "model_name", "positions", "reference", "allow_model_mismatch")
+INTERVENTION_ARGS = (
+    "crosscoder",
+    "features",
+    "mode",
+    "value",
+    "model_name",
+    "positions",
+    "reference",
+    "allow_model_mismatch",
+)
 """model_args that ``probe-hf`` adds to HFLM's."""
 
 _PAD = 0  # lm-eval right-pads loglikelihood batches with zeros (pad_and_concat)
@@ -121,11 +130,24 @@ def check_intervention_args(
     ``crosscoder`` is given (plain ``hf``); raises :class:`ProbeError` naming the bad value."""
     from posttrain_probe.interventions.features import check_mode
 
-    given = {k: v for k, v in dict(features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference,
-                                   allow_model_mismatch=allow_model_mismatch).items() if v is not None}
+    given = {
+        k: v
+        for k, v in dict(
+            features=features,
+            mode=mode,
+            value=value,
+            model_name=model_name,
+            positions=positions,
+            reference=reference,
+            allow_model_mismatch=allow_model_mismatch,
+        ).items()
+        if v is not None
+    }
     if crosscoder is None:
         if given:
-            raise ProbeError(f"model_args {', '.join(f'{k}=' for k in given)} need crosscoder=DIR (the crosscoder whose features are edited)")
+            raise ProbeError(
+                f"model_args {', '.join(f'{k}=' for k in given)} need crosscoder=DIR (the crosscoder whose features are edited)"
+            )
         return None
     mode = "zero" if mode is None else str(mode)
     positions = "all" if positions is None else str(positions)
@@ -134,11 +156,17 @@ def check_intervention_args(
         raise ProbeError("crosscoder= needs features= (a feature-set JSON, a category, or indices like 3;17;42)")
     value = _float_or_none("value", value)
     if mode == "steer" and reference is None:
-        raise ProbeError("mode=steer needs reference=DATASET (--reference): the corpus over which each feature's max activation is taken")
+        raise ProbeError(
+            "mode=steer needs reference=DATASET (--reference): the corpus over which each feature's max activation is taken"
+        )
     if mode != "steer" and reference is not None and not controls:
-        raise ProbeError(f"reference= is only used by mode=steer and by the controls' firing rates (mode is {mode!r}, controls are off)")
+        raise ProbeError(
+            f"reference= is only used by mode=steer and by the controls' firing rates (mode is {mode!r}, controls are off)"
+        )
     if not Path(str(crosscoder)).is_dir():
-        raise ProbeError(f"crosscoder={crosscoder}: no such directory (expected a crosscoder saved with save_pretrained)")
+        raise ProbeError(
+            f"crosscoder={crosscoder}: no such directory (expected a crosscoder saved with save_pretrained)"
+        )
     from posttrain_probe.analysis.feature_sets import load_feature_set, resolve_features
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.interventions.features import FeatureIntervention
@@ -146,13 +174,21 @@ def check_intervention_args(
     cc = load_crosscoder(str(crosscoder))
     parsed = _features_spec(features)
     spec = InterventionSpec(
-        crosscoder=cc, crosscoder_dir=str(crosscoder), features=resolve_features(cc, parsed), mode=mode, value=value,
-        model_name=None if model_name is None else str(model_name), positions=positions, reference=None if reference is None else str(reference),
+        crosscoder=cc,
+        crosscoder_dir=str(crosscoder),
+        features=resolve_features(cc, parsed),
+        mode=mode,
+        value=value,
+        model_name=None if model_name is None else str(model_name),
+        positions=positions,
+        reference=None if reference is None else str(reference),
         allow_model_mismatch=_flag("allow_model_mismatch", allow_model_mismatch),
         provenance=load_feature_set(parsed).provenance if isinstance(parsed, str) and _is_file(parsed) else {},
     )
     if spec.model_name is None and cc.n_models != 1:
-        raise ProbeError(f"the crosscoder has models {cc.model_names}: add model_name=NAME (the branch to intervene on)")
+        raise ProbeError(
+            f"the crosscoder has models {cc.model_names}: add model_name=NAME (the branch to intervene on)"
+        )
     if mode != "steer":  # value and branch checks of the intervention itself
         FeatureIntervention(cc, spec.features, mode=mode, value=value, model_name=spec.model_name, positions=positions)
     else:
@@ -205,7 +241,13 @@ class ProbeHFLM(HFLM):
         self.intervention = None
         self._prompt_table: dict[tuple[int, ...], collections.deque] | None = None
         spec = check_intervention_args(
-            crosscoder=crosscoder, features=features, mode=mode, value=value, model_name=model_name, positions=positions, reference=reference,
+            crosscoder=crosscoder,
+            features=features,
+            mode=mode,
+            value=value,
+            model_name=model_name,
+            positions=positions,
+            reference=reference,
             allow_model_mismatch=allow_model_mismatch,
         )
         if spec is None:
@@ -215,7 +257,9 @@ class ProbeHFLM(HFLM):
             self.intervention = self._build(spec, None)
         super().__init__(pretrained, **kwargs)
         if self.backend != "causal":
-            raise ProbeError(f"probe-hf interventions need a decoder-only (causal) model; {pretrained} loads as {self.backend}")
+            raise ProbeError(
+                f"probe-hf interventions need a decoder-only (causal) model; {pretrained} loads as {self.backend}"
+            )
         if spec.mode == "steer":
             self.intervention = self._build(spec, self._max_activations(spec))
         self.intervention.attach(self.model)
@@ -227,7 +271,13 @@ class ProbeHFLM(HFLM):
         from posttrain_probe.interventions.features import FeatureIntervention
 
         return FeatureIntervention(
-            spec.crosscoder, spec.features, mode=spec.mode, value=spec.value, model_name=spec.model_name, positions=spec.positions, max_acts=max_acts,
+            spec.crosscoder,
+            spec.features,
+            mode=spec.mode,
+            value=spec.value,
+            model_name=spec.model_name,
+            positions=spec.positions,
+            max_acts=max_acts,
             allow_model_mismatch=spec.allow_model_mismatch,
         )
 
@@ -238,7 +288,12 @@ class ProbeHFLM(HFLM):
 
         branch = 0 if spec.model_name is None else spec.model_name
         return max_activations(
-            spec.crosscoder, branch, self.model, spec.reference, tokenizer=self.tokenizer, cache_dir=Path(spec.crosscoder_dir) / "max_activations",
+            spec.crosscoder,
+            branch,
+            self.model,
+            spec.reference,
+            tokenizer=self.tokenizer,
+            cache_dir=Path(spec.crosscoder_dir) / "max_activations",
             allow_model_mismatch=spec.allow_model_mismatch,
         )
 
@@ -292,7 +347,9 @@ class ProbeHFLM(HFLM):
         width = inps.shape[1]
         nonpad = (inps != _PAD).to(torch.int64)
         # length up to the last non-pad token; a row may really end in token 0, hence the search below
-        last = torch.where(nonpad.any(dim=1), width - nonpad.flip(dims=[1]).argmax(dim=1), torch.zeros_like(nonpad[:, 0]))
+        last = torch.where(
+            nonpad.any(dim=1), width - nonpad.flip(dims=[1]).argmax(dim=1), torch.zeros_like(nonpad[:, 0])
+        )
         rows, lasts = inps.tolist(), last.tolist()
         lengths: list[int | None] = []
         for row, n in zip(rows, lasts):
@@ -306,10 +363,14 @@ class ProbeHFLM(HFLM):
         if all(length is None for length in lengths):
             return None
         if any(length is None for length in lengths):  # pragma: no cover - would be an lm-eval change
-            raise RuntimeError("probe-hf: a loglikelihood batch mixes known and unknown rows; cannot tell its prompt lengths")
+            raise RuntimeError(
+                "probe-hf: a loglikelihood batch mixes known and unknown rows; cannot tell its prompt lengths"
+            )
         return torch.tensor(lengths, dtype=torch.long, device=inps.device)
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """HFLM's forward ([B, T] ids -> [B, T, V] logits), inside ``intervention.prompt_lengths``
         for loglikelihood batches when the intervention acts on prompt positions only."""
         if self._prompt_table is None:

@@ -40,7 +40,9 @@ def lm_eval_context_ids(
     Returns the ids (no truncation: lm-eval left-truncates only contexts longer than its max_length).
     """
     if output_type not in OUTPUT_TYPES or output_type == "loglikelihood_rolling":
-        raise ProbeError(f"output_type {output_type!r}: expected one of loglikelihood, multiple_choice, generate_until (a task with a prompt)")
+        raise ProbeError(
+            f"output_type {output_type!r}: expected one of loglikelihood, multiple_choice, generate_until (a task with a prompt)"
+        )
     if prefix_token_id is None:
         prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = {} if add_bos_token is None else {"add_special_tokens": bool(add_bos_token)}
@@ -77,7 +79,11 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pad_batch(
-    sequences: Sequence[Sequence[int]], *, pad_id: int, padding_side: str = "right", device: str | torch.device | None = None
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    padding_side: str = "right",
+    device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad token id lists into ``input_ids``, ``attention_mask`` and ``position_ids``, each ``[B, T]`` int64.
 
@@ -131,9 +137,13 @@ def last_prompt_activations(
 
     out: torch.Tensor | None = None
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=progress if isinstance(progress, str) else "prompts", unit="batch", disable=not progress):
+    for start in tqdm(
+        starts, desc=progress if isinstance(progress, str) else "prompts", unit="batch", disable=not progress
+    ):
         rows = order[start : start + batch_size]
-        input_ids, mask, positions = pad_batch([token_ids[i] for i in rows], pad_id=pad_id, padding_side=padding_side, device=device)
+        input_ids, mask, positions = pad_batch(
+            [token_ids[i] for i in rows], pad_id=pad_id, padding_side=padding_side, device=device
+        )
         hidden = truncated_forward(model, input_ids, mask, [layer], position_ids=positions)[layer]
         last = last_token_positions(mask)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float().cpu()

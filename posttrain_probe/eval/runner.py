@@ -54,8 +54,14 @@ class LmEvalResult:
         """Write ``lm_eval.json`` (metrics, model_args, the log files) to ``out``; returns its path."""
         path = Path(out) / "lm_eval.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": LM_EVAL_RESULT_FORMAT, "format_version": 1, "results": self.results, "model_args": self.model_args,
-                "results_file": self.results_file, "sample_files": self.sample_files}
+        data = {
+            "format": LM_EVAL_RESULT_FORMAT,
+            "format_version": 1,
+            "results": self.results,
+            "model_args": self.model_args,
+            "results_file": self.results_file,
+            "sample_files": self.sample_files,
+        }
         path.write_text(json.dumps(data, indent=2, default=str))
         return {"json": str(path)}
 
@@ -82,25 +88,57 @@ def lm_eval(config: LmEvalConfig) -> LmEvalResult:
 
     model_args = parse_model_args(config.model_args, "model_args")
     if config.crosscoder is not None:
-        spec = check_intervention_args(crosscoder=config.crosscoder, features=config.features, mode=config.mode, value=config.value,
-                                       model_name=config.model_name, positions=config.positions, reference=config.reference,
-                                       allow_model_mismatch=config.allow_model_mismatch or None)
-        model_args.update(crosscoder=str(config.crosscoder), features=spec.features_arg, mode=spec.mode, positions=spec.positions)
-        model_args.update({k: v for k, v in (("value", config.value), ("model_name", spec.model_name), ("reference", spec.reference)) if v is not None})
+        spec = check_intervention_args(
+            crosscoder=config.crosscoder,
+            features=config.features,
+            mode=config.mode,
+            value=config.value,
+            model_name=config.model_name,
+            positions=config.positions,
+            reference=config.reference,
+            allow_model_mismatch=config.allow_model_mismatch or None,
+        )
+        model_args.update(
+            crosscoder=str(config.crosscoder), features=spec.features_arg, mode=spec.mode, positions=spec.positions
+        )
+        model_args.update(
+            {
+                k: v
+                for k, v in (("value", config.value), ("model_name", spec.model_name), ("reference", spec.reference))
+                if v is not None
+            }
+        )
         if config.allow_model_mismatch:
             model_args["allow_model_mismatch"] = True
-    raw = evaluate(model_args, config.tasks, samples=config.doc_ids, include_path=config.include_path or None, log_samples=config.log_samples,
-                   output_path=config.out, batch_size=config.lm_eval_batch_size, limit=config.lm_eval_limit,
-                   apply_chat_template=config.apply_chat_template, device=config.device, num_fewshot=config.num_fewshot)
+    raw = evaluate(
+        model_args,
+        config.tasks,
+        samples=config.doc_ids,
+        include_path=config.include_path or None,
+        log_samples=config.log_samples,
+        output_path=config.out,
+        batch_size=config.lm_eval_batch_size,
+        limit=config.lm_eval_limit,
+        apply_chat_template=config.apply_chat_template,
+        device=config.device,
+        num_fewshot=config.num_fewshot,
+    )
     files = raw.pop("written_files", {})
-    result = LmEvalResult(dict(raw.get("results", {})), _describe(model_args), files.get("results"), dict(files.get("samples", {})),
-                          dict(raw.get("samples") or {}))
+    result = LmEvalResult(
+        dict(raw.get("results", {})),
+        _describe(model_args),
+        files.get("results"),
+        dict(files.get("samples", {})),
+        dict(raw.get("samples") or {}),
+    )
     if config.out is not None:
         result.write(config.out)
     return result
 
 
-def load_probe_lm(model_args: Mapping[str, Any], *, batch_size: int | str = 8, device: str = "cpu", max_batch_size: int | None = None):
+def load_probe_lm(
+    model_args: Mapping[str, Any], *, batch_size: int | str = 8, device: str = "cpu", max_batch_size: int | None = None
+):
     """A ``probe-hf`` lm-eval model (:class:`~posttrain_probe.eval.lm_eval_model.ProbeHFLM`) from
     ``model_args`` as in ``--model_args`` (``pretrained`` may also be a loaded
     ``PreTrainedModel``, with ``tokenizer`` then required). ``dtype`` defaults to float32 on the
@@ -144,7 +182,10 @@ def make_task_manager(
 
 def _describe(model_args: Mapping[str, Any]) -> dict[str, Any]:
     """model_args as recorded in lm-eval's results (objects replaced by their class name)."""
-    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else f"<{type(v).__name__}>" for k, v in model_args.items()}
+    return {
+        k: v if isinstance(v, (str, int, float, bool, type(None))) else f"<{type(v).__name__}>"
+        for k, v in model_args.items()
+    }
 
 
 def evaluate(

@@ -45,7 +45,9 @@ class ReferenceReading:
     """Dataset config name (hub datasets)."""
 
 
-def max_activations(crosscoder, model_name: str | int, model: nn.Module | str | os.PathLike, data, **kwargs: Any) -> torch.Tensor:
+def max_activations(
+    crosscoder, model_name: str | int, model: nn.Module | str | os.PathLike, data, **kwargs: Any
+) -> torch.Tensor:
     """``[F]`` float32 (CPU): max over a reference corpus of each feature's per-source code f^m
     (code units), the quantity ``steer`` multiplies (docs/methods.md sec. 7, paper S B.3).
 
@@ -107,30 +109,45 @@ def source_activation_stats(
         model = load_causal_lm(model, keep_layers=layer)
     validate_layer(model, layer)
     if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(f"the crosscoder has d_model {cc.config.d_model}, the model's hidden size is {hidden_size(model)}")
+        raise ProbeError(
+            f"the crosscoder has d_model {cc.config.d_model}, the model's hidden size is {hidden_size(model)}"
+        )
     check_model(model, slot_fingerprint(cc, slot), cc.model_names[slot], allow_mismatch=allow_model_mismatch)
     batches, data_key = _reference_batches(data, tokenizer, model, reading)
 
     key = {
-        "version": _MAX_ACTS_VERSION, "crosscoder": crosscoder_fingerprint(cc), "model_name": cc.model_names[slot],
-        "model": _model_fingerprint(model, layer), "data": data_key, "layer": layer, "excluded": ["padding", "first position", "bos"],
+        "version": _MAX_ACTS_VERSION,
+        "crosscoder": crosscoder_fingerprint(cc),
+        "model_name": cc.model_names[slot],
+        "model": _model_fingerprint(model, layer),
+        "data": data_key,
+        "layer": layer,
+        "excluded": ["padding", "first position", "bos"],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     if cache_dir is None and path is not None:
         cache_dir = path / "max_activations"
-    cache_file = Path(cache_dir) / f"max_activations_{digest[:24]}.safetensors" if cache and cache_dir is not None else None
+    cache_file = (
+        Path(cache_dir) / f"max_activations_{digest[:24]}.safetensors" if cache and cache_dir is not None else None
+    )
     if cache_file is not None and cache_file.exists():
         from safetensors import safe_open
 
         with safe_open(str(cache_file), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("key") == json.dumps(key, sort_keys=True):
-                return FeatureStats(handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"]))
+                return FeatureStats(
+                    handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"])
+                )
 
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
     encoder = cc if cc.W_enc.device == device else copy.deepcopy(cc).to(device)
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else getattr(inner.config, "bos_token_id", None)
+    bos = (
+        getattr(tokenizer, "bos_token_id", None)
+        if tokenizer is not None
+        else getattr(inner.config, "bos_token_id", None)
+    )
     best = torch.zeros(cc.config.n_features, dtype=torch.float32, device=device)
     fired = torch.zeros(cc.config.n_features, dtype=torch.int64, device=device)
     n_tokens = 0
@@ -156,8 +173,11 @@ def source_activation_stats(
 
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(".tmp")
-        save_file({"max_activations": stats.max_activation, "frequency": stats.frequency}, str(partial),
-                  metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)})
+        save_file(
+            {"max_activations": stats.max_activation, "frequency": stats.frequency},
+            str(partial),
+            metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)},
+        )
         os.replace(partial, cache_file)
     return stats
 
@@ -167,7 +187,9 @@ class _Batch:
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            raise ProbeError(f"token batches must hold input_ids of shape [B, T], got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+            raise ProbeError(
+                f"token batches must hold input_ids of shape [B, T], got {getattr(input_ids, 'shape', type(input_ids).__name__)}"
+            )
         self.input_ids = input_ids.long()
         self.attention_mask = torch.ones_like(self.input_ids) if attention_mask is None else attention_mask.long()
 
@@ -177,14 +199,23 @@ def _reference_batches(data, tokenizer, model, reading: ReferenceReading) -> tup
     from posttrain_probe.data import TokenBatch, dataset_fingerprint, load_dataset_spec, token_batches
 
     loaded_datasets = sys.modules.get("datasets")  # a Dataset can only exist once `datasets` is imported
-    spec_like = isinstance(data, (str, os.PathLike)) or (loaded_datasets is not None and isinstance(data, loaded_datasets.Dataset)) or (
-        isinstance(data, Sequence) and not isinstance(data, TokenBatch) and len(data) > 0 and all(isinstance(t, str) for t in data)
+    spec_like = (
+        isinstance(data, (str, os.PathLike))
+        or (loaded_datasets is not None and isinstance(data, loaded_datasets.Dataset))
+        or (
+            isinstance(data, Sequence)
+            and not isinstance(data, TokenBatch)
+            and len(data) > 0
+            and all(isinstance(t, str) for t in data)
+        )
     )
     if spec_like:
         if tokenizer is None:
             source = getattr(unwrap_model(model), "name_or_path", "")
             if not source:
-                raise ProbeError("a dataset spec needs tokenizer= (the model object does not name where its tokenizer is)")
+                raise ProbeError(
+                    "a dataset spec needs tokenizer= (the model object does not name where its tokenizer is)"
+                )
             from posttrain_probe.models import load_tokenizer
 
             tokenizer = load_tokenizer(source)
@@ -193,8 +224,11 @@ def _reference_batches(data, tokenizer, model, reading: ReferenceReading) -> tup
         r = reading
         dataset = load_dataset_spec(data, split=r.split, config_name=r.dataset_config, n_docs=r.n_docs)
         key = {
-            "dataset": dataset_fingerprint(dataset, r.column), "n_docs": len(dataset), "seq_len": r.seq_len,
-            "column": r.column, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "dataset": dataset_fingerprint(dataset, r.column),
+            "n_docs": len(dataset),
+            "seq_len": r.seq_len,
+            "column": r.column,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
         }
         return list(token_batches(dataset, tokenizer, column=r.column, seq_len=r.seq_len, batch_size=r.batch_size)), key
     if isinstance(data, (torch.Tensor, TokenBatch, Mapping)):

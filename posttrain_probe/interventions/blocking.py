@@ -75,7 +75,9 @@ class GradientBlocker:
         try:
             self.features = sorted({int(f) for f in features})
         except (TypeError, ValueError) as err:
-            raise ProbeError(f"features must be integer indices, got {features!r}: use resolve_features() for categories, files or '3,17'") from err
+            raise ProbeError(
+                f"features must be integer indices, got {features!r}: use resolve_features() for categories, files or '3,17'"
+            ) from err
         bad = [f for f in self.features if not 0 <= f < n_features]
         if bad:
             raise ProbeError(f"feature indices {bad[:10]} are out of range for a crosscoder of {n_features} features")
@@ -83,10 +85,22 @@ class GradientBlocker:
         index = torch.tensor(self.features, dtype=torch.long)
         with torch.no_grad():
             scale = crosscoder.scales[self.slot].detach().float().cpu()
-            self._dec = (crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale).contiguous()  # [|S|, d], raw units
-            if crosscoder.config.activation == "batchtopk" and crosscoder.config.source_thresholds is None and float(crosscoder.threshold) < 0:
-                raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
-            self._encoder = crosscoder.restrict(self.features, encoder_bias=encoder_bias) if mode == "sae" and self.features else None
+            self._dec = (
+                crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale
+            ).contiguous()  # [|S|, d], raw units
+            if (
+                crosscoder.config.activation == "batchtopk"
+                and crosscoder.config.source_thresholds is None
+                and float(crosscoder.threshold) < 0
+            ):
+                raise ProbeError(
+                    "this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined"
+                )
+            self._encoder = (
+                crosscoder.restrict(self.features, encoder_bias=encoder_bias)
+                if mode == "sae" and self.features
+                else None
+            )
             self._basis = None
             if mode != "sae" and self.features:
                 u, sigma, _ = torch.linalg.svd(self._dec.T.double(), full_matrices=False)
@@ -104,7 +118,9 @@ class GradientBlocker:
         if key not in self._cache:
             with torch.inference_mode(False):  # normal tensors: usable in and outside inference mode
                 move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
-                self._encoders[key] = None if self._encoder is None else copy.deepcopy(self._encoder).to(like.device, like.dtype)
+                self._encoders[key] = (
+                    None if self._encoder is None else copy.deepcopy(self._encoder).to(like.device, like.dtype)
+                )
                 self._cache[key] = (move(self._dec), move(self._basis))
         return (self._encoders[key], *self._cache[key])
 
@@ -126,7 +142,9 @@ class GradientBlocker:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The blocked residual stream for x [..., d]: same value (except ``ablate``), blocked gradient."""
         if x.shape[-1] != self.d_model:
-            raise ProbeError(f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}")
+            raise ProbeError(
+                f"the blocker was built for width {self.d_model}, the residual stream has width {x.shape[-1]}"
+            )
         if not torch.is_grad_enabled() and self.mode != "ablate":
             return x  # evaluation / generation: the value is x, there is no gradient to block
         if self.mode == "subspace" and self._basis is not None and self._basis.shape[1] == self.d_model:
@@ -148,8 +166,12 @@ class GradientBlocker:
             raise ProbeError("the model already has a gradient blocker attached; detach it before attaching another")
         validate_layer(inner, self.layer)
         if hidden_size(inner) != self.d_model:
-            raise ProbeError(f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}")
-        self.model_mismatch = check_model(inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch)
+            raise ProbeError(
+                f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}"
+            )
+        self.model_mismatch = check_model(
+            inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch
+        )
 
         def hook(module, args, kwargs):
             if args:

@@ -147,7 +147,9 @@ class FeatureIntervention:
         self.value = check_value(mode, value)
         if model_name is None:
             if cc.n_models != 1:
-                raise ProbeError(f"the crosscoder has models {cc.model_names}: pass model_name= (the branch to intervene on)")
+                raise ProbeError(
+                    f"the crosscoder has models {cc.model_names}: pass model_name= (the branch to intervene on)"
+                )
             model_name = 0
         self.slot = cc.model_index(model_name)
         self.model_name = cc.model_names[self.slot]
@@ -167,14 +169,20 @@ class FeatureIntervention:
             # delta = (f'_S - f_S) @ dec, raw units (docs/methods.md sec. 2-3, 7); f_S from the crosscoder restricted to S.
             self._dec = (cc.W_dec.detach()[index, self.slot] / scale).contiguous()  # [|S|, d]
             if cc.config.activation == "batchtopk" and cc.config.source_thresholds is None and float(cc.threshold) < 0:
-                raise ProbeError("this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined")
+                raise ProbeError(
+                    "this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined"
+                )
             self._encoder = cc.restrict(self.features)
             if mode == "steer":
                 if max_acts is None:
-                    raise ProbeError("mode 'steer' needs max_acts= ([F] max activation per feature): compute it with max_activations(...)")
+                    raise ProbeError(
+                        "mode 'steer' needs max_acts= ([F] max activation per feature): compute it with max_activations(...)"
+                    )
                 max_acts = torch.as_tensor(max_acts).detach()
                 if tuple(max_acts.shape) != (self.n_features,) or not torch.isfinite(max_acts).all():
-                    raise ProbeError(f"max_acts must be a finite [{self.n_features}] tensor (one max per feature), got shape {tuple(max_acts.shape)}")
+                    raise ProbeError(
+                        f"max_acts must be a finite [{self.n_features}] tensor (one max per feature), got shape {tuple(max_acts.shape)}"
+                    )
                 max_acts = max_acts.to(self._dec.device, self._dec.dtype)[index].contiguous()
             self.feature_edit = feature_edit(mode, self.value, max_acts)
             """The edit f'_S = a f_S + b of this intervention (:class:`FeatureEdit`)."""
@@ -210,7 +218,9 @@ class FeatureIntervention:
         ``mask``: ``[...]`` bool, None = everywhere. Returns a new tensor of a's shape and dtype.
         """
         if a.shape[-1] != self.d_model:
-            raise ProbeError(f"the intervention was built for width {self.d_model}, the activations have width {a.shape[-1]}")
+            raise ProbeError(
+                f"the intervention was built for width {self.d_model}, the activations have width {a.shape[-1]}"
+            )
         _, dec, edit = self._weights(a)
         edited = a + edit.change(self.codes(a)) @ dec
         if mask is None:
@@ -236,7 +246,9 @@ class FeatureIntervention:
         finally:
             self._prompt_lengths = previous
 
-    def _position_mask(self, batch: int, length: int, forward: _ForwardInputs | None, device: torch.device) -> torch.Tensor | None | bool:
+    def _position_mask(
+        self, batch: int, length: int, forward: _ForwardInputs | None, device: torch.device
+    ) -> torch.Tensor | None | bool:
         """[B, T] bool mask of the positions to edit in a forward; None = all, False = none."""
         lengths = self._prompt_lengths
         if forward is None:
@@ -250,7 +262,9 @@ class FeatureIntervention:
         real = full = None
         if mask is not None:
             if mask.shape[0] != batch or mask.shape[1] < length:
-                raise ProbeError(f"attention mask of shape {tuple(mask.shape)} does not fit a forward of {batch} x {length} tokens")
+                raise ProbeError(
+                    f"attention mask of shape {tuple(mask.shape)} does not fit a forward of {batch} x {length} tokens"
+                )
             past = mask.shape[1] - length
             full = mask.to(device=device, dtype=torch.bool)
             real = full[:, past:]
@@ -292,8 +306,12 @@ class FeatureIntervention:
         inner = unwrap_model(model)
         validate_layer(inner, self.layer)
         if hidden_size(inner) != self.d_model:
-            raise ProbeError(f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}")
-        self.model_mismatch = check_model(inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch)
+            raise ProbeError(
+                f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}"
+            )
+        self.model_mismatch = check_model(
+            inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch
+        )
         hooks = getattr(inner, _HOOKS_ATTR, None)
         if hooks is None:
             hooks = _ModelHooks(inner)
@@ -387,7 +405,10 @@ class _ModelHooks:
         self.model = model
         parameters = list(inspect.signature(model.forward).parameters.values())
         positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self._slots = {name: positional.index(name) if name in positional else None for name in ("attention_mask", "past_key_values")}
+        self._slots = {
+            name: positional.index(name) if name in positional else None
+            for name in ("attention_mask", "past_key_values")
+        }
         self.forward: _ForwardInputs | None = None
         self.by_layer: dict[int, list[FeatureIntervention]] = {}
         self._layer_handles: dict[int, Any] = {}
@@ -422,7 +443,9 @@ class _ModelHooks:
             self.by_layer[layer] = []
             # prepend=True: edit before other hooks on the block (sharding wrappers' parameter gathers).
             block = decoder_blocks(self.model)[layer]
-            self._layer_handles[layer] = block.register_forward_pre_hook(self._edit_hook(layer), with_kwargs=True, prepend=True)
+            self._layer_handles[layer] = block.register_forward_pre_hook(
+                self._edit_hook(layer), with_kwargs=True, prepend=True
+            )
         self.by_layer[layer].append(intervention)
 
     def remove(self, intervention: FeatureIntervention) -> bool:

@@ -47,6 +47,8 @@ def load_local_jsonl(data_files: dict[str, str | os.PathLike] | None = None, **_
     for split, path in dict(data_files).items():
         full = Path(path) if Path(path).is_absolute() else TASKS_DIR / path
         if not full.is_file():
-            raise ProbeError(f"data file of split {split!r} not found: {full} (expected a JSONL file, one document per line)")
+            raise ProbeError(
+                f"data file of split {split!r} not found: {full} (expected a JSONL file, one document per line)"
+            )
         resolved[split] = str(full)
     return datasets.load_dataset("json", data_files=resolved)
