@@ -94,20 +94,20 @@ def timed(evaluate, lm, args, task_manager) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one lm-eval run."""
     import torch
 
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    evaluate(
-        {},
-        args.tasks,
-        lm=lm,
-        task_manager=task_manager,
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
+
+    config = LmEvalConfig(
+        model_args={},
+        tasks=args.tasks,
         samples=args.samples,
         batch_size=args.batch_size,
         device=args.device,
         log_samples=False,
-        gen_kwargs={"max_gen_toks": args.max_gen_toks},
     )
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    evaluate(config, lm=lm, task_manager=task_manager, gen_kwargs={"max_gen_toks": args.max_gen_toks})
     if args.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu

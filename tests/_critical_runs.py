@@ -73,6 +73,7 @@ def critical_runs() -> CriticalRuns:
     from posttrain_probe.cli import app
     from posttrain_probe.crosscoder import Crosscoder
     from posttrain_probe.crosscoder.config import CrosscoderConfig
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
     from posttrain_probe.eval.runner import evaluate
     from posttrain_probe.eval.tasks import TASKS_DIR
     from posttrain_probe.layers import truncated_forward
@@ -92,12 +93,14 @@ def critical_runs() -> CriticalRuns:
     for name in ("base", "tuned"):  # generation is the slow part: fewer documents of probe_math
         for tasks, limit in ((["probe_mcq", "probe_mcq_qa"], N_DOCS), (["probe_math"], N_MATH_DOCS)):
             evaluate(
-                {"pretrained": str(models[name])},
-                tasks,
-                include_path=str(include),
-                limit=limit,
-                batch_size=32,
-                output_path=root / "runs" / name,
+                LmEvalConfig(
+                    model_args={"pretrained": str(models[name])},
+                    tasks=tasks,
+                    include_path=[str(include)],
+                    limit=limit,
+                    batch_size="32",
+                    out=root / "runs" / name,
+                )
             )
     critical = root / "critical.json"
     result = CliRunner().invoke(

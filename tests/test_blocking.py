@@ -810,7 +810,8 @@ def trained_sae(tmp_path_factory):
     live activations at SFT_LAYER (FVU ~0.06)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from posttrain_probe.activations.live import LiveActivations
-    from posttrain_probe.crosscoder.train import CrosscoderTrainingConfig, train_crosscoder
+    from posttrain_probe.activations.live_config import LiveConfig
+    from posttrain_probe.crosscoder import CrosscoderTrainingConfig, train_crosscoder
 
     base = tiny_model("qwen3", seed=0)
     source = LiveActivations(
@@ -818,8 +819,7 @@ def trained_sae(tmp_path_factory):
         arithmetic_dataset(128, seed=5),
         layer=SFT_LAYER,
         tokenizer=tiny_tokenizer(),
-        seq_len=64,
-        forward_batch_size=32,
+        config=LiveConfig(seq_len=64, forward_batch_size=32),
     )
     config = CrosscoderTrainingConfig(
         n_tokens=256 * 300,

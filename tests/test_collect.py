@@ -26,6 +26,7 @@ from posttrain_probe.activations import (
 )
 from posttrain_probe.activations.capture import outlier_mask
 from posttrain_probe.activations.collect import collect
+from posttrain_probe.activations.live_config import LiveConfig
 from posttrain_probe.cli import app
 from posttrain_probe.data import load_dataset_spec, token_batches
 from posttrain_probe.synthetic import arithmetic_dataset
@@ -152,7 +153,7 @@ def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     )
     collect(config, dataset=data, progress=False)
     stored = torch.cat(list(PairedActivations.from_directory(tmp_path / "o").iter_batches(4096, shuffle=False)))
-    live = LiveActivations(models, data, layer=LAYER, seq_len=40, forward_batch_size=4)
+    live = LiveActivations(models, data, layer=LAYER, config=LiveConfig(seq_len=40, forward_batch_size=4))
     assert live.model_names == ["base", "tuned"] and live.d_model == 64
     unshuffled = torch.cat(list(live.chunks()))
     torch.testing.assert_close(unshuffled, stored)
@@ -162,7 +163,9 @@ def test_live_activations_match_the_stores(tiny_pair, tmp_path):
     assert got.shape == stored.shape and not torch.equal(got, stored)
     key = lambda x: x[:, 0, 0] * 1e3 + x[:, 0, 1]  # noqa: E731
     torch.testing.assert_close(got[key(got).argsort()], stored[key(stored).argsort()])
-    limited = torch.cat(list(LiveActivations(models, data, layer=LAYER, seq_len=40, max_tokens=100).iter_batches(30)))
+    limited = torch.cat(
+        list(LiveActivations(models, data, layer=LAYER, config=LiveConfig(seq_len=40, max_tokens=100)).iter_batches(30))
+    )
     assert limited.shape == (100, 2, 64)
 
 
@@ -406,10 +409,10 @@ def test_bad_layer_values_fail_before_loading(tmp_path):
 def test_live_activations_split_batches_across_ranks(tiny_pair):
     models = {"base": tiny_pair["base"]}
     data = arithmetic_dataset(12)
-    whole = torch.cat(list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2).chunks()))
+    reading = LiveConfig(seq_len=24, forward_batch_size=2)
+    whole = torch.cat(list(LiveActivations(models, data, layer=1, config=reading).chunks()))
     parts = [
-        list(LiveActivations(models, data, layer=1, seq_len=24, forward_batch_size=2, rank=r, world_size=2).chunks())
-        for r in (0, 1)
+        list(LiveActivations(models, data, layer=1, config=reading, rank=r, world_size=2).chunks()) for r in (0, 1)
     ]
     interleaved = [chunk for pair in zip(*parts) for chunk in pair]
     torch.testing.assert_close(torch.cat(interleaved), whole)

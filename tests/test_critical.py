@@ -20,6 +20,7 @@ from posttrain_probe.analysis.critical import (
 from posttrain_probe.analysis.critical_config import CriticalConfig
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.eval.lm_eval_config import LmEvalConfig
 from posttrain_probe.eval.runner import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,18 +33,22 @@ def runs(tiny_pair, tmp_path_factory):
     """lm-eval runs of the base and the tuned model on probe_mcq + probe_math (16 docs each).
     The base output folder also holds an older run over 8 docs (so the newest file must be picked)."""
     out = tmp_path_factory.mktemp("runs")
-    common = dict(batch_size=8, gen_kwargs={"max_gen_toks": 4})
-    old = evaluate({"pretrained": str(tiny_pair["base"])}, TASKS, limit=8, output_path=out / "base", **common)
-    base = evaluate({"pretrained": str(tiny_pair["base"])}, TASKS, limit=N_DOCS, output_path=out / "base", **common)
-    rl = evaluate({"pretrained": str(tiny_pair["tuned"])}, TASKS, limit=N_DOCS, output_path=out / "rl", **common)
-    fewshot = evaluate(
-        {"pretrained": str(tiny_pair["tuned"])},
-        ["probe_mcq"],
-        limit=N_DOCS,
-        num_fewshot=1,
-        output_path=out / "rl_fewshot",
-        **common,
-    )
+
+    def run(model, tasks, limit, folder, **settings):
+        config = LmEvalConfig(
+            model_args={"pretrained": str(tiny_pair[model])},
+            tasks=tasks,
+            limit=limit,
+            out=out / folder,
+            batch_size="8",
+            **settings,
+        )
+        return evaluate(config, gen_kwargs={"max_gen_toks": 4})
+
+    old = run("base", TASKS, 8, "base")
+    base = run("base", TASKS, N_DOCS, "base")
+    rl = run("tuned", TASKS, N_DOCS, "rl")
+    fewshot = run("tuned", ["probe_mcq"], N_DOCS, "rl_fewshot", num_fewshot=1)
     return {"dir": out, "old": old, "base": base, "rl": rl, "fewshot": fewshot}
 
 

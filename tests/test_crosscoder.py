@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
-from posttrain_probe.crosscoder.train import l1_factor, lr_factor
+from posttrain_probe.crosscoder.schedules import l1_factor, lr_factor
 from posttrain_probe.errors import ProbeError
 
 

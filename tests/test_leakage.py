@@ -175,11 +175,15 @@ def test_blocked_model_moved_its_protected_features_less(runs, tmp_path):
 def _base_vs_blocked_crosscoder(runs, out_dir):
     """A base-vs-blocked crosscoder trained on the tokens leakage compares (3000 tokens, several passes)."""
     from posttrain_probe.activations.live import LiveActivations
+    from posttrain_probe.activations.live_config import LiveConfig
     from posttrain_probe.activations.memory import MemoryActivations
     from posttrain_probe.crosscoder import CrosscoderTrainingConfig, train_crosscoder
 
     live = LiveActivations(
-        {"base": runs["base"], "blocked": runs["blocked"]}, "synthetic:arithmetic", layer=2, seq_len=64, max_tokens=3000
+        {"base": runs["base"], "blocked": runs["blocked"]},
+        "synthetic:arithmetic",
+        layer=2,
+        config=LiveConfig(seq_len=64, max_tokens=3000),
     )
     acts = torch.cat([chunk.cpu() for chunk in live.chunks()])
     config = CrosscoderConfig(model_names=["base", "blocked"], n_features=128, layer=2)

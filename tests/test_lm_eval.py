@@ -258,6 +258,7 @@ def test_prompt_positions_exclude_the_continuation(model_dir, cc_dir):
 
 
 def test_evaluate_on_a_doc_subset_writes_lm_eval_logs(model_dir, cc_dir, tmp_path):
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
     from posttrain_probe.eval.runner import evaluate
 
     model_args = {
@@ -267,7 +268,11 @@ def test_evaluate_on_a_doc_subset_writes_lm_eval_logs(model_dir, cc_dir, tmp_pat
         "model_name": "rl",
         "mode": "zero",
     }
-    result = evaluate(model_args, ["probe_mcq"], samples={"probe_mcq": [3, 7, 11]}, output_path=tmp_path / "out")
+    result = evaluate(
+        LmEvalConfig(
+            model_args=model_args, tasks=["probe_mcq"], samples={"probe_mcq": [3, 7, 11]}, out=tmp_path / "out"
+        )
+    )
     records = result["samples"]["probe_mcq"]
     assert sorted(r["doc_id"] for r in records) == [3, 7, 11]
     docs = multiple_choice_dataset(n=200, seed=100)
@@ -283,12 +288,14 @@ def test_evaluate_on_a_doc_subset_writes_lm_eval_logs(model_dir, cc_dir, tmp_pat
 
 
 def test_evaluate_rejects_samples_and_limit(model_dir):
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
     from posttrain_probe.eval.runner import evaluate
 
+    model_args = {"pretrained": str(model_dir)}
     with pytest.raises(ProbeError, match="not both"):
-        evaluate({"pretrained": str(model_dir)}, ["probe_mcq"], samples={"probe_mcq": [1]}, limit=2)
+        evaluate(LmEvalConfig(model_args=model_args, tasks=["probe_mcq"], samples={"probe_mcq": [1]}, limit=2))
     with pytest.raises(ProbeError, match="not evaluated"):
-        evaluate({"pretrained": str(model_dir)}, ["probe_mcq"], samples={"probe_math": [1]})
+        evaluate(LmEvalConfig(model_args=model_args, tasks=["probe_mcq"], samples={"probe_math": [1]}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from posttrain_probe.analysis.features import feature_activation_stats
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
 from posttrain_probe.crosscoder.inspect import crosscoder_summary, load_crosscoder, training_status
-from posttrain_probe.crosscoder.train import quality_warnings
+from posttrain_probe.crosscoder.metrics import quality_warnings
 from posttrain_probe.errors import ProbeError
 
 runner = CliRunner()

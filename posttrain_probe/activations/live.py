@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from posttrain_probe.activations.capture import capture_batch
+from posttrain_probe.activations.live_config import LiveConfig
 from posttrain_probe.activations.shuffle import ActivationSource
 from posttrain_probe.data import load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
@@ -21,9 +22,10 @@ class LiveActivations(ActivationSource):
     """Paired truncated forwards of N models over a dataset, served as shuffled [batch, n_models, d].
 
     Same token selection as the stores (no padding, first position or BOS; optional norm-outlier
-    filter), same units (raw model activations). Models given as paths are loaded with
-    ``model_dtype`` onto ``device`` with the blocks after ``layer`` dropped. For data-parallel
-    training pass ``rank``/``world_size``: each rank reads every world_size-th document batch.
+    filter), same units (raw model activations); how the dataset is read is ``config`` (:class:`LiveConfig`).
+    Models given as paths are loaded with ``config.model_dtype`` onto ``config.device`` with the blocks after
+    ``layer`` dropped. For data-parallel training pass ``rank``/``world_size``: each rank reads every
+    world_size-th document batch.
     """
 
     def __init__(
@@ -33,20 +35,13 @@ class LiveActivations(ActivationSource):
         *,
         layer: int | None = None,
         tokenizer=None,
-        seq_len: int = 512,
-        forward_batch_size: int = 8,
-        max_tokens: int | None = None,
-        outlier_factor: float | None = None,
-        column: str | None = None,
-        split: str = "train",
-        dataset_config: str | None = None,
-        model_dtype: str | torch.dtype = "auto",
-        device: str | torch.device | None = None,
+        config: LiveConfig | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         if not models:
             raise ProbeError("LiveActivations needs at least one model")
+        config = config or LiveConfig()
         if not 0 <= rank < world_size:
             raise ProbeError(f"rank {rank} is outside world_size {world_size}")
         path_models = {n: m for n, m in models.items() if not isinstance(m, nn.Module)}
@@ -61,7 +56,7 @@ class LiveActivations(ActivationSource):
             self.models[name] = (
                 model
                 if isinstance(model, nn.Module)
-                else load_causal_lm(model, dtype=model_dtype, device=device, keep_layers=layer)
+                else load_causal_lm(model, dtype=config.model_dtype, device=config.device, keep_layers=layer)
             )
             check_same_hidden_size({n: hidden_size(m) for n, m in self.models.items()})
         first = next(iter(self.models.values()))
@@ -71,9 +66,8 @@ class LiveActivations(ActivationSource):
                 validate_layer(model, self.layer)
             except ProbeError as err:
                 raise ProbeError(f"model {name!r}: {err}") from None
-        self.dataset = load_dataset_spec(dataset, split=split, config_name=dataset_config)
-        self.seq_len, self.forward_batch_size, self.column = seq_len, forward_batch_size, column
-        self.max_tokens, self.outlier_factor = max_tokens, outlier_factor
+        self.dataset = load_dataset_spec(dataset, split=config.split, config_name=config.dataset_config)
+        self.config = config
         self.rank, self.world_size = rank, world_size
 
     @property
@@ -106,13 +100,13 @@ class LiveActivations(ActivationSource):
                 for batch in token_batches(
                     self.dataset,
                     self.tokenizer,
-                    column=self.column,
-                    seq_len=self.seq_len,
-                    batch_size=self.forward_batch_size,
+                    column=self.config.column,
+                    seq_len=self.config.seq_len,
+                    batch_size=self.config.forward_batch_size,
                     start_batch=self.rank,
                     step=self.world_size,
                 ):
-                    remaining = None if self.max_tokens is None else self.max_tokens - produced
+                    remaining = None if self.config.max_tokens is None else self.config.max_tokens - produced
                     if remaining is not None and remaining <= 0:
                         break
                     captured = capture_batch(
@@ -120,7 +114,7 @@ class LiveActivations(ActivationSource):
                         batch,
                         [self.layer],
                         bos_token_id=self.tokenizer.bos_token_id,
-                        outlier_factor=self.outlier_factor,
+                        outlier_factor=self.config.outlier_factor,
                         max_tokens=remaining,
                     )
                     produced += captured.token_ids.numel()

@@ -58,6 +58,7 @@ def leakage(
     ``settings["model_mismatch"]``).
     """
     from posttrain_probe.activations.live import LiveActivations
+    from posttrain_probe.activations.live_config import LiveConfig
     from posttrain_probe.analysis.feature_sets import resolve_features
 
     cc, cc_path = _crosscoder(config.crosscoder if crosscoder is None else crosscoder, config.allow_incomplete)
@@ -89,11 +90,17 @@ def leakage(
         "base": config.base if base_model is None else base_model,
         "blocked": config.blocked if blocked_model is None else blocked_model,
     }
-    source = LiveActivations(
-        models, config.dataset, layer=layer, tokenizer=tokenizer, seq_len=config.seq_len, forward_batch_size=config.forward_batch_size,
-        max_tokens=config.max_tokens or None, column=config.column, split=config.split, dataset_config=config.dataset_config,
-        model_dtype=config.dtype, device=config.device,
-    )  # fmt: skip
+    reading = LiveConfig(
+        seq_len=config.seq_len,
+        forward_batch_size=config.forward_batch_size,
+        max_tokens=config.max_tokens or None,
+        column=config.column,
+        split=config.split,
+        dataset_config=config.dataset_config,
+        model_dtype=config.dtype,
+        device=config.device,
+    )
+    source = LiveActivations(models, config.dataset, layer=layer, tokenizer=tokenizer, config=reading)
     if source.d_model != cc.config.d_model:
         raise ProbeError(
             f"the crosscoder {cc_path or ''} has d_model {cc.config.d_model} but the models' hidden size is {source.d_model}: "

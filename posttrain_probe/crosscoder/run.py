@@ -43,7 +43,7 @@ class CrosscoderRun(NamedTuple):
     complete: bool
     """True once the run reached ``total_steps``; False: continue it with ``resume``."""
     warnings: list[str] | None
-    """Quality warnings of a finished run (:func:`posttrain_probe.crosscoder.train.quality_warnings`); None: not checked (unfinished)."""
+    """Quality warnings of a finished run (:func:`posttrain_probe.crosscoder.metrics.quality_warnings`); None: not checked (unfinished)."""
     config: CrosscoderConfig
     """The trained crosscoder's config (its ``config.json``)."""
 
@@ -84,7 +84,8 @@ def crosscoder_train(config: CrosscoderTrainConfig, *, source=None, progress: bo
     or ``source``: an already opened activation source (PairedActivations, LiveActivations, ...).
     Quality warnings of a finished run are recorded in the result (and training_status.json), not raised.
     """
-    from posttrain_probe.crosscoder.train import CrosscoderQualityWarning, train_crosscoder
+    from posttrain_probe.crosscoder.metrics import CrosscoderQualityWarning
+    from posttrain_probe.crosscoder.train import train_crosscoder
 
     if source is None:
         from posttrain_probe.crosscoder.sources import open_source

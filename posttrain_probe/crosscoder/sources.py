@@ -37,21 +37,16 @@ def open_source(
         from accelerate import PartialState
 
         from posttrain_probe.activations.live import LiveActivations
+        from posttrain_probe.activations.live_config import LiveConfig
 
         if dataset is None:
             raise ProbeError("live training needs --dataset as well as --model NAME=PATH")
         state = PartialState()
+        reading = LiveConfig(
+            seq_len=seq_len, forward_batch_size=forward_batch_size, split=split, column=column, device=str(state.device)
+        )
         return LiveActivations(
-            models,
-            dataset,
-            layer=layer,
-            seq_len=seq_len,
-            forward_batch_size=forward_batch_size,
-            split=split,
-            column=column,
-            device=state.device,
-            rank=state.process_index,
-            world_size=state.num_processes,
+            models, dataset, layer=layer, config=reading, rank=state.process_index, world_size=state.num_processes
         )
     paths = [Path(p) for p in acts or []]
     missing = [str(p) for p in paths if not p.exists()]

@@ -13,7 +13,6 @@ so the run means the same as a single-process one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -26,8 +25,15 @@ import torch
 
 from posttrain_probe.crosscoder.calibrate import CALIBRATION
 from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
-from posttrain_probe.crosscoder.model import Crosscoder
+from posttrain_probe.crosscoder.metrics import (
+    CrosscoderQualityWarning,
+    MetricSums,
+    NonFiniteInputs,
+    quality_warnings,
+)
+from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
 from posttrain_probe.crosscoder.run import STATUS, write_status
+from posttrain_probe.crosscoder.schedules import l1_factor, lr_factor
 from posttrain_probe.crosscoder.state import (
     load_optimizer_tensors,
     load_training_state,
@@ -41,20 +47,6 @@ STATE_DIR = "trainer_state"
 METRICS = "metrics.jsonl"
 TRAINING_CONFIG = "training_config.json"
 _RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR, STATUS, CALIBRATION)
-
-
-def lr_factor(step: int, total: int, decay_fraction: float) -> float:
-    """Learning-rate multiplier: 1, then linear to 0 over the last ``decay_fraction`` of ``total`` steps."""
-    decay_start = total * (1 - decay_fraction)
-    if step < decay_start or decay_fraction == 0:
-        return 1.0
-    return max(0.0, (total - step) / (total - decay_start))
-
-
-def l1_factor(step: int, total: int, warmup_fraction: float) -> float:
-    """λ multiplier: linear from 0 to 1 over the first ``warmup_fraction`` of ``total`` steps."""
-    warmup = total * warmup_fraction
-    return 1.0 if warmup == 0 else min(1.0, step / warmup)
 
 
 def _prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -179,17 +171,7 @@ def train_crosscoder(
             config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}},
         )
     done = _train_steps(run, wrapped, progress)
-    _checkpoint(
-        accelerator,
-        run.model,
-        run.optimizer,
-        run.tokens_since_fired,
-        run.fired_ever,
-        done,
-        out_dir,
-        saved_configs,
-        plan.total_steps,
-    )
+    _checkpoint(run, done)
     if accelerator.is_main_process and done >= plan.total_steps:
         _report_quality(out_dir, cc_config, plan.total_steps)
     accelerator.wait_for_everyone()
@@ -298,19 +280,8 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
     """Optimizer steps from ``run.start_step`` to the end (or ``max_steps_per_run``) with logs and checkpoints; the last step done."""
     from tqdm.auto import tqdm
 
-    accelerator, train_cfg, cc_config, plan, optimizer = (
-        run.accelerator,
-        run.train_cfg,
-        run.cc_config,
-        run.plan,
-        run.optimizer,
-    )
-    world, total_steps, start_step, log_every = (
-        accelerator.num_processes,
-        plan.total_steps,
-        run.start_step,
-        train_cfg.log_every,
-    )
+    accelerator, train_cfg, cc_config, plan = run.accelerator, run.train_cfg, run.cc_config, run.plan
+    total_steps, start_step, log_every = plan.total_steps, run.start_step, train_cfg.log_every
     for _ in range(start_step):  # data position: the same stream, skipped without compute
         next(run.batches)
     stop_step = (
@@ -326,43 +297,14 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
         disable=not progress or not accelerator.is_main_process,
     )
     dead_after = min(train_cfg.dead_after_tokens, max(plan.n_tokens // 2, train_cfg.batch_size))
-    sums = _MetricSums(cc_config.n_models, accelerator.device)
-    # Non-finite inputs are flagged per model on the device every step and read at log steps.
-    bad_inputs = torch.zeros(cc_config.n_models, dtype=torch.bool, device=accelerator.device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+    sums = MetricSums(cc_config.n_models, accelerator.device)
+    bad_inputs = NonFiniteInputs(cc_config.n_models, accelerator.device)
     started = time.perf_counter()
     step = start_step
     for step in range(start_step, stop_step):
         x = next(run.batches)
-        bad_now = ~torch.isfinite(x).all(dim=2).all(dim=0)
-        first_bad_step = torch.where((first_bad_step < 0) & bad_now.any(), step + 1, first_bad_step)
-        bad_inputs |= bad_now
-        for group in optimizer.param_groups:
-            group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
-        l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
-        # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
-        dead_mask = run.tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
-        with accelerator.autocast():
-            out = wrapped(
-                x,
-                l1_coefficient=l1,
-                dead_mask=dead_mask,
-                aux_k=train_cfg.aux_k,
-                aux_coefficient=train_cfg.aux_coefficient,
-                threshold_decay=train_cfg.threshold_decay,
-            )
-        accelerator.backward(out.loss)
-        if train_cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        fired = (out.codes > 0).any(dim=0)
-        if world > 1:
-            fired = accelerator.reduce(fired.to(torch.int32), reduction="sum") > 0
-        run.tokens_since_fired = torch.where(
-            fired, torch.zeros_like(run.tokens_since_fired), run.tokens_since_fired + train_cfg.batch_size
-        )
-        run.fired_ever |= fired
+        bad_inputs.add(x, step)
+        out, l1 = _optimizer_step(run, wrapped, x, step, dead_after)
         sums.add(out)
         done = step + 1
         if done % log_every == 0 or done == stop_step:
@@ -370,31 +312,52 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
                 accelerator,
                 step=done,
                 tokens=done * train_cfg.batch_size,
-                lr=optimizer.param_groups[0]["lr"],
+                lr=run.optimizer.param_groups[0]["lr"],
                 l1_coefficient=l1,
             )
-            if world > 1:
-                bad_inputs = accelerator.reduce(bad_inputs.to(torch.int32), reduction="sum") > 0
-            if bad_inputs.any() or not math.isfinite(record["loss"]):
-                raise ProbeError(
-                    _nonfinite_message(bad_inputs, int(first_bad_step), cc_config.model_names, done, log_every)
-                )
+            bad_inputs.check(accelerator, record["loss"], cc_config.model_names, done, log_every)
             _log(run, record, bar, started, done)
         bar.update(1)
         if done % plan.checkpoint_every == 0 and done != stop_step:
-            _checkpoint(
-                accelerator,
-                run.model,
-                optimizer,
-                run.tokens_since_fired,
-                run.fired_ever,
-                done,
-                run.out_dir,
-                run.saved_configs,
-                total_steps,
-            )
+            _checkpoint(run, done)
     bar.close()
     return max(step + 1, start_step) if stop_step > start_step else start_step
+
+
+def _optimizer_step(
+    run: _Training, wrapped, x: torch.Tensor, step: int, dead_after: int
+) -> tuple[CrosscoderOutput, float]:
+    """One optimizer step on the batch ``x`` at 0-based ``step`` (scheduled lr and λ, AuxK once features can be
+    dead, clipped gradients) and the update of the firing counters; the forward's output and λ."""
+    accelerator, train_cfg, optimizer = run.accelerator, run.train_cfg, run.optimizer
+    total_steps = run.plan.total_steps
+    for group in optimizer.param_groups:
+        group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
+    l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
+    # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
+    dead_mask = run.tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
+    with accelerator.autocast():
+        out = wrapped(
+            x,
+            l1_coefficient=l1,
+            dead_mask=dead_mask,
+            aux_k=train_cfg.aux_k,
+            aux_coefficient=train_cfg.aux_coefficient,
+            threshold_decay=train_cfg.threshold_decay,
+        )
+    accelerator.backward(out.loss)
+    if train_cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    fired = (out.codes > 0).any(dim=0)
+    if accelerator.num_processes > 1:
+        fired = accelerator.reduce(fired.to(torch.int32), reduction="sum") > 0
+    run.tokens_since_fired = torch.where(
+        fired, torch.zeros_like(run.tokens_since_fired), run.tokens_since_fired + train_cfg.batch_size
+    )
+    run.fired_ever |= fired
+    return out, l1
 
 
 def _log(run: _Training, record: dict[str, Any], bar, started: float, done: int) -> None:
@@ -424,32 +387,23 @@ def _log(run: _Training, record: dict[str, Any], bar, started: float, done: int)
         )
 
 
-def _checkpoint(
-    accelerator,
-    model: Crosscoder,
-    optimizer,
-    tokens_since_fired,
-    fired_ever,
-    step: int,
-    out_dir: Path,
-    configs: dict,
-    total_steps: int,
-) -> None:
+def _checkpoint(run: _Training, step: int) -> None:
     """Crosscoder weights at the run root, their status, and the resumable state under trainer_state/ (rank 0 writes)."""
+    accelerator, out_dir, configs, total_steps = run.accelerator, run.out_dir, run.saved_configs, run.plan.total_steps
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.save_pretrained(out_dir)
+        run.model.save_pretrained(out_dir)
         batch = configs["training"]["batch_size"]
         write_status(
             out_dir, {"complete": step >= total_steps, "step": step, "total_steps": total_steps, "tokens": step * batch}
         )
-        inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        inner_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
         save_training_state(
             out_dir / STATE_DIR,
             step,
-            model_state=model.state_dict(),
+            model_state=run.model.state_dict(),
             optimizer=inner_optimizer,
-            counters={"tokens_since_fired": tokens_since_fired, "fired_ever": fired_ever},
+            counters={"tokens_since_fired": run.tokens_since_fired, "fired_ever": run.fired_ever},
             meta={"configs": configs},
         )
     accelerator.wait_for_everyone()
@@ -467,54 +421,6 @@ def _global_batches(
         if not rank_local and world > 1:
             x = x[rank * local_batch : (rank + 1) * local_batch]
         yield x.to(device, non_blocking=True)
-
-
-def _nonfinite_message(
-    bad_inputs: torch.Tensor, first_bad_step: int, names: list[str], step: int, log_every: int
-) -> str:
-    bad = [name for name, flag in zip(names, bad_inputs.tolist()) if flag]
-    if bad:
-        where = f"at step {first_bad_step}" if first_bad_step > 0 else f"by step {step}"
-        return f"NaN/inf in the activations of {', '.join(bad)} {where}: training stopped (no checkpoint was written after it)"
-    return f"non-finite loss at step {step} (or one of the {log_every - 1} steps before it) with finite inputs: training diverged, lower the lr"
-
-
-class CrosscoderQualityWarning(UserWarning):
-    """A finished crosscoder run looks poor for its settings (:func:`quality_warnings`)."""
-
-
-QUALITY_LIMITS = {"min_steps": 1000, "max_fvu": 0.2, "max_l0_fraction": 0.1, "max_dead_fraction": 0.5}
-"""When a finished run is reported as poor (:func:`quality_warnings`)."""
-
-
-def quality_warnings(record: dict[str, Any], cc_config: CrosscoderConfig, total_steps: int) -> list[str]:
-    """What looks poor about a finished run, each with what to change (from its last metrics ``record``).
-
-    Checks: fewer than 1000 optimizer steps; a model's FVU above 0.2; L0 above 10% of F (ReLU
-    crosscoders: BatchTopK's L0 is k by construction); more than half of the latents dead. Thresholds in :data:`QUALITY_LIMITS`; these are hints, not errors.
-    """
-    limits, out = QUALITY_LIMITS, []
-    if total_steps < limits["min_steps"]:
-        out.append(
-            f"only {total_steps} optimizer steps: the dictionary is far from converged; train on more tokens (n_tokens) or use a smaller batch_size"
-        )
-    for name, fvu in zip(cc_config.model_names, record.get("fvu", [])):
-        if fvu > limits["max_fvu"]:
-            hint = "raise k" if cc_config.activation == "batchtopk" else "lower l1_coefficient"
-            out.append(
-                f"FVU of {name} is {fvu:.3f} (> {limits['max_fvu']}): the reconstruction is poor; train longer, raise n_features or {hint}"
-            )
-    l0 = record.get("l0", 0.0)
-    if cc_config.activation == "relu" and l0 > limits["max_l0_fraction"] * cc_config.n_features:
-        out.append(
-            f"L0 is {l0:.1f} of F={cc_config.n_features} (> {limits['max_l0_fraction']:.0%}): the codes are not sparse; raise l1_coefficient or train longer"
-        )
-    dead = record.get("dead_fraction", 0.0)
-    if dead > limits["max_dead_fraction"]:
-        out.append(
-            f"{dead:.0%} of latents are dead: lower n_features or lr, or use activation=batchtopk (AuxK revives dead latents)"
-        )
-    return out
 
 
 def _report_quality(out_dir: Path, cc_config: CrosscoderConfig, total_steps: int) -> None:
@@ -539,37 +445,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
-
-
-class _MetricSums:
-    """Per-step metrics summed on the device; read (one sync) at log steps."""
-
-    def __init__(self, n_models: int, device) -> None:
-        self.device = device
-        self.reset(n_models)
-
-    def reset(self, n_models: int) -> None:
-        self.scalars = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, mse, sparsity, l0
-        self.fvu = torch.zeros(n_models, device=self.device, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, out) -> None:
-        self.scalars += torch.stack([out.loss, out.mse, out.sparsity, out.l0]).detach().to(torch.float64)
-        self.fvu += out.fvu.detach().to(torch.float64)
-        self.count += 1
-
-    def pop(self, accelerator, **extra: Any) -> dict[str, Any]:
-        values = torch.cat([self.scalars, self.fvu]) / max(self.count, 1)
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values, reduction="mean")
-        values = values.tolist()
-        record = {
-            **extra,
-            "loss": values[0],
-            "mse": values[1],
-            "sparsity": values[2],
-            "l0": values[3],
-            "fvu": values[4:],
-        }
-        self.reset(len(self.fvu))
-        return record

@@ -38,7 +38,8 @@ Beyond the papers:
 
 Entry points: :func:`intervene` (settings: :class:`~posttrain_probe.eval.intervene_config.InterveneConfig`;
 result: :class:`~posttrain_probe.eval.effects.InterventionEffects`, written to ``effects.json``,
-``effects.csv``, ``effects.md``; tables: :mod:`posttrain_probe.eval.effects_tables`),
+``effects.csv``, ``effects.md``; scoring of the runs: :mod:`posttrain_probe.eval.effect_scoring`; tables:
+:mod:`posttrain_probe.eval.effects_tables`),
 ``posttrain-probe intervene``.
 """
 
@@ -46,16 +47,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.eval.effects import (
-    NOMINAL_ACC_BEFORE,
-    InterventionEffects,
-    SetEffect,
-    TaskEffect,
-    intervention_delta,
-)
+from posttrain_probe.eval.effect_scoring import CriticalTasks, task_effects
+from posttrain_probe.eval.effects import InterventionEffects
 from posttrain_probe.eval.intervene_config import ROLES, InterveneConfig, parse_model_args
 from posttrain_probe.model_identity import check_model_path, slot_fingerprint
 
@@ -88,27 +84,6 @@ def resolve_role(model_name: str, role: str | None, provenance: Mapping[str, Any
     return named
 
 
-class _Tasks(NamedTuple):
-    """The tasks of one ``intervene`` run, read from critical.json once."""
-
-    order: list[str]
-    """Requested tasks, in order (with and without G_t)."""
-    used: list[str]
-    """Tasks with G_t."""
-    skipped: list[str]
-    """Requested tasks without G_t."""
-    g: dict[str, Any]
-    """Task -> its :class:`~posttrain_probe.analysis.critical.TaskCritical` (the held-out half where split)."""
-    entries: dict[str, Any]
-    """Task -> its critical.json entry (for the scoring)."""
-    split: dict[str, list[int]]
-    """Task -> held-out doc ids of a split-half selection."""
-    held_out: set[str]
-    """Tasks flagged held out."""
-    selection_tasks: list[str] | None
-    """The tasks the feature set was selected on (its provenance), if recorded."""
-
-
 def intervene(config: InterveneConfig) -> InterventionEffects:
     """Run a feature intervention on G_t of every task and measure the change (docs/methods.md sec. 7, paper R tables 2-5),
     beside frequency-matched random control sets (docs/methods.md sec. 11) and, optionally, each feature alone;
@@ -120,11 +95,9 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     the counts behind them; one :class:`SetEffect` per control set and task and, with ``per_feature``, per feature and task).
     """
     from posttrain_probe.eval.lm_eval_model import check_intervention_args
-    from posttrain_probe.eval.runner import evaluate, make_task_manager
 
     cc_dir = _crosscoder_dir(config)
     model_name, model_path = _evaluated_model(config)
-    seeds = config.control_seeds
     spec = check_intervention_args(
         crosscoder=cc_dir,
         features=config.features,
@@ -133,7 +106,7 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
         model_name=model_name,
         positions=config.positions,
         reference=config.reference,
-        controls=bool(seeds),
+        controls=bool(config.control_seeds),
     )
     cc, indices = spec.crosscoder, spec.features
     role = resolve_role(model_name, config.role, spec.provenance)
@@ -145,62 +118,12 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     )
     tasks = _tasks(config, spec.provenance)
     base_args: dict[str, Any] = {"pretrained": str(model_path), **parse_model_args(config.model_args)}
-    after_args: dict[str, Any] = {
-        **base_args,
-        "crosscoder": str(cc_dir),
-        "features": spec.features_arg,
-        "mode": config.mode,
-        "model_name": model_name,
-        "positions": config.positions,
-    }
-    if config.value is not None:
-        after_args["value"] = config.value
-    if config.mode == "steer":
-        after_args["reference"] = config.reference
-    if config.allow_model_mismatch:
-        after_args["allow_model_mismatch"] = True
-
-    controls_info: dict[str, Any] | None = None
-    drawn = None
-    if seeds and tasks.used:
-        drawn, controls_info = _draw_controls(config, spec, model_path, tasks, base_args)
-    elif seeds:
-        controls_info = {
-            "seeds": seeds,
-            "skipped": "no task has generalization-critical samples: no controls (their deltas are on G_t)",
-        }
-
-    variants: list[tuple[str, dict[str, Any]]] = [("before", base_args), ("after", after_args)]
-    if drawn is not None:
-        variants += [
-            (f"control-seed{seed}", {**after_args, "features": ";".join(str(k) for k in sorted(cset))})
-            for seed, cset in zip(drawn.seeds, drawn.sets)
-        ]
-    if config.per_feature:
-        variants += [(f"feature-{k}", {**after_args, "features": str(k)}) for k in indices]
-
+    drawn, controls_info = _controls(config, spec, model_path, tasks, base_args)
     eval_tasks = tasks.order if config.full_task else tasks.used
-    samples = None if config.full_task else {t: tasks.g[t].doc_ids for t in tasks.used}
-    task_manager = make_task_manager(eval_tasks, config.include_path or None)  # indexed once for every run
-    runs = {
-        label: evaluate(
-            args,
-            eval_tasks,
-            samples=samples,
-            include_path=config.include_path or None,
-            log_samples=True,
-            output_path=str(config.out / "lm_eval" / label),
-            batch_size=config.lm_eval_batch_size,
-            apply_chat_template=config.apply_chat_template,
-            num_fewshot=config.num_fewshot,
-            device=config.device,
-            task_manager=task_manager,
-        )
-        for label, args in variants
-    }
+    runs = _run_variants(config, tasks, eval_tasks, _variants(config, spec, cc_dir, base_args, drawn))
     rows, control_rows, feature_rows = [], [], []
     for task in tasks.order:
-        row, controls, features = _task_effects(
+        row, controls, features = task_effects(
             config, task, tasks, runs if task in eval_tasks else {}, role, drawn, indices
         )
         rows.append(row)
@@ -235,6 +158,66 @@ def intervene(config: InterveneConfig) -> InterventionEffects:
     effects = InterventionEffects(rows, settings, controls=control_rows, per_feature=feature_rows, runs=runs)
     effects.write(config.out)
     return effects
+
+
+def _variants(
+    config: InterveneConfig, spec, cc_dir: Path, base_args: Mapping[str, Any], drawn
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, probe-hf model_args) of every lm-eval run: ``before`` (no intervention), ``after`` (the feature set),
+    ``control-seed<s>`` (each control set, with ``drawn``) and ``feature-<k>`` (each feature alone, ``per_feature``)."""
+    after_args: dict[str, Any] = {
+        **base_args,
+        "crosscoder": str(cc_dir),
+        "features": spec.features_arg,
+        "mode": config.mode,
+        "model_name": spec.model_name,
+        "positions": config.positions,
+    }
+    if config.value is not None:
+        after_args["value"] = config.value
+    if config.mode == "steer":
+        after_args["reference"] = config.reference
+    if config.allow_model_mismatch:
+        after_args["allow_model_mismatch"] = True
+    variants: list[tuple[str, dict[str, Any]]] = [("before", dict(base_args)), ("after", after_args)]
+    if drawn is not None:
+        variants += [
+            (f"control-seed{seed}", {**after_args, "features": ";".join(str(k) for k in sorted(cset))})
+            for seed, cset in zip(drawn.seeds, drawn.sets)
+        ]
+    if config.per_feature:
+        variants += [(f"feature-{k}", {**after_args, "features": str(k)}) for k in spec.features]
+    return variants
+
+
+def _run_variants(
+    config: InterveneConfig, tasks: CriticalTasks, eval_tasks: list[str], variants: Sequence[tuple[str, dict]]
+) -> dict[str, Any]:
+    """label -> lm-eval's result of each variant on ``eval_tasks`` (G_t only unless ``full_task``), logs written to
+    ``config.out/lm_eval/<label>``; the task manager is indexed once for every run."""
+    from posttrain_probe.eval.lm_eval_config import LmEvalConfig
+    from posttrain_probe.eval.runner import evaluate, make_task_manager
+
+    samples = None if config.full_task else {t: tasks.g[t].doc_ids for t in tasks.used}
+    task_manager = make_task_manager(eval_tasks, config.include_path or None)
+    return {
+        label: evaluate(
+            LmEvalConfig(
+                model_args=args,
+                tasks=eval_tasks,
+                samples=samples,
+                include_path=config.include_path,
+                log_samples=True,
+                out=config.out / "lm_eval" / label,
+                batch_size=config.batch_size,
+                apply_chat_template=config.apply_chat_template,
+                num_fewshot=config.num_fewshot,
+                device=config.device,
+            ),
+            task_manager=task_manager,
+        )
+        for label, args in variants
+    }
 
 
 def _crosscoder_dir(config: InterveneConfig) -> Path:
@@ -276,7 +259,7 @@ def _evaluated_model(config: InterveneConfig) -> tuple[str, str]:
     return next(iter(models.items()))
 
 
-def _tasks(config: InterveneConfig, provenance: Mapping[str, Any]) -> _Tasks:
+def _tasks(config: InterveneConfig, provenance: Mapping[str, Any]) -> CriticalTasks:
     """The requested tasks (default: every task of critical.json; held-out tasks added), their G_t (the held-out half
     of a split-half selection) and flags."""
     from posttrain_probe.analysis.critical import CriticalSamples
@@ -294,7 +277,7 @@ def _tasks(config: InterveneConfig, provenance: Mapping[str, Any]) -> _Tasks:
     selection = selection if isinstance(selection, list) else None
     held = set(config.held_out_tasks)
     order = [t for t in requested if t in used or t in skipped]
-    return _Tasks(
+    return CriticalTasks(
         order=order,
         used=used,
         skipped=skipped,
@@ -306,58 +289,17 @@ def _tasks(config: InterveneConfig, provenance: Mapping[str, Any]) -> _Tasks:
     )
 
 
-def _task_effects(
-    config: InterveneConfig, task: str, tasks: _Tasks, runs: Mapping[str, Any], role: str, drawn, indices: Sequence[int]
-):
-    """(TaskEffect, control rows, per-feature rows) of one task from the lm-eval ``runs`` ({} when not evaluated)."""
-    from posttrain_probe.analysis.controls import control_spread
-
-    entry = tasks.entries.get(task, {})
-    g = tasks.g.get(task)
-    row = TaskEffect(
-        task=task,
-        held_out=task in tasks.held_out,
-        n_critical=len(g.doc_ids) if g is not None else 0,
-        held_out_half=task in tasks.split,
-    )
-    records = {label: _records(runs[label], task) for label in runs}
-    controls, features = [], []
-    if row.n_critical:
-        correct = {label: _correct_by_doc(records[label], entry, task, g.doc_ids) for label in runs}
-        row.n_correct_before = sum(correct["before"].values())
-        row.acc_before_nominal = NOMINAL_ACC_BEFORE[role]
-        after = _set_effect("set", task, indices, None, correct["before"], correct["after"], role)
-        row.n_correct_after, row.acc_after, row.delta_pp = after.n_correct_after, after.acc_after, after.delta_pp
-        row.delta_measured_pp, row.flipped_docs = after.delta_measured_pp, after.flipped_docs
-        prompts = _prompts_by_doc(records["before"], entry, task)
-        row.prompt_mismatches = sum(1 for d, p in zip(g.doc_ids, g.contexts) if prompts.get(d) != p)
-        if drawn is not None:
-            controls = [
-                _set_effect(
-                    "control", task, sorted(cset), seed, correct["before"], correct[f"control-seed{seed}"], role
-                )
-                for seed, cset in zip(drawn.seeds, drawn.sets)
-            ]
-            spread = control_spread(row.delta_pp, [c.delta_pp for c in controls])
-            row.n_controls, row.controls_mean_pp, row.controls_std_pp = spread.n, spread.mean, spread.std
-            row.controls_min_pp, row.controls_max_pp, row.outside_controls = spread.min, spread.max, spread.outside
-        if config.per_feature:
-            features = [
-                _set_effect("feature", task, [k], None, correct["before"], correct[f"feature-{k}"], role)
-                for k in indices
-            ]
-    if config.full_task:
-        both = {label: _correct_by_doc(records[label], entry, task, None) for label in ("before", "after")}
-        row.n_docs = len(both["before"])
-        row.full_acc_before = 100.0 * sum(both["before"].values()) / max(row.n_docs, 1)
-        row.full_acc_after = 100.0 * sum(both["after"].values()) / max(len(both["after"]), 1)
-    return row, controls, features
-
-
-def _draw_controls(config: InterveneConfig, spec, model_path: str, tasks: _Tasks, base_args: Mapping[str, Any]):
-    """(ControlSets, settings["controls"]): firing rates of the intervened branch's per-source codes on the reference
-    corpus (``config.reference`` or the evaluated G_t prompts; cached next to the crosscoder) and one
-    frequency-matched set per seed."""
+def _controls(config: InterveneConfig, spec, model_path: str, tasks: CriticalTasks, base_args: Mapping[str, Any]):
+    """(ControlSets or None, settings["controls"] or None): firing rates of the intervened branch's per-source codes
+    on the reference corpus (``config.reference`` or the evaluated G_t prompts; cached next to the crosscoder) and
+    one frequency-matched set per seed; none without ``control_seeds`` or without a task with G_t."""
+    if not config.control_seeds:
+        return None, None
+    if not tasks.used:
+        return None, {
+            "seeds": config.control_seeds,
+            "skipped": "no task has generalization-critical samples: no controls (their deltas are on G_t)",
+        }
     from posttrain_probe.analysis.controls import control_feature_sets, frequency_bins
     from posttrain_probe.interventions.activation_stats import source_activation_stats
     from posttrain_probe.models import load_causal_lm, load_tokenizer
@@ -441,66 +383,3 @@ def _held_out_halves(
             raise ProbeError(f"task {task!r}: the held-out half of G_t is empty; nothing to evaluate it on")
         out[task] = held
     return out
-
-
-def _set_effect(
-    kind: str,
-    task: str,
-    features: Sequence[int],
-    seed: int | None,
-    before: Mapping[int, bool],
-    after: Mapping[int, bool],
-    role: str,
-) -> SetEffect:
-    """The counts and deltas of one run on G_t (``before``/``after``: doc id -> correct, same docs)."""
-    n = len(after)
-    right = sum(after.values())
-    return SetEffect(
-        kind=kind,
-        task=task,
-        features=list(features),
-        seed=seed,
-        n_critical=n,
-        n_correct_after=right,
-        acc_after=100.0 * right / n,
-        delta_pp=intervention_delta(right, n, role),
-        delta_measured_pp=100.0 * (right - sum(before.values())) / n,
-        flipped_docs=sorted(d for d in after if before[d] != after[d]),
-    )
-
-
-def _records(results: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
-    samples = (results or {}).get("samples") or {}
-    if task not in samples:
-        raise ProbeError(f"the lm-eval run logged no samples for task {task!r} (logged: {sorted(samples)})")
-    return list(samples[task])
-
-
-def _correct_by_doc(
-    records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str, doc_ids: Sequence[int] | None
-) -> dict[int, bool]:
-    """doc id -> correct, scored exactly as ``posttrain-probe critical`` scores (the task's metric in
-    critical.json > 0, on the records of its filter), for ``doc_ids`` (all documents if None)."""
-    from posttrain_probe.analysis.critical import is_correct, records_by_doc
-
-    _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
-    metric = entry.get("metric")
-    if docs and metric not in next(iter(docs.values())):
-        raise ProbeError(
-            f"sample records of task {task!r} have no metric {metric!r} (the metric critical.json scored with)"
-        )
-    out = {doc: is_correct(record, metric) for doc, record in docs.items()}
-    if doc_ids is None:
-        return out
-    missing = [d for d in doc_ids if d not in out]
-    if missing:
-        raise ProbeError(f"the lm-eval run of task {task!r} has no samples for critical doc ids {missing[:10]}")
-    return {d: out[d] for d in doc_ids}
-
-
-def _prompts_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str) -> dict[int, str]:
-    """doc id -> the context lm-eval fed the model (first request of the record)."""
-    from posttrain_probe.analysis.critical import record_context, records_by_doc
-
-    _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
-    return {doc: record_context(record) for doc, record in docs.items()}

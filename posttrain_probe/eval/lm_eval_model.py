@@ -168,10 +168,10 @@ def check_intervention_args(
             f"crosscoder={crosscoder}: no such directory (expected a crosscoder saved with save_pretrained)"
         )
     from posttrain_probe.analysis.feature_sets import load_feature_set, resolve_features
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
+    from posttrain_probe.crosscoder.inspect import as_crosscoder
     from posttrain_probe.interventions.features import FeatureIntervention
 
-    cc = load_crosscoder(str(crosscoder))
+    cc, _ = as_crosscoder(str(crosscoder))
     parsed = _features_spec(features)
     spec = InterventionSpec(
         crosscoder=cc,

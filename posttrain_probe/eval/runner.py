@@ -8,11 +8,13 @@ The study's step (:class:`~posttrain_probe.eval.lm_eval_config.LmEvalConfig` -> 
                                   crosscoder="runs/cc", features="s.json", mode="zero", model_name="rl"))
     result.results["probe_mcq"]["acc,none"]; result.sample_files["probe_mcq"]  # per-document log
 
-and the function below it, for in-memory use (a loaded model, a shared task manager)::
+and the function below it, for in-memory use (lm-eval's result dict; ``model_args`` may be a mapping holding
+probe-hf's intervention keys or loaded objects; a loaded model as ``lm=``, a shared task manager)::
 
     from posttrain_probe.eval.runner import evaluate
-    result = evaluate({"pretrained": "runs/rl", "crosscoder": "runs/cc", "features": "s.json",
-                       "mode": "zero", "model_name": "rl"}, ["probe_mcq"], samples={"probe_mcq": [3, 7]})
+    result = evaluate(LmEvalConfig(model_args={"pretrained": "runs/rl", "crosscoder": "runs/cc", "features": "s.json",
+                                               "mode": "zero", "model_name": "rl"},
+                                   tasks=["probe_mcq"], samples={"probe_mcq": [3, 7]}))
     result["results"]["probe_mcq"]["acc,none"]; result["samples"]["probe_mcq"]  # per-document records
 """
 
@@ -83,46 +85,8 @@ def lm_eval(config: LmEvalConfig) -> LmEvalResult:
     checked and the feature set resolved once (:func:`~posttrain_probe.eval.lm_eval_model.check_intervention_args`),
     the resolved indices go to the model. With ``config.out``, lm-eval's results and sample logs are written there
     (as the ``lm_eval`` command writes them) and ``lm_eval.json`` beside them."""
-    from posttrain_probe.eval.intervene_config import parse_model_args
-    from posttrain_probe.eval.lm_eval_model import check_intervention_args
-
-    model_args = parse_model_args(config.model_args, "model_args")
-    if config.crosscoder is not None:
-        spec = check_intervention_args(
-            crosscoder=config.crosscoder,
-            features=config.features,
-            mode=config.mode,
-            value=config.value,
-            model_name=config.model_name,
-            positions=config.positions,
-            reference=config.reference,
-            allow_model_mismatch=config.allow_model_mismatch or None,
-        )
-        model_args.update(
-            crosscoder=str(config.crosscoder), features=spec.features_arg, mode=spec.mode, positions=spec.positions
-        )
-        model_args.update(
-            {
-                k: v
-                for k, v in (("value", config.value), ("model_name", spec.model_name), ("reference", spec.reference))
-                if v is not None
-            }
-        )
-        if config.allow_model_mismatch:
-            model_args["allow_model_mismatch"] = True
-    raw = evaluate(
-        model_args,
-        config.tasks,
-        samples=config.doc_ids,
-        include_path=config.include_path or None,
-        log_samples=config.log_samples,
-        output_path=config.out,
-        batch_size=config.lm_eval_batch_size,
-        limit=config.lm_eval_limit,
-        apply_chat_template=config.apply_chat_template,
-        device=config.device,
-        num_fewshot=config.num_fewshot,
-    )
+    model_args = _probe_model_args(config)
+    raw = _evaluate(config, model_args)
     files = raw.pop("written_files", {})
     result = LmEvalResult(
         dict(raw.get("results", {})),
@@ -134,6 +98,40 @@ def lm_eval(config: LmEvalConfig) -> LmEvalResult:
     if config.out is not None:
         result.write(config.out)
     return result
+
+
+def _probe_model_args(config: LmEvalConfig) -> dict[str, Any]:
+    """``config.model_args`` as a dict, plus, with ``config.crosscoder``, the checked intervention (the feature set
+    resolved to indices)."""
+    from posttrain_probe.eval.intervene_config import parse_model_args
+    from posttrain_probe.eval.lm_eval_model import check_intervention_args
+
+    model_args = parse_model_args(config.model_args, "model_args")
+    if config.crosscoder is None:
+        return model_args
+    spec = check_intervention_args(
+        crosscoder=config.crosscoder,
+        features=config.features,
+        mode=config.mode,
+        value=config.value,
+        model_name=config.model_name,
+        positions=config.positions,
+        reference=config.reference,
+        allow_model_mismatch=config.allow_model_mismatch or None,
+    )
+    model_args.update(
+        crosscoder=str(config.crosscoder), features=spec.features_arg, mode=spec.mode, positions=spec.positions
+    )
+    model_args.update(
+        {
+            k: v
+            for k, v in (("value", config.value), ("model_name", spec.model_name), ("reference", spec.reference))
+            if v is not None
+        }
+    )
+    if config.allow_model_mismatch:
+        model_args["allow_model_mismatch"] = True
+    return model_args
 
 
 def load_probe_lm(
@@ -189,55 +187,54 @@ def _describe(model_args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(
-    model_args: Mapping[str, Any],
-    tasks: Sequence[str],
-    *,
-    samples: Mapping[str, Sequence[int]] | None = None,
-    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    log_samples: bool = True,
-    output_path: str | os.PathLike | None = None,
-    batch_size: int | str = 8,
-    limit: int | float | None = None,
-    apply_chat_template: bool | str = False,
-    gen_kwargs: Mapping[str, Any] | None = None,
-    device: str = "cpu",
-    num_fewshot: int | None = None,
-    lm: Any = None,
-    task_manager: Any = None,
+    config: LmEvalConfig, *, lm: Any = None, task_manager: Any = None, gen_kwargs: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run lm-eval ``tasks`` with the ``probe-hf`` model built from ``model_args``; returns the
-    ``lm_eval.simple_evaluate`` result dict (``results``, ``configs``, ... and, with
-    ``log_samples``, ``samples``: task -> per-document records as lm-eval holds them in memory:
-    ``doc_id``, the metric values such as ``acc`` / ``exact_match``, ``arguments``, ``resps``).
+    """Run lm-eval ``config.tasks`` with the ``probe-hf`` model built from ``config.model_args`` (with
+    ``config.crosscoder``, the intervention checked and resolved as :func:`lm_eval` does); returns the
+    ``lm_eval.simple_evaluate`` result dict (``results``, ``configs``, ... and, with ``log_samples``,
+    ``samples``: task -> per-document records as lm-eval holds them in memory: ``doc_id``, the metric values
+    such as ``acc`` / ``exact_match``, ``arguments``, ``resps``); :func:`lm_eval` returns the typed result and writes
+    ``lm_eval.json`` too.
 
-    * ``model_args`` -- as ``--model_args`` of ``--model probe-hf`` (see
-      :class:`~posttrain_probe.eval.lm_eval_model.ProbeHFLM`): ``pretrained`` plus optionally
-      ``crosscoder``, ``features``, ``mode``, ``value``, ``model_name``, ``positions``, ``reference``.
-    * ``tasks`` -- lm-eval task names (built-in ones, the shipped ``probe_mcq`` / ``probe_math``,
+    * ``config.model_args`` -- as ``--model_args`` of ``--model probe-hf`` (see
+      :class:`~posttrain_probe.eval.lm_eval_model.ProbeHFLM`), a ``k=v`` string or a mapping (which may hold
+      ``crosscoder``, ``features``, ``mode``, ``value``, ``model_name``, ``positions``, ``reference`` directly,
+      and a loaded ``PreTrainedModel`` as ``pretrained`` with ``tokenizer``).
+    * ``config.tasks`` -- lm-eval task names (built-in ones, the shipped ``probe_mcq`` / ``probe_math``,
       or tasks under ``include_path``).
-    * ``samples`` -- ``{task: [doc ids]}``: evaluate only these documents (e.g. G_t from
+    * ``config.samples`` -- ``{task: [doc ids]}`` (or its JSON): evaluate only these documents (e.g. G_t from
       :attr:`posttrain_probe.analysis.critical.CriticalSamples.doc_ids`); excludes ``limit``. Doc ids in
       the returned records are the original ones.
-    * ``output_path`` -- also write lm-eval's ``results_*.json`` and ``samples_<task>_*.jsonl`` (as
+    * ``config.out`` -- also write lm-eval's ``results_*.json`` and ``samples_<task>_*.jsonl`` (as
       the ``lm_eval`` command does, under a model-named subfolder).
     * ``lm`` -- an already built probe-hf model (:func:`load_probe_lm`) to reuse instead of loading
       one from ``model_args`` (then only recorded); it is left attached.
     * ``task_manager`` -- an ``lm_eval.tasks.TaskManager`` to reuse across calls (see
       :func:`make_task_manager`); by default one is made per call (cheap when every task is a
       shipped or ``include_path`` task, several seconds when lm-eval's own tasks are indexed).
+    * ``gen_kwargs`` -- generation arguments of generate-until tasks, as lm-eval's ``--gen_kwargs``.
 
     The intervention of a model built here is detached afterwards, so a loaded ``PreTrainedModel``
     passed as ``pretrained`` comes back unhooked.
     """
+    return _evaluate(config, _probe_model_args(config), lm=lm, task_manager=task_manager, gen_kwargs=gen_kwargs)
+
+
+def _evaluate(
+    config: LmEvalConfig,
+    model_args: Mapping[str, Any],
+    *,
+    lm: Any = None,
+    task_manager: Any = None,
+    gen_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` with the model_args already resolved."""
     register()
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not tasks:
-        raise ProbeError("evaluate() needs at least one task name")
-    if samples is not None and limit is not None:
-        raise ProbeError("give either samples= (doc ids per task) or limit=, not both")
+    tasks = list(config.tasks)
+    samples = config.doc_ids
     if samples is not None:
         unknown = sorted(set(samples) - set(tasks))
         if unknown:
@@ -245,28 +242,28 @@ def evaluate(
         empty = sorted(t for t, ids in samples.items() if not list(ids))
         if empty:
             raise ProbeError(f"samples= has no doc ids for {empty}: drop those tasks or give ids")
-        samples = {t: [int(i) for i in ids] for t, ids in samples.items()}
+    batch_size, device = config.lm_eval_batch_size, config.device
     own = lm is None
     if own:
         lm = load_probe_lm(model_args, batch_size=batch_size, device=device)
-    tracker = EvaluationTracker(output_path=str(output_path)) if output_path is not None else None
+    tracker = EvaluationTracker(output_path=str(config.out)) if config.out is not None else None
     recorded = _describe(model_args)
     try:
         if task_manager is None:
-            task_manager = make_task_manager(tasks, include_path, metadata=recorded)
+            task_manager = make_task_manager(tasks, config.include_path or None, metadata=recorded)
         result = simple_evaluate(
             model=lm,
             model_args=recorded,
             tasks=tasks,
-            num_fewshot=num_fewshot,
+            num_fewshot=config.num_fewshot,
             batch_size=batch_size,
             device=device,
-            limit=limit,
+            limit=config.lm_eval_limit,
             samples=samples,
-            log_samples=log_samples,
+            log_samples=config.log_samples,
             evaluation_tracker=tracker,
-            apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=bool(apply_chat_template),
+            apply_chat_template=config.apply_chat_template,
+            fewshot_as_multiturn=bool(config.apply_chat_template),
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
             task_manager=task_manager,
         )
@@ -277,7 +274,7 @@ def evaluate(
         return {}
     result["config"]["model"] = PROBE_MODEL_NAME
     if tracker is not None:
-        result["written_files"] = _write(tracker, result, log_samples)
+        result["written_files"] = _write(tracker, result, config.log_samples)
     return result
 
 

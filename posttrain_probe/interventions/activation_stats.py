@@ -93,10 +93,6 @@ def source_activation_stats(
     crosscoder without ``cache_dir`` is not cached), keyed by the crosscoder fingerprint, branch,
     model fingerprint (config + a strided sample of every weight), data fingerprint and layer.
     """
-    from posttrain_probe.activations.capture import capture_batch
-    from posttrain_probe.analysis.features import FeatureStats
-    from posttrain_probe.data import TokenBatch
-
     cc, path = as_crosscoder(crosscoder)
     slot = cc.model_index(model_name)
     layer = cc.site(layer, what="the activation statistics")
@@ -131,14 +127,21 @@ def source_activation_stats(
         Path(cache_dir) / f"max_activations_{digest[:24]}.safetensors" if cache and cache_dir is not None else None
     )
     if cache_file is not None and cache_file.exists():
-        from safetensors import safe_open
+        cached = _read_cache(cache_file, key)
+        if cached is not None:
+            return cached
+    stats = _accumulate(cc, slot, model, layer, batches, tokenizer)
+    if cache_file is not None:
+        _write_cache(cache_file, key, stats)
+    return stats
 
-        with safe_open(str(cache_file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("key") == json.dumps(key, sort_keys=True):
-                return FeatureStats(
-                    handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"])
-                )
+
+def _accumulate(cc, slot: int, model: nn.Module, layer: int, batches: Sequence, tokenizer):
+    """FeatureStats of branch ``slot``'s per-source codes over ``batches`` (residual stream entering block
+    ``layer``; padding, the first position and BOS dropped), encoded in chunks of ``_CHUNK_TOKENS`` tokens."""
+    from posttrain_probe.activations.capture import capture_batch
+    from posttrain_probe.analysis.features import FeatureStats
+    from posttrain_probe.data import TokenBatch
 
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
@@ -167,19 +170,36 @@ def source_activation_stats(
         inner.train(was_training)
     if n_tokens == 0:
         raise ProbeError("the reference data gave no tokens (after dropping padding, the first position and BOS)")
-    stats = FeatureStats(fired.cpu().double() / n_tokens, best.cpu(), n_tokens)
-    if cache_file is not None:
-        from safetensors.torch import save_file
+    return FeatureStats(fired.cpu().double() / n_tokens, best.cpu(), n_tokens)
 
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".tmp")
-        save_file(
-            {"max_activations": stats.max_activation, "frequency": stats.frequency},
-            str(partial),
-            metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens)},
-        )
-        os.replace(partial, cache_file)
-    return stats
+
+def _read_cache(cache_file: Path, key: Mapping[str, Any]):
+    """The FeatureStats cached in ``cache_file`` under ``key`` (None when the file holds another key)."""
+    from safetensors import safe_open
+
+    from posttrain_probe.analysis.features import FeatureStats
+
+    with safe_open(str(cache_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("key") == json.dumps(key, sort_keys=True):
+            return FeatureStats(
+                handle.get_tensor("frequency"), handle.get_tensor("max_activations"), int(metadata["n_tokens"])
+            )
+    return None
+
+
+def _write_cache(cache_file: Path, key: Mapping[str, Any], stats) -> None:
+    """Write ``stats`` to ``cache_file`` under ``key`` (through a temporary file, replaced at once)."""
+    from safetensors.torch import save_file
+
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(".tmp")
+    save_file(
+        {"max_activations": stats.max_activation, "frequency": stats.frequency},
+        str(partial),
+        metadata={"key": json.dumps(key, sort_keys=True), "n_tokens": str(stats.n_tokens)},
+    )
+    os.replace(partial, cache_file)
 
 
 class _Batch:
