@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian, vjp
 
-from posttrain_probe.analysis.feature_sets import read_feature_set, resolve_features, write_feature_set
+from posttrain_probe.analysis.feature_sets import load_feature_set, resolve_features, write_feature_set
 from posttrain_probe.callbacks.blocking import (
     BlockingArguments,
     GradientBlockingCallback,
@@ -602,7 +602,7 @@ def test_resolve_feature_lists_strings_and_json(tmp_path):
     assert data["format"] == "posttrain-probe/feature-set" and data["format_version"] == 1
     assert data["features"] == [2, 2, 5, 8] and data["crosscoder"] == "runs/cc"
     assert data["provenance"] == {"category": "custom", "base": "base"}
-    assert read_feature_set(path) == [2, 2, 5, 8]
+    assert load_feature_set(path).features == [2, 2, 5, 8]
     assert resolve_features(cc, path) == [2, 5, 8]
     assert resolve_features(cc, str(path)) == [2, 5, 8]
     # written from a category, read back the same
@@ -648,12 +648,12 @@ def test_resolve_features_refuses_bad_input(tmp_path):
         resolve_features(all_shared, "base-only")
 
 
-def test_read_feature_set_without_features_is_a_probe_error(tmp_path):
+def test_feature_set_without_features_is_a_probe_error(tmp_path):
     """A feature-set JSON of the right format but without "features" is broken data: ProbeError, not KeyError."""
     path = tmp_path / "fs.json"
     path.write_text(json.dumps({"format": "posttrain-probe/feature-set", "format_version": 1}))
     with pytest.raises(ProbeError, match="features"):
-        read_feature_set(path)
+        load_feature_set(path)
 
 
 def test_blocking_arguments_and_build_blocker(tmp_path):

@@ -11,13 +11,9 @@ import pytest
 from _eval_helpers import lm_eval_logging  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.critical import (
-    CriticalSamples,
-    critical_from_records,
-    critical_samples,
-    find_sample_files,
-)
+from posttrain_probe.analysis.critical import CriticalSamples, critical_from_records, critical_samples
 from posttrain_probe.analysis.critical_config import CriticalConfig
+from posttrain_probe.analysis.sample_logs import find_sample_files
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval.lm_eval_config import LmEvalConfig

@@ -113,9 +113,9 @@ def test_train_info_analyze_dynamics(checkpoints, tmp_path):
     _ok(["analyze", "--crosscoder", tmp_path / "cc", "--base", "base", "--out", tmp_path / "analysis_noacts"])
     no_acts = json.loads((tmp_path / "analysis_noacts" / "summary.json").read_text())
     assert no_acts["liveness"] == "training" and no_acts["n_dead"] is not None
-    from posttrain_probe.analysis.feature_sets import read_feature_set
+    from posttrain_probe.analysis.feature_sets import load_feature_set
 
-    shared = read_feature_set(tmp_path / "analysis" / "feature_sets" / "ckpt1_shared.json")
+    shared = load_feature_set(tmp_path / "analysis" / "feature_sets" / "ckpt1_shared.json").features
     assert (
         len(shared) >= summary["models"]["ckpt1"]["categories"]["shared"] > 0
     )  # the summary also drops never-firing features

@@ -271,9 +271,9 @@ def test_bad_input(runs, feature_set, tmp_path):
 @pytest.mark.slow
 def test_zero_in_rl_model_changes_loglikelihoods(runs, feature_set, tmp_path):
     """Features given as indices (no provenance: the role is given)."""
-    from posttrain_probe.analysis.feature_sets import read_feature_set
+    from posttrain_probe.analysis.feature_sets import load_feature_set
 
-    indices = ",".join(str(i) for i in read_feature_set(feature_set))
+    indices = ",".join(str(i) for i in load_feature_set(feature_set).features)
     effects = intervene(
         InterveneConfig(
             features=indices,
@@ -307,7 +307,7 @@ def test_controls_reproducible_and_frequency_matched(runs, feature_set, tmp_path
     """Seeds 0 and 1, then seed 1 alone: seed 1's set and deltas are identical in both calls, seed 0's set
     differs; every control set matches S bin by bin in firing rate (on the G_t prompts) and avoids S."""
     from posttrain_probe.analysis.controls import frequency_bins
-    from posttrain_probe.analysis.feature_sets import read_feature_set
+    from posttrain_probe.analysis.feature_sets import load_feature_set
     from posttrain_probe.crosscoder.inspect import load_crosscoder
     from posttrain_probe.interventions import source_activation_stats
     from posttrain_probe.models import load_causal_lm, load_tokenizer
@@ -338,7 +338,7 @@ def test_controls_reproducible_and_frequency_matched(runs, feature_set, tmp_path
         row.delta_pp < min(c0.delta_pp, c1.delta_pp) or row.delta_pp > max(c0.delta_pp, c1.delta_pp)
     )
     # frequency-matched: the bins recorded, and recomputed from the firing rates on the G_t prompts
-    selected = read_feature_set(feature_set)
+    selected = load_feature_set(feature_set).features
     critical = json.loads(runs.critical.read_text())
     entry = critical["tasks"]["probe_mcq"]
     stats = source_activation_stats(

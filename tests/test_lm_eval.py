@@ -15,8 +15,8 @@ import torch
 from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir, save_random_crosscoder  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.critical import find_sample_files, read_sample_records
 from posttrain_probe.analysis.feature_sets import write_feature_set
+from posttrain_probe.analysis.sample_logs import find_sample_files, read_sample_records
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder.config import CrosscoderConfig
 from posttrain_probe.crosscoder.model import Crosscoder

@@ -13,7 +13,7 @@ import pytest
 from _eval_helpers import FEATURES, cc_dir, feature_file, lm_eval_logging, model_dir  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from posttrain_probe.analysis.critical import find_sample_files, read_sample_records
+from posttrain_probe.analysis.sample_logs import find_sample_files, read_sample_records
 from posttrain_probe.cli import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

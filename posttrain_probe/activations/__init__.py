@@ -1,13 +1,14 @@
 """Residual-stream activations: capture (truncated, paired forwards), the on-disk store, sources.
 
 Public API: :class:`ActivationStoreWriter`, :class:`ActivationStore`, :class:`PairedActivations`,
-:class:`LiveActivations`, :class:`CollectConfig` and :class:`CollectResult` (the step itself is
+:class:`LiveActivations` (settings :class:`LiveConfig`), :class:`CollectConfig` and :class:`CollectResult` (the step itself is
 :func:`posttrain_probe.activations.collect.collect`: the submodule holds the name) and
-:func:`capture_batch`. Imported on first use (the config eagerly: it is torch-free), so the command
+:func:`capture_batch`. Imported on first use (the configs eagerly: they are torch-free), so the command
 line starts without importing torch.
 """
 
 from posttrain_probe.activations.config import CollectConfig
+from posttrain_probe.activations.live_config import LiveConfig
 from posttrain_probe.lazy import lazy_attributes
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CollectConfig",
     "CollectResult",
     "LiveActivations",
+    "LiveConfig",
     "PairedActivations",
     "capture_batch",
     "merge_rank_manifests",

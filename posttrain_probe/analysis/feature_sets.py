@@ -126,11 +126,6 @@ def _indices(values: list, path) -> list[int]:
         raise ProbeError(f"the features of {path} are not integer indices: {err}") from err
 
 
-def read_feature_set(path: str | os.PathLike) -> list[int]:
-    """The feature indices of a feature-set JSON."""
-    return load_feature_set(path).features
-
-
 def resolve_features(
     crosscoder,
     spec: str | Sequence[int] | os.PathLike,

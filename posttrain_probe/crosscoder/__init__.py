@@ -2,8 +2,7 @@
 ``crosscoder_train`` (:mod:`.run`) and ``crosscoder_calibrate`` (:mod:`.calibrate`).
 
 The configs are imported eagerly (torch-free); the model, calibration and training are imported on
-first use, so the command line starts without importing torch, and
-`python -m posttrain_probe.crosscoder.train` runs its module once.
+first use, so the command line starts without importing torch.
 """
 
 from posttrain_probe.crosscoder.config import (

@@ -126,7 +126,7 @@ def _correct_by_doc(
 ) -> dict[int, bool]:
     """doc id -> correct, scored exactly as ``posttrain-probe critical`` scores (the task's metric in
     critical.json > 0, on the records of its filter), for ``doc_ids`` (all documents if None)."""
-    from posttrain_probe.analysis.critical import is_correct, records_by_doc
+    from posttrain_probe.analysis.sample_logs import is_correct, records_by_doc
 
     _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     metric = entry.get("metric")
@@ -145,7 +145,7 @@ def _correct_by_doc(
 
 def _prompts_by_doc(records: Sequence[Mapping[str, Any]], entry: Mapping[str, Any], task: str) -> dict[int, str]:
     """doc id -> the context lm-eval fed the model (first request of the record)."""
-    from posttrain_probe.analysis.critical import record_context, records_by_doc
+    from posttrain_probe.analysis.sample_logs import record_context, records_by_doc
 
     _, docs = records_by_doc(task, records, entry.get("filter"), "the lm-eval run")
     return {doc: record_context(record) for doc, record in docs.items()}
