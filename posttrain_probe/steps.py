@@ -95,8 +95,8 @@ STEPS: dict[str, Step] = {
     "dynamics": Step(
         ("dynamics",),
         _P + "analysis.analyze_config:DynamicsConfig",
-        _P + "analysis.report:dynamics",
-        _P + "analysis.report:DynamicsResult",
+        _P + "analysis.checkpoint_dynamics:dynamics",
+        _P + "analysis.checkpoint_dynamics:DynamicsResult",
     ),
     "critical": Step(
         ("critical",),

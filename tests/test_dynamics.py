@@ -375,7 +375,7 @@ def test_numpy_float64_scores_accepted():
 
 def test_dynamics_result_reads_back_equal(tmp_path):
     from posttrain_probe.analysis import DynamicsConfig, DynamicsResult
-    from posttrain_probe.analysis.report import dynamics
+    from posttrain_probe.analysis.checkpoint_dynamics import dynamics
     from posttrain_probe.crosscoder.config import CrosscoderConfig
     from posttrain_probe.crosscoder.model import Crosscoder
 
@@ -390,7 +390,7 @@ def test_dynamics_result_reads_back_equal(tmp_path):
 def test_dynamics_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import posttrain_probe.analysis.report as report
+    import posttrain_probe.analysis.checkpoint_dynamics as report
     from posttrain_probe.analysis import DynamicsConfig
     from posttrain_probe.cli.main import app
     from posttrain_probe.config_io import load_config

@@ -22,7 +22,7 @@ from _planted import write_planted_stores
 
 from posttrain_probe.activations import PairedActivations
 from posttrain_probe.analysis import DynamicsConfig, DynamicsResult
-from posttrain_probe.analysis.report import dynamics
+from posttrain_probe.analysis.checkpoint_dynamics import dynamics
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
 
 D = 32

@@ -57,7 +57,7 @@ _LAZY = {
     "BASE_ONLY_ABOVE": "attribution",
     "CATEGORIES": "attribution",
     "DuplicateGroups": "duplicates",
-    "DynamicsResult": "report",
+    "DynamicsResult": "checkpoint_dynamics",
     "FINETUNE_ONLY_BELOW": "attribution",
     "FeatureMatching": "dynamics",
     "FeatureStats": "features",

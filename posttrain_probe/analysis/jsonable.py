@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from posttrain_probe.errors import ProbeError
 
 
 def json_safe(value: Any) -> Any:
@@ -26,3 +30,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return json_safe(value.item())
     return value
+
+
+def read_json(path: Path, step: str) -> dict[str, Any]:
+    """The JSON report ``path`` written by ``posttrain-probe <step>``; ProbeError naming the step when it is missing."""
+    if not path.exists():
+        raise ProbeError(f"{path.parent} holds no {path.name}: write it with `posttrain-probe {step}`")
+    return json.loads(path.read_text())

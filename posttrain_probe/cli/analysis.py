@@ -40,7 +40,7 @@ def analyze(config: AnalyzeConfig) -> None:
 @config_options(config=DynamicsConfig)
 def dynamics(config: DynamicsConfig) -> None:
     """Checkpoint dynamics: top-k NRN overlap matrix and rank shifts between consecutive checkpoints."""
-    from posttrain_probe.analysis.report import dynamics as run
+    from posttrain_probe.analysis.checkpoint_dynamics import dynamics as run
 
     result = run(config)
     typer.echo(
