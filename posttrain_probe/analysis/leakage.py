@@ -73,19 +73,7 @@ def leakage(
         finetuned=config.finetuned,
         norm_ratio_scale=config.norm_ratio_scale,
     )
-    new_cc, new_path = None, None
-    if blocked_crosscoder is not None or config.blocked_crosscoder is not None:
-        new_cc, new_path = _crosscoder(
-            config.blocked_crosscoder if blocked_crosscoder is None else blocked_crosscoder, config.allow_incomplete
-        )
-        if new_cc.config.d_model != cc.config.d_model:
-            raise ProbeError(
-                f"the base-vs-blocked crosscoder has d_model {new_cc.config.d_model}, the blocking crosscoder {cc.config.d_model}"
-            )
-        if config.matching == "hungarian" and len(protected) * new_cc.config.n_features > HUNGARIAN_MAX_CELLS:
-            raise ProbeError(
-                f"Hungarian matching of {len(protected)} protected features to {new_cc.config.n_features} features is too large: use matching='argmax' (--matching argmax)"
-            )
+    new_cc, new_path = _blocked_crosscoder(config, blocked_crosscoder, cc, len(protected))
     models = {
         "base": config.base if base_model is None else base_model,
         "blocked": config.blocked if blocked_model is None else blocked_model,
@@ -110,22 +98,7 @@ def leakage(
     home = cc.W_enc.device
     shift = feature_shift(cc, _progress_chunks(source, config.max_tokens or None, progress), slot)
     cc.to(home)
-    settings = {
-        "crosscoder": str(cc_path) if cc_path is not None else None,
-        "crosscoder_models": cc.model_names,
-        "model_name": cc.model_names[slot],
-        "features_spec": config.features,
-        "n_protected": len(protected),
-        "n_features": cc.config.n_features,
-        "layer": layer,
-        "base": config.base if base_model is None else None,
-        "blocked": config.blocked if blocked_model is None else None,
-        "dataset": str(config.dataset),
-        "max_tokens": config.max_tokens or None,
-        "seq_len": config.seq_len,
-        "code_units": "per-source codes f^m of the crosscoder (normalised-input units)",
-        "norm_ratio_scale": config.norm_ratio_scale,
-    }
+    settings = _settings(config, cc, cc_path, slot, layer, len(protected), base_model, blocked_model)
     if mismatches:
         settings["model_mismatch"] = mismatches
     report = LeakageReport(protected, shift, settings)
@@ -142,6 +115,44 @@ def leakage(
         )
     report.write(config.out)
     return report
+
+
+def _blocked_crosscoder(config: LeakageConfig, given, cc, n_protected: int):
+    """``(crosscoder, directory)`` of the base-vs-blocked crosscoder (part 2), or ``(None, None)`` without one."""
+    if given is None and config.blocked_crosscoder is None:
+        return None, None
+    new_cc, new_path = _crosscoder(config.blocked_crosscoder if given is None else given, config.allow_incomplete)
+    if new_cc.config.d_model != cc.config.d_model:
+        raise ProbeError(
+            f"the base-vs-blocked crosscoder has d_model {new_cc.config.d_model}, the blocking crosscoder {cc.config.d_model}"
+        )
+    if config.matching == "hungarian" and n_protected * new_cc.config.n_features > HUNGARIAN_MAX_CELLS:
+        raise ProbeError(
+            f"Hungarian matching of {n_protected} protected features to {new_cc.config.n_features} features is too large: use matching='argmax' (--matching argmax)"
+        )
+    return new_cc, new_path
+
+
+def _settings(
+    config: LeakageConfig, cc, cc_path, slot: int, layer: int, n_protected: int, base_model, blocked_model
+) -> dict:
+    """The ``settings`` block of leakage.json: what was compared, at which site, in which units."""
+    return {
+        "crosscoder": str(cc_path) if cc_path is not None else None,
+        "crosscoder_models": cc.model_names,
+        "model_name": cc.model_names[slot],
+        "features_spec": config.features,
+        "n_protected": n_protected,
+        "n_features": cc.config.n_features,
+        "layer": layer,
+        "base": config.base if base_model is None else None,
+        "blocked": config.blocked if blocked_model is None else None,
+        "dataset": str(config.dataset),
+        "max_tokens": config.max_tokens or None,
+        "seq_len": config.seq_len,
+        "code_units": "per-source codes f^m of the crosscoder (normalised-input units)",
+        "norm_ratio_scale": config.norm_ratio_scale,
+    }
 
 
 def _crosscoder(crosscoder, allow_incomplete: bool):
