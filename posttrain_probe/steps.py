@@ -2,7 +2,8 @@
 
 Each step has the same shape (docs/architecture.md): ``function(config) -> result``, where the config is
 a torch-free dataclass with a help string per field (the CLI's options and the YAML keys) and the
-result writes itself to a directory (``result.write(out)``) and reads back (``Result.read(out)``).
+result writes itself to a directory (``result.write(out)``) and reads back (``Result.read(out)``); ``critical``
+writes one JSON file (``critical.json``) instead of a directory.
 Entries are import paths, resolved on use, so this registry imports nothing heavy::
 
     from posttrain_probe.steps import STEPS

@@ -125,6 +125,7 @@ def test_command_line_wins_over_the_file_even_at_the_default_value(tmp_path):
         ([], "crosscoder: cc\nkk: 3\n", "unknown key 'kk'"),
         ([], "- a\n- b\n", "must hold a mapping"),
         ([], "hidden: 4\ncrosscoder: cc\n", "unknown key 'hidden'"),
+        ([], "crosscoder: cc\nsegments:\n  k: 3\n", "unknown key 'k' in"),  # a key of the outer config inside a section
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, args, yaml_text, message):

@@ -30,18 +30,22 @@ class MemoryActivations(ActivationSource):
 
     @property
     def model_names(self) -> list[str]:
+        """Names of the N models in slot order."""
         return self._names
 
     @property
     def n_models(self) -> int:
+        """N."""
         return len(self._names)
 
     @property
     def d_model(self) -> int:
+        """Residual-stream width d."""
         return self.acts.shape[-1]
 
     @property
     def n_tokens(self) -> int:
+        """Tokens held (the first dimension of the tensor)."""
         return self.acts.shape[0]
 
     def chunks(self, *, shuffle: bool = False, seed: int = 0, epochs: int | None = 1) -> Iterator[torch.Tensor]:

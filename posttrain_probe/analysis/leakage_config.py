@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain_probe.analysis.analyze_config import NORM_RATIO_SCALES
 from posttrain_probe.errors import ProbeError
 
 MATCHINGS = ("hungarian", "argmax")
@@ -100,3 +101,5 @@ class LeakageConfig:
                 raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.matching not in MATCHINGS:
             raise ProbeError(f"matching {self.matching!r} is not one of {MATCHINGS}")
+        if self.norm_ratio_scale not in NORM_RATIO_SCALES:
+            raise ProbeError(f"norm_ratio_scale {self.norm_ratio_scale!r} is not one of {NORM_RATIO_SCALES}")

@@ -75,6 +75,7 @@ def record_arguments(record: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def record_request_type(record: Mapping[str, Any]) -> str:
+    """The lm-eval request type of a sample record: ``loglikelihood``, ``loglikelihood_rolling`` or ``generate_until``."""
     args = record_arguments(record)[0]
     if len(args) == 1:
         return "loglikelihood_rolling"
@@ -116,6 +117,8 @@ def records_by_doc(
 
 
 def task_metric(task: str, record: Mapping[str, Any], metric: str | None, source: str) -> str:
+    """The metric deciding correctness: ``metric`` or the task's primary one (first of the record's ``metrics``);
+    ProbeError naming ``source`` when the records do not have it."""
     names = record.get("metrics") or []
     name = metric if metric is not None else (names[0] if names else None)
     if name is None or name not in record:
@@ -134,4 +137,5 @@ def is_correct(record: Mapping[str, Any], metric: str) -> bool:
 
 
 def clip(text: str, n: int = 80) -> str:
+    """``repr`` of the last ``n`` characters of ``text`` (for error messages about long prompts)."""
     return repr(text if len(text) <= n else "..." + text[-n:])

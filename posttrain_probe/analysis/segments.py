@@ -329,6 +329,7 @@ class SegmentCorpus(NamedTuple):
 
     @property
     def n_docs(self) -> int:
+        """Documents in the corpus."""
         return len(self.docs)
 
     def batches(self) -> Iterator[SegmentBatch]:

@@ -21,17 +21,18 @@ from posttrain_probe.cli.options import config_options
 def leakage(config: LeakageConfig) -> None:
     """After blocked training: how much the protected features still moved (relative activation change vs unprotected features; with --blocked-crosscoder, their NormRatio bands in a base-vs-blocked crosscoder)."""
     from posttrain_probe.analysis.leakage import leakage as run_leakage
-    from posttrain_probe.analysis.leakage_shift import group_stats, ratio_or_nan
 
     report = run_leakage(config, progress=True)
-    groups = {"protected": report.protected_mask, "unprotected": ~report.protected_mask}
-    stats = {name: group_stats(report.shift, mask) for name, mask in groups.items()}
-    for name, group in stats.items():
+    relative = report.summary()["relative_change"]
+    for name in ("protected", "unprotected"):
+        group = relative[name]
         typer.echo(
             f"{name:>11}: {group['n_features']} features ({group['n_active_on_base']} active on base), relative change median {group['median']:.4g}, pooled {group['pooled']:.4g}"
         )
-    median = ratio_or_nan(stats["protected"]["median"], stats["unprotected"]["median"])
-    pooled = ratio_or_nan(stats["protected"]["pooled"], stats["unprotected"]["pooled"])
+    median, pooled = (
+        relative["median_ratio_protected_to_unprotected"],
+        relative["pooled_ratio_protected_to_unprotected"],
+    )
     typer.echo(f"protected / unprotected: median {median:.4g}, pooled {pooled:.4g}")
     part = report.crosscoder
     if part is not None:

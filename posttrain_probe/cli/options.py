@@ -72,15 +72,18 @@ def _build(config_cls: type, values: dict[tuple[str, ...], Any], prefix: tuple[s
     return config_cls(**kwargs)
 
 
-def _flatten_yaml(
-    data: dict[str, Any], leaves_by_name: dict[str, _Leaf], nested_names: set[str], path: Path
-) -> dict[str, Any]:
-    """YAML keys -> option names: a nested section's keys are its fields' option names."""
+def _flatten_yaml(data: dict[str, Any], sections: dict[str, set[str]], path: Path) -> dict[str, Any]:
+    """YAML keys -> option names: a nested section's keys are its own fields' option names (checked here,
+    so a key in the wrong section is an error, as in :func:`posttrain_probe.config_io.config_from_mapping`)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in nested_names and isinstance(value, dict):
+        if key in sections and isinstance(value, dict):
             for sub, sub_value in value.items():
-                flat[str(sub).replace("-", "_")] = sub_value
+                name = str(sub).replace("-", "_")
+                if name not in sections[key]:
+                    valid = ", ".join(sorted(sections[key]))
+                    raise ProbeError(f"unknown key {sub!r} in {path} section {key}: expected some of {valid}")
+                flat[name] = sub_value
         else:
             flat[key] = value
     return flat
@@ -99,7 +102,10 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
                 f"option --{leaf.field.name} is defined twice ({'.'.join(by_name[leaf.field.name].path)} and {'.'.join(leaf.path)})"
             )
         by_name[leaf.field.name] = leaf
-    nested_names = {leaf.path[-2] for leaf in leaves if len(leaf.path) > 2}
+    sections: dict[str, set[str]] = {}
+    for leaf in leaves:
+        if len(leaf.path) > 2:
+            sections.setdefault(leaf.path[-2], set()).add(leaf.field.name)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         resolved = typing.get_type_hints(func)
@@ -153,7 +159,7 @@ def config_options(**config_classes: type) -> Callable[[Callable[..., Any]], Cal
                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"  # typer may vendor click
             }
             if path is not None:
-                data = _flatten_yaml(read_yaml_mapping(path), by_name, nested_names, path)
+                data = _flatten_yaml(read_yaml_mapping(path), sections, path)
                 for key, value in data.items():
                     if key not in kwargs:
                         valid = ", ".join(sorted(kwargs))

@@ -20,16 +20,19 @@ class MetricSums:
         self.reset(n_models)
 
     def reset(self, n_models: int) -> None:
+        """Start a new logging interval for ``n_models`` models (zeroed sums, on the training device)."""
         self.scalars = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, mse, sparsity, l0
         self.fvu = torch.zeros(n_models, device=self.device, dtype=torch.float64)
         self.count = 0
 
     def add(self, out) -> None:
+        """Add one step's CrosscoderOutput (loss, mse, sparsity, L0, FVU per model) without a host sync."""
         self.scalars += torch.stack([out.loss, out.mse, out.sparsity, out.l0]).detach().to(torch.float64)
         self.fvu += out.fvu.detach().to(torch.float64)
         self.count += 1
 
     def pop(self, accelerator, **extra: Any) -> dict[str, Any]:
+        """The interval's means, averaged over data-parallel ranks, as a metrics.jsonl record (plus ``extra``); resets."""
         values = torch.cat([self.scalars, self.fvu]) / max(self.count, 1)
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="mean")

@@ -56,6 +56,7 @@ class TaskEffect:
     """One row of the table: the intervention's effect on one task."""
 
     task: str
+    """The lm-eval task name."""
     held_out: bool
     """Not one of the tasks the feature set was selected on (paper R tables 4-5)."""
     n_critical: int
@@ -114,6 +115,7 @@ class SetEffect:
     kind: str
     """``control`` or ``feature``."""
     task: str
+    """The lm-eval task name."""
     features: list[int]
     """The set intervened on (sorted; one index for ``feature``)."""
     seed: int | None = None
@@ -121,6 +123,7 @@ class SetEffect:
     n_critical: int = 0
     """|G_t| evaluated (as in the task's :class:`TaskEffect`)."""
     n_correct_after: int | None = None
+    """Documents of G_t answered correctly with the intervention."""
     acc_after: float | None = None
     """Percent."""
     delta_pp: float | None = None
@@ -128,6 +131,7 @@ class SetEffect:
     delta_measured_pp: float | None = None
     """acc_after minus the measured acc_before (the shared un-intervened run), percentage points."""
     flipped_docs: list[int] = field(default_factory=list)
+    """Doc ids of G_t whose correctness the intervention changed."""
 
 
 @dataclass
@@ -136,7 +140,9 @@ class InterventionEffects:
     per-feature rows (:class:`SetEffect`) and the settings."""
 
     rows: list[TaskEffect]
+    """One row per task (selection tasks, then held-out tasks)."""
     settings: dict[str, Any]
+    """What was run: crosscoder, feature set and its provenance, mode, value, model, tasks, lm-eval arguments."""
     controls: list[SetEffect] = field(default_factory=list)
     """One row per (control seed, task with G_t)."""
     per_feature: list[SetEffect] = field(default_factory=list)

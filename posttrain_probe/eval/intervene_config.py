@@ -185,8 +185,3 @@ class InterveneConfig:
     def control_seeds(self) -> list[int]:
         """The control sets' seeds: ``control_seed`` .. ``control_seed + controls - 1``."""
         return list(range(self.control_seed, self.control_seed + self.controls))
-
-    @property
-    def lm_eval_batch_size(self) -> int | str:
-        """``batch_size`` as lm-eval takes it (an int, or ``auto``)."""
-        return int(self.batch_size) if self.batch_size.isdigit() else self.batch_size
