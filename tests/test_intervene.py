@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from posttrain_probe.cli import app
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.eval.effects import InterventionEffects, intervention_delta
-from posttrain_probe.eval.effects_tables import format_effects_table, paper_table
+from posttrain_probe.eval.effects import InterventionEffects, format_effects_table, intervention_delta, paper_table
 from posttrain_probe.eval.generalization import features_generalization
 from posttrain_probe.eval.generalization_config import GeneralizationConfig
 from posttrain_probe.eval.intervene_config import InterveneConfig

@@ -150,7 +150,7 @@ def lm_eval_command(ctx: typer.Context) -> None:
 @config_options(config=InterveneConfig)
 def intervene(config: InterveneConfig) -> None:
     """Intervene on features and report the change on generalization-critical samples (paper R tables 2-5), beside frequency-matched random controls."""
-    from posttrain_probe.eval.effects_tables import control_summary_lines, format_effects_table, paper_table
+    from posttrain_probe.eval.effects import control_summary_lines, format_effects_table, paper_table
     from posttrain_probe.eval.intervention_effects import intervene as run_intervene
 
     effects = run_intervene(config)

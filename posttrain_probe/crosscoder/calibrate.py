@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from posttrain_probe.crosscoder.config import CalibrateConfig
+from posttrain_probe.crosscoder.layout import CALIBRATION
 from posttrain_probe.crosscoder.model import Crosscoder, crosscoder_fingerprint
 from posttrain_probe.errors import ProbeError
 
@@ -156,10 +157,6 @@ def calibrate_source_thresholds(
     crosscoder.config.source_thresholds = thresholds
     crosscoder.config._check_source_thresholds()
     return SourceCalibration(thresholds, [n / count for n in above_joint], l0_after, k, count)
-
-
-CALIBRATION = "calibration.json"
-"""The :class:`CalibrationReport` of the last calibration, next to the calibrated crosscoder's config.json."""
 
 
 class CalibrationReport(NamedTuple):

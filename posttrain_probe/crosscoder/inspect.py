@@ -16,7 +16,7 @@ from posttrain_probe.errors import ProbeError
 def training_status(path: str | os.PathLike) -> dict[str, Any] | None:
     """The run's ``training_status.json`` (``complete``, ``step`` of the weights, ``total_steps``,
     ``tokens``, ``warnings``), or None for a crosscoder saved outside a training run."""
-    from posttrain_probe.crosscoder.run import STATUS
+    from posttrain_probe.crosscoder.layout import STATUS
 
     file = Path(path) / STATUS
     return json.loads(file.read_text()) if file.exists() else None
@@ -140,7 +140,7 @@ def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
     """
     from safetensors.torch import load_file
 
-    from posttrain_probe.crosscoder.train import STATE_DIR
+    from posttrain_probe.crosscoder.layout import STATE_DIR
 
     state_dir = Path(path) / STATE_DIR
     pointer = state_dir / "latest.json"

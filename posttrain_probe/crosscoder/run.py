@@ -15,18 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainConfig
+from posttrain_probe.crosscoder.layout import STATUS, write_status
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.models import parse_model_specs
-
-STATUS = "training_status.json"
-"""Which step the weights at the run root are from, and whether training completed."""
-
-
-def write_status(out_dir: Path, status: dict[str, Any]) -> None:
-    """Replace ``out_dir/training_status.json`` atomically."""
-    tmp = out_dir / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, out_dir / STATUS)
 
 
 class CrosscoderRun(NamedTuple):

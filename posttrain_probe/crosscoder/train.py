@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from posttrain_probe.crosscoder.calibrate import CALIBRATION
 from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
+from posttrain_probe.crosscoder.layout import CALIBRATION, METRICS, STATE_DIR, STATUS, TRAINING_CONFIG, write_status
 from posttrain_probe.crosscoder.metrics import (
     CrosscoderQualityWarning,
     MetricSums,
@@ -32,7 +32,6 @@ from posttrain_probe.crosscoder.metrics import (
     quality_warnings,
 )
 from posttrain_probe.crosscoder.model import Crosscoder, CrosscoderOutput
-from posttrain_probe.crosscoder.run import STATUS, write_status
 from posttrain_probe.crosscoder.schedules import l1_factor, lr_factor
 from posttrain_probe.crosscoder.state import (
     load_optimizer_tensors,
@@ -43,9 +42,6 @@ from posttrain_probe.crosscoder.state import (
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.locks import is_lock_file, main_process_holds
 
-STATE_DIR = "trainer_state"
-METRICS = "metrics.jsonl"
-TRAINING_CONFIG = "training_config.json"
 _RUN_FILES = ("config.json", "model.safetensors", "README.md", TRAINING_CONFIG, METRICS, STATE_DIR, STATUS, CALIBRATION)
 
 

@@ -39,7 +39,7 @@ Beyond the papers:
 Entry points: :func:`intervene` (settings: :class:`~posttrain_probe.eval.intervene_config.InterveneConfig`;
 result: :class:`~posttrain_probe.eval.effects.InterventionEffects`, written to ``effects.json``,
 ``effects.csv``, ``effects.md``; scoring of the runs: :mod:`posttrain_probe.eval.effect_scoring`; tables:
-:mod:`posttrain_probe.eval.effects_tables`),
+:mod:`posttrain_probe.eval.effects`),
 ``posttrain-probe intervene``.
 """
 
