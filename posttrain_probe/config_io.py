@@ -97,3 +97,48 @@ def config_to_mapping(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def config_to_flags(config: Any) -> list[str]:
+    """The command-line flags that rebuild ``config`` through the generated CLI (:mod:`posttrain_probe.cli.options`):
+    ``--field-name value`` for every field that differs from its default (a list as the flag repeated, a bool as
+    ``--x`` / ``--no-x``, a nested config's fields as flags of their own, a mapping as a JSON value). Required
+    fields always appear. What ``study --dry-run`` prints as each step's exact command."""
+    import json
+
+    flags: list[str] = []
+    hints = typing.get_type_hints(type(config))
+    for f in init_fields(type(config)):
+        value = getattr(config, f.name)
+        if nested_config_type(hints[f.name]) is not None and dataclasses.is_dataclass(value):
+            flags += config_to_flags(value)
+            continue
+        if not f.metadata.get("cli", True):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = dataclasses.MISSING
+        if value is None or (default is not dataclasses.MISSING and _same(value, default)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                flags += [flag, str(item)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    if isinstance(value, Path) or isinstance(default, Path):
+        return str(value) == str(default)
+    return value == default

@@ -8,6 +8,8 @@ or network access. ``synthetic:<name>`` dataset specs (:func:`posttrain_probe.da
 * :func:`arithmetic_dataset` / :func:`multiple_choice_dataset` / :func:`openthoughts_dataset` -- data sets with
   ``messages``, ``prompt`` and ``text`` columns (OpenThoughts: ``system`` and ``conversations``).
 * :func:`synthetic_dataset` -- one of them by name (a key of :data:`SYNTHETIC_DATASETS`).
+* :data:`MCQ_DOMAINS` / :func:`fact_sentences` -- the domains of the multiple-choice questions
+  (``multiple_choice_rows(..., domain=...)`` keeps to one) and their facts as plain sentences.
 
 A base module: it imports only :mod:`posttrain_probe.errors` (``datasets`` lazily).
 """
@@ -24,10 +26,12 @@ if TYPE_CHECKING:  # ``datasets`` is imported lazily: it costs about a second at
     import datasets
 
 __all__ = [
+    "MCQ_DOMAINS",
     "OPENTHOUGHTS_SYSTEM_PROMPT",
     "SYNTHETIC_DATASETS",
     "arithmetic_dataset",
     "arithmetic_rows",
+    "fact_sentences",
     "multiple_choice_dataset",
     "multiple_choice_rows",
     "openthoughts_dataset",
@@ -215,9 +219,18 @@ _SEA = ["whale", "shark", "octopus", "dolphin", "jellyfish", "starfish"]
 _LAND = ["camel", "lion", "squirrel", "elephant", "fox", "giraffe", "zebra", "badger"]
 
 
+MCQ_DOMAINS: dict[str, tuple[int, ...]] = {"colours": (0,), "capitals": (1,), "animals": (2, 3, 4), "numbers": (5,)}
+"""Domains of the multiple-choice questions -> their question kinds: colours of things, capitals of made-up
+countries, animal facts (legs, flying, sea) and the largest/smallest of four numbers."""
+
+
 def _mcq_problem(rng: random.Random) -> tuple[str, str, list[str]]:
-    """One question: (question, correct choice, three distinct wrong choices)."""
-    kind = rng.randrange(6)
+    """One question of any domain: (question, correct choice, three distinct wrong choices)."""
+    return _mcq_kind(rng.randrange(6), rng)
+
+
+def _mcq_kind(kind: int, rng: random.Random) -> tuple[str, str, list[str]]:
+    """One question of ``kind`` (0 colour, 1 capital, 2 legs, 3 flying, 4 sea, 5 numbers)."""
     if kind == 0:
         thing = rng.choice(sorted(_COLOURS))
         right = _COLOURS[thing]
@@ -247,12 +260,21 @@ def _mcq_problem(rng: random.Random) -> tuple[str, str, list[str]]:
 _LETTERS = "ABCD"
 
 
-def multiple_choice_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """The rows of :func:`multiple_choice_dataset` as plain dicts (no ``datasets`` import)."""
+def multiple_choice_rows(n: int, seed: int, *, domain: str | None = None) -> list[dict[str, Any]]:
+    """The rows of :func:`multiple_choice_dataset` as plain dicts (no ``datasets`` import).
+
+    ``domain`` (a key of :data:`MCQ_DOMAINS`) keeps to the questions of one domain; ``None`` mixes all (the
+    rows of :func:`multiple_choice_dataset`).
+    """
+    if domain is not None and domain not in MCQ_DOMAINS:
+        raise ProbeError(f"unknown multiple-choice domain {domain!r}: expected one of {', '.join(MCQ_DOMAINS)}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        question, right, wrong = _mcq_problem(rng)
+        if domain is None:
+            question, right, wrong = _mcq_problem(rng)
+        else:
+            question, right, wrong = _mcq_kind(rng.choice(MCQ_DOMAINS[domain]), rng)
         label = rng.randrange(4)
         choices = list(wrong)
         rng.shuffle(choices)
@@ -273,6 +295,28 @@ def multiple_choice_rows(n: int, seed: int) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def fact_sentences(domain: str) -> list[str]:
+    """Every fact of a fixed-table ``domain`` (a key of :data:`MCQ_DOMAINS`) as one plain sentence, e.g.
+    ``"A ripe banana is yellow."``, ``"The capital of Valdoria is Ostrel."``, ``"A spider has 8 legs."``;
+    ``[]`` for ``numbers`` (no fixed facts). Deterministic, in table order."""
+    if domain not in MCQ_DOMAINS:
+        raise ProbeError(f"unknown multiple-choice domain {domain!r}: expected one of {', '.join(MCQ_DOMAINS)}")
+    if domain == "colours":
+        return [f"{thing[0].upper()}{thing[1:]} is {colour}." for thing, colour in _COLOURS.items()]
+    if domain == "capitals":
+        return [f"The capital of {country} is {city}." for country, city in _CAPITALS.items()]
+    if domain == "animals":
+
+        def an(animal: str) -> str:
+            return f"{'An' if animal[0] in 'aeiou' else 'A'} {animal}"
+
+        legs = [f"{an(animal)} has {n} legs." for animal, n in _LEGS.items()]
+        fly = [f"{an(a)} can fly." for a in _FLYERS] + [f"{an(a)} cannot fly." for a in _NON_FLYERS]
+        sea = [f"{an(a)} lives in the sea." for a in _SEA] + [f"{an(a)} lives on land." for a in _LAND]
+        return legs + fly + sea
+    return []
 
 
 def multiple_choice_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:

@@ -23,7 +23,7 @@ from trl import ScriptArguments
 TINY_PREFIX = "tiny:"
 
 
-def parse_recipe_args(parser) -> tuple:
+def parse_recipe_args(parser, argv: list[str] | None = None) -> tuple:
     """``parser.parse_args_and_config()`` with a one-line error (exit 2) for unknown YAML keys and bad values.
 
     TrlParser raises ValueError("Unknown arguments from config file: [...]") for a misspelled YAML key;
@@ -34,7 +34,7 @@ def parse_recipe_args(parser) -> tuple:
     from posttrain_probe.errors import ProbeError
 
     try:
-        return parser.parse_args_and_config()
+        return parser.parse_args_and_config(args=argv)
     except (ValueError, ProbeError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -30,7 +30,7 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo.py \
 import argparse
 from dataclasses import dataclass, field
 
-from common import MathScriptArguments, parse_recipe_args
+from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
 
 
 @dataclass
@@ -48,12 +48,12 @@ class GRPOScriptArguments(MathScriptArguments):
 
 
 def main(script_args, training_args, model_args, probe_args):
-    from common import grpo_dataset, load_model_and_tokenizer
     from transformers import AutoTokenizer
     from trl import GRPOTrainer, get_peft_config, get_quantization_config
     from trl.rewards import accuracy_reward
 
     from posttrain_probe.callbacks import add_probe_callbacks
+    from posttrain_probe.recipes.common import grpo_dataset, load_model_and_tokenizer
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
@@ -97,7 +97,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
-if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
+    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
     main(script_args, training_args, model_args, probe_args)
+
+
+if __name__ == "__main__":
+    cli()

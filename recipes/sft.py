@@ -26,14 +26,14 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sft.py
 
 import argparse
 
-from common import MathScriptArguments, parse_recipe_args
+from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
 
 
 def main(script_args, training_args, model_args, probe_args):
-    from common import load_model_and_tokenizer, sft_dataset
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from posttrain_probe.callbacks import add_probe_callbacks
+    from posttrain_probe.recipes.common import load_model_and_tokenizer, sft_dataset
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
@@ -70,7 +70,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
-if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
+    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
     main(script_args, training_args, model_args, probe_args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from common import MathScriptArguments, parse_recipe_args
 from trl import SFTConfig, SFTTrainer
+
+from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
 
 
 @dataclass
@@ -185,10 +186,10 @@ def _next_token_logits(causal_lm, hidden):
 
 
 def main(script_args, training_args, model_args, probe_args):
-    from common import TINY_PREFIX, load_model_and_tokenizer, sft_dataset, tiny_model
     from trl import get_peft_config, get_quantization_config
 
     from posttrain_probe.callbacks import add_probe_callbacks
+    from posttrain_probe.recipes.common import TINY_PREFIX, load_model_and_tokenizer, sft_dataset, tiny_model
 
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs), its tokenizer, and the frozen base:
     # the same checkpoint (loaded by the trainer), or the same tiny model
@@ -231,7 +232,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
-if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args, probe_args = parse_recipe_args(parser)
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
+    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
     main(script_args, training_args, model_args, probe_args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,6 +11,24 @@ from pathlib import Path
 
 from posttrain_probe.errors import ProbeError
 
+OVERLAP_NORMALIZATIONS = ("row", "jaccard", "min")
+"""Denominators of :func:`overlap_matrix`: |S_a| (default), |S_a ∪ S_b|, min(|S_a|, |S_b|)."""
+
+
+def check_threshold(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], or ProbeError."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise ProbeError(
+            f"threshold {fraction!r} is not a number; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
+        ) from None
+    if not 0 < value <= 1:
+        raise ProbeError(
+            f"threshold {fraction!r} is out of range; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
+        )
+    return value
+
 
 @dataclass(kw_only=True)
 class CriticalConfig:

@@ -38,14 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from posttrain_probe.analysis.critical_config import OVERLAP_NORMALIZATIONS, check_threshold
 from posttrain_probe.errors import ProbeError
 
 DEFAULT_THRESHOLD = 0.2
 """Paper R sec. 7: per task, features scoring at least 20% of the task's maximum score."""
-OVERLAP_NORMALIZATIONS = ("row", "jaccard", "min")
-"""Denominators of :func:`overlap_matrix`: |S_a| (default), |S_a ∪ S_b|, min(|S_a|, |S_b|)."""
-
-
 # -- the formulas --------------------------------------------------------------------------------------
 
 
@@ -91,21 +88,6 @@ def select_features(scores: torch.Tensor, fraction: float = DEFAULT_THRESHOLD) -
     if not top > 0:
         return []
     return torch.nonzero(finite >= fraction * top).flatten().tolist()
-
-
-def check_threshold(fraction: float) -> float:
-    """``fraction`` as a float in (0, 1], or ProbeError."""
-    try:
-        value = float(fraction)
-    except (TypeError, ValueError):
-        raise ProbeError(
-            f"threshold {fraction!r} is not a number; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
-        ) from None
-    if not 0 < value <= 1:
-        raise ProbeError(
-            f"threshold {fraction!r} is out of range; expected a fraction of the maximum score in (0, 1], e.g. 0.2"
-        )
-    return value
 
 
 def intersect_feature_sets(sets: Mapping[str, Sequence[int]]) -> list[int]:

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import typer
 
-from posttrain_probe.cli import activations, analysis, blocking, crosscoder, eval, fisher, generalization, testing
+from posttrain_probe.cli import (
+    activations,
+    analysis,
+    blocking,
+    crosscoder,
+    eval,
+    fisher,
+    generalization,
+    study,
+    testing,
+)
 
 app = typer.Typer(
     help="posttrain-probe: observe and steer LLM post-training at the level of sparse features.",
@@ -47,6 +57,9 @@ def main(
     """posttrain-probe: observe and steer LLM post-training at the level of sparse features."""
 
 
+app.command("study")(study.study)
+app.command("demo")(study.demo)
+app.command("report")(study.report)
 app.command("collect")(activations.collect)
 store_app.command("info")(activations.store_info)
 crosscoder_app.command("train")(crosscoder.crosscoder_train)

@@ -91,7 +91,7 @@ class GeneralizationConfig:
     )
 
     def __post_init__(self) -> None:
-        from posttrain_probe.analysis.generalization import OVERLAP_NORMALIZATIONS, check_threshold
+        from posttrain_probe.analysis.critical_config import OVERLAP_NORMALIZATIONS, check_threshold
 
         for name in ("crosscoder", "critical", "out"):
             value = getattr(self, name)

@@ -1,0 +1,126 @@
+"""Launch a training arm the way a user launches it: ``accelerate launch`` (with the study's accelerate /
+DeepSpeed config), ``torchrun``, ``python -m``, verl's ``main_ppo`` with ``+probe=on``, or, for one CPU process,
+inside the study's own process (the same recipe ``cli(argv)``, without a new interpreter's import time).
+
+Nothing here schedules jobs: a command runs where the study runs, so the same study file drives one CPU or a
+multi-GPU node (``study --stage train-sft`` inside a cluster job)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain_probe.errors import ProbeError
+
+
+@dataclass
+class Launch:
+    """One training run: its full command line and, for the in-process launcher, the recipe and its argv."""
+
+    command: list[str]
+    """The exact command (``accelerate launch ... -m posttrain_probe.recipes.sft --flag value ...``)."""
+    recipe: str | None = None
+    """``posttrain_probe.recipes.<recipe>`` (TRL arms)."""
+    argv: list[str] = field(default_factory=list)
+    """The recipe's own arguments (after the module)."""
+    inprocess: bool = False
+    """Run ``recipe.cli(argv)`` in this process instead of ``command``."""
+    log: Path | None = None
+    """Where a subprocess's output goes (``<arm>/train.log``)."""
+
+    def shell(self) -> str:
+        """The command as one shell line."""
+        return shlex.join(self.command)
+
+
+def recipe_flags(args: dict[str, Any]) -> list[str]:
+    """Recipe options (YAML keys of a TrlParser recipe) -> its flags: ``--key value``, a list as ``--key v1 v2``,
+    a bool as ``--key true|false``; None is left out (the recipe's default)."""
+    flags: list[str] = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        flag = "--" + str(key)
+        if isinstance(value, bool):
+            flags += [flag, "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            raise ProbeError(f"recipe option {key}: a mapping cannot be a flag; give it as a string")
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def trl_launch(
+    recipe: str,
+    args: dict[str, Any],
+    *,
+    launcher: str,
+    accelerate_config: str | None,
+    num_processes: int,
+    log: Path,
+) -> Launch:
+    """The command that trains ``posttrain_probe.recipes.<recipe>`` with ``args`` under ``launcher``."""
+    module = f"posttrain_probe.recipes.{recipe}"
+    argv = recipe_flags(args)
+    if launcher == "accelerate":
+        if accelerate_config:
+            head = ["accelerate", "launch", "--config_file", accelerate_config]
+        else:
+            head = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1"]
+            head += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+            if _cpu_only(args):
+                head.append("--cpu")
+        command = [*head, "-m", module, *argv]
+    elif launcher == "torchrun":
+        command = ["torchrun", "--nproc_per_node", str(num_processes), "-m", module, *argv]
+    else:
+        command = [sys.executable, "-m", module, *argv]
+    return Launch(command, recipe=recipe, argv=argv, inprocess=launcher == "inprocess", log=log)
+
+
+def _cpu_only(args: dict[str, Any]) -> bool:
+    return bool(args.get("use_cpu")) or os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+def verl_launch(overrides: dict[str, Any], *, base_model: str, out: Path, layer: int, log: Path) -> Launch:
+    """verl GRPO with the probe: ``python -m verl.trainer.main_ppo KEY=VALUE ... +probe=on probe.layers=[L]``."""
+    wired = {
+        "actor_rollout_ref.model.path": base_model,
+        "trainer.default_local_dir": str(out),
+    }
+    clash = [k for k in wired if k in overrides and str(overrides[k]) != wired[k]]
+    if clash:
+        raise ProbeError(f"verl arm sets {clash[0]}={overrides[clash[0]]!r}, but the study wires {wired[clash[0]]!r}")
+    items = {"algorithm.adv_estimator": "grpo", **overrides, **wired}
+    command = [sys.executable, "-m", "verl.trainer.main_ppo", *(f"{k}={v}" for k, v in items.items())]
+    command += ["+probe=on", f"probe.layers=[{layer}]"]
+    return Launch(command, log=log)
+
+
+def run_launch(launch: Launch) -> None:
+    """Run a training launch to completion; ProbeError (with the log's tail) if it fails."""
+    if launch.inprocess:
+        import importlib
+
+        module = importlib.import_module(f"posttrain_probe.recipes.{launch.recipe}")
+        try:
+            module.cli(launch.argv)
+        except SystemExit as exit:
+            if exit.code not in (0, None):
+                raise ProbeError(f"training failed (exit {exit.code}): {launch.shell()}") from None
+        return
+    assert launch.log is not None
+    launch.log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(launch.log, "w") as log:
+        code = subprocess.run(launch.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(launch.log.read_text(errors="replace").splitlines()[-25:])
+        raise ProbeError(f"training failed (exit {code}): {launch.shell()}\n{tail}\n(full log: {launch.log})")

@@ -1,0 +1,399 @@
+"""The study's report: ``build_report(study_dir, config)`` -> ``report/report.html`` (one self-contained file) and
+``report/report.md``, from what the stages wrote (any subset: a section whose stage has not run says so).
+
+Contents, in order: a plain reading of what the run shows and cannot show; accuracy of every model on the
+in-domain, general and held-out tasks (paper R table 1 shape, with document counts) and the transfer of each
+paradigm; NRN histograms per paradigm; MAS of the three-model crosscoder; checkpoint dynamics (top-k overlap and
+rank shifts); NormRatio vs decoder cosine; generalization features per task and their overlap; intervention
+delta tables (paper R tables 2-5 shape, held-out task marked); Fisher rho and the steering effect; leakage of each
+blocked arm; feature cards (scores + top-activating probe-set contexts); stage timings, configs and versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from posttrain_probe.study.report_render import Report
+from posttrain_probe.study.settings import ReportConfig
+
+REPORT_DIR = "report"
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def _accuracy(eval_dir: Path) -> dict[str, tuple[float, int | None]]:
+    """task -> (accuracy in %, documents) from an lm-eval run of the study."""
+    data = _json(eval_dir / "lm_eval.json")
+    if data is None:
+        return {}
+    counts: dict[str, int] = {}
+    results_file = data.get("results_file")
+    if results_file and Path(results_file).exists():
+        for task, n in (json.loads(Path(results_file).read_text()).get("n-samples") or {}).items():
+            counts[task] = int(n.get("effective", n.get("original", 0)))
+    out = {}
+    for task, metrics in data["results"].items():
+        value = next((v for k, v in metrics.items() if k.split(",")[0] in ("acc", "exact_match") and _number(v)), None)
+        if value is not None:
+            out[task] = (100.0 * float(value), counts.get(task))
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
+    """Write ``<root>/report/report.html`` and ``report.md`` for the study in ``root``; returns the HTML path."""
+    root = Path(root)
+    config = config or ReportConfig()
+    info = _json(root / "study.json") or {}
+    name = info.get("identity", {}).get("name", root.name)
+    tasks = info.get("tasks", {"in_domain": [], "general": [], "held_out": []})
+    arms = info.get("arms", {})
+    blocked = info.get("blocked_arms", {})
+    settings = info.get("settings", {})
+    sft, rl = settings.get("sft_arm", "sft"), settings.get("rl_arm", "rl")
+    labels = {"base": "base", **{a: v.get("label") or a for a, v in arms.items()}}
+    labels.update({a: f"SFT, {c} blocked" for a, c in blocked.items()})
+
+    report = Report(f"posttrain-probe study: {name}")
+    report.note(
+        "What this run shows: how SFT, RL (GRPO), SFT+KL and gradient-blocked SFT, trained from one base on the same "
+        "problems, changed the model's accuracy and its sparse features at layer "
+        f"{settings.get('layer')}, which features carry the RL model's gains, and what happens when they are "
+        "zeroed, set or steered. What it cannot show: a study on tiny synthetic models (the demo) is no evidence "
+        "about 4B models - it exercises every step of the method; the papers' claims need the real-model study "
+        "file. Few documents per task make every accuracy difference noisy; the control rows of the intervention "
+        "tables say how large a change random feature sets of the same size produce.",
+        title="Reading this report",
+    )
+    _accuracy_section(report, root, tasks, labels)
+    _attribution_section(report, root, arms, sft, rl)
+    _generalization_section(report, root, tasks)
+    _fisher_section(report, root)
+    _leakage_section(report, root, blocked)
+    _cards_section(report, root, info, config, sft, rl)
+    _provenance_section(report, root, info)
+    html, _ = report.write(root / REPORT_DIR)
+    return Path(html)
+
+
+def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str, str]) -> None:
+    report.heading("Accuracy: base and every post-trained model")
+    order = [*tasks.get("in_domain", []), *tasks.get("general", []), *tasks.get("held_out", [])]
+    kinds = {t: "in-domain" for t in tasks.get("in_domain", [])}
+    kinds.update({t: "general" for t in tasks.get("general", [])})
+    kinds.update({t: "held out" for t in tasks.get("held_out", [])})
+    accs = {model: _accuracy(root / "eval" / model) for model in labels}
+    accs = {m: a for m, a in accs.items() if a}
+    if not accs:
+        report.paragraph("No evaluation has run yet (stages eval-*).")
+        return
+    rows = []
+    for model, acc in accs.items():
+        rows.append([labels[model], *(acc[t][0] if t in acc else None for t in order)])
+    counts = next(iter(accs.values()))
+    columns = ["model", *(f"{t} ({kinds[t]}, n={counts[t][1] if t in counts else '?'})" for t in order)]
+    report.table(columns, rows, caption="Accuracy in % (lm-eval; paper R table 1 shape). n = documents per task.")
+    if "base" in accs:
+        base = accs["base"]
+
+        def mean_gain(acc, names):
+            gains = [acc[t][0] - base[t][0] for t in names if t in acc and t in base]
+            return sum(gains) / len(gains) if gains else None
+
+        transfer = []
+        for model, acc in accs.items():
+            if model == "base":
+                continue
+            transfer.append(
+                [
+                    labels[model],
+                    mean_gain(acc, tasks.get("in_domain", [])),
+                    mean_gain(acc, tasks.get("general", [])),
+                    mean_gain(acc, tasks.get("held_out", [])),
+                ]
+            )
+        report.table(
+            ["model", "in-domain gain (pp)", "general gain (pp)", "held-out gain (pp)"],
+            transfer,
+            caption="Transfer: mean accuracy change against the base, in percentage points, per task group.",
+        )
+
+
+def _attribution_section(report: Report, root: Path, arms: dict, sft: str, rl: str) -> None:
+    report.heading("What changed inside: crosscoder attribution")
+    analysis = root / "analysis"
+    if not analysis.is_dir():
+        report.paragraph("No crosscoder analysis yet (stages analyze-*).")
+        return
+    rows = []
+    for folder in sorted(p for p in analysis.iterdir() if p.is_dir()):
+        summary = _json(folder / "summary.json") or {}
+        for model, counts in (summary.get("models") or {}).items():
+            cats = counts.get("categories", {})
+            rows.append(
+                [
+                    folder.name,
+                    model,
+                    counts.get("n"),
+                    cats.get("base-only"),
+                    cats.get("shared"),
+                    cats.get("finetune-only"),
+                    counts.get("nrn_mean"),
+                ]
+            )
+    if rows:
+        report.table(
+            ["crosscoder", "model vs base", "live features", "base-only", "shared", "finetune-only", "mean NRN"],
+            rows,
+            caption="NormRatio categories (paper S) and NRN (paper R) of every crosscoder's live features.",
+        )
+    for arm in (sft, rl):
+        for png in _pngs(analysis / f"base-{arm}"):
+            if "nrn" in png.stem or "norm_ratio" in png.stem or "cosine" in png.stem:
+                report.figure(png, caption=f"base vs {arm}: {png.stem.replace('_', ' ')}")
+    three = analysis / f"base-{sft}-{rl}"
+    for png in _pngs(three):
+        if "mas" in png.stem:
+            report.figure(png, caption=f"MAS of the three-model crosscoder base / {sft} / {rl}")
+    dynamics = root / "dynamics"
+    if dynamics.is_dir():
+        report.heading("Checkpoint dynamics", level=3)
+        for arm_dir in sorted(p for p in dynamics.iterdir() if p.is_dir()):
+            data = _json(arm_dir / "dynamics.json") or {}
+            if data.get("mean_adjacent_overlap") is not None:
+                report.paragraph(
+                    f"{arm_dir.name}: mean top-{data.get('k')} overlap of consecutive checkpoints "
+                    f"{data['mean_adjacent_overlap']:.3f}."
+                )
+            for png in _pngs(arm_dir):
+                report.figure(png, caption=f"{arm_dir.name}: {png.stem.replace('_', ' ')}")
+
+
+def _effects_rows(effects: dict) -> list[list[Any]]:
+    rows = []
+    for row in effects.get("rows", []):
+        rows.append(
+            [
+                row["task"] + (" (held out)" if row.get("held_out") else ""),
+                row.get("n_critical"),
+                row.get("acc_before_nominal"),
+                row.get("acc_after"),
+                row.get("delta_pp"),
+                row.get("controls_mean_pp"),
+                row.get("outside_controls"),
+                row.get("full_acc_before"),
+                row.get("full_acc_after"),
+            ]
+        )
+    return rows
+
+
+EFFECT_COLUMNS = [
+    "task",
+    "|G_t|",
+    "acc before (%)",
+    "acc after (%)",
+    "delta (pp)",
+    "controls mean (pp)",
+    "outside controls",
+    "full task before (%)",
+    "full task after (%)",
+]
+
+
+def _generalization_section(report: Report, root: Path, tasks: dict) -> None:
+    report.heading("Generalization features and interventions (paper R)")
+    critical = _json(root / "critical" / "critical.json")
+    if critical is not None:
+        rows = [
+            [task, e.get("n_docs"), e.get("n_base_correct"), e.get("n_rl_correct"), e.get("n_critical")]
+            for task, e in sorted((critical.get("tasks") or {}).items())
+        ]
+        report.table(
+            ["task", "documents", "base correct", "RL correct", "|G_t| (base wrong, RL right)"],
+            rows,
+            caption="Generalization-critical samples per task.",
+        )
+    gen = _json(root / "generalization" / "generalization.json")
+    if gen is None:
+        report.paragraph("No generalization features yet (stage generalization).")
+    else:
+        per_task = gen.get("per_task") or gen.get("tasks") or {}
+        rows = [[t, v.get("n_critical"), v.get("n_selected")] for t, v in per_task.items() if isinstance(v, dict)]
+        report.table(["task", "|G_t|", "|S_t| (features)"], rows, caption="Generalization features per task.")
+        intersection = gen.get("intersection")
+        if intersection is not None:
+            report.paragraph(f"Features in every task's set (S): {len(intersection)}.")
+        for png in _pngs(root / "generalization"):
+            report.figure(png, caption="Overlap of the per-task feature sets S_t (paper R fig. 4)")
+    for label, title in (("zero", "zeroed in the RL model"), ("set-base", "set in the base model")):
+        for folder in sorted((root / "intervene").glob(f"{label}*")) if (root / "intervene").is_dir() else []:
+            effects = _json(folder / "effects.json")
+            if effects is not None:
+                report.table(
+                    EFFECT_COLUMNS,
+                    _effects_rows(effects),
+                    caption=f"Generalization features {title} ({folder.name}): accuracy on G_t (paper R tables 2-5).",
+                )
+
+
+def _fisher_section(report: Report, root: Path) -> None:
+    report.heading("Reasoning features: Fisher ratio and steering (paper S)")
+    summary = _json(root / "fisher" / "summary.json")
+    if summary is None:
+        report.paragraph("No Fisher features yet (stage fisher).")
+    else:
+        selection = summary.get("selection") or {}
+        n = len(selection.get("features", [])) if isinstance(selection, dict) else None
+        report.paragraph(f"Fisher-selected reasoning features: {n if n is not None else 'see fisher/summary.json'}.")
+        for png in _pngs(root / "fisher"):
+            report.figure(png, caption="Fisher importance ratio rho: reasoning vs solution tokens (paper S fig. 6)")
+    effects = _json(root / "intervene" / "steer-base" / "effects.json")
+    if effects is not None:
+        report.table(
+            EFFECT_COLUMNS, _effects_rows(effects), caption="Steering the Fisher features in the base model."
+        )
+
+
+def _leakage_section(report: Report, root: Path, blocked: dict[str, str]) -> None:
+    report.heading("Gradient blocking and leakage (paper S)")
+    rows = []
+    for arm, category in blocked.items():
+        data = _json(root / "leakage" / arm / "leakage.json")
+        if data is None:
+            continue
+        change = data.get("relative_change", {})
+        rows.append(
+            [
+                arm,
+                category,
+                (change.get("protected") or {}).get("median"),
+                (change.get("unprotected") or {}).get("median"),
+                change.get("median_ratio_protected_to_unprotected"),
+            ]
+        )
+    if not rows:
+        report.paragraph("No blocked arm has finished its leakage stage yet.")
+        return
+    report.table(
+        ["arm", "protected", "median change protected", "median change unprotected", "ratio"],
+        rows,
+        caption="Relative activation change base -> blocked of the protected vs the other features (lower ratio: less leakage).",
+    )
+    for arm in blocked:
+        for png in _pngs(root / "leakage" / arm):
+            report.figure(png, caption=f"{arm}: relative change per feature")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _cards_section(report: Report, root: Path, info: dict, config: ReportConfig, sft: str, rl: str) -> None:
+    """Feature cards: generalization features (base-vs-RL crosscoder) and the top features of each NormRatio
+    category (base-vs-SFT), each with its scores and its top-activating contexts from the collected tokens."""
+    report.heading("Feature cards")
+    groups: list[tuple[str, str, str, list[int], dict[int, dict[str, str]]]] = []
+    gen_scores = {int(r["feature"]): r for r in _read_csv(root / "generalization" / "scores.csv") if "feature" in r}
+    gen_set = _json(root / "generalization" / "generalization_features.json")
+    if gen_set is not None and gen_scores:
+        score_cols = [c for c in next(iter(gen_scores.values())) if c.startswith("score_")]
+        ranked = sorted(gen_set["features"], key=lambda f: -max(float(gen_scores[f][c] or 0) for c in score_cols))
+        groups.append(("generalization feature", f"base-{rl}", rl, ranked[: config.n_cards], gen_scores))
+    table = _read_csv(root / "analysis" / f"base-{sft}" / "features.csv")
+    if table:
+        rows = {int(r["feature"]): r for r in table}
+        for category in ("finetune-only", "shared", "base-only"):
+            members = [f for f, r in rows.items() if r.get(f"category_{sft}") == category and r.get("dead") != "True"]
+            key = f"norm_ratio_{sft}"
+            reverse = category != "base-only"
+            members.sort(key=lambda f: float(rows[f][key]) if rows[f][key] not in ("", "nan") else 0.0, reverse=reverse)
+            model = "base" if category == "base-only" else sft
+            groups.append((f"{category} feature", f"base-{sft}", model, members[: config.n_cards], rows))
+    if not groups:
+        report.paragraph("No features to show yet (stages generalization and analyze).")
+        return
+    tokenizer = _tokenizer(info)
+    layer = info.get("settings", {}).get("layer")
+    for kind, crosscoder, model, features, scores in groups:
+        contexts = _contexts(root, crosscoder, model, layer, features, config)
+        for feature in features:
+            row = scores.get(feature, {})
+            shown = {k: v for k, v in row.items() if k != "feature" and v not in ("", None)}
+            rendered = []
+            if tokenizer is not None:
+                from posttrain_probe.analysis.top_contexts import render_tokens
+
+                for ctx in contexts.get(feature, []):
+                    rendered.append((render_tokens(tokenizer, ctx), ctx.highlight, ctx.activation))
+            report.card(f"{kind} {feature} ({crosscoder}, contexts in {model})", _rounded(shown), contexts=rendered)
+
+
+def _rounded(row: dict[str, str]) -> list[tuple[str, Any]]:
+    out = []
+    for key, value in list(row.items())[:10]:
+        try:
+            out.append((key, float(value)))
+        except ValueError:
+            out.append((key, value))
+    return out
+
+
+def _tokenizer(info: dict):
+    base = (info.get("models") or {}).get("base")
+    if base is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError):
+        return None
+
+
+def _contexts(root: Path, crosscoder: str, model: str, layer, features: list[int], config: ReportConfig) -> dict:
+    store = root / "acts" / model / f"layer{layer}"
+    cc = root / "crosscoders" / crosscoder
+    if not features or not store.is_dir() or not cc.is_dir():
+        return {}
+    from posttrain_probe.analysis.top_contexts import top_contexts
+
+    return top_contexts(str(cc), str(store), features, model_name=model, k=config.n_contexts, window=config.window)
+
+
+def _provenance_section(report: Report, root: Path, info: dict) -> None:
+    report.heading("Stages, configs and versions")
+    rows = []
+    for name in info.get("stages", []):
+        record = _json(root / "stages" / f"{name}.json")
+        rows.append([name, "done" if record else "not run", record.get("elapsed_s") if record else None])
+    if rows:
+        report.table(["stage", "status", "seconds"], rows, caption="Stages of the study and their last run time.")
+    versions = {"python": platform.python_version(), "posttrain-probe": info.get("posttrain_probe_version")}
+    for package in ("torch", "transformers", "trl", "accelerate", "lm_eval", "datasets"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a missing package is reported as such
+            versions[package] = "not installed"
+    report.table(["package", "version"], sorted(versions.items()), caption="Versions used to build this report.")
+    import yaml
+
+    report.code(yaml.safe_dump(info.get("config", {}), sort_keys=False))

@@ -1,0 +1,171 @@
+"""The sections of a study file that are not a post-hoc step: ``study:`` (:class:`StudySettings`), the
+training ``arms:`` (:class:`ArmConfig`), the gradient-blocked arms ``blocked:`` (:class:`BlockedConfig`) and
+``report:`` (:class:`ReportConfig`). Torch-free: ``study --dry-run`` plans without importing torch.
+
+A study file (docs/study.md) is YAML with one section per stage kind; the keys of a step's section are the
+field names of that step's config dataclass (``collect:`` -> ``CollectConfig``, ``crosscoder:`` ->
+``CrosscoderTrainConfig`` ...), minus the fields the study wires itself (models, inputs, outputs, layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain_probe.errors import ProbeError
+
+RECIPES = ("sft", "grpo", "sft_kl")
+"""Recipes of the training arms (``posttrain_probe.recipes.<name>``; ``sft_blocked`` is the blocked arms')."""
+CATEGORIES = ("shared", "base-only", "finetune-only")
+"""NormRatio categories (``posttrain_probe.analysis.feature_sets.CATEGORY_NAMES``, here without importing torch)."""
+LAUNCHERS = ("accelerate", "torchrun", "python", "inprocess")
+"""How a training arm is launched: ``accelerate launch``, ``torchrun``, plain ``python -m``, or inside the study's
+own process (one CPU process; no import cost per arm: the CPU demo)."""
+TRAINERS = ("trl", "verl")
+"""Who trains an arm: TRL (the recipes) or verl (``python -m verl.trainer.main_ppo ... +probe=on``)."""
+
+
+def _name_ok(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "_-" for c in value):
+        raise ProbeError(f"{what} {value!r}: expected a name of letters, digits, '-' and '_'")
+    return value
+
+
+@dataclass(kw_only=True)
+class StudySettings:
+    """The ``study:`` section: what every stage shares (the base model, the site, where things run)."""
+
+    name: str = field(metadata={"help": "Name of the study (recorded in study.json; a directory holds one study)."})
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model (HF name or path) every arm starts from; default: the world's pretrained base (world: section)."
+        },
+    )
+    layer: int = field(metadata={"help": "Site L (residual stream entering block L) of every crosscoder and capture."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data of every arm (a `datasets` name, a local file or synthetic:...); default: the world's train.jsonl."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of `dataset` (hub datasets)."})
+    in_domain_tasks: list[str] = field(
+        default_factory=list, metadata={"help": "lm-eval in-domain tasks (default: the world's)."}
+    )
+    general_tasks: list[str] = field(
+        default_factory=list, metadata={"help": "lm-eval general tasks (default: the world's)."}
+    )
+    held_out_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "lm-eval tasks held out of feature selection, used to test the interventions (default: the world's)."
+        },
+    )
+    include_path: list[str] = field(
+        default_factory=list, metadata={"help": "lm-eval task folders besides the shipped ones (and the world's)."}
+    )
+    sft_arm: str = field(default="sft", metadata={"help": "The arm whose crosscoder gives NormRatio categories."})
+    rl_arm: str = field(default="rl", metadata={"help": "The RL arm (generalization features, interventions)."})
+    launcher: str = field(
+        default="accelerate", metadata={"help": "How training arms are launched: " + ", ".join(LAUNCHERS) + "."}
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "accelerate config file of the training arms (e.g. recipes/accelerate/zero3.yaml); default: one CPU process."
+        },
+    )
+    num_processes: int = field(
+        default=1, metadata={"help": "Processes per training arm (torchrun --nproc_per_node; accelerate without config)."}
+    )
+    device: str = field(default="cpu", metadata={"help": "Device of the post-hoc steps (cpu, cuda, cuda:0)."})
+
+    def __post_init__(self) -> None:
+        _name_ok(self.name, "study.name")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ProbeError(f"study.layer={self.layer!r}: expected a layer index >= 0")
+        if self.launcher not in LAUNCHERS:
+            raise ProbeError(f"study.launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) or self.num_processes < 1:
+            raise ProbeError(f"study.num_processes={self.num_processes!r}: expected an integer >= 1")
+        for name in ("in_domain_tasks", "general_tasks", "held_out_tasks", "include_path"):
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, str) else [str(v) for v in value])
+
+
+@dataclass(kw_only=True)
+class ArmConfig:
+    """One training arm (a value under ``arms:``): a recipe and its options, keys as the recipe's flags."""
+
+    recipe: str = field(metadata={"help": "Recipe: " + ", ".join(RECIPES) + " (posttrain_probe.recipes.<recipe>)."})
+    trainer: str = field(
+        default="trl",
+        metadata={"help": "trl (the recipe) or verl (GRPO through verl's main_ppo with +probe=on; recipe grpo only)."},
+    )
+    label: str | None = field(default=None, metadata={"help": "Name in the report's tables (default: the arm's key)."})
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The recipe's own YAML (e.g. sft.yaml; relative to the study file); keys the study wires (model, data, output_dir, probe_layers) are replaced."
+        },
+    )
+    args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Recipe options (the recipe's --flags without dashes, as in its YAML), or verl overrides (key=value) for trainer verl."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ProbeError(f"arm recipe {self.recipe!r}: expected one of {', '.join(RECIPES)}")
+        if self.trainer not in TRAINERS:
+            raise ProbeError(f"arm trainer {self.trainer!r}: expected one of {', '.join(TRAINERS)}")
+        if self.trainer == "verl" and self.recipe != "grpo":
+            raise ProbeError(f"arm trainer verl runs GRPO only, got recipe {self.recipe!r}")
+        if not isinstance(self.args, dict):
+            raise ProbeError(f"arm args: expected a mapping of option: value, got {type(self.args).__name__}")
+
+
+@dataclass(kw_only=True)
+class BlockedConfig:
+    """The ``blocked:`` section: SFT with gradient blocking (paper S), one arm per NormRatio category of the
+    base-vs-SFT crosscoder, each followed by its evaluation and its leakage."""
+
+    categories: list[str] = field(
+        default_factory=lambda: ["shared", "base-only", "finetune-only"],
+        metadata={"help": "Protected NormRatio categories, one blocked arm each."},
+    )
+    mode: str = field(default="sae", metadata={"help": "Blocking mode: sae, subspace or ablate (docs/methods.md sec. 9)."})
+    config: str | None = field(
+        default=None,
+        metadata={"help": "Recipe YAML of recipes/sft_blocked.py (relative to the study file; default: the SFT arm's)."},
+    )
+    args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Options of recipes/sft_blocked.py (default: the SFT arm's options)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.categories = [self.categories] if isinstance(self.categories, str) else list(self.categories)
+        bad = [c for c in self.categories if c not in CATEGORIES]
+        if bad or not self.categories:
+            raise ProbeError(f"blocked.categories {self.categories}: expected some of {', '.join(CATEGORIES)}")
+        if not isinstance(self.args, dict):
+            raise ProbeError(f"blocked.args: expected a mapping of option: value, got {type(self.args).__name__}")
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """The ``report:`` section: what the report shows."""
+
+    n_cards: int = field(default=6, metadata={"help": "Feature cards per group (generalization features, each category)."})
+    n_contexts: int = field(default=4, metadata={"help": "Top-activating probe-set contexts per card."})
+    window: int = field(default=8, metadata={"help": "Tokens shown each side of a context's peak token."})
+
+    def __post_init__(self) -> None:
+        for name in ("n_cards", "n_contexts", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProbeError(f"report.{name}={value!r}: expected an integer >= 1")

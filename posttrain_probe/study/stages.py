@@ -1,0 +1,363 @@
+"""The stages of a study, planned from a study file: which step runs with which config, on what, into where.
+
+:class:`Study` reads a study file (YAML, docs/study.md) and lists its :class:`Stage` objects in run order. A
+stage is one call of a public step function with that step's config (``STEPS``), or one training arm launched as
+a user launches it (:mod:`posttrain_probe.study.launch`), or the world or the report. The study wires every
+stage's inputs and outputs (the models, stores, crosscoders, logs) inside its directory; a section of the file
+gives the rest of that step's fields, and setting a wired field to another value is an error. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain_probe.config_io import config_from_mapping, config_to_mapping, init_fields, read_yaml_mapping
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.steps import STEPS
+from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfig, StudySettings
+
+STEP_SECTIONS = {
+    "eval": "lm_eval",
+    "collect": "collect",
+    "crosscoder": "crosscoder_train",
+    "analyze": "analyze",
+    "dynamics": "dynamics",
+    "critical": "critical",
+    "generalization": "features_generalization",
+    "intervene": "intervene",
+    "fisher": "features_fisher",
+    "steer": "intervene",
+    "leakage": "leakage",
+}
+"""Study-file section -> the step (``STEPS`` key) whose config its keys are."""
+OTHER_SECTIONS = ("study", "world", "arms", "blocked", "report")
+SECTIONS = (*OTHER_SECTIONS[:3], *STEP_SECTIONS, *OTHER_SECTIONS[3:])
+"""Every section a study file may have, in plan order."""
+WIRED_RECIPE_KEYS = ("model_name_or_path", "dataset_name", "dataset_config", "output_dir", "probe_layers")
+"""Recipe options the study sets for every arm (the base model, the data, the arm's directory, the site)."""
+
+
+@dataclass
+class Stage:
+    """One resumable unit of a study."""
+
+    name: str
+    """Stage name (``--stage NAME``), e.g. ``train-sft``, ``crosscoder-base-rl``."""
+    kind: str
+    """``world``, ``train``, ``report`` or the ``STEPS`` key of the step it runs."""
+    deps: tuple[str, ...]
+    """Stages whose outputs it reads."""
+    sections: tuple[str, ...]
+    """Study-file sections its config comes from (a changed one re-runs it)."""
+    outputs: tuple[Path, ...]
+    """Files and directories it writes (removed before a re-run)."""
+    build: Callable[[], Any] = field(repr=False)
+    """-> the config (step, world, report) or the :class:`~posttrain_probe.study.launch.Launch` (train)."""
+    about: str = ""
+    """One line for the plan."""
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Study:
+    """A study file read and checked: its sections, its directory and its stages.
+
+    ``Study.load("study.yaml", out="runs/study")`` (``out`` default: the ``study.out`` key, else
+    ``studies/<name>``); :meth:`stages` lists the plan; :meth:`stage_hash` is what decides a re-run.
+    """
+
+    def __init__(self, data: Mapping[str, Any], *, out: str | Path | None = None, source: str = "study file") -> None:
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = [k for k in data if k not in SECTIONS]
+        if unknown:
+            raise ProbeError(f"unknown section {unknown[0]!r} in {source}: expected some of {', '.join(SECTIONS)}")
+        if "study" not in data:
+            raise ProbeError(f"{source} has no study: section (name, layer, ...)")
+        self.source = source
+        self.raw = {k: (v if v is not None else {}) for k, v in data.items()}
+        for key, value in self.raw.items():
+            if not isinstance(value, Mapping):
+                raise ProbeError(f"section {key} of {source}: expected a mapping, got {type(value).__name__}")
+        study = dict(self.raw["study"])
+        out = out if out is not None else study.pop("out", None)
+        study.pop("out", None)
+        self.settings: StudySettings = config_from_mapping(StudySettings, study, source=f"{source} section study")
+        self.root = Path(out if out is not None else Path("studies") / self.settings.name).resolve()
+        self.settings.accelerate_config = self._beside_source(self.settings.accelerate_config)
+        self.world = None
+        if "world" in self.raw:
+            from posttrain_probe.study.world_config import WorldConfig
+
+            world = {**self.raw["world"], "out": str(self.root / "world")}
+            if "out" in self.raw["world"]:
+                raise ProbeError(f"section world of {source} sets out: the world lives in <study>/world")
+            self.world = config_from_mapping(WorldConfig, world, source=f"{source} section world")
+        elif self.settings.base_model is None or self.settings.dataset is None:
+            raise ProbeError(
+                f"{source}: without a world: section, study.base_model and study.dataset are required (the base model and the training data)"
+            )
+        self.arms: dict[str, ArmConfig] = {}
+        for name, arm in self.raw.get("arms", {}).items():
+            if not isinstance(arm, Mapping):
+                raise ProbeError(f"arm {name!r} in {source}: expected a mapping (recipe, args, ...)")
+            self.arms[str(name)] = config_from_mapping(ArmConfig, arm, source=f"{source} arm {name}")
+        self.arm_args = {name: self._recipe_args(arm.config, arm.args) for name, arm in self.arms.items()}
+        for name in self.arms:
+            if name == "base" or not all(c.isalnum() or c in "_-" for c in name):
+                raise ProbeError(f"arm name {name!r} in {source}: expected letters, digits, '-', '_' (and not 'base')")
+        self.blocked = (
+            config_from_mapping(BlockedConfig, self.raw["blocked"], source=f"{source} section blocked")
+            if "blocked" in self.raw
+            else None
+        )
+        self.report = config_from_mapping(ReportConfig, self.raw.get("report", {}), source=f"{source} section report")
+        for section, step in STEP_SECTIONS.items():
+            if section in self.raw:
+                _check_keys(STEPS[step].config_class, self.raw[section], f"{source} section {section}")
+        self._check_roles()
+        self._stages: list[Stage] | None = None
+
+    def _beside_source(self, path: str | None) -> str | None:
+        """A path as given if it exists from here, else relative to the study file's folder (if it exists there)."""
+        if path is None or Path(path).is_absolute() or Path(path).exists() or self.source == "study file":
+            return path
+        beside = Path(self.source).parent / path
+        return str(beside) if beside.exists() else path
+
+    def _recipe_args(self, config: str | None, args: Mapping[str, Any]) -> dict[str, Any]:
+        """A recipe YAML (relative to the study file) without the keys the study wires, then ``args``."""
+        if config is None:
+            return dict(args)
+        path = Path(config)
+        if not path.is_absolute() and self.source != "study file":
+            path = Path(self.source).parent / path
+        if not path.exists():
+            raise ProbeError(f"recipe config {config!r} of {self.source} not found (looked at {path})")
+        data = {k: v for k, v in read_yaml_mapping(path).items() if k not in WIRED_RECIPE_KEYS}
+        return {**data, **args}
+
+    @classmethod
+    def load(cls, path: str | Path, *, out: str | Path | None = None) -> Study:
+        """Read a study file (YAML)."""
+        return cls(read_yaml_mapping(path), out=out, source=str(path))
+
+    # ---- what the study wires ------------------------------------------------------------------------
+    def _check_roles(self) -> None:
+        s = self.settings
+        needs = {
+            "generalization": [s.rl_arm],
+            "intervene": [s.rl_arm],
+            "critical": [s.rl_arm],
+            "fisher": [s.sft_arm],
+            "steer": [s.sft_arm],
+            "blocked": [s.sft_arm],
+            "leakage": [s.sft_arm],
+        }
+        for section, arms in needs.items():
+            missing = [a for a in arms if section in self.raw and a not in self.arms]
+            if missing:
+                raise ProbeError(
+                    f"section {section} of {self.source} needs the arm {missing[0]!r} (study.{'rl_arm' if missing[0] == s.rl_arm else 'sft_arm'}); "
+                    f"arms are {', '.join(self.arms) or 'none'}"
+                )
+        for section, dep in (
+            ("critical", "eval"),
+            ("generalization", "critical"),
+            ("intervene", "generalization"),
+            ("steer", "fisher"),
+            ("fisher", "crosscoder"),
+            ("leakage", "blocked"),
+            ("blocked", "analyze"),
+            ("analyze", "crosscoder"),
+            ("dynamics", "crosscoder"),
+            ("crosscoder", "collect"),
+            ("steer", "critical"),
+        ):
+            if section in self.raw and dep not in self.raw:
+                raise ProbeError(f"section {section} of {self.source} needs section {dep} (its inputs come from it)")
+
+    @property
+    def base_model(self) -> str:
+        """The base model every arm starts from (path or HF name)."""
+        return self.settings.base_model or str(self.root / "world" / "base")
+
+    @property
+    def dataset(self) -> str:
+        """The training data of every arm."""
+        return self.settings.dataset or str(self.root / "world" / "train.jsonl")
+
+    def tasks(self) -> dict[str, list[str]]:
+        """``in_domain``, ``general``, ``held_out`` lm-eval task names."""
+        s = self.settings
+        world = {}
+        if self.world is not None:
+            from posttrain_probe.study.world_config import world_tasks
+
+            world = world_tasks()
+        return {
+            "in_domain": s.in_domain_tasks or world.get("in_domain", []),
+            "general": s.general_tasks or world.get("general", []),
+            "held_out": s.held_out_tasks or world.get("held_out", []),
+        }
+
+    def include_path(self) -> list[str]:
+        """lm-eval task folders: the study's and the world's."""
+        world = [str(self.root / "world" / "tasks")] if self.world is not None else []
+        return [*self.settings.include_path, *world]
+
+    def arm_dir(self, arm: str) -> Path:
+        """Where arm ``arm`` trains (its output_dir)."""
+        return self.root / "train" / arm
+
+    def arm_model(self, arm: str) -> str:
+        """The trained model of an arm: the recipe's saved output_dir (TRL) or its last snapshot (verl)."""
+        if arm in self.arms and self.arms[arm].trainer == "verl":
+            snaps = self.snapshots(arm)
+            return snaps[-1][1] if snaps else str(self.arm_dir(arm) / "probe" / "snapshots" / "step-<last>")
+        return str(self.arm_dir(arm))
+
+    def snapshots(self, arm: str) -> list[tuple[str, str]]:
+        """(name, path) of an arm's probe snapshots, in step order (empty before it trained)."""
+        folder = self.arm_dir(arm) / "probe" / "snapshots"
+        found = sorted(folder.glob("step-*")) if folder.is_dir() else []
+        return [(f"{arm}-step-{int(p.name.split('-')[1])}", str(p)) for p in found]
+
+    def models(self) -> dict[str, str]:
+        """Every model the study evaluates: base, the arms, the blocked arms."""
+        models = {"base": self.base_model}
+        models.update({arm: self.arm_model(arm) for arm in self.arms})
+        models.update({arm: str(self.arm_dir(arm)) for arm in self.blocked_arms()})
+        return models
+
+    def blocked_arms(self) -> dict[str, str]:
+        """Blocked arm name -> protected category."""
+        if self.blocked is None:
+            return {}
+        return {f"blocked-{c}": c for c in self.blocked.categories}
+
+    def crosscoders(self) -> dict[str, list[str]]:
+        """Crosscoder name -> its models (collect names), in slot order."""
+        s = self.settings
+        found: dict[str, list[str]] = {f"base-{arm}": ["base", arm] for arm in self.arms}
+        if s.sft_arm in self.arms and s.rl_arm in self.arms:
+            found[f"base-{s.sft_arm}-{s.rl_arm}"] = ["base", s.sft_arm, s.rl_arm]
+        if "dynamics" in self.raw:
+            for arm in self._dynamics_arms():
+                found[f"steps-{arm}"] = ["base", *(name for name, _ in self._snapshot_names(arm))]
+        return found
+
+    def _dynamics_arms(self) -> list[str]:
+        s = self.settings
+        return [a for a in (s.sft_arm, s.rl_arm) if a in self.arms]
+
+    def _snapshot_names(self, arm: str) -> list[tuple[str, str]]:
+        return self.snapshots(arm) or [(f"{arm}-step-*", str(self.arm_dir(arm) / "probe" / "snapshots" / "step-*"))]
+
+    # ---- configs ------------------------------------------------------------------------------------------
+    def step_config(
+        self,
+        section: str,
+        wired: Mapping[str, Any],
+        defaults: Mapping[str, Any] | None = None,
+        joined: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """The config of ``section``'s step: the study's ``defaults``, then the section's keys, then ``wired``
+        (a section key that disagrees with a wired value is an error naming both); a ``joined`` value is put
+        before the section's own (strings joined by ``,``, e.g. ``model_args``; lists concatenated)."""
+        step = STEPS[STEP_SECTIONS[section]]
+        given = {str(k).replace("-", "_"): v for k, v in self.raw.get(section, {}).items()}
+        for key, value in (joined or {}).items():
+            own = given.get(key)
+            if isinstance(value, str):
+                given[key] = value + (f",{own}" if own else "")
+            else:
+                given[key] = [*value, *([own] if isinstance(own, str) else (own or []))]
+        for key, value in wired.items():
+            if key in given and isinstance(value, Mapping) and isinstance(given[key], Mapping):
+                for sub, sub_value in value.items():
+                    if sub in given[key] and not _agree(given[key][sub], sub_value):
+                        raise ProbeError(
+                            f"section {section} of {self.source} sets {key}.{sub}={given[key][sub]!r}, but the study "
+                            f"uses {sub_value!r} (study.layer and the study's models/paths decide it): remove the key"
+                        )
+                given[key] = {**given[key], **value}
+            elif key in given and not _agree(given[key], value):
+                raise ProbeError(
+                    f"section {section} of {self.source} sets {key}={given[key]!r}, but the study wires {value!r} "
+                    "(study.layer and the study's models/paths decide it): remove the key"
+                )
+            else:
+                given[key] = value
+        merged = {**(defaults or {}), **given}
+        return step.config_from(merged)
+
+    def stage_hash(self, stage: Stage, dep_hashes: Mapping[str, str]) -> str:
+        """What a stage's result depends on: its sections, the study settings, the world and its deps' hashes."""
+        settings = {k: v for k, v in config_to_mapping(self.settings).items() if k not in ("launcher", "device")}
+        own = {section: self.raw.get(section) for section in stage.sections}
+        return _digest(
+            {
+                "stage": stage.name,
+                "kind": stage.kind,
+                "settings": settings,
+                "sections": own,
+                "deps": [dep_hashes[d] for d in stage.deps],
+            }
+        )
+
+    def stages(self) -> list[Stage]:
+        """Every stage of the study, in run order (dependencies first)."""
+        if self._stages is None:
+            from posttrain_probe.study.plan import plan_stages
+
+            self._stages = plan_stages(self)
+            names = [s.name for s in self._stages]
+            for stage in self._stages:
+                unknown = [d for d in stage.deps if d not in names[: names.index(stage.name)]]
+                if unknown:  # a planning bug, not a user error
+                    raise AssertionError(f"stage {stage.name} depends on {unknown}, not planned before it")
+        return self._stages
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two study files the same study (study.json): name, base model, layer, world settings."""
+        world = config_to_mapping(self.world) if self.world is not None else None
+        if world is not None:
+            world.pop("out", None)
+        return {
+            "name": self.settings.name,
+            "base_model": self.settings.base_model,
+            "layer": self.settings.layer,
+            "world": _digest(world),
+        }
+
+
+def _agree(given: Any, wired: Any) -> bool:
+    if isinstance(wired, (list, tuple)):
+        given = given if isinstance(given, (list, tuple)) else [given]
+        return [str(v) for v in given] == [str(v) for v in wired]
+    return str(given) == str(wired)
+
+
+def _check_keys(config_cls: type, section: Mapping[str, Any], source: str) -> None:
+    """Unknown keys of a step section, found before anything runs (values are checked when the stage is built)."""
+    import typing
+
+    from posttrain_probe.config_io import nested_config_type
+
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in init_fields(config_cls)}
+    for raw_key, value in section.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in fields:
+            raise ProbeError(f"unknown key {raw_key!r} in {source}: expected some of {', '.join(sorted(fields))}")
+        nested = nested_config_type(hints[key])
+        if nested is not None and isinstance(value, Mapping):
+            _check_keys(nested, value, f"{source}.{key}")
+
