@@ -46,6 +46,38 @@ class GRPOScriptArguments(MathScriptArguments):
         },
     )
 
+    rewards: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Reward functions, summed: accuracy (TRL's math-verify outcome reward, the papers'), answer_distance "
+            "(partial credit 1 / (1 + |answer - gold| / max(1, |gold|)) for the last number of the completion: tiny "
+            "models that never hit the exact answer, e.g. the CPU demo; beyond the papers)."
+        },
+    )
+
+
+REWARDS = ("accuracy", "answer_distance")
+
+
+def answer_distance_reward(completions, solution, **kwargs) -> list[float]:
+    """Partial credit per completion: 1 / (1 + |a - g| / max(1, |g|)) for the last number a of the completion
+    (inside \\boxed{} if there is one) and the gold number g; 0 when either is not a number."""
+    import re
+
+    number = re.compile(r"-?\d+(?:\.\d+)?")
+    rewards = []
+    for completion, gold in zip(completions, solution):
+        text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
+        boxed = re.findall(r"\\boxed\{([^}]*)\}", text)
+        found = number.findall(boxed[-1] if boxed else text)
+        target = number.findall(str(gold))
+        if not found or not target:
+            rewards.append(0.0)
+            continue
+        a, g = float(found[-1]), float(target[-1])
+        rewards.append(1.0 / (1.0 + abs(a - g) / max(1.0, abs(g))))
+    return rewards
+
 
 def main(script_args, training_args, model_args, probe_args):
     from transformers import AutoTokenizer
@@ -68,10 +100,14 @@ def main(script_args, training_args, model_args, probe_args):
     with training_args.main_process_first(desc="map the dataset"):
         dataset = grpo_dataset(script_args)
 
-    # Trainer (outcome reward only), with the probe callbacks (snapshots + activations)
+    # Trainer (outcome reward by default), with the probe callbacks (snapshots + activations)
+    unknown = [r for r in script_args.rewards if r not in REWARDS]
+    if unknown:
+        raise SystemExit(f"error: rewards {unknown}: expected some of {', '.join(REWARDS)}")
+    funcs = {"accuracy": accuracy_reward, "answer_distance": answer_distance_reward}
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[accuracy_reward],
+        reward_funcs=[funcs[name] for name in script_args.rewards],
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,

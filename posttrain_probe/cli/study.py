@@ -41,7 +41,9 @@ def _print_timings(result) -> None:
 @user_errors
 def study(
     config: Path = typer.Option(..., "--config", help="Study file (YAML): a section per stage kind (docs/study.md)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default: study.out, else studies/<name>)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Study directory (default: study.out, else studies/<name>)."
+    ),
     stage: Optional[str] = typer.Option(None, "--stage", help="Run this stage only (its dependencies must be done)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (commands, inputs, outputs); run nothing."),
 ) -> None:

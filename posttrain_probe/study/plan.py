@@ -24,11 +24,14 @@ def plan_stages(study: Study) -> list[Stage]:
     all_tasks = [*tasks["in_domain"], *tasks["general"], *tasks["held_out"]]
     world_dep = ("world",) if study.world is not None else ()
 
-    def add(name: str, kind: str, deps, sections, outputs, build, about: str) -> None:
-        stages.append(Stage(name, kind, tuple(deps), tuple(sections), tuple(Path(o) for o in outputs), build, about))
+    def add(name: str, kind: str, deps, sections, outputs, build, about: str, skip_if=None) -> None:
+        outputs = tuple(Path(o) for o in outputs)
+        stages.append(Stage(name, kind, tuple(deps), tuple(sections), outputs, build, about, skip_if))
 
     if study.world is not None:
-        add("world", "world", (), ("world",), [root / "world"], lambda: study.world, "synthetic world + pretrained base")
+        add(
+            "world", "world", (), ("world",), [root / "world"], lambda: study.world, "synthetic world + pretrained base"
+        )
 
     # ---- training arms -------------------------------------------------------------------------------------
     def train_args(arm: str, recipe_args: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,11 +67,23 @@ def plan_stages(study: Study) -> list[Stage]:
     for arm, cfg in study.arms.items():
         if cfg.trainer == "verl":
             build = lambda arm=arm, cfg=cfg: verl_launch(  # noqa: E731
-                study.arm_args[arm], base_model=study.base_model, out=study.arm_dir(arm), layer=L, log=root / f"train-{arm}.log"
+                study.arm_args[arm],
+                base_model=study.base_model,
+                out=study.arm_dir(arm),
+                layer=L,
+                log=root / f"train-{arm}.log",
             )
         else:
             build = lambda arm=arm, cfg=cfg: trl(arm, cfg.recipe, train_args(arm, study.arm_args[arm]))  # noqa: E731
-        add(f"train-{arm}", "train", world_dep, ("arms",), [study.arm_dir(arm)], build, f"{cfg.recipe} ({cfg.trainer})")
+        add(
+            f"train-{arm}",
+            "train",
+            world_dep,
+            (f"arms.{arm}",),
+            [study.arm_dir(arm)],
+            build,
+            f"{cfg.recipe} ({cfg.trainer})",
+        )
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def eval_stage(model: str, path_of, train_dep: tuple[str, ...]) -> None:
@@ -119,17 +134,20 @@ def plan_stages(study: Study) -> list[Stage]:
 
         def cc_config(name=name, models=models):
             names = models
+            paths = {"base": study.base_model, **{arm: study.arm_model(arm) for arm in study.arms}}
             if name.startswith("steps-"):
                 arm = name.removeprefix("steps-")
-                names = ["base", *(n for n, _ in study._snapshot_names(arm))]
-            return study.step_config(
-                "crosscoder",
-                {
-                    "acts": [str(acts / m / f"layer{L}") for m in names],
-                    "out": str(root / "crosscoders" / name),
-                    "crosscoder": {"layer": L},
-                },
-            )
+                snapshots = study._snapshot_names(arm)
+                names = ["base", *(n for n, _ in snapshots)]
+                paths.update(dict(snapshots))
+            wired: dict[str, Any] = {"out": str(root / "crosscoders" / name), "crosscoder": {"layer": L}}
+            if s.crosscoder_source == "live":
+                collect = raw.get("collect", {})
+                wired["model"] = [f"{n}={paths[n]}" for n in names]
+                defaults = {"dataset": collect.get("dataset", study.dataset), "seq_len": collect.get("seq_len", 512)}
+                return study.step_config("crosscoder", wired, defaults)
+            wired["acts"] = [str(acts / m / f"layer{L}") for m in names]
+            return study.step_config("crosscoder", wired)
 
         add(
             f"crosscoder-{name}",
@@ -173,7 +191,8 @@ def plan_stages(study: Study) -> list[Stage]:
                 ("dynamics",),
                 [out],
                 lambda arm=arm, out=out: study.step_config(
-                    "dynamics", {"crosscoder": [str(root / "crosscoders" / f"steps-{arm}")], "out": str(out), "base": "base"}
+                    "dynamics",
+                    {"crosscoder": [str(root / "crosscoders" / f"steps-{arm}")], "out": str(out), "base": "base"},
                 ),
                 f"top-k overlap and rank shifts over {arm}'s checkpoints",
             )
@@ -190,10 +209,37 @@ def plan_stages(study: Study) -> list[Stage]:
             [critical.parent],
             lambda: study.step_config(
                 "critical",
-                {"base_samples": str(root / "eval" / "base"), "rl_samples": str(root / "eval" / rl), "out": str(critical)},
+                {
+                    "base_samples": str(root / "eval" / "base"),
+                    "rl_samples": str(root / "eval" / rl),
+                    "out": str(critical),
+                },
             ),
             f"G_t: base wrong, {rl} right",
         )
+
+    def no_critical() -> str | None:
+        import json
+
+        data = json.loads(critical.read_text()) if critical.exists() else {}
+        counts = {t: e.get("n_critical", 0) for t, e in (data.get("tasks") or {}).items()}
+        if counts and not any(counts.values()):
+            return f"no generalization-critical samples: |G_t| = 0 on every task ({', '.join(counts)}); {rl} gets no document right that base gets wrong"
+        return None
+
+    def empty_set(path: Path, what: str):
+        def check() -> str | None:
+            import json
+
+            reason = no_critical()
+            if reason is not None:
+                return reason
+            if path.exists() and not json.loads(path.read_text()).get("features"):
+                return f"{what} is empty ({path.name})"
+            return None
+
+        return check
+
     genfeat = root / "generalization"
     if "generalization" in raw:
         add(
@@ -215,6 +261,7 @@ def plan_stages(study: Study) -> list[Stage]:
                 {"tasks": [*tasks["in_domain"], *tasks["general"]], "device": s.device},
             ),
             "Score_k^t at the last prompt token, S_t per task",
+            no_critical,
         )
     if "intervene" in raw:
         for label, model, mode in ((f"zero-{rl}", rl, "zero"), ("set-base", "base", "set")):
@@ -239,6 +286,7 @@ def plan_stages(study: Study) -> list[Stage]:
                     joined={"include_path": study.include_path()},
                 ),
                 f"{mode} the generalization features in {model}, on G_t (held-out task marked)",
+                empty_set(genfeat / "generalization_features.json", "S, the features in every task's S_t,"),
             )
 
     # ---- paper S: Fisher features, steering, gradient blocking, leakage -----------------------------------
@@ -282,10 +330,16 @@ def plan_stages(study: Study) -> list[Stage]:
                     "crosscoder": str(root / "crosscoders" / f"base-{sft}"),
                     "role": "base",
                 },
-                {"held_out_tasks": tasks["held_out"], "full_task": True, "device": s.device},
+                {
+                    "held_out_tasks": tasks["held_out"],
+                    "full_task": True,
+                    "device": s.device,
+                    "reference": study.dataset,
+                },
                 joined={"include_path": study.include_path()},
             ),
             "steer the Fisher features in the base model",
+            empty_set(fisher / "fisher_features.json", "the Fisher feature set"),
         )
     blocked = study.blocked
     for arm, category in study.blocked_arms().items():
@@ -303,14 +357,23 @@ def plan_stages(study: Study) -> list[Stage]:
             }
             return trl(arm, "sft_blocked", train_args(arm, base_args, extra))
 
+        def empty_category(category=category) -> str | None:
+            import json
+
+            path = root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
+            if path.exists() and not json.loads(path.read_text()).get("features"):
+                return f"the {category} category of base-{sft} has no live feature: nothing to protect"
+            return None
+
         add(
             f"train-{arm}",
             "train",
             (f"analyze-base-{sft}", *world_dep),
-            ("arms", "blocked"),
+            (f"arms.{sft}", "blocked"),
             [study.arm_dir(arm)],
             blocked_launch,
             f"SFT with the {category} features of base-{sft} protected",
+            empty_category,
         )
         if "eval" in raw:
             eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
@@ -350,4 +413,3 @@ def plan_stages(study: Study) -> list[Stage]:
         "report.html + report.md",
     )
     return stages
-

@@ -31,6 +31,12 @@ def _pngs(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
 
 
+def _skipped(folder: Path) -> str | None:
+    """The reason a stage had nothing to do (``skipped.json`` in its output), or None."""
+    data = _json(folder / "skipped.json")
+    return data.get("reason") if data else None
+
+
 def _accuracy(eval_dir: Path) -> dict[str, tuple[float, int | None]]:
     """task -> (accuracy in %, documents) from an lm-eval run of the study."""
     data = _json(eval_dir / "lm_eval.json")
@@ -228,15 +234,20 @@ def _generalization_section(report: Report, root: Path, tasks: dict) -> None:
             caption="Generalization-critical samples per task.",
         )
     gen = _json(root / "generalization" / "generalization.json")
+    reason = _skipped(root / "generalization")
+    if reason is not None:
+        report.note(f"Generalization features and interventions were not computed: {reason}.", title="Nothing to test")
+        return
     if gen is None:
         report.paragraph("No generalization features yet (stage generalization).")
     else:
         per_task = gen.get("per_task") or gen.get("tasks") or {}
         rows = [[t, v.get("n_critical"), v.get("n_selected")] for t, v in per_task.items() if isinstance(v, dict)]
         report.table(["task", "|G_t|", "|S_t| (features)"], rows, caption="Generalization features per task.")
-        intersection = gen.get("intersection")
-        if intersection is not None:
-            report.paragraph(f"Features in every task's set (S): {len(intersection)}.")
+        intersection = gen.get("intersection") or {}
+        if intersection:
+            over = ", ".join(intersection.get("over_tasks", []))
+            report.paragraph(f"S, the features in the S_t of every task ({over}): {intersection.get('n_features')}.")
         for png in _pngs(root / "generalization"):
             report.figure(png, caption="Overlap of the per-task feature sets S_t (paper R fig. 4)")
     for label, title in (("zero", "zeroed in the RL model"), ("set-base", "set in the base model")):
@@ -263,9 +274,7 @@ def _fisher_section(report: Report, root: Path) -> None:
             report.figure(png, caption="Fisher importance ratio rho: reasoning vs solution tokens (paper S fig. 6)")
     effects = _json(root / "intervene" / "steer-base" / "effects.json")
     if effects is not None:
-        report.table(
-            EFFECT_COLUMNS, _effects_rows(effects), caption="Steering the Fisher features in the base model."
-        )
+        report.table(EFFECT_COLUMNS, _effects_rows(effects), caption="Steering the Fisher features in the base model.")
 
 
 def _leakage_section(report: Report, root: Path, blocked: dict[str, str]) -> None:

@@ -24,6 +24,8 @@ from posttrain_probe.study.stages import Stage, Study
 
 STUDY_FORMAT = "posttrain-probe/study"
 STAGE_DIR = "stages"
+SKIPPED = "skipped.json"
+"""Written into the outputs of a stage that had nothing to work on (its reason)."""
 
 
 @dataclass
@@ -211,15 +213,23 @@ def run_study(
             if stale:  # a dependency failed earlier in this run
                 raise ProbeError(f"stage {st.name} needs {stale[0]}, which did not finish")
             config = st.build()
-            echo(f"{prefix}: {st.about} ...")
             _remove(st.outputs)
             path = stage_record_path(study, st.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
+            reason = _dependency_skipped(study, st) or (st.skip_if() if st.skip_if is not None else None)
             started = time.perf_counter()
-            _execute(study, st, config)
+            if reason is None:
+                echo(f"{prefix}: {st.about} ...")
+                _execute(study, st, config)
+            else:
+                echo(f"{prefix}: nothing to do ({reason})")
+                for output in st.outputs:  # an empty result, so dependents and the report see why
+                    output.mkdir(parents=True, exist_ok=True)
+                    (output / SKIPPED).write_text(json.dumps({"stage": st.name, "reason": reason}, indent=2))
             elapsed = time.perf_counter() - started
             record = {
+                "skipped_reason": reason,
                 "stage": st.name,
                 "kind": st.kind,
                 "hash": hashes[st.name],
@@ -234,11 +244,24 @@ def run_study(
             tmp.write_text(json.dumps(record, indent=2, default=str))
             tmp.replace(path)
             done[st.name] = True
-            result.stages.append(StageRecord(st.name, "ran", elapsed))
-            echo(f"{prefix}: finished in {elapsed:.1f} s")
+            result.stages.append(StageRecord(st.name, "ran" if reason is None else "nothing to do", elapsed))
+            if reason is None:
+                echo(f"{prefix}: finished in {elapsed:.1f} s")
     report = study.root / "report" / "report.html"
     result.report = report if report.exists() else None
     return result
+
+
+def _dependency_skipped(study: Study, stage: Stage) -> str | None:
+    """The reason of a dependency that had nothing to do (then neither has this stage; the report always runs)."""
+    if stage.kind == "report":
+        return None
+    for dep in stage.deps:
+        path = stage_record_path(study, dep)
+        reason = json.loads(path.read_text()).get("skipped_reason") if path.exists() else None
+        if reason:
+            return f"{dep}: {reason}"
+    return None
 
 
 def _plain_config(config: Any) -> Any:

@@ -77,14 +77,24 @@ class StudySettings:
         },
     )
     num_processes: int = field(
-        default=1, metadata={"help": "Processes per training arm (torchrun --nproc_per_node; accelerate without config)."}
+        default=1,
+        metadata={"help": "Processes per training arm (torchrun --nproc_per_node; accelerate without config)."},
     )
     device: str = field(default="cpu", metadata={"help": "Device of the post-hoc steps (cpu, cuda, cuda:0)."})
+    crosscoder_source: str = field(
+        default="stores",
+        metadata={
+            "help": "stores: crosscoders train on the collect stage's activation stores; live: on paired forwards of the "
+            "models over the collect section's dataset (no disk; the stores then only serve analysis and feature cards)."
+        },
+    )
 
     def __post_init__(self) -> None:
         _name_ok(self.name, "study.name")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ProbeError(f"study.layer={self.layer!r}: expected a layer index >= 0")
+        if self.crosscoder_source not in ("stores", "live"):
+            raise ProbeError(f"study.crosscoder_source={self.crosscoder_source!r}: expected stores or live")
         if self.launcher not in LAUNCHERS:
             raise ProbeError(f"study.launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
         if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) or self.num_processes < 1:
@@ -137,10 +147,14 @@ class BlockedConfig:
         default_factory=lambda: ["shared", "base-only", "finetune-only"],
         metadata={"help": "Protected NormRatio categories, one blocked arm each."},
     )
-    mode: str = field(default="sae", metadata={"help": "Blocking mode: sae, subspace or ablate (docs/methods.md sec. 9)."})
+    mode: str = field(
+        default="sae", metadata={"help": "Blocking mode: sae, subspace or ablate (docs/methods.md sec. 9)."}
+    )
     config: str | None = field(
         default=None,
-        metadata={"help": "Recipe YAML of recipes/sft_blocked.py (relative to the study file; default: the SFT arm's)."},
+        metadata={
+            "help": "Recipe YAML of recipes/sft_blocked.py (relative to the study file; default: the SFT arm's)."
+        },
     )
     args: dict[str, Any] = field(
         default_factory=dict,
@@ -160,7 +174,9 @@ class BlockedConfig:
 class ReportConfig:
     """The ``report:`` section: what the report shows."""
 
-    n_cards: int = field(default=6, metadata={"help": "Feature cards per group (generalization features, each category)."})
+    n_cards: int = field(
+        default=6, metadata={"help": "Feature cards per group (generalization features, each category)."}
+    )
     n_contexts: int = field(default=4, metadata={"help": "Top-activating probe-set contexts per card."})
     window: int = field(default=8, metadata={"help": "Tokens shown each side of a context's peak token."})
 

@@ -38,6 +38,8 @@ STEP_SECTIONS = {
 OTHER_SECTIONS = ("study", "world", "arms", "blocked", "report")
 SECTIONS = (*OTHER_SECTIONS[:3], *STEP_SECTIONS, *OTHER_SECTIONS[3:])
 """Every section a study file may have, in plan order."""
+NOT_HASHED = ("out", "launcher", "accelerate_config", "num_processes", "device")
+"""``study:`` keys that do not change any stage's result (where and how it runs)."""
 WIRED_RECIPE_KEYS = ("model_name_or_path", "dataset_name", "dataset_config", "output_dir", "probe_layers")
 """Recipe options the study sets for every arm (the base model, the data, the arm's directory, the site)."""
 
@@ -60,6 +62,8 @@ class Stage:
     """-> the config (step, world, report) or the :class:`~posttrain_probe.study.launch.Launch` (train)."""
     about: str = ""
     """One line for the plan."""
+    skip_if: Callable[[], str | None] | None = field(default=None, repr=False)
+    """Checked when the stage is due: a reason to skip it (its inputs hold nothing to work on), or None."""
 
 
 def _digest(data: Any) -> str:
@@ -300,17 +304,23 @@ class Study:
 
     def stage_hash(self, stage: Stage, dep_hashes: Mapping[str, str]) -> str:
         """What a stage's result depends on: its sections, the study settings, the world and its deps' hashes."""
-        settings = {k: v for k, v in config_to_mapping(self.settings).items() if k not in ("launcher", "device")}
-        own = {section: self.raw.get(section) for section in stage.sections}
+        settings = {k: v for k, v in self.raw["study"].items() if k not in NOT_HASHED}
+        own = {section: self._section(section) for section in stage.sections}
         return _digest(
             {
                 "stage": stage.name,
                 "kind": stage.kind,
                 "settings": settings,
                 "sections": own,
-                "deps": [dep_hashes[d] for d in stage.deps],
+                "deps": {d: dep_hashes[d] for d in stage.deps},
             }
         )
+
+    def _section(self, name: str) -> Any:
+        """A section of the study file; ``arms.sft`` is one arm of ``arms``."""
+        head, _, tail = name.partition(".")
+        value = self.raw.get(head)
+        return value.get(tail) if tail and isinstance(value, Mapping) else value
 
     def stages(self) -> list[Stage]:
         """Every stage of the study, in run order (dependencies first)."""
@@ -360,4 +370,3 @@ def _check_keys(config_cls: type, section: Mapping[str, Any], source: str) -> No
         nested = nested_config_type(hints[key])
         if nested is not None and isinstance(value, Mapping):
             _check_keys(nested, value, f"{source}.{key}")
-

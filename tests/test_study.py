@@ -1,0 +1,316 @@
+"""`posttrain-probe study` / `demo` / `report` (issue 13): the whole study end to end on the embedded CPU world,
+resumed after a kill, a changed section re-running only its stages, the plan of the Qwen3-4B study file without
+loading a model, and bad input (one line, exit 2, nothing finished lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain_probe.errors import ProbeError
+from posttrain_probe.study.demo import demo_config
+from posttrain_probe.study.stages import Study
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN = REPO / "recipes" / "configs" / "qwen3-4b-base" / "study.yaml"
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain_probe", *args],
+        cwd=cwd,
+        env={**os.environ, **OFFLINE},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _records(root: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((root / "stages").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """`demo --quick` from an empty directory, killed in the middle of the collect stage, then resumed."""
+    cwd = tmp_path_factory.mktemp("demo")
+    out = cwd / "study"
+    command = [sys.executable, "-m", "posttrain_probe", "demo", "--quick", "--out", str(out)]
+    started = time.perf_counter()
+    first = subprocess.Popen(
+        command, cwd=cwd, env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    killed_in = None
+    lines = []
+    for line in first.stdout:  # kill it as soon as the first crosscoder stage has started
+        lines.append(line)
+        if "crosscoder-base-sft: crosscoder of" in line:
+            killed_in = "crosscoder-base-sft"
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    assert killed_in is not None, "".join(lines)[-3000:]
+    before = _records(out)
+    resumed = _cli("demo", "--quick", "--out", str(out), cwd=cwd)
+    elapsed = time.perf_counter() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    return {"out": out, "cwd": cwd, "before": before, "killed_in": killed_in, "resumed": resumed}, elapsed, peak_kb
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_resumes_after_a_kill(quick_demo):
+    run, elapsed, peak_kb = quick_demo
+    out, before, resumed = run["out"], run["before"], run["resumed"]
+    print(f"demo --quick (killed once, resumed): {elapsed:.1f} s, peak child RSS {peak_kb / 1024:.0f} MiB")
+    assert peak_kb < 4 * 1024 * 1024, f"peak memory {peak_kb / 1024:.0f} MiB: the demo must stay under 4 GB"
+    study = Study.load(demo_config(quick=True), out=out)
+    names = [s.name for s in study.stages()]
+    records = _records(out)
+    assert set(records) == set(names), f"stages without a record: {set(names) - set(records)}"
+    assert all(r["complete"] for r in records.values())
+    # Finished before the kill: not run again (same record, same finish time); the killed stage ran again.
+    assert before and run["killed_in"] not in before
+    for name, record in before.items():
+        assert records[name]["finished"] == record["finished"], name
+        assert f"{name}: done before, skipped" in resumed.stdout
+    assert f"{run['killed_in']}: finished in" in resumed.stdout
+    # Per-stage progress, the timing table, and the report path printed last.
+    assert "stage timings" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1] == f"report: {out / 'report' / 'report.html'}"
+
+    # Every artifact exists and is well-formed.
+    world = json.loads((out / "world" / "world.json").read_text())
+    assert Path(world["base_model"]).is_dir() and Path(world["train_file"]).exists()
+    for model in ("base", "sft", "rl", "sft_kl", "blocked-shared"):
+        results = json.loads((out / "eval" / model / "lm_eval.json").read_text())["results"]
+        assert set(results) >= {"world_arithmetic", "world_colours", "world_numbers"}, model
+    for arm in ("sft", "rl", "sft_kl"):
+        assert (out / "train" / arm / "config.json").exists()
+        assert len(list((out / "train" / arm / "probe" / "snapshots").glob("step-*"))) == 5, arm
+    for name in ("base-sft", "base-rl", "base-sft_kl", "base-sft-rl", "steps-sft", "steps-rl"):
+        status = json.loads((out / "crosscoders" / name / "training_status.json").read_text())
+        assert status["complete"], name
+    for name in ("base-sft", "base-rl", "base-sft-rl"):
+        summary = json.loads((out / "analysis" / name / "summary.json").read_text())
+        assert summary["n_features"] == 128 and list((out / "analysis" / name).glob("*.png")), name
+    for arm in ("sft", "rl"):
+        assert json.loads((out / "dynamics" / arm / "dynamics.json").read_text())["k"] == 10
+    assert "tasks" in json.loads((out / "critical" / "critical.json").read_text())
+    assert (out / "fisher" / "summary.json").exists() and (out / "fisher" / "fisher_features.json").exists()
+    for stage in ("generalization", "intervene-zero-rl", "intervene-set-base", "steer"):
+        # either the step's result or the recorded reason it had nothing to work on (|G_t| = 0, empty S)
+        record = records[stage]
+        folder = Path(record["outputs"][0])
+        assert record["skipped_reason"] or any(folder.glob("*.json")), stage
+        if record["skipped_reason"]:
+            assert json.loads((folder / "skipped.json").read_text())["reason"] == record["skipped_reason"]
+    assert json.loads((out / "leakage" / "blocked-shared" / "leakage.json").read_text())["n_tokens"] > 0
+
+    html, md = out / "report" / "report.html", out / "report" / "report.md"
+    text = md.read_text()
+    for heading in ("Accuracy", "crosscoder attribution", "Generalization", "Fisher", "leakage", "Feature cards"):
+        assert heading in text, heading
+    assert "http://" not in html.read_text() and "https://" not in html.read_text()
+    for figure in (out / "report" / "figures").glob("*.png"):
+        assert f"figures/{figure.name}" in text
+
+
+@pytest.mark.slow
+def test_report_opens_in_headless_chromium(quick_demo, tmp_path):
+    from posttrain_probe.study.report_render import check_in_browser, find_chromium
+
+    if find_chromium() is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    run, _, _ = quick_demo
+    html = run["out"] / "report" / "report.html"
+    n_figures = len(list((run["out"] / "report" / "figures").glob("*.png")))
+    check = check_in_browser(html, tmp_path / "report.png")
+    assert check.problems() == []
+    assert len(check.images) == n_figures >= 8
+    assert check.screenshot_size[1] >= check.images_bottom
+
+
+@pytest.mark.slow
+def test_changed_section_reruns_only_its_stages(quick_demo, tmp_path):
+    run, _, _ = quick_demo
+    out = run["out"]
+    before = _records(out)
+    config = yaml.safe_load(demo_config(quick=True).read_text())
+    config["dynamics"]["k"] = 5
+    changed = tmp_path / "study.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = _cli("study", "--config", str(changed), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = _records(out)
+    rerun = {name for name in after if after[name]["finished"] != before[name]["finished"]}
+    assert rerun == {"dynamics-sft", "dynamics-rl", "report"}
+    assert json.loads((out / "dynamics" / "sft" / "dynamics.json").read_text())["k"] == 5
+
+    # `report DIR` rebuilds the report from the directory alone.
+    (out / "report" / "report.html").unlink()
+    rebuilt = _cli("report", str(out), cwd=tmp_path)
+    assert rebuilt.returncode == 0 and (out / "report" / "report.html").exists(), rebuilt.stderr
+
+
+def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_path):
+    code = (
+        "import sys; from posttrain_probe.cli import app; "
+        f"sys.argv = ['posttrain-probe', 'study', '--config', {str(QWEN)!r}, '--out', {str(tmp_path / 'q')!r}, '--dry-run']\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'lm_eval') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    study = Study.load(QWEN, out=tmp_path / "q")
+    for stage in study.stages():
+        assert f"\n{stage.name} [to run]" in result.stdout
+    assert result.stdout.count("  command: ") == len(study.stages()) == 36
+    assert "accelerate launch --config_file" in result.stdout and "-m posttrain_probe.recipes.grpo" in result.stdout
+    assert "--model_name_or_path Qwen/Qwen3-4B-Base" in result.stdout
+    assert "posttrain-probe crosscoder train --acts" in result.stdout
+    assert not (tmp_path / "q").exists(), "a dry run writes nothing"
+
+
+def _quick(tmp_path: Path, **changes) -> Path:
+    """The quick demo's study file with ``section__field=value`` (or ``section=value``, None: removed) changed."""
+    config = yaml.safe_load(demo_config(quick=True).read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config.setdefault(section, {})[field] = value
+        elif value is None:
+            del config[section]
+        else:
+            config[section] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"colect": {}}, "unknown section 'colect'"),
+        ({"collect__max_tokenz": 5}, "unknown key 'max_tokenz' in"),
+        ({"collect__layer": [3]}, "sets layer=[3], but the study wires [2]"),
+        ({"crosscoder": {"crosscoder": {"layer": 1}}}, "sets crosscoder.layer=1, but the study uses 2"),
+        ({"study__layer": -1}, "study.layer=-1: expected a layer index >= 0"),
+        ({"study__launcher": "slurm"}, "study.launcher='slurm': expected one of"),
+        ({"arms": {"sft": {"recipe": "dpo"}}}, "arm recipe 'dpo': expected one of"),
+        ({"eval": None}, "section critical of"),
+        ({"world__n_train": 0}, "n_train=0: expected an int >= 1"),
+    ],
+)
+def test_bad_study_files_fail_with_one_line(tmp_path, changes, message):
+    import re
+
+    path = _quick(tmp_path, **changes)
+    with pytest.raises(ProbeError, match=re.escape(message)) as err:
+        for stage in Study.load(path, out=tmp_path / "s").stages():
+            stage.build()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_errors_are_one_line_and_lose_nothing(tmp_path):
+    config = _quick(tmp_path)
+    out = tmp_path / "s"
+    unknown = _cli("study", "--config", str(config), "--out", str(out), "--stage", "trian-sft", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown stage 'trian-sft': expected one of world, train-sft" in unknown.stderr
+    missing = _cli("study", "--config", str(config), "--out", str(out), "--stage", "analyze-base-sft", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "stage analyze-base-sft needs stage crosscoder-base-sft, which has not finished" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    # A directory holding another study: refused, its finished records untouched.
+    (out / "stages").mkdir(parents=True)
+    (out / "study.json").write_text(json.dumps({"identity": {"name": "other", "base_model": None, "layer": 2}}))
+    (out / "stages" / "world.json").write_text(json.dumps({"complete": True, "hash": "x"}))
+    other = _cli("study", "--config", str(config), "--out", str(out), cwd=tmp_path)
+    assert other.returncode == 2
+    assert f"study directory {out} was made by another study (name 'other', this file: 'demo-quick')" in other.stderr
+    assert json.loads((out / "stages" / "world.json").read_text()) == {"complete": True, "hash": "x"}
+
+
+def test_recipe_config_files_and_wired_keys(tmp_path):
+    study = Study.load(QWEN, out=tmp_path / "q")
+    sft = next(s for s in study.stages() if s.name == "train-sft").build()
+    # the recipe's YAML (sft.yaml next to the study file) minus the wired keys, then the study's wiring
+    assert sft.command[sft.command.index("--output_dir") + 1] == str(tmp_path / "q" / "train" / "sft")
+    assert sft.command[sft.command.index("--learning_rate") + 1] == "5e-05"
+    assert sft.command.count("--output_dir") == 1
+    blocked = next(s for s in study.stages() if s.name == "train-blocked-base-only").build()
+    assert blocked.command[blocked.command.index("--block_features") + 1] == "base-only"
+    bad = yaml.safe_load(QWEN.read_text())
+    bad["arms"]["sft"]["args"] = {"output_dir": "elsewhere"}
+    path = QWEN.parent / "_bad_study_test.yaml"
+    try:
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ProbeError, match="arm sft of .* sets output_dir='elsewhere', but the study wires"):
+            next(s for s in Study.load(path, out=tmp_path / "q").stages() if s.name == "train-sft").build()
+    finally:
+        path.unlink()
+
+
+def test_settings_categories_match_the_analysis():
+    from posttrain_probe.analysis.feature_sets import CATEGORY_NAMES
+    from posttrain_probe.study.settings import CATEGORIES
+
+    assert CATEGORIES == CATEGORY_NAMES
+
+
+def test_wheel_ships_the_demo_and_the_recipes(tmp_path):
+    if shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists():
+        pytest.skip("pip is not available")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in (
+        "posttrain_probe/study/configs/demo.yaml",
+        "posttrain_probe/study/configs/demo_quick.yaml",
+        "posttrain_probe/recipes/sft.py",
+        "posttrain_probe/recipes/grpo.py",
+        "posttrain_probe/recipes/sft_kl.py",
+        "posttrain_probe/recipes/sft_blocked.py",
+        "posttrain_probe/recipes/configs/qwen3-4b-base/study.yaml",
+        "posttrain_probe/recipes/accelerate/zero3.yaml",
+    ):
+        assert name in names, name
