@@ -11,13 +11,8 @@ import pytest
 
 from posttrain_probe.analysis.plots import new_figure
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.study.report_render import (
-    Report,
-    check_in_browser,
-    external_references,
-    find_chromium,
-    format_value,
-)
+from posttrain_probe.study.report_check import check_in_browser, external_references, find_chromium
+from posttrain_probe.study.report_render import Report, format_value
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None and not os.environ.get("CI"),

@@ -134,7 +134,7 @@ def test_quick_demo_runs_every_stage_and_resumes_after_a_kill(quick_demo):
 
 @pytest.mark.slow
 def test_report_opens_in_headless_chromium(quick_demo, tmp_path):
-    from posttrain_probe.study.report_render import check_in_browser, find_chromium
+    from posttrain_probe.study.report_check import check_in_browser, find_chromium
 
     if find_chromium() is None and not os.environ.get("CI"):
         pytest.skip("chromium is not installed (.ci/run installs it)")
@@ -183,7 +183,7 @@ def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_
     study = Study.load(QWEN, out=tmp_path / "q")
     for stage in study.stages():
         assert f"\n{stage.name} [to run]" in result.stdout
-    assert result.stdout.count("  command: ") == len(study.stages()) == 36
+    assert result.stdout.count("  command: ") == len(study.stages()) == 39  # 4 collect groups instead of 1
     assert "accelerate launch --config_file" in result.stdout and "-m posttrain_probe.recipes.grpo" in result.stdout
     assert "--model_name_or_path Qwen/Qwen3-4B-Base" in result.stdout
     assert "posttrain-probe crosscoder train --acts" in result.stdout
@@ -212,12 +212,16 @@ def _quick(tmp_path: Path, **changes) -> Path:
         ({"colect": {}}, "unknown section 'colect'"),
         ({"collect__max_tokenz": 5}, "unknown key 'max_tokenz' in"),
         ({"collect__layer": [3]}, "sets layer=[3], but the study wires [2]"),
-        ({"crosscoder": {"crosscoder": {"layer": 1}}}, "sets crosscoder.layer=1, but the study uses 2"),
+        ({"crosscoder": {"crosscoder": {"layer": 1}}}, "sets crosscoder.layer=1, but the study wires 2"),
         ({"study__layer": -1}, "study.layer=-1: expected a layer index >= 0"),
         ({"study__launcher": "slurm"}, "study.launcher='slurm': expected one of"),
         ({"arms": {"sft": {"recipe": "dpo"}}}, "arm recipe 'dpo': expected one of"),
         ({"eval": None}, "section critical of"),
         ({"world__n_train": 0}, "n_train=0: expected an int >= 1"),
+        ({"study__rl_arm": "sft"}, "study.rl_arm='sft' names an arm of recipe 'sft': expected a grpo arm"),
+        ({"study__rl_arm": "ppo"}, "needs the arm 'ppo' (study.rl_arm); arms are sft, rl, sft_kl"),
+        ({"generalization__model": ["rl=elsewhere"]}, "sets model=['rl=elsewhere'], but the study wires"),
+        ({"crosscoder": None}, "needs section crosscoder (its inputs come from it)"),
     ],
 )
 def test_bad_study_files_fail_with_one_line(tmp_path, changes, message):
@@ -241,6 +245,13 @@ def test_cli_errors_are_one_line_and_lose_nothing(tmp_path):
     assert "stage analyze-base-sft needs stage crosscoder-base-sft, which has not finished" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
+    # A non-empty directory that holds no study: refused, nothing removed.
+    (tmp_path / "busy" / "train").mkdir(parents=True)
+    (tmp_path / "busy" / "train" / "keep.txt").write_text("x")
+    busy = _cli("study", "--config", str(config), "--out", str(tmp_path / "busy"), cwd=tmp_path)
+    assert busy.returncode == 2 and "is not empty and holds no study (no study.json)" in busy.stderr
+    assert (tmp_path / "busy" / "train" / "keep.txt").read_text() == "x"
+
     # A directory holding another study: refused, its finished records untouched.
     (out / "stages").mkdir(parents=True)
     (out / "study.json").write_text(json.dumps({"identity": {"name": "other", "base_model": None, "layer": 2}}))
@@ -259,7 +270,11 @@ def test_recipe_config_files_and_wired_keys(tmp_path):
     assert sft.command[sft.command.index("--learning_rate") + 1] == "5e-05"
     assert sft.command.count("--output_dir") == 1
     blocked = next(s for s in study.stages() if s.name == "train-blocked-base-only").build()
-    assert blocked.command[blocked.command.index("--block_features") + 1] == "base-only"
+    # the live features of the category, as analyze wrote them (what the skip check and leakage read too)
+    features = tmp_path / "q" / "analysis" / "base-sft" / "feature_sets" / "sft_base-only.json"
+    assert blocked.command[blocked.command.index("--block_features") + 1] == str(features)
+    leakage = next(s for s in study.stages() if s.name == "leakage-blocked-base-only").build()
+    assert str(leakage.features) == str(features)
     bad = yaml.safe_load(QWEN.read_text())
     bad["arms"]["sft"]["args"] = {"output_dir": "elsewhere"}
     path = QWEN.parent / "_bad_study_test.yaml"
@@ -314,3 +329,61 @@ def test_wheel_ships_the_demo_and_the_recipes(tmp_path):
         "posttrain_probe/recipes/accelerate/zero3.yaml",
     ):
         assert name in names, name
+
+    # Installed from the wheel alone (shadowing the checkout), in an empty directory: the demo's plan and the
+    # recipes it launches come from the installed package.
+    site, empty = tmp_path / "site", tmp_path / "empty"
+    empty.mkdir()
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)]
+    assert subprocess.run(install, capture_output=True, text=True, timeout=300).returncode == 0
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import posttrain_probe.study.demo as d; print(d.demo_config(True))"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    plan = subprocess.run(
+        [sys.executable, "-m", "posttrain_probe", "demo", "--quick", "--dry-run"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert plan.returncode == 0 and "-m posttrain_probe.recipes.grpo" in plan.stdout, plan.stderr
+    assert "train-rl [to run]" in plan.stdout and "report [to run]" in plan.stdout
+    recipe = subprocess.run(
+        [sys.executable, "-m", "posttrain_probe.recipes.grpo", "--help"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert recipe.returncode == 0 and "--rewards" in recipe.stdout
+    assert list(empty.iterdir()) == [], "a dry run writes nothing"
+
+
+@pytest.mark.slow
+def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_path, monkeypatch):
+    """The default launcher: `accelerate launch ... --cpu -m posttrain_probe.recipes.sft --flag value ...`."""
+    from posttrain_probe.study.launch import run_launch, trl_launch
+
+    monkeypatch.chdir(tmp_path)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    args = yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / "sft.yaml").read_text())
+    args.update(output_dir=str(tmp_path / "sft"), max_steps=2, probe_snapshot_steps=1)
+    launch = trl_launch(
+        "sft", args, launcher="accelerate", accelerate_config=None, num_processes=1, log=tmp_path / "log"
+    )
+    assert launch.command[:2] == ["accelerate", "launch"] and "--cpu" in launch.command
+    run_launch(launch)
+    assert (tmp_path / "sft" / "config.json").exists()
+    assert len(list((tmp_path / "sft" / "probe" / "snapshots").glob("step-*"))) == 2
+    bad = trl_launch(
+        "sft",
+        {**args, "max_stepz": 1},
+        launcher="accelerate",
+        accelerate_config=None,
+        num_processes=1,
+        log=tmp_path / "log2",
+    )
+    with pytest.raises(
+        ProbeError, match=r"training failed \(exit 1\): error: .*max_stepz.* \(command and full log: "
+    ) as err:
+        run_launch(bad)
+    assert "\n" not in str(err.value)

@@ -54,7 +54,9 @@ def study(
 
 @user_errors
 def demo(
-    out: Path = typer.Option(Path("posttrain-probe-demo"), "--out", help="Study directory of the demo."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Study directory (default: posttrain-probe-demo, with --quick posttrain-probe-demo-quick)."
+    ),
     quick: bool = typer.Option(False, "--quick", help="The smallest world and runs (about a minute)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Run this stage only."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; run nothing."),
@@ -63,7 +65,8 @@ def demo(
     arithmetic and multiple-choice domains, then SFT, GRPO, SFT+KL and blocked SFT, and the report."""
     from posttrain_probe.study.demo import demo_config
 
-    _run(demo_config(quick), out, stage, dry_run)
+    default = Path("posttrain-probe-demo-quick" if quick else "posttrain-probe-demo")
+    _run(demo_config(quick), out or default, stage, dry_run)
 
 
 @user_errors
@@ -73,6 +76,7 @@ def report(
     """Rebuild report.html and report.md of a study directory from what its stages wrote."""
     import json
 
+    from posttrain_probe.config_io import config_from_mapping
     from posttrain_probe.errors import ProbeError
     from posttrain_probe.study.report import build_report
     from posttrain_probe.study.settings import ReportConfig
@@ -81,5 +85,6 @@ def report(
     if not info.exists():
         raise ProbeError(f"{directory} is not a study directory: study.json is missing")
     section = json.loads(info.read_text()).get("config", {}).get("report") or {}
-    html = build_report(directory, ReportConfig(**section))
+    config = config_from_mapping(ReportConfig, section, source=f"{info} section report")
+    html = build_report(directory, config)
     typer.echo(f"report: {html}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ def verl_launch(overrides: dict[str, Any], *, base_model: str, out: Path, layer:
         "actor_rollout_ref.model.path": base_model,
         "trainer.default_local_dir": str(out),
     }
+    if "data.train_files" not in overrides:
+        raise ProbeError(
+            "a verl arm needs data.train_files (parquet of the same prompts as the other arms) in its args"
+        )
     clash = [k for k in wired if k in overrides and str(overrides[k]) != wired[k]]
     if clash:
         raise ProbeError(f"verl arm sets {clash[0]}={overrides[clash[0]]!r}, but the study wires {wired[clash[0]]!r}")
@@ -117,10 +122,30 @@ def run_launch(launch: Launch) -> None:
                 raise ProbeError(f"training failed (exit {exit.code}): {launch.shell()}") from None
         return
     assert launch.log is not None
+    program = launch.command[0]
+    if shutil.which(program) is None and not Path(program).exists():
+        raise ProbeError(f"{program!r} (the study's launcher) is not on PATH: activate the environment that has it")
     launch.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(launch.log, "w") as log:
+        log.write(f"$ {launch.shell()}\n")
+        log.flush()
         code = subprocess.run(launch.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        tail = "\n".join(launch.log.read_text(errors="replace").splitlines()[-25:])
-        raise ProbeError(f"training failed (exit {code}): {launch.shell()}\n{tail}\n(full log: {launch.log})")
+        raise ProbeError(
+            f"training failed (exit {code}): {_first_error(launch.log)} (command and full log: {launch.log})"
+        )
+
+
+def _first_error(log: Path) -> str:
+    """The line of a failed run's log that says what went wrong: the recipe's ``error: ...`` line, else the last
+    exception line, else the last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("error:"):
+            return line
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and not head.startswith("subprocess."):
+            return line
+    return lines[-1] if lines else "no output"

@@ -1,415 +1,480 @@
 """The study's stage graph (docs/study.md): which stages a study file makes, their inputs, outputs and configs.
 
-world -> train-<arm> -> eval-<model> -> collect -> crosscoder-<name> -> analyze-<name> / dynamics-<arm>
+world -> train-<arm> -> eval-<model> -> collect-<group> -> crosscoder-<name> -> analyze-<name> / dynamics-<arm>
 -> critical -> generalization -> intervene-zero-<rl> / intervene-set-base -> fisher -> steer
--> train-blocked-<category> -> eval-blocked-<category> -> leakage-blocked-<category> -> report.
-A stage exists when its section is in the study file (``world``, ``eval``, ... ``report`` is always planned).
+-> train-blocked-<category> -> eval-blocked-<category> / leakage-blocked-<category> -> report.
+A stage exists when its section is in the study file (the report always). Each group below adds its stages;
+every config is built when its stage is due (snapshots exist only after training), by :meth:`Study.step_config`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from posttrain_probe.errors import ProbeError
 from posttrain_probe.study.launch import trl_launch, verl_launch
-from posttrain_probe.study.stages import Stage, Study
+from posttrain_probe.study.stage import Stage
+
+TRAIN_SETTINGS = ("base_model", "dataset", "dataset_config", "layer")
+"""``study:`` keys a training arm's result depends on."""
+EVAL_SETTINGS = ("base_model", "in_domain_tasks", "general_tasks", "held_out_tasks", "include_path")
+"""``study:`` keys an lm-eval stage's result depends on."""
+BLOCK_KEYS = ("block_crosscoder", "block_features", "block_model", "block_base", "block_finetuned", "block_mode")
+"""Recipe options of a blocked arm that the study sets."""
 
 
-def plan_stages(study: Study) -> list[Stage]:
-    """Every stage of ``study`` in run order."""
-    stages: list[Stage] = []
-    root, s, raw = study.root, study.settings, study.raw
-    L = s.layer
-    tasks = study.tasks()
-    all_tasks = [*tasks["in_domain"], *tasks["general"], *tasks["held_out"]]
-    world_dep = ("world",) if study.world is not None else ()
+class _Plan:
+    """Builds the stage list of one study, group by group (each method adds its stages in run order)."""
 
-    def add(name: str, kind: str, deps, sections, outputs, build, about: str, skip_if=None) -> None:
-        outputs = tuple(Path(o) for o in outputs)
-        stages.append(Stage(name, kind, tuple(deps), tuple(sections), outputs, build, about, skip_if))
+    def __init__(self, study: Any) -> None:  # a posttrain_probe.study.stages.Study
+        self.study = study
+        self.s = study.settings
+        self.raw = study.raw
+        self.root = study.root
+        self.stages: list[Stage] = []
+        self.world_dep = ("world",) if study.world is not None else ()
+        self.tasks = study.tasks()
+        self.critical = self.root / "critical" / "critical.json"
 
-    if study.world is not None:
-        add(
-            "world", "world", (), ("world",), [root / "world"], lambda: study.world, "synthetic world + pretrained base"
+    def add(self, name: str, kind: str, deps, sections, outputs, build, about: str, **extra: Any) -> None:
+        self.stages.append(
+            Stage(name, kind, tuple(deps), tuple(sections), tuple(Path(o) for o in outputs), build, about, **extra)
         )
 
-    # ---- training arms -------------------------------------------------------------------------------------
-    def train_args(arm: str, recipe_args: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # ---- world and training ---------------------------------------------------------------------------
+    def world(self) -> None:
+        study = self.study
+        if study.world is not None:
+            world = study.world
+            self.add("world", "world", (), ("world",), [self.root / "world"], lambda: world, "synthetic world + base")
+
+    def train_args(self, arm: str, args: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An arm's recipe options: its own, then what the study wires (checked), then ``extra``."""
+        study = self.study
         wired = {
             "model_name_or_path": study.base_model,
             "dataset_name": study.dataset,
             "output_dir": str(study.arm_dir(arm)),
-            "probe_layers": [L],
+            "probe_layers": [self.s.layer],
         }
-        if s.dataset_config is not None:
-            wired["dataset_config"] = s.dataset_config
-        from posttrain_probe.study.stages import _agree
+        if self.s.dataset_config is not None:
+            wired["dataset_config"] = self.s.dataset_config
+        study.check_wired(f"arm {arm} of {study.source}", args, {**wired, **(extra or {})})
+        return {**args, **wired, **(extra or {})}
 
-        for key, value in wired.items():
-            if key in recipe_args and not _agree(recipe_args[key], value):
-                from posttrain_probe.errors import ProbeError
-
-                raise ProbeError(
-                    f"arm {arm} of {study.source} sets {key}={recipe_args[key]!r}, but the study wires {value!r}: remove the key"
-                )
-        return {**recipe_args, **wired, **(extra or {})}
-
-    def trl(arm: str, recipe: str, args: dict[str, Any]):
+    def launch(self, arm: str, recipe: str, args: dict[str, Any]):
         return trl_launch(
             recipe,
             args,
-            launcher=s.launcher,
-            accelerate_config=s.accelerate_config,
-            num_processes=s.num_processes,
-            log=study.arm_dir(arm) / "train.log",
+            launcher=self.s.launcher,
+            accelerate_config=self.s.accelerate_config,
+            num_processes=self.s.num_processes,
+            log=self.study.arm_dir(arm) / "train.log",
         )
 
-    for arm, cfg in study.arms.items():
-        if cfg.trainer == "verl":
-            build = lambda arm=arm, cfg=cfg: verl_launch(  # noqa: E731
-                study.arm_args[arm],
-                base_model=study.base_model,
-                out=study.arm_dir(arm),
-                layer=L,
-                log=root / f"train-{arm}.log",
+    def train(self) -> None:
+        study = self.study
+        for arm, cfg in study.arms.items():
+            args = study.arm_args[arm]
+            if cfg.trainer == "verl":
+
+                def build(arm=arm, args=args):
+                    return verl_launch(
+                        args,
+                        base_model=study.base_model,
+                        out=study.arm_dir(arm),
+                        layer=self.s.layer,
+                        log=study.arm_dir(arm) / "train.log",
+                    )
+            else:
+
+                def build(arm=arm, cfg=cfg, args=args):
+                    return self.launch(arm, cfg.recipe, self.train_args(arm, args))
+
+            self.add(
+                f"train-{arm}",
+                "train",
+                self.world_dep,
+                (),
+                [study.arm_dir(arm)],
+                build,
+                f"{cfg.recipe} ({cfg.trainer})",
+                inputs={"recipe": cfg.recipe, "trainer": cfg.trainer, "args": args},
+                settings=TRAIN_SETTINGS,
             )
-        else:
-            build = lambda arm=arm, cfg=cfg: trl(arm, cfg.recipe, train_args(arm, study.arm_args[arm]))  # noqa: E731
-        add(
-            f"train-{arm}",
-            "train",
-            world_dep,
-            (f"arms.{arm}",),
-            [study.arm_dir(arm)],
-            build,
-            f"{cfg.recipe} ({cfg.trainer})",
-        )
 
-    # ---- evaluation ----------------------------------------------------------------------------------------
-    def eval_stage(model: str, path_of, train_dep: tuple[str, ...]) -> None:
-        out = root / "eval" / model
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def eval_stage(self, model: str, path_of, deps: tuple[str, ...]) -> None:
+        if "eval" not in self.raw:
+            return
+        study, out = self.study, self.root / "eval" / model
+        all_tasks = [*self.tasks["in_domain"], *self.tasks["general"], *self.tasks["held_out"]]
 
         def build():
             return study.step_config(
                 "eval",
                 {"tasks": all_tasks, "out": str(out)},
-                {"device": s.device},
+                {"device": self.s.device},
                 joined={"model_args": f"pretrained={path_of()}", "include_path": study.include_path()},
             )
 
-        add(f"eval-{model}", "lm_eval", (*world_dep, *train_dep), ("eval",), [out], build, f"lm-eval of {model}")
+        self.add(
+            f"eval-{model}",
+            "lm_eval",
+            (*self.world_dep, *deps),
+            ("eval",),
+            [out],
+            build,
+            f"lm-eval of {model}",
+            settings=EVAL_SETTINGS,
+        )
 
-    if "eval" in raw:
-        eval_stage("base", lambda: study.base_model, ())
+    def evals(self) -> None:
+        study = self.study
+        self.eval_stage("base", lambda: study.base_model, ())
         for arm in study.arms:
-            eval_stage(arm, lambda arm=arm: study.arm_model(arm), (f"train-{arm}",))
+            self.eval_stage(arm, lambda arm=arm: study.arm_model(arm), (f"train-{arm}",))
 
-    # ---- activations and crosscoders ---------------------------------------------------------------------
-    acts = root / "acts"
-    if "collect" in raw:
+    # ---- activations, crosscoders, attribution ---------------------------------------------------------
+    def data_defaults(self, section: str) -> dict[str, Any]:
+        """The training data as a section's dataset, unless the section names its own."""
+        if "dataset" in self.raw.get(section, {}):
+            return {}
+        defaults = {"dataset": self.study.dataset}
+        if self.s.dataset_config is not None:
+            defaults["dataset_config"] = self.s.dataset_config
+        return defaults
 
-        def collect_config():
-            models = {"base": study.base_model, **{arm: study.arm_model(arm) for arm in study.arms}}
-            if "dynamics" in raw:
-                for arm in study._dynamics_arms():
-                    models.update(dict(study._snapshot_names(arm)))
-            return study.step_config(
-                "collect",
-                {"model": [f"{n}={p}" for n, p in models.items()], "out": str(acts), "layer": [L]},
-                {"dataset": study.dataset, "device": s.device},
+    def collect(self) -> None:
+        if "collect" not in self.raw:
+            return
+        study = self.study
+        for group in study.collect_groups():
+            out = self.root / "acts" / group
+
+            def build(group=group, out=out):
+                models = study.collect_groups()[group]
+                return study.step_config(
+                    "collect",
+                    {"model": [f"{n}={p}" for n, p in models.items()], "out": str(out), "layer": [self.s.layer]},
+                    {**self.data_defaults("collect"), "device": self.s.device},
+                )
+
+            deps = (*self.world_dep, *((f"train-{group}",) if group != "base" else ()))
+            self.add(f"collect-{group}", "collect", deps, ("collect",), [out], build, f"activations of {group}")
+
+    def crosscoders(self) -> None:
+        if "crosscoder" not in self.raw:
+            return
+        study = self.study
+        for name, models in study.crosscoders().items():
+
+            def build(name=name):
+                names = study.crosscoders()[name]
+                wired: dict[str, Any] = {"out": str(study.crosscoder_dir(name)), "crosscoder": {"layer": self.s.layer}}
+                if self.s.crosscoder_source == "live":
+                    paths = {m: p for group in study.collect_groups().values() for m, p in group.items()}
+                    wired["model"] = [f"{n}={paths[n]}" for n in names]
+                    collect = self.raw.get("collect", {})
+                    defaults = {
+                        "dataset": collect.get("dataset", study.dataset),
+                        "seq_len": collect.get("seq_len", 512),
+                    }
+                    return study.step_config("crosscoder", wired, defaults)
+                wired["acts"] = [str(study.store(m)) for m in names]
+                return study.step_config("crosscoder", wired)
+
+            groups = dict.fromkeys("base" if m == "base" else study.group_of(m) for m in models)
+            about = f"crosscoder of {' / '.join(models)}" if not name.startswith("steps-") else f"crosscoder of {name}"
+            self.add(
+                f"crosscoder-{name}",
+                "crosscoder_train",
+                [f"collect-{g}" for g in groups],
+                ("crosscoder",),
+                [study.crosscoder_dir(name)],
+                build,
+                about,
             )
 
-        add(
-            "collect",
-            "collect",
-            [*world_dep, *(f"train-{a}" for a in study.arms)],
-            ("collect",),
-            [acts],
-            collect_config,
-            "activations of base, arms (and snapshots) on the same tokens",
-        )
-
-    crosscoders = study.crosscoders() if "crosscoder" in raw else {}
-    for name, models in crosscoders.items():
-
-        def cc_config(name=name, models=models):
-            names = models
-            paths = {"base": study.base_model, **{arm: study.arm_model(arm) for arm in study.arms}}
-            if name.startswith("steps-"):
-                arm = name.removeprefix("steps-")
-                snapshots = study._snapshot_names(arm)
-                names = ["base", *(n for n, _ in snapshots)]
-                paths.update(dict(snapshots))
-            wired: dict[str, Any] = {"out": str(root / "crosscoders" / name), "crosscoder": {"layer": L}}
-            if s.crosscoder_source == "live":
-                collect = raw.get("collect", {})
-                wired["model"] = [f"{n}={paths[n]}" for n in names]
-                defaults = {"dataset": collect.get("dataset", study.dataset), "seq_len": collect.get("seq_len", 512)}
-                return study.step_config("crosscoder", wired, defaults)
-            wired["acts"] = [str(acts / m / f"layer{L}") for m in names]
-            return study.step_config("crosscoder", wired)
-
-        add(
-            f"crosscoder-{name}",
-            "crosscoder_train",
-            ("collect",),
-            ("crosscoder",),
-            [root / "crosscoders" / name],
-            cc_config,
-            f"crosscoder of {' / '.join(models) if not name.startswith('steps-') else 'base + checkpoints of ' + name[6:]}",
-        )
-
-    if "analyze" in raw:
-        for name, models in crosscoders.items():
-            if name.startswith("steps-"):
-                continue
-            out = root / "analysis" / name
-            add(
-                f"analyze-{name}",
-                "analyze",
-                (f"crosscoder-{name}",),
-                ("analyze",),
-                [out],
-                lambda name=name, out=out, models=models: study.step_config(
+    def analysis(self) -> None:
+        study = self.study
+        if "analyze" in self.raw:
+            for name, models in study.crosscoders().items():
+                if name.startswith("steps-"):
+                    continue
+                out = self.root / "analysis" / name
+                wired = {
+                    "crosscoder": str(study.crosscoder_dir(name)),
+                    "out": str(out),
+                    "base": "base",
+                    "acts": [str(study.store(m)) for m in models],
+                }
+                self.add(
+                    f"analyze-{name}",
                     "analyze",
-                    {
-                        "crosscoder": str(root / "crosscoders" / name),
-                        "out": str(out),
-                        "base": "base",
-                        "acts": [str(acts / m / f"layer{L}") for m in models],
-                    },
-                ),
-                f"NRN, MAS, NormRatio, categories of {name}",
-            )
-    if "dynamics" in raw:
-        for arm in study._dynamics_arms():
-            out = root / "dynamics" / arm
-            add(
+                    (f"crosscoder-{name}",),
+                    ("analyze",),
+                    [out],
+                    lambda wired=wired: study.step_config("analyze", wired),
+                    f"NRN, MAS, NormRatio, categories of {name}",
+                )
+        for arm in study.dynamics_arms():
+            out = self.root / "dynamics" / arm
+            wired = {"crosscoder": [str(study.crosscoder_dir(f"steps-{arm}"))], "out": str(out), "base": "base"}
+            self.add(
                 f"dynamics-{arm}",
                 "dynamics",
                 (f"crosscoder-steps-{arm}",),
                 ("dynamics",),
                 [out],
-                lambda arm=arm, out=out: study.step_config(
-                    "dynamics",
-                    {"crosscoder": [str(root / "crosscoders" / f"steps-{arm}")], "out": str(out), "base": "base"},
-                ),
+                lambda wired=wired: study.step_config("dynamics", wired),
                 f"top-k overlap and rank shifts over {arm}'s checkpoints",
             )
 
-    # ---- paper R: critical samples, generalization features, interventions --------------------------------
-    rl, sft = s.rl_arm, s.sft_arm
-    critical = root / "critical" / "critical.json"
-    if "critical" in raw:
-        add(
-            "critical",
-            "critical",
-            ("eval-base", f"eval-{rl}"),
-            ("critical",),
-            [critical.parent],
-            lambda: study.step_config(
-                "critical",
-                {
-                    "base_samples": str(root / "eval" / "base"),
-                    "rl_samples": str(root / "eval" / rl),
-                    "out": str(critical),
-                },
-            ),
-            f"G_t: base wrong, {rl} right",
-        )
-
-    def no_critical() -> str | None:
-        import json
-
-        data = json.loads(critical.read_text()) if critical.exists() else {}
+    # ---- paper R: critical samples, generalization features, interventions ------------------------------
+    def no_critical(self) -> str | None:
+        data = json.loads(self.critical.read_text()) if self.critical.exists() else {}
         counts = {t: e.get("n_critical", 0) for t, e in (data.get("tasks") or {}).items()}
         if counts and not any(counts.values()):
-            return f"no generalization-critical samples: |G_t| = 0 on every task ({', '.join(counts)}); {rl} gets no document right that base gets wrong"
+            return (
+                f"no generalization-critical samples: |G_t| = 0 on every task ({', '.join(counts)}); "
+                f"{self.s.rl_arm} gets no document right that base gets wrong"
+            )
         return None
 
-    def empty_set(path: Path, what: str):
+    def empty_set(self, path: Path, what: str):
         def check() -> str | None:
-            import json
-
-            reason = no_critical()
-            if reason is not None:
-                return reason
-            if path.exists() and not json.loads(path.read_text()).get("features"):
-                return f"{what} is empty ({path.name})"
-            return None
+            reason = self.no_critical()
+            if reason is None and path.exists() and not json.loads(path.read_text()).get("features"):
+                reason = f"{what} is empty ({path.name})"
+            return reason
 
         return check
 
-    genfeat = root / "generalization"
-    if "generalization" in raw:
-        add(
-            "generalization",
-            "features_generalization",
-            ("critical", f"crosscoder-base-{rl}"),
-            ("generalization",),
-            [genfeat],
-            lambda: study.step_config(
+    def lm_eval_defaults(self) -> dict[str, Any]:
+        """The eval runs' lm-eval settings, which interventions must repeat (model_args, chat template, shots)."""
+        keys = ("model_args", "apply_chat_template", "num_fewshot", "batch_size")
+        return {k: v for k, v in self.raw.get("eval", {}).items() if k in keys}
+
+    def generalization(self) -> None:
+        study, rl = self.study, self.s.rl_arm
+        if "critical" in self.raw:
+            wired = {
+                "base_samples": str(self.root / "eval" / "base"),
+                "rl_samples": str(self.root / "eval" / rl),
+                "out": str(self.critical),
+            }
+            self.add(
+                "critical",
+                "critical",
+                ("eval-base", f"eval-{rl}"),
+                ("critical",),
+                [self.critical.parent],
+                lambda: study.step_config("critical", wired),
+                f"G_t: base wrong, {rl} right",
+            )
+        genfeat = self.root / "generalization"
+        if "generalization" in self.raw:
+            self.add(
                 "generalization",
-                {
-                    "crosscoder": str(root / "crosscoders" / f"base-{rl}"),
-                    "base": "base",
-                    "rl": rl,
-                    "critical": str(critical),
-                    "model": [f"base={study.base_model}", f"{rl}={study.arm_model(rl)}"],
-                    "out": str(genfeat),
-                },
-                {"tasks": [*tasks["in_domain"], *tasks["general"]], "device": s.device},
-            ),
-            "Score_k^t at the last prompt token, S_t per task",
-            no_critical,
-        )
-    if "intervene" in raw:
+                "features_generalization",
+                ("critical", f"crosscoder-base-{rl}"),
+                ("generalization",),
+                [genfeat],
+                lambda: study.step_config(
+                    "generalization",
+                    {
+                        "crosscoder": str(study.crosscoder_dir(f"base-{rl}")),
+                        "base": "base",
+                        "rl": rl,
+                        "critical": str(self.critical),
+                        "model": [f"base={study.base_model}", f"{rl}={study.arm_model(rl)}"],
+                        "out": str(genfeat),
+                    },
+                    {"tasks": [*self.tasks["in_domain"], *self.tasks["general"]], "device": self.s.device},
+                ),
+                "Score_k^t at the last prompt token, S_t per task",
+                skip_if=self.no_critical,
+            )
+        if "intervene" not in self.raw:
+            return
+        features = genfeat / "generalization_features.json"
         for label, model, mode in ((f"zero-{rl}", rl, "zero"), ("set-base", "base", "set")):
-            out = root / "intervene" / label
-            add(
+            out = self.root / "intervene" / label
+
+            def build(model=model, mode=mode, out=out):
+                path = study.base_model if model == "base" else study.arm_model(model)
+                return study.step_config(
+                    "intervene",
+                    {
+                        "features": str(features),
+                        "model": [f"{model}={path}"],
+                        "mode": mode,
+                        "critical": str(self.critical),
+                        "out": str(out),
+                        "crosscoder": str(study.crosscoder_dir(f"base-{rl}")),
+                    },
+                    {**self.lm_eval_defaults(), "held_out_tasks": self.tasks["held_out"], "device": self.s.device},
+                    joined={"include_path": study.include_path()},
+                )
+
+            self.add(
                 f"intervene-{label}",
                 "intervene",
                 ("generalization",),
-                ("intervene",),
+                ("intervene", "eval"),
                 [out],
-                lambda model=model, mode=mode, out=out: study.step_config(
-                    "intervene",
-                    {
-                        "features": str(genfeat / "generalization_features.json"),
-                        "model": [f"{model}={study.base_model if model == 'base' else study.arm_model(model)}"],
-                        "mode": mode,
-                        "critical": str(critical),
-                        "out": str(out),
-                        "crosscoder": str(root / "crosscoders" / f"base-{rl}"),
-                    },
-                    {"held_out_tasks": tasks["held_out"], "device": s.device},
-                    joined={"include_path": study.include_path()},
-                ),
-                f"{mode} the generalization features in {model}, on G_t (held-out task marked)",
-                empty_set(genfeat / "generalization_features.json", "S, the features in every task's S_t,"),
+                build,
+                f"{mode} the generalization features in {model}, on G_t (held-out tasks marked)",
+                skip_if=self.empty_set(features, "S, the features in every task's S_t,"),
             )
 
-    # ---- paper S: Fisher features, steering, gradient blocking, leakage -----------------------------------
-    fisher = root / "fisher"
-    if "fisher" in raw:
-        add(
-            "fisher",
-            "features_fisher",
-            (f"crosscoder-base-{sft}",),
-            ("fisher",),
-            [fisher],
-            lambda: study.step_config(
+    # ---- paper S: Fisher features, steering, gradient blocking, leakage ----------------------------------
+    def fisher(self) -> None:
+        study, sft = self.study, self.s.sft_arm
+        fisher = self.root / "fisher"
+        if "fisher" in self.raw:
+            self.add(
                 "fisher",
-                {
-                    "crosscoder": str(root / "crosscoders" / f"base-{sft}"),
-                    "model": [f"base={study.base_model}", f"{sft}={study.arm_model(sft)}"],
-                    "select_model": sft,
-                    "out": str(fisher),
-                    "layer": L,
-                },
-                {"dataset": study.dataset, "device": s.device},
-            ),
-            f"Fisher importance ratio of {sft}'s features on reasoning vs solution tokens",
-        )
-    if "steer" in raw:
-        out = root / "intervene" / "steer-base"
-        add(
+                "features_fisher",
+                (f"crosscoder-base-{sft}",),
+                ("fisher",),
+                [fisher],
+                lambda: study.step_config(
+                    "fisher",
+                    {
+                        "crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+                        "model": [f"base={study.base_model}", f"{sft}={study.arm_model(sft)}"],
+                        "select_model": sft,
+                        "out": str(fisher),
+                        "layer": self.s.layer,
+                    },
+                    {**self.data_defaults("fisher"), "device": self.s.device},
+                ),
+                f"Fisher importance ratio of {sft}'s features on reasoning vs solution tokens",
+            )
+        if "steer" not in self.raw:
+            return
+        out = self.root / "intervene" / "steer-base"
+        features = fisher / "fisher_features.json"
+        self.add(
             "steer",
             "intervene",
             ("fisher", "critical"),
-            ("steer",),
+            ("steer", "eval"),
             [out],
-            lambda out=out: study.step_config(
+            lambda: study.step_config(
                 "steer",
                 {
-                    "features": str(fisher / "fisher_features.json"),
+                    "features": str(features),
                     "model": [f"base={study.base_model}"],
                     "mode": "steer",
-                    "critical": str(critical),
+                    "critical": str(self.critical),
                     "out": str(out),
-                    "crosscoder": str(root / "crosscoders" / f"base-{sft}"),
+                    "crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
                     "role": "base",
                 },
                 {
-                    "held_out_tasks": tasks["held_out"],
+                    **self.lm_eval_defaults(),
+                    "held_out_tasks": self.tasks["held_out"],
                     "full_task": True,
-                    "device": s.device,
+                    "device": self.s.device,
                     "reference": study.dataset,
                 },
                 joined={"include_path": study.include_path()},
             ),
             "steer the Fisher features in the base model",
-            empty_set(fisher / "fisher_features.json", "the Fisher feature set"),
+            skip_if=self.empty_set(features, "the Fisher feature set"),
         )
-    blocked = study.blocked
-    for arm, category in study.blocked_arms().items():
 
-        def blocked_launch(arm=arm, category=category):
-            own = study._recipe_args(blocked.config, blocked.args)
-            base_args = {**study.arm_args[sft], **own} if blocked.config is None else own
-            extra = {
-                "block_crosscoder": str(root / "crosscoders" / f"base-{sft}"),
-                "block_features": category,
+    def blocked(self) -> None:
+        study, sft = self.study, self.s.sft_arm
+        blocked = study.blocked
+        if blocked is None:
+            return
+        own = study.recipe_args(blocked.config, blocked.args)
+        own = {k: v for k, v in own.items() if k not in BLOCK_KEYS or k in blocked.args}
+        base_args = {**study.arm_args[sft], **own} if blocked.config is None else own
+        for arm, category in study.blocked_arms().items():
+            feature_set = self.root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
+            block = {
+                "block_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+                "block_features": str(feature_set),
                 "block_model": "base",
                 "block_base": "base",
                 "block_finetuned": sft,
                 "block_mode": blocked.mode,
             }
-            return trl(arm, "sft_blocked", train_args(arm, base_args, extra))
 
-        def empty_category(category=category) -> str | None:
-            import json
+            def empty(path=feature_set, category=category) -> str | None:
+                if path.exists() and not json.loads(path.read_text()).get("features"):
+                    return f"the {category} category of base-{sft} has no live feature: nothing to protect"
+                return None
 
-            path = root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
-            if path.exists() and not json.loads(path.read_text()).get("features"):
-                return f"the {category} category of base-{sft} has no live feature: nothing to protect"
-            return None
-
-        add(
-            f"train-{arm}",
-            "train",
-            (f"analyze-base-{sft}", *world_dep),
-            (f"arms.{sft}", "blocked"),
-            [study.arm_dir(arm)],
-            blocked_launch,
-            f"SFT with the {category} features of base-{sft} protected",
-            empty_category,
-        )
-        if "eval" in raw:
-            eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
-        if "leakage" in raw:
-            out = root / "leakage" / arm
-            add(
+            self.add(
+                f"train-{arm}",
+                "train",
+                (f"analyze-base-{sft}", *self.world_dep),
+                (),
+                [study.arm_dir(arm)],
+                lambda arm=arm, block=block: self.launch(arm, "sft_blocked", self.train_args(arm, base_args, block)),
+                f"SFT with the {category} features of base-{sft} protected",
+                skip_if=empty,
+                inputs={"args": base_args, "block": block},
+                settings=TRAIN_SETTINGS,
+            )
+            self.eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
+            if "leakage" not in self.raw:
+                continue
+            out = self.root / "leakage" / arm
+            wired = {
+                "crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+                "base": study.base_model,
+                "blocked": str(study.arm_dir(arm)),
+                "features": str(feature_set),
+                "out": str(out),
+                "model_name": "base",
+                "finetuned": sft,
+                "layer": self.s.layer,
+            }
+            self.add(
                 f"leakage-{arm}",
                 "leakage",
                 (f"train-{arm}",),
                 ("leakage",),
                 [out],
-                lambda arm=arm, category=category, out=out: study.step_config(
-                    "leakage",
-                    {
-                        "crosscoder": str(root / "crosscoders" / f"base-{sft}"),
-                        "base": study.base_model,
-                        "blocked": str(study.arm_dir(arm)),
-                        "features": category,
-                        "out": str(out),
-                        "model_name": "base",
-                        "finetuned": sft,
-                        "layer": L,
-                    },
-                    {"dataset": study.dataset, "device": s.device},
+                lambda wired=wired: study.step_config(
+                    "leakage", wired, {**self.data_defaults("leakage"), "device": self.s.device}
                 ),
                 f"how far the protected {category} features still moved",
             )
 
-    report = root / "report"
-    add(
-        "report",
-        "report",
-        [st.name for st in stages],
-        ("report",),
-        [report],
-        lambda: study.report,
-        "report.html + report.md",
-    )
-    return stages
+    def report(self) -> None:
+        study = self.study
+        deps = [st.name for st in self.stages]
+        self.add("report", "report", deps, ("report",), [self.root / "report"], lambda: study.report, "the report")
+
+
+def plan_stages(study: Any) -> list[Stage]:
+    """Every stage of ``study`` (a :class:`~posttrain_probe.study.stages.Study`) in run order."""
+    plan = _Plan(study)
+    for group in (
+        plan.world,
+        plan.train,
+        plan.evals,
+        plan.collect,
+        plan.crosscoders,
+        plan.analysis,
+        plan.generalization,
+        plan.fisher,
+        plan.blocked,
+        plan.report,
+    ):
+        group()
+    if study.blocked is not None and f"analyze-base-{study.settings.sft_arm}" not in {s.name for s in plan.stages}:
+        raise ProbeError(
+            f"section blocked of {study.source} needs the crosscoder and analysis of base-{study.settings.sft_arm}"
+        )
+    return plan.stages

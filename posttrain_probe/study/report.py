@@ -21,6 +21,8 @@ from posttrain_probe.study.report_render import Report
 from posttrain_probe.study.settings import ReportConfig
 
 REPORT_DIR = "report"
+MAX_GENERALIZATION_CARDS = 50
+"""A card for every feature of S, up to this many (the strongest first)."""
 
 
 def _json(path: Path) -> Any:
@@ -74,16 +76,7 @@ def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
     labels.update({a: f"SFT, {c} blocked" for a, c in blocked.items()})
 
     report = Report(f"posttrain-probe study: {name}")
-    report.note(
-        "What this run shows: how SFT, RL (GRPO), SFT+KL and gradient-blocked SFT, trained from one base on the same "
-        "problems, changed the model's accuracy and its sparse features at layer "
-        f"{settings.get('layer')}, which features carry the RL model's gains, and what happens when they are "
-        "zeroed, set or steered. What it cannot show: a study on tiny synthetic models (the demo) is no evidence "
-        "about 4B models - it exercises every step of the method; the papers' claims need the real-model study "
-        "file. Few documents per task make every accuracy difference noisy; the control rows of the intervention "
-        "tables say how large a change random feature sets of the same size produce.",
-        title="Reading this report",
-    )
+    report.note(_reading(root, info, tasks, labels, sft, rl), title="Reading this report")
     _accuracy_section(report, root, tasks, labels)
     _attribution_section(report, root, arms, sft, rl)
     _generalization_section(report, root, tasks)
@@ -93,6 +86,53 @@ def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
     _provenance_section(report, root, info)
     html, _ = report.write(root / REPORT_DIR)
     return Path(html)
+
+
+def _reading(root: Path, info: dict, tasks: dict, labels: dict[str, str], sft: str, rl: str) -> str:
+    """What this run shows, in its own numbers, and what it cannot show."""
+    parts = []
+    accs = {m: _accuracy(root / "eval" / m) for m in labels}
+    base = accs.get("base") or {}
+    for model in (sft, rl):
+        acc = accs.get(model) or {}
+        gains = {}
+        for group in ("in_domain", "general", "held_out"):
+            deltas = [acc[t][0] - base[t][0] for t in tasks.get(group, []) if t in acc and t in base]
+            if deltas:
+                gains[group] = sum(deltas) / len(deltas)
+        if gains:
+            text = ", ".join(f"{g.replace('_', '-')} {v:+.1f} pp" for g, v in gains.items())
+            parts.append(f"{labels.get(model, model)} against the base: {text}.")
+    for model in (sft, rl):
+        summary = _json(root / "analysis" / f"base-{model}" / "summary.json") or {}
+        counts = (summary.get("models") or {}).get(model)
+        if counts:
+            cats = counts.get("categories", {})
+            parts.append(
+                f"base-vs-{model} crosscoder: {cats.get('finetune-only', 0)} finetune-only, {cats.get('shared', 0)} shared, "
+                f"{cats.get('base-only', 0)} base-only live features."
+            )
+    gen = _json(root / "generalization" / "generalization.json")
+    if gen:
+        parts.append(f"Generalization features S: {(gen.get('intersection') or {}).get('n_features', 0)}.")
+    zero = _json(root / "intervene" / f"zero-{rl}" / "effects.json")
+    if zero:
+        deltas = [r["delta_pp"] for r in zero.get("rows", []) if r.get("delta_pp") is not None]
+        if deltas:
+            parts.append(
+                f"Zeroing S in {rl} changes its accuracy on G_t by {sum(deltas) / len(deltas):+.1f} pp on average."
+            )
+    measured = " ".join(parts) if parts else "No stage with results has finished yet."
+    scale = (
+        "This is a study of tiny synthetic models (the demo): it exercises every step of the method and is no "
+        "evidence about 4B models; the papers' claims need the real-model study file."
+        if (info.get("config") or {}).get("world") is not None
+        else "The models and data are the study file's; the papers' settings are in SPEC sec. 10."
+    )
+    return (
+        f"{measured} {scale} Differences of a few documents are noise at these task sizes; the control rows of the "
+        "intervention tables say how large a change random feature sets of the same size produce."
+    )
 
 
 def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str, str]) -> None:
@@ -106,12 +146,16 @@ def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str,
     if not accs:
         report.paragraph("No evaluation has run yet (stages eval-*).")
         return
-    rows = []
-    for model, acc in accs.items():
-        rows.append([labels[model], *(acc[t][0] if t in acc else None for t in order)])
-    counts = next(iter(accs.values()))
-    columns = ["model", *(f"{t} ({kinds[t]}, n={counts[t][1] if t in counts else '?'})" for t in order)]
-    report.table(columns, rows, caption="Accuracy in % (lm-eval; paper R table 1 shape). n = documents per task.")
+
+    def cell(acc: dict, task: str) -> str | None:
+        if task not in acc:
+            return None
+        value, n = acc[task]
+        return f"{value:.1f} ({round(value * n / 100)}/{n})" if n else f"{value:.1f}"
+
+    rows = [[labels[model], *(cell(acc, t) for t in order)] for model, acc in accs.items()]
+    columns = ["model", *(f"{t} ({kinds[t]})" for t in order)]
+    report.table(columns, rows, caption="Accuracy in % (correct / documents), lm-eval; paper R table 1 shape.")
     if "base" in accs:
         base = accs["base"]
 
@@ -172,7 +216,11 @@ def _attribution_section(report: Report, root: Path, arms: dict, sft: str, rl: s
                 report.figure(png, caption=f"base vs {arm}: {png.stem.replace('_', ' ')}")
     three = analysis / f"base-{sft}-{rl}"
     for png in _pngs(three):
-        if "mas" in png.stem:
+        if "nrn" in png.stem:
+            report.figure(
+                png, caption=f"NRN of {sft} and {rl} against the base in one crosscoder (base / {sft} / {rl})"
+            )
+        elif "mas" in png.stem:
             report.figure(png, caption=f"MAS of the three-model crosscoder base / {sft} / {rl}")
     dynamics = root / "dynamics"
     if dynamics.is_dir():
@@ -324,7 +372,7 @@ def _cards_section(report: Report, root: Path, info: dict, config: ReportConfig,
     if gen_set is not None and gen_scores:
         score_cols = [c for c in next(iter(gen_scores.values())) if c.startswith("score_")]
         ranked = sorted(gen_set["features"], key=lambda f: -max(float(gen_scores[f][c] or 0) for c in score_cols))
-        groups.append(("generalization feature", f"base-{rl}", rl, ranked[: config.n_cards], gen_scores))
+        groups.append(("generalization feature", f"base-{rl}", rl, ranked[:MAX_GENERALIZATION_CARDS], gen_scores))
     table = _read_csv(root / "analysis" / f"base-{sft}" / "features.csv")
     if table:
         rows = {int(r["feature"]): r for r in table}
@@ -394,15 +442,20 @@ def _provenance_section(report: Report, root: Path, info: dict) -> None:
         rows.append([name, "done" if record else "not run", record.get("elapsed_s") if record else None])
     if rows:
         report.table(["stage", "status", "seconds"], rows, caption="Stages of the study and their last run time.")
-    versions = {"python": platform.python_version(), "posttrain-probe": info.get("posttrain_probe_version")}
-    for package in ("torch", "transformers", "trl", "accelerate", "lm_eval", "datasets"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package.replace("_", "-"))
-        except Exception:  # noqa: BLE001 - a missing package is reported as such
-            versions[package] = "not installed"
-    report.table(["package", "version"], sorted(versions.items()), caption="Versions used to build this report.")
+    versions = info.get("versions") or {"python": platform.python_version()}
+    report.table(["package", "version"], sorted(versions.items()), caption="Versions of the last run of the study.")
     import yaml
 
+    report.paragraph("The study file:")
     report.code(yaml.safe_dump(info.get("config", {}), sort_keys=False))
+    commands = []
+    for name in info.get("stages", []):
+        record = _json(root / "stages" / f"{name}.json")
+        if record and record.get("command"):
+            commands.append(
+                f"# {name}" + (f" (nothing to do: {record['skipped_reason']})" if record.get("skipped_reason") else "")
+            )
+            commands.append(record["command"])
+    if commands:
+        report.paragraph("The exact command of every stage (each stage's full config is in stages/<stage>.json):")
+        report.code("\n".join(commands))

@@ -10,6 +10,7 @@ no finished record and runs again from its start. ``<study>/study.json`` names t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from typing import Any
 from posttrain_probe.config_io import config_to_flags, config_to_mapping
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.steps import STEPS
-from posttrain_probe.study.stages import Stage, Study
+from posttrain_probe.study.stage import Stage
+from posttrain_probe.study.stages import Study
 
 STUDY_FORMAT = "posttrain-probe/study"
 STAGE_DIR = "stages"
@@ -34,7 +36,8 @@ class StageRecord:
 
     name: str
     status: str
-    """``ran``, ``skipped`` (finished before, unchanged) or ``planned`` (dry run)."""
+    """``ran``, ``nothing to do`` (its inputs held nothing to work on; recorded), ``skipped`` (finished before,
+    unchanged) or ``planned`` (dry run)."""
     elapsed_s: float = 0.0
     """Seconds this run spent on it (the recorded time of its last run when skipped)."""
 
@@ -87,11 +90,14 @@ def stage_command(study: Study, stage: Stage, config: Any) -> str:
         return shlex.join(words)
     if stage.kind == "lm_eval":
         flags = ["--model", "probe-hf", "--model_args", config.model_args, "--tasks", ",".join(config.tasks)]
-        flags += ["--output_path", str(config.out), "--log_samples", "--batch_size", str(config.batch_size)]
+        flags += ["--output_path", str(config.out), "--batch_size", str(config.batch_size), "--device", config.device]
+        flags += ["--log_samples"] if config.log_samples else []
+        flags += ["--apply_chat_template"] if config.apply_chat_template else []
         for path in config.include_path:
             flags += ["--include_path", path]
-        if config.limit is not None:
-            flags += ["--limit", str(config.limit)]
+        for name in ("limit", "num_fewshot", "samples"):
+            if getattr(config, name) is not None:
+                flags += [f"--{name}", str(getattr(config, name))]
         return shlex.join(["posttrain-probe", "lm-eval", *flags])
     source = shlex.quote(study.source)
     if stage.kind == "world":
@@ -103,6 +109,10 @@ def check_directory(study: Study) -> None:
     """ProbeError if the study directory holds another study (study.json); writes study.json when new."""
     path = study.root / "study.json"
     identity = study.identity()
+    if not path.exists() and study.root.is_dir() and any(study.root.iterdir()):
+        raise ProbeError(
+            f"{study.root} is not empty and holds no study (no study.json): give an empty or new --out directory"
+        )
     if path.exists():
         recorded = json.loads(path.read_text()).get("identity", {})
         if recorded != identity:
@@ -136,8 +146,25 @@ def _write_study_json(study: Study) -> None:
         "crosscoders": study.crosscoders() if "crosscoder" in study.raw else {},
         "stages": [s.name for s in study.stages()],
         "posttrain_probe_version": posttrain_probe.__version__,
+        "versions": _versions(),
     }
-    path.write_text(json.dumps(data, indent=2, default=str))
+    tmp = path.with_name(f".study.json.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _versions() -> dict[str, str]:
+    """Python and package versions of this run (the report shows them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("posttrain-probe", "torch", "transformers", "trl", "accelerate", "lm-eval", "datasets", "verl"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 def _remove(paths: tuple[Path, ...]) -> None:
@@ -196,60 +223,67 @@ def run_study(
         result.stages = [StageRecord(s.name, "skipped" if done[s.name] else "planned") for s in selected]
         return result
 
-    from posttrain_probe.locks import DirectoryLock
-
     study.root.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(study.root, what="study"):
-        _write_study_json(study)
-        width = len(str(len(selected)))
-        for i, st in enumerate(selected, 1):
-            prefix = f"[{i:>{width}}/{len(selected)}] {st.name}"
-            if done[st.name]:
-                record = json.loads(stage_record_path(study, st.name).read_text())
-                result.stages.append(StageRecord(st.name, "skipped", record.get("elapsed_s", 0.0)))
-                echo(f"{prefix}: done before, skipped")
-                continue
-            stale = [d for d in st.deps if not done.get(d, False)]
-            if stale:  # a dependency failed earlier in this run
-                raise ProbeError(f"stage {st.name} needs {stale[0]}, which did not finish")
-            config = st.build()
-            _remove(st.outputs)
-            path = stage_record_path(study, st.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
-            reason = _dependency_skipped(study, st) or (st.skip_if() if st.skip_if is not None else None)
-            started = time.perf_counter()
-            if reason is None:
-                echo(f"{prefix}: {st.about} ...")
-                _execute(study, st, config)
-            else:
-                echo(f"{prefix}: nothing to do ({reason})")
-                for output in st.outputs:  # an empty result, so dependents and the report see why
-                    output.mkdir(parents=True, exist_ok=True)
-                    (output / SKIPPED).write_text(json.dumps({"stage": st.name, "reason": reason}, indent=2))
-            elapsed = time.perf_counter() - started
-            record = {
-                "skipped_reason": reason,
-                "stage": st.name,
-                "kind": st.kind,
-                "hash": hashes[st.name],
-                "complete": True,
-                "elapsed_s": round(elapsed, 3),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "command": stage_command(study, st, config),
-                "outputs": [str(p) for p in st.outputs],
-                "config": _plain_config(config),
-            }
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2, default=str))
-            tmp.replace(path)
-            done[st.name] = True
-            result.stages.append(StageRecord(st.name, "ran" if reason is None else "nothing to do", elapsed))
-            if reason is None:
-                echo(f"{prefix}: finished in {elapsed:.1f} s")
+    _write_study_json(study)
+    width = len(str(len(selected)))
+    for i, st in enumerate(selected, 1):
+        prefix = f"[{i:>{width}}/{len(selected)}] {st.name}"
+        if done[st.name]:
+            record = json.loads(stage_record_path(study, st.name).read_text())
+            result.stages.append(StageRecord(st.name, "skipped", record.get("elapsed_s", 0.0)))
+            echo(f"{prefix}: done before, skipped")
+            continue
+        stale = [d for d in st.deps if not done.get(d, False)]
+        if stale:  # a dependency failed earlier in this run
+            raise ProbeError(f"stage {st.name} needs {stale[0]}, which did not finish")
+        record = _run_stage(study, st, hashes[st.name], prefix, echo)
+        done[st.name] = True
+        status = "ran" if record["skipped_reason"] is None else "nothing to do"
+        result.stages.append(StageRecord(st.name, status, record["elapsed_s"]))
     report = study.root / "report" / "report.html"
     result.report = report if report.exists() else None
     return result
+
+
+def _run_stage(study: Study, st: Stage, digest: str, prefix: str, echo) -> dict[str, Any]:
+    """Run one due stage under its own lock (so `--stage` jobs of one study may run side by side): remove its old
+    outputs, run it (or record why it has nothing to do) and write its record last; returns the record."""
+    from posttrain_probe.locks import DirectoryLock
+
+    config = st.build()
+    with DirectoryLock(study.root / STAGE_DIR / ".locks" / st.name, what=f"stage {st.name}"):
+        _remove(st.outputs)
+        path = stage_record_path(study, st.name)
+        path.unlink(missing_ok=True)
+        reason = _dependency_skipped(study, st) or (st.skip_if() if st.skip_if is not None else None)
+        started = time.perf_counter()
+        if reason is None:
+            echo(f"{prefix}: {st.about} ...")
+            _execute(study, st, config)
+        else:
+            echo(f"{prefix}: nothing to do ({reason})")
+            for output in st.outputs:  # an empty result, so dependents and the report see why
+                output.mkdir(parents=True, exist_ok=True)
+                (output / SKIPPED).write_text(json.dumps({"stage": st.name, "reason": reason}, indent=2))
+        elapsed = time.perf_counter() - started
+        record = {
+            "stage": st.name,
+            "kind": st.kind,
+            "hash": digest,
+            "complete": True,
+            "skipped_reason": reason,
+            "elapsed_s": round(elapsed, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": stage_command(study, st, config),
+            "outputs": [str(p) for p in st.outputs],
+            "config": _plain_config(config),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(path)
+    if reason is None:
+        echo(f"{prefix}: finished in {elapsed:.1f} s")
+    return record
 
 
 def _dependency_skipped(study: Study, stage: Stage) -> str | None:
@@ -279,5 +313,7 @@ def _print_plan(study: Study, stages: list[Stage], done: dict[str, bool], hashes
         config = stage.build()
         echo(f"\n{stage.name} [{state}] - {stage.about}")
         echo(f"  command: {stage_command(study, stage, config)}")
-        echo(f"  inputs:  {', '.join(stage.deps) or '-'}")
+        outputs = {st.name: st.outputs for st in study.stages()}
+        inputs = [f"{d} ({', '.join(str(p) for p in outputs[d])})" for d in stage.deps]
+        echo(f"  inputs:  {'; '.join(inputs) or '-'}")
         echo(f"  outputs: {', '.join(str(p) for p in stage.outputs)}")

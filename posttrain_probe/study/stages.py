@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain_probe.config_io import config_from_mapping, config_to_mapping, init_fields, read_yaml_mapping
+from posttrain_probe.config_io import config_from_mapping, init_fields, read_yaml_mapping
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.steps import STEPS
 from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfig, StudySettings
+from posttrain_probe.study.stage import Stage
 
 STEP_SECTIONS = {
     "eval": "lm_eval",
@@ -42,28 +42,6 @@ NOT_HASHED = ("out", "launcher", "accelerate_config", "num_processes", "device")
 """``study:`` keys that do not change any stage's result (where and how it runs)."""
 WIRED_RECIPE_KEYS = ("model_name_or_path", "dataset_name", "dataset_config", "output_dir", "probe_layers")
 """Recipe options the study sets for every arm (the base model, the data, the arm's directory, the site)."""
-
-
-@dataclass
-class Stage:
-    """One resumable unit of a study."""
-
-    name: str
-    """Stage name (``--stage NAME``), e.g. ``train-sft``, ``crosscoder-base-rl``."""
-    kind: str
-    """``world``, ``train``, ``report`` or the ``STEPS`` key of the step it runs."""
-    deps: tuple[str, ...]
-    """Stages whose outputs it reads."""
-    sections: tuple[str, ...]
-    """Study-file sections its config comes from (a changed one re-runs it)."""
-    outputs: tuple[Path, ...]
-    """Files and directories it writes (removed before a re-run)."""
-    build: Callable[[], Any] = field(repr=False)
-    """-> the config (step, world, report) or the :class:`~posttrain_probe.study.launch.Launch` (train)."""
-    about: str = ""
-    """One line for the plan."""
-    skip_if: Callable[[], str | None] | None = field(default=None, repr=False)
-    """Checked when the stage is due: a reason to skip it (its inputs hold nothing to work on), or None."""
 
 
 def _digest(data: Any) -> str:
@@ -94,7 +72,7 @@ class Study:
         study.pop("out", None)
         self.settings: StudySettings = config_from_mapping(StudySettings, study, source=f"{source} section study")
         self.root = Path(out if out is not None else Path("studies") / self.settings.name).resolve()
-        self.settings.accelerate_config = self._beside_source(self.settings.accelerate_config)
+        self.settings.accelerate_config = self.resolve(self.settings.accelerate_config)
         self.world = None
         if "world" in self.raw:
             from posttrain_probe.study.world_config import WorldConfig
@@ -112,7 +90,7 @@ class Study:
             if not isinstance(arm, Mapping):
                 raise ProbeError(f"arm {name!r} in {source}: expected a mapping (recipe, args, ...)")
             self.arms[str(name)] = config_from_mapping(ArmConfig, arm, source=f"{source} arm {name}")
-        self.arm_args = {name: self._recipe_args(arm.config, arm.args) for name, arm in self.arms.items()}
+        self.arm_args = {name: self.recipe_args(arm.config, arm.args) for name, arm in self.arms.items()}
         for name in self.arms:
             if name == "base" or not all(c.isalnum() or c in "_-" for c in name):
                 raise ProbeError(f"arm name {name!r} in {source}: expected letters, digits, '-', '_' (and not 'base')")
@@ -128,22 +106,23 @@ class Study:
         self._check_roles()
         self._stages: list[Stage] | None = None
 
-    def _beside_source(self, path: str | None) -> str | None:
-        """A path as given if it exists from here, else relative to the study file's folder (if it exists there)."""
-        if path is None or Path(path).is_absolute() or Path(path).exists() or self.source == "study file":
+    def resolve(self, path: str | None) -> str | None:
+        """A path of the study file (an accelerate config, a recipe YAML): relative to the study file's folder when
+        it exists there, else as given (relative to the working directory)."""
+        if path is None or Path(path).is_absolute() or self.source == "study file":
             return path
         beside = Path(self.source).parent / path
         return str(beside) if beside.exists() else path
 
-    def _recipe_args(self, config: str | None, args: Mapping[str, Any]) -> dict[str, Any]:
-        """A recipe YAML (relative to the study file) without the keys the study wires, then ``args``."""
+    def recipe_args(self, config: str | None, args: Mapping[str, Any]) -> dict[str, Any]:
+        """A recipe YAML (:meth:`resolve`) without the keys the study wires, then ``args``."""
         if config is None:
             return dict(args)
-        path = Path(config)
-        if not path.is_absolute() and self.source != "study file":
-            path = Path(self.source).parent / path
+        path = Path(self.resolve(config) or config)
         if not path.exists():
-            raise ProbeError(f"recipe config {config!r} of {self.source} not found (looked at {path})")
+            raise ProbeError(
+                f"recipe config {config!r} of {self.source} not found (looked beside the study file and in {Path.cwd()})"
+            )
         data = {k: v for k, v in read_yaml_mapping(path).items() if k not in WIRED_RECIPE_KEYS}
         return {**data, **args}
 
@@ -164,6 +143,12 @@ class Study:
             "blocked": [s.sft_arm],
             "leakage": [s.sft_arm],
         }
+        for role, recipe in (("rl_arm", "grpo"), ("sft_arm", "sft")):
+            arm = getattr(s, role)
+            if arm in self.arms and self.arms[arm].recipe != recipe:
+                raise ProbeError(
+                    f"study.{role}={arm!r} names an arm of recipe {self.arms[arm].recipe!r}: expected a {recipe} arm"
+                )
         for section, arms in needs.items():
             missing = [a for a in arms if section in self.raw and a not in self.arms]
             if missing:
@@ -183,6 +168,8 @@ class Study:
             ("dynamics", "crosscoder"),
             ("crosscoder", "collect"),
             ("steer", "critical"),
+            ("generalization", "crosscoder"),
+            ("leakage", "crosscoder"),
         ):
             if section in self.raw and dep not in self.raw:
                 raise ProbeError(f"section {section} of {self.source} needs section {dep} (its inputs come from it)")
@@ -246,25 +233,66 @@ class Study:
             return {}
         return {f"blocked-{c}": c for c in self.blocked.categories}
 
+    def dynamics_arms(self) -> list[str]:
+        """The arms whose checkpoints get a crosscoder and a dynamics stage (the SFT and RL arms)."""
+        if "dynamics" not in self.raw:
+            return []
+        return [a for a in dict.fromkeys((self.settings.sft_arm, self.settings.rl_arm)) if a in self.arms]
+
+    def snapshot_models(self, arm: str) -> dict[str, str]:
+        """Name -> path of an arm's snapshots; before it trained, one ``<arm>-step-*`` placeholder (for the plan)."""
+        found = dict(self.snapshots(arm))
+        return found or {f"{arm}-step-*": str(self.arm_dir(arm) / "probe" / "snapshots" / "step-*")}
+
+    def collect_groups(self) -> dict[str, dict[str, str]]:
+        """Collect stage -> its models (name -> path): ``base``, and per arm the arm (+ its snapshots for dynamics).
+        Every group reads the same tokens, so stores of different groups pair up."""
+        groups = {"base": {"base": self.base_model}}
+        for arm in self.arms:
+            groups[arm] = {arm: self.arm_model(arm)}
+            if arm in self.dynamics_arms():
+                groups[arm].update(self.snapshot_models(arm))
+        return groups
+
+    def group_of(self, model: str) -> str:
+        """The collect group of a model name (``sft-step-40`` -> ``sft``)."""
+        for group, models in self.collect_groups().items():
+            if model in models:
+                return group
+        raise KeyError(model)
+
+    def store(self, model: str) -> Path:
+        """Activation store of ``model`` at the study's layer: ``acts/<group>/<model>/layer<L>``."""
+        return self.root / "acts" / self.group_of(model) / model / f"layer{self.settings.layer}"
+
     def crosscoders(self) -> dict[str, list[str]]:
         """Crosscoder name -> its models (collect names), in slot order."""
         s = self.settings
         found: dict[str, list[str]] = {f"base-{arm}": ["base", arm] for arm in self.arms}
         if s.sft_arm in self.arms and s.rl_arm in self.arms:
             found[f"base-{s.sft_arm}-{s.rl_arm}"] = ["base", s.sft_arm, s.rl_arm]
-        if "dynamics" in self.raw:
-            for arm in self._dynamics_arms():
-                found[f"steps-{arm}"] = ["base", *(name for name, _ in self._snapshot_names(arm))]
+        for arm in self.dynamics_arms():
+            found[f"steps-{arm}"] = ["base", *self.snapshot_models(arm)]
         return found
 
-    def _dynamics_arms(self) -> list[str]:
-        s = self.settings
-        return [a for a in (s.sft_arm, s.rl_arm) if a in self.arms]
-
-    def _snapshot_names(self, arm: str) -> list[tuple[str, str]]:
-        return self.snapshots(arm) or [(f"{arm}-step-*", str(self.arm_dir(arm) / "probe" / "snapshots" / "step-*"))]
+    def crosscoder_dir(self, name: str) -> Path:
+        """Directory of crosscoder ``name`` (``base-sft``, ``steps-rl``, ...)."""
+        return self.root / "crosscoders" / name
 
     # ---- configs ------------------------------------------------------------------------------------------
+    def check_wired(self, what: str, given: Mapping[str, Any], wired: Mapping[str, Any], prefix: str = "") -> None:
+        """ProbeError if ``given`` (a section, an arm's options) sets a key the study wires to another value."""
+        for key, value in wired.items():
+            if key not in given:
+                continue
+            if isinstance(value, Mapping) and isinstance(given[key], Mapping):
+                self.check_wired(what, given[key], value, prefix=f"{prefix}{key}.")
+            elif not _agree(given[key], value):
+                raise ProbeError(
+                    f"{what} sets {prefix}{key}={given[key]!r}, but the study wires {value!r} "
+                    "(study.layer and the study's models and paths decide it): remove the key"
+                )
+
     def step_config(
         self,
         section: str,
@@ -283,35 +311,27 @@ class Study:
                 given[key] = value + (f",{own}" if own else "")
             else:
                 given[key] = [*value, *([own] if isinstance(own, str) else (own or []))]
+        self.check_wired(f"section {section} of {self.source}", given, wired)
         for key, value in wired.items():
-            if key in given and isinstance(value, Mapping) and isinstance(given[key], Mapping):
-                for sub, sub_value in value.items():
-                    if sub in given[key] and not _agree(given[key][sub], sub_value):
-                        raise ProbeError(
-                            f"section {section} of {self.source} sets {key}.{sub}={given[key][sub]!r}, but the study "
-                            f"uses {sub_value!r} (study.layer and the study's models/paths decide it): remove the key"
-                        )
+            if isinstance(value, Mapping) and isinstance(given.get(key), Mapping):
                 given[key] = {**given[key], **value}
-            elif key in given and not _agree(given[key], value):
-                raise ProbeError(
-                    f"section {section} of {self.source} sets {key}={given[key]!r}, but the study wires {value!r} "
-                    "(study.layer and the study's models/paths decide it): remove the key"
-                )
             else:
                 given[key] = value
         merged = {**(defaults or {}), **given}
         return step.config_from(merged)
 
     def stage_hash(self, stage: Stage, dep_hashes: Mapping[str, str]) -> str:
-        """What a stage's result depends on: its sections, the study settings, the world and its deps' hashes."""
-        settings = {k: v for k, v in self.raw["study"].items() if k not in NOT_HASHED}
-        own = {section: self._section(section) for section in stage.sections}
+        """What a stage's result depends on: its sections of the file (and resolved ``inputs``), the ``study:`` keys
+        it reads (as written) and its dependencies' hashes, by name."""
+        study = self.raw["study"]
+        keys = stage.settings if stage.settings is not None else [k for k in study if k not in NOT_HASHED]
         return _digest(
             {
                 "stage": stage.name,
                 "kind": stage.kind,
-                "settings": settings,
-                "sections": own,
+                "settings": {k: study.get(k) for k in keys},
+                "sections": {section: self._section(section) for section in stage.sections},
+                "inputs": stage.inputs,
                 "deps": {d: dep_hashes[d] for d in stage.deps},
             }
         )
@@ -336,16 +356,8 @@ class Study:
         return self._stages
 
     def identity(self) -> dict[str, Any]:
-        """What makes two study files the same study (study.json): name, base model, layer, world settings."""
-        world = config_to_mapping(self.world) if self.world is not None else None
-        if world is not None:
-            world.pop("out", None)
-        return {
-            "name": self.settings.name,
-            "base_model": self.settings.base_model,
-            "layer": self.settings.layer,
-            "world": _digest(world),
-        }
+        """What makes two study files the same study (study.json): its name, base model and layer."""
+        return {"name": self.settings.name, "base_model": self.settings.base_model, "layer": self.settings.layer}
 
 
 def _agree(given: Any, wired: Any) -> bool:

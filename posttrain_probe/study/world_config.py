@@ -25,10 +25,6 @@ def world_tasks() -> dict[str, list[str]]:
     return {"in_domain": list(IN_DOMAIN_TASKS), "general": list(GENERAL_TASKS), "held_out": list(HELD_OUT_TASKS)}
 
 
-QUICK: dict[str, Any] = {"n_train": 64, "n_eval": 40, "pretrain_steps": 60}
-"""The smaller world of ``posttrain-probe demo --quick``: ``WorldConfig(out=..., **QUICK)``."""
-
-
 def _check_int(name: str, value: Any, minimum: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ProbeError(f"{name}={value!r}: expected an int >= {minimum} ({what})")
@@ -41,8 +37,8 @@ class WorldConfig:
     tiny ``arch`` model pretrained for ``pretrain_steps`` AdamW steps on a mixed synthetic corpus.
 
     The defaults take about 20 s on one CPU core (300 steps of 8 x 128 tokens; torch already imported) and give a
-    base well above chance on the general tasks and at chance on arithmetic. ``demo --quick`` uses :data:`QUICK`:
-    ``n_train=64``, ``n_eval=40``, ``pretrain_steps=60`` (other fields at their defaults; about 8 s, a base still
+    base well above chance on the general tasks and at chance on arithmetic. ``demo --quick`` (the ``world:`` section of
+    ``posttrain_probe/study/configs/demo_quick.yaml``) uses ``n_train=64``, ``n_eval=40``, ``pretrain_steps=60`` (other fields at their defaults; about 8 s, a base still
     near chance everywhere: a smoke test of the pipeline, not a study).
 
     Python: ``build_world(WorldConfig(out="runs/world"))``; YAML (a section of the study's file): the same keys.
