@@ -128,6 +128,7 @@ def test_quick_demo_runs_every_stage_and_resumes_after_a_kill(quick_demo):
     for heading in ("Accuracy", "crosscoder attribution", "Generalization", "Fisher", "leakage", "Feature cards"):
         assert heading in text, heading
     assert "http://" not in html.read_text() and "https://" not in html.read_text()
+    assert html.read_text().count("<mark") >= 4, "feature cards show top-activating contexts, peak token marked"
     for figure in (out / "report" / "figures").glob("*.png"):
         assert f"figures/{figure.name}" in text
 
@@ -374,16 +375,12 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     run_launch(launch)
     assert (tmp_path / "sft" / "config.json").exists()
     assert len(list((tmp_path / "sft" / "probe" / "snapshots").glob("step-*"))) == 2
+    # a failed launch (python launcher: the same error path, without accelerate's start-up) is one line
     bad = trl_launch(
-        "sft",
-        {**args, "max_stepz": 1},
-        launcher="accelerate",
-        accelerate_config=None,
-        num_processes=1,
-        log=tmp_path / "log2",
+        "sft", {**args, "max_stepz": 1}, launcher="python", accelerate_config=None, num_processes=1, log=tmp_path / "l2"
     )
     with pytest.raises(
-        ProbeError, match=r"training failed \(exit 1\): error: .*max_stepz.* \(command and full log: "
+        ProbeError, match=r"training failed \(exit 2\): error: .*max_stepz.* \(command and full log: "
     ) as err:
         run_launch(bad)
     assert "\n" not in str(err.value)

@@ -387,9 +387,8 @@ def _cards_section(report: Report, root: Path, info: dict, config: ReportConfig,
         report.paragraph("No features to show yet (stages generalization and analyze).")
         return
     tokenizer = _tokenizer(info)
-    layer = info.get("settings", {}).get("layer")
     for kind, crosscoder, model, features, scores in groups:
-        contexts = _contexts(root, crosscoder, model, layer, features, config)
+        contexts = _contexts(root, info, crosscoder, model, features, config)
         for feature in features:
             row = scores.get(feature, {})
             shown = {k: v for k, v in row.items() if k != "feature" and v not in ("", None)}
@@ -424,8 +423,8 @@ def _tokenizer(info: dict):
         return None
 
 
-def _contexts(root: Path, crosscoder: str, model: str, layer, features: list[int], config: ReportConfig) -> dict:
-    store = root / "acts" / model / f"layer{layer}"
+def _contexts(root: Path, info: dict, crosscoder: str, model: str, features: list[int], config: ReportConfig) -> dict:
+    store = Path((info.get("stores") or {}).get(model, root / "acts" / model))
     cc = root / "crosscoders" / crosscoder
     if not features or not store.is_dir() or not cc.is_dir():
         return {}

@@ -144,6 +144,7 @@ def _write_study_json(study: Study) -> None:
         "blocked_arms": study.blocked_arms(),
         "tasks": study.tasks(),
         "crosscoders": study.crosscoders() if "crosscoder" in study.raw else {},
+        "stores": {m: str(study.store(m)) for group in study.collect_groups().values() for m in group},
         "stages": [s.name for s in study.stages()],
         "posttrain_probe_version": posttrain_probe.__version__,
         "versions": _versions(),
@@ -237,6 +238,7 @@ def run_study(
         if stale:  # a dependency failed earlier in this run
             raise ProbeError(f"stage {st.name} needs {stale[0]}, which did not finish")
         record = _run_stage(study, st, hashes[st.name], prefix, echo)
+        _write_study_json(study)  # models and stores known so far (snapshots exist once their arm trained)
         done[st.name] = True
         status = "ran" if record["skipped_reason"] is None else "nothing to do"
         result.stages.append(StageRecord(st.name, status, record["elapsed_s"]))
