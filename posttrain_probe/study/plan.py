@@ -64,12 +64,12 @@ class _Plan:
         study.check_wired(f"arm {arm} of {study.source}", args, {**wired, **(extra or {})})
         return {**args, **wired, **(extra or {})}
 
-    def launch(self, arm: str, recipe: str, args: dict[str, Any]):
+    def launch(self, arm: str, recipe: str, args: dict[str, Any], accelerate_config: str | None = None):
         return trl_launch(
             recipe,
             args,
             launcher=self.s.launcher,
-            accelerate_config=self.s.accelerate_config,
+            accelerate_config=self.study.resolve(accelerate_config) or self.s.accelerate_config,
             num_processes=self.s.num_processes,
             log=self.study.arm_dir(arm) / "train.log",
         )
@@ -91,7 +91,7 @@ class _Plan:
             else:
 
                 def build(arm=arm, cfg=cfg, args=args):
-                    return self.launch(arm, cfg.recipe, self.train_args(arm, args))
+                    return self.launch(arm, cfg.recipe, self.train_args(arm, args), cfg.accelerate_config)
 
             self.add(
                 f"train-{arm}",
@@ -397,6 +397,7 @@ class _Plan:
         own = study.recipe_args(blocked.config, blocked.args)
         own = {k: v for k, v in own.items() if k not in BLOCK_KEYS or k in blocked.args}
         base_args = {**study.arm_args[sft], **own} if blocked.config is None else own
+        accelerate = blocked.accelerate_config or study.arms[sft].accelerate_config
         for arm, category in study.blocked_arms().items():
             feature_set = self.root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
             block = {
@@ -419,7 +420,9 @@ class _Plan:
                 (f"analyze-base-{sft}", *self.world_dep),
                 (),
                 [study.arm_dir(arm)],
-                lambda arm=arm, block=block: self.launch(arm, "sft_blocked", self.train_args(arm, base_args, block)),
+                lambda arm=arm, block=block: self.launch(
+                    arm, "sft_blocked", self.train_args(arm, base_args, block), accelerate
+                ),
                 f"SFT with the {category} features of base-{sft} protected",
                 skip_if=empty,
                 inputs={"args": base_args, "block": block},

@@ -120,6 +120,10 @@ class ArmConfig:
             "help": "The recipe's own YAML (e.g. sft.yaml; relative to the study file); keys the study wires (model, data, output_dir, probe_layers) are replaced."
         },
     )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate / DeepSpeed config of this arm (relative to the study file; default: study's)."},
+    )
     args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
@@ -155,6 +159,10 @@ class BlockedConfig:
         metadata={
             "help": "Recipe YAML of recipes/sft_blocked.py (relative to the study file; default: the SFT arm's)."
         },
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate / DeepSpeed config of the blocked arms (default: the SFT arm's, else study's)."},
     )
     args: dict[str, Any] = field(
         default_factory=dict,
