@@ -19,7 +19,7 @@ import yaml
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.study.demo import demo_config
-from posttrain_probe.study.stages import Study
+from posttrain_probe.study.stages import Study, read_study_file
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = REPO / "recipes" / "configs" / "qwen3-4b-base" / "study.yaml"
@@ -153,7 +153,7 @@ def test_changed_section_reruns_only_its_stages(quick_demo, tmp_path):
     run, _, _ = quick_demo
     out = run["out"]
     before = _records(out)
-    config = yaml.safe_load(demo_config(quick=True).read_text())
+    config = read_study_file(demo_config(quick=True))
     config["dynamics"]["k"] = 5
     changed = tmp_path / "study.yaml"
     changed.write_text(yaml.safe_dump(config))
@@ -193,7 +193,7 @@ def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_
 
 def _quick(tmp_path: Path, **changes) -> Path:
     """The quick demo's study file with ``section__field=value`` (or ``section=value``, None: removed) changed."""
-    config = yaml.safe_load(demo_config(quick=True).read_text())
+    config = read_study_file(demo_config(quick=True))
     for key, value in changes.items():
         section, _, field = key.partition("__")
         if field:
@@ -384,3 +384,24 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     ) as err:
         run_launch(bad)
     assert "\n" not in str(err.value)
+
+
+def test_extends_merges_sections_key_by_key(tmp_path):
+    quick = read_study_file(demo_config(quick=True))
+    full = read_study_file(demo_config(quick=False))
+    assert quick["arms"]["sft"]["args"]["max_steps"] == 10 and full["arms"]["sft"]["args"]["max_steps"] == 40
+    assert quick["arms"]["sft"]["args"]["learning_rate"] == full["arms"]["sft"]["args"]["learning_rate"]
+    assert quick["study"]["layer"] == full["study"]["layer"] and "extends" not in quick
+    # a chain from another folder keeps the extended file's recipe paths
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {QWEN}\nstudy:\n  name: mine\n")
+    study = Study.load(child, out=tmp_path / "s")
+    assert study.settings.name == "mine" and study.arm_args["sft"]["learning_rate"] == 5.0e-5
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ProbeError, match="extends it back: expected a chain without a loop"):
+        read_study_file(loop)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ProbeError, match="extends 'nowhere.yaml', which is not a file"):
+        read_study_file(missing)

@@ -398,7 +398,7 @@ def _cards_section(report: Report, root: Path, info: dict, config: ReportConfig,
 
                 for ctx in contexts.get(feature, []):
                     rendered.append((render_tokens(tokenizer, ctx), ctx.highlight, ctx.activation))
-            report.card(f"{kind} {feature} ({crosscoder}, contexts in {model})", _rounded(shown), contexts=rendered)
+            report.card(f"{kind} {feature} ({crosscoder}; top contexts in {model})", _rounded(shown), contexts=rendered)
 
 
 def _rounded(row: dict[str, str]) -> list[tuple[str, Any]]:
@@ -423,14 +423,41 @@ def _tokenizer(info: dict):
         return None
 
 
+def _probe_store(root: Path, info: dict, model: str) -> Path | None:
+    """The probe set's activation store of ``model`` as the training callbacks wrote it: an arm's last step, the
+    base at step 0 of any arm's run (the same probe set in every arm)."""
+    layer = (info.get("settings") or {}).get("layer")
+    arms = list(info.get("arms") or {})
+    run = model if model in arms else (arms[0] if arms else None)
+    steps = sorted((root / "train" / run / "probe" / "activations").glob("step-*")) if run else []
+    if not steps:
+        return None
+    store = (steps[-1] if model in arms else steps[0]) / f"layer{layer}"
+    return store if store.is_dir() else None
+
+
 def _contexts(root: Path, info: dict, crosscoder: str, model: str, features: list[int], config: ReportConfig) -> dict:
-    store = Path((info.get("stores") or {}).get(model, root / "acts" / model))
+    """Top-activating contexts of ``features`` in ``model``'s branch: from the probe set (the callbacks' store),
+    else from the collected tokens; {} when neither store is there."""
     cc = root / "crosscoders" / crosscoder
-    if not features or not store.is_dir() or not cc.is_dir():
+    stores = [_probe_store(root, info, model), Path((info.get("stores") or {}).get(model, root / "acts" / model))]
+    if not features or not cc.is_dir():
         return {}
     from posttrain_probe.analysis.top_contexts import top_contexts
+    from posttrain_probe.errors import ProbeError
 
-    return top_contexts(str(cc), str(store), features, model_name=model, k=config.n_contexts, window=config.window)
+    for store in stores:
+        if store is None or not store.is_dir():
+            continue
+        try:
+            found = top_contexts(
+                str(cc), str(store), features, model_name=model, k=config.n_contexts, window=config.window
+            )
+        except ProbeError:  # e.g. the last probe step is not the saved model: the collected tokens instead
+            continue
+        if any(found.values()):
+            return found
+    return {}
 
 
 def _provenance_section(report: Report, root: Path, info: dict) -> None:

@@ -128,8 +128,9 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path, *, out: str | Path | None = None) -> Study:
-        """Read a study file (YAML)."""
-        return cls(read_yaml_mapping(path), out=out, source=str(path))
+        """Read a study file (YAML); ``extends: OTHER.yaml`` (relative to it) takes OTHER's sections and merges
+        this file's over them, key by key (a mapping into a mapping; any other value replaces)."""
+        return cls(read_study_file(path), out=out, source=str(path))
 
     # ---- what the study wires ------------------------------------------------------------------------
     def _check_roles(self) -> None:
@@ -358,6 +359,49 @@ class Study:
     def identity(self) -> dict[str, Any]:
         """What makes two study files the same study (study.json): its name, base model and layer."""
         return {"name": self.settings.name, "base_model": self.settings.base_model, "layer": self.settings.layer}
+
+
+def read_study_file(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A study file's mapping with its ``extends:`` chain resolved (see :meth:`Study.load`)."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
+    if str(base_path.resolve()) in _seen or base_path.resolve() == path.resolve():
+        raise ProbeError(f"{path} extends {parent}, which extends it back: expected a chain without a loop")
+    if not base_path.exists():
+        raise ProbeError(f"{path} extends {parent!r}, which is not a file (looked at {base_path})")
+    base = _paths_beside(read_study_file(base_path, (*_seen, str(path.resolve()))), base_path.parent)
+    return _merge(base, data)
+
+
+def _paths_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An extended file's relative file paths (recipe YAMLs, accelerate configs) made absolute where they exist
+    beside it, so they keep meaning the same files from the extending file."""
+
+    def fix(section: Any, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+            beside = folder / section[key]
+            if beside.exists():
+                section[key] = str(beside.resolve())
+
+    fix(data.get("study"), "accelerate_config")
+    for section in [*(data.get("arms") or {}).values(), data.get("blocked")]:
+        fix(section, "config")
+        fix(section, "accelerate_config")
+    return data
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _agree(given: Any, wired: Any) -> bool:
