@@ -46,19 +46,32 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
+def check_keys(config_cls: type, data: Mapping[str, Any], *, source: str = "config") -> None:
+    """ProbeError naming the first key of ``data`` (or of a nested section) that is not a field of ``config_cls``;
+    values are not checked (what a study checks before anything runs)."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in init_fields(config_cls)}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in fields:
+            raise ProbeError(f"unknown key {raw_key!r} in {source}: expected some of {', '.join(sorted(fields))}")
+        nested = nested_config_type(hints[key])
+        if nested is not None and isinstance(value, Mapping):
+            check_keys(nested, value, source=f"{source} section {key}")
+
+
 def config_from_mapping(config_cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
     """``config_cls(**data)`` with nested dataclass fields built from nested mappings.
 
     Keys are field names (dashes become underscores). An unknown key is an error that lists the
     valid ones; the dataclass's own ``__post_init__`` checks the values.
     """
+    check_keys(config_cls, data, source=source)
     hints = typing.get_type_hints(config_cls)
     fields = {f.name: f for f in init_fields(config_cls)}
     kwargs: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        if key not in fields:
-            raise ProbeError(f"unknown key {raw_key!r} in {source}: expected some of {', '.join(sorted(fields))}")
         nested = nested_config_type(hints[key])
         if nested is not None and isinstance(value, Mapping):
             value = config_from_mapping(nested, value, source=f"{source} section {key}")

@@ -25,7 +25,8 @@ TRAINERS = ("trl", "verl")
 """Who trains an arm: TRL (the recipes) or verl (``python -m verl.trainer.main_ppo ... +probe=on``)."""
 
 
-def _name_ok(value: Any, what: str) -> str:
+def check_name(value: Any, what: str) -> str:
+    """``value`` if it is a name of letters, digits, '-' and '_' (a directory name), else a one-line ProbeError."""
     if not isinstance(value, str) or not value or not all(c.isalnum() or c in "_-" for c in value):
         raise ProbeError(f"{what} {value!r}: expected a name of letters, digits, '-' and '_'")
     return value
@@ -90,7 +91,7 @@ class StudySettings:
     )
 
     def __post_init__(self) -> None:
-        _name_ok(self.name, "study.name")
+        check_name(self.name, "study.name")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ProbeError(f"study.layer={self.layer!r}: expected a layer index >= 0")
         if self.crosscoder_source not in ("stores", "live"):

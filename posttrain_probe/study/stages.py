@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain_probe.config_io import config_from_mapping, init_fields, read_yaml_mapping
+from posttrain_probe.config_io import check_keys, config_from_mapping, read_yaml_mapping
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.steps import STEPS
-from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfig, StudySettings
+from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfig, StudySettings, check_name
 from posttrain_probe.study.stage import Stage
 
 STEP_SECTIONS = {
@@ -92,8 +92,9 @@ class Study:
             self.arms[str(name)] = config_from_mapping(ArmConfig, arm, source=f"{source} arm {name}")
         self.arm_args = {name: self.recipe_args(arm.config, arm.args) for name, arm in self.arms.items()}
         for name in self.arms:
-            if name == "base" or not all(c.isalnum() or c in "_-" for c in name):
-                raise ProbeError(f"arm name {name!r} in {source}: expected letters, digits, '-', '_' (and not 'base')")
+            check_name(name, f"arm name in {source}")
+            if name == "base":
+                raise ProbeError(f"arm name 'base' in {source}: expected another name (base is the base model)")
         self.blocked = (
             config_from_mapping(BlockedConfig, self.raw["blocked"], source=f"{source} section blocked")
             if "blocked" in self.raw
@@ -102,7 +103,7 @@ class Study:
         self.report = config_from_mapping(ReportConfig, self.raw.get("report", {}), source=f"{source} section report")
         for section, step in STEP_SECTIONS.items():
             if section in self.raw:
-                _check_keys(STEPS[step].config_class, self.raw[section], f"{source} section {section}")
+                check_keys(STEPS[step].config_class, self.raw[section], source=f"{source} section {section}")
         self._check_roles()
         self._stages: list[Stage] | None = None
 
@@ -409,20 +410,3 @@ def _agree(given: Any, wired: Any) -> bool:
         given = given if isinstance(given, (list, tuple)) else [given]
         return [str(v) for v in given] == [str(v) for v in wired]
     return str(given) == str(wired)
-
-
-def _check_keys(config_cls: type, section: Mapping[str, Any], source: str) -> None:
-    """Unknown keys of a step section, found before anything runs (values are checked when the stage is built)."""
-    import typing
-
-    from posttrain_probe.config_io import nested_config_type
-
-    hints = typing.get_type_hints(config_cls)
-    fields = {f.name: f for f in init_fields(config_cls)}
-    for raw_key, value in section.items():
-        key = str(raw_key).replace("-", "_")
-        if key not in fields:
-            raise ProbeError(f"unknown key {raw_key!r} in {source}: expected some of {', '.join(sorted(fields))}")
-        nested = nested_config_type(hints[key])
-        if nested is not None and isinstance(value, Mapping):
-            _check_keys(nested, value, f"{source}.{key}")
