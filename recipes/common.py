@@ -84,6 +84,32 @@ class MathScriptArguments(ScriptArguments):
     )
 
 
+def check_vllm_generation(training_args, *, vllm_installed: bool | None = None, gpu: bool | None = None) -> None:
+    """One-line ``ValueError`` when ``use_vllm: true`` cannot run here (no vllm package, or no CUDA GPU), before
+    anything is loaded; a no-op when ``use_vllm`` is off (generation then runs through HF ``generate``).
+
+    With ``vllm_mode: colocate`` TRL keeps a vLLM copy of the policy in the training processes and syncs the
+    weights into it before each generation round; the probe callbacks never read that copy: snapshots and
+    activations come from the trained model (``trainer.model``), as without vLLM.
+    """
+    if not getattr(training_args, "use_vllm", False):
+        return
+    if vllm_installed is None:
+        import importlib.util
+
+        vllm_installed = importlib.util.find_spec("vllm") is not None
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    missing = [what for what, ok in (("the vllm package", vllm_installed), ("a CUDA GPU", gpu)) if not ok]
+    if missing:
+        raise ValueError(
+            f"use_vllm=true (vllm_mode={getattr(training_args, 'vllm_mode', None)}) needs {' and '.join(missing)} "
+            "(pip install 'posttrain-probe[vllm]' on a GPU machine); pass --use_vllm false to generate with HF generate"
+        )
+
+
 def load_model_and_tokenizer(model_args, training_args):
     """``(model, tokenizer)``: the model as TRL's trainers take it and its tokenizer (pad token = eos if missing).
 

@@ -6,6 +6,10 @@ The papers' RL run: 8 rollouts per prompt, clip 0.2 / 0.28 (``epsilon``, ``epsil
 to the row's ``solution`` (the gold final answer), 0 otherwise; rows whose gold answer does not parse are
 skipped. The probe callbacks write ``<output_dir>/probe/`` (see ``--probe_*`` in ``--help``).
 
+Generation: HF ``generate`` by default (the tiny configs); the GPU configs set ``use_vllm: true`` with
+``vllm_mode: colocate`` (TRL's vLLM engine inside the training processes). The probe callbacks read the trained
+model, never the vLLM copy. ``use_vllm`` without vllm or a GPU stops with a one-line error before loading.
+
 # Tiny run on a laptop CPU (offline, seconds)
 ```bash
 accelerate launch --num_processes 1 --cpu recipes/grpo.py --config recipes/configs/tiny/grpo.yaml
@@ -28,6 +32,7 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo.py \
 """
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 
 from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
@@ -85,8 +90,9 @@ def main(script_args, training_args, model_args, probe_args):
     from trl.rewards import accuracy_reward
 
     from posttrain_probe.callbacks import add_probe_callbacks
-    from posttrain_probe.recipes.common import grpo_dataset, load_model_and_tokenizer
+    from posttrain_probe.recipes.common import check_vllm_generation, grpo_dataset, load_model_and_tokenizer
 
+    check_vllm_generation(training_args)  # before any model is loaded
     # Model (a name or path; tiny:<arch> builds a tiny model for CPU runs) and its tokenizer
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     if script_args.chat_template_path and script_args.chat_template_path.endswith((".jinja", ".j2")):
@@ -136,6 +142,13 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
     script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
+    from posttrain_probe.recipes.common import check_vllm_generation
+
+    try:
+        check_vllm_generation(training_args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main(script_args, training_args, model_args, probe_args)
 
 

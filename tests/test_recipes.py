@@ -305,3 +305,50 @@ def test_sft_kl_peft_base_is_the_policy_without_adapter(tmp_path):
     assert trainer._metrics["train"]["kl"][-1] > 1e-4
     loss.backward()
     assert all(param.grad is None for name, param in trainer.model.named_parameters() if "lora" not in name)
+
+
+def test_gpu_grpo_configs_generate_with_vllm_colocate_and_tiny_ones_with_hf():
+    """The paper GRPO configs compose into a GRPOConfig that generates with TRL's vLLM engine colocated with
+    training; the tiny config generates with HF generate (the CPU fallback the end-to-end test runs)."""
+    module = _recipe("grpo")
+    for path in sorted((RECIPES / "configs").glob("*/grpo.yaml")):
+        _, training_args, _, _ = module.make_parser().parse_args_and_config(
+            ["--config", str(path), "--bf16", "false", "--use_cpu", "true"]
+        )
+        if path.parent.name == "tiny":
+            assert not training_args.use_vllm, path
+        else:
+            assert (training_args.use_vllm, training_args.vllm_mode) == (True, "colocate"), path
+            assert 0 < training_args.vllm_gpu_memory_utilization <= 0.5, path
+
+
+@pytest.mark.parametrize(
+    ("vllm_installed", "gpu", "missing"),
+    [(False, False, "the vllm package and a CUDA GPU"), (True, False, "a CUDA GPU"), (False, True, "the vllm package")],
+)
+def test_vllm_generation_preflight_names_what_is_missing(vllm_installed, gpu, missing):
+    from posttrain_probe.recipes.common import check_vllm_generation
+
+    class Args:
+        use_vllm, vllm_mode = True, "colocate"
+
+    with pytest.raises(ValueError, match=f"needs {missing} ") as err:
+        check_vllm_generation(Args(), vllm_installed=vllm_installed, gpu=gpu)
+    assert "\n" not in str(err.value)
+    check_vllm_generation(Args(), vllm_installed=True, gpu=True)
+    Args.use_vllm = False
+    check_vllm_generation(Args(), vllm_installed=False, gpu=False)
+
+
+def test_grpo_cli_with_vllm_on_a_cpu_is_a_one_line_error(tmp_path):
+    """`use_vllm: true` where vLLM cannot run stops before any model or dataset is loaded, with exit 2."""
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here")
+    result = subprocess.run(
+        [sys.executable, "-m", "posttrain_probe.recipes.grpo", "--config", str(RECIPES / "configs" / "tiny" / "grpo.yaml"),
+         "--use_vllm", "true", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: use_vllm=true (vllm_mode=")
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,10 @@ from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval.intervene_config import check_model_args_text
 
 
+LM_EVAL_MODELS = ("probe-hf", "vllm", "auto")
+"""The lm-eval models a study's evaluation can run on (:attr:`LmEvalConfig.model`)."""
+
+
 @dataclass(kw_only=True)
 class LmEvalConfig:
     """Settings of :func:`~posttrain_probe.eval.runner.lm_eval`: lm-eval ``tasks`` with the ``probe-hf`` model
@@ -26,6 +30,21 @@ class LmEvalConfig:
 
     model_args: str = field(
         metadata={"help": "HF model_args as lm-eval's --model_args: pretrained=PATH,k=v,... (or a mapping)."}
+    )
+    model: str = field(
+        default="probe-hf",
+        metadata={
+            "help": "lm-eval model: probe-hf (HF generate + the feature hooks) | vllm (lm-eval's vLLM model: fast "
+            "generation, no intervention, needs vllm and a GPU) | auto (vllm when no intervention is set, vllm is "
+            "installed and a GPU is present, else probe-hf)."
+        },
+    )
+    vllm_args: str = field(
+        default="",
+        metadata={
+            "help": "Extra model_args of the vllm model only, k=v,... (e.g. tensor_parallel_size=8,"
+            "gpu_memory_utilization=0.8,max_model_len=32768)."
+        },
     )
     tasks: list[str] = field(metadata={"help": "lm-eval task names (repeat or comma-separate)."})
     out: Path | None = field(
@@ -78,6 +97,17 @@ class LmEvalConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.model not in LM_EVAL_MODELS:
+            raise ProbeError(f"model={self.model!r}: expected one of {', '.join(LM_EVAL_MODELS)}")
+        if self.model == "vllm" and self.crosscoder is not None:
+            raise ProbeError(
+                "model=vllm cannot run an intervention (vLLM generates from its own copy of the weights, without the "
+                "feature hooks): use model=probe-hf, or auto, which stays on probe-hf for runs with an intervention"
+            )
+        if isinstance(self.vllm_args, Mapping):
+            self.vllm_args = ",".join(f"{k}={v}" for k, v in self.vllm_args.items())
+        if self.vllm_args:
+            check_model_args_text(str(self.vllm_args), "vllm_args")
         for name in ("out", "crosscoder"):
             value = getattr(self, name)
             if value is not None:
@@ -127,6 +157,34 @@ class LmEvalConfig:
         if not isinstance(data, dict):
             raise ProbeError(f"samples {self.samples!r}: expected a JSON object {{task: [doc ids]}}")
         return {str(t): [int(i) for i in ids] for t, ids in data.items()}
+
+    def chosen_model(self, *, vllm_installed: bool | None = None, gpu: bool | None = None) -> tuple[str, str]:
+        """``(model, why)``: the lm-eval model this run uses -- ``probe-hf`` or ``vllm`` -- and the reason, one line.
+
+        ``model=vllm`` without the vllm package or a GPU raises :class:`ProbeError`; ``auto`` takes vllm only for
+        a run without an intervention on a machine with both. ``vllm_installed`` / ``gpu`` default to this machine.
+        """
+        if self.model == "probe-hf":
+            return "probe-hf", "model=probe-hf"
+        if self.crosscoder is not None:  # only auto gets here: vllm with a crosscoder fails in __post_init__
+            return "probe-hf", "an intervention runs on probe-hf (vLLM has no feature hooks)"
+        if vllm_installed is None:
+            import importlib.util
+
+            vllm_installed = importlib.util.find_spec("vllm") is not None
+        if gpu is None:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        missing = [what for what, ok in (("the vllm package", vllm_installed), ("a CUDA GPU", gpu)) if not ok]
+        if not missing:
+            return "vllm", f"model={self.model}: vllm is installed and a GPU is present"
+        if self.model == "vllm":
+            raise ProbeError(
+                f"model=vllm needs {' and '.join(missing)} (pip install 'posttrain-probe[vllm]' on a GPU machine); "
+                "use model=probe-hf or auto here"
+            )
+        return "probe-hf", f"model=auto: no {' and no '.join(missing)}, so probe-hf"
 
     @property
     def lm_eval_batch_size(self) -> int | str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from posttrain_probe.eval.lm_eval_config import LmEvalConfig
 __all__ = ["LmEvalResult", "evaluate", "lm_eval", "load_probe_lm", "make_task_manager"]
 
 LM_EVAL_RESULT_FORMAT = "posttrain-probe/lm-eval"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class LmEvalResult:
     """Task -> lm-eval's per-sample log ``samples_<task>_<date>.jsonl`` (with ``out`` and ``log_samples``)."""
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
     """Task -> per-document records as lm-eval holds them in memory (not written, not read back)."""
+    model: str = PROBE_MODEL_NAME
+    """The lm-eval model that ran (``probe-hf`` or ``vllm``, :meth:`LmEvalConfig.chosen_model`)."""
+    model_reason: str = ""
+    """Why that model (one line)."""
 
     def write(self, out: str | os.PathLike) -> dict[str, str]:
         """Write ``lm_eval.json`` (metrics, model_args, the log files) to ``out``; returns its path."""
@@ -63,6 +69,8 @@ class LmEvalResult:
             "model_args": self.model_args,
             "results_file": self.results_file,
             "sample_files": self.sample_files,
+            "model": self.model,
+            "model_reason": self.model_reason,
         }
         path.write_text(json.dumps(data, indent=2, default=str))
         return {"json": str(path)}
@@ -77,16 +85,27 @@ class LmEvalResult:
             raise ProbeError(f"cannot read {path}: {err}") from err
         if data.get("format") != LM_EVAL_RESULT_FORMAT:
             raise ProbeError(f"{path} is not a {LM_EVAL_RESULT_FORMAT} file")
-        return cls(data["results"], data["model_args"], data.get("results_file"), dict(data.get("sample_files") or {}))
+        return cls(
+            data["results"],
+            data["model_args"],
+            data.get("results_file"),
+            dict(data.get("sample_files") or {}),
+            model=data.get("model", PROBE_MODEL_NAME),
+            model_reason=data.get("model_reason", ""),
+        )
 
 
 def lm_eval(config: LmEvalConfig) -> LmEvalResult:
     """Run lm-eval ``config.tasks`` with ``probe-hf`` (docs/methods.md sec. 6-7): the intervention arguments are
     checked and the feature set resolved once (:func:`~posttrain_probe.eval.lm_eval_model.check_intervention_args`),
     the resolved indices go to the model. With ``config.out``, lm-eval's results and sample logs are written there
-    (as the ``lm_eval`` command writes them) and ``lm_eval.json`` beside them."""
-    model_args = _probe_model_args(config)
-    raw = _evaluate(config, model_args)
+    (as the ``lm_eval`` command writes them) and ``lm_eval.json`` beside them. ``config.model`` picks lm-eval's
+    ``vllm`` model instead for runs without an intervention (:meth:`LmEvalConfig.chosen_model`); the choice and its
+    reason are logged and recorded in the result."""
+    model, reason = config.chosen_model()
+    logger.info("lm-eval model: %s (%s)", model, reason)
+    model_args = _probe_model_args(config) if model == PROBE_MODEL_NAME else _vllm_model_args(config)
+    raw = _evaluate(config, model_args, model=model)
     files = raw.pop("written_files", {})
     result = LmEvalResult(
         dict(raw.get("results", {})),
@@ -94,6 +113,8 @@ def lm_eval(config: LmEvalConfig) -> LmEvalResult:
         files.get("results"),
         dict(files.get("samples", {})),
         dict(raw.get("samples") or {}),
+        model=model,
+        model_reason=reason,
     )
     if config.out is not None:
         result.write(config.out)
@@ -131,6 +152,18 @@ def _probe_model_args(config: LmEvalConfig) -> dict[str, Any]:
     )
     if config.allow_model_mismatch:
         model_args["allow_model_mismatch"] = True
+    return model_args
+
+
+def _vllm_model_args(config: LmEvalConfig) -> dict[str, Any]:
+    """model_args of lm-eval's ``vllm`` model: ``config.model_args`` plus ``config.vllm_args``."""
+    from posttrain_probe.eval.intervene_config import parse_model_args
+
+    model_args = parse_model_args(config.model_args, "model_args")
+    if config.vllm_args:
+        model_args.update(parse_model_args(config.vllm_args, "vllm_args"))
+    if not isinstance(model_args.get("pretrained"), str):
+        raise ProbeError("model=vllm needs pretrained= as a model directory or hub name (vLLM loads the weights itself)")
     return model_args
 
 
@@ -215,9 +248,12 @@ def evaluate(
     * ``gen_kwargs`` -- generation arguments of generate-until tasks, as lm-eval's ``--gen_kwargs``.
 
     The intervention of a model built here is detached afterwards, so a loaded ``PreTrainedModel``
-    passed as ``pretrained`` comes back unhooked.
+    passed as ``pretrained`` comes back unhooked. ``config.model`` = ``vllm`` (or ``auto`` on a GPU machine with
+    vllm) runs lm-eval's vLLM model instead, unless ``lm`` is given.
     """
-    return _evaluate(config, _probe_model_args(config), lm=lm, task_manager=task_manager, gen_kwargs=gen_kwargs)
+    model = PROBE_MODEL_NAME if lm is not None else config.chosen_model()[0]
+    model_args = _probe_model_args(config) if model == PROBE_MODEL_NAME else _vllm_model_args(config)
+    return _evaluate(config, model_args, lm=lm, task_manager=task_manager, gen_kwargs=gen_kwargs, model=model)
 
 
 def _evaluate(
@@ -227,8 +263,10 @@ def _evaluate(
     lm: Any = None,
     task_manager: Any = None,
     gen_kwargs: Mapping[str, Any] | None = None,
+    model: str = PROBE_MODEL_NAME,
 ) -> dict[str, Any]:
-    """:func:`evaluate` with the model_args already resolved."""
+    """:func:`evaluate` with the model_args already resolved; ``model="vllm"`` runs lm-eval's vLLM model instead of
+    probe-hf (``lm`` then unused)."""
     register()
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
@@ -243,9 +281,11 @@ def _evaluate(
         if empty:
             raise ProbeError(f"samples= has no doc ids for {empty}: drop those tasks or give ids")
     batch_size, device = config.lm_eval_batch_size, config.device
-    own = lm is None
+    own = lm is None and model == PROBE_MODEL_NAME
     if own:
         lm = load_probe_lm(model_args, batch_size=batch_size, device=device)
+    elif model != PROBE_MODEL_NAME:
+        lm = model  # lm-eval builds its vllm model from the registry and model_args
     tracker = EvaluationTracker(output_path=str(config.out)) if config.out is not None else None
     recorded = _describe(model_args)
     try:
@@ -272,7 +312,7 @@ def _evaluate(
             lm.detach_intervention()
     if result is None:  # pragma: no cover - non-zero ranks of a distributed run
         return {}
-    result["config"]["model"] = PROBE_MODEL_NAME
+    result["config"]["model"] = model
     if tracker is not None:
         result["written_files"] = _write(tracker, result, config.log_samples)
     return result
