@@ -157,28 +157,28 @@ def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str,
     columns = ["model", *(f"{t} ({kinds[t]})" for t in order)]
     report.table(columns, rows, caption="Accuracy in % (correct / documents), lm-eval; paper R table 1 shape.")
     if "base" in accs:
-        base = accs["base"]
+        from posttrain_probe.eval.transferability import transferability
 
-        def mean_gain(acc, names):
-            gains = [acc[t][0] - base[t][0] for t in names if t in acc and t in base]
-            return sum(gains) / len(gains) if gains else None
-
-        transfer = []
-        for model, acc in accs.items():
-            if model == "base":
-                continue
-            transfer.append(
-                [
-                    labels[model],
-                    mean_gain(acc, tasks.get("in_domain", [])),
-                    mean_gain(acc, tasks.get("general", [])),
-                    mean_gain(acc, tasks.get("held_out", [])),
-                ]
-            )
+        groups = {g: tasks.get(g, []) for g in ("in_domain", "general", "held_out")}
+        values = {m: {t: v for t, (v, _) in acc.items()} for m, acc in accs.items()}
+        rows = []
+        for row in transferability(values, groups):
+            cells = [row.gain.get(g) for g in groups]
+            rows.append([labels[row.model], *cells, row.index.get("general"), row.index.get("held_out")])
         report.table(
-            ["model", "in-domain gain (pp)", "general gain (pp)", "held-out gain (pp)"],
-            transfer,
-            caption="Transfer: mean accuracy change against the base, in percentage points, per task group.",
+            [
+                "model",
+                "in-domain gain (pp)",
+                "general gain (pp)",
+                "held-out gain (pp)",
+                "transferability: general (%)",
+                "transferability: held out (%)",
+            ],
+            rows,
+            caption="Transfer against the base: mean accuracy change per task group in percentage points, and the "
+            "transferability index 100 x (mean relative gain on the group) / (mean relative gain in-domain): 100 = "
+            "the gains carry over in proportion, below 0 = general ability lost while the in-domain skill grew; "
+            "empty where the model did not gain in-domain (docs/methods.md sec. 13).",
         )
 
 
