@@ -40,7 +40,7 @@ def load_dataset_spec(
     n_docs: int | None = None,
 ):
     """A `datasets.Dataset` from a spec: a Dataset, a list of strings, a local file/folder
-    (.txt one document per line, .jsonl/.json/.parquet/.csv), ``synthetic:<name>`` from
+    (.txt one document per line, .jsonl/.json/.parquet/.csv), a mixture YAML (:func:`load_mixture`), ``synthetic:<name>`` from
     :mod:`posttrain_probe.synthetic`, or a `datasets` hub name with ``config_name``/``split``.
     ``n_docs`` keeps the first n rows. Raises ProbeError for unknown or empty datasets.
     """
@@ -73,6 +73,8 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
 
         return synthetic_dataset(spec.split(":", 1)[1], n=n_docs or 512)
     path = Path(spec).expanduser()
+    if path.suffix.lower() in MIXTURE_SUFFIXES and path.is_file():
+        return load_mixture(path, n_docs=n_docs)
     try:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix.lower())
@@ -97,6 +99,76 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
             f"cannot load dataset {spec!r} (config {config_name!r}, split {split!r}): {type(err).__name__}: {err}. "
             "Expected a local .txt/.jsonl/.json/.parquet/.csv file, a `datasets` name, or synthetic:<name>"
         ) from err
+
+
+MIXTURE_SUFFIXES = (".yaml", ".yml")
+"""A dataset spec that is a YAML file names a mixture (:func:`load_mixture`)."""
+
+
+def load_mixture(path: str | os.PathLike, *, n_docs: int | None = None):
+    """A mixture of datasets from a YAML file: documents of each source interleaved at random by ``weight`` (seeded),
+    until the first source runs out; -> a ``datasets.Dataset`` with ``text`` (the source's ``column``) and
+    ``source`` (the source's ``name``, default its dataset spec). ``n_docs`` caps the rows read per source.
+
+    File format (relative local paths are relative to the YAML's folder)::
+
+        seed: 0
+        mixture:
+          - {dataset: open-thoughts/OpenThoughts-114k, config: metadata, column: deepseek_reasoning, weight: 0.5}
+          - {dataset: HuggingFaceFW/fineweb-edu, config: sample-10BT, column: text, weight: 0.5, name: web}
+
+    Weights are shares of documents, not tokens (reasoning traces are longer than most web pages).
+    """
+    import datasets
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ProbeError(f"dataset mixture {path}: not valid YAML ({err})") from None
+    entries = data.get("mixture") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ProbeError(f"dataset mixture {path}: expected a mapping with a non-empty list `mixture:` of sources")
+    parts, weights = [], []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "dataset" not in entry:
+            raise ProbeError(
+                f"dataset mixture {path}, source {index}: expected a mapping with dataset: (and column, weight)"
+            )
+        unknown = sorted(set(entry) - {"dataset", "config", "split", "column", "weight", "name"})
+        if unknown:
+            raise ProbeError(
+                f"dataset mixture {path}, source {index}: unknown key {unknown[0]!r}: expected dataset, config, split, column, weight, name"
+            )
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ProbeError(f"dataset mixture {path}, source {index}: weight={weight!r}: expected a number > 0")
+        spec = str(entry["dataset"])
+        local = Path(spec).expanduser()
+        if not local.is_absolute() and (path.parent / local).exists():
+            spec = str(path.parent / local)
+        dataset = load_dataset_spec(
+            spec, split=entry.get("split", "train"), config_name=entry.get("config"), n_docs=n_docs
+        )
+        column = text_column(dataset, entry.get("column"))
+        name = str(entry.get("name") or entry["dataset"])
+        dataset = (
+            dataset.select_columns([column]).rename_column(column, "text")
+            if column != "text"
+            else dataset.select_columns(["text"])
+        )
+        parts.append(dataset.add_column("source", [name] * len(dataset)))
+        weights.append(float(weight))
+    total = sum(weights)
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.interleave_datasets(
+        parts,
+        probabilities=[w / total for w in weights],
+        seed=int(data.get("seed", 0)),
+        stopping_strategy="first_exhausted",
+    )
 
 
 def text_column(dataset, column: str | None = None) -> str:
