@@ -106,9 +106,14 @@ MIXTURE_SUFFIXES = (".yaml", ".yml")
 
 
 def load_mixture(path: str | os.PathLike, *, n_docs: int | None = None):
-    """A mixture of datasets from a YAML file: documents of each source interleaved at random by ``weight`` (seeded),
-    until the first source runs out; -> a ``datasets.Dataset`` with ``text`` (the source's ``column``) and
-    ``source`` (the source's ``name``, default its dataset spec). ``n_docs`` caps the rows read per source.
+    """A mixture of datasets from a YAML file -> one ``datasets.Dataset`` with a ``source`` column (the source's
+    ``name``, default its dataset spec). ``n_docs`` caps the rows read per source.
+
+    * ``strategy: interleave`` (default): documents of each source drawn at random by ``weight`` (seeded) until the
+      first source runs out; weights are shares of documents, not tokens (reasoning traces are longer than most
+      web pages). ``strategy: concatenate``: every row of every source, in order (weights unused).
+    * Each source keeps one text column as ``text`` (``column``, default the first of TEXT_COLUMNS), or several
+      renamed columns (``columns: {new name: its column}``, e.g. a problem set's problem and gold answer).
 
     File format (relative local paths are relative to the YAML's folder)::
 
@@ -116,8 +121,6 @@ def load_mixture(path: str | os.PathLike, *, n_docs: int | None = None):
         mixture:
           - {dataset: open-thoughts/OpenThoughts-114k, config: metadata, column: deepseek_reasoning, weight: 0.5}
           - {dataset: HuggingFaceFW/fineweb-edu, config: sample-10BT, column: text, weight: 0.5, name: web}
-
-    Weights are shares of documents, not tokens (reasoning traces are longer than most web pages).
     """
     import datasets
     import yaml
@@ -130,16 +133,19 @@ def load_mixture(path: str | os.PathLike, *, n_docs: int | None = None):
     entries = data.get("mixture") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ProbeError(f"dataset mixture {path}: expected a mapping with a non-empty list `mixture:` of sources")
+    strategy = data.get("strategy", "interleave")
+    if strategy not in ("interleave", "concatenate"):
+        raise ProbeError(f"dataset mixture {path}: strategy={strategy!r}: expected interleave or concatenate")
     parts, weights = [], []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or "dataset" not in entry:
             raise ProbeError(
                 f"dataset mixture {path}, source {index}: expected a mapping with dataset: (and column, weight)"
             )
-        unknown = sorted(set(entry) - {"dataset", "config", "split", "column", "weight", "name"})
+        unknown = sorted(set(entry) - {"dataset", "config", "split", "column", "columns", "weight", "name"})
         if unknown:
             raise ProbeError(
-                f"dataset mixture {path}, source {index}: unknown key {unknown[0]!r}: expected dataset, config, split, column, weight, name"
+                f"dataset mixture {path}, source {index}: unknown key {unknown[0]!r}: expected dataset, config, split, column(s), weight, name"
             )
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
@@ -151,18 +157,25 @@ def load_mixture(path: str | os.PathLike, *, n_docs: int | None = None):
         dataset = load_dataset_spec(
             spec, split=entry.get("split", "train"), config_name=entry.get("config"), n_docs=n_docs
         )
-        column = text_column(dataset, entry.get("column"))
+        if isinstance(entry.get("columns"), dict) and entry["columns"]:
+            renames = {str(new): str(old) for new, old in entry["columns"].items()}
+        else:
+            renames = {"text": text_column(dataset, entry.get("column"))}
+        missing = [old for old in renames.values() if old not in dataset.column_names]
+        if missing:
+            raise ProbeError(
+                f"dataset mixture {path}, source {index}: column {missing[0]!r} is not in the dataset: expected one of {dataset.column_names}"
+            )
+        dataset = dataset.select_columns(list(renames.values()))
+        dataset = dataset.rename_columns({old: new for new, old in renames.items() if old != new})
         name = str(entry.get("name") or entry["dataset"])
-        dataset = (
-            dataset.select_columns([column]).rename_column(column, "text")
-            if column != "text"
-            else dataset.select_columns(["text"])
-        )
         parts.append(dataset.add_column("source", [name] * len(dataset)))
         weights.append(float(weight))
-    total = sum(weights)
     if len(parts) == 1:
         return parts[0]
+    if strategy == "concatenate":
+        return datasets.concatenate_datasets(parts)
+    total = sum(weights)
     return datasets.interleave_datasets(
         parts,
         probabilities=[w / total for w in weights],

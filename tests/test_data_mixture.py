@@ -50,3 +50,22 @@ def test_bad_mixture_files_are_one_line_errors(tmp_path, body, message):
     with pytest.raises(ProbeError, match=message) as err:
         load_dataset_spec(str(tmp_path / "mix.yaml"))
     assert "\n" not in str(err.value)
+
+
+def test_concatenated_problem_sets_keep_renamed_columns_and_their_source(tmp_path):
+    """Two problem sets with their own column names -> one set of (problem, answer, source), every row once."""
+    (tmp_path / "math.jsonl").write_text(
+        "".join(json.dumps({"problem": f"p{i}", "solution": f"\\boxed{{{i}}}"}) + "\n" for i in range(3))
+    )
+    (tmp_path / "dsr.jsonl").write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": str(i), "extra": 0}) + "\n" for i in range(2))
+    )
+    (tmp_path / "problems.yaml").write_text(
+        "strategy: concatenate\nmixture:\n"
+        "  - {dataset: math.jsonl, columns: {problem: problem, answer: solution}, name: MATH}\n"
+        "  - {dataset: dsr.jsonl, columns: {problem: question, answer: answer}, name: DeepScaleR}\n"
+    )
+    problems = load_dataset_spec(str(tmp_path / "problems.yaml"))
+    assert sorted(problems.column_names) == ["answer", "problem", "source"]
+    assert problems["problem"] == ["p0", "p1", "p2", "q0", "q1"]
+    assert problems["source"] == ["MATH"] * 3 + ["DeepScaleR"] * 2 and problems["answer"][3] == "0"
