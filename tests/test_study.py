@@ -183,11 +183,61 @@ def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_
     study = Study.load(QWEN, out=tmp_path / "q")
     for stage in study.stages():
         assert f"\n{stage.name} [to run]" in result.stdout
-    assert result.stdout.count("  command: ") == len(study.stages()) == 39  # 4 collect groups instead of 1
+    assert result.stdout.count("  command: ") == len(study.stages()) == 40  # data + 4 collect groups instead of 1
     assert "accelerate launch --config_file" in result.stdout and "-m posttrain_probe.recipes.grpo" in result.stdout
     assert "--model_name_or_path Qwen/Qwen3-4B-Base" in result.stdout
     assert "posttrain-probe crosscoder train --acts" in result.stdout
     assert not (tmp_path / "q").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("model", ["qwen3-4b-base", "qwen2.5-7b", "llama-3.1-8b"])
+def test_paper_study_files_wire_the_data_stage_suites_vllm_and_live_crosscoders(model, tmp_path):
+    """Each real-model study file plans every stage with the papers' values: the data stage's teacher traces feed
+    the SFT arms (sft.jsonl) and GRPO (rl.jsonl) with the columns it writes, evaluations run the shipped suites on
+    vLLM where they can, the crosscoders train live on 400M tokens of the mixed text."""
+    path = REPO / "recipes" / "configs" / model / "study.yaml"
+    study = Study.load(path, out=tmp_path / "s")
+    stages = {stage.name: stage for stage in study.stages()}
+    data = stages["data"].build()
+    assert data.out == tmp_path / "s" / "data" and data.n_tries >= 1 and data.teacher == "Qwen/Qwen3-32B"
+    assert Path(data.problems).is_file() and data.source_column == "source"
+    for arm, recipe in (("sft", "sft"), ("rl", "grpo"), ("sft_kl", "sft_kl"), ("blocked-shared", "sft_blocked")):
+        stage = stages[f"train-{arm}"]
+        assert "data" in stage.deps
+        command = stage.build().command
+        flag = {f: command[command.index(f) + 1] for f in ("--dataset_name", "--question_column", "--output_dir")}
+        expected = "rl.jsonl" if recipe == "grpo" else "sft.jsonl"
+        assert flag["--dataset_name"] == str(tmp_path / "s" / "data" / expected), arm
+        assert (
+            flag["--question_column"] == "question"
+            and "--correct_column" not in command
+            and "--dataset_config" not in command
+        )
+    rl = stages["train-rl"].build().command
+    assert rl[rl.index("--num_generations") + 1] == "8" and rl[rl.index("--use_vllm") + 1] == "true"
+    evals = stages["eval-base"].build()
+    assert evals.model == "auto" and evals.tasks[:3] == ["pr_math500", "pr_aime24", "pr_aime25"]
+    crosscoder = stages["crosscoder-base-sft-rl"].build()
+    assert crosscoder.training.n_tokens == 400_000_000 and Path(crosscoder.dataset).name == "reasoning-general-mix.yaml"
+    assert "eval-base" in stages and "data" not in stages["eval-base"].deps
+    import importlib
+
+    for name in ("train-sft", "train-rl", "train-sft_kl", "train-blocked-shared"):  # the recipes take every option
+        launch = stages[name].build()
+        parser = importlib.import_module(f"posttrain_probe.recipes.{launch.recipe}").make_parser()
+        parser.parse_args_and_config([*launch.argv, "--bf16", "false", "--use_cpu", "true"])
+
+
+def test_data_section_and_study_dataset_exclude_each_other(tmp_path):
+    config = yaml.safe_load(QWEN.read_text())
+    config["study"]["dataset"] = "open-r1/OpenR1-Math-220k"
+    path = QWEN.parent / "_both_data_test.yaml"
+    try:
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(ProbeError, match="has a data: section and study.dataset='open-r1/OpenR1-Math-220k'"):
+            Study.load(path, out=tmp_path / "s")
+    finally:
+        path.unlink()
 
 
 def _quick(tmp_path: Path, **changes) -> Path:

@@ -35,6 +35,7 @@ class _Plan:
         self.root = study.root
         self.stages: list[Stage] = []
         self.world_dep = ("world",) if study.world is not None else ()
+        self.train_dep = self.world_dep  # + the data stage when there is one
         self.tasks = study.tasks()
         self.critical = self.root / "critical" / "critical.json"
 
@@ -50,16 +51,39 @@ class _Plan:
             world = study.world
             self.add("world", "world", (), ("world",), [self.root / "world"], lambda: world, "synthetic world + base")
 
-    def train_args(self, arm: str, args: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def data(self) -> None:
+        """The data stage: teacher traces kept by math-verify, the same problems for SFT and RL (data prepare)."""
+        study = self.study
+        if "data" not in self.raw:
+            return
+        out = self.root / "data"
+        self.add(
+            "data",
+            "data_prepare",
+            (),
+            ("data",),
+            [out],
+            lambda: study.step_config("data", {"out": str(out)}, {"device": self.s.device}),
+            "teacher traces (math-verify rejection sampling): sft.jsonl + rl.jsonl over the same problems",
+        )
+        self.train_dep = (*self.world_dep, "data")
+
+    def train_args(
+        self, arm: str, args: dict[str, Any], extra: dict[str, Any] | None = None, recipe: str = "sft"
+    ) -> dict[str, Any]:
         """An arm's recipe options: its own, then what the study wires (checked), then ``extra``."""
+        from posttrain_probe.study.stages import DATA_COLUMNS
+
         study = self.study
         wired = {
             "model_name_or_path": study.base_model,
-            "dataset_name": study.dataset,
+            "dataset_name": study.arm_dataset(recipe),
             "output_dir": str(study.arm_dir(arm)),
             "probe_layers": [self.s.layer],
         }
-        if self.s.dataset_config is not None:
+        if "data" in self.raw:
+            wired.update(DATA_COLUMNS)
+        elif self.s.dataset_config is not None:
             wired["dataset_config"] = self.s.dataset_config
         study.check_wired(f"arm {arm} of {study.source}", args, {**wired, **(extra or {})})
         return {**args, **wired, **(extra or {})}
@@ -91,12 +115,14 @@ class _Plan:
             else:
 
                 def build(arm=arm, cfg=cfg, args=args):
-                    return self.launch(arm, cfg.recipe, self.train_args(arm, args), cfg.accelerate_config)
+                    return self.launch(
+                        arm, cfg.recipe, self.train_args(arm, args, recipe=cfg.recipe), cfg.accelerate_config
+                    )
 
             self.add(
                 f"train-{arm}",
                 "train",
-                self.world_dep,
+                self.train_dep,
                 (),
                 [study.arm_dir(arm)],
                 build,
@@ -417,7 +443,7 @@ class _Plan:
             self.add(
                 f"train-{arm}",
                 "train",
-                (f"analyze-base-{sft}", *self.world_dep),
+                (f"analyze-base-{sft}", *self.train_dep),
                 (),
                 [study.arm_dir(arm)],
                 lambda arm=arm, block=block: self.launch(
@@ -465,6 +491,7 @@ def plan_stages(study: Any) -> list[Stage]:
     plan = _Plan(study)
     for group in (
         plan.world,
+        plan.data,
         plan.train,
         plan.evals,
         plan.collect,

@@ -22,6 +22,7 @@ from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfi
 from posttrain_probe.study.stage import Stage
 
 STEP_SECTIONS = {
+    "data": "data_prepare",
     "eval": "lm_eval",
     "collect": "collect",
     "crosscoder": "crosscoder_train",
@@ -42,6 +43,12 @@ NOT_HASHED = ("out", "launcher", "accelerate_config", "num_processes", "device")
 """``study:`` keys that do not change any stage's result (where and how it runs)."""
 WIRED_RECIPE_KEYS = ("model_name_or_path", "dataset_name", "dataset_config", "output_dir", "probe_layers")
 """Recipe options the study sets for every arm (the base model, the data, the arm's directory, the site)."""
+DATA_PATH_KEYS = (("data", "problems"), ("collect", "dataset"), ("fisher", "dataset"), ("leakage", "dataset"))
+"""Section keys naming data: a relative path that exists beside the study file is taken from there."""
+DATA_COLUMNS = {"question_column": "question", "answer_column": "answer", "final_answer_column": "final_answer"}
+"""Recipe column options the study sets when a data stage writes the arms' data (its sft.jsonl / rl.jsonl columns)."""
+DATA_RECIPE_KEYS = (*DATA_COLUMNS, "correct_column", "dataset_train_split")
+"""Recipe options that describe the source dataset: dropped from recipe YAMLs when the data stage replaces it."""
 
 
 def _digest(data: Any) -> str:
@@ -67,6 +74,9 @@ class Study:
         for key, value in self.raw.items():
             if not isinstance(value, Mapping):
                 raise ProbeError(f"section {key} of {source}: expected a mapping, got {type(value).__name__}")
+        for section, key in DATA_PATH_KEYS:  # a data file beside the study file (a mixture YAML, a JSONL)
+            if isinstance(self.raw.get(section, {}).get(key), str):
+                self.raw[section] = {**self.raw[section], key: self.resolve(self.raw[section][key])}
         study = dict(self.raw["study"])
         out = out if out is not None else study.pop("out", None)
         study.pop("out", None)
@@ -81,9 +91,15 @@ class Study:
             if "out" in self.raw["world"]:
                 raise ProbeError(f"section world of {source} sets out: the world lives in <study>/world")
             self.world = config_from_mapping(WorldConfig, world, source=f"{source} section world")
-        elif self.settings.base_model is None or self.settings.dataset is None:
+        elif self.settings.base_model is None or (self.settings.dataset is None and "data" not in self.raw):
             raise ProbeError(
-                f"{source}: without a world: section, study.base_model and study.dataset are required (the base model and the training data)"
+                f"{source}: without a world: section, study.base_model and study.dataset (or a data: section) are "
+                "required (the base model and the training data)"
+            )
+        if "data" in self.raw and self.settings.dataset is not None:
+            raise ProbeError(
+                f"{source} has a data: section and study.dataset={self.settings.dataset!r}: the data stage writes the "
+                "arms' training data; remove study.dataset (the problems go in data.problems)"
             )
         self.arms: dict[str, ArmConfig] = {}
         for name, arm in self.raw.get("arms", {}).items():
@@ -124,7 +140,8 @@ class Study:
             raise ProbeError(
                 f"recipe config {config!r} of {self.source} not found (looked beside the study file and in {Path.cwd()})"
             )
-        data = {k: v for k, v in read_yaml_mapping(path).items() if k not in WIRED_RECIPE_KEYS}
+        dropped = (*WIRED_RECIPE_KEYS, *(DATA_RECIPE_KEYS if "data" in self.raw else ()))
+        data = {k: v for k, v in read_yaml_mapping(path).items() if k not in dropped}
         return {**data, **args}
 
     @classmethod
@@ -183,7 +200,14 @@ class Study:
 
     @property
     def dataset(self) -> str:
-        """The training data of every arm."""
+        """The training data of every arm (with a data stage: of the SFT arms; see :meth:`arm_dataset`)."""
+        return self.arm_dataset("sft")
+
+    def arm_dataset(self, recipe: str) -> str:
+        """The training data of an arm of ``recipe``: the data stage's ``rl.jsonl`` (GRPO) or ``sft.jsonl`` (the SFT
+        recipes) when the study has one, else ``study.dataset`` or the world's train.jsonl."""
+        if "data" in self.raw:
+            return str(self.root / "data" / ("rl.jsonl" if recipe == "grpo" else "sft.jsonl"))
         return self.settings.dataset or str(self.root / "world" / "train.jsonl")
 
     def tasks(self) -> dict[str, list[str]]:
