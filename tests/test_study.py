@@ -198,6 +198,8 @@ def test_paper_study_files_wire_the_data_stage_suites_vllm_and_live_crosscoders(
     path = REPO / "recipes" / "configs" / model / "study.yaml"
     study = Study.load(path, out=tmp_path / "s")
     stages = {stage.name: stage for stage in study.stages()}
+    for stage in stages.values():  # every config and command builds, without a model or a download
+        stage.build()
     data = stages["data"].build()
     assert data.out == tmp_path / "s" / "data" and data.n_tries >= 1 and data.teacher == "Qwen/Qwen3-32B"
     assert Path(data.problems).is_file() and data.source_column == "source"
