@@ -129,6 +129,12 @@ STEPS: dict[str, Step] = {
         _P + "analysis.leakage:leakage",
         _P + "analysis.leakage_report:LeakageReport",
     ),
+    "data_prepare": Step(
+        ("data", "prepare"),
+        _P + "prepare.config:DataPrepareConfig",
+        _P + "prepare.prepare:data_prepare",
+        _P + "prepare.prepare:PreparedData",
+    ),
     "lm_eval": Step(
         ("lm-eval",),
         _P + "eval.lm_eval_config:LmEvalConfig",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from _eval_helpers import model_dir  # noqa: F401 (fixture)
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval.lm_eval_config import LmEvalConfig
-from _eval_helpers import model_dir  # noqa: F401 (fixture)
 
 
 def _config(**extra) -> LmEvalConfig:

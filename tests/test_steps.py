@@ -18,6 +18,18 @@ from posttrain_probe.steps import STEPS
 
 # One example per step: non-default values for many fields (paths need not exist: the step is not run).
 EXAMPLES: dict[str, dict[str, typing.Any]] = {
+    "data_prepare": {
+        "problems": "problems.jsonl",
+        "teacher": "m/teacher",
+        "out": "data",
+        "source_column": "source",
+        "n_tries": 8,
+        "traces_per_problem": 2,
+        "temperature": 0.7,
+        "chat_template": False,
+        "backend": "hf",
+        "seed": 3,
+    },
     "collect": {
         "model": ["base=m/base", "sft=m/sft"],
         "dataset": "synthetic:arithmetic",

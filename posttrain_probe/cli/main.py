@@ -14,6 +14,7 @@ from posttrain_probe.cli import (
     analysis,
     blocking,
     crosscoder,
+    data,
     eval,
     fisher,
     generalization,
@@ -30,6 +31,9 @@ app = typer.Typer(
 store_app = typer.Typer(help="Inspect activation stores.", no_args_is_help=True)
 crosscoder_app = typer.Typer(help="Train and inspect N-model sparse crosscoders.", no_args_is_help=True)
 testing_app = typer.Typer(help="Offline tiny models and data (demo, tests).", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Prepare training data: teacher traces for SFT and RL over the same problems.", no_args_is_help=True
+)
 features_app = typer.Typer(
     help="Find the features that matter: generalization-controlling (paper R) and Fisher reasoning features (paper S).",
     no_args_is_help=True,
@@ -37,6 +41,7 @@ features_app = typer.Typer(
 app.add_typer(store_app, name="store")
 app.add_typer(features_app, name="features")
 app.add_typer(crosscoder_app, name="crosscoder")
+app.add_typer(data_app, name="data")
 app.add_typer(testing_app, name="testing")
 
 
@@ -74,3 +79,4 @@ features_app.command("fisher")(fisher.fisher)
 app.command("intervene")(eval.intervene)
 app.command("leakage")(blocking.leakage)
 testing_app.command("make-models")(testing.make_models)
+data_app.command("prepare")(data.data_prepare)

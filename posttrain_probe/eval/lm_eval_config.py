@@ -12,7 +12,6 @@ from posttrain_probe.analysis.critical import split_names
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval.intervene_config import check_model_args_text
 
-
 LM_EVAL_MODELS = ("probe-hf", "vllm", "auto")
 """The lm-eval models a study's evaluation can run on (:attr:`LmEvalConfig.model`)."""
 

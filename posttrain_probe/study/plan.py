@@ -15,6 +15,7 @@ from typing import Any
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.study.launch import trl_launch, verl_launch
+from posttrain_probe.study.settings import DATA_COLUMNS
 from posttrain_probe.study.stage import Stage
 
 TRAIN_SETTINGS = ("base_model", "dataset", "dataset_config", "layer")
@@ -72,8 +73,6 @@ class _Plan:
         self, arm: str, args: dict[str, Any], extra: dict[str, Any] | None = None, recipe: str = "sft"
     ) -> dict[str, Any]:
         """An arm's recipe options: its own, then what the study wires (checked), then ``extra``."""
-        from posttrain_probe.study.stages import DATA_COLUMNS
-
         study = self.study
         wired = {
             "model_name_or_path": study.base_model,

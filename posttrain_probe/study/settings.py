@@ -32,6 +32,11 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
+DATA_COLUMNS = {"question_column": "question", "answer_column": "answer", "final_answer_column": "final_answer"}
+"""Recipe column options the study sets when a data stage writes the arms' data (its sft.jsonl / rl.jsonl columns)."""
+DATA_RECIPE_KEYS = (*DATA_COLUMNS, "correct_column", "dataset_train_split")
+"""Recipe options that describe the source dataset: dropped from recipe YAMLs when the data stage replaces it."""
+
 @dataclass(kw_only=True)
 class StudySettings:
     """The ``study:`` section: what every stage shares (the base model, the site, where things run)."""

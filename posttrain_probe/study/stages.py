@@ -18,7 +18,14 @@ from typing import Any
 from posttrain_probe.config_io import check_keys, config_from_mapping, read_yaml_mapping
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.steps import STEPS
-from posttrain_probe.study.settings import ArmConfig, BlockedConfig, ReportConfig, StudySettings, check_name
+from posttrain_probe.study.settings import (
+    DATA_RECIPE_KEYS,
+    ArmConfig,
+    BlockedConfig,
+    ReportConfig,
+    StudySettings,
+    check_name,
+)
 from posttrain_probe.study.stage import Stage
 
 STEP_SECTIONS = {
@@ -45,10 +52,7 @@ WIRED_RECIPE_KEYS = ("model_name_or_path", "dataset_name", "dataset_config", "ou
 """Recipe options the study sets for every arm (the base model, the data, the arm's directory, the site)."""
 DATA_PATH_KEYS = (("data", "problems"), ("collect", "dataset"), ("fisher", "dataset"), ("leakage", "dataset"))
 """Section keys naming data: a relative path that exists beside the study file is taken from there."""
-DATA_COLUMNS = {"question_column": "question", "answer_column": "answer", "final_answer_column": "final_answer"}
-"""Recipe column options the study sets when a data stage writes the arms' data (its sft.jsonl / rl.jsonl columns)."""
-DATA_RECIPE_KEYS = (*DATA_COLUMNS, "correct_column", "dataset_train_split")
-"""Recipe options that describe the source dataset: dropped from recipe YAMLs when the data stage replaces it."""
+
 
 
 def _digest(data: Any) -> str:
