@@ -15,6 +15,11 @@ Their data are local JSONL files next to the YAMLs (``*_test.jsonl`` 200 rows, `
 16 rows for few-shot examples), read through :func:`load_local_jsonl`. To evaluate your own
 local files, copy a YAML, give it another ``task:`` name and point ``dataset_kwargs.data_files``
 at your files (absolute paths, or paths relative to this folder).
+
+The papers' evaluation suites live in the ``suites/`` subfolder (lm-eval indexes include paths
+recursively): the groups in :data:`SUITES` (``paper_r``, ``paper_s``, ... ) and their ``pr_*`` / ``ps_*``
+tasks over the public benchmarks' HF datasets (downloaded on first use, so they need a networked
+machine); see :mod:`posttrain_probe.eval.tasks.suites` and docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ TASKS_DIR: Path = Path(__file__).resolve().parent
 
 LOCAL_TASKS: tuple[str, ...] = ("probe_mcq", "probe_math")
 """Names of the tasks defined here."""
+
+SUITES: tuple[str, ...] = (
+    "paper_r",
+    "paper_r_in_domain",
+    "paper_r_general_gen",
+    "paper_r_general_ll",
+    "paper_r_held_out_gen",
+    "paper_r_held_out_ll",
+    "paper_s",
+    "paper_s_math",
+    "paper_s_other_reasoning",
+    "paper_s_general",
+    "paper_s_non_reasoning",
+    "ps_acpbench_mcq",
+)
+"""lm-eval groups of the papers' evaluation suites (``suites/``); ``paper_r`` is the study's default."""
 
 
 def load_local_jsonl(data_files: dict[str, str | os.PathLike] | None = None, **_metadata: Any):
