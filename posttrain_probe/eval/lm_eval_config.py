@@ -69,6 +69,13 @@ class LmEvalConfig:
     device: str = field(default="cpu", metadata={"help": "lm-eval device (cpu, cuda, cuda:0)."})
     apply_chat_template: bool = field(default=False, metadata={"help": "As lm-eval's --apply_chat_template."})
     num_fewshot: int | None = field(default=None, metadata={"help": "As lm-eval's --num_fewshot."})
+    confirm_run_unsafe_code: bool = field(
+        default=False,
+        metadata={
+            "help": "As lm-eval's --confirm_run_unsafe_code: let code tasks (humaneval in paper_s) execute the "
+            "model's code (also needs HF_ALLOW_CODE_EVAL=1)."
+        },
+    )
     crosscoder: Path | None = field(
         default=None, metadata={"help": "Crosscoder directory of the intervention (none: plain hf)."}
     )

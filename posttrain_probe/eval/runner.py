@@ -306,6 +306,7 @@ def _evaluate(
             fewshot_as_multiturn=bool(config.apply_chat_template),
             gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
             task_manager=task_manager,
+            confirm_run_unsafe_code=config.confirm_run_unsafe_code,
         )
     finally:
         if own:

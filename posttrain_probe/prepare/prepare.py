@@ -19,13 +19,11 @@ acceptance did.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +32,8 @@ from typing import Any, NamedTuple
 
 from posttrain_probe.config_io import config_to_mapping
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.math_answers import answer_correct as accepted
+from posttrain_probe.math_answers import gold_text, last_boxed, parse_gold
 from posttrain_probe.prepare.config import DataPrepareConfig
 from posttrain_probe.prepare.generate import Generate, choose_backend, load_teacher
 
@@ -47,64 +47,6 @@ ALL_SOURCES = "all"
 # --------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` of ``text`` (braces balanced), or None when there is none or the
-    last one is cut off."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
-
-
-def gold_text(answer: Any) -> str:
-    """The gold answer as math-verify reads it, in ``$...$``: the last ``\\boxed{}`` of a worked solution (MATH's
-    ``solution``), else the text without its own ``$`` delimiters; ``""`` when there is none. (A plain ``x^2+1`` or
-    ``(1,2)`` does not parse without the delimiters; ``\\$18.90`` is not a delimiter.)"""
-    text = "" if answer is None else str(answer).strip()
-    if "\\boxed" in text:
-        text = (last_boxed(text) or "").strip()
-    elif len(text) >= 2 and text.startswith("$") and text.endswith("$") and not text.endswith("\\$"):
-        text = text.strip("$").strip()
-    return f"${text}$" if text else ""
-
-
-def _timeout(seconds: int) -> int | None:
-    """math-verify's timeouts use signal.alarm, which works only in the main thread: none elsewhere."""
-    return seconds if threading.current_thread() is threading.main_thread() else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str) -> tuple:
-    from math_verify import parse
-
-    text = gold_text(gold)
-    return tuple(parse(text, parsing_timeout=_timeout(5))) if text else ()
-
-
-def accepted(trace: str, gold: str) -> bool:
-    """Whether math-verify accepts the answer in the last ``\\boxed{}`` of ``trace`` against ``gold`` (the gold answer,
-    as :func:`gold_text` reads it). A trace without a complete boxed answer, or a gold that does not parse, is
-    not accepted."""
-    from math_verify import parse, verify
-
-    answer = last_boxed(trace)
-    gold_parsed = _parse_gold(gold)
-    if answer is None or not gold_parsed:
-        return False
-    predicted = parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout(5))
-    return bool(predicted) and verify(list(gold_parsed), predicted, timeout_seconds=_timeout(5))
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +115,7 @@ def load_problems(config: DataPrepareConfig) -> ProblemSet:
     problems, unparseable, by_source = [], [], {}
     for pid, text, gold, source in zip(ids, texts, golds, sources):
         digest.update(json.dumps([pid, text, gold, source], default=str).encode())
-        if _parse_gold(str(gold) if gold is not None else ""):
+        if parse_gold(str(gold) if gold is not None else ""):
             problems.append(Problem(pid, text, gold_text(gold), source))
         else:
             unparseable.append(pid)

@@ -1,7 +1,7 @@
 """Functions the suite YAMLs name (``!function utils.NAME``): dataset normalisers, prompts and scorers.
 
 lm-eval loads this file by path (as the ``utils.py`` next to the YAMLs); it is also importable as
-``posttrain_probe.eval.tasks.suites.utils``. It imports only the standard library at module level
+``posttrain_probe.eval.tasks.suites.utils``. It imports only the standard library (and the stdlib-only :mod:`posttrain_probe.math_answers`) at module level
 (``math_verify`` inside the math scorer), so indexing tasks stays cheap.
 
 * Multiple choice. ``<dataset>_doc`` turns one raw document of a dataset, in that dataset's own
@@ -12,7 +12,7 @@ lm-eval loads this file by path (as the ``utils.py`` next to the YAMLs); it is a
   own tasks do); the generative variant prompts with the lettered choices (:func:`mc_gen_prompt`)
   and reads the answer with :func:`choice_letter`.
 * Math. ``<dataset>_doc`` turns a problem into ``{"problem", "answer"}``; :func:`math_results`
-  scores every sampled response by math-verify on its last ``\\boxed{}`` (:func:`math_correct`).
+  scores every sampled response by math-verify on its last ``\\boxed{}`` (:func:`posttrain_probe.math_answers.answer_correct`).
 * Repeats. The generative YAMLs keep every sampled response (:func:`all_responses`, their filter
   named ``none``); a document's score is the mean correctness of its responses
   (:func:`mean_correct`).
@@ -26,6 +26,8 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from posttrain_probe.math_answers import answer_correct, last_boxed
 
 LETTERS = "ABCDEFGHIJ"
 """Choice letters, in order (up to ten choices)."""
@@ -345,46 +347,11 @@ def math_prompt(doc: Mapping[str, Any]) -> str:
     return f"{doc['problem']}\n{MATH_INSTRUCTION}"
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None when there is none
-    or it is not closed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            if depth == 0:
-                return text[begin:i]
-            depth -= 1
-    return None
-
-
-def parse_gold(answer: str) -> list[Any]:
-    """math-verify's parse of a gold answer, wrapped in ``\\boxed{}`` unless it already holds one."""
-    from math_verify import parse
-
-    return parse(answer if "\\boxed" in answer else f"\\boxed{{{answer}}}")
-
-
-def math_correct(response: str, gold: list[Any]) -> bool:
-    """Whether ``response`` answers ``gold`` (:func:`parse_gold`): math-verify's ``verify`` of the content of the
-    response's last ``\\boxed{}``; a response without one is wrong."""
-    from math_verify import parse, verify
-
-    boxed = last_boxed(response)
-    if boxed is None or not boxed.strip():
-        return False
-    return bool(verify(gold, parse(f"\\boxed{{{boxed}}}")))
-
-
 def math_results(doc: Mapping[str, Any], results: Sequence[Any]) -> dict[str, float]:
     """``process_results`` of the math tasks: ``acc`` = ``pass@1`` = the share of the document's sampled
-    responses that :func:`math_correct` accepts (the papers' accuracy averaged over repeats)."""
-    gold = parse_gold(doc["answer"])
-    score = mean_correct(results, lambda response: math_correct(response, gold))
+    responses that :func:`~posttrain_probe.math_answers.answer_correct` accepts (the papers' accuracy averaged over repeats)."""
+    gold = str(doc["answer"])
+    score = mean_correct(results, lambda response: answer_correct(response, gold))
     return {"acc": score, "pass@1": score}
 
 
