@@ -88,3 +88,14 @@ def test_auto_on_this_machine_runs_probe_hf_and_records_why(model_dir, tmp_path)
     assert 0.0 <= result.results["probe_mcq"]["acc,none"] <= 1.0
     back = LmEvalResult.read(tmp_path / "run")
     assert (back.model, back.model_reason) == (result.model, result.model_reason)
+
+
+def test_unknown_task_is_a_one_line_error_before_any_model_loads(tmp_path):
+    """A misspelled suite task fails with the closest names, before the model (here: a path that does not exist)."""
+    pytest.importorskip("lm_eval")
+    from posttrain_probe.eval.runner import lm_eval
+
+    config = LmEvalConfig(model_args=f"pretrained={tmp_path / 'no-model'}", tasks=["pr_math5000"], out=tmp_path / "o")
+    with pytest.raises(ProbeError, match=r"unknown lm-eval task 'pr_math5000' \(did you mean pr_math500") as err:
+        lm_eval(config)
+    assert "\n" not in str(err.value) and not (tmp_path / "o").exists()

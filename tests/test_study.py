@@ -454,3 +454,20 @@ def test_extends_merges_sections_key_by_key(tmp_path):
     missing.write_text("extends: nowhere.yaml\n")
     with pytest.raises(ProbeError, match="extends 'nowhere.yaml', which is not a file"):
         read_study_file(missing)
+
+
+def test_misspelled_task_stops_the_study_before_any_stage(tmp_path):
+    """A task name lm-eval does not know fails at the start (one line, nothing written), not after training."""
+    from posttrain_probe.study.runner import run_study
+
+    config = yaml.safe_load(QWEN.read_text())
+    config["study"]["general_tasks"] = ["pr_openbookqa_gen", "pr_sciq_gne"]
+    path = QWEN.parent / "_task_typo_test.yaml"
+    try:
+        path.write_text(yaml.safe_dump(config))
+        study = Study.load(path, out=tmp_path / "s")
+        with pytest.raises(ProbeError, match=r"unknown lm-eval task 'pr_sciq_gne' \(did you mean pr_sciq_gen") as err:
+            run_study(study, echo=lambda line: None)
+    finally:
+        path.unlink()
+    assert "\n" not in str(err.value) and not (tmp_path / "s").exists()

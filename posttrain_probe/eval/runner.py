@@ -33,7 +33,7 @@ from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval import PROBE_MODEL_NAME, register, task_include_paths
 from posttrain_probe.eval.lm_eval_config import LmEvalConfig
 
-__all__ = ["LmEvalResult", "evaluate", "lm_eval", "load_probe_lm", "make_task_manager"]
+__all__ = ["LmEvalResult", "check_task_names", "evaluate", "lm_eval", "load_probe_lm", "make_task_manager"]
 
 LM_EVAL_RESULT_FORMAT = "posttrain-probe/lm-eval"
 logger = logging.getLogger(__name__)
@@ -211,6 +211,22 @@ def make_task_manager(
     return TaskManager(include_path=paths, metadata=meta)
 
 
+def check_task_names(tasks: Sequence[str], task_manager: Any) -> None:
+    """One-line :class:`ProbeError` for the first name in ``tasks`` that ``task_manager`` (lm-eval's ``TaskManager``)
+    knows as no task, group or tag, with the closest known names."""
+    import difflib
+
+    known = set(task_manager.all_tasks)
+    for name in tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ProbeError(
+                f"unknown lm-eval task {name!r}{hint}: expected a task, group or tag of lm-eval or of the shipped "
+                "suites (docs/evaluation.md; `posttrain-probe lm-eval ls tasks` lists them)"
+            )
+
+
 def _describe(model_args: Mapping[str, Any]) -> dict[str, Any]:
     """model_args as recorded in lm-eval's results (objects replaced by their class name)."""
     return {
@@ -281,16 +297,17 @@ def _evaluate(
         if empty:
             raise ProbeError(f"samples= has no doc ids for {empty}: drop those tasks or give ids")
     batch_size, device = config.lm_eval_batch_size, config.device
+    recorded = _describe(model_args)
+    if task_manager is None:
+        task_manager = make_task_manager(tasks, config.include_path or None, metadata=recorded)
+    check_task_names(tasks, task_manager)  # before any model is loaded
     own = lm is None and model == PROBE_MODEL_NAME
     if own:
         lm = load_probe_lm(model_args, batch_size=batch_size, device=device)
     elif model != PROBE_MODEL_NAME:
         lm = model  # lm-eval builds its vllm model from the registry and model_args
     tracker = EvaluationTracker(output_path=str(config.out)) if config.out is not None else None
-    recorded = _describe(model_args)
     try:
-        if task_manager is None:
-            task_manager = make_task_manager(tasks, config.include_path or None, metadata=recorded)
         result = simple_evaluate(
             model=lm,
             model_args=recorded,

@@ -193,6 +193,18 @@ def _execute(study: Study, stage: Stage, config: Any) -> None:
         STEPS[stage.kind].function(config)
 
 
+def check_study_tasks(study: Study) -> None:
+    """One-line :class:`ProbeError` for a task name of the study's lists that lm-eval does not know, checked before
+    any stage runs (a misspelled task would otherwise surface only at the first evaluation, after training). A study
+    with a ``world:`` writes its own tasks in its world stage, so only the other studies are checked."""
+    if "eval" not in study.raw or study.world is not None:
+        return
+    from posttrain_probe.eval.runner import check_task_names, make_task_manager
+
+    tasks = [t for group in study.tasks().values() for t in group]
+    check_task_names(tasks, make_task_manager(tasks, study.include_path() or None))
+
+
 def run_study(
     study: Study,
     *,
@@ -224,6 +236,8 @@ def run_study(
         result.stages = [StageRecord(s.name, "skipped" if done[s.name] else "planned") for s in selected]
         return result
 
+    if any(not done[s.name] for s in selected):
+        check_study_tasks(study)
     study.root.mkdir(parents=True, exist_ok=True)
     _write_study_json(study)
     width = len(str(len(selected)))
