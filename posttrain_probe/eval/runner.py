@@ -163,7 +163,9 @@ def _vllm_model_args(config: LmEvalConfig) -> dict[str, Any]:
     if config.vllm_args:
         model_args.update(parse_model_args(config.vllm_args, "vllm_args"))
     if not isinstance(model_args.get("pretrained"), str):
-        raise ProbeError("model=vllm needs pretrained= as a model directory or hub name (vLLM loads the weights itself)")
+        raise ProbeError(
+            "model=vllm needs pretrained= as a model directory or hub name (vLLM loads the weights itself)"
+        )
     return model_args
 
 

@@ -37,6 +37,7 @@ DATA_COLUMNS = {"question_column": "question", "answer_column": "answer", "final
 DATA_RECIPE_KEYS = (*DATA_COLUMNS, "correct_column", "dataset_train_split")
 """Recipe options that describe the source dataset: dropped from recipe YAMLs when the data stage replaces it."""
 
+
 @dataclass(kw_only=True)
 class StudySettings:
     """The ``study:`` section: what every stage shares (the base model, the site, where things run)."""

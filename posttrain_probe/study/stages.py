@@ -54,7 +54,6 @@ DATA_PATH_KEYS = (("data", "problems"), ("collect", "dataset"), ("fisher", "data
 """Section keys naming data: a relative path that exists beside the study file is taken from there."""
 
 
-
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
