@@ -1,6 +1,9 @@
 """Final answers of math text, checked with math-verify: one implementation for everything that scores them (the
-teacher-trace filter of ``data prepare``, the generative math and multiple-choice tasks of the eval suites).
+teacher-trace filter of ``data prepare``, the generative math and multiple-choice tasks of the eval suites), and the
+one math prompt they and the recipes ask with.
 
+* :data:`MATH_INSTRUCTION` / :func:`math_prompt` -- the prompt of a math problem: the question, a blank line, the
+  instruction (eval suites, ``data prepare``'s teacher, the TRL recipes);
 * :func:`last_boxed` -- the content of the last ``\\boxed{...}`` of a text (the answer a model commits to);
 * :func:`gold_text` / :func:`parse_gold` -- a gold answer (plain, ``$...$``, or a worked solution ending in a boxed
   answer) in the form math-verify parses;
@@ -15,6 +18,15 @@ from __future__ import annotations
 import functools
 import threading
 from typing import Any
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""Appended to every math problem (paper S, appendix C.3; the Qwen math prompt)."""
+
+
+def math_prompt(question: str, instruction: str | None = MATH_INSTRUCTION) -> str:
+    """The user prompt of a math problem: ``question``, a blank line, ``instruction``; just ``question`` when
+    ``instruction`` is None or empty."""
+    return f"{question}\n\n{instruction}" if instruction else question
 
 
 def last_boxed(text: str) -> str | None:

@@ -1,10 +1,12 @@
-"""Load HF causal LMs and tokenizers by path or hub name, with errors a user can act on.
+"""Load HF causal LMs and tokenizers by path or hub name, with errors a user can act on; say whether vLLM can run
+here (:func:`vllm_missing`).
 
 Torch is imported on first use, so step configs can parse ``NAME=PATH`` model specs at CLI start-up."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -38,6 +40,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype_name(dtype, what="model"))
+
+
+def vllm_missing(*, vllm_installed: bool | None = None, gpu: bool | None = None) -> list[str]:
+    """What vLLM generation lacks on this machine, in words: ``"the vllm package"`` (not importable) and/or
+    ``"a CUDA GPU"`` (torch sees none); ``[]`` when vLLM can run. Loads neither vllm nor, unless asked, torch.
+
+    ``vllm_installed`` / ``gpu`` replace the checks (tests, callers that already know)."""
+    if vllm_installed is None:
+        vllm_installed = importlib.util.find_spec("vllm") is not None
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    return [what for what, ok in (("the vllm package", vllm_installed), ("a CUDA GPU", gpu)) if not ok]
 
 
 def check_model_path(path: str | os.PathLike, what: str = "model") -> None:

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from trl import ScriptArguments
 
+from posttrain_probe.math_answers import MATH_INSTRUCTION, math_prompt
+from posttrain_probe.models import vllm_missing
+
 TINY_PREFIX = "tiny:"
 
 
@@ -75,8 +78,8 @@ class MathScriptArguments(ScriptArguments):
     instruction: str | None = field(
         default=None,
         metadata={
-            "help": "Text appended to every question after a blank line, e.g. 'Please reason step by step, "
-            "and put your final answer within \\boxed{}.'"
+            "help": "Text appended to every question after a blank line, e.g. the eval suites' math instruction "
+            f"'{MATH_INSTRUCTION}' (empty: the question alone)."
         },
     )
     max_samples: int | None = field(
@@ -86,7 +89,8 @@ class MathScriptArguments(ScriptArguments):
 
 def check_vllm_generation(training_args, *, vllm_installed: bool | None = None, gpu: bool | None = None) -> None:
     """One-line ``ValueError`` when ``use_vllm: true`` cannot run here (no vllm package, or no CUDA GPU), before
-    anything is loaded; a no-op when ``use_vllm`` is off (generation then runs through HF ``generate``).
+    anything is loaded (:func:`posttrain_probe.models.vllm_missing`); a no-op when ``use_vllm`` is off (generation then
+    runs through HF ``generate``).
 
     With ``vllm_mode: colocate`` TRL keeps a vLLM copy of the policy in the training processes and syncs the
     weights into it before each generation round; the probe callbacks never read that copy: snapshots and
@@ -94,15 +98,7 @@ def check_vllm_generation(training_args, *, vllm_installed: bool | None = None, 
     """
     if not getattr(training_args, "use_vllm", False):
         return
-    if vllm_installed is None:
-        import importlib.util
-
-        vllm_installed = importlib.util.find_spec("vllm") is not None
-    if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    missing = [what for what, ok in (("the vllm package", vllm_installed), ("a CUDA GPU", gpu)) if not ok]
+    missing = vllm_missing(vllm_installed=vllm_installed, gpu=gpu)
     if missing:
         raise ValueError(
             f"use_vllm=true (vllm_mode={getattr(training_args, 'vllm_mode', None)}) needs {' and '.join(missing)} "
@@ -173,8 +169,9 @@ def load_train_dataset(script_args):
 
 
 def _question(row, script_args) -> str:
-    text = str(row[script_args.question_column])
-    return f"{text}\n\n{script_args.instruction}" if script_args.instruction else text
+    """The user prompt of a row: its question, a blank line, ``instruction`` (the eval suites' and ``data prepare``'s
+    :func:`~posttrain_probe.math_answers.math_prompt`)."""
+    return math_prompt(str(row[script_args.question_column]), script_args.instruction)
 
 
 def _check_columns(dataset, names) -> None:

@@ -4,7 +4,9 @@ The papers' RL run: 8 rollouts per prompt, clip 0.2 / 0.28 (``epsilon``, ``epsil
 (``beta: 0.0``), no entropy bonus (``entropy_coef: 0.0``), 1 epoch. The reward is TRL's
 ``trl.rewards.accuracy_reward``: 1 when math-verify finds the completion's \\boxed{} (or LaTeX) answer equal
 to the row's ``solution`` (the gold final answer), 0 otherwise; rows whose gold answer does not parse are
-skipped. The probe callbacks write ``<output_dir>/probe/`` (see ``--probe_*`` in ``--help``).
+skipped. Its extraction is TRL's own, not the last-\\boxed{} check of ``data prepare``'s acceptance and the eval
+suites (``posttrain_probe.math_answers.answer_correct``), so a borderline completion can score differently
+(docs/data.md). The probe callbacks write ``<output_dir>/probe/`` (see ``--probe_*`` in ``--help``).
 
 Generation: HF ``generate`` by default (the tiny configs); the GPU configs set ``use_vllm: true`` with
 ``vllm_mode: colocate`` (TRL's vLLM engine inside the training processes). The probe callbacks read the trained

@@ -360,14 +360,29 @@ def test_vllm_without_the_package_or_a_gpu_is_refused_first(tmp_path, monkeypatc
     from posttrain_probe.prepare import generate
 
     config = teacher_config(tmp_path / "missing.jsonl", tmp_path / "missing", tmp_path / "out", backend="vllm")
-    monkeypatch.setattr(generate, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(generate, "vllm_missing", lambda: ["the vllm package", "a CUDA GPU"])
     with pytest.raises(ProbeError, match=r"backend 'vllm' needs the vllm package, which is not installed"):
         data_prepare(config)  # the missing problem file is not reached
-    monkeypatch.setattr(generate, "_vllm_installed", lambda: True)
-    monkeypatch.setattr(generate, "_gpu_available", lambda: False)
+    monkeypatch.setattr(generate, "vllm_missing", lambda: ["a CUDA GPU"])
     with pytest.raises(ProbeError, match=r"backend 'vllm' needs a CUDA GPU and torch sees none"):
         data_prepare(config)
     assert generate.choose_backend("auto") == "hf"
+    monkeypatch.setattr(generate, "vllm_missing", lambda: [])
+    assert generate.choose_backend("auto") == generate.choose_backend("vllm", tensor_parallel_size=8) == "vllm"
+
+
+@pytest.mark.parametrize("backend", ["hf", "auto"])
+def test_tensor_parallel_on_the_hf_backend_is_refused_before_loading(tmp_path, monkeypatch, backend):
+    """HF generate runs the teacher on one device: tensor_parallel_size > 1 there is an error, not a silent 1."""
+    from posttrain_probe.prepare import generate
+
+    monkeypatch.setattr(generate, "vllm_missing", lambda: ["a CUDA GPU"])  # auto resolves to hf
+    config = teacher_config(
+        tmp_path / "missing.jsonl", tmp_path / "missing", tmp_path / "out", backend=backend, tensor_parallel_size=8
+    )
+    with pytest.raises(ProbeError, match=r"^tensor_parallel_size=8 needs the vllm backend: HF generate runs"):
+        data_prepare(config)  # the missing problem file is not reached
+    assert not config.out.exists()
 
 
 def test_problem_sets_without_usable_gold_or_unique_ids_are_refused(tmp_path):

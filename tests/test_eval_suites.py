@@ -782,8 +782,19 @@ def test_prompts():
     assert utils.mc_letter_prompt({**doc, "context": ""}) == "Question: Which?\nA. red\nB. blue\nAnswer:"
     assert utils.choice_letters(doc) == ["A", "B"] and utils.gold_letter(doc) == "B"
     assert utils.math_prompt({"problem": "Find $x$.", "answer": "1"}) == (
-        "Find $x$.\nPlease reason step by step, and put your final answer within \\boxed{}."
+        "Find $x$.\n\nPlease reason step by step, and put your final answer within \\boxed{}."
     )
+
+
+def test_one_math_prompt_for_the_suites_data_prepare_and_the_recipes():
+    """The eval suites, data prepare's teacher and the recipes ask a math problem the same way."""
+    from posttrain_probe.math_answers import MATH_INSTRUCTION, math_prompt
+    from posttrain_probe.prepare.config import DataPrepareConfig
+
+    assert utils.math_prompt({"problem": "Find $x$.", "answer": "1"}) == math_prompt("Find $x$.")
+    assert math_prompt("Find $x$.", "Box it.") == "Find $x$.\n\nBox it."
+    assert math_prompt("Find $x$.", None) == math_prompt("Find $x$.", "") == "Find $x$."
+    assert DataPrepareConfig(problems="p.jsonl", teacher="t", out="o").instruction == MATH_INSTRUCTION
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,15 @@ def test_cli_adds_shipped_tasks_to_the_users_include_path(tmp_path):
     assert args.include_path == [str(TASKS_DIR), str(tmp_path / "from_yaml")]
 
 
+def test_cli_unknown_task_is_one_line_with_the_closest_names(model_dir):
+    result = CliRunner().invoke(
+        app, ["lm-eval", "--model", "probe-hf", "--model_args", f"pretrained={model_dir}", "--tasks", "pr_math50"]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines and "unknown lm-eval task 'pr_math50' (did you mean pr_math500" in lines[0], result.output
+
+
 def test_cli_bad_lm_eval_arguments_keep_lm_eval_exit_code():
     result = CliRunner().invoke(app, ["lm-eval", "run", "--limit", "not-a-number"])
     assert result.exit_code == 2  # argparse's

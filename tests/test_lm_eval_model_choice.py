@@ -50,6 +50,20 @@ def test_bad_model_settings_are_one_line_errors(extra, expected):
     assert "\n" not in str(err.value)
 
 
+def test_vllm_missing_names_what_this_machine_lacks():
+    import importlib.util
+
+    import torch
+
+    from posttrain_probe.models import vllm_missing
+
+    assert vllm_missing(vllm_installed=True, gpu=True) == []
+    assert vllm_missing(vllm_installed=False, gpu=False) == ["the vllm package", "a CUDA GPU"]
+    here = vllm_missing()
+    assert ("the vllm package" in here) == (importlib.util.find_spec("vllm") is None)
+    assert ("a CUDA GPU" in here) == (not torch.cuda.is_available())
+
+
 def test_vllm_without_a_gpu_names_what_is_missing():
     with pytest.raises(ProbeError) as err:
         _config(model="vllm").chosen_model(vllm_installed=False, gpu=False)
@@ -62,6 +76,14 @@ def test_vllm_model_args_merge_the_vllm_only_keys():
 
     args = _vllm_model_args(_config(model="vllm", vllm_args={"tensor_parallel_size": 8, "max_model_len": 32768}))
     assert args == {"pretrained": "runs/rl", "dtype": "bfloat16", "tensor_parallel_size": 8, "max_model_len": 32768}
+
+
+def test_vllm_model_args_without_a_pretrained_path_name_what_they_got():
+    pytest.importorskip("lm_eval")
+    from posttrain_probe.eval.runner import _vllm_model_args
+
+    with pytest.raises(ProbeError, match=r"model=vllm needs pretrained= .*, got None$"):
+        _vllm_model_args(LmEvalConfig(model="vllm", model_args="dtype=bfloat16", tasks=["probe_math"]))
 
 
 def test_auto_on_this_machine_runs_probe_hf_and_records_why(model_dir, tmp_path):  # noqa: F811

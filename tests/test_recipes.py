@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain_probe.math_answers import MATH_INSTRUCTION
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 OFFLINE = {
@@ -146,6 +148,7 @@ def test_every_config_parses(recipe):
         assert model_args.model_name_or_path and script_args.dataset_name and probe_args.probe_layers
         if path.parent.name != "tiny":
             assert training_args.num_train_epochs == 1
+            assert script_args.instruction == MATH_INSTRUCTION, path  # the eval suites' and data prepare's prompt
             if recipe == "grpo":
                 assert (training_args.beta, training_args.entropy_coef) == (0.0, 0.0)
                 assert (training_args.epsilon, training_args.epsilon_high, training_args.num_generations) == (

@@ -219,6 +219,15 @@ def test_paper_study_files_wire_the_data_stage_suites_vllm_and_live_crosscoders(
     assert rl[rl.index("--num_generations") + 1] == "8" and rl[rl.index("--use_vllm") + 1] == "true"
     evals = stages["eval-base"].build()
     assert evals.model == "auto" and evals.tasks[:3] == ["pr_math500", "pr_aime24", "pr_aime25"]
+    from posttrain_probe.study.runner import stage_command
+
+    command = stage_command(study, stages["eval-base"], evals)  # what the dry run prints and the record keeps
+    assert "--model vllm" in command and "data_parallel_size=8" in command and "--apply_chat_template" in command
+    assert command.endswith(
+        "# model=auto: vllm where vllm and a GPU are present, else --model probe-hf without the vllm args"
+    )
+    zero = stages[f"intervene-zero-{study.settings.rl_arm}"].build()
+    assert zero.model_args.startswith("dtype=bfloat16")  # interventions: probe-hf (InterveneConfig has no vllm)
     crosscoder = stages["crosscoder-base-sft-rl"].build()
     assert crosscoder.training.n_tokens == 400_000_000 and Path(crosscoder.dataset).name == "reasoning-general-mix.yaml"
     assert "eval-base" in stages and "data" not in stages["eval-base"].deps
@@ -471,3 +480,48 @@ def test_misspelled_task_stops_the_study_before_any_stage(tmp_path):
     finally:
         path.unlink()
     assert "\n" not in str(err.value) and not (tmp_path / "s").exists()
+
+
+def test_stage_hashes_do_not_depend_on_the_working_directory_but_on_data_file_contents(tmp_path, monkeypatch):
+    """The study file names its mixture files relative to itself: loading it from another directory gives the same
+    hashes (nothing re-runs), while an edited mixture file re-runs the stages that read it, and what follows."""
+    from posttrain_probe.study.runner import stage_hashes
+
+    first = stage_hashes(Study.load(QWEN, out=tmp_path / "s"))
+    monkeypatch.chdir(QWEN.parent)
+    second = stage_hashes(Study.load(Path("study.yaml"), out=tmp_path / "s"))
+    assert first == second
+    copy = tmp_path / "study"
+    copy.mkdir()
+    (copy / "data").mkdir()
+    config = yaml.safe_load(QWEN.read_text())
+    for name in ("sft", "grpo", "sft_kl", "sft_blocked_shared"):
+        (copy / f"{name}.yaml").write_text((QWEN.parent / f"{name}.yaml").read_text())
+    config["data"]["problems"] = "data/math-47k.yaml"
+    config["collect"]["dataset"] = "data/mix.yaml"
+    config["study"]["accelerate_config"] = str(REPO / "recipes" / "accelerate" / "zero3.yaml")
+    mix = (REPO / "recipes" / "configs" / "data" / "reasoning-general-mix.yaml").read_text()
+    (copy / "data" / "math-47k.yaml").write_text((REPO / "recipes" / "configs" / "data" / "math-47k.yaml").read_text())
+    (copy / "data" / "mix.yaml").write_text(mix)
+    (copy / "study.yaml").write_text(yaml.safe_dump(config))
+    before = stage_hashes(Study.load(copy / "study.yaml", out=tmp_path / "c"))
+    (copy / "data" / "mix.yaml").write_text(mix.replace("weight: 0.8", "weight: 0.7"))
+    after = stage_hashes(Study.load(copy / "study.yaml", out=tmp_path / "c"))
+    changed = {name for name in before if before[name] != after[name]}
+    assert "collect-base" in changed and "crosscoder-base-sft-rl" in changed
+    assert not changed & {"data", "train-sft", "train-rl", "eval-base"}
+
+
+def test_data_stage_needs_explicit_datasets_for_collect(tmp_path):
+    config = yaml.safe_load(QWEN.read_text())
+    del config["collect"]["dataset"]
+    path = QWEN.parent / "_no_collect_dataset_test.yaml"
+    try:
+        path.write_text(yaml.safe_dump(config))
+        study = Study.load(path, out=tmp_path / "s")
+        with pytest.raises(
+            ProbeError, match="section collect of .* has no dataset: with a data: section, give collect.dataset"
+        ):
+            next(s for s in study.stages() if s.name == "collect-base").build()
+    finally:
+        path.unlink()

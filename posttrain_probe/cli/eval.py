@@ -53,6 +53,16 @@ def _with_include_path(args: Any) -> None:
     args.include_path = task_include_paths(user)
 
 
+def _raise_unknown_task(args: Any) -> None:
+    """After lm-eval found no task of ``args.tasks``: :func:`~posttrain_probe.eval.runner.check_task_names` on the
+    plain names (not YAML files or folders), which raises a one-line ProbeError with the closest known names."""
+    from posttrain_probe.eval.runner import check_task_names, make_task_manager
+
+    tasks = args.tasks if isinstance(args.tasks, list) else str(args.tasks or "").split(",")
+    names = [t.strip() for t in tasks if t.strip() and "/" not in t and not t.endswith((".yaml", ".yml"))]
+    check_task_names(names, make_task_manager(names, getattr(args, "include_path", None)))
+
+
 def run_lm_eval(argv: list[str]) -> int:
     """Run lm-eval's CLI (the ``lm_eval`` console command: ``HarnessCLI`` parse + execute) on
     ``argv`` with ``probe-hf`` registered and the shipped tasks discoverable; returns lm-eval's
@@ -87,8 +97,9 @@ def run_lm_eval(argv: list[str]) -> int:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except ValueError as err:
         if "Tasks not found" in str(err):
+            _raise_unknown_task(args)  # one line naming the first unknown name and the closest known ones
             raise ProbeError(
-                f"{err}: expected lm-eval task or group names (list them with `posttrain-probe lm-eval ls tasks`)"
+                f"{str(err).splitlines()[0]}: expected lm-eval task or group names (list them with `posttrain-probe lm-eval ls tasks`)"
             ) from None
         raise
     except OSError as err:  # a hub name that cannot be fetched (offline, or no such repository)

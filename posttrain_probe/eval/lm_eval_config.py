@@ -11,6 +11,7 @@ from pathlib import Path
 from posttrain_probe.analysis.critical import split_names
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.eval.intervene_config import check_model_args_text
+from posttrain_probe.models import vllm_missing
 
 LM_EVAL_MODELS = ("probe-hf", "vllm", "auto")
 """The lm-eval models a study's evaluation can run on (:attr:`LmEvalConfig.model`)."""
@@ -174,15 +175,7 @@ class LmEvalConfig:
             return "probe-hf", "model=probe-hf"
         if self.crosscoder is not None:  # only auto gets here: vllm with a crosscoder fails in __post_init__
             return "probe-hf", "an intervention runs on probe-hf (vLLM has no feature hooks)"
-        if vllm_installed is None:
-            import importlib.util
-
-            vllm_installed = importlib.util.find_spec("vllm") is not None
-        if gpu is None:
-            import torch
-
-            gpu = torch.cuda.is_available()
-        missing = [what for what, ok in (("the vllm package", vllm_installed), ("a CUDA GPU", gpu)) if not ok]
+        missing = vllm_missing(vllm_installed=vllm_installed, gpu=gpu)
         if not missing:
             return "vllm", f"model={self.model}: vllm is installed and a GPU is present"
         if self.model == "vllm":

@@ -164,7 +164,8 @@ def _vllm_model_args(config: LmEvalConfig) -> dict[str, Any]:
         model_args.update(parse_model_args(config.vllm_args, "vllm_args"))
     if not isinstance(model_args.get("pretrained"), str):
         raise ProbeError(
-            "model=vllm needs pretrained= as a model directory or hub name (vLLM loads the weights itself)"
+            "model=vllm needs pretrained= as a model directory or hub name (vLLM loads the weights itself), "
+            f"got {model_args.get('pretrained')!r}"
         )
     return model_args
 

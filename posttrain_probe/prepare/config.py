@@ -7,11 +7,13 @@ from pathlib import Path
 
 from posttrain_probe.dtypes import dtype_name
 from posttrain_probe.errors import ProbeError
+from posttrain_probe.math_answers import MATH_INSTRUCTION
 
 BACKENDS = ("auto", "vllm", "hf")
 """Generation backends: ``auto`` is vLLM when it is installed and a GPU is visible, else HF ``generate``."""
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-"""Appended to every problem after a blank line (the instruction of the recipes' real configs)."""
+DEFAULT_INSTRUCTION = MATH_INSTRUCTION
+"""Appended to every problem after a blank line: :data:`posttrain_probe.math_answers.MATH_INSTRUCTION`, the
+instruction of the eval suites' math tasks and of the recipes' real configs."""
 
 
 @dataclass(kw_only=True)
@@ -84,7 +86,7 @@ class DataPrepareConfig:
         default=None, metadata={"help": "Device of the hf backend (default: cuda if available); vLLM places itself."}
     )
     tensor_parallel_size: int = field(
-        default=1, metadata={"help": "vllm backend: GPUs the teacher is split over (tensor parallel)."}
+        default=1, metadata={"help": "vllm backend: GPUs the teacher is split over (tensor parallel); hf: 1."}
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed (recorded in provenance.json)."})
 

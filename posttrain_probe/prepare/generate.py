@@ -8,13 +8,13 @@ between them, and refuses an impossible choice, before anything is loaded.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from posttrain_probe.dtypes import dtype_name
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.prepare.config import DataPrepareConfig
+from posttrain_probe.models import vllm_missing
+from posttrain_probe.prepare.config import BACKENDS, DataPrepareConfig
 
 Generate = Callable[[list[str], int], list[list[str]]]
 """``generate(prompts, n)``: ``n`` completions (text after the prompt) for every user prompt, in prompt order."""
@@ -36,32 +36,27 @@ _NEUTRAL = {"min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0}
 temperature and top_p only, as vLLM does with explicit SamplingParams."""
 
 
-def _vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def choose_backend(backend: str) -> str:
-    """``"vllm"`` or ``"hf"`` for a config's ``backend`` (auto | vllm | hf); ProbeError when vllm is asked for but
-    not installed or no GPU is visible. Loads nothing."""
-    if backend == "hf":
+def choose_backend(backend: str, *, tensor_parallel_size: int = 1) -> str:
+    """``"vllm"`` or ``"hf"`` for a config's ``backend`` (auto | vllm | hf; auto: vllm when :func:`vllm_missing`
+    finds nothing missing); ProbeError when vllm is asked for but not installed or no GPU is visible, or when the
+    choice is hf and ``tensor_parallel_size`` > 1 (HF ``generate`` does not split the teacher). Loads nothing."""
+    if backend not in BACKENDS:
+        raise ProbeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    missing = [] if backend == "hf" else vllm_missing()
+    if backend == "hf" or (backend == "auto" and missing):
+        if tensor_parallel_size > 1:
+            raise ProbeError(
+                f"tensor_parallel_size={tensor_parallel_size} needs the vllm backend: HF generate runs the teacher on "
+                "one device; set backend vllm on a GPU machine, or tensor_parallel_size 1"
+            )
         return "hf"
-    if backend == "auto":
-        return "vllm" if _vllm_installed() and _gpu_available() else "hf"
-    if backend != "vllm":
-        raise ProbeError(f"backend {backend!r} is not one of auto, vllm, hf")
-    if not _vllm_installed():
+    if not missing:
+        return "vllm"
+    if "the vllm package" in missing:
         raise ProbeError(
             "backend 'vllm' needs the vllm package, which is not installed: expected `pip install 'posttrain-probe[vllm]'`, or backend hf"
         )
-    if not _gpu_available():
-        raise ProbeError("backend 'vllm' needs a CUDA GPU and torch sees none: expected a GPU machine, or backend hf")
-    return "vllm"
+    raise ProbeError("backend 'vllm' needs a CUDA GPU and torch sees none: expected a GPU machine, or backend hf")
 
 
 def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool) -> list[list[int]]:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from posttrain_probe.config_io import config_to_mapping
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.math_answers import answer_correct as accepted
-from posttrain_probe.math_answers import gold_text, last_boxed, parse_gold
+from posttrain_probe.math_answers import gold_text, last_boxed, math_prompt, parse_gold
 from posttrain_probe.prepare.config import DataPrepareConfig
 from posttrain_probe.prepare.generate import Generate, choose_backend, load_teacher
 
@@ -42,11 +42,6 @@ SFT, RL, PROVENANCE = "sft.jsonl", "rl.jsonl", "provenance.json"
 FORMAT, FORMAT_VERSION = "posttrain-probe/data-prepare", 1
 ALL_SOURCES = "all"
 """The source of every problem when ``source_column`` is unset."""
-
-
-# --------------------------------------------------------------------------------------------
-# Verification
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +86,8 @@ def load_problems(config: DataPrepareConfig) -> ProblemSet:
         import math_verify  # noqa: F401
     except ImportError as err:
         raise ProbeError(
-            "data prepare verifies answers with math-verify, which is not installed: expected `pip install math-verify`"
+            "data prepare verifies answers with math-verify, which is not installed: expected "
+            "`pip install 'posttrain-probe[prepare]'`"
         ) from err
     dataset = load_dataset_spec(
         config.problems, split=config.split, config_name=config.problems_config, n_docs=config.limit
@@ -155,8 +151,9 @@ def rejection_sample(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> list[Outcome]:
-    """``n_tries`` traces of ``generate`` for every problem (prompt: problem, blank line, ``instruction``), each
-    judged by :func:`accepted`; ``batch_size`` problems per ``generate`` call (None: all at once)."""
+    """``n_tries`` traces of ``generate`` for every problem (prompt: :func:`~posttrain_probe.math_answers.math_prompt`,
+    the problem, a blank line, ``instruction``), each judged by :func:`accepted`; ``batch_size`` problems per
+    ``generate`` call (None: all at once)."""
     from tqdm.auto import tqdm
 
     step = batch_size or max(len(problems), 1)
@@ -164,7 +161,7 @@ def rejection_sample(
     with tqdm(total=len(problems), desc="teacher traces", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), step):
             batch = problems[start : start + step]
-            completions = generate([prompt(p.question, instruction) for p in batch], n_tries)
+            completions = generate([math_prompt(p.question, instruction) for p in batch], n_tries)
             if len(completions) != len(batch) or any(len(c) != n_tries for c in completions):
                 got = sorted({len(c) for c in completions})
                 raise ProbeError(
@@ -177,11 +174,6 @@ def rejection_sample(
                 outcomes.append(Outcome(problem, verdicts, unboxed, kept))
             bar.update(len(batch))
     return outcomes
-
-
-def prompt(question: str, instruction: str) -> str:
-    """The teacher's user prompt: the problem, a blank line, the instruction (the recipes' ``_question`` form)."""
-    return f"{question}\n\n{instruction}" if instruction else question
 
 
 def _counts(outcomes: Sequence[Outcome], gold_unparseable: int) -> dict[str, Any]:
@@ -402,7 +394,7 @@ def data_prepare(config: DataPrepareConfig, *, progress: bool = False) -> Prepar
     The backend, the problem set's columns and its gold answers are checked before the teacher loads; a run where
     no trace is accepted raises ProbeError (acceptance 0/N) and writes nothing.
     """
-    backend = choose_backend(config.backend)
+    backend = choose_backend(config.backend, tensor_parallel_size=config.tensor_parallel_size)
     problem_set = load_problems(config)
     teacher = load_teacher(config, backend, progress=progress)
     result = build_datasets(

@@ -164,9 +164,15 @@ class _Plan:
 
     # ---- activations, crosscoders, attribution ---------------------------------------------------------
     def data_defaults(self, section: str) -> dict[str, Any]:
-        """The training data as a section's dataset, unless the section names its own."""
+        """The training data as a section's dataset, unless the section names its own (required with a data stage:
+        its files hold prompts and traces, not the text a collect, fisher or leakage stage should read)."""
         if "dataset" in self.raw.get(section, {}):
             return {}
+        if "data" in self.raw:
+            raise ProbeError(
+                f"section {section} of {self.study.source} has no dataset: with a data: section, give {section}.dataset "
+                "(e.g. the mixture recipes/configs/data/reasoning-general-mix.yaml)"
+            )
         defaults = {"dataset": self.study.dataset}
         if self.s.dataset_config is not None:
             defaults["dataset_config"] = self.s.dataset_config
@@ -204,7 +210,7 @@ class _Plan:
                     wired["model"] = [f"{n}={paths[n]}" for n in names]
                     collect = self.raw.get("collect", {})
                     defaults = {
-                        "dataset": collect.get("dataset", study.dataset),
+                        "dataset": study.resolve(collect.get("dataset") or self.data_defaults("collect")["dataset"]),
                         "seq_len": collect.get("seq_len", 512),
                     }
                     return study.step_config("crosscoder", wired, defaults)

@@ -91,17 +91,10 @@ def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
 def _reading(root: Path, info: dict, tasks: dict, labels: dict[str, str], sft: str, rl: str) -> str:
     """What this run shows, in its own numbers, and what it cannot show."""
     parts = []
-    accs = {m: _accuracy(root / "eval" / m) for m in labels}
-    base = accs.get("base") or {}
+    transfer = {row.model: row for row in _transfer(root, tasks, labels)}
     for model in (sft, rl):
-        acc = accs.get(model) or {}
-        gains = {}
-        for group in ("in_domain", "general", "held_out"):
-            deltas = [acc[t][0] - base[t][0] for t in tasks.get(group, []) if t in acc and t in base]
-            if deltas:
-                gains[group] = sum(deltas) / len(deltas)
-        if gains:
-            text = ", ".join(f"{g.replace('_', '-')} {v:+.1f} pp" for g, v in gains.items())
+        if model in transfer and transfer[model].gain:
+            text = ", ".join(f"{g.replace('_', '-')} {v:+.1f} pp" for g, v in transfer[model].gain.items())
             parts.append(f"{labels.get(model, model)} against the base: {text}.")
     for model in (sft, rl):
         summary = _json(root / "analysis" / f"base-{model}" / "summary.json") or {}
@@ -135,6 +128,18 @@ def _reading(root: Path, info: dict, tasks: dict, labels: dict[str, str], sft: s
     )
 
 
+def _transfer(root: Path, tasks: dict, labels: dict[str, str]) -> list:
+    """:func:`~posttrain_probe.eval.transferability.transferability` of the evaluated models against the base
+    ([] before the base is evaluated)."""
+    from posttrain_probe.eval.transferability import transferability
+
+    accs = {m: {t: v for t, (v, _) in _accuracy(root / "eval" / m).items()} for m in labels}
+    accs = {m: a for m, a in accs.items() if a}
+    if "base" not in accs:
+        return []
+    return transferability(accs, {g: tasks.get(g, []) for g in ("in_domain", "general", "held_out")})
+
+
 def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str, str]) -> None:
     report.heading("Accuracy: base and every post-trained model")
     order = [*tasks.get("in_domain", []), *tasks.get("general", []), *tasks.get("held_out", [])]
@@ -157,12 +162,9 @@ def _accuracy_section(report: Report, root: Path, tasks: dict, labels: dict[str,
     columns = ["model", *(f"{t} ({kinds[t]})" for t in order)]
     report.table(columns, rows, caption="Accuracy in % (correct / documents), lm-eval; paper R table 1 shape.")
     if "base" in accs:
-        from posttrain_probe.eval.transferability import transferability
-
-        groups = {g: tasks.get(g, []) for g in ("in_domain", "general", "held_out")}
-        values = {m: {t: v for t, (v, _) in acc.items()} for m, acc in accs.items()}
+        groups = ("in_domain", "general", "held_out")
         rows = []
-        for row in transferability(values, groups):
+        for row in _transfer(root, tasks, labels):
             cells = [row.gain.get(g) for g in groups]
             rows.append([labels[row.model], *cells, row.index.get("general"), row.index.get("held_out")])
         report.table(

@@ -89,7 +89,19 @@ def stage_command(study: Study, stage: Stage, config: Any) -> str:
         words = ["posttrain-probe", *STEPS[stage.kind].command, *config_to_flags(config)]
         return shlex.join(words)
     if stage.kind == "lm_eval":
-        flags = ["--model", "probe-hf", "--model_args", config.model_args, "--tasks", ",".join(config.tasks)]
+        vllm = config.model in ("vllm", "auto") and config.crosscoder is None
+        model_args = ",".join(a for a in (config.model_args, config.vllm_args) if a) if vllm else config.model_args
+        note = ""
+        if vllm and config.model == "auto":
+            note = "  # model=auto: vllm where vllm and a GPU are present, else --model probe-hf without the vllm args"
+        flags = [
+            "--model",
+            "vllm" if vllm else "probe-hf",
+            "--model_args",
+            model_args,
+            "--tasks",
+            ",".join(config.tasks),
+        ]
         flags += ["--output_path", str(config.out), "--batch_size", str(config.batch_size), "--device", config.device]
         flags += ["--log_samples"] if config.log_samples else []
         flags += ["--apply_chat_template"] if config.apply_chat_template else []
@@ -98,7 +110,8 @@ def stage_command(study: Study, stage: Stage, config: Any) -> str:
         for name in ("limit", "num_fewshot", "samples"):
             if getattr(config, name) is not None:
                 flags += [f"--{name}", str(getattr(config, name))]
-        return shlex.join(["posttrain-probe", "lm-eval", *flags])
+        flags += ["--confirm_run_unsafe_code"] if config.confirm_run_unsafe_code else []
+        return shlex.join(["posttrain-probe", "lm-eval", *flags]) + note
     source = shlex.quote(study.source)
     if stage.kind == "world":
         return f"posttrain-probe study --config {source} --out {shlex.quote(str(study.root))} --stage world"

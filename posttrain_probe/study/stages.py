@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,6 @@ class Study:
         for key, value in self.raw.items():
             if not isinstance(value, Mapping):
                 raise ProbeError(f"section {key} of {source}: expected a mapping, got {type(value).__name__}")
-        for section, key in DATA_PATH_KEYS:  # a data file beside the study file (a mixture YAML, a JSONL)
-            if isinstance(self.raw.get(section, {}).get(key), str):
-                self.raw[section] = {**self.raw[section], key: self.resolve(self.raw[section][key])}
         study = dict(self.raw["study"])
         out = out if out is not None else study.pop("out", None)
         study.pop("out", None)
@@ -340,6 +337,8 @@ class Study:
                 given[key] = value + (f",{own}" if own else "")
             else:
                 given[key] = [*value, *([own] if isinstance(own, str) else (own or []))]
+        for key in (k for sec, k in DATA_PATH_KEYS if sec == section and isinstance(given.get(k), str)):
+            given[key] = self.resolve(given[key])  # a data file beside the study file (a mixture YAML, a JSONL)
         self.check_wired(f"section {section} of {self.source}", given, wired)
         for key, value in wired.items():
             if isinstance(value, Mapping) and isinstance(given.get(key), Mapping):
@@ -360,10 +359,23 @@ class Study:
                 "kind": stage.kind,
                 "settings": {k: study.get(k) for k in keys},
                 "sections": {section: self._section(section) for section in stage.sections},
+                "data_files": self.data_file_digests(stage.sections),
                 "inputs": stage.inputs,
                 "deps": {d: dep_hashes[d] for d in stage.deps},
             }
         )
+
+    def data_file_digests(self, sections: Sequence[str]) -> dict[str, str]:
+        """sha256 of each local data file (a mixture YAML, a JSONL) that ``sections`` name by a relative or absolute
+        path, by ``section.key``: an edited file re-runs the stages that read it, while the path as written keeps
+        the hash the same from any working directory."""
+        digests = {}
+        for section, key in DATA_PATH_KEYS:
+            value = self.raw.get(section, {}).get(key) if section in sections else None
+            path = Path(self.resolve(value)) if isinstance(value, str) else None
+            if path is not None and path.is_file():
+                digests[f"{section}.{key}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests
 
     def _section(self, name: str) -> Any:
         """A section of the study file; ``arms.sft`` is one arm of ``arms``."""

@@ -27,13 +27,11 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from posttrain_probe.math_answers import answer_correct, last_boxed
+from posttrain_probe.math_answers import MATH_INSTRUCTION, answer_correct, last_boxed
+from posttrain_probe.math_answers import math_prompt as _math_prompt
 
 LETTERS = "ABCDEFGHIJ"
 """Choice letters, in order (up to ten choices)."""
-
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-"""Appended to every math problem (paper S, appendix C.3; the Qwen math prompt)."""
 
 MC_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
 """Appended to the lettered choices of the generative multiple-choice variants."""
@@ -343,8 +341,9 @@ def process_olympiadbench(dataset: Any) -> Any:
 
 
 def math_prompt(doc: Mapping[str, Any]) -> str:
-    """``doc_to_text`` of the math tasks: the problem and :data:`MATH_INSTRUCTION`."""
-    return f"{doc['problem']}\n{MATH_INSTRUCTION}"
+    """``doc_to_text`` of the math tasks: the problem, a blank line and :data:`MATH_INSTRUCTION`
+    (:func:`posttrain_probe.math_answers.math_prompt`, the prompt of ``data prepare`` and the recipes)."""
+    return _math_prompt(doc["problem"], MATH_INSTRUCTION)
 
 
 def math_results(doc: Mapping[str, Any], results: Sequence[Any]) -> dict[str, float]:
