@@ -186,7 +186,8 @@ def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_
     assert result.stdout.count("  command: ") == len(study.stages()) == 40  # data + 4 collect groups instead of 1
     assert "accelerate launch --config_file" in result.stdout and "-m posttrain_probe.recipes.grpo" in result.stdout
     assert "--model_name_or_path Qwen/Qwen3-4B-Base" in result.stdout
-    assert "posttrain-probe crosscoder train --acts" in result.stdout
+    assert "posttrain-probe crosscoder train --model base=Qwen/Qwen3-4B-Base" in result.stdout  # live: no stores read
+    assert "--n-tokens 400000000" in result.stdout
     assert not (tmp_path / "q").exists(), "a dry run writes nothing"
 
 
