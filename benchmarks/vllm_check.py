@@ -28,15 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN25_05B = dict(
-    hidden_size=896,
-    num_layers=24,
-    intermediate_size=4864,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)  # 0.49 B parameters, as Qwen2.5-0.5B
 TINY_QWEN2 = dict(hidden_size=64, num_layers=4, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -47,7 +38,12 @@ def save_model(out: Path, tiny: bool, dtype: str) -> Path:
 
     from posttrain_probe.testing import tiny_config, tiny_tokenizer
 
-    shape = dict(TINY_QWEN2 if tiny else QWEN25_05B)
+    if tiny:
+        shape = dict(TINY_QWEN2)
+    else:  # the Qwen2.5-0.5B shape of the blocking benchmark (0.49 B parameters), tied embeddings as the real one
+        from blocking_overhead import PRESETS  # benchmarks/ is on sys.path when this file runs as a script
+
+        shape = {k: v for k, v in PRESETS["qwen2.5-0.5b"].items() if k != "arch"} | {"tie_word_embeddings": True}
     config = tiny_config("qwen2", hidden_size=shape.pop("hidden_size"), num_layers=shape.pop("num_layers"), **shape)
     from transformers import AutoModelForCausalLM
 
