@@ -9,7 +9,6 @@ activation statistics of `analyze`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from posttrain_probe.activations import PairedActivations
+from posttrain_probe.activations.manifest import file_checksum
 from posttrain_probe.analysis.features import feature_activation_stats
 from posttrain_probe.cli import app
 from posttrain_probe.crosscoder import CrosscoderConfig, CrosscoderTrainingConfig, train_crosscoder
@@ -139,7 +139,7 @@ def put_nan_into(store, row: int, column: int) -> None:
             tensors = load_file(store / shard["file"])
             tensors["acts"][row - start, column] = float("nan")
             save_file(tensors, store / shard["file"])
-            shard["sha256"] = hashlib.sha256((store / shard["file"]).read_bytes()).hexdigest()
+            shard["xxh3_128"] = file_checksum(store / shard["file"])
             break
         start += shard["n_tokens"]
     (store / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -54,9 +54,9 @@ def test_round_trip_keeps_values_metadata_and_order(tmp_path):
     batches = list(store.iter_batches(64, shuffle=False))
     torch.testing.assert_close(torch.cat(batches), acts)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["format"] == "posttrain-probe/activation-store" and manifest["format_version"] == 1
+    assert manifest["format"] == "posttrain-probe/activation-store" and manifest["format_version"] == 2
     assert manifest["n_tokens"] == 300 and manifest["token_fingerprint"] == store.token_fingerprint
-    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    assert all(len(s["xxh3_128"]) == 32 for s in manifest["shards"]) and manifest["format_version"] == 2
 
 
 def test_bf16_default_rounds_like_torch(tmp_path):
@@ -276,3 +276,35 @@ def test_bad_writes_are_refused(tmp_path):
         ActivationStoreWriter(tmp_path / "t", layer=3, d_model=D, model="base", dtype="int8")
     with pytest.raises(ProbeError, match="does not exist"):
         ActivationStore(tmp_path / "missing")
+
+
+def test_version_1_stores_with_sha256_are_read_verified_and_resumed(tmp_path):
+    """A store written before format version 2 (sha256 per shard) still reads, verifies and catches corruption, and a
+    resumed write adds sha256 shards, so its manifest stays one format."""
+    import hashlib
+    import json
+
+    path = tmp_path / "v1"
+    writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    for i in range(3):
+        writer.write(*_tokens(30, start=i * 30), cursor=i + 1)
+    del writer  # killed: 2 of its writes flushed as one shard, the rest buffered
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for shard in manifest["shards"]:
+        del shard["xxh3_128"]
+        shard["sha256"] = hashlib.sha256((path / shard["file"]).read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    resumed = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    for i in range(resumed.cursor, 6):
+        resumed.write(*_tokens(30, start=i * 30), cursor=i + 1)
+    resumed.close()
+    after = json.loads((path / "manifest.json").read_text())
+    assert after["format_version"] == 1 and all("sha256" in s and "xxh3_128" not in s for s in after["shards"])
+    store = ActivationStore(path)
+    assert store.verify_all() == [] and store.n_tokens == 180 and store.load_shard(0)["acts"].shape[1] == D
+    first = path / after["shards"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 1
+    first.write_bytes(bytes(data))
+    assert "is corrupted: sha256" in ActivationStore(path, verify=False).verify_all()[0]

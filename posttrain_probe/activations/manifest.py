@@ -18,7 +18,12 @@ from typing import Any
 from posttrain_probe.errors import ProbeError
 
 FORMAT = "posttrain-probe/activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2: each shard's file checksum is ``xxh3_128`` (xxHash3, 128 bit; ~10x faster than sha256 on one core, so a
+verified read keeps up with the disk). Version 1 stores (``sha256`` per shard) are still read and resumed as written."""
+READ_VERSIONS = (1, 2)
+CHECKSUMS = ("xxh3_128", "sha256")
+"""Shard checksum keys, by preference: a shard carries one of them."""
 MANIFEST = "manifest.json"
 # Keys that must agree between a store on disk and a writer that wants to append to it.
 IDENTITY_KEYS = ("layer", "d_model", "dtype", "model", "source")
@@ -81,7 +86,7 @@ class StoreManifest:
     source: dict[str, Any] = field(default_factory=dict)
     """How the tokens were produced (dataset, seq_len, exclusions, tokenizer fingerprint, ...)."""
     shards: list[dict[str, Any]] = field(default_factory=list)
-    """Per shard: file, n_tokens, sha256 (file bytes), tokens_sha256, cursor, rank."""
+    """Per shard: file, n_tokens, xxh3_128 (file bytes; sha256 in version-1 stores), tokens_sha256, cursor, rank."""
     complete: bool = False
     """True once the writer closed normally; an incomplete store can be resumed."""
     rank: int = 0
@@ -115,9 +120,10 @@ class StoreManifest:
             raise ProbeError(
                 f"{path} is not an activation-store manifest (format {data.get('format')!r}, expected {FORMAT!r})"
             )
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READ_VERSIONS:
             raise ProbeError(
-                f"{path} has store format version {data.get('format_version')}, this posttrain-probe reads version {FORMAT_VERSION}"
+                f"{path} has store format version {data.get('format_version')}, this posttrain-probe reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}"
             )
         data.pop("n_tokens", None)
         data.pop("token_fingerprint", None)
@@ -151,26 +157,45 @@ def merged_rank_manifest(path: Path) -> StoreManifest:
         complete=True,
         rank=0,
         world_size=world,
+        format_version=min(part.format_version for part in parts),  # version-1 ranks keep sha256 entries
     )
 
 
-def sha256_file(path: Path) -> str:
+def file_checksum(path: Path, algorithm: str = "xxh3_128") -> str:
+    """Hex checksum of a file's bytes (read through mmap, from the page cache when it is there): ``xxh3_128`` (format
+    version 2) or ``sha256`` (version 1)."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        digest = xxhash.xxh3_128()
+    elif algorithm == "sha256":
+        digest = hashlib.sha256()
+    else:
+        raise ProbeError(f"unknown shard checksum {algorithm!r}: expected one of {', '.join(CHECKSUMS)}")
     with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return hashlib.sha256(view).hexdigest()
+        if os.fstat(handle.fileno()).st_size:
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                digest.update(view)
+    return digest.hexdigest()
+
+
+def shard_checksum(shard: Mapping[str, Any]) -> tuple[str, str]:
+    """``(algorithm, expected hex)`` of a manifest's shard entry (xxh3_128, or sha256 in a version-1 store)."""
+    for algorithm in CHECKSUMS:
+        if algorithm in shard:
+            return algorithm, str(shard[algorithm])
+    raise ProbeError(f"shard entry {shard.get('file')!r} has no checksum: expected one of {', '.join(CHECKSUMS)}")
 
 
 def shard_problem(path: Path, shard: Mapping[str, Any]) -> str | None:
-    """None if ``shard``'s file exists under ``path`` and matches its sha256, else what is wrong."""
+    """None if ``shard``'s file exists under ``path`` and matches its checksum, else what is wrong."""
     file = path / shard["file"]
     if not file.exists():
         return f"{shard['file']} is missing"
-    actual = sha256_file(file)
-    if actual != shard["sha256"]:
-        return f"{shard['file']} is corrupted: sha256 {actual[:12]}..., manifest says {shard['sha256'][:12]}..."
+    algorithm, expected = shard_checksum(shard)
+    actual = file_checksum(file, algorithm)
+    if actual != expected:
+        return f"{shard['file']} is corrupted: {algorithm} {actual[:12]}..., manifest says {expected[:12]}..."
     return None
 
 
