@@ -159,15 +159,17 @@ def test_batchtopk_training_forward_keeps_k_times_batch():
     assert cc.threshold.item() < 0  # unset
     cc.train()
     out = cc(x, threshold_decay=0.99)
-    assert int((out.codes > 0).sum()) == 2 * 8
+    assert out.codes.is_sparse  # k·B entries, no dense [B, F] code matrix in training
+    codes = out.codes.to_dense()
+    assert int((codes > 0).sum()) == 2 * 8
     assert out.l0.item() == 2.0
     # the kept entries are the top k*B of f_i * sum_m ||d_i^m|| over the whole batch
     pre = cc.normalize(x).flatten(1) @ cc.W_enc.flatten(0, 1) + cc.b_enc
     scores = torch.relu(pre) * cc.decoder_norm_sum()
     cutoff = scores.flatten().topk(16).values.min()
-    torch.testing.assert_close(out.codes, torch.relu(pre) * (scores >= cutoff), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(codes, torch.relu(pre) * (scores >= cutoff), rtol=1e-6, atol=1e-6)
     # sparse-gather reconstruction == dense codes @ W_dec + b_dec (then raw units)
-    dense = (out.codes @ cc.W_dec.flatten(1) + cc.b_dec.flatten()).view(8, 2, 4)
+    dense = (codes @ cc.W_dec.flatten(1) + cc.b_dec.flatten()).view(8, 2, 4)
     torch.testing.assert_close(out.reconstruction, cc.denormalize(dense), rtol=1e-5, atol=1e-5)
     # the threshold is set: the smallest selected score on the first step
     assert cc.threshold.item() >= 0
@@ -193,8 +195,10 @@ def test_batchtopk_with_few_positives_keeps_only_positives():
     x = _raw_batch(batch=8)
     cc.train()
     out = cc(x)
-    assert int((out.codes > 0).sum()) == 3 * 8  # < k*B = 32 entries, none of them zero-valued
-    assert (out.codes[:, 3:] == 0).all()
+    codes = out.codes.to_dense()
+    assert int((codes > 0).sum()) == 3 * 8  # < k*B = 32 entries, none of them zero-valued
+    assert (codes[:, 3:] == 0).all()
+    assert out.fired.tolist() == [True] * 3 + [False] * 13
 
 
 def test_batchtopk_eval_encode_uses_the_threshold():
@@ -246,7 +250,7 @@ def test_batchtopk_auxk_and_gradients():
     # AuxK by hand: the top 4 dead features per token reconstruct the residual error (normalised units)
     xn = cc.normalize(x)
     pre = xn.flatten(1) @ cc.W_enc.flatten(0, 1) + cc.b_enc
-    error = xn.flatten(1) - (out.codes @ cc.W_dec.flatten(1) + cc.b_dec.flatten())
+    error = xn.flatten(1) - (out.codes.to_dense() @ cc.W_dec.flatten(1) + cc.b_dec.flatten())
     dead_acts = torch.relu(pre) * dead
     top = dead_acts.topk(4, dim=-1)
     aux_codes = torch.zeros_like(dead_acts).scatter(1, top.indices, top.values)

@@ -146,7 +146,10 @@ class CrosscoderTrainingConfig:
     )
     dead_after_tokens: int = field(
         default=10_000_000,
-        metadata={"help": "A feature is dead after this many tokens without firing (or the whole run, if shorter)."},
+        metadata={
+            "help": "A feature is dead when it has not fired in a trailing window of this many tokens (or of 5% of "
+            "the run's tokens, if shorter); dead features get the AuxK loss (batchtopk) and are logged as dead_fraction."
+        },
     )
     aux_k: int = field(default=512, metadata={"help": "BatchTopK: dead features used by the AuxK loss per token."})
     aux_coefficient: float = field(default=1 / 32, metadata={"help": "BatchTopK: weight of the AuxK loss."})
@@ -278,3 +281,14 @@ class CalibrateConfig:
         self.acts = [str(path) for path in ([self.acts] if isinstance(self.acts, (str, Path)) else self.acts)]
         if self.clear and self.acts:
             raise ProbeError("--clear removes the calibrated thresholds and reads no activations: drop --acts")
+
+
+DEAD_WINDOW_RUN_FRACTION = 0.05
+"""The trailing window of dead-feature detection is at most this fraction of a run's tokens."""
+
+
+def dead_window_tokens(dead_after_tokens: int, batch_size: int, n_tokens: int) -> int:
+    """Tokens in the trailing window of dead-feature detection: min(``dead_after_tokens``, 5% of the
+    run's ``n_tokens``), at least one batch. A feature that fired in none of the last window
+    tokens is dead (docs/methods.md sec. 3)."""
+    return max(batch_size, min(dead_after_tokens, int(n_tokens * DEAD_WINDOW_RUN_FRACTION)))

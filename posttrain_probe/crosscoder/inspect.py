@@ -133,13 +133,15 @@ def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
     """[F] bool: which features fired late in the crosscoder's own training run (None without a run).
 
     Read from the firing counters of the newest state in ``path/trainer_state/``: a feature is live
-    when it fired within the last ``min(dead_after_tokens, max(tokens // 2, batch_size))`` training
-    tokens - the window the trainer itself uses to call a feature dead (docs/methods.md sec. 3). A latent that
+    when it fired within the trailing window of :func:`~posttrain_probe.crosscoder.config.dead_window_tokens`
+    (over the tokens trained so far) - the window the trainer itself uses to call a feature dead
+    (docs/methods.md sec. 3). A latent that
     fired only early in training and then died counts as dead. Liveness measured on held-out
     activations (``analyze --acts``) is the stronger evidence and takes precedence.
     """
     from safetensors.torch import load_file
 
+    from posttrain_probe.crosscoder.config import dead_window_tokens
     from posttrain_probe.crosscoder.layout import STATE_DIR
 
     state_dir = Path(path) / STATE_DIR
@@ -154,7 +156,7 @@ def training_liveness(path: str | os.PathLike) -> torch.Tensor | None:
         raise ProbeError(f"cannot read the training counters in {target}: {err}") from err
     training = meta["configs"]["training"]
     tokens = int(meta["step"]) * int(training["batch_size"])
-    window = min(int(training["dead_after_tokens"]), max(tokens // 2, int(training["batch_size"])))
+    window = dead_window_tokens(int(training["dead_after_tokens"]), int(training["batch_size"]), tokens)
     return (counters["tokens_since_fired"] < window) & counters["fired_ever"]
 
 

@@ -33,7 +33,7 @@ class CrosscoderOutput(NamedTuple):
     reconstruction: torch.Tensor
     """[B, N, d] reconstruction â^m in raw model units."""
     codes: torch.Tensor
-    """[B, F] feature activations f (>= 0)."""
+    """[B, F] feature activations f (>= 0); a sparse COO tensor in BatchTopK training (k·B entries)."""
     loss: torch.Tensor
     """Scalar training loss: mse + λ·l1 (relu) or mse + aux_coefficient·auxk (batchtopk)."""
     mse: torch.Tensor
@@ -44,6 +44,8 @@ class CrosscoderOutput(NamedTuple):
     """[N] fraction of variance unexplained per model over the batch."""
     l0: torch.Tensor
     """Scalar mean number of active features per token."""
+    fired: torch.Tensor
+    """[F] bool: the feature is active on at least one token of the batch."""
 
 
 class Crosscoder(
@@ -305,77 +307,161 @@ class Crosscoder(
         """Training forward on raw activations x [B, N, d]: reconstruction, codes and loss terms.
 
         ReLU: loss = mse + λ·mean_x sum_i f_i sum_m ||d_i^m|| (docs/methods.md sec. 3, λ = ``l1_coefficient``).
-        BatchTopK (in train mode): keeps the top k·B of f_i·sum_m||d_i^m|| over the batch, decodes
-        them by a sparse gather (embedding_bag), updates the inference threshold EMA
-        (``threshold_decay``; None leaves it), and adds the AuxK loss of the top ``aux_k`` dead
-        features (``dead_mask`` [F]) reconstructing the residual error. In eval mode BatchTopK
-        uses the inference threshold. No host-device synchronisation happens here.
+        BatchTopK (in train mode): keeps the top k·B of f_i·sum_m||d_i^m|| over the batch and
+        touches only those k·B (token, feature) pairs after the encoder matmul: the decode is a
+        sparse gather, and the encoder and decoder gradients are sparse accumulations
+        (:class:`_BatchTopKEncode`; the same values and gradients as the dense formulation). It
+        updates the inference threshold EMA (``threshold_decay``; None leaves it) and adds the
+        AuxK loss of the top ``aux_k`` dead features reconstructing the residual error:
+        ``dead_mask`` is a bool mask [F] or the dead features' indices [n_dead] (long; the
+        trainer's form: no device sync); AuxK is skipped entirely when it is None or empty. In
+        eval mode BatchTopK uses the inference threshold. No host-device synchronisation
+        happens here.
         """
         self._check_input(x)
         xn = self.normalize(x)
-        pre = self._pre_activations(xn)
-        weights = self.decoder_norm_sum()
+        batch = xn.shape[0]
         if self.config.activation == "batchtopk" and self.training:
-            codes, recon_flat = self._batchtopk(pre, weights, threshold_decay)
+            k_total = min(self.config.k * batch, batch * self.config.n_features)
+            values, rows, cols, scores = _BatchTopKEncode.apply(
+                xn.flatten(1), self.W_enc.flatten(0, 1), self.b_enc, self.decoder_norm_sum().detach(), k_total
+            )
+            offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))
+            recon_flat = F.embedding_bag(
+                cols, self.W_dec.flatten(1), offsets, mode="sum", per_sample_weights=values.to(self.W_dec.dtype)
+            )
+            if threshold_decay is not None:
+                self._update_threshold(scores, threshold_decay)
+            active = values > 0
+            codes = torch.sparse_coo_tensor(
+                torch.stack([rows, cols]), values, (batch, self.config.n_features), check_invariants=False
+            )
+            fired = torch.zeros(self.config.n_features, device=xn.device).index_add_(0, cols, active.float()) > 0
+            l0 = active.sum() / batch
         else:
-            codes = self._inference_codes(pre)
+            codes = self._inference_codes(self._pre_activations(xn))
             recon_flat = codes @ self.W_dec.flatten(1)
+            fired = (codes > 0).any(dim=0)
+            l0 = torch.count_nonzero(codes) / batch
         recon_n = (recon_flat + self.b_dec.flatten()).view_as(xn)
         error = xn.float() - recon_n.float()
         mse = error.pow(2).sum(dim=(1, 2)).mean()
         if self.config.activation == "relu":
-            sparsity = (codes @ weights.to(codes.dtype)).float().mean()
+            sparsity = (codes @ self.decoder_norm_sum().to(codes.dtype)).float().mean()
             loss = mse + l1_coefficient * sparsity
         else:
-            sparsity = self._auxk_loss(pre, error.detach(), dead_mask, aux_k) if self.training else mse.new_zeros(())
+            sparsity = (
+                self._auxk_loss(xn.flatten(1), error.detach(), dead_mask, aux_k)
+                if self.training and dead_mask is not None
+                else mse.new_zeros(())
+            )
             loss = mse + aux_coefficient * sparsity
         xf = xn.float()
         fvu = error.pow(2).sum(dim=(0, 2)) / (xf - xf.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
-        l0 = torch.count_nonzero(codes) / codes.shape[0]
-        return CrosscoderOutput(self.denormalize(recon_n), codes, loss, mse, sparsity, fvu, l0)
+        return CrosscoderOutput(self.denormalize(recon_n), codes, loss, mse, sparsity, fvu, l0, fired)
 
-    def _batchtopk(
-        self, pre: torch.Tensor, weights: torch.Tensor, threshold_decay: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top k·B activations of the batch; returns dense codes [B, F] and the sparse-decoded [B, N*d]."""
-        batch, n_features = pre.shape
-        acts = F.relu(pre)
-        scores = acts * weights
-        top = scores.flatten().topk(min(self.config.k * batch, scores.numel()), sorted=False)
-        rows = torch.div(top.indices, n_features, rounding_mode="floor")
-        order = rows.argsort()
-        rows, cols = rows[order], (top.indices % n_features)[order]
-        values = acts.flatten()[top.indices[order]]
-        codes = torch.zeros_like(acts).index_put((rows, cols), values)
-        offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))
-        recon = F.embedding_bag(
-            cols, self.W_dec.flatten(1), offsets, mode="sum", per_sample_weights=values.to(self.W_dec.dtype)
-        )
-        if threshold_decay is not None:
-            with torch.no_grad():
-                selected = top.values[order]
-                smallest = torch.where(selected > 0, selected, torch.full_like(selected, float("inf"))).min()
-                smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
-                blended = torch.where(
-                    self.threshold < 0, smallest, self.threshold * threshold_decay + smallest * (1 - threshold_decay)
-                )
-                self.threshold.copy_(blended)
-        return codes, recon
+    @torch.no_grad()
+    def _update_threshold(self, scores: torch.Tensor, decay: float) -> None:
+        """EMA of the smallest positive selected score ``scores`` [k·B] (the batch's cut), on the device."""
+        smallest = torch.where(scores > 0, scores, torch.full_like(scores, float("inf"))).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest.to(self.threshold.dtype), self.threshold)
+        blended = torch.where(self.threshold < 0, smallest, self.threshold * decay + smallest * (1 - decay))
+        self.threshold.copy_(blended)
 
-    def _auxk_loss(
-        self, pre: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int
-    ) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top ``aux_k`` dead features reconstruct the residual error."""
-        if dead_mask is None:
-            return pre.new_zeros((), dtype=torch.float32)
-        k = min(aux_k, pre.shape[1])
-        dead_acts = F.relu(pre) * dead_mask
-        top = dead_acts.topk(k, dim=-1, sorted=False)
+    def _auxk_loss(self, xn_flat: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the top ``aux_k`` dead features per token reconstruct the residual error.
+
+        ``dead``: bool mask [F] or indices [n_dead]. Only the dead features' encoder columns are
+        computed (one [B, N·d] x [N·d, n_dead] matmul) and decoded (a sparse gather). Zero when none is dead.
+        """
+        if dead.dtype == torch.bool:
+            dead = dead.nonzero().squeeze(1)  # a device sync: the trainer passes indices instead
+        if dead.numel() == 0:
+            return xn_flat.new_zeros((), dtype=torch.float32)
+        pre = torch.addmm(self.b_enc[dead], xn_flat, self.W_enc.flatten(0, 1)[:, dead])
+        top = F.relu(pre).topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
         recon = F.embedding_bag(
-            top.indices, self.W_dec.flatten(1), mode="sum", per_sample_weights=top.values.to(self.W_dec.dtype)
+            dead[top.indices], self.W_dec.flatten(1), mode="sum", per_sample_weights=top.values.to(self.W_dec.dtype)
         )
-        aux = (residual.flatten(1) - recon.float()).pow(2).sum(-1).mean()
-        return aux * dead_mask.any()  # zero (not ||e||²) when nothing is dead
+        return (residual.flatten(1) - recon.float()).pow(2).sum(-1).mean()
+
+
+SAMPLE_STRIDE = 13
+"""Every 13th score (coprime with any power-of-two F, so every feature is sampled) estimates the batch cut."""
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` largest entries of ``scores`` [n] (unsorted); exactly ``scores.topk(k)``'s set.
+
+    On the CPU a full top-k over B·F scores dominates a BatchTopK step, so the cut is first
+    estimated on a strided sample, with a 25% margin, and the top k is taken among the entries
+    above it: exact whenever at least k entries pass the estimate (then the k-th largest does),
+    which is checked, and a full top-k otherwise. On GPUs ``torch.topk`` (a radix select) is used
+    directly: the check would be a host-device sync.
+    """
+    n = scores.numel()
+    if scores.device.type != "cpu" or n < 64 * k or n < 1 << 16:
+        return scores.topk(k, sorted=False).indices
+    sample = scores[::SAMPLE_STRIDE]
+    above = max(1, min(sample.numel(), round(1.25 * k * sample.numel() / n)))
+    cut = sample.kthvalue(sample.numel() - above + 1).values
+    candidates = (scores >= cut).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return scores.topk(k, sorted=False).indices
+    return candidates[scores[candidates].topk(k, sorted=False).indices]
+
+
+class _BatchTopKEncode(torch.autograd.Function):
+    """Encoder matmul + BatchTopK selection with a sparse backward.
+
+    Forward: pre = xn @ W_enc + b_enc [B, F]; the top ``k_total`` entries of relu(pre)·w (w = the
+    decoder-norm sums [F], a constant here: selection passes no gradient) over the whole batch.
+    Returns values [k_total] (relu(pre) at the selected entries; the only differentiable output),
+    rows and cols [k_total] (long, sorted by row) and the selected scores [k_total].
+
+    Backward touches only the selected entries: dW_enc[:, c] = sum over selections (r, c) of
+    g_rc·xn[r] is an embedding_bag over xn grouped by feature, db_enc = index_add of g, and
+    dxn (only when xn needs it) an embedding_bag over W_enc^T grouped by token; g is zero where
+    relu(pre) = 0. Cost O(k·B·N·d) instead of the dense O(B·F·N·d).
+    """
+
+    @staticmethod
+    def forward(ctx, xn_flat, W_enc_flat, b_enc, weights, k_total):
+        n_features = W_enc_flat.shape[1]
+        pre = torch.addmm(b_enc, xn_flat, W_enc_flat)
+        # w >= 0, so relu(pre)·w and pre·w rank the positive entries alike; a non-positive entry is
+        # selected only when fewer than k_total are positive, and then carries the value 0 either way
+        scores = (pre * weights.to(pre.dtype)).view(-1)
+        index = top_indices(scores, k_total).sort().values  # row-major order: sorted by token
+        rows = torch.div(index, n_features, rounding_mode="floor")
+        cols = index - rows * n_features
+        values = pre.view(-1)[index].clamp_min(0)
+        ctx.save_for_backward(xn_flat, W_enc_flat, rows, cols, values > 0)
+        ctx.mark_non_differentiable(rows, cols)
+        ctx.n_features = n_features
+        return values, rows, cols, scores[index].clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad_values, _rows, _cols, _scores):
+        xn_flat, W_enc_flat, rows, cols, positive = ctx.saved_tensors
+        g = torch.where(positive, grad_values, torch.zeros_like(grad_values)).to(xn_flat.dtype)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            by_feature = cols.argsort()
+            counts = torch.bincount(cols, minlength=ctx.n_features)
+            offsets = torch.cumsum(counts, 0) - counts
+            grad_W = F.embedding_bag(
+                rows[by_feature], xn_flat, offsets, mode="sum", per_sample_weights=g[by_feature]
+            ).t()
+            grad_W = grad_W.to(W_enc_flat.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.n_features, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        if ctx.needs_input_grad[0]:
+            offsets = torch.searchsorted(rows, torch.arange(xn_flat.shape[0], device=rows.device))
+            grad_x = F.embedding_bag(
+                cols, W_enc_flat.t().to(g.dtype), offsets, mode="sum", per_sample_weights=g
+            ).to(xn_flat.dtype)
+        return grad_x, grad_W, grad_b, None, None
 
 
 def crosscoder_fingerprint(crosscoder) -> str:

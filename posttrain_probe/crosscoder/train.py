@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig
+from posttrain_probe.crosscoder.config import CrosscoderConfig, CrosscoderTrainingConfig, dead_window_tokens
 from posttrain_probe.crosscoder.layout import CALIBRATION, METRICS, STATE_DIR, STATUS, TRAINING_CONFIG, write_status
 from posttrain_probe.crosscoder.metrics import (
     CrosscoderQualityWarning,
@@ -111,6 +111,10 @@ class _Training:
     tokens_since_fired: torch.Tensor
     fired_ever: torch.Tensor
     start_step: int
+    dead_window: int
+    """Trailing window (tokens) of dead-feature detection (:func:`dead_window_tokens`)."""
+    auxk_dead: torch.Tensor
+    """[F] bool: the features AuxK trains now (the dead set of the last log step on the log grid; checkpointed)."""
     cc_config: CrosscoderConfig
     train_cfg: CrosscoderTrainingConfig
     plan: _Plan
@@ -248,12 +252,15 @@ def _start(
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2))
     tokens_since_fired = torch.zeros(cc_config.n_features, dtype=torch.long, device=accelerator.device)
     fired_ever = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
+    auxk_dead = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
     start_step = 0
     if state is not None:
         model.load_state_dict({k: v.to(accelerator.device) for k, v in state["model"].items()})
         load_optimizer_tensors(optimizer, state["optimizer"], state["meta"]["optimizer"])
         tokens_since_fired.copy_(state["counters"]["tokens_since_fired"])
         fired_ever.copy_(state["counters"]["fired_ever"])
+        if "auxk_dead" in state["counters"]:  # states written before it existed: none dead until the next log step
+            auxk_dead.copy_(state["counters"]["auxk_dead"])
         restore_rng(state["rng"])
         start_step = state["step"]
     return _Training(
@@ -264,6 +271,8 @@ def _start(
         tokens_since_fired,
         fired_ever,
         start_step,
+        dead_window_tokens(train_cfg.dead_after_tokens, train_cfg.batch_size, plan.n_tokens),
+        auxk_dead,
         cc_config,
         train_cfg,
         plan,
@@ -292,7 +301,7 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
         unit="step",
         disable=not progress or not accelerator.is_main_process,
     )
-    dead_after = min(train_cfg.dead_after_tokens, max(plan.n_tokens // 2, train_cfg.batch_size))
+    dead = _auxk_indices(run.auxk_dead)
     sums = MetricSums(cc_config.n_models, accelerator.device)
     bad_inputs = NonFiniteInputs(cc_config.n_models, accelerator.device)
     started = time.perf_counter()
@@ -300,7 +309,7 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
     for step in range(start_step, stop_step):
         x = next(run.batches)
         bad_inputs.add(x, step)
-        out, l1 = _optimizer_step(run, wrapped, x, step, dead_after)
+        out, l1 = _optimizer_step(run, wrapped, x, step, dead)
         sums.add(out)
         done = step + 1
         if done % log_every == 0 or done == stop_step:
@@ -312,6 +321,8 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
                 l1_coefficient=l1,
             )
             bad_inputs.check(accelerator, record["loss"], cc_config.model_names, done, log_every)
+            if done % log_every == 0:  # on the log grid only, so that a resumed run sees the same sets
+                dead = _refresh_dead(run, done)
             _log(run, record, bar, started, done)
         bar.update(1)
         if done % plan.checkpoint_every == 0 and done != stop_step:
@@ -320,23 +331,35 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
     return max(step + 1, start_step) if stop_step > start_step else start_step
 
 
+def _refresh_dead(run: _Training, done: int) -> torch.Tensor | None:
+    """Set ``run.auxk_dead`` to the features that fired in none of the last ``run.dead_window`` tokens after
+    ``done`` steps; their indices (None when there are none): the AuxK set until the next refresh."""
+    if done * run.train_cfg.batch_size >= run.dead_window:
+        run.auxk_dead = run.tokens_since_fired >= run.dead_window
+    return _auxk_indices(run.auxk_dead)
+
+
+def _auxk_indices(dead: torch.Tensor) -> torch.Tensor | None:
+    """Indices [n_dead] of a dead mask [F], None when empty (one device sync: called at log steps only)."""
+    index = dead.nonzero().squeeze(1)
+    return index if index.numel() else None
+
+
 def _optimizer_step(
-    run: _Training, wrapped, x: torch.Tensor, step: int, dead_after: int
+    run: _Training, wrapped, x: torch.Tensor, step: int, dead: torch.Tensor | None
 ) -> tuple[CrosscoderOutput, float]:
-    """One optimizer step on the batch ``x`` at 0-based ``step`` (scheduled lr and λ, AuxK once features can be
-    dead, clipped gradients) and the update of the firing counters; the forward's output and λ."""
+    """One optimizer step on the batch ``x`` at 0-based ``step`` (scheduled lr and λ, AuxK on the ``dead``
+    features' indices, clipped gradients) and the update of the firing counters; the forward's output and λ."""
     accelerator, train_cfg, optimizer = run.accelerator, run.train_cfg, run.optimizer
     total_steps = run.plan.total_steps
     for group in optimizer.param_groups:
         group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
     l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
-    # No feature can be dead before `dead_after` tokens have passed: skip AuxK until then.
-    dead_mask = run.tokens_since_fired >= dead_after if step * train_cfg.batch_size >= dead_after else None
     with accelerator.autocast():
         out = wrapped(
             x,
             l1_coefficient=l1,
-            dead_mask=dead_mask,
+            dead_mask=dead,
             aux_k=train_cfg.aux_k,
             aux_coefficient=train_cfg.aux_coefficient,
             threshold_decay=train_cfg.threshold_decay,
@@ -346,7 +369,7 @@ def _optimizer_step(
         accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    fired = (out.codes > 0).any(dim=0)
+    fired = out.fired
     if accelerator.num_processes > 1:
         fired = accelerator.reduce(fired.to(torch.int32), reduction="sum") > 0
     run.tokens_since_fired = torch.where(
@@ -359,12 +382,9 @@ def _optimizer_step(
 def _log(run: _Training, record: dict[str, Any], bar, started: float, done: int) -> None:
     """Complete a log step's metrics (dead fraction, throughput) and write them to metrics.jsonl, the bar and the trackers."""
     train_cfg, accelerator = run.train_cfg, run.accelerator
-    dead_now = done * train_cfg.batch_size >= train_cfg.dead_after_tokens
-    record["dead_fraction"] = float(
-        (run.tokens_since_fired >= train_cfg.dead_after_tokens).float().mean()
-        if dead_now
-        else (~run.fired_ever).float().mean()
-    )
+    window = min(run.dead_window, done * train_cfg.batch_size)  # the trailing window, or the run so far
+    record["dead_fraction"] = float((run.tokens_since_fired >= window).float().mean())
+    record["never_fired_fraction"] = float((~run.fired_ever).float().mean())
     record["tokens_per_s"] = (done - run.start_step) * train_cfg.batch_size / (time.perf_counter() - started)
     if accelerator.is_main_process:
         with open(run.out_dir / METRICS, "a") as handle:
@@ -399,7 +419,11 @@ def _checkpoint(run: _Training, step: int) -> None:
             step,
             model_state=run.model.state_dict(),
             optimizer=inner_optimizer,
-            counters={"tokens_since_fired": run.tokens_since_fired, "fired_ever": run.fired_ever},
+            counters={
+                "tokens_since_fired": run.tokens_since_fired,
+                "fired_ever": run.fired_ever,
+                "auxk_dead": run.auxk_dead,
+            },
             meta={"configs": configs},
         )
     accelerator.wait_for_everyone()
