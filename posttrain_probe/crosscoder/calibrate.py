@@ -142,21 +142,88 @@ def calibrate_source_thresholds(
             break
     if count == 0:
         raise ProbeError("cannot calibrate per-source thresholds on an empty activation source")
-    target = k * count
     thresholds, l0_after = [], []
     for top in tops:
-        largest = top.largest(target)
-        if largest.numel() <= target:  # at most k·T positive scores: keep them all
-            theta = largest.new_zeros(())
-            kept = largest.numel()
-        else:
-            theta = (largest[target - 1] + largest[target]) / 2
-            kept = int((largest > theta).sum())
-        thresholds.append(float(theta))
+        theta, kept = _cut(top, k * count)
+        thresholds.append(theta)
         l0_after.append(kept / count)
     crosscoder.config.source_thresholds = thresholds
     crosscoder.config._check_source_thresholds()
     return SourceCalibration(thresholds, [n / count for n in above_joint], l0_after, k, count)
+
+
+def _cut(top: _TopScores, target: int) -> tuple[float, int]:
+    """The threshold halfway between the ``target``-th and the next largest score (0 when at most ``target``
+    are positive) and how many scores exceed it."""
+    largest = top.largest(target)
+    if largest.numel() <= target:  # at most k·T positive scores: keep them all
+        return 0.0, largest.numel()
+    theta = (largest[target - 1] + largest[target]) / 2
+    return float(theta), int((largest > theta).sum())
+
+
+class JointCalibration(NamedTuple):
+    """Result of :func:`calibrate_joint_threshold`."""
+
+    threshold: float
+    """The calibrated joint inference threshold (score units f_i·sum_m ||d_i^m||, normalised units)."""
+    previous: float
+    """The threshold before (the training EMA; < 0 when unset)."""
+    l0_before: float
+    """Mean inference L0 on the calibration tokens with the previous threshold (NaN when unset)."""
+    l0_calibrated: float
+    """Mean inference L0 on the calibration tokens with the calibrated threshold: k, unless fewer codes are positive."""
+    k: int
+    """The target mean L0 per token."""
+    n_tokens: int
+    """Calibration tokens used."""
+
+
+@torch.no_grad()
+def calibrate_joint_threshold(
+    crosscoder: Crosscoder, batches: Iterable[torch.Tensor], *, max_tokens: int = 100_000, batch_size: int = 1024
+) -> JointCalibration:
+    """Set the joint BatchTopK inference threshold so that inference codes have mean L0 = k on data.
+
+    Training keeps the k·B largest scores f_i·sum_m ||d_i^m|| of each batch of B tokens; the
+    threshold used at inference (:meth:`Crosscoder.encode`) is, during training, an EMA of each
+    batch's smallest kept score, which lags the weights and is a per-batch extreme. This applies
+    training's rule to all T calibration tokens as one batch: the threshold lies halfway between
+    the (k·T)-th and the (k·T+1)-th largest score, so that the codes' mean L0 over those tokens
+    is k (one global threshold, not one per latent: the inference codes then keep training's
+    ranking of latents by score). The trainer calls it at the end of a BatchTopK run
+    (``calibration_tokens``); ``batches`` are raw paired activations [B, N, d].
+    """
+    if crosscoder.config.activation != "batchtopk":
+        raise ProbeError(
+            f"the joint threshold calibrates BatchTopK crosscoders; this one's activation is {crosscoder.config.activation!r}"
+        )
+    for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProbeError(f"{name} must be an integer >= 1, got {value!r}")
+    k = crosscoder.config.k
+    device, dtype = crosscoder.W_enc.device, crosscoder.W_enc.dtype
+    weights = crosscoder.decoder_norm_sum()
+    previous = float(crosscoder.threshold)
+    top = _TopScores(k * max_tokens + 1)
+    above_previous = count = 0
+    for batch in batches:
+        crosscoder._check_input(batch)
+        batch = batch[: max_tokens - count].to(device, dtype)
+        for start in range(0, batch.shape[0], batch_size):
+            scores = torch.relu(crosscoder._pre_activations(crosscoder.normalize(batch[start : start + batch_size])))
+            scores = scores * weights
+            above_previous += int((scores > previous).sum()) if previous >= 0 else 0
+            top.add(scores.flatten())
+        count += batch.shape[0]
+        if count >= max_tokens:
+            break
+    if count == 0:
+        raise ProbeError("cannot calibrate the inference threshold on an empty activation source")
+    theta, kept = _cut(top, k * count)
+    crosscoder.threshold.fill_(theta)
+    before = above_previous / count if previous >= 0 else float("nan")
+    return JointCalibration(theta, previous, before, kept / count, k, count)
 
 
 class CalibrationReport(NamedTuple):

@@ -154,6 +154,13 @@ class CrosscoderTrainingConfig:
     aux_k: int = field(default=512, metadata={"help": "BatchTopK: dead features used by the AuxK loss per token."})
     aux_coefficient: float = field(default=1 / 32, metadata={"help": "BatchTopK: weight of the AuxK loss."})
     threshold_decay: float = field(default=0.99, metadata={"help": "BatchTopK: EMA decay of the inference threshold."})
+    calibration_tokens: int = field(
+        default=100_000,
+        metadata={
+            "help": "BatchTopK: tokens on which the inference threshold is calibrated when training ends, so that "
+            "inference codes have mean L0 = k there (0: keep the training EMA)."
+        },
+    )
     buffer_tokens: int | None = field(
         default=None, metadata={"help": "Tokens held for shuffling (default: the source's)."}
     )
@@ -190,6 +197,10 @@ class CrosscoderTrainingConfig:
         for name in ("beta1", "beta2", "threshold_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ProbeError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if isinstance(self.calibration_tokens, bool) or self.calibration_tokens < 0:
+            raise ProbeError(
+                f"calibration_tokens must be >= 0 (0: keep the training EMA), got {self.calibration_tokens}"
+            )
         for name in ("dead_after_tokens", "aux_k"):
             if getattr(self, name) < 1:
                 raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -458,9 +458,9 @@ class _BatchTopKEncode(torch.autograd.Function):
             grad_b = torch.zeros(ctx.n_features, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         if ctx.needs_input_grad[0]:
             offsets = torch.searchsorted(rows, torch.arange(xn_flat.shape[0], device=rows.device))
-            grad_x = F.embedding_bag(
-                cols, W_enc_flat.t().to(g.dtype), offsets, mode="sum", per_sample_weights=g
-            ).to(xn_flat.dtype)
+            grad_x = F.embedding_bag(cols, W_enc_flat.t().to(g.dtype), offsets, mode="sum", per_sample_weights=g).to(
+                xn_flat.dtype
+            )
         return grad_x, grad_W, grad_b, None, None
 
 

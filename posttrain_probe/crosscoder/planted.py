@@ -76,7 +76,9 @@ def planted_dictionary(
     for k, own in enumerate(owners):
         v = F.normalize(torch.randn(d_model, generator=g), dim=0)
         for m in own:
-            directions[k, m] = F.normalize(v + rotation * torch.randn(d_model, generator=g), dim=0) if len(own) > 1 else v
+            directions[k, m] = (
+                F.normalize(v + rotation * torch.randn(d_model, generator=g), dim=0) if len(own) > 1 else v
+            )
             owned[k, m] = True
     log_p = torch.rand(len(owners), generator=g) * torch.log(torch.tensor(30.0))
     probabilities = log_p.exp()
@@ -98,7 +100,9 @@ def recovery(planted: PlantedDictionary, W_dec: torch.Tensor, *, threshold: floa
     """Match planted directions against a crosscoder decoder ``W_dec`` [F, N, d] (any units): see :class:`Recovery`."""
     k, n, d = planted.directions.shape
     if W_dec.ndim != 3 or tuple(W_dec.shape[1:]) != (n, d):
-        raise ProbeError(f"recovery expects a decoder [F, {n}, {d}] for this planted dictionary, got {tuple(W_dec.shape)}")
+        raise ProbeError(
+            f"recovery expects a decoder [F, {n}, {d}] for this planted dictionary, got {tuple(W_dec.shape)}"
+        )
     W = W_dec.detach().float().cpu()
     norms = W.norm(dim=-1)  # [F, N]
     share = norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -171,9 +171,10 @@ def train_crosscoder(
             config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}},
         )
     done = _train_steps(run, wrapped, progress)
+    calibration = _calibrate_threshold(run, source) if run.start_step < plan.total_steps <= done else None
     _checkpoint(run, done)
     if accelerator.is_main_process and done >= plan.total_steps:
-        _report_quality(out_dir, cc_config, plan.total_steps)
+        _report_quality(out_dir, cc_config, plan.total_steps, calibration, progress)
     accelerator.wait_for_everyone()
     if train_cfg.report_to:
         accelerator.end_training()
@@ -443,16 +444,65 @@ def _global_batches(
         yield x.to(device, non_blocking=True)
 
 
-def _report_quality(out_dir: Path, cc_config: CrosscoderConfig, total_steps: int) -> None:
-    """Record (in training_status.json) and print the quality warnings of a finished run."""
+def _calibrate_threshold(run: _Training, source) -> dict[str, Any] | None:
+    """BatchTopK: calibrate the inference threshold on ``calibration_tokens`` tokens of the source when training
+    ends (:func:`calibrate_joint_threshold`; under several processes the ranks' thresholds are averaged)."""
+    from posttrain_probe.crosscoder.calibrate import calibrate_joint_threshold
+
+    cfg = run.train_cfg
+    if run.cc_config.activation != "batchtopk" or cfg.calibration_tokens == 0:
+        return None
+    batches = (
+        x.to(run.accelerator.device)
+        for x in source.iter_batches(
+            min(4096, cfg.calibration_tokens), shuffle=True, seed=cfg.seed + 2, epochs=1, drop_last=False
+        )
+    )
+    was_training = run.model.training
+    run.model.eval()
+    result = calibrate_joint_threshold(run.model, batches, max_tokens=cfg.calibration_tokens)
+    run.model.train(was_training)
+    if run.accelerator.num_processes > 1:
+        run.model.threshold.copy_(run.accelerator.reduce(run.model.threshold.clone(), reduction="mean"))
+    return result._asdict() | {"threshold": float(run.model.threshold)}
+
+
+def _report_quality(
+    out_dir: Path,
+    cc_config: CrosscoderConfig,
+    total_steps: int,
+    calibration: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> None:
+    """Record (in training_status.json) the summary and the quality warnings of a finished run; print the
+    summary (with ``progress``) and warn about each problem."""
     import warnings
 
     lines = (out_dir / METRICS).read_text().splitlines() if (out_dir / METRICS).exists() else []
     if not lines:
         return
-    problems = quality_warnings(json.loads(lines[-1]), cc_config, total_steps)
+    last = json.loads(lines[-1])
+    problems = quality_warnings(last, cc_config, total_steps)
+    summary = {
+        "train_l0": last["l0"],
+        "fvu": last["fvu"],
+        "dead_fraction": last["dead_fraction"],
+        "never_fired_fraction": last.get("never_fired_fraction"),
+    }
     status = json.loads((out_dir / STATUS).read_text())
-    write_status(out_dir, {**status, "warnings": problems})
+    if calibration is None and "summary" in status:  # a finished run resumed again: keep its calibration figures
+        summary = status["summary"]
+    elif calibration is not None:
+        summary |= {"inference_l0": calibration["l0_calibrated"], "threshold_calibration": calibration}
+    write_status(out_dir, {**status, "summary": summary, "warnings": problems})
+    never = summary.get("never_fired_fraction")
+    if progress:
+        print(
+            f"crosscoder {out_dir}: train L0 {summary['train_l0']:.1f}"
+            + (f", inference L0 {summary['inference_l0']:.1f}" if "inference_l0" in summary else "")
+            + f", FVU {'/'.join(f'{v:.3f}' for v in summary['fvu'])}, dead {summary['dead_fraction']:.1%}"
+            + (f", never fired {never:.1%}" if never is not None else "")
+        )
     for problem in problems:
         warnings.warn(f"crosscoder {out_dir}: {problem}", CrosscoderQualityWarning, stacklevel=4)
 
