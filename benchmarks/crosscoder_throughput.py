@@ -40,10 +40,12 @@ elementwise work, the norms and Adam are not counted):
   dW_dec = f^T @ dâ, 2·F·D each. Decoder: 6·F·D.
 * relu: 10·N·d·F per token, 10·B·N·d·F per step. (The rule of thumb "2 matmuls x 3 passes x
   2 FLOPs", 12·B·N·d·F, counts an input-gradient matmul dx that training never runs.)
-* batchtopk: 4·N·d·F + 6·k·N·d (sparse decoder: k active features per token on average)
-  + 6·aux_k·N·d (AuxK decoder of the top aux_k dead features). The trainer always passes a
-  dead mask (all False until features can be dead; AuxK is then computed and multiplied by 0),
-  and so does this benchmark (``--dead-fraction`` of the features marked dead, 0: none).
+* batchtopk: 2·N·d·F (the encoder matmul: every score is needed to select the top k·B)
+  + 2·k·N·d (dW_enc: only the selected entries carry a gradient) + 6·k·N·d (sparse decoder: k
+  active features per token on average); with dead features (``--dead-fraction``) AuxK adds
+  4·N·d·n_dead (the dead features' encoder columns, forward and dW) + 6·min(aux_k, n_dead)·N·d
+  (AuxK decoder). The trainer passes the dead features' indices (refreshed at log steps), None
+  when none is dead; so does this benchmark for ours, and a dense mask to the reference.
 
 The same count is used for both sides (work the loss needs, not work each side happens to do), so
 the two "%pk" columns have the ratio of the tok/s columns. Peak memory (cuda) = this side's
@@ -207,11 +209,12 @@ class PerModelCrosscoder(nn.Module):
         return mse + aux_coefficient * aux
 
 
-def flops_per_token(activation: str, n: int, d: int, f: int, k: int, aux_k: int) -> int:
+def flops_per_token(activation: str, n: int, d: int, f: int, k: int, aux_k: int, n_dead: int = 0) -> int:
     """Matmul FLOPs of one training step per token (see the module docstring)."""
     if activation == "relu":
         return 10 * n * d * f
-    return 4 * n * d * f + 6 * k * n * d + 6 * min(aux_k, f) * n * d
+    aux = 4 * n * d * n_dead + 6 * min(aux_k, n_dead) * n * d if n_dead else 0
+    return 2 * n * d * f + 8 * k * n * d + aux
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -219,7 +222,9 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def check_same_loss(ours: Crosscoder, kwargs: dict, x: torch.Tensor) -> tuple[float, float]:
+def check_same_loss(
+    ours: Crosscoder, kwargs: dict, x: torch.Tensor, ours_kwargs: dict | None = None
+) -> tuple[float, float]:
     """Relative loss difference and largest relative gradient difference, on float64 copies of ``ours``.
 
     float64 (ours still casts its error and L1 terms to float32 internally), because in float32 a
@@ -230,7 +235,7 @@ def check_same_loss(ours: Crosscoder, kwargs: dict, x: torch.Tensor) -> tuple[fl
     n, d = ours.n_models, ours.config.d_model
     ref = PerModelCrosscoder(n, d, ours.config.n_features, ours.config.activation, ours.config.k).to(x.device).double()
     ref.copy_from(ours)
-    loss_ours = ours(x.double(), **kwargs).loss
+    loss_ours = ours(x.double(), **(ours_kwargs or kwargs)).loss
     loss_ref = ref(x.double(), **kwargs)
     loss_ours.backward()
     loss_ref.backward()
@@ -318,14 +323,16 @@ def main() -> None:
             ours.set_scales_from([x])
             ours.to(device)
             ref = PerModelCrosscoder(n, d, n_features, activation, args.k).to(device)
-            # The trainer always passes a dead mask (all False early on), so AuxK always runs.
             dead_mask = (torch.rand(n_features, generator=torch.Generator().manual_seed(1)) < args.dead_fraction).to(
                 device
             )
             kwargs = dict(
                 l1_coefficient=2.0, dead_mask=dead_mask, aux_k=args.aux_k, aux_coefficient=1 / 32, threshold_decay=0.99
             )
-            loss_diff, grad_diff = check_same_loss(ours, kwargs, x)
+            # ours gets what the trainer passes: the dead features' indices, None when none is dead
+            dead_index = dead_mask.nonzero().squeeze(1)
+            ours_kwargs = kwargs | {"dead_mask": dead_index if dead_index.numel() else None}
+            loss_diff, grad_diff = check_same_loss(ours, kwargs, x, ours_kwargs)
             same = loss_diff < 1e-4 and grad_diff < 1e-3
             ref.copy_from(ours)
             print(
@@ -335,14 +342,18 @@ def main() -> None:
             ours.to(dtype)
             ref.to(dtype)
             run_ours, opt_ours = make_step(
-                ours, lambda ours=ours, x=x, kwargs=kwargs: ours(x, **kwargs).loss, device, args.autocast, args.steps
+                ours,
+                lambda ours=ours, x=x, kwargs=ours_kwargs: ours(x, **kwargs).loss,
+                device,
+                args.autocast,
+                args.steps,
             )
             run_ref, opt_ref = make_step(
                 ref, lambda ref=ref, x=x, kwargs=kwargs: ref(x, **kwargs), device, args.autocast, args.steps
             )
             sec, peak = timed({"ref": run_ref, "ours": run_ours}, device, args.repeats)
             tokens = batch * args.steps
-            flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k)
+            flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k, int(dead_mask.sum()))
             x_bytes = x.numel() * x.element_size()
             mem = {
                 "ref": state_bytes(ref, opt_ref) + x_bytes + peak["ref"],

@@ -87,6 +87,12 @@ STEPS: dict[str, Step] = {
         _P + "crosscoder.calibrate:crosscoder_calibrate",
         _P + "crosscoder.calibrate:CalibrationReport",
     ),
+    "crosscoder_sweep_k": Step(
+        ("crosscoder", "sweep-k"),
+        _P + "crosscoder.config:SweepKConfig",
+        _P + "crosscoder.sweep:crosscoder_sweep_k",
+        _P + "crosscoder.sweep:SweepResult",
+    ),
     "analyze": Step(
         ("analyze",),
         _P + "analysis.analyze_config:AnalyzeConfig",

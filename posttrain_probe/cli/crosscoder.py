@@ -1,4 +1,4 @@
-"""CLI: ``crosscoder train``, ``crosscoder info`` and ``crosscoder calibrate``."""
+"""CLI: ``crosscoder train``, ``crosscoder info``, ``crosscoder calibrate`` and ``crosscoder sweep-k``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from posttrain_probe.cli.common import user_errors
 from posttrain_probe.cli.options import config_options
-from posttrain_probe.crosscoder.config import CalibrateConfig, CrosscoderTrainConfig
+from posttrain_probe.crosscoder.config import CalibrateConfig, CrosscoderTrainConfig, SweepKConfig
 
 
 @user_errors
@@ -70,3 +70,15 @@ def crosscoder_calibrate(
             f"written to {report.crosscoder}; fingerprint {before} -> {after}: feature sets made for the uncalibrated crosscoder are refused "
             "for it (remake them, or keep the uncalibrated copy with --out)"
         )
+
+
+@user_errors
+@config_options(config=SweepKConfig)
+def crosscoder_sweep_k(config: SweepKConfig) -> None:
+    """Train a BatchTopK crosscoder per k on the same data and print held-out FVU, train/inference L0 and dead fraction."""
+    from posttrain_probe.crosscoder.sweep import crosscoder_sweep_k as sweep
+
+    result = sweep(config)
+    typer.echo(f"k sweep on {result.held_out_tokens:,} held-out tokens:")
+    typer.echo(result.table())
+    typer.echo(f"runs and sweep.json: {result.out}")

@@ -303,3 +303,57 @@ def dead_window_tokens(dead_after_tokens: int, batch_size: int, n_tokens: int) -
     run's ``n_tokens``), at least one batch. A feature that fired in none of the last window
     tokens is dead (docs/methods.md sec. 3)."""
     return max(batch_size, min(dead_after_tokens, int(n_tokens * DEAD_WINDOW_RUN_FRACTION)))
+
+
+@dataclass
+class SweepKConfig:
+    """A sweep over BatchTopK's k: one crosscoder per k on the same data, scored on held-out activations
+    (Python API, `posttrain-probe crosscoder sweep-k` and YAML, with sections ``crosscoder:`` and ``training:``)."""
+
+    acts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training activations: a collect output directory, or one store directory per model (repeat)."
+        },
+    )
+    held_out_acts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Held-out activations of the same models and site (e.g. `collect` on another split), read as --acts."
+        },
+    )
+    k_values: list[int] = field(
+        default_factory=lambda: [8, 16, 32, 64], metadata={"help": "Values of k to train (repeat)."}
+    )
+    held_out_tokens: int = field(default=50_000, metadata={"help": "Held-out tokens scored per k (the first ones)."})
+    out: Path | None = field(
+        default=None, metadata={"help": "Output directory: one crosscoder run per k (k<k>/) and sweep.json (required)."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace earlier runs in --out."})
+    crosscoder: CrosscoderConfig = field(
+        default_factory=lambda: CrosscoderConfig(activation="batchtopk"),
+        metadata={"help": "Architecture (the activation is set to batchtopk; k comes from --k-values)."},
+    )
+    training: CrosscoderTrainingConfig = field(
+        default_factory=CrosscoderTrainingConfig, metadata={"help": "Optimisation settings, the same for every k."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            raise ProbeError("--out is required (the directory of the sweep)")
+        self.out = Path(self.out)
+        self.acts = [str(p) for p in ([self.acts] if isinstance(self.acts, (str, Path)) else self.acts)]
+        self.held_out_acts = [
+            str(p)
+            for p in ([self.held_out_acts] if isinstance(self.held_out_acts, (str, Path)) else self.held_out_acts)
+        ]
+        if isinstance(self.crosscoder, dict):
+            self.crosscoder = CrosscoderConfig(**self.crosscoder)
+        if isinstance(self.training, dict):
+            self.training = CrosscoderTrainingConfig(**self.training)
+        self.crosscoder.activation = "batchtopk"  # what a k sweep trains
+        if not self.k_values or any(isinstance(k, bool) or int(k) != k or k < 1 for k in self.k_values):
+            raise ProbeError(f"k_values must be one or more integers >= 1, got {self.k_values}")
+        self.k_values = sorted({int(k) for k in self.k_values})
+        if self.held_out_tokens < 1:
+            raise ProbeError(f"held_out_tokens must be >= 1, got {self.held_out_tokens}")

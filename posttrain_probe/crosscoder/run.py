@@ -37,10 +37,15 @@ class CrosscoderRun(NamedTuple):
     """Quality warnings of a finished run (:func:`posttrain_probe.crosscoder.metrics.quality_warnings`); None: not checked (unfinished)."""
     config: CrosscoderConfig
     """The trained crosscoder's config (its ``config.json``)."""
+    summary: dict[str, Any] | None = None
+    """End-of-run figures of a finished run: train and inference L0, FVU, dead and never-fired fractions, the
+    threshold calibration (BatchTopK); None: unfinished."""
 
     def status(self) -> dict[str, Any]:
         """The content of ``training_status.json``."""
         status = {"complete": self.complete, "step": self.step, "total_steps": self.total_steps, "tokens": self.tokens}
+        if self.summary is not None:
+            status["summary"] = self.summary
         return status if self.warnings is None else {**status, "warnings": list(self.warnings)}
 
     def write(self, out: str | os.PathLike) -> dict[str, Path]:
@@ -65,6 +70,7 @@ class CrosscoderRun(NamedTuple):
             status.get("complete", True),
             status.get("warnings"),
             config,
+            status.get("summary"),
         )
 
 
