@@ -125,6 +125,9 @@ def test_sweep_k_on_planted_stores_through_the_cli(tmp_path):
     for row in rows:
         assert abs(row["inference_l0"] - row["k"]) <= 0.2 * row["k"] + 0.2
         assert (tmp_path / "sweep" / f"k{row['k']}" / "model.safetensors").exists()
+    from posttrain_probe.crosscoder.sweep import SweepResult
+
+    assert SweepResult.read(tmp_path / "sweep").rows[1].k == 3
     assert "inf. L0" in result.output and "k sweep on 5,000 held-out tokens" in result.output
     bad = CliRunner().invoke(app, ["crosscoder", "sweep-k", "--out", str(tmp_path / "x"), "--k-values", "0"])
     assert bad.exit_code != 0 and "k_values must be one or more integers >= 1, got [0]" in bad.output

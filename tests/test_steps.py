@@ -47,6 +47,15 @@ EXAMPLES: dict[str, dict[str, typing.Any]] = {
         "training": {"lr": 0.001, "batch_size": 256, "n_tokens": 4096},
     },
     "crosscoder_calibrate": {"crosscoder": "cc", "acts": ["acts"], "max_tokens": 2000, "k": 4, "out": "cc2"},
+    "crosscoder_sweep_k": {
+        "acts": ["acts"],
+        "held_out_acts": ["acts_val"],
+        "k_values": [4, 16],
+        "held_out_tokens": 3000,
+        "out": "sweep",
+        "crosscoder": {"n_features": 96, "activation": "batchtopk", "layer": 1},
+        "training": {"lr": 0.001, "batch_size": 256, "n_tokens": 4096, "calibration_tokens": 2048},
+    },
     "analyze": {
         "crosscoder": "cc",
         "out": "an",

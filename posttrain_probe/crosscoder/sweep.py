@@ -62,6 +62,16 @@ class SweepResult(NamedTuple):
         path.write_text(json.dumps(self.to_json(), indent=2))
         return {"sweep": path}
 
+    @classmethod
+    def read(cls, out) -> SweepResult:
+        """The sweep in ``out`` (its ``sweep.json``); ProbeError when there is none."""
+        path = Path(out) / SWEEP_FILE
+        if not path.exists():
+            raise ProbeError(f"{out} holds no k sweep: expected {SWEEP_FILE}")
+        data = json.loads(path.read_text())
+        rows = [SweepRow(**row) for row in data["rows"]]
+        return cls(data["model_names"], rows, data["held_out_tokens"], Path(out))
+
     def table(self) -> str:
         """The rows as an aligned text table."""
         head = f"{'k':>5} | {'FVU ' + '/'.join(self.model_names):>24} | {'train L0':>8} | {'inf. L0':>8} | {'dead':>6}"
