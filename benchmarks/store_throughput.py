@@ -3,9 +3,10 @@
 One random bf16 tensor ``acts [tokens, d_model]`` (with token_ids int32, doc_ids int64,
 positions int32, as the store keeps) is written and read back in shards of ``--shard-tokens``:
 
-* write:   ``safetensors.torch.save_file`` per shard-sized slice (same tensors and metadata, so the
-           shard files are byte-for-byte the same size) vs ``ActivationStoreWriter.write`` in
-           chunks of ``--chunk-tokens`` then ``close()`` (includes sha256 and manifest updates).
+* write:   ``safetensors.torch.save_file`` per shard-sized slice (same tensors and metadata; the store's
+           shard files are a few hundred bytes larger: header space reserved while streaming) vs
+           ``ActivationStoreWriter.write`` in chunks of ``--chunk-tokens`` then ``close()`` (includes
+           the value check, checksums and manifest updates).
 * read:    ``load_file`` of each shard + ``acts.clone()`` vs ``ActivationStore.load_shard`` (fresh
            store object, so verify=True really hashes) + the same ``clone()``; also verify=False.
 * epoch:   ``iter_batches(--batch, shuffle=True)`` to float32 (fresh store, verify=True) vs
@@ -17,7 +18,9 @@ Usage::
         [--chunk-tokens 4096] [--batch 4096] [--repeats 3] [--threads N] [--dir PATH]
 
 Reads come from the page cache warmed by the writes (dropping it needs root), equally for both
-sides. A benchmark, not a test: it reports numbers and never fails on timing.
+sides. Each round of timings starts one function further on, so that no side always runs right after
+the other (its writes' dirty pages, its freed memory). A benchmark, not a test: it reports numbers
+and never fails on timing.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain_probe.activations.store import FORMAT, ActivationStore, ActivationStoreWriter
+from posttrain_probe.activations.store import ActivationStore, ActivationStoreWriter, shard_metadata
 
-METADATA = {"format": FORMAT, "layer": "0"}  # what the writer puts in each shard header
+METADATA = shard_metadata(0)  # what the writer puts in each shard header
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,12 +59,14 @@ def dir_bytes(path: Path) -> int:
 
 
 def timed(fns: dict, repeats: int) -> dict:
-    """Median seconds of each ``fns[key](rep)`` after one warm-up (rep=-1); round-robin per repeat."""
+    """Median seconds of each ``fns[key](rep)`` after one warm-up (rep=-1); round-robin per repeat, starting each
+    round one key further on (so that no side always runs right after the other)."""
     times: dict = {key: [] for key in fns}
+    keys = list(fns)
     for rep in range(-1, repeats):
-        for key, fn in fns.items():
+        for key in keys[(rep + 1) % len(keys) :] + keys[: (rep + 1) % len(keys)]:
             start = time.perf_counter()
-            fn(rep)
+            fns[key](rep)
             if rep >= 0:
                 times[key].append(time.perf_counter() - start)
     return {key: statistics.median(t) for key, t in times.items()}
@@ -173,7 +178,7 @@ def main() -> None:
         gb, go = nb / sec[kb] / 1e9, no / sec[ko] / 1e9
         print(f"{what:<48} | {gb:>9.2f} | {go:>9.2f} | {go / gb:>8.2f}x | {'yes' if go / gb >= 0.8 else 'NO'}")
     print("reads are served from the page cache warmed by the writes, for both sides equally (no root to drop it);")
-    print("writes end in the page cache too (no fsync of shards on either side; the store fsyncs its manifest).")
+    print("writes end in the page cache too (neither side fsyncs; the writer's fsync=True would, shard and manifest).")
 
 
 if __name__ == "__main__":

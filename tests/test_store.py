@@ -278,6 +278,122 @@ def test_bad_writes_are_refused(tmp_path):
         ActivationStore(tmp_path / "missing")
 
 
+def test_shards_stream_into_plain_safetensors_files(tmp_path):
+    """Activations go to the shard's temporary file as they are written; the finished shard is an ordinary
+    safetensors file (the store's metadata, the four tensors, the header padded to a multiple of 8 bytes)."""
+    import struct
+
+    from safetensors import safe_open
+
+    path = tmp_path / "s"
+    writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    acts, token_ids, doc_ids, positions = _tokens(40)
+    writer.write(acts, token_ids, doc_ids, positions, cursor=1)
+    (in_flight,) = path.glob(".shard-00000.safetensors.tmp-*")
+    assert in_flight.stat().st_size > 40 * D * 2  # the activations are on disk before the shard is cut
+    writer.close()
+    assert not list(path.glob(".shard-*"))
+    shard = path / "shard-00000.safetensors"
+    header_len = struct.unpack("<Q", shard.read_bytes()[:8])[0]
+    assert header_len % 8 == 0
+    with safe_open(str(shard), framework="pt") as handle:
+        assert handle.metadata() == {"format": "posttrain-probe/activation-store", "layer": "3", "values": "finite"}
+        assert sorted(handle.keys()) == ["acts", "doc_ids", "positions", "token_ids"]
+        torch.testing.assert_close(handle.get_tensor("acts"), acts.bfloat16(), rtol=0, atol=0)
+        assert handle.get_tensor("doc_ids").dtype == torch.int64 and torch.equal(handle.get_tensor("doc_ids"), doc_ids)
+        assert handle.get_tensor("token_ids").dtype == torch.int32
+        assert torch.equal(handle.get_tensor("positions").long(), positions)
+
+
+def test_refused_write_leaves_the_shard_in_flight_intact(tmp_path):
+    """A write with NaN/inf is cut off the shard file again, whether its activations were written as given (CPU,
+    store dtype) or converted first; the writes around it make the shard."""
+    path = tmp_path / "s"
+    writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    good = [_tokens(30, start=0, seed=1), _tokens(30, start=30, seed=2), _tokens(30, start=60, seed=3)]
+    first = _tokens(30, seed=8)
+    first[0][0, 0] = float("-inf")
+    with pytest.raises(ProbeError, match="NaN or inf"):  # the shard's first write: its file is left empty
+        writer.write(*first, cursor=1)
+    writer.write(good[0][0].bfloat16(), *good[0][1:], cursor=1)  # written as given
+    for bad_value, dtype in ((float("nan"), torch.bfloat16), (float("inf"), torch.float32)):
+        bad = _tokens(30, start=30, seed=9)
+        bad[0][7, 3] = bad_value
+        with pytest.raises(ProbeError, match="NaN or inf; nothing of this write was kept"):
+            writer.write(bad[0].to(dtype), *bad[1:], cursor=2)
+    writer.write(*good[1], cursor=2)  # converted from float32
+    writer.write(good[2][0].bfloat16(), *good[2][1:], cursor=3)
+    writer.close()
+    store = ActivationStore(path)
+    assert store.verify_all() == [] and [s["n_tokens"] for s in store.manifest.shards] == [90]
+    shard = store.load_shard(0)
+    torch.testing.assert_close(shard["acts"], torch.cat([g[0] for g in good]).bfloat16(), rtol=0, atol=0)
+    assert torch.equal(shard["token_ids"].long(), torch.cat([g[1] for g in good]))
+
+
+def test_verified_shards_of_the_writer_skip_the_value_check_others_do_not(tmp_path, monkeypatch):
+    """A shard the writer marked (it refused non-finite values) and whose checksum matches needs no second look; an
+    unverified read, or a shard without the mark (another tool's, rewritten with its checksum updated), is checked."""
+    from safetensors.torch import load_file, save_file
+
+    from posttrain_probe.activations import store as store_module
+    from posttrain_probe.activations.manifest import file_checksum
+
+    _write(tmp_path / "s", n_writes=4)
+    looked = []
+    real = store_module._nonfinite_problem
+    monkeypatch.setattr(
+        store_module, "_nonfinite_problem", lambda acts, file: looked.append(file.name) or real(acts, file)
+    )
+    ActivationStore(tmp_path / "s").load_shard(0)
+    assert looked == []
+    ActivationStore(tmp_path / "s", verify=False).load_shard(0)
+    assert looked == ["shard-00000.safetensors"]
+    shard = tmp_path / "s" / "shard-00001.safetensors"
+    tensors = load_file(shard)
+    tensors["acts"][2, 3] = float("nan")
+    save_file(tensors, shard)  # no mark: not the writer's
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["shards"][1]["xxh3_128"] = file_checksum(shard)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ProbeError, match="1 non-finite activations.*re-collect"):
+        ActivationStore(tmp_path / "s").load_shard(1)
+
+
+def test_disk_error_while_streaming_stops_the_writer_until_reopened(tmp_path, monkeypatch):
+    """The shard in flight is lost with a disk error: the writer refuses to go on (which would leave a gap), and a
+    reopened writer resumes after the last complete shard."""
+    from posttrain_probe.activations import store as store_module
+
+    path = tmp_path / "s"
+    writer = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    for i in range(3):
+        writer.write(*_tokens(30, start=i * 30), cursor=i + 1)  # shard 0: 90 tokens
+    writer.write(*_tokens(30, start=90), cursor=4)  # in flight
+
+    def full_disk(handle, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_write_all", full_disk)
+    with pytest.raises(ProbeError, match="disk error while writing shard .*shard-00001.safetensors.*1 complete shards"):
+        writer.write(*_tokens(30, start=120), cursor=5)
+    monkeypatch.undo()
+    assert not list(path.glob(".shard-*"))
+    with pytest.raises(ProbeError, match=r"lost the shard being written.*reopen the store to resume.*cursor 3"):
+        writer.write(*_tokens(30, start=120), cursor=5)
+    with pytest.raises(ProbeError, match="lost the shard being written"):
+        writer.close()
+    assert not list(path.glob(".probe.lock*"))  # released all the same
+    resumed = ActivationStoreWriter(path, layer=3, d_model=D, model="base", shard_tokens=64, source={"dataset": "x"})
+    assert resumed.cursor == 3 and resumed.n_tokens == 90
+    for i in range(resumed.cursor, 6):
+        resumed.write(*_tokens(30, start=i * 30), cursor=i + 1)
+    resumed.close()
+    store = ActivationStore(path)
+    assert store.verify_all() == [] and store.n_tokens == 180
+    assert torch.equal(torch.cat([store.load_shard(i)["doc_ids"] for i in range(2)]), torch.arange(180) // 10)
+
+
 def test_version_1_stores_with_sha256_are_read_verified_and_resumed(tmp_path):
     """A store written before format version 2 (sha256 per shard) still reads, verifies and catches corruption, and a
     resumed write adds sha256 shards, so its manifest stays one format."""

@@ -209,7 +209,7 @@ def read_manifest(path: str | os.PathLike) -> StoreManifest:
 
 
 def shard_problems(path: str | os.PathLike, manifest: StoreManifest) -> list[str]:
-    """Every shard of the store at ``path`` checked against its sha256: the problems (empty when intact)."""
+    """Every shard of the store at ``path`` checked against its checksum: the problems (empty when intact)."""
     return [problem for shard in manifest.shards if (problem := shard_problem(Path(path), shard)) is not None]
 
 

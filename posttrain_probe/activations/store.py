@@ -3,35 +3,43 @@
 Layout of a store directory::
 
     manifest.json              format + version, model, layer, d_model, dtype, token count,
-                               token fingerprint, shard list (tokens, sha256, data cursor)
+                               token fingerprint, shard list (tokens, xxh3_128, data cursor)
     shard-00000.safetensors    acts [n, d] (store dtype), token_ids [n] int32,
-                               doc_ids [n] int64, positions [n] int32
+                               doc_ids [n] int64, positions [n] int32; metadata format,
+                               layer, values: finite (see shard_metadata)
 
-Shards are written to a temporary name and renamed; the manifest is rewritten atomically after
+A shard's activations stream into its file as they are written (no shard-sized buffer in memory): the writer
+reserves the header's space, appends each write's ``acts`` after it, and at the cut appends the token tensors and
+fills in the header (a plain safetensors file; its header padded with spaces, as the format allows). Shards are
+written to a temporary name and renamed; the manifest is rewritten atomically after
 each shard, so a killed writer loses at most the shard in flight and resumes from there. A
 writer holds the store's lock (:mod:`posttrain_probe.locks`; ``.probe.lock``, per rank in a
 distributed write) from opening to :meth:`ActivationStoreWriter.close`. In a
 distributed run rank r writes ``shard-rNNN-XXXXX.safetensors`` and ``manifest.rankNNN.json``;
 :func:`merge_rank_manifests` (rank 0, after a barrier) joins them into ``manifest.json``.
 
-Only safetensors and JSON are read; every shard is checked against its checksum (xxh3_128; sha256 in version-1 stores) before use.
+Only safetensors and JSON are read; every shard is checked against its checksum (xxh3_128; sha256 in version-1 stores)
+before use, and its activations for NaN/inf unless the checksum vouches for the writer's own check.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from posttrain_probe.activations.manifest import (
     FORMAT,
@@ -62,6 +70,71 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def shard_metadata(layer: int) -> dict[str, str]:
+    """The safetensors metadata of each shard the writer makes: the format, the layer, and ``values: finite``.
+
+    The writer refuses non-finite activations, so a shard that carries the mark and matches its checksum holds the
+    bytes that were checked: a verified read skips the second look (shards of other tools, or of older writers, lack
+    the mark and are checked when read)."""
+    return {"format": FORMAT, "layer": str(layer), "values": "finite"}
+
+
+_SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+_TOKEN_TENSORS = (("doc_ids", torch.int64), ("positions", torch.int32), ("token_ids", torch.int32))
+"""A shard's token tensors in file order, after ``acts`` (int64 first: aligned whenever acts' bytes are a multiple of 8)."""
+
+
+def _shard_header(n_tokens: int | None, d_model: int, dtype: torch.dtype, metadata: Mapping[str, str]) -> bytes:
+    """The JSON header of a shard of ``n_tokens`` (safetensors format; tensors in file order, unpadded).
+
+    ``n_tokens=None`` gives the longest header a shard can have (every number 20 digits): the space a writer reserves
+    before it knows where the shard will be cut."""
+    widest = 10**19
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor_dtype, shape in (
+        ("acts", dtype, [n_tokens, d_model]),
+        *((k, t, [n_tokens]) for k, t in _TOKEN_TENSORS),
+    ):
+        end = offset + (0 if n_tokens is None else math.prod(shape) * tensor_dtype.itemsize)
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor_dtype],
+            "shape": [widest if n_tokens is None else size for size in shape],
+            "data_offsets": [widest, widest] if n_tokens is None else [offset, end],
+        }
+        offset = end
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _write_all(handle: Any, data: torch.Tensor | bytes) -> None:
+    """Write bytes, or a contiguous CPU tensor's bytes (no copy), at an unbuffered file's position."""
+    view = memoryview(data.reshape(-1).view(torch.uint8).numpy() if isinstance(data, torch.Tensor) else data)
+    while view:
+        view = view[handle.write(view) :]
+
+
+def _on_thread(function: Callable[..., Any], *args: Any) -> Future:
+    """Start ``function(*args)`` on a new thread; its result or exception comes from the returned future.
+
+    For the store's I/O and hashing, which release the GIL: file writes, xxhash and hashlib on large buffers."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # handed to the caller by future.result()
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="activation-store-io", daemon=True).start()
+    return future
+
+
 def _tokens_digest(token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in (token_ids, doc_ids, positions):
@@ -72,11 +145,18 @@ def _tokens_digest(token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: to
 class ActivationStoreWriter:
     """Append activations of one model at one site to a store directory, resumably.
 
-    ``write`` buffers; a shard is flushed once at least ``shard_tokens`` tokens are buffered, cut
+    ``write`` appends to the shard being written (its activations go straight to the shard's temporary file, its
+    tokens are kept); a shard is flushed once it holds at least ``shard_tokens`` tokens, cut
     at a ``write`` boundary so that each shard records the caller's data ``cursor`` (e.g. number of
     source batches consumed). Reopening an incomplete store resumes it: ``cursor`` and
     ``n_tokens`` say where it stopped. Reopening with a different layer, width, dtype, model or
     source raises ProbeError rather than mixing data.
+
+    ``fsync=True`` makes each shard, then the manifest that lists it, durable before the writer goes on (a power
+    loss then loses at most the shard in flight). By default files reach the disk at the kernel's pace, as a plain
+    ``save_file`` does: a killed writer still loses at most the shard in flight (the renames are ordered), a power
+    loss may lose more. (On ext4 an fsync also waits for a journal commit, which first writes out other files'
+    dirty data: seconds per shard while gigabytes are being written.)
     """
 
     def __init__(
@@ -117,11 +197,18 @@ class ActivationStoreWriter:
         # One writer per store (per rank's files in a distributed write), held until close().
         self._dir_lock = DirectoryLock(self.path, what="activation store", rank=rank)
         self.manifest = self._open(wanted)
-        # Activations of the shard being filled go straight into one reusable buffer (no cat).
-        self._acts = torch.empty(0, int(d_model), dtype=self._torch_dtype)
+        self._metadata = shard_metadata(self.manifest.layer)
+        # JSON bytes reserved for the header at the start of each shard file (a multiple of 8: aligned data).
+        widest = len(_shard_header(None, self.manifest.d_model, self._torch_dtype, self._metadata))
+        self._header_space = widest + -widest % 8
+        # The shard being written: its temporary file (acts appended after the header space) and its tokens.
+        self._shard_file: Any = None
+        self._shard_tmp: Path | None = None
         self._buffered = 0
         self._token_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffer_cursor: int | None = None
+        self._staging = torch.empty(0, self.manifest.d_model, dtype=self._torch_dtype)  # for acts needing a copy
+        self._lost: str | None = None  # set when a disk error lost the shard being written
 
     # -- opening / resuming -------------------------------------------------------------------
     def _open(self, wanted: StoreManifest) -> StoreManifest:
@@ -161,7 +248,7 @@ class ActivationStoreWriter:
         return manifest
 
     def verify(self) -> list[str]:
-        """Check the flushed shards of this writer (this rank's) against their sha256; returns the problems."""
+        """Check the flushed shards of this writer (this rank's) against their checksums; returns the problems."""
         return [problem for shard in self.manifest.shards if (problem := shard_problem(self.path, shard)) is not None]
 
     def _check_world_size(self) -> None:
@@ -233,60 +320,104 @@ class ActivationStoreWriter:
                 raise ProbeError(f"{name} must have shape [{n}], got {tuple(tensor.shape)}")
         if n == 0:
             return
-        if self._buffered + n > self._acts.shape[0]:
-            # Grow geometrically up to one shard (+ this write); the buffer is then reused for every shard.
-            capacity = max(self._buffered + n, min(self.shard_tokens + n, max(2 * self._acts.shape[0], 1 << 17)))
-            grown = torch.empty(capacity, self._acts.shape[1], dtype=self._torch_dtype)
-            grown[: self._buffered] = self._acts[: self._buffered]
-            self._acts = grown
-        target = self._acts[self._buffered : self._buffered + n]
-        target.copy_(acts.detach())  # dtype conversion and device -> host copy in one step
-        low, high = torch.aminmax(target)  # NaN propagates; far cheaper than isfinite().all()
-        if not (torch.isfinite(low) and torch.isfinite(high)):
-            raise ProbeError(f"activations written to {self.path} contain NaN or inf; nothing of this write was kept")
-        self._token_parts.append(
-            (
-                token_ids.detach().to("cpu", torch.int32),
-                doc_ids.detach().to("cpu", torch.int64),
-                positions.detach().to("cpu", torch.int32),
-            )
+        self._refuse_after_loss()
+        data = acts.detach()
+        if data.device.type != "cpu" or data.dtype != self._torch_dtype or not data.is_contiguous():
+            if self._staging.shape[0] < n:
+                self._staging = torch.empty(n, self.manifest.d_model, dtype=self._torch_dtype)
+            data = self._staging[:n]
+            data.copy_(acts.detach())  # dtype conversion and device -> host copy in one step
+        tokens = (
+            token_ids.detach().to("cpu", torch.int32),
+            doc_ids.detach().to("cpu", torch.int64),
+            positions.detach().to("cpu", torch.int32),
         )
+        try:
+            if self._shard_file is None:
+                self._shard_tmp = self._shard_paths()[1]
+                self._shard_file = open(self._shard_tmp, "wb", buffering=0)  # closed by flush or release
+                self._shard_file.seek(8 + self._header_space)
+            start = self._shard_file.tell()
+            # The file write (the kernel's copy into the page cache, GIL released) runs on a thread while this one
+            # checks the values; non-finite values are cut off the file again.
+            writing = _on_thread(_write_all, self._shard_file, data)
+            try:
+                low, high = torch.aminmax(data)  # NaN propagates; far cheaper than isfinite().all()
+            finally:
+                writing.exception()  # the write has finished, whatever happened here
+            writing.result()
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                self._shard_file.seek(start)
+                self._shard_file.truncate()
+                raise ProbeError(
+                    f"activations written to {self.path} contain NaN or inf; nothing of this write was kept"
+                )
+        except OSError as err:
+            self._lose_shard(err)
+        self._token_parts.append(tokens)
         self._buffered += n
         self._buffer_cursor = cursor if cursor is not None else (self._buffer_cursor or self.cursor)
         if self._buffered >= self.shard_tokens:
             self.flush()
 
+    def _shard_paths(self) -> tuple[Path, Path]:
+        """(final path, temporary path) of the shard being written."""
+        final = self.path / shard_name(len(self.manifest.shards), self.rank, self.world_size)
+        return final, final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+    def _discard_shard(self) -> None:
+        """Close and delete the temporary file of the shard being written, and forget its tokens."""
+        if self._shard_file is not None:
+            self._shard_file.close()
+            self._shard_file = None
+        if self._shard_tmp is not None:
+            self._shard_tmp.unlink(missing_ok=True)
+            self._shard_tmp = None
+        self._buffered, self._token_parts, self._buffer_cursor = 0, [], None
+
+    def _lose_shard(self, err: BaseException) -> None:
+        """A disk error while writing the shard in flight: drop it and refuse further writes (reopen to resume)."""
+        final = self._shard_paths()[0]
+        self._discard_shard()
+        self._lost = f"disk error while writing shard {final}: {err}"
+        raise ProbeError(
+            f"{self._lost}; the store keeps its {len(self.manifest.shards)} complete shards and resumes from there"
+        ) from err
+
+    def _refuse_after_loss(self) -> None:
+        if self._lost is not None:
+            raise ProbeError(
+                f"activation store {self.path} lost the shard being written ({self._lost}); reopen the store to "
+                f"resume from its {len(self.manifest.shards)} complete shards (cursor {self.cursor})"
+            )
+
     def flush(self) -> None:
         """Write everything buffered as one shard and update the manifest (no-op when empty)."""
         if not self._buffered:
             return
+        self._refuse_after_loss()
         token_ids, doc_ids, positions = (torch.cat(parts) for parts in zip(*self._token_parts))
         index = len(self.manifest.shards)
-        name = shard_name(index, self.rank, self.world_size)
-        final = self.path / name
-        tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-        tensors = {
-            "acts": self._acts[: self._buffered],
-            "token_ids": token_ids,
-            "doc_ids": doc_ids,
-            "positions": positions,
-        }
+        final, tmp = self._shard_paths()[0], self._shard_tmp
+        header = _shard_header(self._buffered, self.manifest.d_model, self._torch_dtype, self._metadata)
+        algorithm = "sha256" if self.manifest.format_version == 1 else "xxh3_128"  # a resumed v1 store stays v1
         try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "layer": str(self.manifest.layer)})
+            tokens = {"doc_ids": doc_ids, "positions": positions, "token_ids": token_ids}
+            for name, _ in _TOKEN_TENSORS:
+                _write_all(self._shard_file, tokens[name])
+            self._shard_file.seek(0)
+            _write_all(self._shard_file, struct.pack("<Q", self._header_space) + header.ljust(self._header_space))
             if self.fsync:
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            algorithm = "sha256" if self.manifest.format_version == 1 else "xxh3_128"  # a resumed v1 store stays v1
-            checksum = file_checksum(tmp, algorithm)  # hashed from the page cache the write just filled
+                os.fsync(self._shard_file.fileno())
+            self._shard_file.close()
+            self._shard_file = None
+            checksum = file_checksum(tmp, algorithm)  # hashed from the page cache the writes just filled
             os.replace(tmp, final)
-        except (OSError, SafetensorError) as err:
-            tmp.unlink(missing_ok=True)
-            raise ProbeError(
-                f"disk error while writing shard {final}: {err}; the store keeps its {len(self.manifest.shards)} "
-                "complete shards and resumes from there"
-            ) from err
+            self._shard_tmp = None
+        except OSError as err:
+            self._lose_shard(err)
         shard = {
-            "file": name,
+            "file": final.name,
             "n_tokens": int(self._buffered),
             algorithm: checksum,
             "tokens_sha256": _tokens_digest(token_ids, doc_ids, positions),
@@ -296,19 +427,22 @@ class ActivationStoreWriter:
         self.manifest.shards.append(shard)
         try:
             self._write_manifest()
-        except ProbeError:
+        except ProbeError as err:
             self.manifest.shards.pop()
             final.unlink(missing_ok=True)
+            self._discard_shard()
+            self._lost = str(err)
             raise
         self._buffered, self._token_parts, self._buffer_cursor = 0, [], None
 
     def _write_manifest(self) -> None:
-        write_atomic(self._manifest_path, self.manifest.to_json().encode(), fsync=True, what="manifest")
+        write_atomic(self._manifest_path, self.manifest.to_json().encode(), fsync=self.fsync, what="manifest")
 
     def truncate(self, cursor: int) -> None:
         """Drop flushed shards whose cursor is beyond ``cursor`` (to re-align paired stores on resume)."""
         if self._buffered:
             raise ProbeError("truncate() needs an empty write buffer; call it right after opening the store")
+        self._discard_shard()  # the empty file a refused first write may have left open
         keep = [s for s in self.manifest.shards if int(s["cursor"]) <= cursor]
         dropped = self.manifest.shards[len(keep) :]
         if not dropped:
@@ -323,6 +457,7 @@ class ActivationStoreWriter:
         """Flush the buffer; with ``complete=True`` mark the store finished (no further writes).
         Releases the store's lock either way."""
         try:
+            self._refuse_after_loss()  # never mark a store with a lost shard complete
             self.flush()
             if complete and not self.manifest.complete:
                 self.manifest.complete = True
@@ -331,8 +466,12 @@ class ActivationStoreWriter:
             self.release()
 
     def release(self) -> None:
-        """Give up the store's lock without flushing (after an error; :meth:`close` does it too)."""
-        self._dir_lock.release()
+        """Give up the store's lock without flushing (after an error; :meth:`close` does it too): the shard being
+        written, if any, is deleted (a reopened writer resumes after the last flushed shard)."""
+        try:
+            self._discard_shard()
+        finally:
+            self._dir_lock.release()
 
     def __enter__(self) -> ActivationStoreWriter:
         return self
@@ -359,7 +498,7 @@ def merge_rank_manifests(path: str | os.PathLike) -> StoreManifest:
 class ActivationStore(ActivationSource):
     """Read an activation store directory: metadata, verified shards and shuffled batches.
 
-    Every shard is checked against the manifest's sha256 the first time this object loads it
+    Every shard is checked against the manifest's checksum the first time this object loads it
     (``verify=False`` skips that). Activations come back in raw model units;
     :meth:`iter_batches` serves shuffled [batch, d] batches.
     """
@@ -416,7 +555,7 @@ class ActivationStore(ActivationSource):
         return shard_bytes(self.path, self.manifest)
 
     def check_shard(self, index: int) -> str | None:
-        """None if shard ``index`` exists and matches its sha256, else a description of the problem."""
+        """None if shard ``index`` exists and matches its checksum, else a description of the problem."""
         return shard_problem(self.path, self.manifest.shards[index])
 
     def verify_all(self) -> list[str]:
@@ -440,7 +579,9 @@ class ActivationStore(ActivationSource):
                     )
                 with self._lock:
                     self._verified.add(index)
-            tensors = load_file(file)
+            with safe_open(str(file), framework="pt") as handle:
+                checked_when_written = (handle.metadata() or {}).get("values") == "finite"
+                tensors = handle.get_tensors()
         except (OSError, SafetensorError) as err:
             raise ProbeError(f"cannot read shard {file}: {err}") from err
         if tensors["acts"].shape != (shard["n_tokens"], self.d_model):
@@ -448,11 +589,13 @@ class ActivationStore(ActivationSource):
                 f"shard {file} holds acts {tuple(tensors['acts'].shape)}, manifest says [{shard['n_tokens']}, {self.d_model}]"
             )
         if index not in self._values_checked:
-            problem = _nonfinite_problem(tensors["acts"], file)
-            if problem is not None:
-                raise ProbeError(
-                    f"{problem}: the activations are unusable; re-collect this store (delete {self.path} and run the same collect command again)"
-                )
+            # Verified bytes of a writer that refused non-finite values need no second look (shard_metadata).
+            if not (self.verify and checked_when_written):
+                problem = _nonfinite_problem(tensors["acts"], file)
+                if problem is not None:
+                    raise ProbeError(
+                        f"{problem}: the activations are unusable; re-collect this store (delete {self.path} and run the same collect command again)"
+                    )
             with self._lock:
                 self._values_checked.add(index)
         return tensors
@@ -523,7 +666,7 @@ def shard_chunks(
                 yield from range(n_shards)
             epoch += 1
 
-    # Two shards in flight: reading and sha256 release the GIL, so they overlap with the consumer.
+    # Two shards in flight: reading and hashing release the GIL, so they overlap with the consumer.
     with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="shard-prefetch") as pool:
         pending: deque = deque()
         for index in order():
