@@ -33,7 +33,14 @@ from torch import nn
 
 from posttrain_probe.analysis.fisher_config import FisherConfig
 from posttrain_probe.analysis.fisher_report import FisherReport
-from posttrain_probe.analysis.fisher_stats import SegmentStats, segment_statistics, select_fisher_features
+from posttrain_probe.analysis.fisher_stats import (
+    PackedBatches,
+    SegmentResiduals,
+    SegmentStats,
+    packed_batches,
+    segment_statistics,
+    select_fisher_features,
+)
 from posttrain_probe.analysis.reasonscore import REASON_TOKENS, WINDOW, ReasonScoreAccumulator, reasoning_token_groups
 from posttrain_probe.analysis.segments import SEGMENTS, SegmentCorpus, document_column, split_document
 from posttrain_probe.errors import ProbeError
@@ -55,7 +62,10 @@ def features_fisher(
     :class:`~posttrain_probe.crosscoder.Crosscoder`, used instead of ``config.crosscoder``/``config.sae``; an SAE
     when ``config.sae`` names it), ``models`` (name -> loaded causal LM, for names of ``config.model``; the paths
     there give the tokenizer unless ``tokenizer`` is passed). Models given as paths are loaded one at a time
-    (blocks after the layer dropped) and freed after use. A model that is not the one its branch was trained on
+    (blocks after the layer dropped) and freed after use. The documents are tokenised once and packed by length
+    (:func:`~posttrain_probe.analysis.fisher_stats.packed_batches`); every model runs once over them (the select
+    model's rho pass reads the residuals of its selection pass, up to
+    :data:`~posttrain_probe.analysis.fisher_stats.RESIDUAL_BYTES`, and runs the model on the rest only). A model that is not the one its branch was trained on
     (nor tuned from it) is refused unless ``config.allow_model_mismatch`` (then recorded in
     ``settings["model_mismatch"]``). ProbeError when no document has a reasoning (or a solution) segment.
     """
@@ -227,6 +237,7 @@ def _model_statistics(
     stats: dict[str, SegmentStats] = {}
     selection = reason = None
     mismatches: dict[str, str] = {}
+    batches = packed_batches(corpus)  # tokenised once for every pass
     try:
         for name in [select] + [n for n in models if n != select]:
             model, mismatch = _load_model(name, models[name], cc, branches[name], layer, config, device)
@@ -234,8 +245,12 @@ def _model_statistics(
                 mismatches[name] = mismatch
             param = next(model.parameters(), None)
             cc.to(param.device if param is not None else device)
-            if name == select:
-                selection, reason = _select(config, cc, model, branches[name], name, layer, corpus, progress)
+            residuals = None
+            if name == select:  # the rho pass reads the selection pass's residuals instead of running the model again
+                residuals = SegmentResiduals()
+                selection, reason = _select(
+                    config, cc, model, branches[name], name, layer, corpus, batches, residuals, progress
+                )
             stats[name] = segment_statistics(
                 model,
                 cc,
@@ -243,10 +258,12 @@ def _model_statistics(
                 corpus,
                 layer=layer,
                 features=selection.features,
+                batches=batches,
+                residuals=residuals,
                 progress=progress,
                 desc=f"rho {name}",
             )
-            del model
+            del model, residuals
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -262,9 +279,11 @@ def _select(
     name: str,
     layer: int,
     corpus: SegmentCorpus,
+    batches: PackedBatches,
+    residuals: SegmentResiduals,
     progress: bool,
 ):
-    """The Fisher selection on one model's codes and its ReasonScore (None when switched off)."""
+    """The Fisher selection on one model's codes and its ReasonScore (None when switched off); fills ``residuals``."""
     accumulator = None
     if config.reasonscore:
         words, groups = reasoning_token_groups(corpus.tokenizer, _reason_words(config))
@@ -273,7 +292,16 @@ def _select(
             words, groups, cc.config.n_features, weights=weights, alpha=config.alpha, window=WINDOW
         )
     first = segment_statistics(
-        model, cc, branch, corpus, layer=layer, reasonscore=accumulator, progress=progress, desc=f"fisher {name}"
+        model,
+        cc,
+        branch,
+        corpus,
+        layer=layer,
+        reasonscore=accumulator,
+        batches=batches,
+        residuals=residuals,
+        progress=progress,
+        desc=f"fisher {name}",
     )
     if int(first.n_tokens[0]) == 0 or int(first.n_tokens[1]) == 0:
         missing = "reasoning" if int(first.n_tokens[0]) == 0 else "solution"

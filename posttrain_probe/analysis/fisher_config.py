@@ -187,7 +187,12 @@ class FisherConfig:
             "help": "Tokens per document (longer ones are truncated; documents with cut segments are counted: raise it if many are)."
         },
     )
-    forward_batch_size: int = field(default=4, metadata={"help": "Documents per model forward."})
+    forward_batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Documents of --seq-len tokens per model forward: documents are packed by length into forwards of at most forward_batch_size x seq_len tokens (shorter ones share a forward)."
+        },
+    )
     layer: int | None = field(
         default=None, metadata={"help": "Site L (default: the crosscoder's layer; another layer is refused)."}
     )

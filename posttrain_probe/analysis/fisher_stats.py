@@ -5,18 +5,23 @@ The formulas: :func:`fisher_importance_ratio` (S eq. 1), :func:`magnitude_floor`
 (:func:`segment_statistics` -> :class:`SegmentStats`): E_reasoning[f_j^2] and E_solution[f_j^2] as token-weighted
 means over all segment tokens (the first position, special tokens and padding never count), accumulated in
 float64 on the model's device. Code units: the crosscoder's per-source codes f^m (its normalised-input units).
+
+Throughput: the corpus is tokenised once (:func:`packed_batches`) and its documents packed by length into
+forwards of ``batch_size * seq_len`` tokens; a model's segment residuals can be carried from its selection pass to
+its rho pass (:class:`SegmentResiduals`), so each model runs once over the corpus.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from posttrain_probe.analysis.reasonscore import ReasonScoreAccumulator
-from posttrain_probe.analysis.segments import SegmentCorpus
+from posttrain_probe.analysis.segments import SegmentBatch, SegmentCorpus
 from posttrain_probe.errors import ProbeError
 
 EPSILON = 1e-8
@@ -24,7 +29,13 @@ EPSILON = 1e-8
 DEFAULT_TOP_K = 50
 DEFAULT_FLOOR_QUANTILE = 0.9
 _ENCODE_TOKENS = 1024
-"""Tokens encoded at once (bounds the [tokens, F] code tensors)."""
+_ENCODE_ELEMENTS = 1 << 22
+"""Tokens encoded at once: ``max(_ENCODE_TOKENS, _ENCODE_ELEMENTS // F)`` (bounds the [tokens, F] code tensors;
+small crosscoders take more tokens per step)."""
+_TOKENISE_DOCS = 64
+"""Documents tokenised per call of :func:`~posttrain_probe.analysis.segments.segment_batches` when packing."""
+RESIDUAL_BYTES = 1 << 30
+"""Default budget of :class:`SegmentResiduals`: segment residuals kept between two passes of one model."""
 
 
 # -- the formulas -------------------------------------------------------------------------------------
@@ -197,6 +208,97 @@ class SegmentStats:
         return rho_statistic(self.hits, self.doc_tokens)
 
 
+class PackedBatches(Sequence[SegmentBatch]):
+    """The batches of :func:`packed_batches`: every document's tokens kept once, compactly (int32 ids, int8 labels,
+    about 5 bytes a token), and a batch padded only when it is read (``batches[i]``, iteration)."""
+
+    def __init__(self, rows: list[tuple[torch.Tensor, torch.Tensor, int]], groups: list[list[int]], pad_id: int):
+        self._rows = rows  # per document: input ids [n] int32, segment labels [n] int8, cut (0/1)
+        self._groups = groups  # per batch: its documents, longest first
+        self._pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        chosen = self._groups[index]
+        width = max(1, len(self._rows[chosen[0]][0]))
+        ids = torch.full((len(chosen), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        segments = torch.zeros((len(chosen), width), dtype=torch.int8)
+        for row, i in enumerate(chosen):
+            tokens, labels, _ = self._rows[i]
+            ids[row, : len(tokens)], segments[row, : len(tokens)] = tokens, labels
+            mask[row, : len(tokens)] = 1
+        n_cut = sum(self._rows[i][2] for i in chosen)
+        return SegmentBatch(ids, mask, segments, torch.as_tensor(chosen, dtype=torch.long), n_cut)
+
+
+def packed_batches(corpus: SegmentCorpus) -> PackedBatches:
+    """The documents of ``corpus`` tokenised once and packed by length into right-padded batches.
+
+    Documents are tokenised and labelled by :func:`~posttrain_probe.analysis.segments.segment_batches` (truncated at
+    ``corpus.seq_len``), then taken longest first and grouped so that a batch holds at most
+    ``corpus.batch_size * corpus.seq_len`` tokens, padding included: short documents share a forward, and no forward
+    is larger than one of ``batch_size`` full-length documents. ``doc_ids`` keep each document's index in
+    ``corpus.docs`` and ``n_cut`` counts the batch's cut documents, so the statistics do not depend on the grouping.
+    """
+    from posttrain_probe.analysis.segments import segment_batches
+
+    def tokenised(docs) -> SegmentBatch:
+        return next(iter(segment_batches(docs, corpus.tokenizer, seq_len=corpus.seq_len, batch_size=len(docs))))
+
+    rows: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    for start in range(0, corpus.n_docs, _TOKENISE_DOCS):
+        docs = corpus.docs[start : start + _TOKENISE_DOCS]
+        batch = tokenised(docs)
+        cut = [tokenised([doc]).n_cut for doc in docs] if batch.n_cut else [0] * len(docs)  # which ones were cut
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        ids = batch.input_ids.to(torch.int32)
+        rows += [(ids[r, :n].clone(), batch.segments[r, :n].clone(), cut[r]) for r, n in enumerate(lengths)]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # stable: ties keep the corpus order
+    budget = corpus.batch_size * corpus.seq_len
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        width = max(1, len(rows[order[start]][0]))  # the group's longest document
+        groups.append(order[start : start + max(1, budget // width)])
+        start += len(groups[-1])
+    pad_id = corpus.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = corpus.tokenizer.eos_token_id or 0
+    return PackedBatches(rows, groups, pad_id)
+
+
+class SegmentResiduals:
+    """The residuals of one model's segment tokens, per batch, kept between passes over the same batches.
+
+    A pass of :func:`segment_statistics` given this object reads the batches it holds instead of running the
+    model, and stores the batches it runs while the stored tensors stay within ``max_bytes`` (a later pass then
+    runs the model on the rest only). Tensors stay on the model's device. Only for passes of the **same** model,
+    layer and batches (:func:`packed_batches`).
+    """
+
+    def __init__(self, max_bytes: int = RESIDUAL_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.n_bytes = 0
+        # batch index -> (x [n, d] raw residuals, segment labels [n] (1 or 2), document ids [n])
+        self.batches: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Batch ``index``'s ``(x, segment labels, document ids)``, or None when not kept."""
+        return self.batches.get(index)
+
+    def put(self, index: int, x: torch.Tensor, seg: torch.Tensor, doc: torch.Tensor) -> None:
+        """Keep batch ``index``'s segment tokens if they fit the budget."""
+        size = sum(t.numel() * t.element_size() for t in (x, seg, doc))
+        if index not in self.batches and self.n_bytes + size <= self.max_bytes:
+            self.batches[index] = (x, seg, doc)
+            self.n_bytes += size
+
+
 @torch.no_grad()
 def segment_statistics(
     model: nn.Module,
@@ -207,6 +309,8 @@ def segment_statistics(
     layer: int,
     features: list[int] | None = None,
     reasonscore: ReasonScoreAccumulator | None = None,
+    batches: Sequence[SegmentBatch] | None = None,
+    residuals: SegmentResiduals | None = None,
     progress: bool = False,
     desc: str = "fisher",
 ) -> SegmentStats:
@@ -217,16 +321,20 @@ def segment_statistics(
     device; with ``features`` (the selected set S) also per document the tokens on which some j in S fires (rho);
     with ``reasonscore``, its window statistics over **all** kept tokens. ``crosscoder`` must sit on the model's
     device; codes are ``crosscoder.encode_source(a, branch)`` of the raw residual ``a`` entering block ``layer``.
+
+    The documents run in the batches of :func:`packed_batches` (``batches``: those of ``corpus`` made once for
+    several passes; default: made here). ``residuals`` (:class:`SegmentResiduals`) carries this model's segment
+    residuals from one pass to the next: a pass without ``reasonscore`` reads the batches it holds instead of
+    running the model.
     """
     from tqdm.auto import tqdm
 
-    from posttrain_probe.layers import truncated_forward
-
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    batches = packed_batches(corpus) if batches is None else batches
     n_features = crosscoder.config.n_features
     dtype = crosscoder.W_enc.dtype
-    n_tokens = torch.zeros(2, dtype=torch.int64, device=device)
+    chunk = max(_ENCODE_TOKENS, _ENCODE_ELEMENTS // n_features)
     sq_sum = torch.zeros(2, n_features, dtype=torch.float64, device=device)
     active = torch.zeros(2, n_features, dtype=torch.int64, device=device)
     n_docs = corpus.n_docs
@@ -239,46 +347,59 @@ def segment_statistics(
     model.eval()
     try:
         bar = tqdm(total=n_docs, desc=desc, unit="doc", disable=not progress)
-        for batch in corpus.batches():
+        for index, batch in enumerate(batches):
             bar.update(batch.input_ids.shape[0])
             n_cut += batch.n_cut
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            keep = mask.bool() & (mask.cumsum(dim=1) > 1) & ~torch.isin(ids, special)
-            seg = torch.where(keep, batch.segments.to(device).long(), 0)
-            want = keep if reasonscore is not None else seg > 0
-            rows, cols = want.nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            acts = truncated_forward(model, ids, mask, [layer])[layer]
-            x, seg_flat = acts[rows, cols], seg[rows, cols]
-            doc_flat = batch.doc_ids.to(device)[rows]
-            words = reasonscore.masks(ids, keep)[rows, cols] if reasonscore is not None else None
-            del acts
-            for start in range(0, x.shape[0], _ENCODE_TOKENS):
-                part = slice(start, start + _ENCODE_TOKENS)
+            tokens = residuals.get(index) if residuals is not None and reasonscore is None else None
+            words = None
+            if tokens is None:
+                tokens, words = _batch_tokens(model, batch, layer, special, reasonscore, device)
+                if tokens is None:
+                    continue
+                if residuals is not None:
+                    in_seg = tokens[1] > 0
+                    residuals.put(index, *(t if reasonscore is None else t[in_seg] for t in tokens))
+            x, seg_flat, doc_flat = tokens
+            fired = []
+            for start in range(0, x.shape[0], chunk):
+                part = slice(start, start + chunk)
                 codes = crosscoder.encode_source(x[part].to(dtype), branch)
                 kind = seg_flat[part]
                 for j in (0, 1):
-                    in_seg = kind == j + 1
-                    chosen = codes[in_seg]
+                    chosen = codes[kind == j + 1]
                     sq_sum[j] += chosen.square().sum(dim=0, dtype=torch.float64)
                     active[j] += (chosen > 0).sum(dim=0)
-                    n_tokens[j] += in_seg.sum()
-                in_any = kind > 0
-                where = (doc_flat[part][in_any], kind[in_any] - 1)
-                doc_tokens.index_put_(where, torch.ones_like(where[0]), accumulate=True)
-                if selected is not None:
-                    fired = (
-                        (codes[:, selected] > 0).any(dim=1)[in_any]
-                        if selected.numel()
-                        else torch.zeros_like(where[0], dtype=torch.bool)
-                    )
-                    hits.index_put_(where, fired.double(), accumulate=True)
+                if selected is not None and selected.numel():
+                    fired.append((codes[:, selected] > 0).any(dim=1))
                 if reasonscore is not None:
                     reasonscore.update(codes, words[part])
+            in_any = seg_flat > 0
+            where = (doc_flat[in_any], seg_flat[in_any] - 1)
+            doc_tokens.index_put_(where, torch.ones_like(where[0]), accumulate=True)
+            if selected is not None and selected.numel():
+                hits.index_put_(where, torch.cat(fired)[in_any].double(), accumulate=True)
         bar.close()
     finally:
         model.train(training)
+    n_tokens = doc_tokens.sum(dim=0)
     return SegmentStats(
         n_tokens.cpu(), sq_sum.cpu(), active.cpu(), doc_tokens.cpu(), hits.cpu() if hits is not None else None, n_cut
     )
+
+
+def _batch_tokens(model: nn.Module, batch: SegmentBatch, layer: int, special, reasonscore, device):
+    """One truncated forward: ``((x [n, d], segment labels [n], document ids [n]), reasonscore word masks [n, G])``
+    of the tokens counted (segment tokens; every kept token with ``reasonscore``), or ``(None, None)``."""
+    from posttrain_probe.layers import truncated_forward
+
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    keep = mask.bool() & (mask.cumsum(dim=1) > 1) & ~torch.isin(ids, special)
+    seg = torch.where(keep, batch.segments.to(device).long(), 0)
+    rows, cols = (keep if reasonscore is not None else seg > 0).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return None, None
+    # rows are right-padded: under causal attention no real token sees a pad, so the model runs unmasked (HF
+    # models then take their causal fast path instead of an explicit [B, 1, T, T] mask) and pads are dropped
+    x = truncated_forward(model, ids, torch.ones_like(mask), [layer])[layer][rows, cols]
+    words = reasonscore.masks(ids, keep)[rows, cols] if reasonscore is not None else None
+    return (x, seg[rows, cols], batch.doc_ids.to(device)[rows]), words
