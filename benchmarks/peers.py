@@ -64,8 +64,8 @@ sees the same batches in the same order (the output says so, or says that the re
 Crosscoder peers get [B, 2, d]; SAE peers get the concatenation [B, 2d], their decoder [F, 2d] read as
 [F, 2, d]. Each peer keeps its own recipe except what must match: k, F, batch, token budget, float32,
 Adam (sparsify's default optimizer is SignSGD), no k annealing. Learning rates are each library's own
-default rule unless ``--lr`` sets one for all: posttrain-probe 1e-4 (constant, linear decay over the
-last 20%), dictionary_learning and sparsify 2e-4 / sqrt(F / 2^14), SAELens 3e-4, Llamascopium 4e-4.
+default rule unless ``--lr`` sets one for all: posttrain-probe 1e-4 for ReLU and 2e-4 / sqrt(F / 2^14) for
+BatchTopK (constant, linear decay over the last 20%), dictionary_learning and sparsify 2e-4 / sqrt(F / 2^14), SAELens 3e-4, Llamascopium 4e-4.
 Step counts in the peers' schedules written for long runs (warmups of 1000-5000 steps, a threshold
 that starts at step 1000, a decay from step 24000 of 30000) are capped at a tenth of this run's steps
 (the decay keeps its last-20% share). Llamascopium is initialised as in all its examples
@@ -294,7 +294,7 @@ class Ours(Adapter):
         self.model = Crosscoder(config)
         self.model.reset_parameters(torch.Generator().manual_seed(spec.seed))
         self.model.set_scales_from([x])
-        self.lr = spec.lr or defaults.lr
+        self.lr = spec.lr or defaults.learning_rate(config)
         self.defaults, self.spec = defaults, spec
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(defaults.beta1, defaults.beta2))
         self.tokens_since_fired = torch.zeros(spec.n_features, dtype=torch.long)
@@ -837,7 +837,7 @@ def speed(args, available: dict[str, str | None]) -> list[dict]:
     for d in args.d_model:
         for batch in args.batch:
             for arch in args.arch:
-                n = 1 if arch == "sae" else 2
+                n, first = (1 if arch == "sae" else 2), len(rows)
                 _, x = planted_batch(n, d, batch, args, seed=1)
                 spec = Spec(n, d, args.features, k, batch, 10**6, args.lr, args.seed, speed=True)
                 impls: list[Adapter] = []
@@ -883,7 +883,20 @@ def speed(args, available: dict[str, str | None]) -> list[dict]:
                             dict(arch=arch, d_model=d, batch=batch, n_models=n, library=library, missing=reason)
                         )
                 del impls, copies
+                for r in rows[first:]:  # progress: the group's rows as soon as they are measured
+                    print(speed_line(r), file=sys.stderr, flush=True)
     return rows
+
+
+def speed_line(r: dict) -> str:
+    where = f"{ARCH_TITLES[r['arch']]:<27} | {r['d_model']:>4} | {r['batch']:>5}"
+    if "missing" in r:
+        return f"{where} | {r['library'] + ': ' + r['missing']}"
+    name = f"{r['library']} {r['implementation']}"
+    return (
+        f"{where} | {name:<48} | {r['median_s'] * 1e3:>8.1f} | {r['tokens_per_s']:>9,.0f} | "
+        f"{r['vs_ours']:>6.2f}x | {r['train_l0']:>6.1f} | {r['check']}"
+    )
 
 
 def print_speed(rows: list[dict], args) -> None:
@@ -896,15 +909,7 @@ def print_speed(rows: list[dict], args) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        where = f"{ARCH_TITLES[r['arch']]:<27} | {r['d_model']:>4} | {r['batch']:>5}"
-        if "missing" in r:
-            print(f"{where} | {r['library'] + ': ' + r['missing']}")
-            continue
-        name = f"{r['library']} {r['implementation']}"
-        print(
-            f"{where} | {name:<48} | {r['median_s'] * 1e3:>8.1f} | {r['tokens_per_s']:>9,.0f} | "
-            f"{r['vs_ours']:>6.2f}x | {r['train_l0']:>6.1f} | {r['check']}"
-        )
+        print(speed_line(r))
     print("target: posttrain-probe's step at least as fast as the fastest peer of each architecture")
     if not any(r["library"] != OURS and "missing" not in r for r in rows):
         print("  no peer ran: nothing to compare")
@@ -1024,7 +1029,7 @@ def train_ours(acts, names, k, args, concat: bool):
         warnings.simplefilter("ignore")  # its quality warnings are about the run, not the comparison
         model = train_crosscoder(source, config, training, out_dir=tmp, progress=False)
     name = "SAE on concat (N=1, batchtopk)" if concat else "Crosscoder batchtopk"
-    return TrainedOurs(model.cpu(), name, training.lr, n_models, concat), source
+    return TrainedOurs(model.cpu(), name, training.learning_rate(config), n_models, concat), source
 
 
 def build_quality_peer(library: str, model: str, spec: Spec, first: list[torch.Tensor]) -> Adapter:
@@ -1066,7 +1071,7 @@ def quality(args, available: dict[str, str | None]) -> tuple[list[dict], dict]:
         seconds = time.perf_counter() - started
         row = dict(k=k, library=adapter.library, implementation=adapter.name, lr=adapter.lr, train_s=seconds)
         rows.append({**row, **extra, **evaluate(adapter, planted, x_eval, batch)})
-        print(f"k={k}: {adapter.label} trained in {seconds:.0f} s, FVU {rows[-1]['fvu']:.4f}", file=sys.stderr)
+        print(quality_line(rows[-1]), file=sys.stderr, flush=True)  # progress: each row as soon as it is measured
 
     for k in args.k:
         started = time.perf_counter()
@@ -1125,6 +1130,18 @@ def quality(args, available: dict[str, str | None]) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def quality_line(r: dict) -> str:
+    if "missing" in r:
+        return f"{r['k']:>3} | {r['library']}: {r['missing']}"
+    name = f"{r['library']} {r['implementation']}"
+    return (
+        f"{r['k']:>3} | {name:<52} | {r['lr']:>8.2e} | {r['fvu']:>6.4f} | {r['fvu_train']:>7.4f} | "
+        f"{r['train_l0']:>6.1f} | {r['inference_l0']:>6.1f} | {r['dead_fraction']:>6.1%} | "
+        f"{r['recovered'][0]:>6.1%} | {r['recovered'][1]:>6.1%} | {r['exclusive_as_exclusive'][0]:>7.1%} | "
+        f"{r['exclusive_as_exclusive'][1]:>7.1%} | {r['train_s']:>7.0f}"
+    )
+
+
 def print_quality(rows: list[dict], info: dict, args) -> None:
     p = info["planted"]
     print(
@@ -1140,16 +1157,7 @@ def print_quality(rows: list[dict], info: dict, args) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        if "missing" in r:
-            print(f"{r['k']:>3} | {r['library']}: {r['missing']}")
-            continue
-        name = f"{r['library']} {r['implementation']}"
-        print(
-            f"{r['k']:>3} | {name:<52} | {r['lr']:>8.2e} | {r['fvu']:>6.4f} | {r['fvu_train']:>7.4f} | "
-            f"{r['train_l0']:>6.1f} | {r['inference_l0']:>6.1f} | {r['dead_fraction']:>6.1%} | "
-            f"{r['recovered'][0]:>6.1%} | {r['recovered'][1]:>6.1%} | {r['exclusive_as_exclusive'][0]:>7.1%} | "
-            f"{r['exclusive_as_exclusive'][1]:>7.1%} | {r['train_s']:>7.0f}"
-        )
+        print(quality_line(r))
     print(
         "FVU: held-out, inference path, mean over the 2 models; rec: planted directions matched at cos > 0.9; "
         "excl: exclusive planted features whose best latent is exclusive; SAEs run on the concatenation [B, 2d]"

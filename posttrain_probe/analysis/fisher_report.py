@@ -376,12 +376,12 @@ def plot_rho_distributions(
                 )
                 ax.axvline(float(values.mean()), color=colour, linestyle=":", linewidth=1.0)
             ax.set_xlim(0.0, 1.0)
-            ax.set_xlabel(r"$\rho$ (fraction of tokens with a reasoning feature active)")
+            ax.set_xlabel("ρ (fraction of tokens with a reasoning feature active)")  # plain text: no mathtext parse
             ax.set_title(name)
             ax.grid(axis="y", color="#DDDDDD", linewidth=0.6)
             ax.set_axisbelow(True)
-            ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="best")
+            ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="upper right")
         axes[0].set_ylabel("fraction of documents")
         if title_suffix:
-            fig.suptitle(rf"Distribution of $\rho$ per model ({title_suffix})", fontsize=10)
+            fig.suptitle(f"Distribution of ρ per model ({title_suffix})", fontsize=10)
         return save_figure(fig, path)

@@ -74,6 +74,8 @@ def save_figure(fig, path) -> list[Path]:
         out = stem.parent / f"{stem.name}.{ext}"
         fig.savefig(out, format=ext, dpi=_DPI)
         written.append(out)
+        if fig.get_layout_engine() is not None:
+            fig.set_layout_engine("none")  # the layout is done: keep it, do not recompute it per format
     return written
 
 

@@ -127,7 +127,13 @@ class CrosscoderTrainingConfig:
         metadata={"help": "Training tokens in all (default: one pass over the store; required for live sources)."},
     )
     batch_size: int = field(default=1024, metadata={"help": "Global batch in tokens (split over data-parallel ranks)."})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (constant, then linear decay)."})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adam learning rate (constant, then linear decay). Default: 1e-4 for relu (SPEC sec. 3); "
+            "2e-4 / sqrt(n_features / 2^14) for batchtopk, the sparse-autoencoder scaling rule."
+        },
+    )
     lr_decay_fraction: float = field(
         default=0.2, metadata={"help": "Final fraction of steps over which lr decays linearly to 0."}
     )
@@ -182,6 +188,15 @@ class CrosscoderTrainingConfig:
         default_factory=list, metadata={"help": "Extra trackers via accelerate: wandb, tensorboard."}
     )
 
+    def learning_rate(self, crosscoder: CrosscoderConfig) -> float:
+        """The peak Adam lr of a run of ``crosscoder``: ``lr`` when set, else 1e-4 for relu (SPEC sec. 3) and
+        2e-4 / sqrt(F / 2^14) for batchtopk (1.4e-4 at F = 32768, 4e-4 at F = 4096; docs/methods.md sec. 3)."""
+        if self.lr is not None:
+            return self.lr
+        if crosscoder.activation == "batchtopk":
+            return 2e-4 / math.sqrt(crosscoder.n_features / 2**14)
+        return 1e-4
+
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "checkpoint_every", "scale_tokens"):
             if getattr(self, name) < 1:
@@ -189,8 +204,8 @@ class CrosscoderTrainingConfig:
         for name in ("lr_decay_fraction", "l1_warmup_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ProbeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ProbeError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ProbeError(f"lr must be a finite number > 0 (or unset for the default), got {self.lr}")
         for name in ("l1_coefficient", "grad_clip", "aux_coefficient"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ProbeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")

@@ -121,6 +121,11 @@ class _Training:
     out_dir: Path
     saved_configs: dict[str, Any]
 
+    @property
+    def lr(self) -> float:
+        """Peak Adam lr (the configured one, or the activation's default)."""
+        return self.train_cfg.learning_rate(self.cc_config)
+
 
 @main_process_holds("out_dir", what="crosscoder run")  # a second training into out_dir fails at once
 def train_crosscoder(
@@ -250,7 +255,7 @@ def _start(
             min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1
         )
         model.set_scales_from(scale_source, max_tokens=train_cfg.scale_tokens)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate(cc_config), betas=(train_cfg.beta1, train_cfg.beta2))
     tokens_since_fired = torch.zeros(cc_config.n_features, dtype=torch.long, device=accelerator.device)
     fired_ever = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
     auxk_dead = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
@@ -354,7 +359,7 @@ def _optimizer_step(
     accelerator, train_cfg, optimizer = run.accelerator, run.train_cfg, run.optimizer
     total_steps = run.plan.total_steps
     for group in optimizer.param_groups:
-        group["lr"] = train_cfg.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
+        group["lr"] = run.lr * lr_factor(step, total_steps, train_cfg.lr_decay_fraction)
     l1 = train_cfg.l1_coefficient * l1_factor(step, total_steps, train_cfg.l1_warmup_fraction)
     with accelerator.autocast():
         out = wrapped(
