@@ -342,6 +342,7 @@ def segment_statistics(
     selected = torch.as_tensor(list(features), dtype=torch.long, device=device) if features is not None else None
     hits = torch.zeros(n_docs, 2, dtype=torch.float64, device=device) if selected is not None else None
     special = torch.as_tensor(sorted(set(int(i) for i in corpus.special_ids)), dtype=torch.long, device=device)
+    segment_ids = torch.tensor([[1], [2]], device=device)
     n_cut = 0
     training = model.training
     model.eval()
@@ -364,11 +365,11 @@ def segment_statistics(
             for start in range(0, x.shape[0], chunk):
                 part = slice(start, start + chunk)
                 codes = crosscoder.encode_source(x[part].to(dtype), branch)
-                kind = seg_flat[part]
-                for j in (0, 1):
-                    chosen = codes[kind == j + 1]
-                    sq_sum[j] += chosen.square().sum(dim=0, dtype=torch.float64)
-                    active[j] += (chosen > 0).sum(dim=0)
+                # [2, n] segment one-hot (reasoning, solution): per-segment sums as two matmuls, added in float64
+                # per chunk (counts are exact in float32 below 2^24 tokens per chunk)
+                one_hot, values = (seg_flat[part].unsqueeze(0) == segment_ids).float(), codes.float()
+                sq_sum += (one_hot @ values.square()).double()
+                active += (one_hot @ (values > 0).float()).long()
                 if selected is not None and selected.numel():
                     fired.append((codes[:, selected] > 0).any(dim=1))
                 if reasonscore is not None:
