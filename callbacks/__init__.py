@@ -1,8 +1,8 @@
 """Training-loop integrations, shipped as ``posttrain_probe.callbacks``.
 
 Thin adapters over :mod:`posttrain_probe`: TRL/transformers ``TrainerCallback``s (probe snapshots and activations,
-gradient blocking) and the verl trainer/worker hooks (:mod:`posttrain_probe.callbacks.verl`). Nothing in
-:mod:`posttrain_probe` imports this package.
+gradient blocking, the feature monitor) and the verl trainer/worker hooks (:mod:`posttrain_probe.callbacks.verl`).
+Nothing in :mod:`posttrain_probe` imports this package.
 
 The names below are imported on first use (PEP 562), so importing a sub-module (the Hydra plugin
 imports ``posttrain_probe.callbacks.verl.config`` in every Hydra application) does not import
@@ -17,12 +17,15 @@ from typing import Any
 _EXPORTS = {
     "ActivationStreamCallback": "trainer_callbacks",
     "BlockingArguments": "blocking",
+    "FeatureMonitorCallback": "feature_monitor",
     "GradientBlockingCallback": "blocking",
+    "MonitorArguments": "feature_monitor",
     "ProbeArguments": "arguments",
     "SnapshotCallback": "trainer_callbacks",
     "add_probe_callbacks": "trainer_callbacks",
     "blocking_callback": "blocking",
     "build_blocker": "blocking",
+    "monitor_callback": "feature_monitor",
     "snapshot_schedule": "arguments",
 }
 

@@ -68,14 +68,20 @@ class ActivationStreamCallback(_ProbeCallback):
 
 
 def add_probe_callbacks(
-    trainer, args: ProbeArguments | None = None, *, paradigm: str | None = None
+    trainer, args: ProbeArguments | None = None, *, paradigm: str | None = None, monitor=None
 ) -> list[TrainerCallback]:
-    """Add both probe callbacks (sharing one run) to ``trainer``; returns them. No-op when ``args.probe`` is off."""
+    """Add both probe callbacks (sharing one run) to ``trainer``, and the feature monitor when ``monitor``
+    (``MonitorArguments``) names a crosscoder; returns them. The probe callbacks are skipped when ``args.probe``
+    is off; the monitor then keeps its own run."""
     args = args or ProbeArguments()
-    if not args.probe:
-        return []
-    run = ProbeRun(trainer, args, paradigm=paradigm)
-    callbacks = [SnapshotCallback(trainer, run=run), ActivationStreamCallback(trainer, run=run)]
+    run, callbacks = None, []
+    if args.probe:
+        run = ProbeRun(trainer, args, paradigm=paradigm)
+        callbacks = [SnapshotCallback(trainer, run=run), ActivationStreamCallback(trainer, run=run)]
+    if monitor is not None and monitor.monitor_crosscoder is not None:
+        from posttrain_probe.callbacks.feature_monitor import FeatureMonitorCallback
+
+        callbacks.append(FeatureMonitorCallback(trainer, monitor, args, run=run))
     for callback in callbacks:
         trainer.add_callback(callback)
     return callbacks

@@ -86,7 +86,7 @@ def answer_distance_reward(completions, solution, **kwargs) -> list[float]:
     return rewards
 
 
-def main(script_args, training_args, model_args, probe_args):
+def main(script_args, training_args, model_args, probe_args, monitor_args=None):
     from transformers import AutoTokenizer
     from trl import GRPOTrainer, get_peft_config, get_quantization_config
     from trl.rewards import accuracy_reward
@@ -122,7 +122,7 @@ def main(script_args, training_args, model_args, probe_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    add_probe_callbacks(trainer, probe_args, paradigm="grpo")
+    add_probe_callbacks(trainer, probe_args, paradigm="grpo", monitor=monitor_args)
 
     # Train and save
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -133,9 +133,9 @@ def main(script_args, training_args, model_args, probe_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import GRPOConfig, ModelConfig, TrlParser
 
-    from posttrain_probe.callbacks import ProbeArguments
+    from posttrain_probe.callbacks import MonitorArguments, ProbeArguments
 
-    dataclass_types = (GRPOScriptArguments, GRPOConfig, ModelConfig, ProbeArguments)
+    dataclass_types = (GRPOScriptArguments, GRPOConfig, ModelConfig, ProbeArguments, MonitorArguments)
     if subparsers is not None:
         return subparsers.add_parser("grpo", help="GRPO with the probe callbacks", dataclass_types=dataclass_types)
     return TrlParser(dataclass_types, prog=prog)
@@ -143,7 +143,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
-    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
+    script_args, training_args, model_args, probe_args, monitor_args = parse_recipe_args(make_parser(), argv)
     from posttrain_probe.recipes.common import check_vllm_generation
 
     try:
@@ -151,7 +151,7 @@ def cli(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    main(script_args, training_args, model_args, probe_args)
+    main(script_args, training_args, model_args, probe_args, monitor_args)
 
 
 if __name__ == "__main__":

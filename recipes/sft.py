@@ -29,7 +29,7 @@ import argparse
 from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
 
 
-def main(script_args, training_args, model_args, probe_args):
+def main(script_args, training_args, model_args, probe_args, monitor_args=None):
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from posttrain_probe.callbacks import add_probe_callbacks
@@ -51,7 +51,7 @@ def main(script_args, training_args, model_args, probe_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    add_probe_callbacks(trainer, probe_args, paradigm="sft")
+    add_probe_callbacks(trainer, probe_args, paradigm="sft", monitor=monitor_args)
 
     # Train and save
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -62,9 +62,9 @@ def main(script_args, training_args, model_args, probe_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    from posttrain_probe.callbacks import ProbeArguments
+    from posttrain_probe.callbacks import MonitorArguments, ProbeArguments
 
-    dataclass_types = (MathScriptArguments, SFTConfig, ModelConfig, ProbeArguments)
+    dataclass_types = (MathScriptArguments, SFTConfig, ModelConfig, ProbeArguments, MonitorArguments)
     if subparsers is not None:
         return subparsers.add_parser("sft", help="SFT with the probe callbacks", dataclass_types=dataclass_types)
     return TrlParser(dataclass_types, prog=prog)
@@ -72,8 +72,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
-    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
-    main(script_args, training_args, model_args, probe_args)
+    script_args, training_args, model_args, probe_args, monitor_args = parse_recipe_args(make_parser(), argv)
+    main(script_args, training_args, model_args, probe_args, monitor_args)
 
 
 if __name__ == "__main__":

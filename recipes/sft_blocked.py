@@ -29,7 +29,7 @@ import argparse
 from posttrain_probe.recipes.common import MathScriptArguments, parse_recipe_args
 
 
-def main(script_args, training_args, model_args, probe_args, blocking_args):
+def main(script_args, training_args, model_args, probe_args, blocking_args, monitor_args=None):
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from posttrain_probe.callbacks import add_probe_callbacks, blocking_callback
@@ -65,7 +65,7 @@ def main(script_args, training_args, model_args, probe_args, blocking_args):
         )
 
     # The probe callbacks (snapshots + activations)
-    add_probe_callbacks(trainer, probe_args, paradigm="sft_blocked")
+    add_probe_callbacks(trainer, probe_args, paradigm="sft_blocked", monitor=monitor_args)
 
     # Train and save
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -76,9 +76,9 @@ def main(script_args, training_args, model_args, probe_args, blocking_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    from posttrain_probe.callbacks import BlockingArguments, ProbeArguments
+    from posttrain_probe.callbacks import BlockingArguments, MonitorArguments, ProbeArguments
 
-    dataclass_types = (MathScriptArguments, SFTConfig, ModelConfig, ProbeArguments, BlockingArguments)
+    dataclass_types = (MathScriptArguments, SFTConfig, ModelConfig, ProbeArguments, BlockingArguments, MonitorArguments)
     if subparsers is not None:
         return subparsers.add_parser(
             "sft_blocked", help="SFT with gradient blocking and the probe callbacks", dataclass_types=dataclass_types
@@ -88,8 +88,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
-    script_args, training_args, model_args, probe_args, blocking_args = parse_recipe_args(make_parser(), argv)
-    main(script_args, training_args, model_args, probe_args, blocking_args)
+    main(*parse_recipe_args(make_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def _next_token_logits(causal_lm, hidden):
     return logits.float()
 
 
-def main(script_args, training_args, model_args, probe_args):
+def main(script_args, training_args, model_args, probe_args, monitor_args=None):
     from trl import get_peft_config, get_quantization_config
 
     from posttrain_probe.callbacks import add_probe_callbacks
@@ -211,7 +211,7 @@ def main(script_args, training_args, model_args, probe_args):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    add_probe_callbacks(trainer, probe_args, paradigm="sft_kl")
+    add_probe_callbacks(trainer, probe_args, paradigm="sft_kl", monitor=monitor_args)
 
     # Train and save
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -222,9 +222,9 @@ def main(script_args, training_args, model_args, probe_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import ModelConfig, TrlParser
 
-    from posttrain_probe.callbacks import ProbeArguments
+    from posttrain_probe.callbacks import MonitorArguments, ProbeArguments
 
-    dataclass_types = (MathScriptArguments, SFTKLConfig, ModelConfig, ProbeArguments)
+    dataclass_types = (MathScriptArguments, SFTKLConfig, ModelConfig, ProbeArguments, MonitorArguments)
     if subparsers is not None:
         return subparsers.add_parser(
             "sft_kl", help="SFT + KL to the base model, with the probe callbacks", dataclass_types=dataclass_types
@@ -234,8 +234,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (``argv``, default ``sys.argv[1:]``; ``--config FILE`` + flags) and train."""
-    script_args, training_args, model_args, probe_args = parse_recipe_args(make_parser(), argv)
-    main(script_args, training_args, model_args, probe_args)
+    script_args, training_args, model_args, probe_args, monitor_args = parse_recipe_args(make_parser(), argv)
+    main(script_args, training_args, model_args, probe_args, monitor_args)
 
 
 if __name__ == "__main__":

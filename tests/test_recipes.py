@@ -142,7 +142,7 @@ def test_every_config_parses(recipe):
     configs = sorted((RECIPES / "configs").glob(f"*/{recipe}.yaml"))
     assert {path.parent.name for path in configs} >= {"tiny", "qwen3-4b-base", "llama-3.1-8b"}
     for path in configs:
-        script_args, training_args, model_args, probe_args = module.make_parser().parse_args_and_config(
+        script_args, training_args, model_args, probe_args, _ = module.make_parser().parse_args_and_config(
             ["--config", str(path), "--bf16", "false", "--use_cpu", "true"]
         )
         assert model_args.model_name_or_path and script_args.dataset_name and probe_args.probe_layers
@@ -315,7 +315,7 @@ def test_gpu_grpo_configs_generate_with_vllm_colocate_and_tiny_ones_with_hf():
     training; the tiny config generates with HF generate (the CPU fallback the end-to-end test runs)."""
     module = _recipe("grpo")
     for path in sorted((RECIPES / "configs").glob("*/grpo.yaml")):
-        _, training_args, _, _ = module.make_parser().parse_args_and_config(
+        _, training_args, _, _, _ = module.make_parser().parse_args_and_config(
             ["--config", str(path), "--bf16", "false", "--use_cpu", "true"]
         )
         if path.parent.name == "tiny":

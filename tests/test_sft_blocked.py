@@ -149,9 +149,9 @@ def test_configs_parse_into_the_three_arms():
     def parse(path: Path):
         return parser.parse_args_and_config(["--config", str(path), "--bf16", "false", "--use_cpu", "true"])
 
-    _, sft_training, sft_model, sft_probe = _recipe_sft_parse()
+    _, sft_training, sft_model, sft_probe, _ = _recipe_sft_parse()
     for arm, features in (("shared", "shared"), ("base_only", "base-only"), ("finetune_only", "finetune-only")):
-        script, training, model, probe, blocking = parse(
+        script, training, model, probe, blocking, _ = parse(
             RECIPES / "configs" / "qwen3-4b-base" / f"sft_blocked_{arm}.yaml"
         )
         assert (blocking.block_features, blocking.block_model, blocking.block_mode) == (features, "base", "sae")
@@ -175,7 +175,7 @@ def test_configs_parse_into_the_three_arms():
         )
         assert script.dataset_name == "open-r1/OpenR1-Math-220k" and script.correct_column == "correctness_math_verify"
 
-    script, training, model, probe, blocking = parse(TINY)
+    script, training, model, probe, blocking, _ = parse(TINY)
     assert model.model_name_or_path == "tiny:qwen3" and probe.probe_layers == [2]
     assert (blocking.block_crosscoder, blocking.block_features) == ("runs/tiny/crosscoder-base-sft", "shared")
 
