@@ -1,7 +1,7 @@
 """Training-loop integrations, shipped as ``posttrain_probe.callbacks``.
 
 Thin adapters over :mod:`posttrain_probe`: TRL/transformers ``TrainerCallback``s (probe snapshots and activations,
-gradient blocking, the feature monitor) and the verl trainer/worker hooks (:mod:`posttrain_probe.callbacks.verl`).
+gradient blocking, the feature monitor, feature-preserving SFT) and the verl trainer/worker hooks (:mod:`posttrain_probe.callbacks.verl`).
 Nothing in :mod:`posttrain_probe` imports this package.
 
 The names below are imported on first use (PEP 562), so importing a sub-module (the Hydra plugin
@@ -18,13 +18,16 @@ _EXPORTS = {
     "ActivationStreamCallback": "trainer_callbacks",
     "BlockingArguments": "blocking",
     "FeatureMonitorCallback": "feature_monitor",
+    "FeaturePreservingMixin": "preserve",
     "GradientBlockingCallback": "blocking",
     "MonitorArguments": "feature_monitor",
+    "PreserveArguments": "preserve",
     "ProbeArguments": "arguments",
     "SnapshotCallback": "trainer_callbacks",
     "add_probe_callbacks": "trainer_callbacks",
     "blocking_callback": "blocking",
     "build_blocker": "blocking",
+    "build_preserver": "preserve",
     "monitor_callback": "feature_monitor",
     "snapshot_schedule": "arguments",
 }
