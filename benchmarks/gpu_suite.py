@@ -20,8 +20,8 @@ blocking       blocking_overhead.py         GradientBlocker (sae, subspace; 5% a
                                             on a training step of a Qwen2.5-0.5B shape, 8 x 1024
 store          store_throughput.py          activation store write/read/epoch vs plain safetensors    >= 0.8x
                                             (CPU and disk only; run for completeness)
-callback       callback_overhead.py         probe callbacks on SFTTrainer (TRL) steps of a            activations <=
-                                            Qwen2.5-0.5B shape, 200 steps                             2% of the run
+callback       callback_overhead.py         probe callbacks and feature monitor (F 16384) on          activations,
+                                            SFTTrainer (TRL) steps of a Qwen2.5-0.5B shape, 200 steps monitor <= 2% each
 lm_eval        lm_eval_throughput.py        lm-eval probe_mcq log-likelihood with / without a         >= 0.9x
                                             feature intervention, Qwen3-4B shape
 =============  ===========================  =======================================================  ================
@@ -269,6 +269,12 @@ def parse_callback(stdout: str) -> tuple[dict, dict, list]:
     if shares["activations"] > 0:
         figures["activation_share"] = shares["activations"]
     checks = [_check("activation streaming share of training", shares["activations"], "<=", 0.02, "2%")]
+    match = re.search(r"monitor\s+([0-9.]+) s =\s+([0-9.]+)% of that run", stdout)
+    if match:  # run with --monitor
+        details["monitor_seconds"], details["monitor_share"] = float(match.group(1)), float(match.group(2)) / 100
+        if details["monitor_share"] > 0:
+            figures["monitor_share"] = details["monitor_share"]
+        checks.append(_check("feature monitor share of training", details["monitor_share"], "<=", 0.02, "2%"))
     return figures, details, checks
 
 
@@ -364,14 +370,15 @@ def benchmarks(peak_tflops: float = PEAK_TFLOPS) -> list[Benchmark]:
         Benchmark(
             name="callback",
             script="callback_overhead.py",
-            what="probe callbacks on SFTTrainer, Qwen2.5-0.5B shape, 200 steps of 8 (max 1024 tokens)",
+            what="probe callbacks + feature monitor on SFTTrainer, Qwen2.5-0.5B shape, 200 steps of 8 (max 1024 tokens)",
             args=(
                 "--device", "{device}", "--model", "tiny:qwen2", "--hidden-size", "896", "--layers", "24",
-                "--steps", "200", "--batch-size", "8", "--seq-len", "1024",
+                "--steps", "200", "--batch-size", "8", "--seq-len", "1024", "--monitor", "--monitor-features", "16384",
             ),
             tiny_args=(
                 "--device", "{device}", "--model", "tiny:qwen2", "--hidden-size", "32", "--layers", "2",
                 "--steps", "4", "--batch-size", "2", "--seq-len", "64", "--probe-docs", "4", "--probe-seq-len", "32",
+                "--monitor", "--monitor-features", "64",
             ),
             parse=parse_callback,
             needs=("trl", "datasets", "posttrain_probe.callbacks"),
