@@ -31,11 +31,25 @@ _BLOCK_PATHS: tuple[str, ...] = (
 )
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The class name of the HF model inside ``model`` (``Qwen3ForCausalLM``), also under FSDP2, whose
+    ``fully_shard`` gives the module a generated subclass ``FSDPQwen3ForCausalLM``."""
+    cls = type(unwrap_model(model))
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return cls.__name__
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Peel training wrappers off a model until the HF causal LM itself is reached.
 
     Handles DDP/DataParallel (``.module``), DeepSpeed engines (``.module``), FSDP1
-    (``FullyShardedDataParallel.module``; FSDP2 ``fully_shard`` keeps the class), torch.compile
+    (``FullyShardedDataParallel.module``; FSDP2 ``fully_shard`` keeps the module but swaps its class for a
+    subclass ``FSDP<Class>``: :func:`architecture_name` reads through it), torch.compile
     (``._orig_mod``), accelerate's wrappers and PEFT (``PeftModel.get_base_model()``).
     Returns the innermost module; parameters are shared, nothing is copied.
     """

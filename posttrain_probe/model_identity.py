@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import _text_config, decoder_blocks, unwrap_model
+from posttrain_probe.layers import _text_config, architecture_name, decoder_blocks, unwrap_model
 
 FINGERPRINT_VERSION = 1
 SAMPLE_ROWS = 16
@@ -58,6 +58,7 @@ def _embedding_sample(inner: nn.Module, vocab: int | None, hidden: int | None) -
         return None
     if (
         weight.device.type == "meta"
+        or weight.untyped_storage().nbytes() == 0  # FSDP1 between forwards: a view of a freed flat parameter
         or (vocab is not None and weight.shape[0] < vocab)
         or (hidden is not None and weight.shape[1] != hidden)
     ):
@@ -78,7 +79,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     raw = None if sample is None else sample.view(torch.int16).numpy().astype("<i2").tobytes()
     return {
         "version": FINGERPRINT_VERSION,
-        "architecture": type(inner).__name__,
+        "architecture": architecture_name(inner),
         "model_type": getattr(config, "model_type", None)
         or getattr(getattr(inner, "config", None), "model_type", None),
         "hidden_size": hidden,

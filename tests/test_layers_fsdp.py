@@ -29,7 +29,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, fully_shard
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.distributed.tensor import DTensor
-from posttrain_probe.layers import decoder_blocks, truncated_forward, unwrap_model
+from posttrain_probe.layers import architecture_name, decoder_blocks, truncated_forward, unwrap_model
+from posttrain_probe.model_identity import model_fingerprint
 from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 mode = sys.argv[1]
@@ -141,6 +142,9 @@ with torch.no_grad():
 
 # ---- truncated forward through the sharded model
 wrapped = wrap(tiny_model("qwen3", seed=SEED))
+# FSDP2 swaps the class for a generated FSDPQwen3ForCausalLM; the recorded architecture must not change
+assert architecture_name(wrapped) == "Qwen3ForCausalLM", (type(wrapped).__name__, architecture_name(wrapped))
+assert model_fingerprint(wrapped)["architecture"] == "Qwen3ForCausalLM"
 assert unwrap_model(wrapped) is (wrapped if mode == "fsdp2" else wrapped.module)
 assert decoder_blocks(wrapped) is unwrap_model(wrapped).model.layers
 ALL = {"root", "block0", "block1", "block2", "block3"}

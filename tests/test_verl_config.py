@@ -214,8 +214,8 @@ def test_on_ckpt_needs_saves_with_the_hf_model():
 
 
 def test_probe_keys_mirror_probe_arguments():
-    """Every probe.* key except mode is a ProbeArguments field (``probe_`` + key) with the same default."""
-    ours = {f.name: f for f in dataclasses.fields(VerlProbeConfig) if f.name != "mode"}
+    """Every probe.* key except mode and the monitor node is a ProbeArguments field (``probe_`` + key) with the same default."""
+    ours = {f.name: f for f in dataclasses.fields(VerlProbeConfig) if f.name not in ("mode", "monitor")}
     theirs = {f.name: f for f in dataclasses.fields(ProbeArguments)}
     for name, f in ours.items():
         other = theirs[f"probe_{name}"]

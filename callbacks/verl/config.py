@@ -1,9 +1,11 @@
 """``probe.*``: what ``+probe=on`` / ``+probe=on_ckpt`` do in a verl run, and the checks made before it starts.
 
 The keys are the fields of :class:`~posttrain_probe.callbacks.arguments.ProbeArguments` without their
-``probe_`` prefix (``probe.layers=[18]`` is ``probe_layers=[18]`` of the TRL callbacks), plus ``mode``.
-The same dataclass is the Hydra schema of the ``probe`` node (so Hydra rejects unknown keys and
-wrong types while composing), the dict handed to the worker, and the Python API.
+``probe_`` prefix (``probe.layers=[18]`` is ``probe_layers=[18]`` of the TRL callbacks), plus ``mode``
+and the node ``monitor`` (``probe.monitor.*``: the fields of the feature monitor's ``MonitorArguments``
+without their ``monitor_`` prefix, :class:`VerlMonitorConfig`). The same dataclass is the Hydra schema
+of the ``probe`` node (so Hydra rejects unknown keys and wrong types while composing), the dict handed
+to the worker, and the Python API.
 
 This module is imported by the Hydra plugin in every Hydra application: keep it free of heavy
 imports (torch, verl, ray); they happen inside the functions that need them.
@@ -12,6 +14,7 @@ imports (torch, verl, ray); they happen inside the functions that need them.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import types
 import typing
@@ -22,6 +25,9 @@ from hydra.experimental.callback import Callback
 
 from posttrain_probe.callbacks.arguments import ProbeArguments
 from posttrain_probe.errors import ProbeError
+
+if typing.TYPE_CHECKING:
+    from posttrain_probe.callbacks.feature_monitor import MonitorArguments
 
 MODES = ("on", "on_ckpt")
 PROBE_TRAINER_MODE = "probe"
@@ -48,16 +54,83 @@ NOT_IN_VERL = ("probe", "probe_peft_snapshot")
 
 def _probe_argument_keys(cls: type) -> type:
     """Add the fields of :class:`ProbeArguments` (except :data:`NOT_IN_VERL`) to ``cls`` without their ``probe_``
-    prefix, with the same types and defaults, in the same order (before ``@dataclass`` makes them fields)."""
+    prefix, with the same types and defaults, in the same order, after ``mode`` and before the other keys of
+    ``cls`` (``monitor``), before ``@dataclass`` makes them fields."""
+    annotations = cls.__annotations__
+    own = {name: annotations.pop(name) for name in list(annotations) if name != "mode"}
     for f in fields(ProbeArguments):
         if f.name in NOT_IN_VERL:
             continue
         name = f.name.removeprefix("probe_")
-        cls.__annotations__[name] = f.type
+        annotations[name] = f.type
         metadata = {"help": VERL_HELP.get(name, f.metadata["help"])}
         default = {"default": f.default} if f.default_factory is MISSING else {"default_factory": f.default_factory}
         setattr(cls, name, field(**default, metadata=metadata))
+    annotations.update(own)
     return cls
+
+
+@dataclass
+class VerlMonitorConfig:
+    """``probe.monitor.*``: the feature monitor (docs/monitor.md) on the live actor of a ``+probe=on`` run.
+
+    The keys are the fields of :class:`~posttrain_probe.callbacks.feature_monitor.MonitorArguments` without
+    their ``monitor_`` prefix, with the same types, defaults and meaning (``probe.monitor.every=50`` is
+    ``monitor_every=50``; the help is MonitorArguments'); :meth:`to_monitor_arguments` builds it, so its checks
+    are the ones that run. They are listed here, not derived from it as the ``probe.*`` keys are from
+    ProbeArguments, because MonitorArguments' module imports torch and this one must not;
+    tests/test_verl_monitor.py checks that names, types and defaults agree. ``crosscoder`` unset: no monitor.
+    """
+
+    crosscoder: str | None = None
+    model: str | None = None
+    finetuned: str | None = None
+    layer: int | None = None
+    every: int = 50
+    categories: list[str] = field(default_factory=list)
+    norm_ratio_scale: str = "all"
+    suppress_fraction: float = 0.5
+    top_k: int = 10
+    max_suppressed: float | None = None
+    max_fvu: float | None = None
+    stop_on_alert: bool = False
+    allow_model_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        _check_types(self, VerlMonitorConfig, "probe.monitor.")
+
+    def to_monitor_arguments(self) -> MonitorArguments:
+        """The equivalent ``MonitorArguments`` of the TRL callback (checked there; messages name ``probe.monitor.*``)."""
+        from posttrain_probe.callbacks.feature_monitor import MonitorArguments
+
+        try:
+            return MonitorArguments(**{f"monitor_{f.name}": getattr(self, f.name) for f in fields(self)})
+        except ProbeError as err:
+            raise ProbeError(monitor_message(err)) from None
+
+    @classmethod
+    def from_dict(cls, values: typing.Mapping[str, Any]) -> VerlMonitorConfig:
+        """Build from ``probe.monitor.*`` values (a mapping); unknown keys name the valid ones."""
+        if not isinstance(values, typing.Mapping):
+            raise ProbeError(f"probe.monitor must be a mapping of probe.monitor.* keys, got {type(values).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ProbeError(
+                f"unknown probe key(s) {', '.join(f'probe.monitor.{k}' for k in unknown)}: valid keys are "
+                f"{', '.join(f'probe.monitor.{k}' for k in valid)}"
+            )
+        return cls(**dict(values))
+
+
+def monitor_message(error: Exception | str) -> str:
+    """A message of the feature monitor's checks with the verl names of its keys (``monitor_every`` ->
+    ``probe.monitor.every``, the model-mismatch override -> ``probe.monitor.allow_model_mismatch=true``)."""
+    from posttrain_probe.model_identity import OVERRIDE_HINT
+
+    names = "|".join(f.name for f in fields(VerlMonitorConfig))
+    message = str(error).replace(OVERRIDE_HINT, "set probe.monitor.allow_model_mismatch=true to override")
+    return re.sub(rf"\bmonitor_({names})\b", r"probe.monitor.\1", message)
 
 
 @dataclass
@@ -68,7 +141,8 @@ class VerlProbeConfig:
     ``mode``, then the fields of :class:`ProbeArguments` without their ``probe_`` prefix (except
     :data:`NOT_IN_VERL`): ``run_dir``, ``snapshot_fraction``, ``snapshot_steps``, ``snapshot_at``,
     ``save_snapshots``, ``stream_activations``, ``layers``, ``dataset``, ``dataset_split``, ``column``,
-    ``n_docs``, ``seq_len``, ``batch_size``, ``dtype``, ``seed``, ``drift``.
+    ``n_docs``, ``seq_len``, ``batch_size``, ``dtype``, ``seed``, ``drift``; then ``monitor``
+    (:class:`VerlMonitorConfig`).
     """
 
     mode: str = field(
@@ -77,9 +151,15 @@ class VerlProbeConfig:
             "help": "'on': probe trainer + worker on the live actor; 'on_ckpt': from verl's own checkpoint saves. Set by +probe=on / +probe=on_ckpt."
         },
     )
+    monitor: VerlMonitorConfig = field(
+        default_factory=VerlMonitorConfig,
+        metadata={
+            "help": "The feature monitor, probe.monitor.* (VerlMonitorConfig); off unless probe.monitor.crosscoder is set."
+        },
+    )
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        _check_types(self, VerlProbeConfig, "probe.")
         if self.mode not in MODES:
             raise ProbeError(f"probe.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         bad = [layer for layer in self.layers if layer < 0]
@@ -95,7 +175,8 @@ class VerlProbeConfig:
     def to_probe_arguments(self) -> ProbeArguments:
         """The equivalent :class:`ProbeArguments` of the TRL callbacks (same names with a ``probe_`` prefix)."""
         return ProbeArguments(
-            probe=True, **{f"probe_{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "mode"}
+            probe=True,
+            **{f"probe_{f.name}": getattr(self, f.name) for f in fields(self) if f.name not in ("mode", "monitor")},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +197,10 @@ class VerlProbeConfig:
             raise ProbeError(
                 f"unknown probe key(s) {', '.join(f'probe.{k}' for k in unknown)}: valid keys are {', '.join(probe_keys())}"
             )
-        return cls(**dict(values))
+        values = dict(values)
+        if isinstance(values.get("monitor"), typing.Mapping):
+            values["monitor"] = VerlMonitorConfig.from_dict(values["monitor"])
+        return cls(**values)
 
 
 def probe_keys() -> list[str]:
@@ -124,12 +208,13 @@ def probe_keys() -> list[str]:
     return [f.name for f in fields(VerlProbeConfig)]
 
 
-def _check_types(config: VerlProbeConfig) -> None:
-    hints = typing.get_type_hints(VerlProbeConfig)
-    for f in fields(VerlProbeConfig):
+def _check_types(config, cls: type, prefix: str) -> None:
+    """Each field of dataclass ``cls`` holds a value of its annotated type; ProbeError naming ``<prefix><key>``."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
         value, expected = getattr(config, f.name), hints[f.name]
         if not _matches(value, expected):
-            raise ProbeError(f"probe.{f.name}={value!r} has the wrong type: expected {_type_name(expected)}")
+            raise ProbeError(f"{prefix}{f.name}={value!r} has the wrong type: expected {_type_name(expected)}")
 
 
 def _matches(value: Any, expected: Any) -> bool:
@@ -157,21 +242,23 @@ def _type_name(expected: Any) -> str:
 
 
 # -- Hydra schema ------------------------------------------------------------------------------
-def _schema_class() -> type:
-    """``VerlProbeConfig`` under a name that lists the valid keys: OmegaConf's "Key 'x' not in '<name>'"
-    then tells the user what to write. It is an attribute of this module (created at import), so
-    configs holding the typed ``probe`` node unpickle in every process (verl sends its config to Ray workers)."""
-    name = f"VerlProbeConfig(valid keys: {' '.join(probe_keys())})"
-    schema = dataclass(
-        type(
-            name, (VerlProbeConfig,), {"__module__": __name__, "__qualname__": name, "__doc__": VerlProbeConfig.__doc__}
-        )
-    )
+def _schema_class(cls: type, **namespace: Any) -> type:
+    """Dataclass ``cls`` under a name that lists its valid keys: OmegaConf's "Key 'x' not in '<name>'" then
+    tells the user what to write; ``namespace`` overrides fields. It is an attribute of this module (created
+    at import), so configs holding the typed node unpickle in every process (verl sends its config to Ray workers)."""
+    name = f"{cls.__name__}(valid keys: {' '.join(f.name for f in fields(cls))})"
+    body = {"__module__": __name__, "__qualname__": name, "__doc__": cls.__doc__, **namespace}
+    schema = dataclass(type(name, (cls,), body))
     setattr(sys.modules[__name__], name, schema)
     return schema
 
 
-VerlProbeSchema = _schema_class()
+VerlMonitorSchema = _schema_class(VerlMonitorConfig)
+VerlProbeSchema = _schema_class(
+    VerlProbeConfig,
+    __annotations__={"monitor": VerlMonitorSchema},
+    monitor=field(default_factory=VerlMonitorSchema),
+)
 SCHEMA_GROUP = "posttrain_probe"
 SCHEMA_NAME = "probe_schema"
 
@@ -244,6 +331,13 @@ def check_job_config(config) -> VerlProbeConfig:
                 "+probe=on_ckpt takes a snapshot at every checkpoint verl saves: set trainer.save_freq instead of "
                 "probe.snapshot_steps / probe.snapshot_at"
             )
+        if probe.monitor.crosscoder is not None:
+            raise ProbeError(
+                "probe.monitor.crosscoder needs +probe=on: the feature monitor runs in the actor worker every "
+                "probe.monitor.every steps, +probe=on_ckpt sees the model only at verl's checkpoint saves"
+            )
+    if probe.monitor != VerlMonitorConfig():
+        probe.monitor.to_monitor_arguments()  # MonitorArguments' checks (imports torch: only when set)
     return probe
 
 
@@ -267,6 +361,9 @@ class ProbeConfigCheck(Callback):
     """Hydra callback (``hydra.callbacks`` of on.yaml / on_ckpt.yaml): runs :func:`check_job_config` and the
     Ray registration check in the driver before verl's ``main``, so a wrong config fails in seconds.
 
+    With ``probe.monitor.crosscoder`` set it also loads the crosscoder and checks it against the actor
+    (:func:`~posttrain_probe.callbacks.verl.monitor.check_monitor`: site, width, base model, categories).
+
     Hydra turns exceptions of callbacks into warnings and carries on, so a failed check prints
     ``error: <message>`` on stderr and exits with status 2 (as the ``posttrain-probe`` CLI does).
     """
@@ -275,7 +372,11 @@ class ProbeConfigCheck(Callback):
         from posttrain_probe.callbacks.verl.setup_hook import check_ray_registration
 
         try:
-            check_job_config(config)
+            probe = check_job_config(config)
+            if probe.monitor.crosscoder is not None:
+                from posttrain_probe.callbacks.verl.monitor import check_monitor
+
+                check_monitor(probe.monitor, config)
             check_ray_registration()
         except ProbeError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -9,7 +9,13 @@ it. It is :class:`verl.trainer.ppo.v1.trainer_sync.PPOTrainerSync` with three ad
   ``probe_init`` once, then ``probe_step(0)`` (the base model's activations);
 - at the end of each scheduled step (``snapshot_schedule`` of the TRL callbacks: ``probe.snapshot_fraction``,
   ``probe.snapshot_steps`` or ``probe.snapshot_at``), after the actor update and verl's checkpoint
-  save but before verl wakes the rollout engine: ``probe_step(step)`` (snapshot + activations).
+  save but before verl wakes the rollout engine: ``probe_step(step)`` (snapshot + activations);
+- with ``probe.monitor.crosscoder``, the same at every ``probe.monitor.every`` steps and the last step: the
+  feature monitor's figures (docs/monitor.md), logged by verl as ``monitor/*``. When an alert asks to stop
+  (``probe.monitor.stop_on_alert``), the trainer saves a checkpoint (unless verl just saved one) and lowers
+  ``total_training_steps`` to the current step, so verl's ``fit`` loop logs this step and ends.
+
+Metrics of step 0 (the base model) are logged with verl's first step, named ``probe/base_*`` and ``monitor/base_*``.
 
 verl's trainer base branches on the *string* ``trainer.v1.trainer_mode`` (replay buffer, refill,
 TransferQueue checkpointing); the constructor sets it back to ``sync`` so this is exactly verl's sync
@@ -20,6 +26,7 @@ already recorded.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
@@ -37,9 +44,11 @@ from posttrain_probe.callbacks.verl.config import (
     paradigm_of,
     resolve_run_dir,
 )
+from posttrain_probe.callbacks.verl.monitor import MONITOR_STOP, monitor_due
 from posttrain_probe.callbacks.verl.worker import ProbeActorRolloutRefWorker
 from posttrain_probe.errors import ProbeError
 
+logger = logging.getLogger(__name__)
 _ACTOR_ROLES = (Role.ActorRollout, Role.ActorRolloutRef)  # the colocated roles of verl's sync trainer
 
 
@@ -78,15 +87,19 @@ class ProbePPOTrainer(PPOTrainerSync):
         self.probe_schedule = snapshot_schedule(self.probe.to_probe_arguments(), self.total_training_steps)
         self.probe_info = self.actor_rollout_wg.probe_init(self.probe_payload())[0]
         metrics = self.actor_rollout_wg.probe_step(0, snapshot=False)[0]
-        self._add_probe_metrics({key.replace("probe/", "probe/base_", 1): value for key, value in metrics.items()})
+        self._add_probe_metrics({_base_name(key): value for key, value in metrics.items()})
         super().on_init_end()
 
     def on_step_end(self) -> None:
         """After the actor update and checkpoint save, before verl wakes the rollout engine."""
         metrics: dict[str, float] = {}
-        if self.global_steps in self.probe_schedule:
+        step = self.global_steps
+        scheduled = step in self.probe_schedule
+        if scheduled or monitor_due(self.probe.monitor, step, self.total_training_steps):
             with marked_timer("probe", self.timing_raw, color="purple"):
-                metrics = self.actor_rollout_wg.probe_step(self.global_steps)[0]
+                metrics = self.actor_rollout_wg.probe_step(step, snapshot=scheduled, activations=scheduled)[0]
+        if metrics.get(MONITOR_STOP):
+            self._stop_after_this_step()
         super().on_step_end()
         self._add_probe_metrics(metrics)
 
@@ -114,7 +127,24 @@ class ProbePPOTrainer(PPOTrainerSync):
             "base_model": str(OmegaConf.select(config, "actor_rollout_ref.model.path")),
         }
 
+    def _stop_after_this_step(self) -> None:
+        """The feature monitor's alert with probe.monitor.stop_on_alert: save a checkpoint of this step (as the
+        TRL callback has the Trainer do) and end verl's fit loop after this step (``while global_steps <=
+        total_training_steps``), as at its last step."""
+        step, save_freq = self.global_steps, int(self.config.trainer.save_freq)
+        if not (save_freq > 0 and (step % save_freq == 0 or step >= self.total_training_steps)):
+            with marked_timer("save_checkpoint", self.timing_raw, color="green"):
+                self._save_checkpoint()
+        logger.warning(f"the feature monitor stops training after step {step} (probe.monitor.stop_on_alert)")
+        self.total_training_steps = step
+
     def _add_probe_metrics(self, metrics: dict[str, float]) -> None:
         """Hand metrics to verl's step logging (``fit`` merges ``_pending_sync_metrics`` into the step's metrics)."""
         if metrics:
             self._pending_sync_metrics = {**(getattr(self, "_pending_sync_metrics", None) or {}), **metrics}
+
+
+def _base_name(key: str) -> str:
+    """``probe/x`` -> ``probe/base_x``, ``monitor/x`` -> ``monitor/base_x``: a step-0 metric, logged with step 1."""
+    group, _, name = key.partition("/")
+    return f"{group}/base_{name}"

@@ -1,4 +1,4 @@
-"""verl's actor worker with two extra methods: probe activations and HF snapshots of the live actor.
+"""verl's actor worker with two extra methods: probe activations, HF snapshots and the feature monitor of the live actor.
 
 ``ProbeActorRolloutRefWorker`` is ``verl.workers.engine_workers.ActorRolloutRefWorker`` plus
 ``probe_init`` and ``probe_step`` (``Dispatch.ONE_TO_ALL``: every rank runs them, the trainer
@@ -6,7 +6,7 @@ reads rank 0's result). The probe trainer (``posttrain_probe.callbacks.verl.trai
 class into the role mapping and calls::
 
     info = actor_rollout_wg.probe_init(probe)[0]            # once, before training
-    metrics = actor_rollout_wg.probe_step(step)[0]          # step 0 (base) and each snapshot step
+    metrics = actor_rollout_wg.probe_step(step)[0]          # step 0 (base), each snapshot and monitor step
 
 The probe forward runs through the sharded actor (``actor.engine.module`` inside
 ``engine.eval_mode()``, FSDP1 or FSDP2) with a stop hook at the deepest requested layer; the probe
@@ -15,6 +15,10 @@ set, the token selection, the store and run-directory formats are those of the T
 and layers give the same store. Snapshots are verl's own ``hf_model`` export
 (``FSDPCheckpointManager`` with ``save_contents=["hf_model"]``), moved to
 ``<run>/snapshots/step-NNNNNN``.
+
+With ``probe.monitor.crosscoder`` set, ``probe_step`` also runs the feature monitor
+(:class:`~posttrain_probe.callbacks.verl.monitor.WorkerMonitor`: the TRL ``FeatureMonitorCallback`` on the
+actor) and appends to ``<run>/monitor.jsonl``.
 
 Like verl's own checkpoints, the run directory must be on a filesystem every rank can write:
 each rank writes the store shards of its slice of the probe set and rank 0 merges them.
@@ -25,7 +29,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -42,18 +47,24 @@ from posttrain_probe.activations.capture import select_tokens  # noqa: E402
 from posttrain_probe.callbacks.arguments import ProbeArguments  # noqa: E402
 from posttrain_probe.callbacks.probe_run import ProbeRun  # noqa: E402
 from posttrain_probe.callbacks.verl.config import VerlProbeConfig, probe_keys  # noqa: E402
+from posttrain_probe.callbacks.verl.monitor import WorkerMonitor  # noqa: E402
 from posttrain_probe.data import load_dataset_spec  # noqa: E402
 from posttrain_probe.errors import ProbeError  # noqa: E402
 from posttrain_probe.layers import default_layer, hidden_size, unwrap_model, validate_layer  # noqa: E402
 
 
-def probe_arguments(probe: dict[str, Any]) -> ProbeArguments:
-    """The ProbeArguments of a ``probe`` dict: its ``probe.*`` keys (``VerlProbeConfig.to_dict()``) through
-    :class:`VerlProbeConfig`, so they are checked as the ``probe`` node is; the trainer's extra keys (run
-    directory, schedule, ...) are read by :meth:`ProbeActorRolloutRefWorker.probe_init` itself. ``dataset``
-    None means the training-data sample."""
+def worker_probe_config(probe: dict[str, Any]) -> VerlProbeConfig:
+    """The :class:`VerlProbeConfig` of a ``probe`` dict: its ``probe.*`` keys (``VerlProbeConfig.to_dict()``),
+    checked as the ``probe`` node is; the trainer's extra keys (run directory, schedule, ...) are read by
+    :meth:`ProbeActorRolloutRefWorker.probe_init` itself."""
     keys = set(probe_keys())
-    return VerlProbeConfig.from_dict({key: value for key, value in probe.items() if key in keys}).to_probe_arguments()
+    return VerlProbeConfig.from_dict({key: value for key, value in probe.items() if key in keys})
+
+
+def probe_arguments(probe: dict[str, Any]) -> ProbeArguments:
+    """The ProbeArguments of a ``probe`` dict (:func:`worker_probe_config`). ``dataset`` None means the
+    training-data sample."""
+    return worker_probe_config(probe).to_probe_arguments()
 
 
 def train_files_dataset(files: str | os.PathLike | list[str] | None):
@@ -89,6 +100,15 @@ class _Processes:
     def wait_for_everyone(self) -> None:
         if self.num_processes > 1:
             dist.barrier()
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``tensor`` summed over the process group (a new tensor; accelerate's ``reduce``, sums only)."""
+        if reduction != "sum":
+            raise ProbeError(f"only reduction='sum' is supported over verl's process group, got {reduction!r}")
+        total = tensor.clone()
+        if self.num_processes > 1:
+            dist.all_reduce(total)
+        return total
 
 
 class VerlProbeRun(ProbeRun):
@@ -191,10 +211,10 @@ class VerlProbeRun(ProbeRun):
         )
         return seconds
 
-    def capture_live(self, step: int) -> dict[str, float]:
-        """:meth:`ProbeRun.capture` inside the engine's eval mode, with the engine's autocast dtype
-        (as verl's own forward) and without Ulysses sequence parallelism (each rank feeds whole
-        probe documents)."""
+    @contextmanager
+    def actor_forward(self) -> Iterator[None]:
+        """Where probe forwards of the actor run: the engine's eval mode, its autocast dtype (as verl's own
+        forward) and no Ulysses sequence parallelism (each rank feeds whole probe documents)."""
         from verl.utils.ulysses import get_ulysses_sequence_parallel_group, set_ulysses_sequence_parallel_group
 
         engine = self.engine
@@ -208,6 +228,11 @@ class VerlProbeRun(ProbeRun):
             stack.enter_context(
                 nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device, dtype=dtype)
             )
+            yield
+
+    def capture_live(self, step: int) -> dict[str, float]:
+        """:meth:`ProbeRun.capture` in :meth:`actor_forward`."""
+        with self.actor_forward():
             return self.capture(step)
 
 
@@ -220,6 +245,7 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's ActorRolloutRefWorker with ``probe_init`` / ``probe_step`` (see the module docstring)."""
 
     _probe: VerlProbeRun | None = None
+    _monitor: WorkerMonitor | None = None
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def probe_init(self, probe: dict) -> dict:
@@ -227,15 +253,18 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
 
         ``probe``: ``VerlProbeConfig.to_dict()`` plus the trainer's keys -- ``run_dir`` (resolved
         run directory, required), ``schedule`` (snapshot steps, recorded in probe.json),
-        ``resume_step`` (global step the run resumes from, 0 for a fresh run), ``train_files``
+        ``resume_step`` (global step the run resumes from, 0 for a fresh run), ``total_training_steps``
+        (the monitor's last step; required with ``probe.monitor.crosscoder``), ``train_files``
         (``data.train_files``, for the training-data sample), ``max_prompt_length`` (default the
         rollout's ``prompt_length``), ``paradigm``, ``trainer`` and ``base_model`` (recorded in
         probe.json; default the path verl loaded the actor from). Raises
-        ProbeError for a layer outside ``0..n_layers-1`` of the actor or a probe document longer
-        than the max prompt length, before anything is written.
+        ProbeError for a layer outside ``0..n_layers-1`` of the actor, a probe document longer
+        than the max prompt length, or a ``probe.monitor`` crosscoder the actor cannot be monitored
+        with, before anything is written.
 
         Returns ``{"n_tokens": tokens captured per layer, "n_docs", "layers", "hidden_size",
-        "run_dir", "probe_fingerprint"}``.
+        "run_dir", "probe_fingerprint"}``, plus ``"monitor": {"layer", "model", "model_mismatch"}``
+        with the monitor on.
         """
         if self.actor is None:
             raise ProbeError(
@@ -246,7 +275,8 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
             raise ProbeError(
                 "probe_init got no run_dir: expected the resolved probe run directory (probe.run_dir or <trainer.default_local_dir>/probe)"
             )
-        args = probe_arguments(probe)
+        config = worker_probe_config(probe)
+        args = config.to_probe_arguments()
         engine = self.actor.engine
         if args.probe_save_snapshots and getattr(engine, "_is_lora", False):
             raise ProbeError(
@@ -267,7 +297,17 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
                 validate_layer(inner, layer)
             except ProbeError as err:
                 raise ProbeError(f"probe.layers: {err}") from None
-        batches = run.probe_batches() if args.probe_stream_activations else []
+        monitor = None
+        if config.monitor.crosscoder is not None:
+            total_steps = probe.get("total_training_steps")
+            if not isinstance(total_steps, int) or total_steps < 1:
+                raise ProbeError(
+                    f"probe_init with probe.monitor.crosscoder needs total_training_steps >= 1 (the monitor's last step), got {total_steps!r}"
+                )
+            monitor = WorkerMonitor(
+                run, config.monitor, total_steps=total_steps, resume_step=int(probe.get("resume_step") or 0)
+            )
+        batches = run.probe_batches() if args.probe_stream_activations or monitor is not None else []
         max_prompt_length = probe.get("max_prompt_length") or self.config.rollout.get("prompt_length")
         if batches and max_prompt_length:
             lengths = torch.cat([batch.attention_mask.sum(dim=1) for batch in batches])
@@ -281,12 +321,12 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
                 )
         run.open(run_dir, list(probe.get("schedule") or []), resume_step=int(probe.get("resume_step") or 0))
         run.run.close()  # verl has no end-of-training hook: the directory is held while probe_step writes only
-        self._probe = run
+        self._probe, self._monitor = run, monitor
         n_tokens = sum(
             int(select_tokens(b.input_ids, b.attention_mask, bos_token_id=run.tokenizer.bos_token_id).sum())
-            for b in batches
+            for b in (batches if args.probe_stream_activations else [])
         )
-        return {
+        info = {
             "n_tokens": n_tokens,
             "n_docs": len(run.probe_rows),
             "layers": list(run.layers or [default_layer(inner)]),
@@ -294,17 +334,28 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
             "run_dir": str(run.run.path),
             "probe_fingerprint": run.run.manifest.get("probe_fingerprint"),
         }
+        if monitor is not None:
+            cc = monitor.callback
+            info["monitor"] = {
+                "layer": cc.layer,
+                "model": cc.crosscoder.model_names[cc.slot],
+                "model_mismatch": cc.model_mismatch,
+            }
+        return info
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def probe_step(self, step: int, snapshot: bool = True, activations: bool = True) -> dict:
-        """Snapshot (steps > 0) and capture the probe set at optimizer step ``step`` (collective).
+    def probe_step(self, step: int, snapshot: bool = True, activations: bool = True, monitor: bool = True) -> dict:
+        """Snapshot (steps > 0), capture the probe set and run the feature monitor at optimizer step ``step`` (collective).
 
         Writes ``snapshots/step-NNNNNN`` (when ``snapshot`` and probe.save_snapshots) and then
         ``activations/step-NNNNNN/layer<L>`` (when ``activations`` and probe.stream_activations;
         step 0 is the base model), and records both in probe.json. A step already recorded in probe.json
-        is skipped, so a resumed run does not redo it. Returns metrics for verl's logger:
-        ``probe/snapshot_seconds``, ``probe/activation_seconds`` and ``probe/drift/layer<L>``
-        (mean relative change against step 0).
+        is skipped, so a resumed run does not redo it. With ``monitor`` and probe.monitor.crosscoder set,
+        the monitor's first call begins it (base sums and the step-0 line, or on resume the saved base
+        sums), and a step that is due (every probe.monitor.every steps, the last step) appends its line to
+        ``monitor.jsonl``. Returns metrics for verl's logger: ``probe/snapshot_seconds``,
+        ``probe/activation_seconds``, ``probe/drift/layer<L>`` (mean relative change against step 0) and
+        the monitor's ``monitor/*`` figures (``monitor/stop`` = 1 when an alert asks to stop).
         """
         run = self._probe
         if run is None:
@@ -320,9 +371,17 @@ class ProbeActorRolloutRefWorker(ActorRolloutRefWorker):
                 result = run.capture_live(step)
                 metrics.update({f"probe/{key}": value for key, value in result.items() if key != "seconds"})
                 metrics["probe/activation_seconds"] = result["seconds"]
+            if monitor and self._monitor is not None:
+                metrics.update(self._monitor.step(step))
         finally:
             run.run.close()
         return metrics
 
 
-__all__ = ["ProbeActorRolloutRefWorker", "VerlProbeRun", "probe_arguments", "train_files_dataset"]
+__all__ = [
+    "ProbeActorRolloutRefWorker",
+    "VerlProbeRun",
+    "probe_arguments",
+    "train_files_dataset",
+    "worker_probe_config",
+]

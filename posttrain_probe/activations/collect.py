@@ -22,7 +22,7 @@ from posttrain_probe.activations.paired import COLLECT_INDEX
 from posttrain_probe.activations.store import ActivationStoreWriter, merge_rank_manifests
 from posttrain_probe.data import dataset_fingerprint, load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.layers import architecture_name, decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.locks import DirectoryLock
 from posttrain_probe.model_identity import model_fingerprint
 from posttrain_probe.models import (
@@ -371,7 +371,7 @@ def _model_info(name: str, spec: Any, model: nn.Module) -> dict[str, Any]:
     return {
         "name": name,
         "path": None if isinstance(spec, nn.Module) else str(spec),
-        "architecture": type(inner).__name__,
+        "architecture": architecture_name(inner),
         "n_layers": getattr(config, "num_hidden_layers", None) or len(decoder_blocks(inner)),
         "fingerprint": model_fingerprint(inner),
     }

@@ -20,7 +20,7 @@ from torch import nn
 from posttrain_probe.analysis.feature_sets import crosscoder_fingerprint
 from posttrain_probe.crosscoder.inspect import as_crosscoder
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.layers import architecture_name, decoder_blocks, hidden_size, unwrap_model, validate_layer
 from posttrain_probe.model_identity import check_model, slot_fingerprint
 
 _MAX_ACTS_VERSION = 2  # 2: the cache file holds the firing frequency beside the max
@@ -276,7 +276,7 @@ def _model_fingerprint(model: nn.Module, layer: int, samples_per_tensor: int = 1
     those of blocks >= ``layer``, which cannot change the residual stream entering block ``layer``
     (so a model loaded with ``keep_layers`` has the same fingerprint as the full one)."""
     inner = unwrap_model(model)
-    digest = hashlib.sha256(type(inner).__name__.encode())
+    digest = hashlib.sha256(architecture_name(inner).encode())
     config = getattr(inner, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         digest.update(config.to_json_string(use_diff=False).encode())
