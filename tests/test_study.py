@@ -284,6 +284,17 @@ def _quick(tmp_path: Path, **changes) -> Path:
         ({"study__rl_arm": "ppo"}, "needs the arm 'ppo' (study.rl_arm); arms are sft, rl, sft_kl"),
         ({"generalization__model": ["rl=elsewhere"]}, "sets model=['rl=elsewhere'], but the study wires"),
         ({"crosscoder": None}, "needs section crosscoder (its inputs come from it)"),
+        ({"preserve": {"features": "everything"}}, "preserve.features='everything': expected one of shared"),
+        ({"preserve": {"coefficient": -1}}, "preserve.coefficient=-1: expected a finite number >= 0"),
+        (
+            {"preserve": {"args": {"preserve_coefficient": 2.0}}},
+            "sets preserve_coefficient=2.0, but the study wires 1.0",
+        ),
+        ({"preserve": {}, "blocked": None, "analyze": None}, "section preserve of"),
+        ({"blocked": None}, "section leakage of"),
+        ({"monitor": {"every": 0}}, "monitor.every=0: expected an integer >= 1"),
+        ({"monitor": {}, "blocked": None, "leakage": None}, "section monitor of"),
+        ({"monitor": {"every": 5}, "blocked": {"args": {"monitor_every": 9}}}, "sets monitor_every=9, but the study"),
     ],
 )
 def test_bad_study_files_fail_with_one_line(tmp_path, changes, message):
@@ -526,3 +537,230 @@ def test_data_stage_needs_explicit_datasets_for_collect(tmp_path):
             next(s for s in study.stages() if s.name == "collect-base").build()
     finally:
         path.unlink()
+
+
+def _argv_values(argv: list[str], *flags: str) -> dict[str, str]:
+    return {flag: argv[argv.index(flag) + 1] for flag in flags}
+
+
+def _parsed(launch, *types: type) -> list:
+    """The recipe's dataclasses of ``types`` as its own parser reads the stage's argv (the recipe takes every option)."""
+    import importlib
+
+    parser = importlib.import_module(f"posttrain_probe.recipes.{launch.recipe}").make_parser()
+    parsed = parser.parse_args_and_config(launch.argv)
+    return [next(p for p in parsed if isinstance(p, t)) for t in types]
+
+
+def test_preserve_arm_trains_after_the_base_sft_analysis_and_the_monitor_watches_it(tmp_path):
+    """preserve: adds train-, eval- and leakage-preserve-<category>, wired like the blocked arms (the base-sft crosscoder,
+    the category's feature set of its analysis); monitor: without a crosscoder watches the blocked and preserving arms,
+    which train after base-sft exists, and no other arm."""
+    from posttrain_probe.callbacks import MonitorArguments
+    from posttrain_probe.callbacks.preserve import PreserveArguments
+
+    path = _quick(tmp_path, preserve={"coefficient": 0.5}, monitor={"every": 5})
+    study = Study.load(path, out=tmp_path / "s")
+    stages = {stage.name: stage for stage in study.stages()}
+    root, arm = tmp_path / "s", "preserve-base-only"
+    crosscoder = root / "crosscoders" / "base-sft"
+    features = root / "analysis" / "base-sft" / "feature_sets" / "sft_base-only.json"
+    assert study.preserve_arms() == {arm: "base-only"} and study.models()[arm] == str(root / "train" / arm)
+    assert stages[f"train-{arm}"].deps == ("analyze-base-sft", "world")
+    assert stages[f"eval-{arm}"].deps == ("world", f"train-{arm}")
+    assert stages[f"leakage-{arm}"].deps == (f"train-{arm}",)
+    assert {f"train-{arm}", f"eval-{arm}", f"leakage-{arm}"} <= set(stages["report"].deps)
+    names = list(stages)
+    assert names.index(f"train-{arm}") > names.index("leakage-blocked-finetune-only")
+
+    launch = stages[f"train-{arm}"].build()
+    assert launch.recipe == "sft_preserve" and launch.inprocess
+    preserve, monitor = _parsed(launch, PreserveArguments, MonitorArguments)
+    assert preserve.preserve_crosscoder == str(crosscoder) and preserve.preserve_features == str(features)
+    assert (preserve.preserve_model, preserve.preserve_base, preserve.preserve_finetuned) == ("base", "base", "sft")
+    assert preserve.preserve_coefficient == 0.5
+    assert monitor.monitor_crosscoder == str(crosscoder) and monitor.monitor_every == 5
+    sft = stages["train-sft"].build()  # the SFT arm's options, the study's wiring
+    values = _argv_values(launch.argv, "--max_steps", "--learning_rate", "--output_dir")
+    assert values == {
+        **_argv_values(sft.argv, "--max_steps", "--learning_rate"),
+        "--output_dir": str(root / "train" / arm),
+    }
+
+    leakage = stages[f"leakage-{arm}"].build()
+    assert (str(leakage.blocked), str(leakage.features), str(leakage.crosscoder)) == (
+        str(root / "train" / arm),
+        str(features),
+        str(crosscoder),
+    )
+    assert (leakage.model_name, leakage.finetuned) == ("base", "sft")
+
+    # the monitor: the blocked and preserving arms, not the arms that train before the crosscoder exists
+    (blocking_monitor,) = _parsed(stages["train-blocked-shared"].build(), MonitorArguments)
+    assert blocking_monitor.monitor_crosscoder == str(crosscoder) and blocking_monitor.monitor_every == 5
+    for name in ("train-sft", "train-rl", "train-sft_kl"):
+        assert not any(a.startswith("--monitor_") for a in stages[name].build().argv), name
+    assert "feature monitor on" in stages["train-blocked-shared"].about
+
+    # the preserving arm's own result decides its hash; the monitor re-runs the arms it watches only
+    from posttrain_probe.study.runner import stage_hashes
+
+    plain = stage_hashes(Study.load(_quick(tmp_path, preserve={"coefficient": 0.5}), out=root))
+    hashes = stage_hashes(study)
+    assert plain["train-sft"] == hashes["train-sft"] and plain["collect-sft"] == hashes["collect-sft"]
+    assert (
+        plain["train-blocked-shared"] != hashes["train-blocked-shared"]
+        and plain[f"train-{arm}"] != hashes[f"train-{arm}"]
+    )
+    other = stage_hashes(Study.load(_quick(tmp_path, preserve={"coefficient": 0.25}), out=root))
+    assert (
+        other[f"train-{arm}"] != plain[f"train-{arm}"]
+        and other["train-blocked-shared"] == plain["train-blocked-shared"]
+    )
+
+
+def test_monitor_crosscoder_given_watches_every_arm(tmp_path):
+    """monitor.crosscoder (a crosscoder trained beforehand, relative to the study file): every arm, verl ones through
+    probe.monitor.*; arms of a study without a monitor: section keep their hashes."""
+    from posttrain_probe.callbacks import MonitorArguments
+
+    (tmp_path / "cc").mkdir()
+    arms = read_study_file(demo_config(quick=True))["arms"]
+    arms["rl_verl"] = {"recipe": "grpo", "trainer": "verl", "args": {"data.train_files": "rl.parquet"}}
+    study = Study.load(_quick(tmp_path, arms=arms, monitor={"crosscoder": "cc", "every": 7}), out=tmp_path / "s")
+    stages = {stage.name: stage for stage in study.stages()}
+    for name in ("train-sft", "train-rl", "train-sft_kl", "train-blocked-shared"):
+        (monitor,) = _parsed(stages[name].build(), MonitorArguments)
+        assert (monitor.monitor_crosscoder, monitor.monitor_every) == (str(tmp_path / "cc"), 7), name
+    verl = stages["train-rl_verl"].build().command
+    assert f"probe.monitor.crosscoder={tmp_path / 'cc'}" in verl and "probe.monitor.every=7" in verl
+    assert verl.index("+probe=on") > verl.index("probe.monitor.every=7")  # Hydra applies the group first either way
+
+
+def test_demo_monitors_and_preserves_and_the_quick_demo_leaves_both_out(tmp_path):
+    """The full demo has the preserving arm and the monitor; --quick drops them (preserve: false, monitor: false) to
+    keep its time budget, and plans as before."""
+    full = {stage.name: stage for stage in Study.load(demo_config(quick=False), out=tmp_path / "f").stages()}
+    assert {"train-preserve-base-only", "eval-preserve-base-only", "leakage-preserve-base-only"} <= set(full)
+    assert "--monitor_crosscoder" in full["train-preserve-base-only"].build().argv
+    assert "--monitor_crosscoder" in full["train-blocked-shared"].build().argv
+    quick = Study.load(demo_config(quick=True), out=tmp_path / "q")
+    assert quick.preserve is None and quick.monitor is None and "preserve" not in quick.raw
+    assert not [s.name for s in quick.stages() if "preserve" in s.name]
+    assert len(quick.stages()) == len(full) - 3
+
+
+def test_paper_study_file_takes_a_preserve_section_with_its_recipe_config(tmp_path):
+    """A preserve: section with the Qwen3-4B-Base recipe YAML: its own preserve_* keys give way to the study's wiring,
+    its other options stay, and the recipe parses the command."""
+    from posttrain_probe.callbacks.preserve import PreserveArguments
+
+    config = QWEN.parent / "sft_preserve_base_only.yaml"
+    child = tmp_path / "study.yaml"
+    child.write_text(f"extends: {QWEN}\npreserve:\n  config: {config}\n")
+    study = Study.load(child, out=tmp_path / "q")
+    stages = {stage.name: stage for stage in study.stages()}
+    launch = stages["train-preserve-base-only"].build()
+    assert launch.command[:4] == [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "zero3.yaml"),
+    ]
+    features = tmp_path / "q" / "analysis" / "base-sft" / "feature_sets" / "sft_base-only.json"
+    values = _argv_values(
+        launch.argv, "--preserve_crosscoder", "--preserve_features", "--learning_rate", "--dataset_name"
+    )
+    assert values == {
+        "--preserve_crosscoder": str(tmp_path / "q" / "crosscoders" / "base-sft"),
+        "--preserve_features": str(features),
+        "--learning_rate": "5e-05",
+        "--dataset_name": str(tmp_path / "q" / "data" / "sft.jsonl"),
+    }
+    assert launch.argv.count("--preserve_crosscoder") == 1 and "runs/qwen3-4b-base" not in " ".join(launch.argv)
+    launch.argv += ["--bf16", "false", "--use_cpu", "true"]
+    (preserve,) = _parsed(launch, PreserveArguments)
+    assert preserve.preserve_features == str(features) and preserve.preserve_coefficient == 1.0
+    assert stages["leakage-preserve-base-only"].build().blocked == str(tmp_path / "q" / "train" / "preserve-base-only")
+
+
+def _monitor_log(path: Path, steps: dict[int, float]) -> None:
+    """A monitor.jsonl as the feature monitor writes it: step -> suppressed fraction (the other figures follow it)."""
+    from posttrain_probe.analysis.monitor import MonitorFigures
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step, suppressed in steps.items():
+        figures = MonitorFigures(
+            n_tokens=100,
+            mean_change=-suppressed / 10,
+            category_change={"base-only": -suppressed / 5, "shared": 0.0, "finetune-only": float("nan")},
+            n_active=50,
+            n_suppressed=round(50 * suppressed),
+            suppressed_fraction=suppressed,
+            fvu=0.1 + suppressed,
+            top_features=[7, 3, 11],
+            top_changes=[-0.5, 0.25, -0.125],
+        )
+        lines.append(json.dumps({"step": step, **figures.to_json(), "seconds": 0.01}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_report_shows_the_preserving_arm_and_the_monitor_curves(tmp_path):
+    """A study directory with a preserving arm's evaluation and leakage and two arms' monitor.jsonl (planted): the
+    accuracy table has its row, the leakage table its row next to the blocked arm's, and the monitor section one
+    figure (png + svg) and a row per monitored arm at its last step; without a monitor log, no monitor section."""
+    from posttrain_probe.study.report import build_report
+
+    root = tmp_path / "study"
+    root.mkdir()
+    info = {
+        "identity": {"name": "planted"},
+        "tasks": {"in_domain": ["t_in"], "general": ["t_gen"], "held_out": []},
+        "arms": {"sft": {"recipe": "sft", "trainer": "trl", "label": "SFT"}},
+        "blocked_arms": {"blocked-shared": "shared"},
+        "preserve_arms": {"preserve-base-only": "base-only"},
+        "settings": {"sft_arm": "sft", "rl_arm": "rl", "layer": 2},
+        "config": {"preserve": {"coefficient": 0.5}},
+        "stages": [],
+    }
+    (root / "study.json").write_text(json.dumps(info))
+    for model, acc in (("base", 0.25), ("sft", 0.5), ("blocked-shared", 0.375), ("preserve-base-only", 0.625)):
+        (root / "eval" / model).mkdir(parents=True)
+        results = {"t_in": {"acc,none": acc}, "t_gen": {"acc,none": acc - 0.125}}
+        (root / "eval" / model / "lm_eval.json").write_text(json.dumps({"results": results}))
+    for arm, protected in (("blocked-shared", 0.5), ("preserve-base-only", 0.0625)):
+        (root / "leakage" / arm).mkdir(parents=True)
+        change = {"protected": {"median": protected}, "unprotected": {"median": 0.25}}
+        change["median_ratio_protected_to_unprotected"] = protected / 0.25
+        (root / "leakage" / arm / "leakage.json").write_text(json.dumps({"relative_change": change}))
+    _monitor_log(root / "train" / "preserve-base-only" / "probe" / "monitor.jsonl", {0: 0.0, 5: 0.0625, 10: 0.125})
+    _monitor_log(root / "train" / "blocked-shared" / "probe" / "monitor.jsonl", {0: 0.0, 5: 0.25, 10: 0.375})
+
+    html = build_report(root)
+    md = (root / "report" / "report.md").read_text()
+    assert "| SFT, base-only preserved | 62.5 | 50.0 |" in md
+    assert "| preserve-base-only | preservation (lambda 0.5) | base-only | 0.0625 | 0.25 | 0.25 |" in md
+    assert "| blocked-shared | gradient blocking (sae) | shared | 0.5 | 0.25 | 2 |" in md
+    assert "## During training: the feature monitor" in md
+    figure = next(n for n in (root / "report" / "figures").iterdir() if "feature-monitor" in n.name)
+    assert f"figures/{figure.name}" in md and figure.stat().st_size > 10_000
+    assert {p.name for p in (root / "report" / "monitor").iterdir()} == {"monitor.png", "monitor.svg"}
+    header = "| model | last step | suppressed fraction | FVU (drift) | mean change | change base-only | change shared"
+    assert header in md and "change finetune-only" not in md  # a category without a number at any step: no column
+    row = "| SFT, base-only preserved | 10 | 0.125 | 0.225 | -0.0125 | -0.025 | 0 | 7 (-0.5), 3 (+0.25), 11 (-0.125) |"
+    assert row in md
+    assert "| SFT, shared blocked | 10 | 0.375 | 0.475 | -0.0375 | -0.075 | 0 |" in md
+    page = html.read_text()
+    assert page.count("<img") == len(list((root / "report" / "figures").glob("*.png")))
+
+    # a log cut short by a killed run is named, the others still drawn; no log at all: no section
+    log = root / "train" / "blocked-shared" / "probe" / "monitor.jsonl"
+    log.write_text(log.read_text() + '{"step": 15, "n_tok')
+    build_report(root)
+    md = (root / "report" / "report.md").read_text()
+    assert "Unreadable monitor logs: blocked-shared" in md and "| SFT, base-only preserved | 10 |" in md
+    for arm in ("blocked-shared", "preserve-base-only"):
+        (root / "train" / arm / "probe" / "monitor.jsonl").unlink()
+    build_report(root)
+    assert "feature monitor" not in (root / "report" / "report.md").read_text()

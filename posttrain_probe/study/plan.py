@@ -2,7 +2,8 @@
 
 world -> train-<arm> -> eval-<model> -> collect-<group> -> crosscoder-<name> -> analyze-<name> / dynamics-<arm>
 -> critical -> generalization -> intervene-zero-<rl> / intervene-set-base -> fisher -> steer
--> train-blocked-<category> -> eval-blocked-<category> / leakage-blocked-<category> -> report.
+-> train-blocked-<category> -> eval-blocked-<category> / leakage-blocked-<category>
+-> train-preserve-<category> -> eval-preserve-<category> / leakage-preserve-<category> -> report.
 A stage exists when its section is in the study file (the report always). Each group below adds its stages;
 every config is built when its stage is due (snapshots exist only after training), by :meth:`Study.step_config`.
 """
@@ -24,6 +25,17 @@ EVAL_SETTINGS = ("base_model", "in_domain_tasks", "general_tasks", "held_out_tas
 """``study:`` keys an lm-eval stage's result depends on."""
 BLOCK_KEYS = ("block_crosscoder", "block_features", "block_model", "block_base", "block_finetuned", "block_mode")
 """Recipe options of a blocked arm that the study sets."""
+PRESERVE_KEYS = (
+    "preserve_crosscoder",
+    "preserve_features",
+    "preserve_model",
+    "preserve_base",
+    "preserve_finetuned",
+    "preserve_coefficient",
+)
+"""Recipe options of the preserving arm that the study sets."""
+MONITOR_NOTE = ", feature monitor on"
+"""Added to the plan line of a training arm the feature monitor watches."""
 
 
 class _Plan:
@@ -100,12 +112,15 @@ class _Plan:
     def train(self) -> None:
         study = self.study
         for arm, cfg in study.arms.items():
-            args = study.arm_args[arm]
+            args, monitor = study.arm_args[arm], study.monitor_args(arm)
             if cfg.trainer == "verl":
 
-                def build(arm=arm, args=args):
+                def build(arm=arm, args=args, monitor=monitor):
+                    # verl: probe.monitor.* (the monitor's options without their monitor_ prefix)
+                    overrides = {f"probe.monitor.{k.removeprefix('monitor_')}": v for k, v in monitor.items()}
+                    study.check_wired(f"arm {arm} of {study.source}", args, overrides)
                     return verl_launch(
-                        args,
+                        {**args, **overrides},
                         base_model=study.base_model,
                         out=study.arm_dir(arm),
                         layer=self.s.layer,
@@ -113,11 +128,12 @@ class _Plan:
                     )
             else:
 
-                def build(arm=arm, cfg=cfg, args=args):
+                def build(arm=arm, cfg=cfg, args=args, monitor=monitor):
                     return self.launch(
-                        arm, cfg.recipe, self.train_args(arm, args, recipe=cfg.recipe), cfg.accelerate_config
+                        arm, cfg.recipe, self.train_args(arm, args, monitor, recipe=cfg.recipe), cfg.accelerate_config
                     )
 
+            inputs = {"recipe": cfg.recipe, "trainer": cfg.trainer, "args": args}
             self.add(
                 f"train-{arm}",
                 "train",
@@ -125,8 +141,8 @@ class _Plan:
                 (),
                 [study.arm_dir(arm)],
                 build,
-                f"{cfg.recipe} ({cfg.trainer})",
-                inputs={"recipe": cfg.recipe, "trainer": cfg.trainer, "args": args},
+                f"{cfg.recipe} ({cfg.trainer})" + (MONITOR_NOTE if monitor else ""),
+                inputs={**inputs, "monitor": monitor} if monitor else inputs,
                 settings=TRAIN_SETTINGS,
             )
 
@@ -420,70 +436,128 @@ class _Plan:
             skip_if=self.empty_set(features, "the Fisher feature set"),
         )
 
+    def feature_set(self, category: str) -> Path:
+        """The live features of a NormRatio category of base-<sft>, as its analysis wrote them."""
+        sft = self.s.sft_arm
+        return self.root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
+
+    def empty_category(self, category: str):
+        """skip_if of an arm that protects ``category``: the category has no live feature."""
+        path, sft = self.feature_set(category), self.s.sft_arm
+
+        def check() -> str | None:
+            if path.exists() and not json.loads(path.read_text()).get("features"):
+                return f"the {category} category of base-{sft} has no live feature: nothing to protect"
+            return None
+
+        return check
+
+    def sft_like_args(self, config: str | None, args: dict[str, Any], wired_keys: tuple[str, ...]) -> dict[str, Any]:
+        """Options of an arm derived from the SFT arm (blocked, preserving): its own recipe YAML (without the keys the
+        study sets, unless its ``args`` set them) and ``args``; without a YAML, the SFT arm's options under them."""
+        study = self.study
+        own = study.recipe_args(config, args)
+        own = {k: v for k, v in own.items() if k not in wired_keys or k in args}
+        return {**study.arm_args[self.s.sft_arm], **own} if config is None else own
+
     def blocked(self) -> None:
         study, sft = self.study, self.s.sft_arm
         blocked = study.blocked
         if blocked is None:
             return
-        own = study.recipe_args(blocked.config, blocked.args)
-        own = {k: v for k, v in own.items() if k not in BLOCK_KEYS or k in blocked.args}
-        base_args = {**study.arm_args[sft], **own} if blocked.config is None else own
+        base_args = self.sft_like_args(blocked.config, blocked.args, BLOCK_KEYS)
         accelerate = blocked.accelerate_config or study.arms[sft].accelerate_config
         for arm, category in study.blocked_arms().items():
-            feature_set = self.root / "analysis" / f"base-{sft}" / "feature_sets" / f"{sft}_{category}.json"
             block = {
                 "block_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
-                "block_features": str(feature_set),
+                "block_features": str(self.feature_set(category)),
                 "block_model": "base",
                 "block_base": "base",
                 "block_finetuned": sft,
                 "block_mode": blocked.mode,
             }
-
-            def empty(path=feature_set, category=category) -> str | None:
-                if path.exists() and not json.loads(path.read_text()).get("features"):
-                    return f"the {category} category of base-{sft} has no live feature: nothing to protect"
-                return None
-
+            monitor = study.monitor_args(arm)
             self.add(
                 f"train-{arm}",
                 "train",
                 (f"analyze-base-{sft}", *self.train_dep),
                 (),
                 [study.arm_dir(arm)],
-                lambda arm=arm, block=block: self.launch(
-                    arm, "sft_blocked", self.train_args(arm, base_args, block), accelerate
+                lambda arm=arm, block=block, monitor=monitor: self.launch(
+                    arm, "sft_blocked", self.train_args(arm, base_args, {**block, **monitor}), accelerate
                 ),
-                f"SFT with the {category} features of base-{sft} protected",
-                skip_if=empty,
-                inputs={"args": base_args, "block": block},
+                f"SFT with the {category} features of base-{sft} protected" + (MONITOR_NOTE if monitor else ""),
+                skip_if=self.empty_category(category),
+                inputs={"args": base_args, "block": block, **({"monitor": monitor} if monitor else {})},
                 settings=TRAIN_SETTINGS,
             )
             self.eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
-            if "leakage" not in self.raw:
-                continue
-            out = self.root / "leakage" / arm
+            self.leakage(arm, category, f"how far the protected {category} features still moved")
+
+    def preserve(self) -> None:
+        """SFT with feature preservation (recipes/sft_preserve.py): the features of one category of base-<sft> kept near
+        the base's, then its evaluation and leakage, as a blocked arm's."""
+        study, sft = self.study, self.s.sft_arm
+        preserve = study.preserve
+        if preserve is None:
+            return
+        base_args = self.sft_like_args(preserve.config, preserve.args, PRESERVE_KEYS)
+        accelerate = preserve.accelerate_config or study.arms[sft].accelerate_config
+        for arm, category in study.preserve_arms().items():
             wired = {
-                "crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
-                "base": study.base_model,
-                "blocked": str(study.arm_dir(arm)),
-                "features": str(feature_set),
-                "out": str(out),
-                "model_name": "base",
-                "finetuned": sft,
-                "layer": self.s.layer,
+                "preserve_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+                "preserve_features": str(self.feature_set(category)),
+                "preserve_model": "base",
+                "preserve_base": "base",
+                "preserve_finetuned": sft,
+                "preserve_coefficient": preserve.coefficient,
             }
+            monitor = study.monitor_args(arm)
             self.add(
-                f"leakage-{arm}",
-                "leakage",
-                (f"train-{arm}",),
-                ("leakage",),
-                [out],
-                lambda wired=wired: study.step_config(
-                    "leakage", wired, {**self.data_defaults("leakage"), "device": self.s.device}
+                f"train-{arm}",
+                "train",
+                (f"analyze-base-{sft}", *self.train_dep),
+                (),
+                [study.arm_dir(arm)],
+                lambda arm=arm, wired=wired, monitor=monitor: self.launch(
+                    arm, "sft_preserve", self.train_args(arm, base_args, {**wired, **monitor}), accelerate
                 ),
-                f"how far the protected {category} features still moved",
+                f"SFT with the {category} features of base-{sft} preserved (lambda {preserve.coefficient:g})"
+                + (MONITOR_NOTE if monitor else ""),
+                skip_if=self.empty_category(category),
+                inputs={"args": base_args, "preserve": wired, **({"monitor": monitor} if monitor else {})},
+                settings=TRAIN_SETTINGS,
             )
+            self.eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
+            self.leakage(arm, category, f"how far the preserved {category} features still moved")
+
+    def leakage(self, arm: str, category: str, about: str) -> None:
+        """leakage-<arm>: how far the protected features moved from the base in ``arm`` (blocked or preserving)."""
+        if "leakage" not in self.raw:
+            return
+        study, sft = self.study, self.s.sft_arm
+        out = self.root / "leakage" / arm
+        wired = {
+            "crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+            "base": study.base_model,
+            "blocked": str(study.arm_dir(arm)),
+            "features": str(self.feature_set(category)),
+            "out": str(out),
+            "model_name": "base",
+            "finetuned": sft,
+            "layer": self.s.layer,
+        }
+        self.add(
+            f"leakage-{arm}",
+            "leakage",
+            (f"train-{arm}",),
+            ("leakage",),
+            [out],
+            lambda wired=wired: study.step_config(
+                "leakage", wired, {**self.data_defaults("leakage"), "device": self.s.device}
+            ),
+            about,
+        )
 
     def report(self) -> None:
         study = self.study
@@ -505,11 +579,13 @@ def plan_stages(study: Any) -> list[Stage]:
         plan.generalization,
         plan.fisher,
         plan.blocked,
+        plan.preserve,
         plan.report,
     ):
         group()
-    if study.blocked is not None and f"analyze-base-{study.settings.sft_arm}" not in {s.name for s in plan.stages}:
-        raise ProbeError(
-            f"section blocked of {study.source} needs the crosscoder and analysis of base-{study.settings.sft_arm}"
-        )
+    for section in ("blocked", "preserve"):
+        if section in study.raw and f"analyze-base-{study.settings.sft_arm}" not in {s.name for s in plan.stages}:
+            raise ProbeError(
+                f"section {section} of {study.source} needs the crosscoder and analysis of base-{study.settings.sft_arm}"
+            )
     return plan.stages

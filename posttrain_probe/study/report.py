@@ -6,14 +6,18 @@ in-domain, general and held-out tasks (paper R table 1 shape, with document coun
 paradigm; NRN histograms per paradigm; MAS of the three-model crosscoder; checkpoint dynamics (top-k overlap and
 rank shifts); NormRatio vs decoder cosine; generalization features per task and their overlap; intervention
 delta tables (paper R tables 2-5 shape, held-out task marked); Fisher rho and the steering effect; leakage of each
-blocked arm; feature cards (scores + top-activating probe-set contexts); stage timings, configs and versions.
+blocked and preserving arm; the feature monitor's curves over training steps (when an arm wrote
+``probe/monitor.jsonl``); feature cards (scores + top-activating probe-set contexts); stage timings, configs and
+versions.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +74,12 @@ def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
     tasks = info.get("tasks", {"in_domain": [], "general": [], "held_out": []})
     arms = info.get("arms", {})
     blocked = info.get("blocked_arms", {})
+    preserved = info.get("preserve_arms", {})
     settings = info.get("settings", {})
     sft, rl = settings.get("sft_arm", "sft"), settings.get("rl_arm", "rl")
     labels = {"base": "base", **{a: v.get("label") or a for a, v in arms.items()}}
     labels.update({a: f"SFT, {c} blocked" for a, c in blocked.items()})
+    labels.update({a: f"SFT, {c} preserved" for a, c in preserved.items()})
 
     report = Report(f"posttrain-probe study: {name}")
     report.note(_reading(root, info, tasks, labels, sft, rl), title="Reading this report")
@@ -81,7 +87,8 @@ def build_report(root: str | Path, config: ReportConfig | None = None) -> Path:
     _attribution_section(report, root, arms, sft, rl)
     _generalization_section(report, root, tasks)
     _fisher_section(report, root)
-    _leakage_section(report, root, blocked)
+    _leakage_section(report, root, blocked, preserved, info)
+    _monitor_section(report, root, labels)
     _cards_section(report, root, info, config, sft, rl)
     _provenance_section(report, root, info)
     html, _ = report.write(root / REPORT_DIR)
@@ -327,10 +334,21 @@ def _fisher_section(report: Report, root: Path) -> None:
         report.table(EFFECT_COLUMNS, _effects_rows(effects), caption="Steering the Fisher features in the base model.")
 
 
-def _leakage_section(report: Report, root: Path, blocked: dict[str, str]) -> None:
-    report.heading("Gradient blocking and leakage (paper S)")
+def _leakage_section(
+    report: Report, root: Path, blocked: dict[str, str], preserved: dict[str, str], info: dict
+) -> None:
+    if preserved:
+        report.heading("Gradient blocking, feature preservation and leakage (paper S)")
+    else:
+        report.heading("Gradient blocking and leakage (paper S)")
+    config = info.get("config") or {}
+    mode = (config.get("blocked") or {}).get("mode", "sae")
+    coefficient = (config.get("preserve") or {}).get("coefficient", 1.0)
+    methods = {arm: f"gradient blocking ({mode})" for arm in blocked}
+    methods.update({arm: f"preservation (lambda {coefficient})" for arm in preserved})
+    categories = {**blocked, **preserved}
     rows = []
-    for arm, category in blocked.items():
+    for arm, category in categories.items():
         data = _json(root / "leakage" / arm / "leakage.json")
         if data is None:
             continue
@@ -338,6 +356,7 @@ def _leakage_section(report: Report, root: Path, blocked: dict[str, str]) -> Non
         rows.append(
             [
                 arm,
+                methods[arm],
                 category,
                 (change.get("protected") or {}).get("median"),
                 (change.get("unprotected") or {}).get("median"),
@@ -345,16 +364,152 @@ def _leakage_section(report: Report, root: Path, blocked: dict[str, str]) -> Non
             ]
         )
     if not rows:
-        report.paragraph("No blocked arm has finished its leakage stage yet.")
+        what = "blocked or preserving arm" if preserved else "blocked arm"
+        report.paragraph(f"No {what} has finished its leakage stage yet.")
         return
     report.table(
-        ["arm", "protected", "median change protected", "median change unprotected", "ratio"],
+        ["arm", "method", "protected", "median change protected", "median change unprotected", "ratio"],
         rows,
-        caption="Relative activation change base -> blocked of the protected vs the other features (lower ratio: less leakage).",
+        caption="Relative activation change base -> trained arm of the protected vs the other features (lower ratio: "
+        "less leakage); gradient blocking detaches the protected features' part of the residual stream, preservation "
+        "penalises their change in the loss (docs/preserve.md).",
     )
-    for arm in blocked:
+    for arm in categories:
         for png in _pngs(root / "leakage" / arm):
             report.figure(png, caption=f"{arm}: relative change per feature")
+
+
+MONITOR_LOG = Path("probe") / "monitor.jsonl"
+"""Where the feature monitor of a training arm writes its figures, under ``<study>/train/<arm>/``."""
+
+
+def _monitor_section(report: Report, root: Path, labels: dict[str, str]) -> None:
+    """The feature monitor's figures over training steps, per arm that wrote ``probe/monitor.jsonl``: one figure
+    (suppressed fraction, drift FVU, change overall and per NormRatio category) and the last step's figures.
+    Nothing when no arm was monitored."""
+    paths = {arm: root / "train" / arm / MONITOR_LOG for arm in labels if arm != "base"}
+    paths = {arm: path for arm, path in paths.items() if path.exists()}
+    if not paths:
+        return
+    from posttrain_probe.analysis.monitor import read_monitor_log
+    from posttrain_probe.errors import ProbeError
+
+    report.heading("During training: the feature monitor")
+    logs, unreadable = {}, []
+    for arm, path in paths.items():
+        try:
+            log = read_monitor_log(path)
+        except (ProbeError, ValueError, KeyError, TypeError):  # e.g. a line cut short by a killed run
+            unreadable.append(f"{arm} ({path})")
+            continue
+        if log:
+            logs[labels[arm]] = log
+    if unreadable:
+        report.paragraph(f"Unreadable monitor logs: {', '.join(unreadable)}.")
+    if not logs:
+        return
+    written = plot_monitor_curves(logs, root / REPORT_DIR / "monitor" / "monitor")
+    report.figure(
+        written[0],
+        caption="The feature monitor over training steps, per arm: of the base-active features, the fraction whose "
+        "mean code fell below monitor_suppress_fraction (default 0.5) of the base's; the base branch's FVU on the live "
+        "activations (drift out of the base dictionary; step 0 is the base's own); the mean change of the codes "
+        "(code units), over all features and per NormRatio category (docs/monitor.md).",
+    )
+    categories = _monitor_categories(logs)
+    rows = []
+    for label, log in logs.items():
+        step = max(log)
+        figures = log[step]
+        top = ", ".join(f"{f} ({c:+.3g})" for f, c in list(zip(figures.top_features, figures.top_changes))[:3])
+        rows.append(
+            [
+                label,
+                step,
+                _finite(figures.suppressed_fraction),
+                _finite(figures.fvu),
+                _finite(figures.mean_change),
+                *(_finite(figures.category_change.get(c, math.nan)) for c in categories),
+                top or None,
+            ]
+        )
+    report.table(
+        [
+            "model",
+            "last step",
+            "suppressed fraction",
+            "FVU (drift)",
+            "mean change",
+            *(f"change {c}" for c in categories),
+            "most changed features (change)",
+        ],
+        rows,
+        caption="The monitor's figures at each arm's last monitored step (changes in code units of the crosscoder's "
+        "base branch; - where a category has no feature).",
+    )
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _monitor_categories(logs: Mapping[str, Mapping[int, Any]]) -> list[str]:
+    """The NormRatio categories with a number at some step of some log, in the monitor's order."""
+    from posttrain_probe.analysis.monitor import MONITOR_CATEGORIES
+
+    return [
+        c
+        for c in MONITOR_CATEGORIES
+        if any(not math.isnan(f.category_change.get(c, math.nan)) for log in logs.values() for f in log.values())
+    ]
+
+
+def plot_monitor_curves(logs: Mapping[str, Mapping[int, Any]], path) -> list[Path]:
+    """The feature monitor's figures over optimizer steps, one line per run, in one figure of panels: suppressed
+    fraction, drift FVU, mean change over all features and over each NormRatio category with a number (docs/monitor.md).
+
+    ``logs``: run label -> step -> :class:`~posttrain_probe.analysis.monitor.MonitorFigures`
+    (:func:`~posttrain_probe.analysis.monitor.read_monitor_log`); changes in code units of the monitor's branch.
+    Writes ``<stem>.png`` and ``<stem>.svg`` (:func:`~posttrain_probe.analysis.plots.save_figure`); returns them.
+    """
+    from posttrain_probe.analysis.plots import PALETTE, new_figure, plot_style, save_figure
+
+    panels = [
+        ("suppressed fraction", "fraction of base-active features", lambda f: f.suppressed_fraction),
+        ("drift: FVU of the base branch", "FVU", lambda f: f.fvu),
+        ("mean change, all features", "code units", lambda f: f.mean_change),
+    ]  # (title, y label, value of one step's figures)
+    for category in _monitor_categories(logs):
+        panels.append(
+            (f"mean change, {category}", "code units", lambda f, c=category: f.category_change.get(c, math.nan))
+        )
+    n_cols = 3
+    n_rows = -(-len(panels) // n_cols)
+    with plot_style():
+        fig = new_figure(10.0, 2.7 * n_rows + 0.4)
+        axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+        for ax, (title, unit, value) in zip(axes, panels):
+            for j, (label, log) in enumerate(logs.items()):
+                steps = sorted(log)
+                ax.plot(
+                    steps,
+                    [value(log[step]) for step in steps],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.3,
+                    color=PALETTE[j % len(PALETTE)],
+                    label=label,
+                )
+            if unit == "code units":
+                ax.axhline(0.0, color="#BBBBBB", linewidth=0.8, zorder=0)
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(unit)
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), frameon=False)
+        return save_figure(fig, path)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

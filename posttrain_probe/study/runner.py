@@ -155,6 +155,7 @@ def _write_study_json(study: Study) -> None:
             for name, arm in study.arms.items()
         },
         "blocked_arms": study.blocked_arms(),
+        "preserve_arms": study.preserve_arms(),
         "tasks": study.tasks(),
         "crosscoders": study.crosscoders() if "crosscoder" in study.raw else {},
         "stores": {m: str(study.store(m)) for group in study.collect_groups().values() for m in group},

@@ -1,6 +1,8 @@
 """The sections of a study file that are not a post-hoc step: ``study:`` (:class:`StudySettings`), the
-training ``arms:`` (:class:`ArmConfig`), the gradient-blocked arms ``blocked:`` (:class:`BlockedConfig`) and
-``report:`` (:class:`ReportConfig`). Torch-free: ``study --dry-run`` plans without importing torch.
+training ``arms:`` (:class:`ArmConfig`), the gradient-blocked arms ``blocked:`` (:class:`BlockedConfig`), the
+feature-preserving arm ``preserve:`` (:class:`PreserveConfig`), the feature monitor ``monitor:``
+(:class:`MonitorConfig`) and ``report:`` (:class:`ReportConfig`). Torch-free: ``study --dry-run`` plans without
+importing torch.
 
 A study file (docs/study.md) is YAML with one section per stage kind; the keys of a step's section are the
 field names of that step's config dataclass (``collect:`` -> ``CollectConfig``, ``crosscoder:`` ->
@@ -15,7 +17,8 @@ from typing import Any
 from posttrain_probe.errors import ProbeError
 
 RECIPES = ("sft", "grpo", "sft_kl")
-"""Recipes of the training arms (``posttrain_probe.recipes.<name>``; ``sft_blocked`` is the blocked arms')."""
+"""Recipes of the training arms (``posttrain_probe.recipes.<name>``; ``sft_blocked`` is the blocked arms',
+``sft_preserve`` the preserving arm's)."""
 CATEGORIES = ("shared", "base-only", "finetune-only")
 """NormRatio categories (``posttrain_probe.analysis.feature_sets.CATEGORY_NAMES``, here without importing torch)."""
 LAUNCHERS = ("accelerate", "torchrun", "python", "inprocess")
@@ -183,6 +186,71 @@ class BlockedConfig:
             raise ProbeError(f"blocked.categories {self.categories}: expected some of {', '.join(CATEGORIES)}")
         if not isinstance(self.args, dict):
             raise ProbeError(f"blocked.args: expected a mapping of option: value, got {type(self.args).__name__}")
+
+
+@dataclass(kw_only=True)
+class PreserveConfig:
+    """The ``preserve:`` section: SFT with feature preservation (docs/preserve.md), one arm that keeps the features
+    of a NormRatio category of the base-vs-SFT crosscoder near the base's, followed by its evaluation and leakage."""
+
+    features: str = field(
+        default="base-only",
+        metadata={"help": "Preserved NormRatio category S (" + ", ".join(CATEGORIES) + "); the arm is preserve-<S>."},
+    )
+    coefficient: float = field(
+        default=1.0,
+        metadata={"help": "lambda: weight of the mean per-token ||f_S(a_theta) - f_S(a_base)||^2 in the loss (>= 0)."},
+    )
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Recipe YAML of recipes/sft_preserve.py (relative to the study file; default: the SFT arm's)."
+        },
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "accelerate / DeepSpeed config of the preserving arm (default: the SFT arm's, else study's)."
+        },
+    )
+    args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Options of recipes/sft_preserve.py (default: the SFT arm's options)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.features not in CATEGORIES:
+            raise ProbeError(f"preserve.features={self.features!r}: expected one of {', '.join(CATEGORIES)}")
+        value = self.coefficient
+        try:  # YAML reads 1e-3 (no dot) as a string
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not 0 <= number < float("inf"):
+            raise ProbeError(f"preserve.coefficient={value!r}: expected a finite number >= 0")
+        self.coefficient = number
+        if not isinstance(self.args, dict):
+            raise ProbeError(f"preserve.args: expected a mapping of option: value, got {type(self.args).__name__}")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    """The ``monitor:`` section: the feature monitor (docs/monitor.md) in the training arms, written to each arm's
+    ``probe/monitor.jsonl`` and drawn in the report. Without ``crosscoder`` it watches the arms that train after the
+    study's base-vs-SFT crosscoder exists (the blocked and preserving arms) with that crosscoder."""
+
+    every: int = field(default=50, metadata={"help": "Compute the monitor's figures every N optimizer steps."})
+    crosscoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "A crosscoder or SAE of the base model at study.layer, trained beforehand (relative to the study "
+            "file): then every arm is monitored with it; default: the blocked and preserving arms, with base-<sft_arm>."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ProbeError(f"monitor.every={self.every!r}: expected an integer >= 1 (optimizer steps)")
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,8 @@ from posttrain_probe.study.settings import (
     DATA_RECIPE_KEYS,
     ArmConfig,
     BlockedConfig,
+    MonitorConfig,
+    PreserveConfig,
     ReportConfig,
     StudySettings,
     check_name,
@@ -43,7 +45,7 @@ STEP_SECTIONS = {
     "leakage": "leakage",
 }
 """Study-file section -> the step (``STEPS`` key) whose config its keys are."""
-OTHER_SECTIONS = ("study", "world", "arms", "blocked", "report")
+OTHER_SECTIONS = ("study", "world", "arms", "blocked", "preserve", "monitor", "report")
 SECTIONS = (*OTHER_SECTIONS[:3], *STEP_SECTIONS, *OTHER_SECTIONS[3:])
 """Every section a study file may have, in plan order."""
 NOT_HASHED = ("out", "launcher", "accelerate_config", "num_processes", "device")
@@ -66,7 +68,8 @@ class Study:
     """
 
     def __init__(self, data: Mapping[str, Any], *, out: str | Path | None = None, source: str = "study file") -> None:
-        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        # a section set to false is left out (a file that extends another drops one of its sections that way)
+        data = {str(k).replace("-", "_"): v for k, v in data.items() if v is not False}
         unknown = [k for k in data if k not in SECTIONS]
         if unknown:
             raise ProbeError(f"unknown section {unknown[0]!r} in {source}: expected some of {', '.join(SECTIONS)}")
@@ -116,6 +119,18 @@ class Study:
             if "blocked" in self.raw
             else None
         )
+        self.preserve = (
+            config_from_mapping(PreserveConfig, self.raw["preserve"], source=f"{source} section preserve")
+            if "preserve" in self.raw
+            else None
+        )
+        self.monitor = (
+            config_from_mapping(MonitorConfig, self.raw["monitor"], source=f"{source} section monitor")
+            if "monitor" in self.raw
+            else None
+        )
+        if self.monitor is not None and self.monitor.crosscoder is not None:  # beside the study file, else as given
+            self.monitor.crosscoder = str(Path(self.resolve(self.monitor.crosscoder)).resolve())
         self.report = config_from_mapping(ReportConfig, self.raw.get("report", {}), source=f"{source} section report")
         for section, step in STEP_SECTIONS.items():
             if section in self.raw:
@@ -160,6 +175,7 @@ class Study:
             "fisher": [s.sft_arm],
             "steer": [s.sft_arm],
             "blocked": [s.sft_arm],
+            "preserve": [s.sft_arm],
             "leakage": [s.sft_arm],
         }
         for role, recipe in (("rl_arm", "grpo"), ("sft_arm", "sft")):
@@ -181,8 +197,8 @@ class Study:
             ("intervene", "generalization"),
             ("steer", "fisher"),
             ("fisher", "crosscoder"),
-            ("leakage", "blocked"),
             ("blocked", "analyze"),
+            ("preserve", "analyze"),
             ("analyze", "crosscoder"),
             ("dynamics", "crosscoder"),
             ("crosscoder", "collect"),
@@ -192,6 +208,16 @@ class Study:
         ):
             if section in self.raw and dep not in self.raw:
                 raise ProbeError(f"section {section} of {self.source} needs section {dep} (its inputs come from it)")
+        if "leakage" in self.raw and not ("blocked" in self.raw or "preserve" in self.raw):
+            raise ProbeError(
+                f"section leakage of {self.source} needs section blocked or preserve (it measures their arms)"
+            )
+        if self.monitor is not None and self.monitor.crosscoder is None and not self.blocked and not self.preserve:
+            raise ProbeError(
+                f"section monitor of {self.source} watches no arm: give monitor.crosscoder (a crosscoder of the base "
+                "model trained beforehand, for every arm) or a blocked: or preserve: section (their arms train after "
+                "the study's base-vs-SFT crosscoder exists)"
+            )
 
     @property
     def base_model(self) -> str:
@@ -247,10 +273,10 @@ class Study:
         return [(f"{arm}-step-{int(p.name.split('-')[1])}", str(p)) for p in found]
 
     def models(self) -> dict[str, str]:
-        """Every model the study evaluates: base, the arms, the blocked arms."""
+        """Every model the study evaluates: base, the arms, the blocked arms, the preserving arm."""
         models = {"base": self.base_model}
         models.update({arm: self.arm_model(arm) for arm in self.arms})
-        models.update({arm: str(self.arm_dir(arm)) for arm in self.blocked_arms()})
+        models.update({arm: str(self.arm_dir(arm)) for arm in (*self.blocked_arms(), *self.preserve_arms())})
         return models
 
     def blocked_arms(self) -> dict[str, str]:
@@ -258,6 +284,25 @@ class Study:
         if self.blocked is None:
             return {}
         return {f"blocked-{c}": c for c in self.blocked.categories}
+
+    def preserve_arms(self) -> dict[str, str]:
+        """Preserving arm name -> preserved category (``preserve-<category>``; none without a preserve: section)."""
+        if self.preserve is None:
+            return {}
+        return {f"preserve-{self.preserve.features}": self.preserve.features}
+
+    def monitor_args(self, arm: str) -> dict[str, Any]:
+        """The feature monitor's recipe options of a training arm (``monitor_crosscoder``, ``monitor_every``), or {}
+        when the study monitors no arm or not this one: ``monitor.crosscoder`` watches every arm; without it, the
+        base-vs-SFT crosscoder watches the blocked and preserving arms (the others train before it exists)."""
+        if self.monitor is None:
+            return {}
+        crosscoder = self.monitor.crosscoder
+        if crosscoder is None:
+            if arm not in (*self.blocked_arms(), *self.preserve_arms()):
+                return {}
+            crosscoder = str(self.crosscoder_dir(f"base-{self.settings.sft_arm}"))
+        return {"monitor_crosscoder": crosscoder, "monitor_every": self.monitor.every}
 
     def dynamics_arms(self) -> list[str]:
         """The arms whose checkpoints get a crosscoder and a dynamics stage (the SFT and RL arms)."""
@@ -428,9 +473,10 @@ def _paths_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
                 section[key] = str(beside.resolve())
 
     fix(data.get("study"), "accelerate_config")
-    for section in [*(data.get("arms") or {}).values(), data.get("blocked")]:
+    for section in [*(data.get("arms") or {}).values(), data.get("blocked"), data.get("preserve")]:
         fix(section, "config")
         fix(section, "accelerate_config")
+    fix(data.get("monitor"), "crosscoder")
     return data
 
 
