@@ -22,7 +22,14 @@ from posttrain_probe.activations.paired import COLLECT_INDEX
 from posttrain_probe.activations.store import ActivationStoreWriter, merge_rank_manifests
 from posttrain_probe.data import dataset_fingerprint, load_dataset_spec, token_batches
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import architecture_name, decoder_blocks, default_layer, hidden_size, unwrap_model, validate_layer
+from posttrain_probe.layers import (
+    architecture_name,
+    decoder_blocks,
+    default_layer,
+    hidden_size,
+    unwrap_model,
+    validate_layer,
+)
 from posttrain_probe.locks import DirectoryLock
 from posttrain_probe.model_identity import model_fingerprint
 from posttrain_probe.models import (

@@ -255,7 +255,9 @@ def _start(
             min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1
         )
         model.set_scales_from(scale_source, max_tokens=train_cfg.scale_tokens)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.learning_rate(cc_config), betas=(train_cfg.beta1, train_cfg.beta2))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=train_cfg.learning_rate(cc_config), betas=(train_cfg.beta1, train_cfg.beta2)
+    )
     tokens_since_fired = torch.zeros(cc_config.n_features, dtype=torch.long, device=accelerator.device)
     fired_ever = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
     auxk_dead = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
