@@ -205,7 +205,7 @@ class CrosscoderTrainingConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ProbeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ProbeError(f"lr must be a finite number > 0 (or unset for the default), got {self.lr}")
+            raise ProbeError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("l1_coefficient", "grad_clip", "aux_coefficient"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ProbeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
