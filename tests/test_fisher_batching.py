@@ -24,6 +24,7 @@ from posttrain_probe.analysis.fisher_stats import (
 from posttrain_probe.analysis.reasonscore import REASON_TOKENS, ReasonScoreAccumulator, reasoning_token_groups
 from posttrain_probe.analysis.segments import SegmentCorpus, document_column, segment_batches, split_document
 from posttrain_probe.crosscoder import Crosscoder, CrosscoderConfig
+from posttrain_probe.errors import ProbeError
 from posttrain_probe.synthetic import openthoughts_dataset
 from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
@@ -146,7 +147,7 @@ def test_packing_keeps_every_document_once_within_the_token_budget(setup, tokeni
     assert len(batches) < N_DOCS  # short documents share a forward
     assert any(not b.attention_mask.all() for b in batches)  # ... with padding
     for batch in batches:
-        assert batch.input_ids.numel() <= batch_size * seq_len
+        assert batch.input_ids.numel() <= batch_size * max(int(alone[d].attention_mask.sum()) for d in range(N_DOCS))
         assert batch.n_cut == sum(alone[d].n_cut for d in batch.doc_ids.tolist())
         for row, d in enumerate(batch.doc_ids.tolist()):
             n = int(alone[d].attention_mask.sum())
@@ -192,3 +193,34 @@ def test_rho_pass_from_carried_residuals_equals_a_second_forward(setup, budget):
     assert carried.n_cut == fresh.n_cut == selection.n_cut
     torch.testing.assert_close(selection.sq_sum, fresh.sq_sum, rtol=1e-12, atol=0)  # other chunks, same codes
     assert torch.equal(selection.active, fresh.active)
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def test_hits_only_pass_equals_the_full_rho_pass(setup, activation):
+    """The select model's rho pass (``statistics=`` its selection pass) encodes the selected features alone and
+    gives the hits of a full pass (every feature encoded), with the selection pass's other statistics; for a
+    BatchTopK crosscoder too (the restricted encoder keeps the features' decoder norms and the threshold)."""
+    model, cc = setup["model"], setup["cc"]
+    if activation == "batchtopk":
+        config = CrosscoderConfig(
+            model_names=["m"], d_model=64, n_features=N_FEATURES, layer=LAYER, activation="batchtopk", k=4
+        )
+        topk = Crosscoder(config)
+        topk.load_state_dict(cc.state_dict(), strict=False)
+        topk.threshold.fill_(0.01)  # score f * ||d|| (decoder norms 0.08 here): codes above 0.125 count
+        cc = topk
+    corpus = _corpus(setup, 512, 3)
+    batches = packed_batches(corpus)
+    residuals = SegmentResiduals()
+    first = segment_statistics(model, cc, 0, corpus, layer=LAYER, batches=batches, residuals=residuals)
+    full = segment_statistics(model, cc, 0, corpus, layer=LAYER, features=SELECTED, batches=batches)
+    only = segment_statistics(
+        model, cc, 0, corpus, layer=LAYER, features=SELECTED, batches=batches, residuals=residuals, statistics=first
+    )
+    assert 0 < int(full.hits.sum()) < int(full.doc_tokens.sum())  # some selected feature fires, not everywhere
+    assert torch.equal(only.hits, full.hits)
+    assert only.sq_sum is first.sq_sum and only.active is first.active and torch.equal(only.doc_tokens, full.doc_tokens)
+    with pytest.raises(ProbeError, match="pass features= and no reasonscore="):
+        segment_statistics(model, cc, 0, corpus, layer=LAYER, batches=batches, statistics=first)
+    with pytest.raises(ProbeError, match="same documents and batches"):
+        segment_statistics(model, cc, 0, corpus, layer=LAYER, features=SELECTED, batches=batches[:1], statistics=first)

@@ -248,7 +248,7 @@ def _model_statistics(
             residuals = None
             if name == select:  # the rho pass reads the selection pass's residuals instead of running the model again
                 residuals = SegmentResiduals()
-                selection, reason = _select(
+                first, selection, reason = _select(
                     config, cc, model, branches[name], name, layer, corpus, batches, residuals, progress
                 )
             stats[name] = segment_statistics(
@@ -260,6 +260,7 @@ def _model_statistics(
                 features=selection.features,
                 batches=batches,
                 residuals=residuals,
+                statistics=first if name == select else None,  # the select model's pass: rho's hits only
                 progress=progress,
                 desc=f"rho {name}",
             )
@@ -283,7 +284,8 @@ def _select(
     residuals: SegmentResiduals,
     progress: bool,
 ):
-    """The Fisher selection on one model's codes and its ReasonScore (None when switched off); fills ``residuals``."""
+    """The Fisher selection on one model's codes: (its segment statistics, the selection, its ReasonScore (None when
+    switched off)); fills ``residuals``."""
     accumulator = None
     if config.reasonscore:
         words, groups = reasoning_token_groups(corpus.tokenizer, _reason_words(config))
@@ -316,4 +318,4 @@ def _select(
         raise ProbeError(
             f"no candidate feature: no live feature of {name!r} has E_reasoning[f^2] > 0 and >= the floor {selection.floor:.4g}"
         )
-    return selection, accumulator.result() if accumulator is not None else None
+    return first, selection, accumulator.result() if accumulator is not None else None

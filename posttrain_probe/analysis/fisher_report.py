@@ -337,6 +337,29 @@ def _column(table, name: str, dtype: torch.dtype = torch.float64) -> torch.Tenso
     return torch.tensor(np.asarray(values, dtype=np.float64), dtype=dtype)
 
 
+_RHO_PANEL = (3.1, 2.0)
+"""Width (at least: see _RHO_MIN_WIDTH) and height of one panel of the rho figure (inches)."""
+_RHO_MARGINS = {
+    "left": 0.62,
+    "right": 0.15,
+    "bottom": 0.55,
+    "gap": 0.25,
+    "titles": 0.46,
+    "legend": 0.26,
+    "suptitle": 0.3,
+}
+"""Fixed margins of the rho figure (inches): the axes' tick labels and x label below, two title lines per panel,
+the legend row and the optional figure title above. Fixed, so the figure needs no layout pass when it is saved."""
+_RHO_MIN_WIDTH = 4.8
+"""Minimum width of the rho figure (inches): one panel widens to it."""
+_RHO_NAME_CHARS = 40
+
+
+def _short_name(name: str, limit: int = _RHO_NAME_CHARS) -> str:
+    """``name``, its middle elided when longer than ``limit`` characters (a panel title must fit its panel)."""
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}…{name[-(limit - limit // 2) :]}"
+
+
 def plot_rho_distributions(
     rho_by_model: Mapping[str, tuple[Any, Any]], path, *, bins: int = 20, title_suffix: str | None = None
 ) -> list[Path]:
@@ -344,8 +367,12 @@ def plot_rho_distributions(
 
     ``rho_by_model`` maps a model name to ``(rho_reasoning [n_docs], rho_solution [n_docs])`` (unitless, in
     [0, 1]; NaN = the document has no such segment, left out). Bars give the fraction of documents per bin
-    (``bins`` equal bins over [0, 1]); dotted lines mark the means. Writes ``<path>.png`` and ``<path>.svg``.
+    (``bins`` equal bins over [0, 1]) on one y scale for all panels; dotted lines mark the means, which each
+    panel's second title line gives. The margins are fixed (:data:`_RHO_MARGINS`), so saving draws each format
+    once. Writes ``<path>.png`` and ``<path>.svg``.
     """
+    from matplotlib.lines import Line2D
+
     from posttrain_probe.analysis.plots import PALETTE, new_figure, plot_style, save_figure
 
     if not rho_by_model:
@@ -354,34 +381,62 @@ def plot_rho_distributions(
         raise ProbeError(f"bins={bins!r}: expected a positive integer")
     edges = np.linspace(0.0, 1.0, bins + 1)
     colours = {"reasoning": PALETTE[1], "solution": PALETTE[0]}  # paper: reasoning red, solution blue
-    n = len(rho_by_model)
+    values = {
+        name: {seg: _finite(np.asarray(v, dtype=np.float64).reshape(-1)) for seg, v in zip(SEGMENTS, pair)}
+        for name, pair in rho_by_model.items()
+    }
+    fractions = {
+        name: {seg: np.histogram(np.clip(v, 0.0, 1.0), bins=edges)[0] / v.size for seg, v in segs.items() if v.size}
+        for name, segs in values.items()
+    }
+    top = max((f.max() for segs in fractions.values() for f in segs.values()), default=0.0)
+    m, n = _RHO_MARGINS, len(values)
+    panel_h = _RHO_PANEL[1]  # panels widen to fill the minimum width, which the legend and x label need
+    panel_w = max(_RHO_PANEL[0], (_RHO_MIN_WIDTH - m["left"] - m["right"] - (n - 1) * m["gap"]) / n)
+    above = m["titles"] + m["legend"] + (m["suptitle"] if title_suffix else 0.0)
+    width = m["left"] + n * panel_w + (n - 1) * m["gap"] + m["right"]
+    height = m["bottom"] + panel_h + above
     with plot_style():
-        fig = new_figure(3.4 * n + 0.4, 3.0)
-        axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
-        for ax, (name, (rho_r, rho_s)) in zip(axes, rho_by_model.items()):
-            for segment, values in (("reasoning", rho_r), ("solution", rho_s)):
-                values = _finite(np.asarray(values, dtype=np.float64).reshape(-1))
-                if values.size == 0:
+        fig = new_figure(width, height, layout=None)
+        for i, (name, segs) in enumerate(values.items()):
+            x0 = m["left"] + i * (panel_w + m["gap"])
+            ax = fig.add_axes((x0 / width, m["bottom"] / height, panel_w / width, panel_h / height))
+            means = []
+            for segment, v in segs.items():
+                if not v.size:
+                    means.append(f"{segment} –")
                     continue
-                counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=edges)
-                fraction = counts / values.size
                 colour = colours[segment]
-                ax.stairs(fraction, edges, fill=True, color=colour, alpha=0.3)
-                ax.stairs(
-                    fraction,
-                    edges,
-                    color=colour,
-                    linewidth=1.3,
-                    label=f"{segment} (n={values.size:,}, mean {values.mean():.2f})",
-                )
-                ax.axvline(float(values.mean()), color=colour, linestyle=":", linewidth=1.0)
+                ax.stairs(fractions[name][segment], edges, fill=True, color=colour, alpha=0.3)
+                ax.stairs(fractions[name][segment], edges, color=colour, linewidth=1.3)
+                ax.axvline(float(v.mean()), color=colour, linestyle=":", linewidth=1.0)
+                means.append(f"{segment} {v.mean():.2f}")
             ax.set_xlim(0.0, 1.0)
-            ax.set_xlabel("ρ (fraction of tokens with a reasoning feature active)")  # plain text: no mathtext parse
-            ax.set_title(name)
+            ax.set_ylim(0.0, max(top, 1e-3) * 1.08)
+            ax.set_xticks(np.linspace(0.0, 1.0, 6), [f"{t:.1f}" for t in np.linspace(0.0, 1.0, 6)])
+            ax.set_title(_short_name(name), pad=16)
+            ax.text(
+                0.5, 1.02, "mean ρ: " + ", ".join(means), transform=ax.transAxes, ha="center", va="bottom", fontsize=8
+            )
             ax.grid(axis="y", color="#DDDDDD", linewidth=0.6)
             ax.set_axisbelow(True)
-            ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="upper right")
-        axes[0].set_ylabel("fraction of documents")
+            if i:
+                ax.tick_params(labelleft=False)
+            else:
+                ax.set_ylabel("fraction of documents")
+        centre = (m["left"] + (n * panel_w + (n - 1) * m["gap"]) / 2) / width
+        fig.text(
+            centre,
+            0.08 / height,
+            "ρ: fraction of tokens with a selected feature active",
+            ha="center",
+            va="bottom",
+        )
+        counts = {seg: {v[seg].size for v in values.values()} for seg in SEGMENTS}
+        handles = [Line2D([], [], color=colours[seg], linewidth=1.3) for seg in SEGMENTS]
+        labels = [seg + (f" (n={counts[seg].pop():,} docs)" if len(counts[seg]) == 1 else "") for seg in SEGMENTS]
+        legend_y = (m["bottom"] + panel_h + m["titles"] + m["legend"]) / height
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(centre, legend_y), ncol=2, frameon=False)
         if title_suffix:
-            fig.suptitle(f"Distribution of ρ per model ({title_suffix})", fontsize=10)
-        return save_figure(fig, path)
+            fig.suptitle(f"Distribution of ρ per model ({title_suffix})", fontsize=10, y=1.0 - 0.06 / height, va="top")
+        return save_figure(fig, path, tight=False)

@@ -55,15 +55,24 @@ def plot_style():
         yield
 
 
-def new_figure(width: float, height: float):
-    """A matplotlib Figure of ``width`` x ``height`` inches with constrained layout (no pyplot state)."""
+def new_figure(width: float, height: float, *, layout: str | None = "constrained"):
+    """A matplotlib Figure of ``width`` x ``height`` inches (no pyplot state).
+
+    ``layout``: "constrained" (default) lays the axes out when the figure is saved; None keeps the positions the
+    caller gives (``fig.add_axes``), for figures with fixed margins saved by ``save_figure(..., tight=False)``.
+    """
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout=layout)
 
 
-def save_figure(fig, path) -> list[Path]:
-    """Write ``<stem>.png`` and ``<stem>.svg``; a .png/.svg suffix on ``path`` is dropped."""
+def save_figure(fig, path, *, tight: bool = True) -> list[Path]:
+    """Write ``<stem>.png`` and ``<stem>.svg``; a .png/.svg suffix on ``path`` is dropped.
+
+    ``tight`` (default) crops to the drawn artists (``savefig.bbox`` of :func:`plot_style`), which costs a layout
+    draw per format; ``tight=False`` saves the whole figure as laid out, one draw per format (a figure built with
+    ``new_figure(..., layout=None)`` and fixed margins).
+    """
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg") else path
     if not stem.name:
@@ -72,7 +81,7 @@ def save_figure(fig, path) -> list[Path]:
     written = []
     for ext in ("png", "svg"):
         out = stem.parent / f"{stem.name}.{ext}"
-        fig.savefig(out, format=ext, dpi=_DPI)
+        fig.savefig(out, format=ext, dpi=_DPI, bbox_inches=None if tight else fig.bbox_inches)
         written.append(out)
         if fig.get_layout_engine() is not None:
             fig.set_layout_engine("none")  # the layout is done: keep it, do not recompute it per format

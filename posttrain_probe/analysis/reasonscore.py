@@ -320,9 +320,10 @@ class ReasonScoreAccumulator:
         word_masks = word_masks.to(device)
         inside = word_masks.any(dim=1)
         masks = torch.cat([word_masks, inside[:, None], ~inside[:, None]], dim=1)  # [n, G + 2]
-        for j in range(n_groups + 2):
-            m = masks[:, j]
-            self._sums[j] += acts[m].sum(dim=0, dtype=torch.float64)
+        # the G + 2 masked sums as one [G + 2, n] x [n, F] matmul in the codes' precision (float32 for half codes),
+        # added to the float64 sums per call
+        wide = acts.dtype if acts.dtype in (torch.float32, torch.float64) else torch.float32
+        self._sums += (masks.T.to(wide) @ acts.to(wide)).double()
         self._counts += masks.sum(dim=0)
 
     def result(self) -> ReasonScoreResult:
