@@ -32,6 +32,7 @@ from posttrain_probe.analysis.reasonscore import (
     ReasonScoreAccumulator,
     reason_score,
     reasoning_token_groups,
+    reasoning_word_masks,
 )
 from posttrain_probe.analysis.segments import find_delimited, segment_batches, split_document, token_segments
 from posttrain_probe.cli import app
@@ -212,8 +213,8 @@ def test_delimiter_and_column_formats(tokenizer):
 # -- ReasonScore ----------------------------------------------------------------------------------------
 
 
-def _reasonscore_by_loops(ids, keep, groups, codes, weights, window, alpha, eps=1e-12):
-    """Straightforward ReasonScore: explicit occurrence search, windows, means, entropy and the formula."""
+def _word_windows_by_loops(ids, groups, window):
+    """in_group[g][b][t]: explicit occurrence search of every variant, each occurrence token's window marked."""
     n_rows, length = len(ids), len(ids[0])
     in_group = [[[False] * length for _ in range(n_rows)] for _ in groups]
     for g, variants in enumerate(groups):
@@ -225,6 +226,13 @@ def _reasonscore_by_loops(ids, keep, groups, codes, weights, window, alpha, eps=
                             for t in range(q - window[0], q + window[1] + 1):
                                 if 0 <= t < length:
                                     in_group[g][b][t] = True
+    return in_group
+
+
+def _reasonscore_by_loops(ids, keep, groups, codes, weights, window, alpha, eps=1e-12):
+    """Straightforward ReasonScore: explicit occurrence search, windows, means, entropy and the formula."""
+    n_rows, length = len(ids), len(ids[0])
+    in_group = _word_windows_by_loops(ids, groups, window)
     n_features = len(codes[0][0])
 
     def mean(cells):
@@ -278,6 +286,20 @@ def test_reasonscore_matches_a_straightforward_computation():
     )
     assert entropy.tolist() == pytest.approx([1.0, 0.0, 0.0])
     assert score.tolist() == pytest.approx([0.5, 0.5 * 0.0 - 0.5 / 1.5, -1.0 / 1.5])
+
+
+@pytest.mark.parametrize("window", [(0, 0), (1, 2), (3, 1)])
+def test_word_windows_match_an_occurrence_loop_on_random_ids(window):
+    """The vectorised window masks (all variants of one length at once, a sliding max) equal the loop reference on
+    random ids over a 6-token vocabulary (overlapping occurrences, variants of lengths 1-3 sharing tokens, groups
+    sharing a variant, a variant longer than the rows, and occurrences at both row ends)."""
+    gen = torch.Generator().manual_seed(sum(window))
+    ids = torch.randint(0, 6, (5, 23), generator=gen)
+    groups = [[[1], [2, 3]], [[3, 3, 4]], [[5, 1], [0, 0, 0], [1]], [list(range(30))]]
+    got = reasoning_word_masks(ids, groups, window=window)
+    want = _word_windows_by_loops(ids.tolist(), groups, window)
+    assert got.shape == (5, 23, 4) and got.any()
+    assert got.permute(2, 0, 1).tolist() == want
 
 
 def test_reasoning_words_on_the_tiny_tokenizer(tokenizer):

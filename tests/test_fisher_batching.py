@@ -117,8 +117,7 @@ def test_packed_forwards_match_one_unpadded_forward_per_document(setup, seq_len,
     """Different packings (one document per forward up to all in one; 160: every document cut), encoded in one step
     per batch or in chunks of ``chunk`` tokens, give the reference."""
     if chunk is not None:
-        monkeypatch.setattr(fisher_stats, "_ENCODE_TOKENS", chunk)
-        monkeypatch.setattr(fisher_stats, "_ENCODE_ELEMENTS", 0)
+        monkeypatch.setattr(fisher_stats, "_encode_chunk", lambda n_features, device: chunk)
     corpus = _corpus(setup, seq_len, batch_size)
     batches = packed_batches(corpus)
     reason = _accumulator(setup)

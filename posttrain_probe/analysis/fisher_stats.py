@@ -30,12 +30,22 @@ DEFAULT_TOP_K = 50
 DEFAULT_FLOOR_QUANTILE = 0.9
 _ENCODE_TOKENS = 1024
 _ENCODE_ELEMENTS = 1 << 22
-"""Tokens encoded at once: ``max(_ENCODE_TOKENS, _ENCODE_ELEMENTS // F)`` (bounds the [tokens, F] code tensors;
-small crosscoders take more tokens per step)."""
+_CPU_ENCODE_TOKENS = 32
+_CPU_ENCODE_ELEMENTS = 1 << 18
 _TOKENISE_DOCS = 64
 """Documents tokenised per call of :func:`~posttrain_probe.analysis.segments.segment_batches` when packing."""
 RESIDUAL_BYTES = 1 << 30
 """Default budget of :class:`SegmentResiduals`: segment residuals kept between two passes of one model."""
+
+
+def _encode_chunk(n_features: int, device: torch.device) -> int:
+    """Tokens encoded at once by :func:`segment_statistics`: on an accelerator ``max(_ENCODE_TOKENS,
+    _ENCODE_ELEMENTS // F)`` (few large kernels; bounds the [tokens, F] code tensors), on CPU ``max(_CPU_ENCODE_TOKENS,
+    _CPU_ENCODE_ELEMENTS // F)``: [tokens, F] float32 blocks of about 1 MiB stay in cache (at F = 512 the encode and
+    its statistics run 2.3x faster in 512-token chunks than in 8192-token ones)."""
+    if device.type == "cpu":
+        return max(_CPU_ENCODE_TOKENS, _CPU_ENCODE_ELEMENTS // n_features)
+    return max(_ENCODE_TOKENS, _ENCODE_ELEMENTS // n_features)
 
 
 # -- the formulas -------------------------------------------------------------------------------------
@@ -339,7 +349,7 @@ def segment_statistics(
     batches = packed_batches(corpus) if batches is None else batches
     n_features = crosscoder.config.n_features
     dtype = crosscoder.W_enc.dtype
-    chunk = max(_ENCODE_TOKENS, _ENCODE_ELEMENTS // n_features)
+    chunk = _encode_chunk(n_features, device)
     sq_sum = torch.zeros(2, n_features, dtype=torch.float64, device=device)
     active = torch.zeros(2, n_features, dtype=torch.int64, device=device)
     n_docs = corpus.n_docs

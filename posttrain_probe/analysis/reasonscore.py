@@ -158,20 +158,6 @@ def reasoning_token_groups(
     return words, [groups[w] for w in words]
 
 
-def _shift(mask: torch.Tensor, s: int) -> torch.Tensor:
-    """``out[:, t] = mask[:, t - s]`` (zero where t - s is outside the row); mask [B, T] bool."""
-    if s == 0:
-        return mask
-    out = torch.zeros_like(mask)
-    if abs(s) >= mask.shape[1]:
-        return out
-    if s > 0:
-        out[:, s:] = mask[:, :-s]
-    else:
-        out[:, :s] = mask[:, -s:]
-    return out
-
-
 def reasoning_word_masks(
     input_ids: torch.Tensor,
     groups: Sequence[Sequence[Sequence[int]]],
@@ -199,22 +185,22 @@ def reasoning_word_masks(
         raise ProbeError(f"window {window!r}: expected two non-negative token counts (before, after)")
     batch, length = input_ids.shape
     out = torch.zeros(batch, length, len(groups), dtype=torch.bool, device=input_ids.device)
+    by_length: dict[int, list[tuple[int, Sequence[int]]]] = {}
     for g, variants in enumerate(groups):
-        marked = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
         for ids in variants:
-            n = len(ids)
-            if n == 0 or n > length:
-                continue
-            pattern = torch.as_tensor(list(ids), dtype=input_ids.dtype, device=input_ids.device)
-            starts = (input_ids.unfold(1, n, 1) == pattern).all(dim=2)  # [B, T - n + 1]
-            start_mask = torch.zeros_like(marked)
-            start_mask[:, : starts.shape[1]] = starts
-            for offset in range(n):
-                marked |= _shift(start_mask, offset)
-        covered = torch.zeros_like(marked)
-        for s in range(-before, after + 1):
-            covered |= _shift(marked, s)
-        out[:, :, g] = covered
+            if 0 < len(ids) <= length:
+                by_length.setdefault(len(ids), []).append((g, ids))
+    for n, variants in by_length.items():  # every variant of one length at once
+        patterns = torch.as_tensor([list(ids) for _, ids in variants], dtype=input_ids.dtype, device=input_ids.device)
+        owner = torch.as_tensor([g for g, _ in variants], device=input_ids.device)
+        found = (input_ids.unfold(1, n, 1)[:, :, None, :] == patterns).all(dim=3)  # [B, T - n + 1, V] starts
+        starts = torch.zeros(batch, len(groups), length, device=input_ids.device)
+        starts[:, :, : found.shape[1]].index_add_(1, owner, found.transpose(1, 2).float())
+        # token t is covered when some occurrence's tokens [s, s + n - 1] meet [t - after, t + before], i.e. it
+        # starts at some s in [t - n + 1 - after, t + before]: a sliding max over the starts, padded with zeros
+        padded = torch.nn.functional.pad(starts, (n - 1 + after, before))
+        covered = torch.nn.functional.max_pool1d(padded, kernel_size=n + after + before, stride=1) > 0
+        out |= covered.transpose(1, 2)
     if keep is not None:
         out &= keep.to(device=out.device, dtype=torch.bool)[:, :, None]
     return out

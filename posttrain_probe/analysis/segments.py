@@ -285,16 +285,18 @@ def segment_batches(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for start in range(0, len(docs), batch_size):
         chunk = docs[start : start + batch_size]
-        encoded = [
-            tokenizer(
-                doc.text,
+        encoded: list[Any] = [None] * len(chunk)
+        for special in {doc.add_special_tokens for doc in chunk}:  # one tokenizer call per flag value
+            rows = [row for row, doc in enumerate(chunk) if doc.add_special_tokens == special]
+            found = tokenizer(
+                [chunk[row].text for row in rows],
                 truncation=True,
                 max_length=seq_len,
-                add_special_tokens=doc.add_special_tokens,
+                add_special_tokens=special,
                 return_offsets_mapping=True,
             )
-            for doc in chunk
-        ]
+            for i, row in enumerate(rows):
+                encoded[row] = {key: found[key][i] for key in ("input_ids", "offset_mapping")}
         width = max(1, max(len(e["input_ids"]) for e in encoded))
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -305,7 +307,7 @@ def segment_batches(
             input_ids[row, :n] = torch.tensor(enc["input_ids"], dtype=torch.long)
             attention_mask[row, :n] = 1
             if n:
-                offsets[row, :n] = torch.tensor([list(o) for o in enc["offset_mapping"]], dtype=torch.long)
+                offsets[row, :n] = torch.tensor(enc["offset_mapping"], dtype=torch.long)
             last = int(offsets[row, :n, 1].max()) if n else 0
             n_cut += any(end > last for _, end in doc.reasoning + doc.solution)
         yield SegmentBatch(
