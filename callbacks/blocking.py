@@ -89,20 +89,12 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
     """The GradientBlocker that ``args`` describe (None when blocking is off)."""
     if args.block_crosscoder is None:
         return None
-    from posttrain_probe.analysis.feature_sets import resolve_features
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
-
-    crosscoder = load_crosscoder(args.block_crosscoder)
-    features = resolve_features(
-        crosscoder,
+    return GradientBlocker.from_directory(
+        args.block_crosscoder,
         args.block_features,
         base=args.block_base,
         finetuned=args.block_finetuned,
         norm_ratio_scale=args.block_norm_ratio_scale,
-    )
-    return GradientBlocker(
-        crosscoder,
-        features,
         model=args.block_model,
         layer=args.block_layer,
         mode=args.block_mode,

@@ -98,20 +98,12 @@ def build_preserver(args: PreserveArguments) -> FeaturePreserver | None:
     """The FeaturePreserver that ``args`` describe (None when preservation is off: no ``preserve_crosscoder``)."""
     if args.preserve_crosscoder is None:
         return None
-    from posttrain_probe.analysis.feature_sets import resolve_features
-    from posttrain_probe.crosscoder.inspect import load_crosscoder
-
-    crosscoder = load_crosscoder(args.preserve_crosscoder)
-    features = resolve_features(
-        crosscoder,
+    return FeaturePreserver.from_directory(
+        args.preserve_crosscoder,
         args.preserve_features,
         base=args.preserve_base,
         finetuned=args.preserve_finetuned,
         norm_ratio_scale=args.preserve_norm_ratio_scale,
-    )
-    return FeaturePreserver(
-        crosscoder,
-        features,
         model=args.preserve_model,
         layer=args.preserve_layer,
         coefficient=args.preserve_coefficient,

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import _text_config, architecture_name, decoder_blocks, unwrap_model
+from posttrain_probe.layers import (
+    _text_config,
+    architecture_name,
+    decoder_blocks,
+    hidden_size,
+    unwrap_model,
+    validate_layer,
+)
 
 FINGERPRINT_VERSION = 1
 SAMPLE_ROWS = 16
@@ -182,6 +189,26 @@ def check_model(
     if allow_mismatch:
         return message
     raise ProbeError(f"{message}; {OVERRIDE_HINT}")
+
+
+def check_site_model(
+    model: nn.Module,
+    layer: int,
+    d_model: int,
+    recorded: Mapping[str, Any] | None,
+    slot_name: str,
+    *,
+    what: str | None = None,
+    allow_mismatch: bool = False,
+) -> str | None:
+    """Refuse ``model`` (through any wrapper) for crosscoder slot ``slot_name`` at site ``layer``: no block
+    ``layer``, a hidden size other than the crosscoder's ``d_model``, or another model than the one the slot
+    recorded as ``recorded`` (nor tuned from it; :func:`check_model`, which gives the return value)."""
+    inner = unwrap_model(model)
+    validate_layer(inner, layer)
+    if hidden_size(inner) != d_model:
+        raise ProbeError(f"the crosscoder has d_model {d_model}, the model's hidden size is {hidden_size(inner)}")
+    return check_model(inner, recorded, slot_name, what=what, allow_mismatch=allow_mismatch)
 
 
 def source_fingerprints(source) -> list[dict[str, Any] | None] | None:

@@ -29,8 +29,7 @@ from torch import nn
 from posttrain_probe.analysis.attribution import categorize, norm_ratio
 from posttrain_probe.analysis.jsonable import json_safe
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import hidden_size, unwrap_model, validate_layer
-from posttrain_probe.model_identity import check_model, slot_fingerprint
+from posttrain_probe.model_identity import check_site_model, slot_fingerprint
 
 MONITOR_CATEGORIES = ("base-only", "shared", "finetune-only")
 """The NormRatio categories (:func:`~posttrain_probe.analysis.attribution.categorize`) the monitor reports."""
@@ -325,14 +324,13 @@ def check_monitored_model(
     if site is None:
         raise ProbeError("the crosscoder does not record its layer: give the monitored layer (monitor_layer)")
     slot = crosscoder.model_index(branch)
-    inner = unwrap_model(model)
-    validate_layer(inner, site)
-    if hidden_size(inner) != crosscoder.config.d_model:
-        raise ProbeError(
-            f"the crosscoder has d_model {crosscoder.config.d_model}, the model's hidden size is {hidden_size(inner)}"
-        )
-    mismatch = check_model(
-        inner, slot_fingerprint(crosscoder, slot), crosscoder.model_names[slot], allow_mismatch=allow_model_mismatch
+    mismatch = check_site_model(
+        model,
+        site,
+        crosscoder.config.d_model,
+        slot_fingerprint(crosscoder, slot),
+        crosscoder.model_names[slot],
+        allow_mismatch=allow_model_mismatch,
     )
     return site, mismatch
 

@@ -14,21 +14,19 @@ In ``sae`` and ``subspace`` modes the forward value is unchanged and the gradien
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from posttrain_probe.crosscoder.model import Crosscoder
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import decoder_blocks, hidden_size, unwrap_model, validate_layer
-from posttrain_probe.model_identity import check_model, slot_fingerprint
+from posttrain_probe.interventions.feature_site import FeatureSite
+from posttrain_probe.layers import decoder_blocks, unwrap_model
 
 MODES = ("sae", "subspace", "ablate")
 
 
-class GradientBlocker:
+class GradientBlocker(FeatureSite):
     """Blocks the gradient through features ``features`` of one model branch of a crosscoder/SAE at ``layer``.
 
     ``encoder_bias`` (``sae`` mode only): True (docs/methods.md sec. 9 default) protects the per-source code
@@ -40,7 +38,7 @@ class GradientBlocker:
     weights are copied to the hidden states' device and dtype at the first forward. ``attach``
     refuses a model other than the one the branch was trained on (or a tuned copy of it;
     :mod:`posttrain_probe.model_identity`) unless ``allow_model_mismatch``, which records the
-    mismatch in ``model_mismatch``.
+    mismatch in ``model_mismatch`` (:class:`~posttrain_probe.interventions.feature_site.FeatureSite`).
     """
 
     def __init__(
@@ -60,54 +58,30 @@ class GradientBlocker:
             raise ProbeError(f"encoder_bias must be True or False, got {encoder_bias!r}")
         if not encoder_bias and mode != "sae":
             raise ProbeError(f"encoder_bias=False changes the code of mode 'sae' only; mode {mode!r} uses no encoder")
+        super().__init__(
+            crosscoder,
+            features,
+            model=model,
+            layer=layer,
+            what="blocking",
+            allow_model_mismatch=allow_model_mismatch,
+            encoder=mode == "sae",
+            encoder_bias=encoder_bias,
+        )
         self.mode = mode
         self.encoder_bias = encoder_bias
-        self.slot = crosscoder.model_index(model)
-        self.model_name = crosscoder.model_names[self.slot]
-        self.model_fingerprint = slot_fingerprint(crosscoder, self.slot)
-        self.allow_model_mismatch = bool(allow_model_mismatch)
-        self.model_mismatch: str | None = None
-        """The mismatch ``attach`` let through with ``allow_model_mismatch`` (None: the model matched or was not checked)."""
-        self.layer = crosscoder.site(layer, what="blocking")
-        if self.layer is None:
-            raise ProbeError("the crosscoder does not record its layer: pass layer=")
-        n_features = crosscoder.config.n_features
-        try:
-            self.features = sorted({int(f) for f in features})
-        except (TypeError, ValueError) as err:
-            raise ProbeError(
-                f"features must be integer indices, got {features!r}: use resolve_features() for categories, files or '3,17'"
-            ) from err
-        bad = [f for f in self.features if not 0 <= f < n_features]
-        if bad:
-            raise ProbeError(f"feature indices {bad[:10]} are out of range for a crosscoder of {n_features} features")
-        self.d_model = crosscoder.config.d_model
         index = torch.tensor(self.features, dtype=torch.long)
         with torch.no_grad():
             scale = crosscoder.scales[self.slot].detach().float().cpu()
             self._dec = (
                 crosscoder.W_dec.detach().float().cpu()[index, self.slot] / scale
             ).contiguous()  # [|S|, d], raw units
-            if (
-                crosscoder.config.activation == "batchtopk"
-                and crosscoder.config.source_thresholds is None
-                and float(crosscoder.threshold) < 0
-            ):
-                raise ProbeError(
-                    "this BatchTopK crosscoder has no inference threshold yet (train it first): its codes are undefined"
-                )
-            self._encoder = (
-                crosscoder.restrict(self.features, encoder_bias=encoder_bias)
-                if mode == "sae" and self.features
-                else None
-            )
             self._basis = None
             if mode != "sae" and self.features:
                 u, sigma, _ = torch.linalg.svd(self._dec.T.double(), full_matrices=False)
                 keep = sigma > sigma.max() * max(self._dec.shape) * torch.finfo(torch.float32).eps
                 self._basis = u[:, keep].float().contiguous()  # orthonormal basis of span{d_k : k in S}, [d, rank]
-        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        self._encoders: dict[tuple, Crosscoder | None] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor | None, ...]] = {}
         self._handle = None
         self._model = None
 
@@ -118,11 +92,8 @@ class GradientBlocker:
         if key not in self._cache:
             with torch.inference_mode(False):  # normal tensors: usable in and outside inference mode
                 move = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
-                self._encoders[key] = (
-                    None if self._encoder is None else copy.deepcopy(self._encoder).to(like.device, like.dtype)
-                )
                 self._cache[key] = (move(self._dec), move(self._basis))
-        return (self._encoders[key], *self._cache[key])
+        return (self.encoder_like(like), *self._cache[key])
 
     def protected_component(self, x: torch.Tensor) -> torch.Tensor:
         """x_S for residual activations x [..., d] (raw units), differentiable in x.
@@ -164,14 +135,7 @@ class GradientBlocker:
         inner = unwrap_model(model)
         if getattr(inner, "_posttrain_probe_blocker", None) is not None:
             raise ProbeError("the model already has a gradient blocker attached; detach it before attaching another")
-        validate_layer(inner, self.layer)
-        if hidden_size(inner) != self.d_model:
-            raise ProbeError(
-                f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}"
-            )
-        self.model_mismatch = check_model(
-            inner, self.model_fingerprint, self.model_name, allow_mismatch=self.allow_model_mismatch
-        )
+        self.check_model(inner)
 
         def hook(module, args, kwargs):
             if args:

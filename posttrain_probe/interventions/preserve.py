@@ -15,7 +15,6 @@ This module holds the term and its checks; :mod:`posttrain_probe.callbacks.prese
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -24,8 +23,8 @@ from torch import nn
 
 from posttrain_probe.activations.capture import select_tokens
 from posttrain_probe.errors import ProbeError
-from posttrain_probe.layers import decoder_blocks, hidden_size, truncated_forward, unwrap_model, validate_layer
-from posttrain_probe.model_identity import check_model, slot_fingerprint
+from posttrain_probe.interventions.feature_site import FeatureSite
+from posttrain_probe.layers import decoder_blocks, truncated_forward
 
 DEFAULT_FEATURES = "base-only"
 """Default feature set S: the base-only NormRatio category (docs/preserve.md explains the choice)."""
@@ -67,14 +66,15 @@ def preserved_tokens(
     return keep
 
 
-class FeaturePreserver:
+class FeaturePreserver(FeatureSite):
     """The preservation term for features ``features`` of branch ``model`` of a crosscoder/SAE at ``layer``.
 
     ``coefficient`` is lambda (>= 0). The per-source code is :meth:`Crosscoder.encode_source` (with b_enc; a
     BatchTopK crosscoder's inference threshold applies) of the crosscoder restricted to S
-    (:meth:`Crosscoder.restrict`), so one token costs O(d |S|). :meth:`check_model` refuses a model of another
-    width, one without block ``layer``, and one that is not the model the branch was trained on (nor tuned from
-    it) unless ``allow_model_mismatch``.
+    (:meth:`Crosscoder.restrict`), so one token costs O(d |S|). ``check_model`` (of
+    :class:`~posttrain_probe.interventions.feature_site.FeatureSite`) refuses a model of another width, one without
+    block ``layer``, and one that is not the model the branch was trained on (nor tuned from it) unless
+    ``allow_model_mismatch``.
 
     Use: ``with preserver.capture(model) as site: loss = model(**batch).loss`` (``site["hidden"]`` is then the
     residual stream [B, T, d] of that forward, with gradient), ``a_base = preserver.base_activations(base, ...)``,
@@ -97,33 +97,16 @@ class FeaturePreserver:
             raise ProbeError(f"the preservation coefficient lambda must be a number >= 0, got {coefficient!r}") from err
         if not coefficient >= 0 or coefficient == float("inf"):
             raise ProbeError(f"the preservation coefficient lambda must be a finite number >= 0, got {coefficient}")
+        super().__init__(
+            crosscoder,
+            features,
+            model=model,
+            layer=layer,
+            what="feature preservation",
+            allow_model_mismatch=allow_model_mismatch,
+            allow_empty=False,
+        )
         self.coefficient = coefficient
-        self.slot = crosscoder.model_index(model)
-        self.model_name = crosscoder.model_names[self.slot]
-        self.model_fingerprint = slot_fingerprint(crosscoder, self.slot)
-        self.allow_model_mismatch = bool(allow_model_mismatch)
-        self.model_mismatch: str | None = None
-        """The last mismatch :meth:`check_model` let through with ``allow_model_mismatch`` (None: it matched)."""
-        self.layer = crosscoder.site(layer, what="feature preservation")
-        if self.layer is None:
-            raise ProbeError("the crosscoder does not record its layer: pass layer=")
-        n_features = crosscoder.config.n_features
-        try:
-            self.features = sorted({int(f) for f in features})
-        except (TypeError, ValueError) as err:
-            raise ProbeError(
-                f"features must be integer indices, got {features!r}: use resolve_features() for categories, files or '3,17'"
-            ) from err
-        if not self.features:
-            raise ProbeError("the preserved feature set is empty: nothing would be preserved")
-        bad = [f for f in self.features if not 0 <= f < n_features]
-        if bad:
-            raise ProbeError(f"feature indices {bad[:10]} are out of range for a crosscoder of {n_features} features")
-        if crosscoder.config.activation == "batchtopk":
-            crosscoder.source_threshold(self.slot)  # ProbeError when the crosscoder has no inference threshold yet
-        self.d_model = crosscoder.config.d_model
-        self._encoder = crosscoder.restrict(self.features)  # float32 CPU copy: encode_source = the full one's [:, S]
-        self._encoders: dict[tuple, nn.Module] = {}
 
     # -- the term -------------------------------------------------------------------------------
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +118,7 @@ class FeaturePreserver:
             raise ProbeError(
                 f"the preserver was built for width {self.d_model}: expected activations [n, {self.d_model}], got {tuple(x.shape)}"
             )
-        key = (x.device, x.dtype)
-        if key not in self._encoders:
-            with torch.inference_mode(False):
-                self._encoders[key] = copy.deepcopy(self._encoder).to(x.device, x.dtype)
-        return self._encoders[key].encode_source(x, self.slot)
+        return self.encoder_like(x).encode_source(x, self.slot)
 
     def loss(self, hidden: torch.Tensor, base_hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`preservation_loss` of residual streams ``hidden`` (trained model) and ``base_hidden`` (frozen base),
@@ -159,20 +138,6 @@ class FeaturePreserver:
         return preservation_loss(self.codes(hidden), base_codes)
 
     # -- models -------------------------------------------------------------------------------
-    def check_model(self, model: nn.Module, *, what: str | None = None) -> None:
-        """Refuse ``model`` (any wrapper) when it has no block ``layer``, another width, or is another model than
-        the one branch ``model_name`` was trained on (nor tuned from it; unless ``allow_model_mismatch``)."""
-        inner = unwrap_model(model)
-        validate_layer(inner, self.layer)
-        if hidden_size(inner) != self.d_model:
-            raise ProbeError(
-                f"the crosscoder has d_model {self.d_model}, the model's hidden size is {hidden_size(inner)}"
-            )
-        mismatch = check_model(
-            inner, self.model_fingerprint, self.model_name, what=what, allow_mismatch=self.allow_model_mismatch
-        )
-        self.model_mismatch = mismatch or self.model_mismatch
-
     @contextmanager
     def capture(self, model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         """Inside the block, the first forward of ``model`` (any wrapper) leaves the residual stream entering block
