@@ -461,56 +461,44 @@ class _Plan:
         return {**study.arm_args[self.s.sft_arm], **own} if config is None else own
 
     def blocked(self) -> None:
-        study, sft = self.study, self.s.sft_arm
-        blocked = study.blocked
-        if blocked is None:
-            return
-        base_args = self.sft_like_args(blocked.config, blocked.args, BLOCK_KEYS)
-        accelerate = blocked.accelerate_config or study.arms[sft].accelerate_config
-        for arm, category in study.blocked_arms().items():
-            block = {
-                "block_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
-                "block_features": str(self.feature_set(category)),
-                "block_model": "base",
-                "block_base": "base",
-                "block_finetuned": sft,
-                "block_mode": blocked.mode,
-            }
-            monitor = study.monitor_args(arm)
-            self.add(
-                f"train-{arm}",
-                "train",
-                (f"analyze-base-{sft}", *self.train_dep),
-                (),
-                [study.arm_dir(arm)],
-                lambda arm=arm, block=block, monitor=monitor: self.launch(
-                    arm, "sft_blocked", self.train_args(arm, base_args, {**block, **monitor}), accelerate
-                ),
-                f"SFT with the {category} features of base-{sft} protected" + (MONITOR_NOTE if monitor else ""),
-                skip_if=self.empty_category(category),
-                inputs={"args": base_args, "block": block, **({"monitor": monitor} if monitor else {})},
-                settings=TRAIN_SETTINGS,
-            )
-            self.eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
-            self.leakage(arm, category, f"how far the protected {category} features still moved")
+        """SFT with gradient blocking (recipes/sft_blocked.py), one arm per protected category of base-<sft>."""
+        blocked = self.study.blocked
+        if blocked is not None:
+            self.sft_variant_arms(
+                blocked, BLOCK_KEYS, self.study.blocked_arms(), "sft_blocked", "block", {"block_mode": blocked.mode},
+                lambda category: f"SFT with the {category} features of base-{self.s.sft_arm} protected",
+                "protected",
+            )  # fmt: skip
 
     def preserve(self) -> None:
         """SFT with feature preservation (recipes/sft_preserve.py): the features of one category of base-<sft> kept near
         the base's, then its evaluation and leakage, as a blocked arm's."""
+        preserve = self.study.preserve
+        if preserve is not None:
+            self.sft_variant_arms(
+                preserve, PRESERVE_KEYS, self.study.preserve_arms(), "sft_preserve", "preserve",
+                {"preserve_coefficient": preserve.coefficient},
+                lambda category: f"SFT with the {category} features of base-{self.s.sft_arm} preserved (lambda {preserve.coefficient:g})",
+                "preserved",
+            )  # fmt: skip
+
+    def sft_variant_arms(
+        self, spec, wired_keys: tuple[str, ...], arms: dict[str, str], recipe: str, prefix: str,
+        options: dict[str, Any], describe, verb: str,
+    ) -> None:  # fmt: skip
+        """Arms trained like the SFT arm with the features of one category of base-<sft> wired into ``recipe`` (its
+        ``<prefix>_*`` options, and ``options``): train-<arm>, its evaluation and leakage-<arm>, per arm -> category."""
         study, sft = self.study, self.s.sft_arm
-        preserve = study.preserve
-        if preserve is None:
-            return
-        base_args = self.sft_like_args(preserve.config, preserve.args, PRESERVE_KEYS)
-        accelerate = preserve.accelerate_config or study.arms[sft].accelerate_config
-        for arm, category in study.preserve_arms().items():
+        base_args = self.sft_like_args(spec.config, spec.args, wired_keys)
+        accelerate = spec.accelerate_config or study.arms[sft].accelerate_config
+        for arm, category in arms.items():
             wired = {
-                "preserve_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
-                "preserve_features": str(self.feature_set(category)),
-                "preserve_model": "base",
-                "preserve_base": "base",
-                "preserve_finetuned": sft,
-                "preserve_coefficient": preserve.coefficient,
+                f"{prefix}_crosscoder": str(study.crosscoder_dir(f"base-{sft}")),
+                f"{prefix}_features": str(self.feature_set(category)),
+                f"{prefix}_model": "base",
+                f"{prefix}_base": "base",
+                f"{prefix}_finetuned": sft,
+                **options,
             }
             monitor = study.monitor_args(arm)
             self.add(
@@ -520,16 +508,15 @@ class _Plan:
                 (),
                 [study.arm_dir(arm)],
                 lambda arm=arm, wired=wired, monitor=monitor: self.launch(
-                    arm, "sft_preserve", self.train_args(arm, base_args, {**wired, **monitor}), accelerate
+                    arm, recipe, self.train_args(arm, base_args, {**wired, **monitor}), accelerate
                 ),
-                f"SFT with the {category} features of base-{sft} preserved (lambda {preserve.coefficient:g})"
-                + (MONITOR_NOTE if monitor else ""),
+                describe(category) + (MONITOR_NOTE if monitor else ""),
                 skip_if=self.empty_category(category),
-                inputs={"args": base_args, "preserve": wired, **({"monitor": monitor} if monitor else {})},
+                inputs={"args": base_args, prefix: wired, **({"monitor": monitor} if monitor else {})},
                 settings=TRAIN_SETTINGS,
             )
             self.eval_stage(arm, lambda arm=arm: str(study.arm_dir(arm)), (f"train-{arm}",))
-            self.leakage(arm, category, f"how far the preserved {category} features still moved")
+            self.leakage(arm, category, f"how far the {verb} {category} features still moved")
 
     def leakage(self, arm: str, category: str, about: str) -> None:
         """leakage-<arm>: how far the protected features moved from the base in ``arm`` (blocked or preserving)."""
