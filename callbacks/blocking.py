@@ -100,6 +100,7 @@ def build_blocker(args: BlockingArguments) -> GradientBlocker | None:
         mode=args.block_mode,
         encoder_bias=args.block_encoder_bias,
         allow_model_mismatch=args.block_allow_model_mismatch,
+        override_hint="pass --block_allow_model_mismatch to override",
     )
 
 

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 MONITOR_LOG = "monitor.jsonl"
 MONITOR_BASE = "monitor_base.safetensors"
+MISMATCH_HINT = "pass --monitor_allow_model_mismatch to override"
+"""How the model-identity error tells a recipe's user to let a mismatch through (verl's config rewrites it)."""
 """The base model's probe-set sums (safetensors), kept so that a resumed run compares with the base, not the checkpoint."""
 
 
@@ -164,6 +166,7 @@ class FeatureMonitorCallback(_ProbeCallback):
             layer=args.monitor_layer,
             branch=self.slot,
             allow_model_mismatch=args.monitor_allow_model_mismatch,
+            override_hint=MISMATCH_HINT,
         )
         self.masks = category_masks(
             crosscoder,

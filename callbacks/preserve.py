@@ -108,6 +108,7 @@ def build_preserver(args: PreserveArguments) -> FeaturePreserver | None:
         layer=args.preserve_layer,
         coefficient=args.preserve_coefficient,
         allow_model_mismatch=args.preserve_allow_model_mismatch,
+        override_hint="pass --preserve_allow_model_mismatch to override",
     )
 
 

@@ -163,13 +163,15 @@ def check_model(
     *,
     what: str | None = None,
     allow_mismatch: bool = False,
+    override: str | None = None,
 ) -> str | None:
     """Refuse ``model`` when it is not the model (or a tuned copy of it) that crosscoder slot ``slot_name``
     recorded as ``recorded`` (:func:`slot_fingerprint`).
 
     Returns None when it matches or nothing was recorded; with ``allow_mismatch`` a mismatch is
     returned as its message (for the caller to record) instead of raised as a ProbeError.
-    ``what`` names the model in the message (default: its ``name_or_path``).
+    ``what`` names the model in the message (default: its ``name_or_path``); ``override`` ends it, saying how
+    to let the mismatch through (default :data:`OVERRIDE_HINT`: the Python argument and the CLI flag).
     """
     if recorded is None:
         return None
@@ -188,7 +190,7 @@ def check_model(
     message = f"{what} is {describe(have)}, but crosscoder slot {name!r} was trained on {describe(recorded)}{detail}"
     if allow_mismatch:
         return message
-    raise ProbeError(f"{message}; {OVERRIDE_HINT}")
+    raise ProbeError(f"{message}; {override or OVERRIDE_HINT}")
 
 
 def check_site_model(
@@ -200,6 +202,7 @@ def check_site_model(
     *,
     what: str | None = None,
     allow_mismatch: bool = False,
+    override: str | None = None,
 ) -> str | None:
     """Refuse ``model`` (through any wrapper) for crosscoder slot ``slot_name`` at site ``layer``: no block
     ``layer``, a hidden size other than the crosscoder's ``d_model``, or another model than the one the slot
@@ -208,7 +211,7 @@ def check_site_model(
     validate_layer(inner, layer)
     if hidden_size(inner) != d_model:
         raise ProbeError(f"the crosscoder has d_model {d_model}, the model's hidden size is {hidden_size(inner)}")
-    return check_model(inner, recorded, slot_name, what=what, allow_mismatch=allow_mismatch)
+    return check_model(inner, recorded, slot_name, what=what, allow_mismatch=allow_mismatch, override=override)
 
 
 def source_fingerprints(source) -> list[dict[str, Any] | None] | None:

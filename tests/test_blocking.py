@@ -697,6 +697,20 @@ def test_blocking_arguments_and_build_blocker(tmp_path):
     with pytest.raises(ProbeError, match="out of range"):
         build_blocker(BlockingArguments(block_crosscoder=str(tmp_path / "cc"), block_features="3,17"))
 
+    # a crosscoder of another base model: attaching names the recipe's override flag, and the flag lets it through
+    from posttrain_probe.model_identity import model_fingerprint
+
+    prints = [model_fingerprint(tiny_model("qwen3", seed=1)), None]
+    Crosscoder(
+        CrosscoderConfig(model_names=["base", "sft"], d_model=64, n_features=8, layer=2, model_fingerprints=prints)
+    ).save_pretrained(tmp_path / "other")
+    args = {"block_crosscoder": str(tmp_path / "other"), "block_features": "1,2"}
+    with pytest.raises(ProbeError, match=r"weights differ.*; pass --block_allow_model_mismatch to override$"):
+        build_blocker(BlockingArguments(**args)).attach(tiny_model("qwen3", seed=0))
+    blocker = build_blocker(BlockingArguments(**args, block_allow_model_mismatch=True))
+    with blocker.attached(tiny_model("qwen3", seed=0)):
+        assert "weights differ" in blocker.model_mismatch
+
 
 def test_category_of_the_finetuned_branch_keeps_its_meaning(tmp_path):
     """Protecting the fine-tuned branch's fine-tune-only features: "finetune-only" must still mean

@@ -475,7 +475,7 @@ def _bad_setups():
     return [
         ("other site", {"monitor_layer": 2}, lambda m: site_crosscoder(), "trained at layer 1, the feature monitor asked for layer 2"),
         ("other width", {}, lambda m: random_crosscoder(d=32, dtype=torch.float32), "d_model 32, the model's hidden size is 64"),
-        ("other base model", {}, other_model, r"crosscoder slot 'base' was trained on .* \(weights differ"),
+        ("other base model", {}, other_model, r"crosscoder slot 'base' was trained on .* \(weights differ.*; pass --monitor_allow_model_mismatch to override$"),
         ("category of an SAE", {"monitor_categories": ["shared"]}, sae, "need a crosscoder of two models"),
         ("no layer", {}, lambda m: Crosscoder(CrosscoderConfig(model_names=["base"], d_model=64, n_features=8)), "does not record its layer"),
         ("layer out of range", {"monitor_layer": 7}, lambda m: Crosscoder(CrosscoderConfig(model_names=["base"], d_model=64, n_features=8)), "out of range"),

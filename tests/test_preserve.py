@@ -405,7 +405,10 @@ def test_bad_input_is_a_one_line_error_before_training(tiny_crosscoder, tmp_path
         "another site": (["--preserve_crosscoder", good, "--preserve_layer", "1"], "trained at layer 2"),
         "a site the model lacks": (["--preserve_crosscoder", deep, "--preserve_features", "1,2"], "out of range"),
         "another width": (["--preserve_crosscoder", narrow, "--preserve_features", "1,2"], "d_model 32"),
-        "another base model": (["--preserve_crosscoder", other_model, "--preserve_features", "1,2"], "weights differ"),
+        "another base model": (
+            ["--preserve_crosscoder", other_model, "--preserve_features", "1,2"],
+            r"weights differ.*; pass --preserve_allow_model_mismatch to override$",  # the recipe's own flag
+        ),
         "a feature set of another crosscoder": (
             ["--preserve_crosscoder", good, "--preserve_features", str(foreign_set)],
             "was made for",

@@ -129,7 +129,9 @@ def monitor_message(error: Exception | str) -> str:
     from posttrain_probe.model_identity import OVERRIDE_HINT
 
     names = "|".join(f.name for f in fields(VerlMonitorConfig))
-    message = str(error).replace(OVERRIDE_HINT, "set probe.monitor.allow_model_mismatch=true to override")
+    message = str(error)
+    for hint in (OVERRIDE_HINT, "pass --monitor_allow_model_mismatch to override"):  # the TRL callback's hint
+        message = message.replace(hint, "set probe.monitor.allow_model_mismatch=true to override")
     return re.sub(rf"\bmonitor_({names})\b", r"probe.monitor.\1", message)
 
 

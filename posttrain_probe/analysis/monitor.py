@@ -311,14 +311,21 @@ def monitor_figures(
 
 
 def check_monitored_model(
-    crosscoder, model: nn.Module, *, layer: int | None = None, branch: str | int = 0, allow_model_mismatch: bool = False
+    crosscoder,
+    model: nn.Module,
+    *,
+    layer: int | None = None,
+    branch: str | int = 0,
+    allow_model_mismatch: bool = False,
+    override_hint: str | None = None,
 ) -> tuple[int, str | None]:
     """Check that ``model`` (through any wrapper) can be monitored with branch ``branch`` of ``crosscoder``;
     returns (site L, the model mismatch let through by ``allow_model_mismatch`` or None).
 
     ProbeError (one line) for: a ``layer`` other than the crosscoder's (:meth:`Crosscoder.site`), no
     layer at all, a layer out of range, a hidden size other than the crosscoder's d_model, and a model
-    that is not the one the branch was trained on nor tuned from it (:func:`~posttrain_probe.model_identity.check_model`).
+    that is not the one the branch was trained on nor tuned from it (:func:`~posttrain_probe.model_identity.check_model`;
+    ``override_hint`` ends that message).
     """
     site = crosscoder.site(layer, what="the feature monitor")
     if site is None:
@@ -331,6 +338,7 @@ def check_monitored_model(
         slot_fingerprint(crosscoder, slot),
         crosscoder.model_names[slot],
         allow_mismatch=allow_model_mismatch,
+        override=override_hint,
     )
     return site, mismatch
 

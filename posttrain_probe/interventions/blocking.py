@@ -51,6 +51,7 @@ class GradientBlocker(FeatureSite):
         mode: str = "sae",
         encoder_bias: bool = True,
         allow_model_mismatch: bool = False,
+        override_hint: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ProbeError(f"blocking mode {mode!r} is not one of {MODES}")
@@ -67,6 +68,7 @@ class GradientBlocker(FeatureSite):
             allow_model_mismatch=allow_model_mismatch,
             encoder=mode == "sae",
             encoder_bias=encoder_bias,
+            override_hint=override_hint,
         )
         self.mode = mode
         self.encoder_bias = encoder_bias

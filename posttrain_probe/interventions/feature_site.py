@@ -26,6 +26,7 @@ class FeatureSite:
     ``what`` names the use in errors ("blocking", "feature preservation"). ``allow_empty``: an empty S is valid
     (else a ProbeError). ``encoder``: keep the restricted encoder (``encoder_bias=False`` drops its b_enc, paper S's
     ReLU(W_enc^T x)). A BatchTopK crosscoder without an inference threshold is refused: its codes are undefined.
+    ``override_hint`` ends the model check's error (default: the Python argument; a recipe names its flag).
     """
 
     def __init__(
@@ -40,7 +41,9 @@ class FeatureSite:
         allow_empty: bool = True,
         encoder: bool = True,
         encoder_bias: bool = True,
+        override_hint: str | None = None,
     ) -> None:
+        self.override_hint = override_hint
         self.slot = crosscoder.model_index(model)
         self.model_name = crosscoder.model_names[self.slot]
         self.model_fingerprint = slot_fingerprint(crosscoder, self.slot)
@@ -113,6 +116,7 @@ class FeatureSite:
             self.model_name,
             what=what,
             allow_mismatch=self.allow_model_mismatch,
+            override=self.override_hint,
         )
         self.model_mismatch = mismatch or self.model_mismatch
         return mismatch

@@ -90,6 +90,7 @@ class FeaturePreserver(FeatureSite):
         layer: int | None = None,
         coefficient: float = DEFAULT_COEFFICIENT,
         allow_model_mismatch: bool = False,
+        override_hint: str | None = None,
     ) -> None:
         try:
             coefficient = float(coefficient)
@@ -105,6 +106,7 @@ class FeaturePreserver(FeatureSite):
             what="feature preservation",
             allow_model_mismatch=allow_model_mismatch,
             allow_empty=False,
+            override_hint=override_hint,
         )
         self.coefficient = coefficient
 
