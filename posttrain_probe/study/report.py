@@ -328,7 +328,11 @@ def _fisher_section(report: Report, root: Path) -> None:
         n = len(selection.get("features", [])) if isinstance(selection, dict) else None
         report.paragraph(f"Fisher-selected reasoning features: {n if n is not None else 'see fisher/summary.json'}.")
         for png in _pngs(root / "fisher"):
-            report.figure(png, caption="Fisher importance ratio rho: reasoning vs solution tokens (paper S fig. 6)")
+            report.figure(
+                png,
+                caption="rho per document: the fraction of its reasoning / solution tokens on which a selected Fisher"
+                " feature fires, per model (paper S figs. 4-6)",
+            )
     effects = _json(root / "intervene" / "steer-base" / "effects.json")
     if effects is not None:
         report.table(EFFECT_COLUMNS, _effects_rows(effects), caption="Steering the Fisher features in the base model.")
