@@ -127,14 +127,15 @@ class FeaturePreservingMixin:
     micro-batch (:meth:`FeaturePreserver.loss`), ``share`` its share of the optimizer batch's loss tokens when the
     Trainer normalises the loss by ``num_items_in_batch`` (then it does not divide by gradient accumulation), else 1:
     micro-batches weigh in the term as they do in the SFT loss, under any accumulation and data parallelism.
-    Logged as ``preserve`` (per token, before lambda, averaged over micro-batches and ranks).
+    Logged as ``preserve``: per token, before lambda, the mean over every token of the micro-batches and ranks since the
+    last log (as one process with the whole batch would compute it).
     """
 
     def __init__(self, *args, preserver: FeaturePreserver | None = None, base_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.preserver = preserver
         self.base_model = None
-        self._preserve_values: dict[str, list[float]] = {"train": [], "eval": []}
+        self._preserve_values: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         if preserver is None:
             return
         if self.is_fsdp_enabled:
@@ -211,8 +212,12 @@ class FeaturePreservingMixin:
         term = self.preserver.loss(site["hidden"], base_hidden, keep)
         loss = loss + self.preserver.coefficient * self._batch_share(inputs, num_items_in_batch) * term
 
+        # for the log: (term x its tokens, tokens) summed over ranks, kept on the device until the next log
         mode = "train" if self.model.training else "eval"
-        self._preserve_values[mode].append(self.accelerator.reduce(term.detach().float(), reduction="mean").item())
+        n_kept = keep.sum().float()
+        self._preserve_values[mode].append(
+            self.accelerator.reduce(torch.stack([term.detach().float() * n_kept, n_kept]), reduction="sum")
+        )
         return (loss, result[1]) if return_outputs else loss
 
     def _batch_share(self, inputs, num_items_in_batch):
@@ -232,6 +237,7 @@ class FeaturePreservingMixin:
         mode = "train" if self.model.training else "eval"
         values = self._preserve_values[mode]
         if values:
-            logs = {**logs, ("preserve" if mode == "train" else "eval_preserve"): sum(values) / len(values)}
+            total, n_tokens = torch.stack(values).sum(dim=0).tolist()
+            logs = {**logs, ("preserve" if mode == "train" else "eval_preserve"): total / n_tokens if n_tokens else 0.0}
             values.clear()
         super().log(logs, *args, **kwargs)

@@ -169,7 +169,8 @@ def test_gradient_matches_finite_differences(tmp_path):
     reference = reference_term(cc, features, model, base, batch)
     assert reference.item() > 1e-2
     torch.testing.assert_close(term, reference, rtol=1e-12, atol=1e-12)
-    assert trainer._preserve_values["train"][-1] == pytest.approx(reference.item(), rel=1e-6)  # logged in float32
+    total, n_tokens = trainer._preserve_values["train"][-1].tolist()  # for the log: term x tokens, tokens
+    assert n_tokens > 0 and total / n_tokens == pytest.approx(reference.item(), rel=1e-6)  # in float32
 
     model.zero_grad(set_to_none=True)
     term.backward()
@@ -247,7 +248,7 @@ def test_term_is_zero_at_step_zero_and_reads_the_training_forward(tmp_path):
         for handle in handles:
             handle.remove()
     assert calls == {"model": [1, 1, 1, 1], "base": [1, 1, 0, 0]}
-    assert trainer._preserve_values["train"] == [0.0]
+    assert [values.tolist()[0] for values in trainer._preserve_values["train"]] == [0.0]
     model.zero_grad(set_to_none=True)
     loss.backward()
     with_term = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -264,11 +265,11 @@ def test_term_is_zero_at_step_zero_and_reads_the_training_forward(tmp_path):
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=gen))
     term = trainer.compute_loss(model, dict(inputs)) - SFTTrainer.compute_loss(trainer, model, dict(inputs))
-    assert trainer._preserve_values["train"][-1] > 1e-3
-    assert term.item() == pytest.approx(3.0 * trainer._preserve_values["train"][-1], rel=1e-5)
-    moved = trainer._preserve_values["train"][-1]
-    trainer.log({"loss": 1.0})  # the mean over the micro-batches since the last log, then cleared
-    assert trainer.state.log_history[-1]["preserve"] == pytest.approx(moved / 2)
+    total, n_tokens = trainer._preserve_values["train"][-1].tolist()  # for the log: term x tokens, tokens
+    moved = total / n_tokens
+    assert moved > 1e-3 and term.item() == pytest.approx(3.0 * moved, rel=1e-5)
+    trainer.log({"loss": 1.0})  # the per-token mean over the micro-batches since the last log, then cleared
+    assert trainer.state.log_history[-1]["preserve"] == pytest.approx(moved / 2)  # the same tokens at 0, then moved
     assert trainer._preserve_values["train"] == []
 
 

@@ -183,7 +183,7 @@ def test_dry_run_of_the_qwen3_study_prints_the_plan_without_loading_a_model(tmp_
     study = Study.load(QWEN, out=tmp_path / "q")
     for stage in study.stages():
         assert f"\n{stage.name} [to run]" in result.stdout
-    assert result.stdout.count("  command: ") == len(study.stages()) == 40  # data + 4 collect groups instead of 1
+    assert result.stdout.count("  command: ") == len(study.stages()) == 43  # data, 4 collect groups, the preserving arm
     assert "accelerate launch --config_file" in result.stdout and "-m posttrain_probe.recipes.grpo" in result.stdout
     assert "--model_name_or_path Qwen/Qwen3-4B-Base" in result.stdout
     assert "posttrain-probe crosscoder train --model base=Qwen/Qwen3-4B-Base" in result.stdout  # live: no stores read
