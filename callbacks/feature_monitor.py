@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 
 MONITOR_LOG = "monitor.jsonl"
 MONITOR_BASE = "monitor_base.safetensors"
+"""The base model's probe-set sums (safetensors), kept so that a resumed run compares with the base, not the checkpoint."""
 MISMATCH_HINT = "pass --monitor_allow_model_mismatch to override"
 """How the model-identity error tells a recipe's user to let a mismatch through (verl's config rewrites it)."""
-"""The base model's probe-set sums (safetensors), kept so that a resumed run compares with the base, not the checkpoint."""
 
 
 @dataclass

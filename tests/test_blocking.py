@@ -710,6 +710,8 @@ def test_blocking_arguments_and_build_blocker(tmp_path):
     blocker = build_blocker(BlockingArguments(**args, block_allow_model_mismatch=True))
     with blocker.attached(tiny_model("qwen3", seed=0)):
         assert "weights differ" in blocker.model_mismatch
+    with blocker.attached(tiny_model("qwen3", seed=1)):  # the branch's own model: no mismatch left from before
+        assert blocker.model_mismatch is None
 
 
 def test_category_of_the_finetuned_branch_keeps_its_meaning(tmp_path):

@@ -144,6 +144,10 @@ def test_packing_keeps_every_document_once_within_the_token_budget(setup, tokeni
     seen = torch.cat([b.doc_ids for b in batches]).tolist()
     assert sorted(seen) == list(range(N_DOCS))
     assert len(batches) < N_DOCS  # short documents share a forward
+    longest = max(full)
+    assert all(b.input_ids.numel() <= batch_size * min(longest, seq_len) for b in batches)
+    wide = packed_batches(corpus, max_tokens=batch_size * 4096)  # an accelerator's budget: fewer, larger forwards
+    assert len(wide) < len(batches) and sorted(torch.cat([b.doc_ids for b in wide]).tolist()) == list(range(N_DOCS))
     assert any(not b.attention_mask.all() for b in batches)  # ... with padding
     for batch in batches:
         assert batch.input_ids.numel() <= batch_size * max(int(alone[d].attention_mask.sum()) for d in range(N_DOCS))
@@ -194,7 +198,7 @@ def test_rho_pass_from_carried_residuals_equals_a_second_forward(setup, budget):
     assert torch.equal(selection.active, fresh.active)
 
 
-@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "batchtopk", "relu-float64"])
 def test_hits_only_pass_equals_the_full_rho_pass(setup, activation):
     """The select model's rho pass (``statistics=`` its selection pass) encodes the selected features alone and
     gives the hits of a full pass (every feature encoded), with the selection pass's other statistics; for a
@@ -208,6 +212,9 @@ def test_hits_only_pass_equals_the_full_rho_pass(setup, activation):
         topk.load_state_dict(cc.state_dict(), strict=False)
         topk.threshold.fill_(0.01)  # score f * ||d|| (decoder norms 0.08 here): codes above 0.125 count
         cc = topk
+    if activation == "relu-float64":  # the restricted encoder keeps float64 weights: no rounding flips a code
+        cc = Crosscoder(cc.config).double()
+        cc.load_state_dict(setup["cc"].state_dict())
     corpus = _corpus(setup, 512, 3)
     batches = packed_batches(corpus)
     residuals = SegmentResiduals()
@@ -223,3 +230,20 @@ def test_hits_only_pass_equals_the_full_rho_pass(setup, activation):
         segment_statistics(model, cc, 0, corpus, layer=LAYER, batches=batches, statistics=first)
     with pytest.raises(ProbeError, match="same documents and batches"):
         segment_statistics(model, cc, 0, corpus, layer=LAYER, features=SELECTED, batches=batches[:1], statistics=first)
+
+
+def test_restricted_encoder_is_the_full_one_bit_for_bit_in_its_own_dtype():
+    """``Crosscoder.restrict(S, dtype=)`` gives ``encode_source(x)[:, S]`` exactly in the crosscoder's dtype; a float32
+    copy of float64 weights rounds them, and a code at exactly 0 then fires (1/3 in float32 is above 1/3)."""
+    cc = Crosscoder(CrosscoderConfig(model_names=["m"], d_model=4, n_features=6, layer=LAYER)).double()
+    with torch.no_grad():
+        cc.W_enc.zero_()
+        cc.W_enc[0, 0, :] = 1 / 3
+        cc.b_enc.fill_(-1.0)
+        cc.scales.fill_(1.0)
+    x = torch.tensor([[3.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    features = [1, 4]
+    full = cc.encode_source(x, 0)[:, features]
+    assert torch.equal(full, torch.zeros(1, 2, dtype=torch.float64))
+    assert torch.equal(cc.restrict(features, dtype=torch.float64).encode_source(x, 0), full)
+    assert (cc.restrict(features).double().encode_source(x, 0) > 0).all()  # the float32 copy: the rounding fires

@@ -237,7 +237,8 @@ def _model_statistics(
     stats: dict[str, SegmentStats] = {}
     selection = reason = None
     mismatches: dict[str, str] = {}
-    batches = packed_batches(corpus)  # tokenised once for every pass
+    # tokenised once for every pass; an accelerator packs short documents up to batch_size full-length ones
+    batches = packed_batches(corpus, max_tokens=None if device.type == "cpu" else corpus.batch_size * corpus.seq_len)
     try:
         for name in [select] + [n for n in models if n != select]:
             model, mismatch = _load_model(name, models[name], cc, branches[name], layer, config, device)

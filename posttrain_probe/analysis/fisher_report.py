@@ -352,12 +352,21 @@ _RHO_MARGINS = {
 the legend row and the optional figure title above. Fixed, so the figure needs no layout pass when it is saved."""
 _RHO_MIN_WIDTH = 4.8
 """Minimum width of the rho figure (inches): one panel widens to it."""
-_RHO_NAME_CHARS = 40
 
 
-def _short_name(name: str, limit: int = _RHO_NAME_CHARS) -> str:
-    """``name``, its middle elided when longer than ``limit`` characters (a panel title must fit its panel)."""
+def _elided(name: str, limit: int) -> str:
+    """``name`` with its middle replaced by an ellipsis so that it has ``limit`` characters (unchanged if shorter)."""
     return name if len(name) <= limit else f"{name[: limit // 2 - 1]}…{name[-(limit - limit // 2) :]}"
+
+
+def _fit_title(ax, name: str, max_width: float, renderer) -> None:
+    """Title ``ax`` with ``name``, its middle elided until the title renders within ``max_width`` display pixels
+    (measured only for names long enough to need it)."""
+    title = ax.set_title(name, pad=16)
+    limit = len(name)
+    while limit > 8 and len(name) > 16 and title.get_window_extent(renderer).width > max_width:
+        limit -= max(1, limit // 8)
+        title.set_text(_elided(name, limit))
 
 
 def plot_rho_distributions(
@@ -397,7 +406,10 @@ def plot_rho_distributions(
     width = m["left"] + n * panel_w + (n - 1) * m["gap"] + m["right"]
     height = m["bottom"] + panel_h + above
     with plot_style():
-        fig = new_figure(width, height, layout=None)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        fig = new_figure(width, height, layout="none")
+        renderer = FigureCanvasAgg(fig).get_renderer()  # measures the titles that may not fit their panel
         for i, (name, segs) in enumerate(values.items()):
             x0 = m["left"] + i * (panel_w + m["gap"])
             ax = fig.add_axes((x0 / width, m["bottom"] / height, panel_w / width, panel_h / height))
@@ -414,7 +426,7 @@ def plot_rho_distributions(
             ax.set_xlim(0.0, 1.0)
             ax.set_ylim(0.0, max(top, 1e-3) * 1.08)
             ax.set_xticks(np.linspace(0.0, 1.0, 6), [f"{t:.1f}" for t in np.linspace(0.0, 1.0, 6)])
-            ax.set_title(_short_name(name), pad=16)
+            _fit_title(ax, name, panel_w * fig.dpi, renderer)
             ax.text(
                 0.5, 1.02, "mean ρ: " + ", ".join(means), transform=ax.transAxes, ha="center", va="bottom", fontsize=8
             )

@@ -246,13 +246,15 @@ class PackedBatches(Sequence[SegmentBatch]):
         return SegmentBatch(ids, mask, segments, torch.as_tensor(chosen, dtype=torch.long), n_cut)
 
 
-def packed_batches(corpus: SegmentCorpus) -> PackedBatches:
+def packed_batches(corpus: SegmentCorpus, *, max_tokens: int | None = None) -> PackedBatches:
     """The documents of ``corpus`` tokenised once and packed by length into right-padded batches.
 
     Documents are tokenised and labelled by :func:`~posttrain_probe.analysis.segments.segment_batches` (truncated at
-    ``corpus.seq_len``), then taken longest first and grouped so that a batch holds at most ``corpus.batch_size``
-    times the longest document's tokens (at most ``seq_len``), padding included: shorter documents share a forward,
-    and no forward is larger than one of ``batch_size`` of the corpus's longest documents. ``doc_ids`` keep each document's index in
+    ``corpus.seq_len``), then taken longest first and grouped so that a batch holds at most ``max_tokens`` tokens,
+    padding included (default: ``corpus.batch_size`` times the longest document's tokens): shorter documents share a
+    forward, and by default no forward is larger than one of ``batch_size`` of the corpus's longest documents (on a
+    CPU, a 47 x 348-token forward costs 1.4x per token what a 4 x 348 one does; an accelerator may take
+    ``batch_size * seq_len``). ``doc_ids`` keep each document's index in
     ``corpus.docs`` and ``n_cut`` counts the batch's cut documents, so the statistics do not depend on the grouping.
     """
     from posttrain_probe.analysis.segments import segment_batches
@@ -269,9 +271,9 @@ def packed_batches(corpus: SegmentCorpus) -> PackedBatches:
         ids = batch.input_ids.to(torch.int32)
         rows += [(ids[r, :n].clone(), batch.segments[r, :n].clone(), cut[r]) for r, n in enumerate(lengths)]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # stable: ties keep the corpus order
-    # batch_size of the corpus's longest documents: no forward is wider than asked for even when every document is
-    # short (on CPU a 47 x 348-token forward costs 1.4x per token what a 4 x 348 one does)
-    budget = corpus.batch_size * max(1, len(rows[order[0]][0]) if order else 1)
+    budget = (
+        max_tokens if max_tokens is not None else corpus.batch_size * max(1, len(rows[order[0]][0]) if order else 1)
+    )
     groups: list[list[int]] = []
     start = 0
     while start < len(order):
@@ -362,7 +364,7 @@ def segment_statistics(
         if selected is None or reasonscore is not None:
             raise ProbeError("statistics= computes rho's hits only: pass features= and no reasonscore=")
         if selected.numel():  # the selected features' codes alone: restrict's encode_source = the full one's [:, S]
-            encoder = crosscoder.restrict(list(features)).to(device=device, dtype=dtype)
+            encoder = crosscoder.restrict(list(features), dtype=dtype).to(device)
     segment_ids = torch.tensor([[1], [2]], device=device)
     n_cut = 0
     training = model.training

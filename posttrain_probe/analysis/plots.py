@@ -55,10 +55,10 @@ def plot_style():
         yield
 
 
-def new_figure(width: float, height: float, *, layout: str | None = "constrained"):
+def new_figure(width: float, height: float, *, layout: str = "constrained"):
     """A matplotlib Figure of ``width`` x ``height`` inches (no pyplot state).
 
-    ``layout``: "constrained" (default) lays the axes out when the figure is saved; None keeps the positions the
+    ``layout``: "constrained" (default) lays the axes out when the figure is saved; "none" keeps the positions the
     caller gives (``fig.add_axes``), for figures with fixed margins saved by ``save_figure(..., tight=False)``.
     """
     from matplotlib.figure import Figure
@@ -71,7 +71,7 @@ def save_figure(fig, path, *, tight: bool = True) -> list[Path]:
 
     ``tight`` (default) crops to the drawn artists (``savefig.bbox`` of :func:`plot_style`), which costs a layout
     draw per format; ``tight=False`` saves the whole figure as laid out, one draw per format (a figure built with
-    ``new_figure(..., layout=None)`` and fixed margins).
+    ``new_figure(..., layout="none")`` and fixed margins).
     """
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lower() in (".png", ".svg") else path

@@ -155,10 +155,13 @@ class Crosscoder(
             raise ProbeError(f"the crosscoder was trained at layer {trained}, {what} asked for layer {layer}")
         return layer
 
-    def restrict(self, features: list[int], *, encoder_bias: bool = True) -> Crosscoder:
-        """This crosscoder restricted to ``features`` (float32 CPU copies, no gradients), so that its
-        ``encode_source(x, m)`` is ``self.encode_source(x, m)[:, features]`` (BatchTopK thresholds included:
-        the decoder norms of a feature and the thresholds are unchanged) at O(d |S|) cost per token.
+    def restrict(
+        self, features: list[int], *, encoder_bias: bool = True, dtype: torch.dtype = torch.float32
+    ) -> Crosscoder:
+        """This crosscoder restricted to ``features`` (CPU copies in ``dtype``, default float32; no gradients), so
+        that its ``encode_source(x, m)`` is ``self.encode_source(x, m)[:, features]`` (BatchTopK thresholds included:
+        the decoder norms of a feature and the thresholds are unchanged) at O(d |S|) cost per token; bit for bit
+        when ``dtype`` is this crosscoder's own (a float32 copy of float64 weights rounds them).
 
         The one per-source code f^m for feature edits and gradient blocking (docs/methods.md sec. 7, 9);
         with ``encoder_bias=False`` its b_enc is 0 (paper S's f = act(W_enc^T x)).
@@ -168,7 +171,7 @@ class Crosscoder(
         if config.activation == "batchtopk" and config.source_thresholds is None:
             # the joint threshold as every source's: the same codes, compared with a number (no device sync per forward)
             config = replace(config, source_thresholds=[float(self.threshold)] * config.n_models)
-        sub = Crosscoder(config)
+        sub = Crosscoder(config).to(dtype)
         with torch.no_grad():
             sub.W_enc.copy_(self.W_enc.detach()[:, :, index].cpu())
             sub.b_enc.copy_(self.b_enc.detach()[index].cpu() if encoder_bias else torch.zeros(len(features)))
@@ -176,7 +179,7 @@ class Crosscoder(
             sub.b_dec.copy_(self.b_dec.detach().cpu())
             sub.scales.copy_(self.scales.detach().cpu())
             sub.threshold.copy_(self.threshold.detach().cpu())
-        return sub.float().requires_grad_(False).eval()
+        return sub.requires_grad_(False).eval()
 
     def _check_input(self, x: torch.Tensor) -> None:
         want = (self.n_models, self.config.d_model)

@@ -137,7 +137,7 @@ class GradientBlocker(FeatureSite):
         inner = unwrap_model(model)
         if getattr(inner, "_posttrain_probe_blocker", None) is not None:
             raise ProbeError("the model already has a gradient blocker attached; detach it before attaching another")
-        self.check_model(inner)
+        self.model_mismatch = self.check_model(inner)  # this model's check alone (a re-attach starts afresh)
 
         def hook(module, args, kwargs):
             if args:
