@@ -1,4 +1,4 @@
-"""Launching a test script on several CPU processes (gloo) with torch.distributed.run."""
+"""Launching a test script on several CPU processes (gloo) with torch.distributed.run, and what such scripts share."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+ZERO3 = {
+    "zero_optimization": {
+        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+        "offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"},
+    },
+    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+}  # fmt: skip
+"""DeepSpeed ZeRO-3 for a test script's ``SFTConfig(deepspeed=...)`` (a script embeds it as ``repr(ZERO3)``)."""
 
 
 def free_port() -> int:
@@ -27,3 +37,29 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # torch.distributed.run sets them for the workers
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=script.parent)
+
+
+def save_site_crosscoder(path: Path, layer: int) -> Path:
+    """A random 2-model (base, sft) crosscoder of 128 features at ``layer`` of the tiny Qwen3 (seed 0), its input
+    scales from that model's activations, saved to ``path``; returns ``path``."""
+    import torch
+
+    from posttrain_probe.crosscoder.config import CrosscoderConfig
+    from posttrain_probe.crosscoder.model import Crosscoder
+    from posttrain_probe.testing import tiny_model, tiny_tokenizer
+
+    model = tiny_model("qwen3", seed=0)
+    enc = tiny_tokenizer()(
+        ["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5."], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states[layer][enc.attention_mask.bool()]
+    cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=64, n_features=128, layer=layer))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cc.W_enc.copy_(torch.randn(2, 64, 128, generator=gen) / 8)
+        cc.W_dec.copy_(torch.randn(128, 2, 64, generator=gen) * 0.3)
+        cc.b_enc.copy_(torch.randn(128, generator=gen) * 0.3)
+    cc.set_scales_from([torch.stack([hidden, hidden], dim=1)])
+    cc.save_pretrained(path)
+    return path

@@ -12,24 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _distributed import ZERO3, free_port, save_site_crosscoder
 from safetensors.torch import load_file
-
-from posttrain_probe.crosscoder.config import CrosscoderConfig
-from posttrain_probe.crosscoder.model import Crosscoder
-from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 LAYER = 2
 FEATURES = ",".join(str(i) for i in range(0, 128, 3))
 STEPS = 6
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import json, os, sys
 import torch
 torch.set_num_threads(1)
@@ -43,14 +40,7 @@ model = tiny_model("qwen3", seed=0)
 from trl import SFTConfig, SFTTrainer
 from posttrain_probe.callbacks import BlockingArguments, GradientBlockingCallback, build_blocker
 
-deepspeed = None
-if mode == "zero3":
-    deepspeed = {
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                              "offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"}},
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-    }
+deepspeed = ZERO3_CONFIG if mode == "zero3" else None
 config = SFTConfig(
     output_dir=out, max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate=1e-3, logging_steps=1,
     report_to=[], save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True, bf16=False,
@@ -84,13 +74,10 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", rank)
-""".replace("STEPS", str(STEPS)).replace("FEATURES", repr(FEATURES))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+""".replace("STEPS", str(STEPS))
+    .replace("FEATURES", repr(FEATURES))
+    .replace("ZERO3_CONFIG", repr(ZERO3))
+)
 
 
 def _launch(tmp: Path, cc_dir: Path, name: str, processes: int, mode: str, block_mode: str) -> dict:
@@ -111,7 +98,7 @@ def _launch(tmp: Path, cc_dir: Path, name: str, processes: int, mode: str, block
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             *args,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -130,22 +117,7 @@ def _launch(tmp: Path, cc_dir: Path, name: str, processes: int, mode: str, block
 @pytest.fixture(scope="module")
 def crosscoder_dir(tmp_path_factory) -> Path:
     """A random 2-model crosscoder at LAYER of the tiny Qwen3 (scales from its activations), on disk."""
-    model = tiny_model("qwen3", seed=0)
-    enc = tiny_tokenizer()(
-        ["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5."], return_tensors="pt", padding=True
-    )
-    with torch.no_grad():
-        hidden = model(**enc, output_hidden_states=True).hidden_states[LAYER][enc.attention_mask.bool()]
-    cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=64, n_features=128, layer=LAYER))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        cc.W_enc.copy_(torch.randn(2, 64, 128, generator=gen) / 8)
-        cc.W_dec.copy_(torch.randn(128, 2, 64, generator=gen) * 0.3)
-        cc.b_enc.copy_(torch.randn(128, generator=gen) * 0.3)
-    cc.set_scales_from([torch.stack([hidden, hidden], dim=1)])
-    path = tmp_path_factory.mktemp("blocking_cc") / "cc"
-    cc.save_pretrained(path)
-    return path
+    return save_site_crosscoder(tmp_path_factory.mktemp("blocking_cc") / "cc", LAYER)
 
 
 @pytest.fixture(scope="module")

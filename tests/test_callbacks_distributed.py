@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _distributed import ZERO3, free_port
 from safetensors.torch import load_file
 
 from posttrain_probe.activations.store import ActivationStore
@@ -41,14 +41,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from posttrain_probe.callbacks import ProbeArguments, add_probe_callbacks
 
-deepspeed = None
-if mode == "zero3":
-    deepspeed = {
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                              "offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"}},
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-    }
+deepspeed = ZERO3_CONFIG if mode == "zero3" else None
 config = SFTConfig(
     output_dir=out, max_steps=6, per_device_train_batch_size=per_device, learning_rate=1e-3, logging_steps=1,
     report_to=[], save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True, bf16=False,
@@ -80,13 +73,7 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", trainer.accelerator.process_index)
-'''
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+'''.replace("ZERO3_CONFIG", repr(ZERO3))
 
 
 def _launch(tmp: Path, name: str, processes: int, mode: str) -> dict:
@@ -106,7 +93,7 @@ def _launch(tmp: Path, name: str, processes: int, mode: str) -> dict:
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             str(script),
             str(out),
             per_device,

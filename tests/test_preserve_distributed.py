@@ -14,12 +14,8 @@ import json
 
 import pytest
 import torch
-from _distributed import torchrun
+from _distributed import ZERO3, save_site_crosscoder, torchrun
 from safetensors.torch import load_file
-
-from posttrain_probe.crosscoder.config import CrosscoderConfig
-from posttrain_probe.crosscoder.model import Crosscoder
-from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
 LAYER, STEPS = 2, 6
 FEATURES = ",".join(str(i) for i in range(0, 128, 3))
@@ -40,14 +36,7 @@ from posttrain_probe.callbacks import PreserveArguments, build_preserver
 from posttrain_probe.callbacks.feature_monitor import MonitorArguments, monitor_callback
 from posttrain_probe.callbacks.preserve import FeaturePreservingMixin
 
-deepspeed = None
-if mode == "zero3":
-    deepspeed = {
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                              "offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"}},
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-    }
+deepspeed = ZERO3_CONFIG if mode == "zero3" else None
 config = SFTConfig(
     output_dir=out, max_steps=STEPS, per_device_train_batch_size=per_device, learning_rate=3e-3, logging_steps=1,
     report_to=[], save_strategy="no", use_cpu=True, max_length=64, seed=0, disable_tqdm=True, bf16=False,
@@ -72,7 +61,7 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", trainer.accelerator.process_index)
-""".replace("STEPS", str(STEPS))
+""".replace("STEPS", str(STEPS)).replace("ZERO3_CONFIG", repr(ZERO3))
 
 
 def _launch(tmp, cc_dir, name: str, processes: int, mode: str) -> dict:
@@ -93,22 +82,7 @@ def _launch(tmp, cc_dir, name: str, processes: int, mode: str) -> dict:
 @pytest.fixture(scope="module")
 def crosscoder_dir(tmp_path_factory):
     """A random 2-model crosscoder at LAYER of the tiny Qwen3 (scales from its activations), on disk."""
-    model = tiny_model("qwen3", seed=0)
-    enc = tiny_tokenizer()(
-        ["What is 3 + 4 * 2? First multiply.", "Compute 12 * 3 - 5."], return_tensors="pt", padding=True
-    )
-    with torch.no_grad():
-        hidden = model(**enc, output_hidden_states=True).hidden_states[LAYER][enc.attention_mask.bool()]
-    cc = Crosscoder(CrosscoderConfig(model_names=["base", "sft"], d_model=64, n_features=128, layer=LAYER))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        cc.W_enc.copy_(torch.randn(2, 64, 128, generator=gen) / 8)
-        cc.W_dec.copy_(torch.randn(128, 2, 64, generator=gen) * 0.3)
-        cc.b_enc.copy_(torch.randn(128, generator=gen) * 0.3)
-    cc.set_scales_from([torch.stack([hidden, hidden], dim=1)])
-    path = tmp_path_factory.mktemp("preserve_cc") / "cc"
-    cc.save_pretrained(path)
-    return path
+    return save_site_crosscoder(tmp_path_factory.mktemp("preserve_cc") / "cc", LAYER)
 
 
 @pytest.mark.slow
