@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -356,3 +357,60 @@ def read_monitor_log(path: str | os.PathLike) -> dict[int, MonitorFigures]:
             entry = json.loads(line)
             out[int(entry["step"])] = MonitorFigures.from_json(entry)
     return out
+
+
+def monitor_categories(logs: Mapping[str, Mapping[int, Any]]) -> list[str]:
+    """The NormRatio categories with a number at some step of some log, in the monitor's order."""
+    return [
+        c
+        for c in MONITOR_CATEGORIES
+        if any(not math.isnan(f.category_change.get(c, math.nan)) for log in logs.values() for f in log.values())
+    ]
+
+
+def plot_monitor_curves(logs: Mapping[str, Mapping[int, Any]], path) -> list[Path]:
+    """The feature monitor's figures over optimizer steps, one line per run, in one figure of panels: suppressed
+    fraction, drift FVU, mean change over all features and over each NormRatio category with a number (docs/monitor.md).
+
+    ``logs``: run label -> step -> :class:`~posttrain_probe.analysis.monitor.MonitorFigures`
+    (:func:`~posttrain_probe.analysis.monitor.read_monitor_log`); changes in code units of the monitor's branch.
+    Writes ``<stem>.png`` and ``<stem>.svg`` (:func:`~posttrain_probe.analysis.plots.save_figure`); returns them.
+    """
+    from posttrain_probe.analysis.plots import PALETTE, new_figure, plot_style, save_figure
+
+    panels = [
+        ("suppressed fraction", "fraction of base-active features", lambda f: f.suppressed_fraction),
+        ("drift: FVU of the base branch", "FVU", lambda f: f.fvu),
+        ("mean change, all features", "code units", lambda f: f.mean_change),
+    ]  # (title, y label, value of one step's figures)
+    for category in monitor_categories(logs):
+        panels.append(
+            (f"mean change, {category}", "code units", lambda f, c=category: f.category_change.get(c, math.nan))
+        )
+    n_cols = 3
+    n_rows = -(-len(panels) // n_cols)
+    with plot_style():
+        fig = new_figure(10.0, 2.7 * n_rows + 0.4)
+        axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+        for ax, (title, unit, value) in zip(axes, panels):
+            for j, (label, log) in enumerate(logs.items()):
+                steps = sorted(log)
+                ax.plot(
+                    steps,
+                    [value(log[step]) for step in steps],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.3,
+                    color=PALETTE[j % len(PALETTE)],
+                    label=label,
+                )
+            if unit == "code units":
+                ax.axhline(0.0, color="#BBBBBB", linewidth=0.8, zorder=0)
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(unit)
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), frameon=False)
+        return save_figure(fig, path)

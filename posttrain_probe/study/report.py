@@ -17,7 +17,6 @@ import csv
 import json
 import math
 import platform
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +394,7 @@ def _monitor_section(report: Report, root: Path, labels: dict[str, str]) -> None
     paths = {arm: path for arm, path in paths.items() if path.exists()}
     if not paths:
         return
-    from posttrain_probe.analysis.monitor import read_monitor_log
+    from posttrain_probe.analysis.monitor import monitor_categories, plot_monitor_curves, read_monitor_log
     from posttrain_probe.errors import ProbeError
 
     report.heading("During training: the feature monitor")
@@ -420,7 +419,7 @@ def _monitor_section(report: Report, root: Path, labels: dict[str, str]) -> None
         "activations (drift out of the base dictionary; step 0 is the base's own); the mean change of the codes "
         "(code units), over all features and per NormRatio category (docs/monitor.md).",
     )
-    categories = _monitor_categories(logs)
+    categories = monitor_categories(logs)
     rows = []
     for label, log in logs.items():
         step = max(log)
@@ -455,65 +454,6 @@ def _monitor_section(report: Report, root: Path, labels: dict[str, str]) -> None
 
 def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
-
-
-def _monitor_categories(logs: Mapping[str, Mapping[int, Any]]) -> list[str]:
-    """The NormRatio categories with a number at some step of some log, in the monitor's order."""
-    from posttrain_probe.analysis.monitor import MONITOR_CATEGORIES
-
-    return [
-        c
-        for c in MONITOR_CATEGORIES
-        if any(not math.isnan(f.category_change.get(c, math.nan)) for log in logs.values() for f in log.values())
-    ]
-
-
-def plot_monitor_curves(logs: Mapping[str, Mapping[int, Any]], path) -> list[Path]:
-    """The feature monitor's figures over optimizer steps, one line per run, in one figure of panels: suppressed
-    fraction, drift FVU, mean change over all features and over each NormRatio category with a number (docs/monitor.md).
-
-    ``logs``: run label -> step -> :class:`~posttrain_probe.analysis.monitor.MonitorFigures`
-    (:func:`~posttrain_probe.analysis.monitor.read_monitor_log`); changes in code units of the monitor's branch.
-    Writes ``<stem>.png`` and ``<stem>.svg`` (:func:`~posttrain_probe.analysis.plots.save_figure`); returns them.
-    """
-    from posttrain_probe.analysis.plots import PALETTE, new_figure, plot_style, save_figure
-
-    panels = [
-        ("suppressed fraction", "fraction of base-active features", lambda f: f.suppressed_fraction),
-        ("drift: FVU of the base branch", "FVU", lambda f: f.fvu),
-        ("mean change, all features", "code units", lambda f: f.mean_change),
-    ]  # (title, y label, value of one step's figures)
-    for category in _monitor_categories(logs):
-        panels.append(
-            (f"mean change, {category}", "code units", lambda f, c=category: f.category_change.get(c, math.nan))
-        )
-    n_cols = 3
-    n_rows = -(-len(panels) // n_cols)
-    with plot_style():
-        fig = new_figure(10.0, 2.7 * n_rows + 0.4)
-        axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-        for ax, (title, unit, value) in zip(axes, panels):
-            for j, (label, log) in enumerate(logs.items()):
-                steps = sorted(log)
-                ax.plot(
-                    steps,
-                    [value(log[step]) for step in steps],
-                    marker="o",
-                    markersize=3,
-                    linewidth=1.3,
-                    color=PALETTE[j % len(PALETTE)],
-                    label=label,
-                )
-            if unit == "code units":
-                ax.axhline(0.0, color="#BBBBBB", linewidth=0.8, zorder=0)
-            ax.set_title(title)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(unit)
-        for ax in axes[len(panels) :]:
-            ax.set_visible(False)
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), frameon=False)
-        return save_figure(fig, path)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
