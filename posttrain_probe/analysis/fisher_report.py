@@ -380,6 +380,7 @@ def plot_rho_distributions(
     panel's second title line gives. The margins are fixed (:data:`_RHO_MARGINS`), so saving draws each format
     once. Writes ``<path>.png`` and ``<path>.svg``.
     """
+    from matplotlib.colors import to_rgba
     from matplotlib.lines import Line2D
 
     from posttrain_probe.analysis.plots import PALETTE, new_figure, plot_style, save_figure
@@ -418,9 +419,11 @@ def plot_rho_distributions(
                 if not v.size:
                     means.append(f"{segment} –")
                     continue
-                colour = colours[segment]
-                ax.stairs(fractions[name][segment], edges, fill=True, color=colour, alpha=0.3)
-                ax.stairs(fractions[name][segment], edges, color=colour, linewidth=1.3)
+                colour = colours[segment]  # one artist: the filled steps with their outline
+                ax.stairs(
+                    fractions[name][segment], edges, fill=True, facecolor=to_rgba(colour, 0.3), edgecolor=colour,
+                    linewidth=1.3,
+                )  # fmt: skip
                 ax.axvline(float(v.mean()), color=colour, linestyle=":", linewidth=1.0)
                 means.append(f"{segment} {v.mean():.2f}")
             ax.set_xlim(0.0, 1.0)

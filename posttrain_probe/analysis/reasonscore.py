@@ -184,23 +184,26 @@ def reasoning_word_masks(
     if before < 0 or after < 0:
         raise ProbeError(f"window {window!r}: expected two non-negative token counts (before, after)")
     batch, length = input_ids.shape
-    out = torch.zeros(batch, length, len(groups), dtype=torch.bool, device=input_ids.device)
+    if input_ids.numel() == 0 or not groups:
+        return torch.zeros(batch, length, len(groups), dtype=torch.bool, device=input_ids.device)
     by_length: dict[int, list[tuple[int, Sequence[int]]]] = {}
     for g, variants in enumerate(groups):
         for ids in variants:
             if 0 < len(ids) <= length:
                 by_length.setdefault(len(ids), []).append((g, ids))
+    device = input_ids.device
+    marked = torch.zeros(batch, len(groups), length, device=device)  # tokens of an occurrence, per group
     for n, variants in by_length.items():  # every variant of one length at once
-        patterns = torch.as_tensor([list(ids) for _, ids in variants], dtype=input_ids.dtype, device=input_ids.device)
-        owner = torch.as_tensor([g for g, _ in variants], device=input_ids.device)
-        found = (input_ids.unfold(1, n, 1)[:, :, None, :] == patterns).all(dim=3)  # [B, T - n + 1, V] starts
-        starts = torch.zeros(batch, len(groups), length, device=input_ids.device)
-        starts[:, :, : found.shape[1]].index_add_(1, owner, found.transpose(1, 2).float())
-        # token t is covered when some occurrence's tokens [s, s + n - 1] meet [t - after, t + before], i.e. it
-        # starts at some s in [t - n + 1 - after, t + before]: a sliding max over the starts, padded with zeros
-        padded = torch.nn.functional.pad(starts, (n - 1 + after, before))
-        covered = torch.nn.functional.max_pool1d(padded, kernel_size=n + after + before, stride=1) > 0
-        out |= covered.transpose(1, 2)
+        patterns = torch.as_tensor([list(ids) for _, ids in variants], dtype=input_ids.dtype, device=device)
+        owner = torch.as_tensor([g for g, _ in variants], device=device)
+        windows = input_ids.unfold(1, n, 1)  # [B, T - n + 1, n]: the n tokens from each position
+        rows, cols = torch.isin(windows[..., 0], patterns[:, 0]).nonzero(as_tuple=True)  # candidate starts
+        match, variant = (windows[rows, cols][:, None, :] == patterns).all(dim=2).nonzero(as_tuple=True)
+        tokens = (cols[match][:, None] + torch.arange(n, device=device)).flatten()  # every token of each occurrence
+        marked[rows[match].repeat_interleave(n), owner[variant].repeat_interleave(n), tokens] = 1.0
+    # token t is covered when an occurrence's token sits in [t - after, t + before]: a sliding max, zero-padded
+    padded = torch.nn.functional.pad(marked, (after, before))
+    out = (torch.nn.functional.max_pool1d(padded, kernel_size=after + before + 1, stride=1) > 0).transpose(1, 2)
     if keep is not None:
         out &= keep.to(device=out.device, dtype=torch.bool)[:, :, None]
     return out
@@ -302,14 +305,14 @@ class ReasonScoreAccumulator:
         if self._sums is None:
             self._sums = torch.zeros(n_groups + 2, self.n_features, dtype=torch.float64, device=device)
             self._counts = torch.zeros(n_groups + 2, dtype=torch.int64, device=device)
-        acts = codes if self.weights is None else codes * self.weights.to(device=device, dtype=codes.dtype)
         word_masks = word_masks.to(device)
         inside = word_masks.any(dim=1)
         masks = torch.cat([word_masks, inside[:, None], ~inside[:, None]], dim=1)  # [n, G + 2]
         # the G + 2 masked sums as one [G + 2, n] x [n, F] matmul in the codes' precision (float32 for half codes),
-        # added to the float64 sums per call
-        wide = acts.dtype if acts.dtype in (torch.float32, torch.float64) else torch.float32
-        self._sums += (masks.T.to(wide) @ acts.to(wide)).double()
+        # weighted per feature afterwards (sum_t f_t w = w sum_t f_t) and added to the float64 sums per call
+        wide = codes.dtype if codes.dtype in (torch.float32, torch.float64) else torch.float32
+        sums = (masks.T.to(wide) @ codes.to(wide)).double()
+        self._sums += sums if self.weights is None else sums * self.weights.to(device=device, dtype=torch.float64)
         self._counts += masks.sum(dim=0)
 
     def result(self) -> ReasonScoreResult:
