@@ -135,7 +135,8 @@ class FeaturePreservingMixin:
         super().__init__(*args, **kwargs)
         self.preserver = preserver
         self.base_model = None
-        self._preserve_values: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        # per mode: [term x tokens, tokens] summed over micro-batches and ranks since the last log (on the device)
+        self._preserve_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         if preserver is None:
             return
         if self.is_fsdp_enabled:
@@ -212,12 +213,13 @@ class FeaturePreservingMixin:
         term = self.preserver.loss(site["hidden"], base_hidden, keep)
         loss = loss + self.preserver.coefficient * self._batch_share(inputs, num_items_in_batch) * term
 
-        # for the log: (term x its tokens, tokens) summed over ranks, kept on the device until the next log
+        # for the log: (term x its tokens, tokens) summed over ranks, added up on the device until the next log
         mode = "train" if self.model.training else "eval"
-        n_kept = keep.sum().float()
-        self._preserve_values[mode].append(
-            self.accelerator.reduce(torch.stack([term.detach().float() * n_kept, n_kept]), reduction="sum")
-        )
+        wide = torch.float32 if term.device.type == "mps" else torch.float64  # token counts exact past 2^24
+        n_kept = keep.sum().to(wide)
+        summed = self.accelerator.reduce(torch.stack([term.detach().to(wide) * n_kept, n_kept]), reduction="sum")
+        previous = self._preserve_sums[mode]
+        self._preserve_sums[mode] = summed if previous is None else previous + summed
         return (loss, result[1]) if return_outputs else loss
 
     def _batch_share(self, inputs, num_items_in_batch):
@@ -235,9 +237,10 @@ class FeaturePreservingMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "train" if self.model.training else "eval"
-        values = self._preserve_values[mode]
-        if values:
-            total, n_tokens = torch.stack(values).sum(dim=0).tolist()
-            logs = {**logs, ("preserve" if mode == "train" else "eval_preserve"): total / n_tokens if n_tokens else 0.0}
-            values.clear()
+        sums = self._preserve_sums[mode]
+        if sums is not None:
+            total, n_tokens = sums.tolist()
+            if n_tokens:  # no kept token since the last log: no value (0 would read as perfectly preserved)
+                logs = {**logs, ("preserve" if mode == "train" else "eval_preserve"): total / n_tokens}
+            self._preserve_sums[mode] = None
         super().log(logs, *args, **kwargs)

@@ -169,7 +169,7 @@ def test_gradient_matches_finite_differences(tmp_path):
     reference = reference_term(cc, features, model, base, batch)
     assert reference.item() > 1e-2
     torch.testing.assert_close(term, reference, rtol=1e-12, atol=1e-12)
-    total, n_tokens = trainer._preserve_values["train"][-1].tolist()  # for the log: term x tokens, tokens
+    total, n_tokens = trainer._preserve_sums["train"].tolist()  # for the log: term x tokens, tokens
     assert n_tokens > 0 and total / n_tokens == pytest.approx(reference.item(), rel=1e-6)  # in float32
 
     model.zero_grad(set_to_none=True)
@@ -248,7 +248,8 @@ def test_term_is_zero_at_step_zero_and_reads_the_training_forward(tmp_path):
         for handle in handles:
             handle.remove()
     assert calls == {"model": [1, 1, 1, 1], "base": [1, 1, 0, 0]}
-    assert [values.tolist()[0] for values in trainer._preserve_values["train"]] == [0.0]
+    at_zero = trainer._preserve_sums["train"].tolist()  # for the log: term x tokens (0 at step 0), tokens
+    assert at_zero[0] == 0.0 and at_zero[1] > 0
     model.zero_grad(set_to_none=True)
     loss.backward()
     with_term = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -265,12 +266,15 @@ def test_term_is_zero_at_step_zero_and_reads_the_training_forward(tmp_path):
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=gen))
     term = trainer.compute_loss(model, dict(inputs)) - SFTTrainer.compute_loss(trainer, model, dict(inputs))
-    total, n_tokens = trainer._preserve_values["train"][-1].tolist()  # for the log: term x tokens, tokens
-    moved = total / n_tokens
+    total, n_tokens = (trainer._preserve_sums["train"] - torch.tensor(at_zero, dtype=torch.float64)).tolist()
+    moved = total / n_tokens  # this micro-batch's term
     assert moved > 1e-3 and term.item() == pytest.approx(3.0 * moved, rel=1e-5)
     trainer.log({"loss": 1.0})  # the per-token mean over the micro-batches since the last log, then cleared
     assert trainer.state.log_history[-1]["preserve"] == pytest.approx(moved / 2)  # the same tokens at 0, then moved
-    assert trainer._preserve_values["train"] == []
+    assert trainer._preserve_sums["train"] is None
+    trainer._preserve_sums["train"] = torch.zeros(2, dtype=torch.float64)  # micro-batches without a kept token
+    trainer.log({"loss": 1.0})
+    assert "preserve" not in trainer.state.log_history[-1]  # no value rather than a 0 that reads as preserved
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tmp_path):

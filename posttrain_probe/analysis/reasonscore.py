@@ -261,7 +261,7 @@ class ReasonScoreAccumulator:
     Built from :func:`reasoning_token_groups` ``(words, groups)``. Per batch: ``masks(input_ids [B, T], keep)``
     gives the ``[B, T, G]`` window masks (:func:`reasoning_word_masks`), then ``update(codes [n, F], word_masks
     [n, G])`` takes the kept tokens only (one row per kept token). ``weights`` ``[F]`` (the decoder norms for the
-    official weighting, or None) multiplies the codes first.
+    official weighting, or None) weights each feature's code (applied to its sums: sum_t f_t w = w sum_t f_t).
     """
 
     def __init__(
