@@ -88,8 +88,11 @@ def load_causal_lm(
 ) -> nn.Module:
     """Load a causal LM (eval mode) from a local directory or hub name onto ``device``.
 
-    ``keep_layers=k`` drops decoder blocks k+1.. after loading to save memory when only sites
-    <= k are captured (block k stays: the capture hook sits on it).
+    ``keep_layers=k`` keeps decoder blocks 0..k only, to save memory and loading time when only sites <= k are
+    captured (block k stays: the capture hook sits on it): a text LM whose config gives ``num_hidden_layers`` is built
+    with k+1 blocks, so the weights of the others are never read; any other model is loaded whole and the blocks
+    after k dropped. ``config.num_hidden_layers`` keeps the checkpoint's value either way (the model's identity,
+    :mod:`posttrain_probe.model_identity`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +101,11 @@ def load_causal_lm(
     check_model_path(path)
     device = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
+        model = None
+        if keep_layers is not None:
+            model = _load_first_blocks(str(path), resolve_dtype(dtype, device), keep_layers + 1)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, device))
     except (OSError, ValueError) as err:
         where = "local directory" if Path(path).exists() else "local directory or hub model"
         raise ProbeError(f"cannot load model {str(path)!r}: not a {where} with a HF causal LM ({err})") from err
@@ -106,6 +113,49 @@ def load_causal_lm(
         blocks = decoder_blocks(model)
         del blocks[keep_layers + 1 :]
     return model.to(device).eval()
+
+
+def _load_first_blocks(path: str, dtype, n_blocks: int):
+    """The causal LM at ``path`` built with its first ``n_blocks`` decoder blocks (the checkpoint's weights of the
+    others are not read; ``config.num_hidden_layers`` is set back to the checkpoint's value), or None when its config
+    has no top-level ``num_hidden_layers`` of more blocks (then the caller loads it whole). A kept weight the
+    checkpoint lacks is a ProbeError (transformers would initialise it at random with a warning); its report of the
+    skipped blocks' weights, which lists nothing else then, is dropped.
+    """
+    import logging
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    total = getattr(config, "num_hidden_layers", None)
+    if not isinstance(total, int) or isinstance(total, bool) or not 1 <= n_blocks < total:
+        return None
+    config.num_hidden_layers = n_blocks
+
+    class _SkippedBlocksReport(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "LOAD REPORT" not in str(record.msg)
+
+    quiet = _SkippedBlocksReport()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(quiet)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    finally:
+        logger.removeFilter(quiet)
+    model.config.num_hidden_layers = total
+    block = re.compile(r"\.layers\.(\d+)\.")
+    others = [
+        k for k in info.get("unexpected_keys", ()) if not ((m := block.search(k)) and int(m.group(1)) >= n_blocks)
+    ]
+    missing = list(info.get("missing_keys", ()))
+    if missing or others or info.get("mismatched_keys"):
+        raise ProbeError(
+            f"model {path!r} built with its first {n_blocks} of {total} blocks does not match its checkpoint: "
+            f"missing {missing[:5]}, unexpected {others[:5]}, mismatched {list(info.get('mismatched_keys', ()))[:5]}"
+        )
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike):
