@@ -127,7 +127,10 @@ def _load_first_blocks(path: str, dtype, n_blocks: int):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):  # e.g. a PEFT adapter directory: transformers' whole load resolves it
+        return None
     total = getattr(config, "num_hidden_layers", None)
     if not isinstance(total, int) or isinstance(total, bool) or not 1 <= n_blocks < total:
         return None
