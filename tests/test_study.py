@@ -126,6 +126,9 @@ def test_quick_demo_runs_every_stage_and_resumes_after_a_kill(quick_demo):
     text = md.read_text()
     for heading in ("Accuracy", "crosscoder attribution", "Generalization", "Fisher", "leakage", "Feature cards"):
         assert heading in text, heading
+    fisher = json.loads((out / "fisher" / "summary.json").read_text())["fisher"]
+    assert fisher["n_selected"] > 0  # the report states the count the step selected
+    assert f"Fisher-selected reasoning features: {fisher['n_selected']} of 128 (selected on sft)." in text
     assert "http://" not in html.read_text() and "https://" not in html.read_text()
     assert html.read_text().count("<mark") >= 4, "feature cards show top-activating contexts, peak token marked"
     for figure in (out / "report" / "figures").glob("*.png"):

@@ -323,9 +323,13 @@ def _fisher_section(report: Report, root: Path) -> None:
     if summary is None:
         report.paragraph("No Fisher features yet (stage fisher).")
     else:
-        selection = summary.get("selection") or {}
-        n = len(selection.get("features", [])) if isinstance(selection, dict) else None
-        report.paragraph(f"Fisher-selected reasoning features: {n if n is not None else 'see fisher/summary.json'}.")
+        fisher = summary.get("fisher") if isinstance(summary.get("fisher"), dict) else {}
+        n = fisher.get("n_selected")
+        report.paragraph(
+            f"Fisher-selected reasoning features: {n} of {fisher.get('n_features')} (selected on {fisher.get('model')})."
+            if isinstance(n, int)
+            else "Fisher-selected reasoning features: see fisher/summary.json."
+        )
         for png in _pngs(root / "fisher"):
             report.figure(
                 png,
