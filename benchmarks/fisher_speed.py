@@ -23,7 +23,7 @@ fisher <= 1.0x generalization.
 Usage::
 
     python benchmarks/fisher_speed.py [--docs 50] [--features 512] [--prompts documents|problems]
-        [--forward-batch-size 4] [--batch-size 8] [--repeats 3] [--threads N] [--device cpu]
+        [--forward-batch-size N] [--batch-size 8] [--repeats 3] [--threads N] [--device cpu]
 
 The steps are timed round-robin (generalization, fisher per repeat) after one warm-up run of each, and the
 median is reported. CPU numbers are noisy when other processes share the cores (``--threads 1`` is steadier
@@ -55,7 +55,12 @@ def parse_args() -> argparse.Namespace:
         default="documents",
         help="generalization's prompts: the same texts as fisher's documents, or their problems only",
     )
-    p.add_argument("--forward-batch-size", type=int, default=4, help="fisher: FisherConfig.forward_batch_size")
+    p.add_argument(
+        "--forward-batch-size",
+        type=int,
+        default=None,
+        help="fisher: FisherConfig.forward_batch_size (default: its default)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="generalization: GeneralizationConfig.batch_size")
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each step; the median is reported")
@@ -118,7 +123,7 @@ def main() -> None:
         common = {"crosscoder": root / "cc", "model": models, "device": args.device}
         fisher = FisherConfig(
             **common, select_model="tuned", dataset=str(root / "openthoughts.jsonl"), max_docs=args.docs,
-            forward_batch_size=args.forward_batch_size, out=root / "fisher",
+            out=root / "fisher", **({} if args.forward_batch_size is None else {"forward_batch_size": args.forward_batch_size}),
         )  # fmt: skip
         generalization = GeneralizationConfig(
             **common, base="base", rl="tuned", critical=root / "critical.json", batch_size=args.batch_size,

