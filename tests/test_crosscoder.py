@@ -335,6 +335,30 @@ def test_save_and_load_round_trip(tmp_path, activation):
     assert torch.equal(loaded.encode_source(x[:, 2], "rl"), cc.encode_source(x[:, 2], "rl"))
 
 
+def test_loading_and_restricting_skip_the_paper_init(tmp_path, monkeypatch):
+    """Every tensor of a loaded (or restricted) crosscoder comes from the file (or the full one), so the random init
+    is not run: it costs seconds and a decoder copy at real shapes. A file missing a tensor is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    cc = _random_crosscoder(n_models=2, n_features=10, layer=5)
+    cc.save_pretrained(tmp_path / "cc")
+
+    def no_init(self, generator=None):
+        raise AssertionError("reset_parameters ran on load")
+
+    monkeypatch.setattr(Crosscoder, "reset_parameters", no_init)
+    loaded = Crosscoder.from_pretrained(tmp_path / "cc")
+    for name, tensor in cc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    sub = cc.restrict([7, 2])
+    assert torch.equal(sub.W_enc, cc.W_enc[:, :, [7, 2]]) and torch.equal(sub.W_dec, cc.W_dec[[7, 2]])
+    tensors = load_file(tmp_path / "cc" / "model.safetensors")
+    del tensors["b_enc"]
+    save_file(tensors, tmp_path / "cc" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="b_enc"):
+        Crosscoder.from_pretrained(tmp_path / "cc")
+
+
 def test_load_refuses_a_newer_format(tmp_path):
     cc = _random_crosscoder()
     cc.save_pretrained(tmp_path / "cc")

@@ -188,21 +188,30 @@ def reasoning_word_masks(
     batch, length = input_ids.shape
     if input_ids.numel() == 0 or not groups:
         return torch.zeros(batch, length, len(groups), dtype=torch.bool, device=input_ids.device)
-    by_length: dict[int, list[tuple[int, Sequence[int]]]] = {}
-    for g, variants in enumerate(groups):
-        for ids in variants:
-            if 0 < len(ids) <= length:
-                by_length.setdefault(len(ids), []).append((g, ids))
+    variants = [(g, list(ids)) for g, group in enumerate(groups) for ids in group if 0 < len(ids) <= length]
     device = input_ids.device
     marked = torch.zeros(batch, len(groups), length, device=device)  # tokens of an occurrence, per group
-    for n, variants in by_length.items():  # every variant of one length at once
-        patterns = torch.as_tensor([list(ids) for _, ids in variants], dtype=input_ids.dtype, device=device)
+    if variants:  # every variant at once: patterns right-padded with -1, which matches anything
+        longest = max(len(ids) for _, ids in variants)
+        patterns = torch.as_tensor(
+            [ids + [-1] * (longest - len(ids)) for _, ids in variants], dtype=input_ids.dtype, device=device
+        )  # [V, longest]
+        sizes = torch.as_tensor([len(ids) for _, ids in variants], device=device)
         owner = torch.as_tensor([g for g, _ in variants], device=device)
-        windows = input_ids.unfold(1, n, 1)  # [B, T - n + 1, n]: the n tokens from each position
-        rows, cols = torch.isin(windows[..., 0], patterns[:, 0]).nonzero(as_tuple=True)  # candidate starts
-        match, variant = (windows[rows, cols][:, None, :] == patterns).all(dim=2).nonzero(as_tuple=True)
-        tokens = (cols[match][:, None] + torch.arange(n, device=device)).flatten()  # every token of each occurrence
-        marked[rows[match].repeat_interleave(n), owner[variant].repeat_interleave(n), tokens] = 1.0
+        # the `longest` tokens from each position; past the row's end -1, which no variant token equals
+        windows = torch.nn.functional.pad(input_ids, (0, longest - 1), value=-1).unfold(1, longest, 1)
+        # candidates: (row, position, variant) where the token is the variant's first; then their whole windows
+        rows, cols, variant = (input_ids[:, :, None] == patterns[:, 0]).nonzero(as_tuple=True)
+        found = ((windows[rows, cols] == patterns[variant]) | (patterns[variant] < 0)).all(dim=1)
+        rows, cols, variant = rows[found], cols[found], variant[found]  # the occurrences
+        offsets = torch.arange(longest, device=device)
+        inside = offsets < sizes[variant][:, None]  # [M, longest]: the occurrence's own tokens
+        where = (
+            rows[:, None].expand(-1, longest)[inside],
+            owner[variant][:, None].expand(-1, longest)[inside],
+            (cols[:, None] + offsets)[inside],
+        )
+        marked[where] = 1.0
     # token t is covered when an occurrence's token sits in [t - after, t + before]: a sliding max, zero-padded
     padded = torch.nn.functional.pad(marked, (after, before))
     out = (torch.nn.functional.max_pool1d(padded, kernel_size=after + before + 1, stride=1) > 0).transpose(1, 2)

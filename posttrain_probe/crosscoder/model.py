@@ -57,7 +57,10 @@ class Crosscoder(
     reads them back (huggingface_hub's ModelHubMixin).
     """
 
-    def __init__(self, config: CrosscoderConfig):
+    def __init__(self, config: CrosscoderConfig, *, initialize: bool = True):
+        """``initialize=False`` leaves the weights uninitialised (``torch.empty``) for a caller that overwrites them all
+        (loading, :meth:`restrict`): the paper init of a 3 x 2560 x 32768 crosscoder costs seconds and a second copy of
+        the decoder in memory."""
         super().__init__()
         if isinstance(config, dict):  # from_pretrained hands over config.json as a dict
             config = CrosscoderConfig(**config)
@@ -78,7 +81,8 @@ class Crosscoder(
         """s_m: raw activation x s_m = normalised activation (docs/methods.md sec. 2)."""
         self.register_buffer("threshold", torch.tensor(-1.0))
         """BatchTopK inference threshold on f_i·sum_m||d_i^m|| (EMA during training; < 0 = unset)."""
-        self.reset_parameters()
+        if initialize:
+            self.reset_parameters()
 
     @classmethod
     def _from_pretrained(
@@ -109,7 +113,9 @@ class Crosscoder(
                 token=token,
                 local_files_only=local_files_only,
             )
-        return cls._load_as_safetensor(cls(**model_kwargs), model_file, map_location, strict)
+        # strict: every tensor is read from the file, so the paper init would be overwritten
+        model = cls(**{**model_kwargs, "initialize": not strict})
+        return cls._load_as_safetensor(model, model_file, map_location, strict)
 
     # -- construction ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +177,7 @@ class Crosscoder(
         if config.activation == "batchtopk" and config.source_thresholds is None:
             # the joint threshold as every source's: the same codes, compared with a number (no device sync per forward)
             config = replace(config, source_thresholds=[float(self.threshold)] * config.n_models)
-        sub = Crosscoder(config).to(dtype)
+        sub = Crosscoder(config, initialize=False).to(dtype)
         with torch.no_grad():
             sub.W_enc.copy_(self.W_enc.detach()[:, :, index].cpu())
             sub.b_enc.copy_(self.b_enc.detach()[index].cpu() if encoder_bias else torch.zeros(len(features)))
