@@ -290,9 +290,9 @@ def test_reasonscore_matches_a_straightforward_computation():
 
 @pytest.mark.parametrize("window", [(0, 0), (1, 2), (3, 1)])
 def test_word_windows_match_an_occurrence_loop_on_random_ids(window):
-    """The vectorised window masks (all variants of one length at once, a sliding max) equal the loop reference on
-    random ids over a 6-token vocabulary (overlapping occurrences, variants of lengths 1-3 sharing tokens, groups
-    sharing a variant, a variant longer than the rows, and occurrences at both row ends)."""
+    """The vectorised window masks (all variants in one pass, patterns right-padded with -1, a sliding max) equal
+    the loop reference on random ids over a 6-token vocabulary (overlapping occurrences, variants of lengths 1-3
+    sharing tokens, groups sharing a variant, a variant longer than the rows, and occurrences at both row ends)."""
     gen = torch.Generator().manual_seed(sum(window))
     ids = torch.randint(0, 6, (5, 23), generator=gen)
     groups = [[[1], [2, 3]], [[3, 3, 4]], [[5, 1], [0, 0, 0], [1]], [list(range(30))]]

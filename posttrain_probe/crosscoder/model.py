@@ -58,7 +58,7 @@ class Crosscoder(
     """
 
     def __init__(self, config: CrosscoderConfig, *, initialize: bool = True):
-        """``initialize=False`` leaves the weights uninitialised (``torch.empty``) for a caller that overwrites them all
+        """``initialize=False`` leaves W_enc and W_dec uninitialised (``torch.empty``) for a caller that overwrites them
         (loading, :meth:`restrict`): the paper init of a 3 x 2560 x 32768 crosscoder costs seconds and a second copy of
         the decoder in memory."""
         super().__init__()
@@ -114,7 +114,8 @@ class Crosscoder(
                 local_files_only=local_files_only,
             )
         # strict: every tensor is read from the file, so the paper init would be overwritten
-        model = cls(**{**model_kwargs, "initialize": not strict})
+        model_kwargs.setdefault("initialize", not strict)
+        model = cls(**model_kwargs)
         return cls._load_as_safetensor(model, model_file, map_location, strict)
 
     # -- construction ---------------------------------------------------------------------------
