@@ -7,10 +7,10 @@ import torch
 
 from posttrain_probe.testing import save_tiny_pair, tiny_tokenizer
 
-# Seconds the slowest test files take (setup + calls, 2 workers on 2 cores, 2026-12-05; 1744 s in all). pytest-xdist's --dist loadfile hands
-# files to its workers in collection order: these first, longest first, then the others in their usual order, so
-# that no minutes-long file starts last while the other worker idles (xdist's own default orders files by their
-# number of tests, which puts the one-test README run at the very end).
+# Seconds the slowest test files take (setup + calls, 2 workers on 2 cores, 2026-12-05; 1744 s for all files).
+# pytest-xdist's --dist loadfile hands files to its workers in collection order: these first, longest first, then
+# the others in their usual order, so that no minutes-long file starts last while the other worker idles
+# (xdist's own default orders files by their number of tests, which puts the one-test README run at the very end).
 SLOW_FILES = {
     "test_readme.py": 207,
     "test_study.py": 166,
