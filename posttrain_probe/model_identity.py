@@ -206,11 +206,19 @@ def check_site_model(
 ) -> str | None:
     """Refuse ``model`` (through any wrapper) for crosscoder slot ``slot_name`` at site ``layer``: no block
     ``layer``, a hidden size other than the crosscoder's ``d_model``, or another model than the one the slot
-    recorded as ``recorded`` (nor tuned from it; :func:`check_model`, which gives the return value)."""
+    recorded as ``recorded`` (nor tuned from it; :func:`check_model`, which gives the return value). ``what``
+    names the model in every message."""
     inner = unwrap_model(model)
-    validate_layer(inner, layer)
+    named = f"{what}: " if what else ""
+    try:
+        validate_layer(inner, layer)
+    except ProbeError as err:
+        raise ProbeError(f"{named}{err}") from None
     if hidden_size(inner) != d_model:
-        raise ProbeError(f"the crosscoder has d_model {d_model}, the model's hidden size is {hidden_size(inner)}")
+        raise ProbeError(
+            f"{named}the crosscoder has d_model {d_model}, the model's hidden size is {hidden_size(inner)}: "
+            "expected the models the crosscoder was trained on"
+        )
     return check_model(inner, recorded, slot_name, what=what, allow_mismatch=allow_mismatch, override=override)
 
 

@@ -547,6 +547,17 @@ def test_bad_input_exits_2(fisher_run, tiny_pair, tmp_path, extra, message):
     assert message in result.output
 
 
+def test_a_crosscoder_of_another_width_is_refused_naming_the_model(fisher_run, tiny_pair, tmp_path):
+    cc = Crosscoder(CrosscoderConfig(model_names=["base", "tuned"], d_model=32, n_features=8, layer=LAYER))
+    cc.save_pretrained(tmp_path / "cc32")
+    args = ["features", "fisher", "--crosscoder", str(tmp_path / "cc32"), "--model", f"base={tiny_pair['base']}"]
+    result = runner.invoke(app, args + ["--dataset", fisher_run["data"], "--max-docs", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert f"model 'base' ({tiny_pair['base']}): the crosscoder has d_model 32, the model's hidden size is 64" in (
+        " ".join(result.output.split())
+    )
+
+
 def test_neither_crosscoder_nor_sae_and_sae_of_two_models(fisher_run, tiny_pair, tmp_path):
     base = [
         "features",

@@ -198,8 +198,7 @@ def _load_model(
     name: str, given, cc, branch: int, layer: int, config: FisherConfig, device
 ) -> tuple[nn.Module, str | None]:
     """The model ``name`` (loaded from its path, or the object given), checked against its branch: (model, mismatch)."""
-    from posttrain_probe.layers import hidden_size, validate_layer
-    from posttrain_probe.model_identity import check_model, slot_fingerprint
+    from posttrain_probe.model_identity import check_site_model, slot_fingerprint
     from posttrain_probe.models import load_causal_lm
 
     model = (
@@ -207,17 +206,11 @@ def _load_model(
         if isinstance(given, nn.Module)
         else load_causal_lm(given, dtype=config.dtype, device=device, keep_layers=layer)
     )
-    try:
-        validate_layer(model, layer)
-    except ProbeError as err:
-        raise ProbeError(f"model {name!r}: {err}") from None
-    if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(
-            f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the crosscoder trained on this model family"
-        )
     what = f"model {name!r}" + (f" ({given})" if not isinstance(given, nn.Module) else "")
-    mismatch = check_model(
+    mismatch = check_site_model(
         model,
+        layer,
+        cc.config.d_model,
         slot_fingerprint(cc, branch),
         cc.model_names[branch],
         what=what,
