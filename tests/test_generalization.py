@@ -329,6 +329,15 @@ def test_bad_input(runs, tmp_path):
         ],
     )
     assert result.exit_code == 2 and "arc_easy" in result.output and "probe_mcq" in result.output
+    # a crosscoder of another width: the error names the model
+    narrow = Crosscoder(CrosscoderConfig(model_names=["base", "rl"], d_model=32, n_features=8, layer=LAYER))
+    narrow.save_pretrained(tmp_path / "cc32")
+    args = [a if a != str(runs.crosscoder) else str(tmp_path / "cc32") for a in base_args]
+    result = runner.invoke(
+        app, [*args, "--base", "base", "--rl", "rl", "--model", f"base={runs.base}", "--model", f"rl={runs.rl}"]
+    )
+    assert result.exit_code == 2 and "model 'base' (" in result.output, result.output
+    assert "the crosscoder has d_model 32, the model's hidden size is" in " ".join(result.output.split())
     # not a critical-samples file
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ProbeError, match="not a critical-samples JSON"):

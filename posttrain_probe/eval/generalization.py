@@ -408,8 +408,7 @@ def _branch_activations(
     progress: bool | str,
 ) -> tuple[torch.Tensor, dict[str, Any], str | None]:
     """``([n, d] residual stream at the last prompt token, tokenisation facts, model mismatch or None)`` of one branch's model."""
-    from posttrain_probe.layers import hidden_size, validate_layer
-    from posttrain_probe.model_identity import check_model, slot_fingerprint
+    from posttrain_probe.model_identity import check_site_model, slot_fingerprint
     from posttrain_probe.models import load_causal_lm, load_tokenizer
 
     loaded = isinstance(source, str)
@@ -418,14 +417,15 @@ def _branch_activations(
         model = load_causal_lm(source, dtype=config.dtype, device=device, keep_layers=layer)
     else:
         model, tokenizer = source
-    validate_layer(model, layer)
-    if hidden_size(model) != cc.config.d_model:
-        raise ProbeError(
-            f"model {name!r} has hidden size {hidden_size(model)} but the crosscoder has d_model {cc.config.d_model}: expected the models the crosscoder was trained on"
-        )
     what = f"model {name!r}" + (f" ({source})" if loaded else "")
-    mismatch = check_model(
-        model, slot_fingerprint(cc, slot), name, what=what, allow_mismatch=config.allow_model_mismatch
+    mismatch = check_site_model(
+        model,
+        layer,
+        cc.config.d_model,
+        slot_fingerprint(cc, slot),
+        name,
+        what=what,
+        allow_mismatch=config.allow_model_mismatch,
     )
     ids = [
         lm_eval_context_ids(tokenizer, prompt, output_type=kind, add_bos_token=config.add_bos_token)
