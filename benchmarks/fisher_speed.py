@@ -25,9 +25,9 @@ Usage::
     python benchmarks/fisher_speed.py [--docs 50] [--features 512] [--prompts documents|problems]
         [--forward-batch-size N] [--batch-size 8] [--repeats 3] [--threads N] [--device cpu]
 
-The steps are timed round-robin (generalization, fisher per repeat) after one warm-up run of each, and the
-median is reported. CPU numbers are noisy when other processes share the cores (``--threads 1`` is steadier
-there). A benchmark, not a test: it reports numbers and never fails on timing.
+The steps are timed round-robin (generalization, fisher per repeat) after one warm-up run of each; the ratio
+of the two medians and the median of the per-repeat ratios are reported (the target counts as met when both
+are). CPU numbers are noisy when other processes share the cores (``--threads 1`` is steadier there). A benchmark, not a test: it reports numbers and never fails on timing.
 """
 
 from __future__ import annotations
@@ -161,7 +161,12 @@ def main() -> None:
     for name, t in times.items():
         print(f"{name:<24} | {seconds[name]:>8.2f} | {min(t):>6.2f} | {max(t):>6.2f}")
     ratio = seconds["features fisher"] / seconds["features generalization"]
-    print(f"fisher / generalization: {ratio:.2f}x (target <= 1.00x: {'met' if ratio <= 1.0 else 'NOT met'})")
+    # each repeat times both steps back to back: the per-repeat ratios cancel slow drifts of the machine's speed
+    paired = statistics.median(f / g for f, g in zip(times["features fisher"], times["features generalization"]))
+    print(
+        f"fisher / generalization: {ratio:.2f}x of the medians, {paired:.2f}x median of the per-repeat ratios "
+        f"(target <= 1.00x: {'met' if max(ratio, paired) <= 1.0 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -366,6 +366,7 @@ def segment_statistics(
         if selected.numel():  # the selected features' codes alone: restrict's encode_source = the full one's [:, S]
             encoder = crosscoder.restrict(list(features), dtype=dtype).to(device)
     segment_ids = torch.tensor([[1], [2]], device=device)
+    work = None  # [chunk, F] float32 scratch of the full-width statistics
     n_cut = 0
     training = model.training
     model.eval()
@@ -395,10 +396,14 @@ def segment_statistics(
                 # [2, n] segment one-hot (reasoning, solution): per-segment sums as two matmuls, added in float64
                 # per chunk (counts are exact in float32 below 2^24 tokens per chunk)
                 one_hot, values = (seg_flat[part].unsqueeze(0) == segment_ids).float(), codes.float()
-                sq_sum += (one_hot @ values.square()).double()
-                # the firing indicator written straight into float32: on CPU (values > 0).float() makes a bool
-                # tensor and converts it, 10x slower than this at [512, 512]
-                active += (one_hot @ torch.gt(values, 0, out=torch.empty_like(values))).long()
+                # f^2 and the firing indicator written into one float32 buffer per pass (on CPU (values > 0).float()
+                # makes a bool tensor and converts it, 10x slower at [512, 512]; a fresh [chunk, F] block per op
+                # costs allocation and page faults)
+                if work is None:
+                    work = torch.empty(chunk, n_features, dtype=torch.float32, device=device)
+                buffer = work[: values.shape[0]]
+                sq_sum += (one_hot @ torch.mul(values, values, out=buffer)).double()
+                active += (one_hot @ torch.gt(values, 0, out=buffer)).long()
                 if selected is not None and selected.numel():
                     fired.append((codes[:, selected] > 0).any(dim=1))
                 if reasonscore is not None:
