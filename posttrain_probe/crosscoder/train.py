@@ -256,7 +256,10 @@ def _start(
         )
         model.set_scales_from(scale_source, max_tokens=train_cfg.scale_tokens)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=train_cfg.learning_rate(cc_config), betas=(train_cfg.beta1, train_cfg.beta2)
+        model.parameters(),
+        lr=train_cfg.learning_rate(cc_config),
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        fused=accelerator.device.type == "cuda" or None,  # one kernel over all parameters on a GPU
     )
     tokens_since_fired = torch.zeros(cc_config.n_features, dtype=torch.long, device=accelerator.device)
     fired_ever = torch.zeros(cc_config.n_features, dtype=torch.bool, device=accelerator.device)
