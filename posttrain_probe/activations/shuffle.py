@@ -86,10 +86,11 @@ class ActivationSource(ABC):
         epochs: int | None = 1,
         buffer_tokens: int | None = None,
         drop_last: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         device: str | torch.device | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Batches [batch_size, ...] (the chunks' trailing shape) in ``dtype`` on ``device``, raw model units.
+        """Batches [batch_size, ...] (the chunks' trailing shape) in ``dtype`` (None: the source's) on ``device``, raw
+        model units.
 
         With ``shuffle`` the chunk order (where the source has one) is permuted and tokens are
         shuffled through a buffer of at least ``buffer_tokens`` tokens; every token comes exactly

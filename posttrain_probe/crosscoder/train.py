@@ -12,6 +12,7 @@ so the run means the same as a single-process one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -443,15 +444,26 @@ def _checkpoint(run: _Training, step: int) -> None:
 def _global_batches(
     source, cfg: CrosscoderTrainingConfig, local_batch: int, rank: int, world: int, rank_local: bool, device
 ) -> Iterator[torch.Tensor]:
-    """This rank's [local_batch, N, d] slices of the global batch stream, forever (epochs repeat)."""
+    """This rank's [local_batch, N, d] slices of the global batch stream, float32 on ``device``, forever (epochs
+    repeat).
+
+    For a GPU the batches leave the host in the source's dtype (bf16 stores: half the bytes of float32) from
+    pinned memory, so the copy is queued behind the running step instead of blocking the host until the GPU is
+    idle (a copy from pageable memory does), and are converted to float32 on the GPU.
+    """
     batch = local_batch if rank_local else cfg.batch_size
+    cuda = torch.device(device).type == "cuda"
+    # the project's sources take dtype= (None: keep theirs); another object with an iter_batches is called as before
+    keep_dtype = {"dtype": None} if cuda and "dtype" in inspect.signature(source.iter_batches).parameters else {}
     stream = source.iter_batches(
-        batch, shuffle=True, seed=cfg.seed, epochs=None, buffer_tokens=cfg.buffer_tokens, drop_last=True
+        batch, shuffle=True, seed=cfg.seed, epochs=None, buffer_tokens=cfg.buffer_tokens, drop_last=True, **keep_dtype
     )
     for x in stream:
         if not rank_local and world > 1:
             x = x[rank * local_batch : (rank + 1) * local_batch]
-        yield x.to(device, non_blocking=True)
+        if cuda and x.device.type == "cpu":  # a live source's batches may already be on the GPU
+            x = x.pin_memory()
+        yield x.to(device, non_blocking=True).float()
 
 
 def _calibrate_threshold(run: _Training, source) -> dict[str, Any] | None:
