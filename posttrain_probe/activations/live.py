@@ -86,6 +86,7 @@ class LiveActivations(ActivationSource):
         return f"LiveActivations(models={self.model_names}, layer={self.layer}, n_docs={len(self.dataset)}, d_model={self.d_model})"
 
     default_buffer_tokens = 65536  # held on the models' device
+    batches_on_host = False  # the forwards run on the models' device: no second thread beside the training step
 
     def chunks(self, *, shuffle: bool = False, seed: int = 0, epochs: int | None = 1) -> Iterator[torch.Tensor]:
         """Per-forward chunks [n, n_models, d] in dataset order (shuffling happens in iter_batches)."""

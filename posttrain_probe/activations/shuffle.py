@@ -72,6 +72,8 @@ class ActivationSource(ABC):
 
     default_buffer_tokens: int = 262144
     """Tokens held for shuffling when ``buffer_tokens`` is not given."""
+    batches_on_host: bool = True
+    """Batches are built in host memory (stores), so a GPU trainer may read them on a background thread."""
 
     @abstractmethod
     def chunks(self, *, shuffle: bool, seed: int, epochs: int | None) -> Iterator[torch.Tensor]:

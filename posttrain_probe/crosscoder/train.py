@@ -176,7 +176,10 @@ def train_crosscoder(
             "posttrain-probe-crosscoder",
             config={**asdict(train_cfg), **{f"cc_{k}": v for k, v in asdict(cc_config).items()}},
         )
-    done = _train_steps(run, wrapped, progress)
+    try:
+        done = _train_steps(run, wrapped, progress)
+    finally:
+        run.batches.close()  # stops a prefetching thread and the source's reader
     calibration = _calibrate_threshold(run, source) if run.start_step < plan.total_steps <= done else None
     _checkpoint(run, done)
     if accelerator.is_main_process and done >= plan.total_steps:
@@ -447,10 +450,15 @@ def _global_batches(
     """This rank's [local_batch, N, d] slices of the global batch stream, float32 on ``device``, forever (epochs
     repeat).
 
-    For a GPU the batches leave the host in the source's dtype (bf16 stores: half the bytes of float32) from
-    pinned memory, so the copy is queued behind the running step instead of blocking the host until the GPU is
-    idle (a copy from pageable memory does), and are converted to float32 on the GPU.
+    For a GPU, a source whose batches are built in host memory (stores; ``batches_on_host``) is read on a
+    background thread two batches ahead (:func:`~posttrain_probe.activations.prefetch.prefetched`: reading,
+    shuffle-buffer refills and pinning overlap the training step). The batches leave the host in the source's
+    dtype (bf16 stores: half the bytes of float32) from pinned memory, so each copy is queued behind the running
+    step instead of holding the host until the GPU is idle (a copy from pageable memory does), and become float32
+    on the GPU.
     """
+    from posttrain_probe.activations.prefetch import prefetched
+
     batch = local_batch if rank_local else cfg.batch_size
     cuda = torch.device(device).type == "cuda"
     # the project's sources take dtype= (None: keep theirs); another object with an iter_batches is called as before
@@ -458,12 +466,21 @@ def _global_batches(
     stream = source.iter_batches(
         batch, shuffle=True, seed=cfg.seed, epochs=None, buffer_tokens=cfg.buffer_tokens, drop_last=True, **keep_dtype
     )
-    for x in stream:
-        if not rank_local and world > 1:
-            x = x[rank * local_batch : (rank + 1) * local_batch]
-        if cuda and x.device.type == "cpu":  # a live source's batches may already be on the GPU
-            x = x.pin_memory()
-        yield x.to(device, non_blocking=True).float()
+
+    def host_side() -> Iterator[torch.Tensor]:
+        for x in stream:
+            if not rank_local and world > 1:
+                x = x[rank * local_batch : (rank + 1) * local_batch]
+            if cuda and x.device.type == "cpu":  # a live source's batches may already be on the GPU
+                x = x.pin_memory()
+            yield x
+
+    batches = prefetched(host_side()) if cuda and getattr(source, "batches_on_host", False) else host_side()
+    try:
+        for x in batches:
+            yield x.to(device, non_blocking=True).float()
+    finally:
+        batches.close()
 
 
 def _calibrate_threshold(run: _Training, source) -> dict[str, Any] | None:
