@@ -80,3 +80,31 @@ def test_the_producer_runs_at_most_depth_items_ahead():
 def test_bad_depth_is_one_line(depth):
     with pytest.raises(ProbeError, match="prefetch depth"):
         next(prefetched(iter([1]), depth=depth))
+
+
+def test_a_source_that_cannot_start_raises_instead_of_hanging():
+    class NotIterable:
+        def __iter__(self):
+            raise ProbeError("store x cannot be opened")
+
+    with pytest.raises(ProbeError, match="store x cannot be opened"):
+        next(prefetched(NotIterable()))
+    _wait_for_no_workers()
+
+
+def test_closing_waits_for_the_source_to_be_closed():
+    closed = threading.Event()
+
+    def slow():
+        try:
+            while True:
+                time.sleep(0.05)
+                yield 1
+        finally:
+            closed.set()
+
+    items = prefetched(slow(), depth=1)
+    next(items)
+    items.close()
+    assert closed.is_set()  # closed before close() returned
+    assert not _workers()

@@ -17,7 +17,10 @@ from posttrain_probe.errors import ProbeError
 T = TypeVar("T")
 
 _POLL_SECONDS = 0.1
-"""How often a producer blocked on a full queue checks whether its consumer has gone."""
+"""How often a producer blocked on a full queue checks whether its consumer has gone (and the consumer whether
+the producer is alive)."""
+_JOIN_SECONDS = 60.0
+"""How long closing waits for the producer to finish the item it is making."""
 
 
 class _Failure:
@@ -32,7 +35,8 @@ def prefetched(items: Iterable[T], depth: int = 2, *, name: str = "posttrain-pro
     """The items of ``items`` in order, produced by a daemon thread that runs at most ``depth`` items ahead.
 
     An exception raised by ``items`` is raised here, at the item where it happened. Closing this generator (or
-    dropping it) stops the thread at its next item and closes ``items`` there. ``depth`` >= 1.
+    dropping it) stops the thread at its next item, closes ``items`` there and waits for that (up to a minute).
+    ``depth`` >= 1.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ProbeError(f"prefetch depth={depth!r}: expected an integer >= 1")
@@ -50,8 +54,9 @@ def prefetched(items: Iterable[T], depth: int = 2, *, name: str = "posttrain-pro
         return False
 
     def produce() -> None:
-        source = iter(items)
+        source = None
         try:
+            source = iter(items)
             for item in source:
                 if not offer(item):
                     return
@@ -67,7 +72,12 @@ def prefetched(items: Iterable[T], depth: int = 2, *, name: str = "posttrain-pro
     worker.start()
     try:
         while True:
-            item = ready.get()
+            try:
+                item = ready.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if not worker.is_alive() and ready.empty():  # it ended without a word: nothing more will come
+                    raise ProbeError("the prefetching thread stopped without an item, an end or an error") from None
+                continue
             if item is _END:
                 return
             if isinstance(item, _Failure):
@@ -75,3 +85,4 @@ def prefetched(items: Iterable[T], depth: int = 2, *, name: str = "posttrain-pro
             yield item
     finally:
         stop.set()
+        worker.join(timeout=_JOIN_SECONDS)  # it stops at its next item: the source is closed when this returns

@@ -156,8 +156,10 @@ def _corpus(config: FisherConfig, tokenizer) -> tuple[SegmentCorpus, dict[str, i
         config.dataset, split=config.split, config_name=config.dataset_config, n_docs=config.max_docs or None
     )
     column = None if fmt.format == "columns" else document_column(list(data.column_names), fmt)
-    # rows as dicts in one conversion (Dataset.to_list): iterating the Dataset formats each row on its own, 8x slower
-    docs = [split_document(row, fmt, tokenizer, column=column) for row in data.to_list()]
+    # rows as dicts in one conversion (Dataset.to_list): iterating the Dataset formats each row on its own, 8x
+    # slower; a dataset with a format or transform of its own is iterated, so that its rows are the ones read
+    rows = data.to_list() if data.format["type"] is None else data
+    docs = [split_document(row, fmt, tokenizer, column=column) for row in rows]
     documents = {
         "n_docs": len(docs),
         "with_reasoning": sum(bool(d.reasoning) for d in docs),

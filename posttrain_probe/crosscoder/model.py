@@ -260,7 +260,8 @@ class Crosscoder(
 
     def source_pre_activations(self, x: torch.Tensor, model: str | int) -> torch.Tensor:
         """Per-source pre-activations W_enc^m ã^m + b_enc [B, F] of one model's raw activations x [B, d]
-        (every other model's slot zero; normalised-input code units)."""
+        (every other model's slot zero; normalised-input code units). One addmm: under autocast the result is in
+        the autocast dtype, as :meth:`encode`'s."""
         m = self.model_index(model)
         if x.ndim != 2 or x.shape[1] != self.config.d_model:
             raise ProbeError(

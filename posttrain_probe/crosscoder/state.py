@@ -45,7 +45,14 @@ def load_optimizer_tensors(
         state.setdefault(int(index), {})[key] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # the implementation flags are this optimizer's, not the saved ones (a state saved on a CPU, or before fused
+    # Adam was used on GPUs, says fused=None): they decide where the step counters go and how steps are scaled
+    flags = ("fused", "foreach", "capturable", "differentiable")
+    groups = [
+        {**saved, **{key: group[key] for key in flags if key in group}}
+        for saved, group in zip(meta["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_training_state(

@@ -251,9 +251,6 @@ def _start(
     model.reset_parameters(torch.Generator().manual_seed(train_cfg.seed))
     model.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
-    batches = _global_batches(
-        source, train_cfg, plan.local_batch, rank, world, plan.rank_local_source, accelerator.device
-    )
     if state is None:
         scale_source = source.iter_batches(
             min(4096, train_cfg.scale_tokens), shuffle=True, seed=train_cfg.seed + 1, epochs=1
@@ -278,6 +275,9 @@ def _start(
             auxk_dead.copy_(state["counters"]["auxk_dead"])
         restore_rng(state["rng"])
         start_step = state["step"]
+    batches = _global_batches(
+        source, train_cfg, plan.local_batch, rank, world, plan.rank_local_source, accelerator.device, skip=start_step
+    )
     return _Training(
         accelerator,
         model,
@@ -302,8 +302,6 @@ def _train_steps(run: _Training, wrapped, progress: bool) -> int:
 
     accelerator, train_cfg, cc_config, plan = run.accelerator, run.train_cfg, run.cc_config, run.plan
     total_steps, start_step, log_every = plan.total_steps, run.start_step, train_cfg.log_every
-    for _ in range(start_step):  # data position: the same stream, skipped without compute
-        next(run.batches)
     stop_step = (
         total_steps
         if train_cfg.max_steps_per_run is None
@@ -445,10 +443,19 @@ def _checkpoint(run: _Training, step: int) -> None:
 
 
 def _global_batches(
-    source, cfg: CrosscoderTrainingConfig, local_batch: int, rank: int, world: int, rank_local: bool, device
+    source,
+    cfg: CrosscoderTrainingConfig,
+    local_batch: int,
+    rank: int,
+    world: int,
+    rank_local: bool,
+    device,
+    *,
+    skip: int = 0,
 ) -> Iterator[torch.Tensor]:
     """This rank's [local_batch, N, d] slices of the global batch stream, float32 on ``device``, forever (epochs
-    repeat).
+    repeat), from its batch ``skip`` on (a resumed run's data position: the batches before it are drawn from the
+    same stream and dropped on the host).
 
     For a GPU, a source whose batches are built in host memory (stores; ``batches_on_host``) is read on a
     background thread two batches ahead (:func:`~posttrain_probe.activations.prefetch.prefetched`: reading,
@@ -468,7 +475,9 @@ def _global_batches(
     )
 
     def host_side() -> Iterator[torch.Tensor]:
-        for x in stream:
+        for index, x in enumerate(stream):
+            if index < skip:
+                continue
             if not rank_local and world > 1:
                 x = x[rank * local_batch : (rank + 1) * local_batch]
             if cuda and x.device.type == "cpu":  # a live source's batches may already be on the GPU
