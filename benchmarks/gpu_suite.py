@@ -24,6 +24,8 @@ callback       callback_overhead.py         probe callbacks and feature monitor 
                                             SFTTrainer (TRL) steps of a Qwen2.5-0.5B shape, 200 steps monitor <= 2% each
 lm_eval        lm_eval_throughput.py        lm-eval probe_mcq log-likelihood with / without a         >= 0.9x
                                             feature intervention, Qwen3-4B shape
+feed           crosscoder_feed.py           train_crosscoder fed from bf16 stores vs from batches     store >= 0.9x
+                                            on the device, N=3 d=2560 F=32768 B=4096 BatchTopK        resident
 =============  ===========================  =======================================================  ================
 
 ``capture`` and ``callback`` build their model through ``posttrain_probe.testing.tiny_config``,
@@ -191,6 +193,16 @@ def parse_crosscoder(stdout: str) -> tuple[dict, dict, list]:
             ok = line.rstrip().endswith("ok")
             checks.append({"name": line.split(":")[0], "value": line.split(": ")[-1], "target": "ok", "ok": ok})
     return figures, details, checks
+
+
+def parse_feed(stdout: str) -> tuple[dict, dict, list]:
+    """Figures of crosscoder_feed.py: steady-state tokens/s fed from the stores and from resident batches."""
+    _, rows = _table(stdout, "fed from")
+    rates = {cells[0]: _number(cells[1]) for cells in rows}
+    figures = {"store_tokens_per_s": rates["store"], "resident_tokens_per_s": rates["resident"]}
+    figures["store_over_resident"] = rates["store"] / rates["resident"]
+    checks = [_check("training fed from stores vs resident batches", figures["store_over_resident"], ">=", 0.9, "0.9x")]
+    return figures, {}, checks
 
 
 def parse_capture(stdout: str) -> tuple[dict, dict, list]:
@@ -402,6 +414,23 @@ def benchmarks(peak_tflops: float = PEAK_TFLOPS) -> list[Benchmark]:
             needs=("lm_eval", "datasets"),
             limit_s=180,
         ),
+        Benchmark(
+            name="feed",
+            script="crosscoder_feed.py",
+            what="train_crosscoder fed from bf16 stores vs resident batches, N=3 d=2560 F=32768 B=4096 BatchTopK",
+            args=(
+                "--device", "{device}", "--models", "3", "--d-model", "2560", "--features", "32768", "--batch", "4096",
+                "--activation", "batchtopk", "--k", "32", "--tokens", "131072", "--steps", "60", "--log-every", "20",
+                "--repeats", "1", "--dir", "{tmp}",
+            ),
+            tiny_args=(
+                "--device", "{device}", "--models", "2", "--d-model", "32", "--features", "256", "--batch", "128",
+                "--tokens", "2048", "--steps", "8", "--log-every", "2", "--repeats", "1", "--threads", "1",
+                "--dir", "{tmp}",
+            ),
+            parse=parse_feed,
+            limit_s=150,  # last: a slow run cannot crowd out the figures above
+        ),
     ]
     # fmt: on
 
@@ -556,6 +585,11 @@ def key_figure(name: str, result: dict) -> str:
                     text += f", {f[f'{act}_peak_gib']:.2f} GiB"
                 parts.append(text)
         return "; ".join(parts)
+    if name == "feed":
+        return (
+            f"{f['store_over_resident']:.3f}x ({f['store_tokens_per_s']:,.0f} vs "
+            f"{f['resident_tokens_per_s']:,.0f} tok/s)"
+        )
     if name == "capture":
         layers = sorted(int(k[5:].split("_")[0]) for k in f if k.endswith("_speedup"))
         return "; ".join(
@@ -591,6 +625,7 @@ def key_figure(name: str, result: dict) -> str:
 
 TARGETS = {
     "crosscoder": ">= 40% of bf16 peak (989 TFLOP/s)",
+    "feed": "store >= 0.9x resident",
     "capture": ">= 0.9 * n/L",
     "blocking": "op/step <= 3%",
     "store": ">= 0.8x safetensors",

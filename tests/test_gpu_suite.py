@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 STATUSES = {"pass", "fail", "skipped", "error", "timeout"}
-NAMES = ["crosscoder", "capture", "blocking", "store", "callback", "lm_eval"]
+NAMES = ["crosscoder", "capture", "blocking", "store", "callback", "lm_eval", "feed"]
 
 
 def _load_suite():
@@ -62,6 +62,7 @@ def test_tiny_suite_reports_every_benchmark(tmp_path):
     for act in ("relu", "batchtopk"):
         assert {f"{act}_tokens_per_s", f"{act}_fraction_of_peak"} <= set(crosscoder)
     assert "layer2_speedup" in results["capture"]["figures"]
+    assert {"store_tokens_per_s", "resident_tokens_per_s", "store_over_resident"} <= set(results["feed"]["figures"])
     assert "| benchmark | key figure | target | status |" in proc.stdout
     assert report["summary_markdown"] in proc.stdout
 
@@ -109,3 +110,25 @@ def test_parsers_read_the_gpu_tables():
         "with intervention:        2.10 s wall ( 761.9 requests/s), 1.00 s CPU; wall of each run [2.1]\n"
         "throughput ratio (with / without), wall: 0.952x  (target >= 0.9x on GPU for a 4B model: met)\n"
     )[2][0]["ok"]
+
+
+def test_feed_parser_reads_the_ratio():
+    suite = _load_suite()
+    stdout = "\n".join(
+        [
+            "crosscoder feed: N=3 d=2560 F=32768 B=4096 batchtopk k=32, ...",
+            "fed from   |     tokens/s | runs",
+            "-" * 32,
+            "store      |      180,000 | 180,000",
+            "resident   |      200,000 | 200,000",
+            "store / resident: 0.900x (target >= 0.9x: met)",
+        ]
+    )
+    figures, _, checks = suite.parse_feed(stdout)
+    assert figures == {
+        "store_tokens_per_s": 180000.0,
+        "resident_tokens_per_s": 200000.0,
+        "store_over_resident": pytest.approx(0.9),
+    }
+    assert checks[0]["ok"] is True and checks[0]["target"] == ">= 0.9x"
+    assert "0.900x (180,000 vs 200,000 tok/s)" in suite.key_figure("feed", {"figures": figures})
