@@ -67,6 +67,7 @@ import copy
 import os
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +250,8 @@ def check_same_loss(
 
 
 def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, steps: int):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
+    # fused Adam on a GPU, as the trainer (crosscoder/train.py) uses it
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
 
     def run() -> None:
         for _ in range(steps):
@@ -261,6 +263,22 @@ def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, s
             optimizer.zero_grad(set_to_none=True)
 
     return run, optimizer
+
+
+def host_syncs(fn, device: torch.device) -> int | None:
+    """Synchronising CUDA calls (a read of a device value by the host) made by one call of ``fn``, counted by
+    ``torch.cuda.set_sync_debug_mode("warn")``; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -304,6 +322,7 @@ def main() -> None:
     cuda = device.type == "cuda"
 
     rows = []
+    syncs: dict[str, int | None] = {}
     for n in models:
         # Correlated models (a shared component plus per-model noise) with different raw norms.
         gen = torch.Generator().manual_seed(n)
@@ -352,6 +371,7 @@ def main() -> None:
                 ref, lambda ref=ref, x=x, kwargs=kwargs: ref(x, **kwargs), device, args.autocast, args.steps
             )
             sec, peak = timed({"ref": run_ref, "ours": run_ours}, device, args.repeats)
+            syncs[activation] = host_syncs(run_ours, device)
             tokens = batch * args.steps
             flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k, int(dead_mask.sum()))
             x_bytes = x.numel() * x.element_size()
@@ -395,6 +415,11 @@ def main() -> None:
         print(f"%pk = tok/s x ({flop_text}) / {args.peak_tflops:g} TFLOP/s; target on GPU: ours >= {GPU_TARGET:.0%}")
     if cuda:
         print("GiB = own params + Adam state + input batch + peak growth of max_memory_allocated in a timed call")
+        print(
+            f"host syncs in {args.steps} steps of ours (last N): "
+            + ", ".join(f"{activation} {count}" for activation, count in syncs.items())
+            + " (target 0: the step never waits for the GPU)"
+        )
 
 
 if __name__ == "__main__":

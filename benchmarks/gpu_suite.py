@@ -192,6 +192,10 @@ def parse_crosscoder(stdout: str) -> tuple[dict, dict, list]:
         if line.startswith("check "):
             ok = line.rstrip().endswith("ok")
             checks.append({"name": line.split(":")[0], "value": line.split(": ")[-1], "target": "ok", "ok": ok})
+        if line.startswith("host syncs in "):  # cuda only: "host syncs in 10 steps of ours (last N): relu 0, ..."
+            for act, count in re.findall(r"(\w+) (\d+)(?=,| \(target)", line.split(": ", 1)[1]):
+                details[f"{act}_host_syncs"] = int(count)
+                checks.append(_check(f"{act} host syncs in the timed step", int(count), "<=", 0, "0"))
     return figures, details, checks
 
 

@@ -132,3 +132,20 @@ def test_feed_parser_reads_the_ratio():
     }
     assert checks[0]["ok"] is True and checks[0]["target"] == ">= 0.9x"
     assert "0.900x (180,000 vs 200,000 tok/s)" in suite.key_figure("feed", {"figures": figures})
+
+
+def test_crosscoder_parser_checks_the_host_syncs_of_a_gpu_run():
+    suite = _load_suite()
+    stdout = "\n".join(
+        [
+            "activation |  N |  ref tok/s | ours tok/s |  ours/ref | >= 1.5x",
+            "-" * 20,
+            "relu       |  3 |      1,000 |      2,000 |     2.00x |     yes",
+            "batchtopk  |  3 |        500 |      1,500 |     3.00x |     yes",
+            "host syncs in 10 steps of ours (last N): relu 0, batchtopk 3 (target 0: the step never waits for the GPU)",
+        ]
+    )
+    _, details, checks = suite.parse_crosscoder(stdout)
+    assert details["relu_host_syncs"] == 0 and details["batchtopk_host_syncs"] == 3
+    by_name = {c["name"]: c["ok"] for c in checks}
+    assert by_name == {"relu host syncs in the timed step": True, "batchtopk host syncs in the timed step": False}
