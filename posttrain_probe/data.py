@@ -7,6 +7,7 @@ and right-padded within its batch; ``doc_ids`` are dataset row indices.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,10 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
             if builder == "text":
                 lines = [line for line in path.read_text().splitlines() if line.strip()]
                 return datasets.Dataset.from_dict({"text": lines})
+            if n_docs is not None and path.suffix.lower() == ".jsonl":
+                head = _jsonl_head(path, n_docs)
+                if head is not None:
+                    return head
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), config_name, split=split)
@@ -99,6 +104,30 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
             f"cannot load dataset {spec!r} (config {config_name!r}, split {split!r}): {type(err).__name__}: {err}. "
             "Expected a local .txt/.jsonl/.json/.parquet/.csv file, a `datasets` name, or synthetic:<name>"
         ) from err
+
+
+def _jsonl_head(path: Path, n_docs: int):
+    """The first ``n_docs`` rows of a JSON Lines file as a Dataset, reading only those lines (a 10 GB file with
+    ``--max-docs 50`` is not converted whole); None when a row is not a JSON object (``datasets`` reads it then)."""
+    import datasets
+
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if len(rows) >= n_docs:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ProbeError(
+                    f"dataset file {path} line {number} is not valid JSON ({err}): expected one JSON object per line"
+                ) from None
+            if not isinstance(row, dict):
+                return None
+            rows.append(row)
+    return datasets.Dataset.from_list(rows) if rows else None
 
 
 MIXTURE_SUFFIXES = (".yaml", ".yml")

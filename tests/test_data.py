@@ -29,6 +29,25 @@ def test_local_files_load_as_documents(tmp_path, suffix):
     assert load_dataset_spec(str(path), n_docs=2)["text"] == texts[:2]
 
 
+def test_jsonl_with_n_docs_reads_only_its_first_rows(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}], "id": i, "score": i / 2} for i in range(20)]
+    path = tmp_path / "big.jsonl"
+    # a broken line after the rows asked for: never read, where datasets would convert (and fail on) the whole file
+    path.write_text("\n".join(json.dumps(r) for r in rows[:10]) + "\n\n{not json\n")
+    head = load_dataset_spec(str(path), n_docs=4)
+    (tmp_path / "four.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]))
+    reference = datasets.load_dataset("json", data_files=str(tmp_path / "four.jsonl"), split="train")
+    assert head.to_list() == reference.to_list() == rows[:4]
+    assert head.features == reference.features
+    assert len(load_dataset_spec(str(path), n_docs=10)) == 10
+    with pytest.raises(ProbeError, match=r"big\.jsonl line 12 is not valid JSON .*expected one JSON object per line"):
+        load_dataset_spec(str(path), n_docs=11)
+    # rows that are not objects go to datasets, which names its own problem
+    (tmp_path / "strings.jsonl").write_text('"a"\n"b"\n')
+    with pytest.raises(ProbeError, match="cannot load dataset"):
+        load_dataset_spec(str(tmp_path / "strings.jsonl"), n_docs=1)
+
+
 def test_folder_lists_and_synthetic_specs(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "train.jsonl").write_text("\n".join(json.dumps({"content": f"row {i}"}) for i in range(3)))
