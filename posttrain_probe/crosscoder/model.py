@@ -405,7 +405,7 @@ class Crosscoder(
         pre = torch.addmm(self.b_enc[dead], xn_flat, self.W_enc.flatten(0, 1)[:, dead])
         top = F.relu(pre).topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
         acts = torch.zeros_like(pre).scatter_(1, top.indices, top.values)  # [B, n_dead]: the top aux_k per token
-        recon = acts.to(self.W_dec.dtype) @ self.W_dec.flatten(1)[dead]
+        recon = acts @ self.W_dec.flatten(1)[dead]  # under autocast both go to its dtype: no float32 [B, n_dead] copy
         return (residual.flatten(1) - recon.float()).pow(2).sum(-1).mean()
 
 
