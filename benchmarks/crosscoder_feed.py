@@ -18,8 +18,8 @@ store >= 0.9x resident. Runs are interleaved ``--repeats`` times (median).
 Usage::
 
     python benchmarks/crosscoder_feed.py [--device cuda] [--models 3] [--d-model 2560] [--features 32768]
-        [--batch 4096] [--activation batchtopk] [--k 32] [--tokens 262144] [--steps 80] [--log-every 10]
-        [--repeats 2] [--threads N] [--dir PATH]
+        [--batch 4096] [--activation batchtopk] [--k 32] [--tokens 262144] [--buffer-tokens N] [--steps 80]
+        [--log-every 10] [--repeats 2] [--threads N] [--dir PATH]
 
 A benchmark, not a test: it reports numbers and never fails on timing.
 """
@@ -54,6 +54,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--activation", choices=("relu", "batchtopk"), default="batchtopk")
     p.add_argument("--k", type=int, default=32, help="BatchTopK: mean active features per token")
     p.add_argument("--tokens", type=int, default=65536, help="tokens per store (bf16)")
+    p.add_argument(
+        "--buffer-tokens",
+        type=int,
+        default=None,
+        help="shuffle buffer of the store run (default: the trainer's; smaller refills it within the timed steps)",
+    )
     p.add_argument("--steps", type=int, default=40, help="training steps per run")
     p.add_argument("--log-every", type=int, default=10, help="steps between logged (synchronised) steps")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the median is reported")
@@ -149,6 +155,7 @@ def main() -> None:
         training = CrosscoderTrainingConfig(
             n_tokens=args.steps * args.batch, batch_size=args.batch, log_every=args.log_every,
             checkpoint_every=args.steps, scale_tokens=min(8192, args.tokens), calibration_tokens=min(8192, args.tokens),
+            buffer_tokens=args.buffer_tokens,
         )  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in sources}
         for repeat in range(args.repeats):
@@ -164,7 +171,8 @@ def main() -> None:
     print(
         f"crosscoder feed: N={args.models} d={args.d_model} F={args.features} B={args.batch} {args.activation}"
         f"{f' k={args.k}' if args.activation == 'batchtopk' else ''}, {args.steps} steps (log every {args.log_every}), "
-        f"stores of {args.tokens:,} bf16 tokens, device={args.device} threads={torch.get_num_threads()}, "
+        f"stores of {args.tokens:,} bf16 tokens, buffer {args.buffer_tokens or 'default'}, device={args.device} "
+        f"threads={torch.get_num_threads()}, "
         f"repeats={args.repeats} (median)"
     )
     header = f"{'fed from':<10} | {'tokens/s':>12} | runs"

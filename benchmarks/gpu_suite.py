@@ -424,12 +424,13 @@ def benchmarks(peak_tflops: float = PEAK_TFLOPS) -> list[Benchmark]:
             what="train_crosscoder fed from bf16 stores vs resident batches, N=3 d=2560 F=32768 B=4096 BatchTopK",
             args=(
                 "--device", "{device}", "--models", "3", "--d-model", "2560", "--features", "32768", "--batch", "4096",
-                "--activation", "batchtopk", "--k", "32", "--tokens", "131072", "--steps", "60", "--log-every", "20",
-                "--repeats", "1", "--dir", "{tmp}",
+                "--activation", "batchtopk", "--k", "32", "--tokens", "65536", "--buffer-tokens", "32768",
+                "--steps", "48", "--log-every", "12", "--repeats", "1", "--dir", "{tmp}",
             ),
             tiny_args=(
                 "--device", "{device}", "--models", "2", "--d-model", "32", "--features", "256", "--batch", "128",
-                "--tokens", "2048", "--steps", "8", "--log-every", "2", "--repeats", "1", "--threads", "1",
+                "--tokens", "2048", "--buffer-tokens", "512", "--steps", "8", "--log-every", "2", "--repeats", "1",
+                "--threads", "1",
                 "--dir", "{tmp}",
             ),
             parse=parse_feed,
