@@ -82,6 +82,34 @@ def test_plot_rank_shifts(tmp_path):
     _check_written(paths, tmp_path / "shifts")
 
 
+@pytest.mark.parametrize("k", [10, 50])
+def test_rank_shifts_title_and_key_do_not_overlap(k, tmp_path, monkeypatch):
+    """The title, the key of the blank cells and every label lie inside the figure, and no two of them overlap (the
+    key once sat above the axes and ran into a long title at k = 10)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    import posttrain_probe.analysis.plots as plots
+
+    figures, save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or save(fig, path, **kw))
+    labels = [f"rl-step-{i}" for i in range(1, 6)]
+    plot_rank_shifts(
+        rank_shifts(torch.rand(5, 200, generator=torch.Generator().manual_seed(0)), k=k), labels, tmp_path / "rs"
+    )
+    fig = figures[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (axes, *_), (legend,) = fig.axes, fig.legends
+    title, key = axes.title.get_window_extent(renderer), legend.get_window_extent(renderer)
+    assert axes.title.get_text().startswith("Rank shifts of the top-")
+    assert not title.overlaps(key) and key.y1 < axes.get_window_extent(renderer).y0  # the key sits below the axes
+    frame = fig.bbox
+    for artist in [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()] + [legend]:
+        box = artist.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, artist
+
+
 def test_plot_rank_shifts_all_blank(tmp_path):
     rs = RankShifts(
         features=torch.zeros(1, 5, dtype=torch.int64),

@@ -430,8 +430,7 @@ def plot_rank_shifts(shifts, labels: Sequence[str], path, title: str | None = No
             markersize=6,
             label="blank: left the top-k",
         )
-        ax.legend(handles=[handle], loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, borderaxespad=0.2)
-        ax.set_title(
-            title if title is not None else f"Rank shifts of the top-{k} features between checkpoints", loc="right"
-        )
+        # the key below the x label, where the layout gives it its own row (above the axes it ran into the title)
+        fig.legend(handles=[handle], loc="outside lower right", frameon=False)
+        ax.set_title(title if title is not None else f"Rank shifts of the top-{k} features between checkpoints")
         return save_figure(fig, path)
