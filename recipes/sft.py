@@ -77,4 +77,7 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from posttrain_probe.process_group import end_process_group
+
     cli()
+    end_process_group()  # the script's end: torch's documented shutdown (see process_group.py)

@@ -547,6 +547,7 @@ DDP_SCRIPT = textwrap.dedent(
     from trl import SFTConfig, SFTTrainer
     from posttrain_probe.callbacks import FeatureMonitorCallback, MonitorArguments, ProbeArguments
     from posttrain_probe.crosscoder.model import Crosscoder
+    from posttrain_probe.process_group import end_process_group
     from posttrain_probe.synthetic import arithmetic_dataset
     from posttrain_probe.testing import tiny_model, tiny_tokenizer
 
@@ -564,6 +565,7 @@ DDP_SCRIPT = textwrap.dedent(
                                      crosscoder=Crosscoder.from_pretrained(sys.argv[3]))
     trainer.add_callback(monitor)
     trainer.train()
+    end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
     """
 )
 

@@ -35,6 +35,7 @@ from trl import SFTConfig, SFTTrainer
 from posttrain_probe.callbacks import PreserveArguments, build_preserver
 from posttrain_probe.callbacks.feature_monitor import MonitorArguments, monitor_callback
 from posttrain_probe.callbacks.preserve import FeaturePreservingMixin
+from posttrain_probe.process_group import end_process_group
 
 deepspeed = ZERO3_CONFIG if mode == "zero3" else None
 config = SFTConfig(
@@ -61,6 +62,7 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", trainer.accelerator.process_index)
+end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 """.replace("STEPS", str(STEPS)).replace("ZERO3_CONFIG", repr(ZERO3))
 
 

@@ -21,12 +21,20 @@ from posttrain_probe.cli import (
     study,
     testing,
 )
+from posttrain_probe.process_group import end_process_group
+
+
+def _after_command(*_results: object, **_params: object) -> None:
+    """After a command succeeded: destroy the process group that torchrun / accelerate launch gave it."""
+    end_process_group()
+
 
 app = typer.Typer(
     help="posttrain-probe: observe and steer LLM post-training at the level of sparse features.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    result_callback=_after_command,
 )
 store_app = typer.Typer(help="Inspect activation stores.", no_args_is_help=True)
 crosscoder_app = typer.Typer(help="Train and inspect N-model sparse crosscoders.", no_args_is_help=True)

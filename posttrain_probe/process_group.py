@@ -1,0 +1,21 @@
+"""The end of a command run under ``torchrun`` / ``accelerate launch``: destroy the default process group.
+
+torch's documented shutdown (``torch.distributed.destroy_process_group``) is left to the script; TRL's
+trainers and transformers' ``Trainer`` never call it. Without it gloo's worker threads can still be alive
+while the interpreter finalises, and the process aborts at exit now and then (SIGABRT, "terminate called
+without an active exception"), failing a run whose work was all done. The CLI and the recipes call
+:func:`end_process_group` after their work succeeded (never on an error path: ranks that stopped at
+different points could wait on each other there).
+"""
+
+from __future__ import annotations
+
+
+def end_process_group() -> bool:
+    """Destroy the default process group if this process has one; returns whether it did."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
