@@ -74,6 +74,8 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", rank)
+from posttrain_probe.process_group import end_process_group
+end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 """.replace("STEPS", str(STEPS))
     .replace("FEATURES", repr(FEATURES))
     .replace("ZERO3_CONFIG", repr(ZERO3))

@@ -310,6 +310,8 @@ stores, out = sys.argv[1], sys.argv[2]
 source = PairedActivations({{"base": stores + "/base", "ft": stores + "/ft"}})
 cfg = CrosscoderTrainingConfig(**{cfg!r})
 train_crosscoder(source, CrosscoderConfig(n_features=64), cfg, out, progress=False)
+from posttrain_probe.process_group import end_process_group
+end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 """
 
 
