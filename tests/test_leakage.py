@@ -301,3 +301,49 @@ def test_config_from_yaml_equals_config_from_flags(tmp_path, monkeypatch):
         "out: runs/leakage\nmax_tokens: 0\nblocked_crosscoder: runs/cc2\nmatching: argmax\nallow_model_mismatch: true\n"
     )
     assert seen[0] == load_config(LeakageConfig, tmp_path / "leakage.yaml")
+
+
+@pytest.mark.parametrize("with_crosscoder", [False, True])
+def test_figure_legends_clear_the_bars(tmp_path, monkeypatch, with_crosscoder):
+    """Planted shifts with bars under every corner of the axes (the legend used to land on them, as in the demo
+    report's Figure 13): every legend lies in the band above the bars of its panel."""
+    import matplotlib.transforms as mtransforms
+
+    from posttrain_probe.analysis import plots
+    from posttrain_probe.analysis.dynamics import FeatureMatching, MatchQuality
+    from posttrain_probe.analysis.leakage_crosscoder import CrosscoderLeakage
+    from posttrain_probe.analysis.leakage_report import plot_leakage
+    from posttrain_probe.analysis.leakage_shift import FeatureShift
+
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    change = 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 3.3 - 3.0)  # flat: bars under every corner
+    base = torch.ones(n, dtype=torch.float64)
+    shift = FeatureShift(n, base, base, change * base, torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+    part2 = None
+    if with_crosscoder:
+        ratio = torch.cat([torch.full((300,), 0.02), torch.rand(100, generator=gen)])  # a tall bar at NormRatio 0
+        matching = FeatureMatching(torch.arange(50), torch.ones(50), MatchQuality(1.0, 1.0, 1.0, 1.0, 50))
+        part2 = CrosscoderLeakage(list(range(50)), matching, "hungarian", ratio, ["base", "blocked"], "base", "blocked")
+    report = LeakageReport(list(range(0, n, 8)), shift, crosscoder=part2)
+    figures = []
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or save(fig, path, **kw))
+    assert [p.suffix for p in plot_leakage(report, tmp_path / "leakage")] == [".png", ".svg"]
+    fig = figures[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    axes = fig.axes
+    assert len(axes) == (2 if with_crosscoder else 1)
+    for ax in axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        for stairs in ax.patches:
+            counts, edges = stairs.get_data().values, stairs.get_data().edges
+            for left, right, count in zip(edges[:-1], edges[1:], counts):
+                if count <= 0:
+                    continue
+                corners = ax.transData.transform([(left, ax.get_ylim()[0]), (right, count)])
+                bar = mtransforms.Bbox(corners)
+                assert not legend.overlaps(bar), (ax.get_title(), left, right, count)

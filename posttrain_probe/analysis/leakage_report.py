@@ -183,6 +183,10 @@ class LeakageReport:
                 writer.writerow(row)
 
 
+_LEGEND_HEADROOM = 1.45
+"""Top of the leakage figure's y axes over its tallest bar: the band above the bars holds the legend."""
+
+
 def plot_leakage(report: LeakageReport, path) -> list[Path]:
     """Figure of a leakage report: (a) distribution of the relative change of protected vs unprotected features
     (features active on base; log axis, floor 1e-4); (b) with part 2, the NormRatio histogram of the new
@@ -201,6 +205,7 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
         fig = new_figure(5.0 * panels, 3.4)
         axes = fig.subplots(1, panels, squeeze=False)[0]
         ax = axes[0]
+        tallest = 0.0
         if present:
             low = max(floor, 0.8 * min(float(v.min()) for _, v in present))
             top = max(float(v.max()) for _, v in present)
@@ -209,13 +214,15 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
                 colour = PALETTE[j]
                 weights = np.full(values.size, 1.0 / values.size)
                 counts, _ = np.histogram(values, bins=edges, weights=weights)
+                tallest = max(tallest, float(counts.max()))
                 median = float(np.median(values))
                 ax.stairs(
                     counts, edges, color=colour, linewidth=1.4, label=f"{name} (n={values.size:,}, median {median:.3g})"
                 )
                 ax.axvline(median, color=colour, linestyle=":", linewidth=1.0)
             ax.set_xscale("log")
-            ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="best")
+            ax.set_ylim(0.0, tallest * _LEGEND_HEADROOM)  # the legend sits in the band above the tallest bar
+            ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="upper left")
         ax.set_xlabel("relative change of activation, base -> blocked")
         ax.set_ylabel("fraction of features")
         ax.set_title("How much features moved under blocking")
@@ -224,13 +231,15 @@ def plot_leakage(report: LeakageReport, path) -> list[Path]:
             ax = axes[1]
             edges = np.linspace(0.0, 1.0, 41)
             all_nr = cc.norm_ratio.double().numpy()
+            tallest = 1.0
             prot_nr = cc.protected_norm_ratio.double().numpy()
             for j, (name, values) in enumerate((("all features", all_nr), ("matched protected", prot_nr))):
                 values = values[~np.isnan(values)]
                 counts, _ = np.histogram(values, bins=edges)
+                tallest = max(tallest, float(counts.max(initial=0)))
                 ax.stairs(counts, edges, color=PALETTE[j + 2], linewidth=1.4, label=f"{name} (n={values.size:,})")
             ax.set_yscale("log")
-            ax.set_ylim(bottom=0.7)
+            ax.set_ylim(0.7, tallest * (tallest / 0.7) ** (_LEGEND_HEADROOM - 1.0))  # the same band, in log units
             for edge in (0.4, 0.6):
                 ax.axvline(edge, color="#444444", linestyle="--", linewidth=0.8)
             ax.set_xlim(0.0, 1.0)
