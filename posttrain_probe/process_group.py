@@ -10,11 +10,16 @@ different points could wait on each other there).
 
 from __future__ import annotations
 
+import sys
+
 
 def end_process_group() -> bool:
-    """Destroy the default process group if this process has one; returns whether it did."""
-    import torch.distributed as dist
-
+    """Destroy the default process group if this process has one; returns whether it did. Imports nothing: a
+    process that never imported torch has no group (and a light command stays light)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return False
     dist.destroy_process_group()
