@@ -26,6 +26,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def one_process_env() -> dict[str, str]:
+    """The environment variables torchrun gives the one process of a one-process group (a free port)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }
+
+
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``script args`` under ``python -m torch.distributed.run`` with ``nproc`` processes in the
     script's folder; returns the finished process (stdout/stderr captured as text)."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from _distributed import free_port
+from _distributed import one_process_env
 
 SCRIPT = r"""
 import os, sys
@@ -54,13 +54,7 @@ print("OK", losses)
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_truncated_forward_through_deepspeed_engine(stage):
-    env = {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-    }
+    env = one_process_env()
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(stage)],
         env={**os.environ, **env},

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from _distributed import free_port
+from _distributed import one_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +49,7 @@ def _run(tmp_path: Path, *args: str) -> dict:
     script.write_text(HARNESS)
     env = {
         **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
+        **one_process_env(),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
