@@ -47,6 +47,8 @@ def load_dataset_spec(
     """
     import datasets
 
+    if n_docs is not None and n_docs < 1:  # before reading anything
+        raise ProbeError(f"n_docs must be >= 1, got {n_docs}")
     if isinstance(spec, datasets.Dataset):
         dataset = spec
     elif isinstance(spec, Sequence) and not isinstance(spec, str):
@@ -57,10 +59,8 @@ def load_dataset_spec(
         dataset = _load_named(str(spec), split=split, config_name=config_name, n_docs=n_docs)
     else:
         raise ProbeError(f"unsupported dataset {spec!r}: expected a datasets.Dataset, a list of str or a spec string")
-    if n_docs is not None:
-        if n_docs < 1:
-            raise ProbeError(f"n_docs must be >= 1, got {n_docs}")
-        dataset = dataset.select(range(min(n_docs, len(dataset))))
+    if n_docs is not None and n_docs < len(dataset):
+        dataset = dataset.select(range(n_docs))
     if len(dataset) == 0:
         raise ProbeError(f"dataset {spec if isinstance(spec, (str, os.PathLike)) else type(spec).__name__} is empty")
     return dataset
@@ -88,9 +88,9 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
                 lines = [line for line in path.read_text().splitlines() if line.strip()]
                 return datasets.Dataset.from_dict({"text": lines})
             if n_docs is not None and path.suffix.lower() == ".jsonl":
-                head = _jsonl_head(path, n_docs)
+                head = _jsonl_rows(path, n_docs)
                 if head is not None:
-                    return head
+                    return datasets.Dataset.from_list(head)
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), config_name, split=split)
@@ -106,11 +106,32 @@ def _load_named(spec: str, *, split: str, config_name: str | None, n_docs: int |
         ) from err
 
 
-def _jsonl_head(path: Path, n_docs: int):
-    """The first ``n_docs`` rows of a JSON Lines file as a Dataset, reading only those lines (a 10 GB file with
-    ``--max-docs 50`` is not converted whole); None when a row is not a JSON object (``datasets`` reads it then)."""
-    import datasets
+def load_rows(
+    spec: Any, *, split: str = "train", config_name: str | None = None, n_docs: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of :func:`load_dataset_spec` (same arguments, same errors) as Python dicts, and the column names.
 
+    The rows are what ``Dataset.to_list()`` gives (a dataset with a format or transform of its own is iterated, so
+    the rows are the ones it yields). The first ``n_docs`` rows of a local ``.jsonl`` file are read straight into
+    dicts, with no Arrow table in between: the columns are the first row's keys, as ``Dataset.from_list`` takes them
+    (a later row's missing key is None, its extra keys are dropped).
+    """
+    if n_docs is not None and n_docs >= 1 and isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        if path.suffix.lower() == ".jsonl" and path.is_file():
+            rows = _jsonl_rows(path, n_docs)
+            if rows is not None:
+                return rows, list(rows[0])
+    data = load_dataset_spec(spec, split=split, config_name=config_name, n_docs=n_docs)
+    # Dataset.to_list converts in one pass; iterating formats each row on its own (8x slower)
+    rows = data.to_list() if data.format["type"] is None else list(data)
+    return rows, list(data.column_names)
+
+
+def _jsonl_rows(path: Path, n_docs: int) -> list[dict[str, Any]] | None:
+    """The first ``n_docs`` rows of a JSON Lines file, reading only those lines (a 10 GB file with ``--max-docs 50``
+    is not converted whole), with the first row's keys in every row; None when a row is not a JSON object or there
+    is none (``datasets`` reads the file then)."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -127,7 +148,10 @@ def _jsonl_head(path: Path, n_docs: int):
             if not isinstance(row, dict):
                 return None
             rows.append(row)
-    return datasets.Dataset.from_list(rows) if rows else None
+    if not rows:
+        return None
+    columns = list(rows[0])
+    return [row if list(row) == columns else {k: row.get(k) for k in columns} for row in rows]
 
 
 MIXTURE_SUFFIXES = (".yaml", ".yml")

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from posttrain_probe import ProbeError
-from posttrain_probe.data import load_dataset_spec, n_batches, render_document, text_column, token_batches
+from posttrain_probe.data import (
+    load_dataset_spec,
+    load_rows,
+    n_batches,
+    render_document,
+    text_column,
+    token_batches,
+)
 from posttrain_probe.synthetic import arithmetic_dataset
 
 
@@ -46,6 +53,30 @@ def test_jsonl_with_n_docs_reads_only_its_first_rows(tmp_path):
     (tmp_path / "strings.jsonl").write_text('"a"\n"b"\n')
     with pytest.raises(ProbeError, match="cannot load dataset"):
         load_dataset_spec(str(tmp_path / "strings.jsonl"), n_docs=1)
+
+
+def test_load_rows_gives_what_the_dataset_gives(tmp_path):
+    """load_rows reads a .jsonl head straight into dicts: the same rows and columns as load_dataset_spec's Dataset,
+    also where later rows miss a key or add one; other specs and formatted datasets go through the Dataset."""
+    rows = [{"text": f"doc {i}", "id": i} for i in range(6)]
+    rows[3] = {"id": 3}  # missing "text": None, as in the Dataset
+    rows[4] = {"id": 4, "text": "doc 4", "extra": 1.5}  # an extra key and another order: the first row's columns
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    got, columns = load_rows(str(path), n_docs=6)
+    expected = load_dataset_spec(str(path), n_docs=6)
+    assert got == expected.to_list() and columns == expected.column_names == ["text", "id"]
+    assert got[3] == {"text": None, "id": 3} and list(got[4]) == ["text", "id"]
+    assert load_rows(str(path), n_docs=2)[0] == rows[:2]
+    with pytest.raises(ProbeError, match=r"rows\.jsonl line 7 is not valid JSON"):
+        load_rows(str(path), n_docs=7)
+    with pytest.raises(ProbeError, match="n_docs must be >= 1, got 0"):
+        load_rows(str(path), n_docs=0)
+    synthetic, names = load_rows("synthetic:arithmetic", n_docs=3)
+    assert synthetic == load_dataset_spec("synthetic:arithmetic", n_docs=3).to_list() and "text" in names
+    formatted = datasets.Dataset.from_dict({"x": [[1.0, 2.0]], "t": ["a"]}).with_format("numpy")
+    (row,), names = load_rows(formatted)
+    assert names == ["x", "t"] and type(row["x"]).__name__ == "ndarray"  # the rows the format yields
 
 
 def test_folder_lists_and_synthetic_specs(tmp_path):

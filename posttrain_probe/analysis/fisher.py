@@ -149,16 +149,13 @@ def _shared_tokenizer(models: Mapping[str, Any], specs: Mapping[str, str], selec
 
 def _corpus(config: FisherConfig, tokenizer) -> tuple[SegmentCorpus, dict[str, int], str | None]:
     """The documents split into segments, their counts, and the chat/text column read."""
-    from posttrain_probe.data import load_dataset_spec
+    from posttrain_probe.data import load_rows
 
     fmt = config.segments
-    data = load_dataset_spec(
+    rows, columns = load_rows(
         config.dataset, split=config.split, config_name=config.dataset_config, n_docs=config.max_docs or None
     )
-    column = None if fmt.format == "columns" else document_column(list(data.column_names), fmt)
-    # rows as dicts in one conversion (Dataset.to_list): iterating the Dataset formats each row on its own, 8x
-    # slower; a dataset with a format or transform of its own is iterated, so that its rows are the ones read
-    rows = data.to_list() if data.format["type"] is None else data
+    column = None if fmt.format == "columns" else document_column(columns, fmt)
     docs = [split_document(row, fmt, tokenizer, column=column) for row in rows]
     documents = {
         "n_docs": len(docs),
