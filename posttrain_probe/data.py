@@ -112,9 +112,11 @@ def load_rows(
     """The rows of :func:`load_dataset_spec` (same arguments, same errors) as Python dicts, and the column names.
 
     The rows are what ``Dataset.to_list()`` gives (a dataset with a format or transform of its own is iterated, so
-    the rows are the ones it yields). The first ``n_docs`` rows of a local ``.jsonl`` file are read straight into
-    dicts, with no Arrow table in between: the columns are the first row's keys, as ``Dataset.from_list`` takes them
-    (a later row's missing key is None, its extra keys are dropped).
+    the rows are the ones it yields), except for the first ``n_docs`` rows of a local ``.jsonl`` file: those are
+    read straight into dicts, with no Arrow table in between, so their values are the JSON values as written. The
+    columns are the first row's keys, as ``Dataset.from_list`` takes them (a later row's missing key is None, its
+    extra keys are dropped); nested objects keep their own keys (Arrow would give each the keys of all, missing
+    ones None), and a column may mix types (Arrow refuses str with int).
     """
     if n_docs is not None and n_docs >= 1 and isinstance(spec, (str, os.PathLike)):
         path = Path(spec).expanduser()
@@ -130,8 +132,8 @@ def load_rows(
 
 def _jsonl_rows(path: Path, n_docs: int) -> list[dict[str, Any]] | None:
     """The first ``n_docs`` rows of a JSON Lines file, reading only those lines (a 10 GB file with ``--max-docs 50``
-    is not converted whole), with the first row's keys in every row; None when a row is not a JSON object or there
-    is none (``datasets`` reads the file then)."""
+    is not converted whole), with the first row's keys in every row; None when a row is not a JSON object or there is
+    none (``datasets`` reads the file then)."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -150,6 +152,10 @@ def _jsonl_rows(path: Path, n_docs: int) -> list[dict[str, Any]] | None:
             rows.append(row)
     if not rows:
         return None
+    if not rows[0]:
+        raise ProbeError(
+            f"dataset file {path}: its first row is {{}}: expected JSON objects with the document's columns"
+        )
     columns = list(rows[0])
     return [row if list(row) == columns else {k: row.get(k) for k in columns} for row in rows]
 

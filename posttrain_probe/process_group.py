@@ -15,9 +15,11 @@ import sys
 
 def end_process_group() -> bool:
     """Destroy the default process group if this process has one; returns whether it did. Imports nothing: a
-    process that never imported torch has no group (and a light command stays light)."""
+    process that never imported torch has no group (and a light command stays light). Leaves the group to vLLM
+    when it is loaded: in TRL's colocate mode vLLM builds its own groups on the default one and destroys them at
+    exit, which would fail on groups already gone."""
     torch = sys.modules.get("torch")
-    if torch is None:
+    if torch is None or "vllm" in sys.modules:  # vLLM (TRL's colocate mode) tears down the groups it built itself
         return False
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):

@@ -72,6 +72,14 @@ def test_load_rows_gives_what_the_dataset_gives(tmp_path):
         load_rows(str(path), n_docs=7)
     with pytest.raises(ProbeError, match="n_docs must be >= 1, got 0"):
         load_rows(str(path), n_docs=0)
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a", "id": 1}\n{"text": "b", "id": "x"}\n')
+    assert load_rows(str(tmp_path / "mixed.jsonl"), n_docs=2)[0][1] == {
+        "text": "b",
+        "id": "x",
+    }  # JSON values as written
+    (tmp_path / "blank.jsonl").write_text("{}\n{}\n")
+    with pytest.raises(ProbeError, match=r"blank\.jsonl: its first row is \{\}: expected JSON objects with"):
+        load_rows(str(tmp_path / "blank.jsonl"), n_docs=2)
     synthetic, names = load_rows("synthetic:arithmetic", n_docs=3)
     assert synthetic == load_dataset_spec("synthetic:arithmetic", n_docs=3).to_list() and "text" in names
     formatted = datasets.Dataset.from_dict({"x": [[1.0, 2.0]], "t": ["a"]}).with_format("numpy")

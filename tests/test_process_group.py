@@ -28,6 +28,8 @@ HARNESS = textwrap.dedent(
     if kind == "helper":
         from posttrain_probe.process_group import end_process_group
 
+        if args == ["vllm"]:  # vLLM loaded (TRL's colocate mode): its groups are its own to tear down
+            sys.modules["vllm"] = type(sys)("vllm")
         outcome = [end_process_group(), end_process_group()]
     elif kind == "cli":
         from posttrain_probe.cli import app
@@ -69,6 +71,10 @@ def test_end_process_group_without_a_group_does_nothing():
 
 def test_end_process_group_destroys_the_group_once(tmp_path):
     assert _run(tmp_path, "helper") == {"outcome": [True, False], "initialized": False}
+
+
+def test_end_process_group_leaves_the_group_to_vllm(tmp_path):
+    assert _run(tmp_path, "helper", "vllm") == {"outcome": [False, False], "initialized": True}
 
 
 def test_a_cli_command_ends_the_group_after_success_only(tmp_path):

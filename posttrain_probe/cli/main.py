@@ -24,9 +24,11 @@ from posttrain_probe.cli import (
 from posttrain_probe.process_group import end_process_group
 
 
-def _after_command(*_results: object, **_params: object) -> None:
-    """After a command succeeded: destroy the process group that torchrun / accelerate launch gave it."""
+def _after_command(*results: object, **_params: object) -> object:
+    """After a command succeeded: destroy the process group that torchrun / accelerate launch gave it; passes
+    the command's return value on (``app(args, standalone_mode=False)`` returns it)."""
     end_process_group()
+    return results[0] if results else None
 
 
 app = typer.Typer(
