@@ -308,6 +308,20 @@ def parse_lm_eval(stdout: str) -> tuple[dict, dict, list]:
         raise ValueError("no 'throughput ratio' line in the output")
     figures["throughput_ratio_with_over_without"] = float(match.group(1))
     checks = [_check("lm-eval throughput with / without intervention", float(match.group(1)), ">=", 0.9, "0.9x")]
+    bare = re.search(
+        r"^bare forward \((.*)\): ([0-9.]+) ms without, ([0-9.]+) ms with the intervention, ratio ([0-9.]+)x",
+        stdout,
+        re.M,
+    )
+    if bare:  # the intervention's own cost on the model's forward, apart from lm-eval's request handling
+        details["bare_forward"] = bare.group(1)
+        details["bare_forward_ms_without"] = float(bare.group(2))
+        details["bare_forward_ms_with"] = float(bare.group(3))
+        figures["bare_forward_ratio_with_over_without"] = float(bare.group(4))
+    syncs = re.search(r"^host syncs in one forward with the intervention: (\d+)", stdout, re.M)
+    if syncs:  # cuda only
+        details["intervention_host_syncs"] = int(syncs.group(1))
+        checks.append(_check("intervention host syncs in one forward", int(syncs.group(1)), "<=", 0, "0"))
     return figures, details, checks
 
 
@@ -413,6 +427,7 @@ def benchmarks(peak_tflops: float = PEAK_TFLOPS) -> list[Benchmark]:
             tiny_args=(
                 "--device", "{device}", "--model", "tiny:qwen3", "--hidden-size", "32", "--layers", "2",
                 "--limit", "4", "--gen-limit", "0", "--n-features", "128", "--batch-size", "4", "--repeats", "1",
+                "--forward-tokens", "16", "--forward-repeats", "2",
             ),
             parse=parse_lm_eval,
             needs=("lm_eval", "datasets"),
@@ -621,9 +636,13 @@ def key_figure(name: str, result: dict) -> str:
             f"({f['train_seconds_with_callbacks']:.1f} s with, {f['train_seconds_without_callbacks']:.1f} s without)"
         )
     if name == "lm_eval":
+        bare = f.get("bare_forward_ratio_with_over_without")
+        syncs = d.get("intervention_host_syncs")
         return (
             f"{f['throughput_ratio_with_over_without']:.3f}x ({f['requests_per_s_with']:.1f} vs "
             f"{f['requests_per_s_without']:.1f} requests/s)"
+            + (f"; bare forward {bare:.3f}x" if bare is not None else "")
+            + (f", {syncs} host syncs" if syncs is not None else "")
         )
     return ", ".join(f"{k} {v:.4g}" for k, v in f.items())
 

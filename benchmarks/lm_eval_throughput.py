@@ -9,7 +9,10 @@ generate_until) with lm-eval's ``probe-hf`` model, alternating runs without and 
 FeatureIntervention (default: zero 50 features at positions=all of a random crosscoder with 32768
 features at the middle layer; ``--crosscoder`` takes a trained one) attached to the same model, and
 reports the median wall time of each and the throughput ratio (with / without). Target: >= 0.9x on
-GPU for a 4B model. ``shape:qwen3-4b`` is a randomly initialised model of Qwen3-4B's shape (36
+GPU for a 4B model. Then, outside lm-eval, the model's forward alone on one log-likelihood-sized batch
+(``--batch-size`` x ``--forward-tokens`` random token ids, as HFLM calls it: ids only) with and without the
+intervention (median of ``--forward-repeats`` alternating forwards) and, on CUDA, the host syncs one forward
+with the intervention makes: the intervention's own cost, apart from lm-eval's request handling. ``shape:qwen3-4b`` is a randomly initialised model of Qwen3-4B's shape (36
 layers, d = 2560, vocabulary 151936) with the tiny tokenizer, for machines without the weights.
 A benchmark, not a test: nothing is asserted.
 """
@@ -113,6 +116,45 @@ def timed(evaluate, lm, args, task_manager) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def forward_cost(model, intervention, args) -> dict:
+    """The intervention's cost on the bare forward: median seconds of one ``model(ids)`` without and with it
+    attached (``[batch_size, forward_tokens]`` random ids, alternating, after one warm-up of each) and, on CUDA,
+    the synchronising calls of one forward with it (None elsewhere). Leaves the intervention detached."""
+    import torch
+    from crosscoder_throughput import host_syncs
+
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (args.batch_size, args.forward_tokens), generator=generator).to(device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(ids)
+
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    for round_ in range(args.forward_repeats + 1):  # round 0 is the warm-up of both
+        for kind in ("without", "with") if round_ % 2 else ("with", "without"):
+            if kind == "with":
+                intervention.attach(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[kind].append(time.perf_counter() - start)
+            if kind == "with":
+                intervention.detach()
+    intervention.attach(model)
+    try:
+        syncs = host_syncs(forward, device)
+    finally:
+        intervention.detach()
+    return {kind: statistics.median(t) for kind, t in times.items()} | {"syncs": syncs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -139,6 +181,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--repeats", type=int, default=6, help="alternating timed runs of each kind (after one warm-up of each)"
+    )
+    parser.add_argument(
+        "--forward-tokens", type=int, default=128, help="tokens per row of the bare-forward batch (0 = skip it)"
+    )
+    parser.add_argument(
+        "--forward-repeats", type=int, default=10, help="alternating bare forwards of each kind (after one warm-up)"
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (cpu device; tiny models run fastest on one)"
@@ -187,6 +235,7 @@ def main() -> None:
                     elapsed = timed(evaluate, plain, args, task_manager)
                 if round_:
                     times[kind].append(elapsed)
+        bare = forward_cost(probed.model, iv, args) if args.forward_tokens else None
     n_requests = 4 * args.limit + args.gen_limit
     print(
         f"lm-eval throughput: model={args.model} device={args.device} tasks={','.join(args.tasks)} docs={args.limit}+{args.gen_limit} batch={args.batch_size}"
@@ -208,6 +257,14 @@ def main() -> None:
     )
     if args.device == "cpu":  # on a shared CPU, process CPU time is the steadier measure
         print(f"throughput ratio (with / without), CPU time: {medians['without'][1] / medians['with'][1]:.3f}x")
+    if bare is not None:
+        print(
+            f"bare forward ({args.batch_size} x {args.forward_tokens} tokens, median of {args.forward_repeats}): "
+            f"{bare['without'] * 1e3:.2f} ms without, {bare['with'] * 1e3:.2f} ms with the intervention, "
+            f"ratio {bare['without'] / bare['with']:.3f}x"
+        )
+        if bare["syncs"] is not None:
+            print(f"host syncs in one forward with the intervention: {bare['syncs']} (target 0)")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,31 @@ def test_parsers_read_the_gpu_tables():
     )[2][0]["ok"]
 
 
+def test_lm_eval_parser_reads_the_bare_forward_and_its_host_syncs():
+    """A GPU run's bare-forward line and host-sync count become a figure and a check; a CPU run has no sync line."""
+    suite = _load_suite()
+    head = (
+        "without intervention:     2.00 s wall ( 800.0 requests/s), 1.00 s CPU; wall of each run [2.0]\n"
+        "with intervention:        2.50 s wall ( 640.0 requests/s), 1.00 s CPU; wall of each run [2.5]\n"
+        "throughput ratio (with / without), wall: 0.800x  (target >= 0.9x on GPU for a 4B model: NOT met)\n"
+        "bare forward (32 x 128 tokens, median of 10): 40.00 ms without, 41.00 ms with the intervention, ratio 0.976x\n"
+    )
+    figures, details, checks = suite.parse_lm_eval(
+        head + "host syncs in one forward with the intervention: 2 (target 0)\n"
+    )
+    assert figures["bare_forward_ratio_with_over_without"] == pytest.approx(0.976)
+    assert details["bare_forward_ms_with"] == pytest.approx(41.0) and details["intervention_host_syncs"] == 2
+    assert [(c["name"], c["ok"]) for c in checks] == [
+        ("lm-eval throughput with / without intervention", False),
+        ("intervention host syncs in one forward", False),
+    ]
+    assert suite.key_figure("lm_eval", {"figures": figures, "details": details}).endswith(
+        "; bare forward 0.976x, 2 host syncs"
+    )
+    figures, details, checks = suite.parse_lm_eval(head)
+    assert "intervention_host_syncs" not in details and len(checks) == 1
+
+
 def test_feed_parser_reads_the_ratio():
     suite = _load_suite()
     stdout = "\n".join(
