@@ -9,10 +9,11 @@ warm-up round; the median of ``--repeats`` is reported.
 
 The crosscoder is synthetic (random weights of the right shapes: 2 models, d = the model's
 hidden size, F = ``--features``; encoder bias set so that about ``--active`` of the features fire
-per token), which is all the timing depends on: the sae mode costs two [tokens, d] x [d, |S|]
-matmuls forward and two backward (input gradient only: the blocker has no trainable weights),
-~8*d*|S| FLOPs per token; the subspace mode the same with rank(span d_S) <= d columns instead
-of |S| (and nothing but a zero gradient once the rank is d).
+per token), which is all the timing depends on: the sae mode costs one [tokens, d] x [d, |S|]
+matmul forward (the encode: which codes fire) and two backward (the input gradient, by hand: the
+blocker has no trainable weights and never decodes), ~6*d*|S| FLOPs per token; the subspace mode
+only the two backward ones, with rank(span d_S) <= d columns instead of |S|, ~4*d*rank (and
+nothing but a zero gradient once the rank is d).
 
 Usage::
 
@@ -294,7 +295,7 @@ def main() -> None:
     print(
         f"target: blocking costs <= {TARGET:.0%} of a training step (judged on op/step; the overhead column is noisier). "
         f"For scale: the model's step is ~6*params*tokens = {flops_model / 1e9:.1f} GFLOP; the sae blocker "
-        f"~8*d*|S|*tokens ({8 * d * math.ceil(0.95 * args.features) * tokens / 1e9:.1f} GFLOP at 95% of F)."
+        f"~6*d*|S|*tokens ({6 * d * math.ceil(0.95 * args.features) * tokens / 1e9:.1f} GFLOP at 95% of F)."
     )
 
 

@@ -187,6 +187,43 @@ def test_sae_mode_in_float32_matches_float64_reference():
     torch.testing.assert_close(got.double(), g - jtg, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sae", "subspace"])
+def test_under_autocast_the_gradient_is_autograds_through_the_protected_component(mode):
+    """Under bf16 autocast on a float32 residual stream (a mixed-precision SFT step), the blocked gradient is
+    autograd's through x + (sg(x_S) - x_S), bit for bit; the forward keeps only the firing indicator [T, |S|] for
+    the backward (sae) or nothing (subspace)."""
+    cc = random_crosscoder(("base", "ft"), d=64, n_features=128, seed=13, dtype=torch.float32, scales=[0.8, 1.3])
+    blocker = GradientBlocker(cc, range(0, 128, 4), model="ft", mode=mode)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 10, 64, generator=gen).requires_grad_()
+    g = torch.randn(3, 10, 64, generator=gen)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = blocker.apply(x)
+    (got,) = torch.autograd.grad(out, x, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_s = blocker.protected_component(x)
+        reference = x + (x_s.detach() - x_s)
+    (want,) = torch.autograd.grad(reference, x, g)
+    assert out.dtype == torch.float32 and torch.equal(out, x)
+    assert saved == ([(torch.bool, (30, 32))] if mode == "sae" else [])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got - g).abs().max() > 0.05  # something was blocked
+
+
+def test_input_without_gradient_is_returned_as_is():
+    """Nothing upstream of the site trains (x needs no gradient): there is nothing to block, and no work."""
+    cc = random_crosscoder(("base",), d=12, n_features=20, seed=15)
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    for mode in ("sae", "subspace"):
+        assert GradientBlocker(cc, [1, 4], model="base", mode=mode).apply(x) is x
+
+
 @pytest.mark.parametrize("names, model", [(("base",), "base"), (("base", "ft"), "ft")])
 def test_subspace_mode_removes_the_gradient_component_in_the_decoder_span(names, model):
     d = 16
@@ -258,7 +295,7 @@ def test_forward_value_is_exactly_unchanged_in_bfloat16():
     """docs/methods.md sec. 9: 'Forward values are unchanged'. sg(x_S) + (x - x_S) rounds twice in bf16
     (x - x_S, then + x_S); x + (sg(x_S) - x_S) is the same gradient and adds an exact 0."""
     cc = random_crosscoder(("base",), d=64, n_features=128, seed=11, dtype=torch.float32)
-    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16).requires_grad_()
     for mode in ("sae", "subspace"):
         out = GradientBlocker(cc, range(0, 128, 3), model="base", mode=mode).apply(x)
         assert out.dtype == torch.bfloat16

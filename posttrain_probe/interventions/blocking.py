@@ -26,6 +26,38 @@ from posttrain_probe.layers import decoder_blocks, unwrap_model
 MODES = ("sae", "subspace", "ablate")
 
 
+class _BlockedGradient(torch.autograd.Function):
+    """sg(x_S) + (x - x_S) for x [T, d], differentiated by hand: the value x (a copy) and the gradient
+    g - J_S^T g, with J_S^T g = scale ((g rows^T) ⊙ fired) columns^T.
+
+    ``sae`` mode: x_S = f_S dec with f_S = act(s_m x W_enc^m[S] + b); rows = dec [|S|, d] (raw units), columns =
+    W_enc^m[S] [d, |S|], scale = s_m, fired = 1[f_S > 0] [T, |S|] bool (the derivative of the ReLU and of the
+    BatchTopK threshold, as autograd takes it). ``subspace`` mode: x_S = x B B^T for the orthonormal basis B
+    [d, r] of span d_S; rows = B^T, columns = B, no scale, no indicator. The forward computes nothing (the
+    caller's encode gives ``fired``; no decode) and keeps only ``fired``; the backward's two matmuls run in
+    ``dtype`` (autocast's under autocast, as autograd's would). A token costs 6 d |S| FLOPs in ``sae`` mode
+    (encode + backward) instead of the 8 d |S| of differentiating x_S, and 4 d r instead of 8 d r in ``subspace``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fired, rows, columns, scale, dtype):
+        ctx.save_for_backward(fired)
+        ctx.rows, ctx.columns, ctx.scale, ctx.dtype = rows, columns, scale, dtype
+        return x.clone()  # not x itself: autograd would make it a view that later in-place ops may not modify
+
+    @staticmethod
+    def backward(ctx, g):
+        (fired,) = ctx.saved_tensors
+        dtype = ctx.dtype
+        coefficients = g.to(dtype) @ ctx.rows.to(dtype).T
+        if fired is not None:
+            coefficients.mul_(fired)
+        back = (coefficients @ ctx.columns.to(dtype).T).to(g.dtype)
+        if ctx.scale is not None:
+            back = back * ctx.scale.to(g.dtype)
+        return g - back, None, None, None, None, None
+
+
 class GradientBlocker(FeatureSite):
     """Blocks the gradient through features ``features`` of one model branch of a crosscoder/SAE at ``layer``.
 
@@ -123,11 +155,26 @@ class GradientBlocker(FeatureSite):
         if self.mode == "subspace" and self._basis is not None and self._basis.shape[1] == self.d_model:
             # The protected span is the whole space: exactly zero gradient (Adam would amplify rounding).
             return x.detach() + (x * 0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-        x_s = self.protected_component(x)
         if self.mode == "ablate":
-            return x - x_s
-        # = sg(x_S) + (x - x_S), written so that the forward value is x bit for bit (any dtype).
-        return x + (x_s.detach() - x_s)
+            return x - self.protected_component(x)
+        if not x.requires_grad:
+            return x  # nothing upstream of the site trains (frozen lower layers): no gradient to block
+        if not self.features:
+            return x
+        # sg(x_S) + (x - x_S): the value x bit for bit (any dtype), the gradient (I - J_S)^T g
+        encoder, dec, basis = self._weights(x)
+        flat = x.reshape(-1, self.d_model)
+        if self.mode == "sae":
+            with torch.no_grad():
+                codes = encoder.encode_source(flat, self.slot)
+            blocked = _BlockedGradient.apply(
+                flat, codes > 0, dec, encoder.W_enc[self.slot], encoder.scales[self.slot], codes.dtype
+            )
+        else:
+            with torch.no_grad():
+                dtype = (flat[:0] @ basis).dtype  # the matmul dtype here (autocast's under autocast): no work
+            blocked = _BlockedGradient.apply(flat, None, basis.T, basis, None, dtype)
+        return blocked.reshape(x.shape)
 
     # -- attaching ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> GradientBlocker:
