@@ -119,7 +119,8 @@ def timed(evaluate, lm, args, task_manager) -> tuple[float, float]:
 def forward_cost(model, intervention, args) -> dict:
     """The intervention's cost on the bare forward: median seconds of one ``model(ids)`` without and with it
     attached (``[batch_size, forward_tokens]`` random ids, alternating, after one warm-up of each) and, on CUDA,
-    the synchronising calls of one forward with it (None elsewhere). Leaves the intervention detached."""
+    the synchronising calls of one forward without and with it (None elsewhere). Leaves the intervention
+    detached."""
     import torch
     from crosscoder_throughput import host_syncs
 
@@ -147,12 +148,13 @@ def forward_cost(model, intervention, args) -> dict:
                 times[kind].append(time.perf_counter() - start)
             if kind == "with":
                 intervention.detach()
+    plain_syncs = host_syncs(forward, device)  # the model's own, if any: not the intervention's
     intervention.attach(model)
     try:
         syncs = host_syncs(forward, device)
     finally:
         intervention.detach()
-    return {kind: statistics.median(t) for kind, t in times.items()} | {"syncs": syncs}
+    return {kind: statistics.median(t) for kind, t in times.items()} | {"syncs": (plain_syncs, syncs)}
 
 
 def main() -> None:
@@ -261,10 +263,14 @@ def main() -> None:
         print(
             f"bare forward ({args.batch_size} x {args.forward_tokens} tokens, median of {args.forward_repeats}): "
             f"{bare['without'] * 1e3:.2f} ms without, {bare['with'] * 1e3:.2f} ms with the intervention, "
-            f"ratio {bare['without'] / bare['with']:.3f}x"
+            f"speed ratio (with / without) {bare['without'] / bare['with']:.3f}x"
         )
-        if bare["syncs"] is not None:
-            print(f"host syncs in one forward with the intervention: {bare['syncs']} (target 0)")
+        if bare["syncs"][0] is not None:
+            plain, with_ = bare["syncs"]
+            print(
+                f"host syncs in one forward: {plain} without, {with_} with the intervention; "
+                f"the intervention's: {with_ - plain} (target 0)"
+            )
 
 
 if __name__ == "__main__":

@@ -216,6 +216,39 @@ def test_under_autocast_the_gradient_is_autograds_through_the_protected_componen
     assert (got - g).abs().max() > 0.05  # something was blocked
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("mode", ["sae", "subspace"])
+def test_forward_mode_and_torch_func_give_the_blocked_derivatives(mode):
+    """Forward-mode AD (a dual input) gets (I - J_S) t, and torch.func.grad / vmap the blocked gradient, as
+    differentiating x + (sg(x_S) - x_S) does."""
+    from torch.autograd import forward_ad
+
+    cc = random_crosscoder(("base", "ft"), d=12, n_features=20, seed=16, activation="batchtopk")
+    with torch.no_grad():
+        cc.threshold.fill_(0.05)
+    blocker = GradientBlocker(cc, [1, 4, 7, 11, 15], model="ft", mode=mode)
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    t = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+
+    def reference(v):
+        x_s = blocker.protected_component(v)
+        return v + (x_s.detach() - x_s)
+
+    tangents = {}
+    for name, fn in (("blocked", blocker.apply), ("reference", reference)):
+        with forward_ad.dual_level():
+            tangents[name] = forward_ad.unpack_dual(fn(forward_ad.make_dual(x, t))).tangent
+    torch.testing.assert_close(tangents["blocked"], tangents["reference"], rtol=1e-12, atol=1e-12)
+    assert (tangents["blocked"] - t).abs().max() > 0.05  # something was blocked
+
+    blocker.apply(x.clone().requires_grad_())  # the weights' copies for this device and dtype, made outside torch.func
+    loss = lambda fn: lambda v: (fn(v) ** 2 * torch.arange(12, dtype=v.dtype)).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(loss(blocker.apply))(x), torch.func.grad(loss(reference))(x))
+    per_row = torch.func.vmap(torch.func.grad(loss(blocker.apply)))(x)
+    torch.testing.assert_close(per_row, torch.func.vmap(torch.func.grad(loss(reference)))(x))
+
+
 def test_input_without_gradient_is_returned_as_is():
     """Nothing upstream of the site trains (x needs no gradient): there is nothing to block, and no work."""
     cc = random_crosscoder(("base",), d=12, n_features=20, seed=15)

@@ -119,13 +119,15 @@ def test_lm_eval_parser_reads_the_bare_forward_and_its_host_syncs():
         "without intervention:     2.00 s wall ( 800.0 requests/s), 1.00 s CPU; wall of each run [2.0]\n"
         "with intervention:        2.50 s wall ( 640.0 requests/s), 1.00 s CPU; wall of each run [2.5]\n"
         "throughput ratio (with / without), wall: 0.800x  (target >= 0.9x on GPU for a 4B model: NOT met)\n"
-        "bare forward (32 x 128 tokens, median of 10): 40.00 ms without, 41.00 ms with the intervention, ratio 0.976x\n"
+        "bare forward (32 x 128 tokens, median of 10): 40.00 ms without, 41.00 ms with the intervention, "
+        "speed ratio (with / without) 0.976x\n"
     )
     figures, details, checks = suite.parse_lm_eval(
-        head + "host syncs in one forward with the intervention: 2 (target 0)\n"
+        head + "host syncs in one forward: 1 without, 3 with the intervention; the intervention's: 2 (target 0)\n"
     )
     assert figures["bare_forward_ratio_with_over_without"] == pytest.approx(0.976)
     assert details["bare_forward_ms_with"] == pytest.approx(41.0) and details["intervention_host_syncs"] == 2
+    assert details["model_host_syncs"] == 1  # the model's own syncs are not the intervention's
     assert [(c["name"], c["ok"]) for c in checks] == [
         ("lm-eval throughput with / without intervention", False),
         ("intervention host syncs in one forward", False),

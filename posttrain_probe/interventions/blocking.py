@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from posttrain_probe.errors import ProbeError
 from posttrain_probe.interventions.feature_site import FeatureSite
@@ -37,25 +38,51 @@ class _BlockedGradient(torch.autograd.Function):
     caller's encode gives ``fired``; no decode) and keeps only ``fired``; the backward's two matmuls run in
     ``dtype`` (autocast's under autocast, as autograd's would). A token costs 6 d |S| FLOPs in ``sae`` mode
     (encode + backward) instead of the 8 d |S| of differentiating x_S, and 4 d r instead of 8 d r in ``subspace``.
+    For row-major (contiguous) x the gradient is autograd's through x_S bit for bit (a column-major x: within
+    an ulp, autograd then orders its matmul differently). ``jvp`` gives forward mode (I - J_S) t.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (grad, vmap, jvp) work through it
+
     @staticmethod
-    def forward(ctx, x, fired, rows, columns, scale, dtype):
-        ctx.save_for_backward(fired)
-        ctx.rows, ctx.columns, ctx.scale, ctx.dtype = rows, columns, scale, dtype
+    def forward(x, fired, rows, columns, scale, dtype):
         return x.clone()  # not x itself: autograd would make it a view that later in-place ops may not modify
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, fired, ctx.rows, ctx.columns, ctx.scale, ctx.dtype = inputs
+        ctx.fired = fired is not None
+        if ctx.fired:
+            ctx.save_for_backward(fired)
+            ctx.save_for_forward(fired)
+
+    @staticmethod
     def backward(ctx, g):
-        (fired,) = ctx.saved_tensors
+        return g - _BlockedGradient._jacobian_product(ctx, g, ctx.rows, ctx.columns), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):
+        """Forward mode: (I - J_S) t, J_S t = scale ((t columns) ⊙ fired) rows."""
+        return t - _BlockedGradient._jacobian_product(ctx, t, ctx.columns.T, ctx.rows.T)
+
+    @staticmethod
+    def _jacobian_product(ctx, v, first, second):
+        """scale ((v first^T) ⊙ fired) second^T in ``ctx.dtype``, returned in v's dtype."""
         dtype = ctx.dtype
-        coefficients = g.to(dtype) @ ctx.rows.to(dtype).T
-        if fired is not None:
-            coefficients.mul_(fired)
-        back = (coefficients @ ctx.columns.to(dtype).T).to(g.dtype)
-        if ctx.scale is not None:
-            back = back * ctx.scale.to(g.dtype)
-        return g - back, None, None, None, None, None
+        coefficients = v.to(dtype) @ first.to(dtype).T
+        if ctx.fired:
+            coefficients.mul_(ctx.saved_tensors[0])
+        product = (coefficients @ second.to(dtype).T).to(v.dtype)
+        return product if ctx.scale is None else product * ctx.scale.to(v.dtype)
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x with weights in x's dtype gives here: autocast's under autocast (which leaves float64
+    alone), else x's."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class GradientBlocker(FeatureSite):
@@ -157,7 +184,7 @@ class GradientBlocker(FeatureSite):
             return x.detach() + (x * 0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
         if self.mode == "ablate":
             return x - self.protected_component(x)
-        if not x.requires_grad:
+        if not x.requires_grad and forward_ad.unpack_dual(x).tangent is None:
             return x  # nothing upstream of the site trains (frozen lower layers): no gradient to block
         if not self.features:
             return x
@@ -171,9 +198,7 @@ class GradientBlocker(FeatureSite):
                 flat, codes > 0, dec, encoder.W_enc[self.slot], encoder.scales[self.slot], codes.dtype
             )
         else:
-            with torch.no_grad():
-                dtype = (flat[:0] @ basis).dtype  # the matmul dtype here (autocast's under autocast): no work
-            blocked = _BlockedGradient.apply(flat, None, basis.T, basis, None, dtype)
+            blocked = _BlockedGradient.apply(flat, None, basis.T, basis, None, _matmul_dtype(flat))
         return blocked.reshape(x.shape)
 
     # -- attaching ------------------------------------------------------------------------------
