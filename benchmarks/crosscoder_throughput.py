@@ -67,10 +67,10 @@ import copy
 import os
 import statistics
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
+from timing import host_syncs
 from torch import nn
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig
@@ -263,22 +263,6 @@ def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, s
             optimizer.zero_grad(set_to_none=True)
 
     return run, optimizer
-
-
-def host_syncs(fn, device: torch.device) -> int | None:
-    """Synchronising CUDA calls (a read of a device value by the host) made by one call of ``fn``, counted by
-    ``torch.cuda.set_sync_debug_mode("warn")``; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

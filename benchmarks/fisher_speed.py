@@ -37,10 +37,10 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 LAYER = 2
 
@@ -137,17 +137,12 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in steps}
         for repeat in range(args.repeats + 1):  # the first round is the warm-up
             for name, step in steps.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                elapsed = seconds(step, device)
                 if repeat:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(elapsed)
         summary = json.loads((root / "fisher" / "summary.json").read_text())["documents"]
 
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"fisher speed: tiny Qwen3 pair (d 64, 4 layers), crosscoder F={args.features} at layer {LAYER}, "
         f"{args.docs} OpenThoughts documents ({inputs['n_tokens']:,} tokens; {summary['tokens']['reasoning']:,} "
@@ -159,8 +154,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name, t in times.items():
-        print(f"{name:<24} | {seconds[name]:>8.2f} | {min(t):>6.2f} | {max(t):>6.2f}")
-    ratio = seconds["features fisher"] / seconds["features generalization"]
+        print(f"{name:<24} | {medians[name]:>8.2f} | {min(t):>6.2f} | {max(t):>6.2f}")
+    ratio = medians["features fisher"] / medians["features generalization"]
     # each repeat times both steps back to back: the per-repeat ratios cancel slow drifts of the machine's speed
     paired = statistics.median(f / g for f, g in zip(times["features fisher"], times["features generalization"]))
     print(

@@ -122,7 +122,7 @@ def forward_cost(model, intervention, args) -> dict:
     the synchronising calls of one forward without and with it (None elsewhere). Leaves the intervention
     detached."""
     import torch
-    from crosscoder_throughput import host_syncs
+    from timing import host_syncs, seconds
 
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -138,14 +138,9 @@ def forward_cost(model, intervention, args) -> dict:
         for kind in ("without", "with") if round_ % 2 else ("with", "without"):
             if kind == "with":
                 intervention.attach(model)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            forward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            elapsed = seconds(forward, device)
             if round_:
-                times[kind].append(time.perf_counter() - start)
+                times[kind].append(elapsed)
             if kind == "with":
                 intervention.detach()
     plain_syncs = host_syncs(forward, device)  # the model's own, if any: not the intervention's
