@@ -50,6 +50,21 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=script.parent)
 
 
+EXIT_ABORT = "terminate called without an active exception"
+"""What a gloo worker prints when its threads outlive interpreter teardown (pytorch issue #190489)."""
+
+
+def finished_before_exit_abort(proc: subprocess.CompletedProcess, out_dir: Path, nproc: int) -> bool:
+    """True when a torchrun ``proc`` failed only by a worker aborting after its script's work: every rank wrote its
+    marker ``out_dir/exit-rank{r}`` after training and stderr holds gloo's teardown abort (:data:`EXIT_ABORT`).
+    Rare on this 2-core machine even though the scripts end their process group; the results are complete."""
+    return (
+        proc.returncode != 0
+        and EXIT_ABORT in proc.stderr
+        and all((out_dir / f"exit-rank{rank}").exists() for rank in range(nproc))
+    )
+
+
 def save_site_crosscoder(path: Path, layer: int) -> Path:
     """A random 2-model (base, sft) crosscoder of 128 features at ``layer`` of the tiny Qwen3 (seed 0), its input
     scales from that model's activations, saved to ``path``; returns ``path``."""
