@@ -57,7 +57,8 @@ from posttrain_probe.layers import decoder_blocks, default_layer, hidden_size
 
 TARGET = 0.03  # overhead as a fraction of the step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Real shapes (hidden, layers, MLP, heads, kv heads, head_dim, vocab), random weights: no download needed.
+# Real shapes (hidden, layers, MLP, heads, kv heads, head_dim, vocab; input and output embeddings tied as in the
+# released models), random weights: no download needed.
 PRESETS = {
     "qwen2.5-0.5b": dict(
         arch="qwen2",
@@ -67,6 +68,7 @@ PRESETS = {
         num_attention_heads=14,
         num_key_value_heads=2,
         vocab_size=151936,
+        tie_word_embeddings=True,
     ),
     "qwen3-0.6b": dict(
         arch="qwen3",
@@ -77,6 +79,7 @@ PRESETS = {
         num_key_value_heads=8,
         head_dim=128,
         vocab_size=151936,
+        tie_word_embeddings=True,
     ),
     "qwen3-1.7b": dict(
         arch="qwen3",
@@ -87,6 +90,7 @@ PRESETS = {
         num_key_value_heads=8,
         head_dim=128,
         vocab_size=151936,
+        tie_word_embeddings=True,
     ),
     "qwen3-4b": dict(
         arch="qwen3",
@@ -97,6 +101,7 @@ PRESETS = {
         num_key_value_heads=8,
         head_dim=128,
         vocab_size=151936,
+        tie_word_embeddings=True,
     ),
 }
 CPU_DEFAULTS = {"model": "tiny", "batch": 8, "seq_len": 128, "dtype": "float32"}

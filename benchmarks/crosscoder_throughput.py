@@ -394,7 +394,10 @@ def main() -> None:
         if cuda:
             line += f" | {mem['ref'] / 2**30:>8.2f} | {mem['ours'] / 2**30:>8.2f}"
         print(line + ("" if same else "  (loss check MISMATCH: not the same loss)"))
-    flop_text = "relu 10*N*d*F, batchtopk 4*N*d*F + 6*(k + aux_k)*N*d matmul FLOPs per token (docstring)"
+    flop_text = (
+        "relu 10*N*d*F, batchtopk 2*N*d*F + 8*k*N*d + (with n_dead > 0) 4*N*d*n_dead + 6*min(aux_k, n_dead)*N*d"
+        " matmul FLOPs per token (docstring)"
+    )
     if args.peak_tflops:
         print(f"%pk = tok/s x ({flop_text}) / {args.peak_tflops:g} TFLOP/s; target on GPU: ours >= {GPU_TARGET:.0%}")
     if cuda:

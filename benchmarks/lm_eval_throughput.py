@@ -28,7 +28,8 @@ VALUES = {"set": 3.0, "scale": 0.5, "add": 0.5}
 """value= of the modes that need one."""
 
 SHAPES = {
-    # Qwen3-4B(-Base): 36 layers, d 2560, 32 query / 8 key-value heads of 128, MLP 9728, vocab 151936.
+    # Qwen3-4B(-Base): 36 layers, d 2560, 32 query / 8 key-value heads of 128, MLP 9728, vocab 151936,
+    # tied embeddings (4.02 B parameters).
     "qwen3-4b": dict(
         hidden_size=2560,
         num_layers=36,
@@ -37,6 +38,7 @@ SHAPES = {
         num_key_value_heads=8,
         head_dim=128,
         intermediate_size=9728,
+        tie_word_embeddings=True,
     ),
 }
 
