@@ -438,7 +438,11 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     monkeypatch.chdir(tmp_path)
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the environment is not activated: its accelerate is found next to this Python, not on PATH
+    monkeypatch.setenv(
+        "PATH",
+        os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != Path(sys.executable).parent),
+    )
     args = yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / "sft.yaml").read_text())
     args.update(output_dir=str(tmp_path / "sft"), max_steps=2, probe_snapshot_steps=1)
     launch = trl_launch(
@@ -446,6 +450,7 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     )
     assert launch.command[:2] == ["accelerate", "launch"] and "--cpu" in launch.command
     run_launch(launch)
+    assert (tmp_path / "log").read_text().startswith(f"$ {Path(sys.executable).parent / 'accelerate'} launch ")
     assert (tmp_path / "sft" / "config.json").exists()
     assert len(list((tmp_path / "sft" / "probe" / "snapshots").glob("step-*"))) == 2
     # a failed launch (python launcher: the same error path, without accelerate's start-up) is one line
@@ -457,6 +462,35 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     ) as err:
         run_launch(bad)
     assert "\n" not in str(err.value)
+
+
+def test_launcher_program_prefers_the_running_environment_then_path(tmp_path, monkeypatch):
+    """A bare launcher name resolves next to sys.executable first (an environment that is not activated, or
+    another one's launcher earlier on PATH), then on PATH; a missing one is a one-line error naming both."""
+    from posttrain_probe.study.launch import launcher_program
+
+    def executable(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    env_bin, other_bin = tmp_path / "env" / "bin", tmp_path / "other" / "bin"
+    python = executable(env_bin / "python")
+    mine, theirs = executable(env_bin / "tool"), executable(other_bin / "tool")
+    only_theirs = executable(other_bin / "elsewhere")
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("PATH", str(other_bin))
+    assert launcher_program("tool") == str(mine) != str(theirs)
+    assert launcher_program("elsewhere") == str(only_theirs)
+    assert launcher_program(str(theirs)) == str(theirs)  # a path is used as given
+    with pytest.raises(
+        ProbeError, match=r"'nowhere' \(the study's launcher\) is neither next to this Python .* nor on PATH"
+    ) as err:
+        launcher_program("nowhere")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ProbeError, match=r"launcher '.*/missing/accelerate' does not exist"):
+        launcher_program(str(tmp_path / "missing" / "accelerate"))
 
 
 def test_extends_merges_sections_key_by_key(tmp_path):

@@ -109,6 +109,29 @@ def verl_launch(overrides: dict[str, Any], *, base_model: str, out: Path, layer:
     return Launch(command, log=log)
 
 
+def launcher_program(program: str) -> str:
+    """The executable that runs ``program`` (``accelerate``, ``torchrun``, a path): a bare name is taken from the
+    environment running this process first (the folder of ``sys.executable``, so that training runs with the
+    same packages even when that environment is not activated or another one's launcher comes first on PATH),
+    then from PATH. ProbeError naming both places when neither has it."""
+    if os.sep in program or (os.altsep and os.altsep in program):
+        if not Path(program).exists():
+            raise ProbeError(f"launcher {program!r} does not exist: expected an executable file")
+        return program
+    here = Path(sys.executable).parent
+    for name in (program, program + ".exe") if os.name == "nt" else (program,):
+        candidate = here / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(program)
+    if found is None:
+        raise ProbeError(
+            f"{program!r} (the study's launcher) is neither next to this Python ({here}) nor on PATH: "
+            "install it into this environment (pip install accelerate) or choose another launcher"
+        )
+    return found
+
+
 def run_launch(launch: Launch) -> None:
     """Run a training launch to completion; ProbeError (with the log's tail) if it fails."""
     if launch.inprocess:
@@ -122,15 +145,13 @@ def run_launch(launch: Launch) -> None:
                 raise ProbeError(f"training failed (exit {exit.code}): {launch.shell()}") from None
         return
     assert launch.log is not None
-    program = launch.command[0]
-    if shutil.which(program) is None and not Path(program).exists():
-        raise ProbeError(f"{program!r} (the study's launcher) is not on PATH: activate the environment that has it")
+    command = [launcher_program(launch.command[0]), *launch.command[1:]]
     launch.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(launch.log, "w") as log:
-        log.write(f"$ {launch.shell()}\n")
+        log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        code = subprocess.run(launch.command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         raise ProbeError(
             f"training failed (exit {code}): {_first_error(launch.log)} (command and full log: {launch.log})"
