@@ -75,6 +75,7 @@ if trainer.accelerator.is_main_process:
         json.dump(result, handle)
 print("DONE", rank)
 from posttrain_probe.process_group import end_process_group
+del trainer  # its DDP wrapper holds the group: freed before the group is destroyed
 end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 """.replace("STEPS", str(STEPS))
     .replace("FEATURES", repr(FEATURES))

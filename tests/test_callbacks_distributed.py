@@ -74,6 +74,7 @@ if trainer.accelerator.is_main_process:
         json.dump(result, handle)
 print("DONE", trainer.accelerator.process_index)
 from posttrain_probe.process_group import end_process_group
+del trainer  # its DDP wrapper holds the group: freed before the group is destroyed
 end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 '''.replace("ZERO3_CONFIG", repr(ZERO3))
 

@@ -566,6 +566,7 @@ DDP_SCRIPT = textwrap.dedent(
     trainer.add_callback(monitor)
     trainer.train()
     open(f"{out}/exit-rank{trainer.args.process_index}", "w").close()  # this rank's work is done
+    del trainer, monitor  # their DDP wrapper holds the group: freed before it is destroyed (process_group.py)
     end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
     """
 )

@@ -62,6 +62,7 @@ if trainer.accelerator.is_main_process:
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle)
 print("DONE", trainer.accelerator.process_index)
+del trainer  # its DDP wrapper holds the group: freed before the group is destroyed
 end_process_group()  # gloo's threads could abort the exit otherwise (process_group.py)
 """.replace("STEPS", str(STEPS)).replace("ZERO3_CONFIG", repr(ZERO3))
 

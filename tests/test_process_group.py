@@ -31,6 +31,18 @@ HARNESS = textwrap.dedent(
         if args == ["vllm"]:  # vLLM loaded (TRL's colocate mode): its groups are its own to tear down
             sys.modules["vllm"] = type(sys)("vllm")
         outcome = [end_process_group(), end_process_group()]
+    elif kind == "cycle":  # a finished DDP wrapper in a reference cycle (a trainer and its callbacks) holds the group
+        import gc, weakref
+        import torch
+        from posttrain_probe.process_group import end_process_group
+
+        gc.disable()  # only an explicit collection frees the cycle
+        holder = {"ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))}
+        holder["self"] = holder
+        ref = weakref.ref(holder["ddp"])
+        del holder
+        alive = ref() is not None
+        outcome = [alive, end_process_group(), ref() is None]
     elif kind == "cli":
         from posttrain_probe.cli import app
 
@@ -71,6 +83,10 @@ def test_end_process_group_without_a_group_does_nothing():
 
 def test_end_process_group_destroys_the_group_once(tmp_path):
     assert _run(tmp_path, "helper") == {"outcome": [True, False], "initialized": False}
+
+
+def test_end_process_group_frees_unreachable_holders_of_the_group_first(tmp_path):
+    assert _run(tmp_path, "cycle") == {"outcome": [True, True, True], "initialized": False}
 
 
 def test_end_process_group_leaves_the_group_to_vllm(tmp_path):
