@@ -70,7 +70,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from timing import host_syncs
+from timing import host_syncs, op_profile
 from torch import nn
 
 from posttrain_probe.crosscoder.config import CrosscoderConfig
@@ -115,6 +115,12 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="bf16 autocast of both forwards (default: on for cuda, off for cpu)",
+    )
+    p.add_argument(
+        "--profile-rows",
+        type=int,
+        default=0,
+        help="after the table, torch.profiler's top operators of one timed call of ours per activation (0: none)",
     )
     p.add_argument(
         "--peak-tflops",
@@ -307,6 +313,7 @@ def main() -> None:
 
     rows = []
     syncs: dict[str, int | None] = {}
+    profiles: dict[str, str] = {}
     for n in models:
         # Correlated models (a shared component plus per-model noise) with different raw norms.
         gen = torch.Generator().manual_seed(n)
@@ -356,6 +363,8 @@ def main() -> None:
             )
             sec, peak = timed({"ref": run_ref, "ours": run_ours}, device, args.repeats)
             syncs[activation] = host_syncs(run_ours, device)
+            if args.profile_rows > 0:
+                profiles[f"{activation} N={n}"] = op_profile(run_ours, device, args.profile_rows)
             tokens = batch * args.steps
             flops = flops_per_token(activation, n, d, n_features, args.k, args.aux_k, int(dead_mask.sum()))
             x_bytes = x.numel() * x.element_size()
@@ -407,6 +416,11 @@ def main() -> None:
             + ", ".join(f"{activation} {count}" for activation, count in syncs.items())
             + " (target 0: the step never waits for the GPU)"
         )
+    for name, table in profiles.items():
+        print(
+            f"\nprofile of ours, {name}: one timed call ({args.steps} steps), top {args.profile_rows} operators by self {'device' if cuda else 'CPU'} time"
+        )
+        print(table)
 
 
 if __name__ == "__main__":

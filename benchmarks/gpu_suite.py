@@ -346,12 +346,12 @@ def benchmarks(peak_tflops: float = PEAK_TFLOPS) -> list[Benchmark]:
             args=(
                 "--device", "{device}", "--models", "3", "--d-model", "2560", "--features", "32768",
                 "--batch", "4096", "--activation", "relu,batchtopk", "--steps", "10", "--repeats", "5",
-                "--peak-tflops", f"{peak_tflops:g}",
+                "--peak-tflops", f"{peak_tflops:g}", "--profile-rows", "15",
             ),
             tiny_args=(
                 "--device", "{device}", "--models", "3", "--d-model", "64", "--features", "512", "--batch", "256",
                 "--activation", "relu,batchtopk", "--k", "8", "--aux-k", "64", "--steps", "1", "--repeats", "1",
-                "--threads", "1", "--peak-tflops", f"{TINY_PEAK_TFLOPS:g}",
+                "--threads", "1", "--peak-tflops", f"{TINY_PEAK_TFLOPS:g}", "--profile-rows", "5",
             ),
             parse=parse_crosscoder,
             limit_s=120,

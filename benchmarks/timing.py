@@ -34,3 +34,21 @@ def host_syncs(fn, device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def op_profile(fn, device: torch.device, rows: int = 12) -> str:
+    """torch.profiler's table of the ``rows`` operators with the most self time in one call of ``fn()``: device
+    (kernel) time on CUDA, CPU time otherwise. Where a step's time goes, for a figure below its target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    return prof.key_averages().table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows
+    )
