@@ -62,7 +62,7 @@ def test_tiny_suite_reports_every_benchmark(tmp_path):
     for act in ("relu", "batchtopk"):
         assert {f"{act}_tokens_per_s", f"{act}_fraction_of_peak"} <= set(crosscoder)
         # where the step's time goes: torch.profiler's operators of one call of ours, kept in the JSON's stdout
-        table = results["crosscoder"]["stdout"].split(f"profile of ours, {act} N=3:")[1]
+        table = results["crosscoder"]["stdout"].split(f"profile of ours, {act} N=3:")[1].split("\nprofile of ours")[0]
         assert "Self CPU" in table and "aten::" in table
     assert "layer2_speedup" in results["capture"]["figures"]
     assert {"store_tokens_per_s", "resident_tokens_per_s", "store_over_resident"} <= set(results["feed"]["figures"])

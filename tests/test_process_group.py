@@ -39,10 +39,11 @@ HARNESS = textwrap.dedent(
         gc.disable()  # only an explicit collection frees the cycle
         holder = {"ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))}
         holder["self"] = holder
-        ref = weakref.ref(holder["ddp"])
+        ref, group_when_freed = weakref.ref(holder["ddp"]), []
+        weakref.finalize(holder["ddp"], lambda: group_when_freed.append(dist.is_initialized()))
         del holder
         alive = ref() is not None
-        outcome = [alive, end_process_group(), ref() is None]
+        outcome = [alive, end_process_group(), ref() is None, group_when_freed]
     elif kind == "cli":
         from posttrain_probe.cli import app
 
@@ -86,7 +87,8 @@ def test_end_process_group_destroys_the_group_once(tmp_path):
 
 
 def test_end_process_group_frees_unreachable_holders_of_the_group_first(tmp_path):
-    assert _run(tmp_path, "cycle") == {"outcome": [True, True, True], "initialized": False}
+    # freed while the group still existed: collected first, then the group destroyed
+    assert _run(tmp_path, "cycle") == {"outcome": [True, True, True, [True]], "initialized": False}
 
 
 def test_end_process_group_leaves_the_group_to_vllm(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -450,7 +451,8 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     )
     assert launch.command[:2] == ["accelerate", "launch"] and "--cpu" in launch.command
     run_launch(launch)
-    assert (tmp_path / "log").read_text().startswith(f"$ {Path(sys.executable).parent / 'accelerate'} launch ")
+    ran = shlex.join([str(Path(sys.executable).parent.absolute() / "accelerate"), "launch"])
+    assert (tmp_path / "log").read_text().startswith(f"$ {ran} ")
     assert (tmp_path / "sft" / "config.json").exists()
     assert len(list((tmp_path / "sft" / "probe" / "snapshots").glob("step-*"))) == 2
     # a failed launch (python launcher: the same error path, without accelerate's start-up) is one line
@@ -485,12 +487,18 @@ def test_launcher_program_prefers_the_running_environment_then_path(tmp_path, mo
     assert launcher_program("elsewhere") == str(only_theirs)
     assert launcher_program(str(theirs)) == str(theirs)  # a path is used as given
     with pytest.raises(
-        ProbeError, match=r"'nowhere' \(the study's launcher\) is neither next to this Python .* nor on PATH"
+        ProbeError,
+        match=r"'nowhere' \(the study's launcher\) is neither in this Python's environment \(.*bin.*\) nor on PATH",
     ) as err:
         launcher_program("nowhere")
     assert "\n" not in str(err.value)
-    with pytest.raises(ProbeError, match=r"launcher '.*/missing/accelerate' does not exist"):
-        launcher_program(str(tmp_path / "missing" / "accelerate"))
+    for not_executable in (tmp_path / "missing" / "accelerate", tmp_path / "env", env_bin / "plain"):
+        if not_executable.name == "plain":
+            not_executable.write_text("no x bit")
+        with pytest.raises(ProbeError, match=r"launcher '.*' is not an executable file"):
+            launcher_program(str(not_executable))
+    with pytest.raises(ProbeError, match="the study's launcher is empty"):
+        launcher_program("")
 
 
 def test_extends_merges_sections_key_by_key(tmp_path):

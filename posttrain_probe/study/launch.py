@@ -109,24 +109,42 @@ def verl_launch(overrides: dict[str, Any], *, base_model: str, out: Path, layer:
     return Launch(command, log=log)
 
 
+def environment_scripts() -> list[Path]:
+    """The folders holding this Python environment's console scripts (``accelerate``, ``torchrun``): sysconfig's
+    ``scripts`` path, then the folder of ``sys.executable`` (absolute; none when the interpreter is unknown)."""
+    import sysconfig
+
+    folders = [sysconfig.get_path("scripts")] + ([str(Path(sys.executable).parent)] if sys.executable else [])
+    unique: list[Path] = []
+    for folder in folders:
+        path = Path(folder).absolute() if folder else None
+        if path is not None and path not in unique:
+            unique.append(path)
+    return unique
+
+
 def launcher_program(program: str) -> str:
     """The executable that runs ``program`` (``accelerate``, ``torchrun``, a path): a bare name is taken from the
-    environment running this process first (the folder of ``sys.executable``, so that training runs with the
-    same packages even when that environment is not activated or another one's launcher comes first on PATH),
-    then from PATH. ProbeError naming both places when neither has it."""
+    environment running this process first (:func:`environment_scripts`, so that training runs with the same
+    packages even when that environment is not activated or another one's launcher comes first on PATH), then
+    from PATH. ProbeError naming both places when neither has it, or when a path is not an executable file."""
+    if not program:
+        raise ProbeError("the study's launcher is empty: expected accelerate, torchrun or an executable's path")
     if os.sep in program or (os.altsep and os.altsep in program):
-        if not Path(program).exists():
-            raise ProbeError(f"launcher {program!r} does not exist: expected an executable file")
+        if not (Path(program).is_file() and os.access(program, os.X_OK)):
+            raise ProbeError(f"launcher {program!r} is not an executable file")
         return program
-    here = Path(sys.executable).parent
-    for name in (program, program + ".exe") if os.name == "nt" else (program,):
-        candidate = here / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
+    folders = environment_scripts()
+    for folder in folders:
+        for name in (program, program + ".exe") if os.name == "nt" else (program,):
+            candidate = folder / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
     found = shutil.which(program)
     if found is None:
+        where = ", ".join(str(f) for f in folders) or "no folder: sys.executable is unknown"
         raise ProbeError(
-            f"{program!r} (the study's launcher) is neither next to this Python ({here}) nor on PATH: "
+            f"{program!r} (the study's launcher) is neither in this Python's environment ({where}) nor on PATH: "
             "install it into this environment (pip install accelerate) or choose another launcher"
         )
     return found
@@ -148,6 +166,9 @@ def run_launch(launch: Launch) -> None:
     command = [launcher_program(launch.command[0]), *launch.command[1:]]
     launch.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # the arm sees this environment's scripts first, as if it were activated (DeepSpeed's op builds run ninja, ...)
+    paths = env.get("PATH", "").split(os.pathsep) if env.get("PATH") else []
+    env["PATH"] = os.pathsep.join([*(str(f) for f in environment_scripts() if str(f) not in paths), *paths])
     with open(launch.log, "w") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
