@@ -51,7 +51,9 @@ def _human_bytes(n: int) -> str:
 @user_errors
 def store_info(
     path: Path = typer.Argument(..., help="A store directory, or a directory holding stores (e.g. a collect output)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check every shard's checksum (xxh3_128; sha256 in version-1 stores)."
+    ),
     check_values: bool = typer.Option(
         False, "--check-values", help="Also read every shard and look for NaN/inf activations."
     ),
