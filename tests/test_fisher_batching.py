@@ -194,7 +194,9 @@ def test_rho_pass_from_carried_residuals_equals_a_second_forward(setup, budget):
     for name in ("n_tokens", "sq_sum", "active", "doc_tokens", "hits"):
         assert torch.equal(getattr(carried, name), getattr(fresh, name)), name
     assert carried.n_cut == fresh.n_cut == selection.n_cut
-    torch.testing.assert_close(selection.sq_sum, fresh.sq_sum, rtol=1e-12, atol=0)  # other chunks, same codes
+    # the selection pass's chunks also hold the tokens outside the segments: the same codes summed in float32 within
+    # other chunks (BLAS kernels differ between CPUs, so the order of those sums is not fixed: a few float32 ulps)
+    torch.testing.assert_close(selection.sq_sum, fresh.sq_sum, rtol=1e-6, atol=0)
     assert torch.equal(selection.active, fresh.active)
 
 
