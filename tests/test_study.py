@@ -466,6 +466,20 @@ def test_accelerate_launcher_runs_a_shipped_recipe_from_an_empty_directory(tmp_p
     assert "\n" not in str(err.value)
 
 
+def test_launch_path_puts_the_running_environment_first(tmp_path, monkeypatch):
+    """The arm's PATH starts with this environment's scripts folder even when PATH already holds it behind another
+    environment's folder; the other entries keep their order, empty entries are dropped."""
+    from posttrain_probe.study.launch import environment_scripts, launch_path
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "env" / "bin" / "python"))
+    mine = [str(folder) for folder in environment_scripts()]
+    assert str(tmp_path / "env" / "bin") in mine
+    other = str(tmp_path / "other" / "bin")
+    path = os.pathsep.join([other, mine[-1], "", "/usr/bin"])
+    assert launch_path(path).split(os.pathsep) == [*mine, other, "/usr/bin"]
+    assert launch_path("").split(os.pathsep) == mine
+
+
 def test_launcher_program_prefers_the_running_environment_then_path(tmp_path, monkeypatch):
     """A bare launcher name resolves next to sys.executable first (an environment that is not activated, or
     another one's launcher earlier on PATH), then on PATH; a missing one is a one-line error naming both."""

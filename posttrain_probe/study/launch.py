@@ -150,6 +150,14 @@ def launcher_program(program: str) -> str:
     return found
 
 
+def launch_path(path: str) -> str:
+    """PATH for a training subprocess: this environment's scripts folders (:func:`environment_scripts`) first, as if
+    it were activated (DeepSpeed's op builds run ``ninja``, ...), then ``path``'s other entries in their order."""
+    first = [str(folder) for folder in environment_scripts()]
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry not in first]
+    return os.pathsep.join([*first, *rest])
+
+
 def run_launch(launch: Launch) -> None:
     """Run a training launch to completion; ProbeError (with the log's tail) if it fails."""
     if launch.inprocess:
@@ -165,10 +173,7 @@ def run_launch(launch: Launch) -> None:
     assert launch.log is not None
     command = [launcher_program(launch.command[0]), *launch.command[1:]]
     launch.log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    # the arm sees this environment's scripts first, as if it were activated (DeepSpeed's op builds run ninja, ...)
-    paths = env.get("PATH", "").split(os.pathsep) if env.get("PATH") else []
-    env["PATH"] = os.pathsep.join([*(str(f) for f in environment_scripts() if str(f) not in paths), *paths])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PATH": launch_path(os.environ.get("PATH", ""))}
     with open(launch.log, "w") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
